@@ -1,0 +1,45 @@
+"""actorflow's foundation: types, the transition table, config, errors, tracing and storage.
+
+This package imports nothing else of actorflow's.
+"""
+
+from core.config import TERMINAL_STATES, TRANSITIONS, RuntimeConfig, is_allowed, is_terminal
+from core.errors import (
+    ActorflowError,
+    ConfigError,
+    InvalidPayload,
+    InvalidTransition,
+    JournalError,
+    Overloaded,
+    RuntimeStopped,
+    TaskNotFound,
+    TransientError,
+    ValidationError,
+)
+from core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
+
+__all__ = [
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "ActorflowError",
+    "ConfigError",
+    "FrozenDict",
+    "InvalidPayload",
+    "InvalidTransition",
+    "JournalError",
+    "Overloaded",
+    "RuntimeConfig",
+    "RuntimeStopped",
+    "Task",
+    "TaskNotFound",
+    "TaskRecord",
+    "TaskState",
+    "Transition",
+    "TransitionEvent",
+    "TransientError",
+    "ValidationError",
+    "freeze",
+    "is_allowed",
+    "is_terminal",
+    "thaw",
+]

@@ -1,0 +1,168 @@
+"""Configuration as data: the transition table and the validated `RuntimeConfig`.
+
+The transition table is the seed's lifecycle diagram, plus cancellation::
+
+    CREATED ──► VALIDATED ──► PROCESSING ──► COMPLETED
+       │            │              │
+       ├────────────┴──────────────┴──────► FAILED
+       └────────────┴──────────────┴──────► CANCELLED
+
+COMPLETED, FAILED and CANCELLED are terminal: nothing leaves them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Literal
+
+from core.errors import ConfigError
+from core.types import TaskState
+
+__all__ = [
+    "NON_TERMINAL_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "RuntimeConfig",
+    "is_allowed",
+    "is_terminal",
+]
+
+_S = TaskState
+
+TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = MappingProxyType(
+    {
+        _S.CREATED: frozenset({_S.VALIDATED, _S.FAILED, _S.CANCELLED}),
+        _S.VALIDATED: frozenset({_S.PROCESSING, _S.FAILED, _S.CANCELLED}),
+        _S.PROCESSING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED}),
+        _S.COMPLETED: frozenset(),
+        _S.FAILED: frozenset(),
+        _S.CANCELLED: frozenset(),
+    }
+)
+"""For each state, the states it may move to. A state with no way out is terminal."""
+
+TERMINAL_STATES: frozenset[TaskState] = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
+NON_TERMINAL_STATES: frozenset[TaskState] = frozenset(TRANSITIONS) - TERMINAL_STATES
+
+
+def is_allowed(from_state: TaskState, to_state: TaskState) -> bool:
+    """True if the table allows moving from `from_state` to `to_state`."""
+    return to_state in TRANSITIONS.get(from_state, frozenset())
+
+
+def is_terminal(state: TaskState) -> bool:
+    """True for COMPLETED, FAILED and CANCELLED."""
+    return state in TERMINAL_STATES
+
+
+Durability = Literal["normal", "full"]
+Backend = Literal["thread", "process", "ray"]
+OverloadPolicy = Literal["wait", "reject"]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Every knob of a `Runtime`, checked when it is built.
+
+    A bad value raises `ConfigError` naming the field, the value and what is allowed.
+    """
+
+    validator_workers: int = 2
+    """Worker actors in the validator pool (at least 1)."""
+    processor_workers: int = 4
+    """Worker actors in the processor pool (at least 1)."""
+    persistence_workers: int = 2
+    """Worker actors in the persistence pool (at least 1)."""
+    result_store: str | None = None
+    """SQLite file the default persistence service writes results to; None keeps them in memory."""
+    journal_path: str | None = None
+    """SQLite journal of every task and transition; None keeps state in memory only."""
+    durability: Durability = "normal"
+    """"normal" survives process crashes; "full" also survives power loss (fsync per commit)."""
+    retain_terminal: int | None = None
+    """Keep at most this many terminal records in memory (needs a journal); None keeps all."""
+    max_attempts: int = 3
+    """Attempts per stage before a transient failure becomes permanent (at least 1)."""
+    retry_backoff_s: float = 0.01
+    """First retry delay; doubled on every further attempt, with full jitter."""
+    retry_backoff_max_s: float = 1.0
+    """Upper bound of the retry delay."""
+    stage_timeout_s: float | None = None
+    """A service call running longer than this is a transient failure; None for no limit."""
+    max_restarts: int = 10
+    """More worker restarts than this within `restart_window_s` marks a pool as failing."""
+    restart_window_s: float = 10.0
+    """The window of `max_restarts`."""
+    max_in_flight: int | None = None
+    """Bound on non-terminal tasks; None for no bound."""
+    submit_timeout_s: float = 5.0
+    """How long `submit()` waits for room when `max_in_flight` is reached (overload="wait")."""
+    overload: OverloadPolicy = "wait"
+    """At `max_in_flight`: "wait" up to `submit_timeout_s`, or "reject" at once."""
+    service_backend: Backend = "thread"
+    """Where service calls run: "thread" (default), "process" or "ray"."""
+    ray_address: str | None = None
+    """Ray cluster address with service_backend="ray"; None starts a local Ray."""
+    drain_timeout_s: float = 30.0
+    """How long `close(drain=True)` waits for tasks in flight."""
+
+    def __post_init__(self) -> None:
+        for name in ("validator_workers", "processor_workers", "persistence_workers", "max_attempts"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("max_restarts", self.max_restarts, minimum=0)
+        for name in ("result_store", "journal_path", "ray_address"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"RuntimeConfig.{name} must be a non-empty str path or None, got {value!r}")
+        _check_choice("durability", self.durability, ("normal", "full"))
+        _check_choice("overload", self.overload, ("wait", "reject"))
+        _check_choice("service_backend", self.service_backend, ("thread", "process", "ray"))
+        if self.retain_terminal is not None:
+            _check_int("retain_terminal", self.retain_terminal, minimum=0)
+            if self.journal_path is None:
+                raise ConfigError(
+                    "RuntimeConfig.retain_terminal needs journal_path: evicted records are read back from the journal"
+                )
+        if self.max_in_flight is not None:
+            _check_int("max_in_flight", self.max_in_flight, minimum=1)
+        for name in ("retry_backoff_s", "retry_backoff_max_s", "submit_timeout_s", "drain_timeout_s"):
+            _check_seconds(name, getattr(self, name), allow_zero=True)
+        _check_seconds("restart_window_s", self.restart_window_s, allow_zero=False)
+        if self.stage_timeout_s is not None:
+            _check_seconds("stage_timeout_s", self.stage_timeout_s, allow_zero=False)
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ConfigError(
+                f"RuntimeConfig.retry_backoff_max_s ({self.retry_backoff_max_s}) must be >= "
+                f"retry_backoff_s ({self.retry_backoff_s})"
+            )
+
+    def workers_for(self, service: str) -> int:
+        """Pool size of "validator", "processor" or "persistence"."""
+        value = getattr(self, f"{service}_workers")
+        assert isinstance(value, int)
+        return value
+
+    def describe(self) -> dict[str, object]:
+        """Every field and its value, for logs."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"RuntimeConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > 0 or (allow_zero and value == 0)):  # type: ignore[operator]
+        return
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(f"RuntimeConfig.{name} must be a finite number of seconds {bound}, got {value!r}")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"RuntimeConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -1,0 +1,198 @@
+"""The data that crosses actor boundaries: task states, tasks, records, events.
+
+Everything here is immutable. Records and events are frozen, slotted
+dataclasses; payloads and results are frozen by `freeze`, which turns every
+mapping into a read-only `FrozenDict` and every list into a tuple, so that no
+two threads can ever share a mutable object through a message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NoReturn
+
+__all__ = [
+    "FrozenDict",
+    "JSONValue",
+    "Task",
+    "TaskRecord",
+    "TaskState",
+    "Transition",
+    "TransitionEvent",
+    "freeze",
+    "thaw",
+]
+
+JSONValue = Any
+"""A JSON value as actorflow stores it: None, bool, int, float, str, tuple or FrozenDict."""
+
+
+class TaskState(StrEnum):
+    """The states of a task. The allowed moves between them live in `core.config`."""
+
+    CREATED = "CREATED"
+    VALIDATED = "VALIDATED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class FrozenDict(dict[str, Any]):
+    """A read-only dict: JSON- and pickle-friendly, but every mutator raises TypeError.
+
+    It subclasses `dict` (rather than wrapping one) so that `json.dumps`, `==`
+    and `isinstance(x, dict)` keep working in user code that receives it.
+    """
+
+    __slots__ = ()
+
+    def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("FrozenDict is read-only: payloads and results are immutable once submitted")
+
+    __setitem__ = __delitem__ = _readonly
+    clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+    __ior__ = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        # pickle would otherwise rebuild the dict through the blocked __setitem__
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+
+def freeze(value: Any, *, where: str = "payload") -> JSONValue:
+    """Return an immutable deep copy of a JSON value, or raise TypeError naming the bad part.
+
+    Allowed: None, bool, int, finite float, str, list/tuple of allowed values and
+    mappings with str keys. `where` names the root in error messages
+    (``payload['data'][2]``).
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"{where} is {value!r}; JSON allows only finite numbers")
+        return value
+    if isinstance(value, Mapping):
+        if isinstance(value, FrozenDict):
+            return value
+        items = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has key {key!r} of type {type(key).__name__}; JSON keys must be str")
+            items[key] = freeze(item, where=f"{where}[{key!r}]")
+        return FrozenDict(items)
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(item, where=f"{where}[{index}]") for index, item in enumerate(value))
+    raise TypeError(
+        f"{where} is of type {type(value).__name__}; allowed are None, bool, int, float, str, list and dict"
+    )
+
+
+def thaw(value: JSONValue) -> Any:
+    """Return a plain, mutable copy (dicts and lists) of a frozen JSON value."""
+    if isinstance(value, dict):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What a service sees: the task's id and its frozen payload."""
+
+    task_id: str
+    payload: Mapping[str, JSONValue]
+    attempt: int = 1
+    """Which attempt of the current stage this call is (1 for the first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One accepted state change, as kept in a record's history."""
+
+    from_state: TaskState | None
+    """None for the creation entry."""
+    to_state: TaskState
+    at: float
+    """Wall-clock time (seconds since the epoch) when the change was accepted."""
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The state actor's view of one task. A new record is made for every change."""
+
+    task_id: str
+    state: TaskState
+    payload: Mapping[str, JSONValue]
+    result: Mapping[str, JSONValue] | None = None
+    error: str | None = None
+    history: tuple[Transition, ...] = ()
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    trace_id: str = ""
+    attempts: int = 0
+    """Service calls made for this task that failed and were retried, plus one per stage run."""
+
+    def path(self) -> list[str]:
+        """The states the task went through, in order (``["CREATED", "VALIDATED", ...]``)."""
+        return [entry.to_state.value for entry in self.history]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-ready dict of the record, history included."""
+        return {
+            "task_id": self.task_id,
+            "state": self.state.value,
+            "payload": thaw(self.payload),
+            "result": thaw(self.result),
+            "error": self.error,
+            "history": [
+                {
+                    "from_state": entry.from_state.value if entry.from_state else None,
+                    "to_state": entry.to_state.value,
+                    "at": entry.at,
+                    "reason": entry.reason,
+                }
+                for entry in self.history
+            ],
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "trace_id": self.trace_id,
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionEvent:
+    """Published to subscribers for every accepted (and, with a journal, committed) change."""
+
+    task_id: str
+    from_state: TaskState | None
+    to_state: TaskState
+    at: float
+    reason: str | None
+    record: TaskRecord = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-ready dict (the record's payload and result left out)."""
+        return {
+            "task_id": self.task_id,
+            "from_state": self.from_state.value if self.from_state else None,
+            "to_state": self.to_state.value,
+            "at": self.at,
+            "reason": self.reason,
+            "trace_id": self.record.trace_id,
+        }
