@@ -854,7 +854,13 @@ def _render_check(shown: Sequence[TaskTimeline], violations: Sequence[Violation]
     checked = sum(len(t.transitions) for t in shown)
     scope = " of the shown task" if selected else ""
     if not violations:
-        return ["check", f"  {checked} transitions{scope} checked: all allowed"]
+        rows = ["check", f"  {checked} transitions{scope} checked: all allowed"]
+        if shown and not checked:
+            # an INFO-level log keeps task outcomes but may drop the per-step events the check needs
+            rows.append(
+                "  note: no task.transition events, so nothing was checked; was the log written at DEBUG level?"
+            )
+        return rows
     rows = ["check", f"  {checked} transitions{scope} checked: {_count(len(violations), 'VIOLATION')}"]
     for violation in violations:
         rows.append(f"  VIOLATION {violation.describe()}")

@@ -379,6 +379,18 @@ def test_an_unknown_state_name_is_a_violation(tmp_path: Path) -> None:
     assert "PAUSED is not a task state" in violation.why
 
 
+def test_a_log_without_transition_events_says_nothing_was_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = LogBuilder()
+    log.emit("task.completed", "orchestrator", task_id="t-1", trace_id=trace_id_of("t-1"), state="COMPLETED")
+    path = log.write(tmp_path / "info-only.jsonl")
+
+    assert main([str(path)]) == 0
+
+    assert "note: no task.transition events, so nothing was checked" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- broken lines
 
 
