@@ -474,7 +474,7 @@ class Runtime:
         if self._timer is not None:
             self._timer.stop()
         # Workers hung in a service call cannot be joined; they are daemons and do not block exit.
-        still_running = self._threads.join(timeout=5.0)
+        still_running = self._threads.join(timeout=1.0)
         if self.results is not None:
             self.results.close()
         self._log.info(
