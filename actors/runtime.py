@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import threading
 import uuid
 import weakref
@@ -314,16 +315,13 @@ class Runtime:
     async def submit_async(
         self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
     ) -> TaskHandle:
-        """`submit` for asyncio: waiting for room or for the commit never blocks the event loop."""
-        message = self._prepare(payload, task_id, traceparent)
-        config = self.config
-        if config.max_in_flight is None:
-            return self._send_create(message)  # the commit wait is short and bounded by group commit
+        """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
+
+        Same arguments, result and errors as `submit`; `await handle` then waits for the task.
+        """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, lambda: self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-        )
-        return self._send_create(message)
+        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
+        return await loop.run_in_executor(None, submit)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
         if self._closed.is_set():
