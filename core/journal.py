@@ -158,13 +158,14 @@ class JournalReader:
         """
         self.path = os.fspath(path)
         _check_timeout(busy_timeout_s)
+        self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         if _read_header(self.path) is None:
             raise JournalError(f"journal {self.path!r} cannot be read: no such file")
         connection = _connect_readonly(self.path, busy_timeout_s)
         try:
-            version = _classify(connection, self.path)
+            version = _classify(connection, self.path, busy_timeout_s)
         except BaseException:
             connection.close()
             raise
@@ -289,7 +290,9 @@ class JournalReader:
                     if connection.in_transaction:
                         connection.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise JournalError(f"journal {self.path!r}: {operation} failed: {exc}") from exc
+                raise JournalError(
+                    f"journal {self.path!r}: {operation} failed: {_fault(exc, self._busy_timeout_s)}"
+                ) from exc
 
     def _read_page(self, operation: str, page: str, params: tuple[Any, ...], *, keep_ids: bool = False) -> list[Any]:
         """Records of one page query (a WHERE/ORDER/LIMIT tail), with their histories, in page order."""
@@ -352,6 +355,7 @@ class Journal(JournalReader):
         _check_timeout(busy_timeout_s)
         self.path = os.fspath(path)
         self.durability = durability
+        self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._connection = None
         self._owner_fd: int | None = None
@@ -362,7 +366,7 @@ class Journal(JournalReader):
             if header:  # an existing, non-empty file: judge it through a connection that cannot write
                 probe = _connect_readonly(self.path, busy_timeout_s)
                 try:
-                    _classify(probe, self.path)
+                    _classify(probe, self.path, busy_timeout_s)
                 finally:
                     probe.close()
             self._connection = _open_for_writing(self.path, durability, busy_timeout_s)
@@ -448,7 +452,7 @@ class Journal(JournalReader):
                 _rollback(connection)
                 raise JournalError(
                     f"journal {self.path!r}: batch of {len(tasks)} new task(s) and {len(log)} transition(s) "
-                    f"rolled back: {exc}"
+                    f"rolled back: {_fault(exc, self._busy_timeout_s)}"
                 ) from exc
             except UnicodeEncodeError as exc:
                 _rollback(connection)
@@ -557,12 +561,14 @@ def _connect_readonly(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         raise JournalError(f"journal {path!r} cannot be opened for reading: {exc}") from exc
 
 
-def _classify(connection: sqlite3.Connection, path: str) -> int | None:
+def _classify(connection: sqlite3.Connection, path: str, busy_timeout_s: float) -> int | None:
     """The schema version of an actorflow journal, None for an empty database; JournalError for anything else."""
     try:
         application_id, version, objects = _describe(connection)
     except sqlite3.Error as exc:
-        raise JournalError(f"journal {path!r} cannot be used: {exc}; it was left untouched") from exc
+        raise JournalError(
+            f"journal {path!r} cannot be used: {_fault(exc, busy_timeout_s)}; it was left untouched"
+        ) from exc
     tables = sorted(name for kind, name in objects if kind == "table")
     if application_id == 0 and version == 0 and not objects:
         return None
@@ -613,14 +619,16 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
         connection.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         # Take the write lock now: a journal that cannot be written is refused at open, not at the first batch.
         connection.execute("BEGIN IMMEDIATE")
-        if _classify(connection, path) is None:
+        if _classify(connection, path, busy_timeout_s) is None:
             for statement in _SCHEMA:  # inside the open transaction: all of it or nothing
                 connection.execute(statement)
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
         _rollback(connection)
         connection.close()
-        raise JournalError(f"journal {path!r} cannot be opened for writing: {exc}; it was left untouched") from exc
+        raise JournalError(
+            f"journal {path!r} cannot be opened for writing: {_fault(exc, busy_timeout_s)}; it was left untouched"
+        ) from exc
     except BaseException:
         _rollback(connection)
         connection.close()
@@ -629,6 +637,14 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
 
 
 # --- rows ----------------------------------------------------------------------------------------
+
+
+def _fault(exc: sqlite3.Error, busy_timeout_s: float) -> str:
+    """SQLite's message, with the likely cause when it is a lock someone else holds."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"{exc} (another connection held a lock for longer than busy_timeout_s={busy_timeout_s:g})"
+    return str(exc)
 
 
 def _rollback(connection: sqlite3.Connection) -> None:

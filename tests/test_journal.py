@@ -569,12 +569,60 @@ def test_a_database_locked_by_another_process_raises_journal_error_after_the_bus
             journal.write_batch([created("t")], [])
     locker = other_process(_LOCKER, str(path), ready="locked")
     before = digest(path)
-    with pytest.raises(JournalError, match=r"journal\.db.*database is locked"):
+    with pytest.raises(JournalError, match=r"journal\.db.*database is locked.*busy_timeout_s=0\.1"):
         Journal(path, busy_timeout_s=0.1)
     assert digest(path) == before
     release(locker)
     with Journal(path) as journal:
         assert journal.contains("t") == (kind == "existing-journal")
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_blocked_by_another_processs_lock_raises_journal_error_and_succeeds_when_retried_later(
+    path: Path, other_process: Any
+) -> None:
+    with Journal(path, busy_timeout_s=0.1) as journal:
+        locker = other_process(_LOCKER, str(path), ready="locked")
+        with pytest.raises(JournalError, match=r"journal\.db.*rolled back: database is locked"):
+            journal.write_batch([created("t")], [])
+        release(locker)
+        journal.write_batch([created("t")], [])
+        assert journal.get("t") == created("t")
+
+
+_WRITE_THEN_WAIT = """
+import sys
+from core.journal import Journal
+from core.types import TaskRecord, TaskState, Transition, freeze
+journal = Journal(sys.argv[1], durability=sys.argv[2])
+record = TaskRecord("t", TaskState.CREATED, freeze({"n": 1}), history=(Transition(None, TaskState.CREATED, 5.0, "x"),),
+                    created_at=5.0, updated_at=5.0)
+journal.write_batch([record], [])
+print("written", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_a_batch_acknowledged_before_the_process_is_killed_is_in_the_journal_and_the_lock_is_free(
+    path: Path, other_process: Any, durability: str
+) -> None:
+    writer = other_process(_WRITE_THEN_WAIT, str(path), durability, ready="written")
+    writer.kill()  # SIGKILL: no close(), no checkpoint, no unlock
+    writer.communicate(timeout=10)
+    assert Path(f"{path}-wal").stat().st_size > 0  # the batch lives only in the WAL
+    with Journal(path) as journal:
+        expected = TaskRecord(
+            "t",
+            S.CREATED,
+            freeze({"n": 1}),
+            history=(Transition(None, S.CREATED, 5.0, "x"),),
+            created_at=5.0,
+            updated_at=5.0,
+        )
+        assert journal.get("t") == expected
+    assert raw_query(path, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_a_second_journal_on_the_same_path_in_this_process_raises_journal_error(journal: Journal, path: Path) -> None:
