@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from core.config import TERMINAL_STATES, TRANSITIONS
 from core.errors import JournalError
 from core.journal import APPLICATION_ID, SCHEMA_VERSION, Journal, JournalReader
-from core.types import TaskRecord, TaskState, Transition, freeze
+from core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
 
 S = TaskState
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,11 @@ def test_created_and_changed_records_round_trip_exactly_including_a_task_created
 
     assert journal.get("a") == validated
     assert journal.get("b") == fresh_failed
-    assert journal.get("a").payload["nested"]["list"] == (1, (2, {"x": None}))  # lists come back as tuples
+    stored = journal.get("a")
+    assert stored.payload["nested"]["list"] == (1, (2, {"x": None}))  # lists come back as tuples
+    assert isinstance(stored.payload["nested"]["list"][1][1], FrozenDict)  # and objects frozen, however deep
+    with pytest.raises(TypeError, match="read-only"):
+        stored.payload["nested"]["new"] = 1
     assert journal.records() == [validated, fresh_failed]
 
 
@@ -593,7 +597,7 @@ def test_a_batch_blocked_by_another_processs_lock_raises_journal_error_and_succe
 _WRITE_THEN_WAIT = """
 import sys
 from core.journal import Journal
-from core.types import TaskRecord, TaskState, Transition, freeze
+from core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
 journal = Journal(sys.argv[1], durability=sys.argv[2])
 record = TaskRecord("t", TaskState.CREATED, freeze({"n": 1}), history=(Transition(None, TaskState.CREATED, 5.0, "x"),),
                     created_at=5.0, updated_at=5.0)
