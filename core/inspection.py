@@ -122,7 +122,7 @@ def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -
         print(f"no {what}")
         return
     # The most recent `limit` tasks, printed oldest first like a log.
-    records = journal.records(state=state, limit=limit, offset=max(0, matching - limit))
+    records = journal.records(state=state, limit=limit, newest_first=True)[::-1]
     print(f"{what}: {len(records)} of {matching} shown, oldest first")
     for record in records:
         print()

@@ -130,6 +130,7 @@ _UPDATE_TASK: Final = (
 _TASK_COLUMNS: Final = "task_id, state, payload, result, error, trace_id, attempts, created_at, updated_at"
 _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
+_ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 
 # One encoder, built once: json.dumps with non-default arguments builds a new encoder per call.
 _encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -199,6 +200,7 @@ class JournalReader:
         terminal: bool | None = None,
         limit: int | None = None,
         offset: int = 0,
+        newest_first: bool = False,
     ) -> list[TaskRecord]:
         """Records ordered by `created_at`, then insertion order.
 
@@ -207,13 +209,15 @@ class JournalReader:
             terminal: True for only terminal tasks, False for only live ones, None for both.
             limit: at most this many records (None for all).
             offset: skip this many matching records first.
+            newest_first: the reverse order (latest `created_at` first), so that
+                ``limit=N`` gives the N newest without an OFFSET scan.
         """
         where, params = _filter(state, terminal)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be an int >= 0, got {offset!r}")
-        page = f"{where} {_ORDER} LIMIT ? OFFSET ?"
+        page = f"{where} {_ORDER_NEWEST_FIRST if newest_first else _ORDER} LIMIT ? OFFSET ?"
         return self._read_page("records", page, (*params, -1 if limit is None else limit, offset))
 
     def iter_records(self, *, terminal: bool | None = None, batch: int = 1000) -> Iterator[TaskRecord]:

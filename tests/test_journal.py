@@ -217,6 +217,17 @@ def test_records_pages_with_limit_and_offset(journal: Journal, populated: dict[s
         journal.records(offset=-1)
 
 
+def test_records_newest_first_reverse_the_order_and_page_from_the_newest(
+    journal: Journal, populated: dict[str, TaskRecord]
+) -> None:
+    everything = journal.records()
+    assert journal.records(newest_first=True) == everything[::-1]
+    assert journal.records(newest_first=True, limit=2) == [populated["last"], populated["late"]]
+    assert journal.records(newest_first=True, limit=2, offset=3) == [populated["c1"], populated["c2"]]
+    assert journal.records(terminal=True, newest_first=True, limit=2) == [populated["last"], populated["late"]]
+    assert journal.records(state=S.VALIDATED, newest_first=True) == [populated["c1"]]
+
+
 def test_iter_records_streams_every_record_in_order_across_batches(
     journal: Journal, populated: dict[str, TaskRecord]
 ) -> None:
@@ -824,6 +835,7 @@ class JournalMachine(RuleBasedStateMachine):
             assert self.journal.get(task_id) == record
         in_order = sorted(self.model.values(), key=lambda record: record.created_at)  # stable: ties keep creation order
         assert self.journal.records() == in_order
+        assert self.journal.records(newest_first=True) == in_order[::-1]
         assert list(self.journal.iter_records(batch=2)) == in_order
         assert self.journal.records(terminal=False) == [r for r in in_order if r.state not in TERMINAL_STATES]
         expected = dict.fromkeys([state.value for state in TaskState], 0)
