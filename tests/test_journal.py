@@ -714,6 +714,16 @@ def test_a_reader_sees_what_an_open_journal_has_committed(journal: Journal, path
         assert list(reader.iter_records()) == [changes[-1][0]]
 
 
+def test_a_path_with_uri_special_characters_works_for_writer_and_reader(tmp_path: Path) -> None:
+    odd = tmp_path / "dir with space#hash?query%percent" / "journal ü.db"
+    odd.parent.mkdir()
+    with Journal(odd) as journal:
+        journal.write_batch([created("t")], [])
+        with Journal.open_readonly(odd) as reader:
+            assert reader.get("t") == created("t")
+    assert sorted(p.name for p in odd.parent.iterdir()) == ["journal ü.db", "journal ü.db.lock"]
+
+
 def test_a_reader_on_a_missing_file_raises_journal_error_and_creates_nothing(path: Path) -> None:
     with pytest.raises(JournalError, match=r"journal\.db.*no such file"):
         Journal.open_readonly(path)
