@@ -332,6 +332,9 @@ class Runtime:
             frozen = freeze(payload)
         except TypeError as exc:
             raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
+        # An acknowledgement costs a round trip to the state actor. It is needed when there is a commit
+        # to wait for (a journal) or a caller-chosen id that may be taken; a fresh uuid in memory is neither.
+        needs_ack = task_id is not None or self.config.journal_path is not None
         if task_id is None:
             task_id = uuid.uuid4().hex
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
@@ -343,12 +346,11 @@ class Runtime:
                 raise InvalidPayload(str(exc)) from None
         else:
             trace = new_trace()
-        reply: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
+        reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
         return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
-        assert message.reply is not None
         waiter = self._tracker.track(message.task_id, reserved=True)
         trace = message.trace
         self._log.debug(
@@ -360,7 +362,8 @@ class Runtime:
         )
         try:
             self._state.tell(message)
-            record = message.reply.get(timeout=_ASK_TIMEOUT_S)
+            if message.reply is not None:
+                message.reply.get(timeout=_ASK_TIMEOUT_S)
         except pykka.ActorDeadError:
             self._tracker.forget(message.task_id)
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
@@ -374,7 +377,7 @@ class Runtime:
                 error=str(exc),
             )
             raise
-        return TaskHandle(self, record.task_id, waiter)
+        return TaskHandle(self, message.task_id, waiter)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -407,11 +410,13 @@ class Runtime:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
         counts: dict[str, int] = self._state_proxy.counts().get(timeout=_ASK_TIMEOUT_S)
         orchestrator: dict[str, Any] = self._orchestrator_proxy.stats().get(timeout=_ASK_TIMEOUT_S)
+        in_memory: int = self._state_proxy.memory_size().get(timeout=_ASK_TIMEOUT_S)
         return {
             **counts,
             "submitted": self._tracker.submitted,
             "in_flight": self._tracker.in_flight,
             "dead_letters": self._dead_letters.count,
+            "records_in_memory": in_memory,
             **orchestrator,
         }
 

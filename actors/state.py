@@ -42,7 +42,7 @@ Subscriber = Callable[[TransitionEvent], None]
 _Changes = list["_Change"]
 _Records = list[TaskRecord]
 
-_MAX_BATCH = 512
+_MAX_BATCH = 256
 """Commit at least this often even while the mailbox stays busy, to bound latency."""
 _JOURNAL_ATTEMPTS = 3
 """Write attempts per batch before its changes are rolled back and refused."""
@@ -155,6 +155,10 @@ class StateActor(pykka.ThreadingActor):
         self._flush()
         return {state.value: self._counts.get(state, 0) for state in TaskState}
 
+    def memory_size(self) -> int:
+        """How many records are held in memory (bounded by retain_terminal plus tasks in flight)."""
+        return len(self._records)
+
     def non_terminal(self) -> _Records:
         """Every task not yet terminal (for recovery after a restart)."""
         return [record for record in self._records.values() if record.state not in TERMINAL_STATES]
@@ -173,6 +177,14 @@ class StateActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         """Apply creates and transition batches; commit when the mailbox runs dry."""
+        try:
+            self._receive(message)
+        except Exception as exc:  # noqa: BLE001 - the one owner of state must outlive any bug in a message
+            self._log.error(
+                "state.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
+            )
+
+    def _receive(self, message: Any) -> None:
         if isinstance(message, TransitionBatch):
             for request in message.requests:
                 self._apply_transition(request, notify=message.reply_to)
@@ -180,7 +192,9 @@ class StateActor(pykka.ThreadingActor):
             self._apply_create(message)
         else:
             self._dead_letters.post(message, to="state", why="unknown message type")
-        if len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
+        # In memory there is nothing to group: acknowledge at once. With a journal, one commit covers
+        # everything that was waiting in the mailbox (group commit), up to _MAX_BATCH changes.
+        if self._journal is None or len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
             self._flush()
 
     def on_start(self) -> None:
@@ -325,8 +339,8 @@ class StateActor(pykka.ThreadingActor):
         for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
             try:
                 self._journal.write_batch(created, changed)
-            except JournalError as exc:
-                failure = exc
+            except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
+                failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
                 self._log.error("journal.write_failed", attempt=attempt, of=_JOURNAL_ATTEMPTS, error=str(exc))
                 continue
             return None
