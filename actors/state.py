@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from actors.base import FastActor
 from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
 from actors.messages import (
     CreateTask,
@@ -30,7 +31,7 @@ from actors.threads import ThreadBook
 from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
 from core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
 from core.tracing import TraceContext, get_event_logger, new_trace
-from core.types import TaskRecord, TaskState, Transition, TransitionEvent, freeze
+from core.types import TaskRecord, TaskState, Transition, TransitionEvent, evolve, freeze
 
 if TYPE_CHECKING:
     from core.journal import Journal
@@ -60,15 +61,13 @@ class _Change:
     request: TransitionRequest | None = None
 
 
-class StateActor(pykka.ThreadingActor):
+class StateActor(FastActor):
     """Owns every TaskRecord. Start with `StateActor.start()`; use its proxy or messages.
 
     Proxy methods (`create`, `transition`, `get`, `list`, `counts`) commit
     before they return. The runtime's hot path uses messages (`CreateTask`,
     `TransitionBatch`) and gets group commit.
     """
-
-    use_daemon_thread = True
 
     def __init__(
         self,
@@ -77,10 +76,12 @@ class StateActor(pykka.ThreadingActor):
         retain_terminal: int | None = None,
         dead_letters: DeadLetterOffice | None = None,
         threads: ThreadBook | None = None,
+        on_terminal: Callable[[TaskRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self._threads = threads
+        self._on_terminal = on_terminal
         self._journal = journal
         self._retain = retain_terminal
         self._dead_letters = dead_letters or DeadLetterOffice()
@@ -286,7 +287,7 @@ class StateActor(pykka.ThreadingActor):
         assert before is not None
         now = self._clock()
         transition = Transition(before.state, request.to_state, now, request.reason)
-        record = replace(
+        record = evolve(
             before,
             state=request.to_state,
             result=request.result if request.result is not None else before.result,
@@ -365,15 +366,18 @@ class StateActor(pykka.ThreadingActor):
 
     def _publish(self, change: _Change) -> None:
         record, transition = change.record, change.transition
-        self._log.debug(
-            "task.transition",
-            task_id=record.task_id,
-            trace_id=record.trace_id,
-            from_state=transition.from_state.value if transition.from_state else None,
-            to_state=transition.to_state.value,
-            reason=transition.reason,
-            attempts=record.attempts,
-        )
+        if self._log.enabled("debug"):
+            self._log.debug(
+                "task.transition",
+                task_id=record.task_id,
+                trace_id=record.trace_id,
+                from_state=transition.from_state.value if transition.from_state else None,
+                to_state=transition.to_state.value,
+                reason=transition.reason,
+                attempts=record.attempts,
+            )
+        if self._on_terminal is not None and record.state in TERMINAL_STATES:
+            self._on_terminal(record)
         if not self._subscribers:
             return
         event = TransitionEvent(

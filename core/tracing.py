@@ -28,8 +28,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, Any, TextIO
+from typing import IO, Any, NamedTuple, TextIO
 
 import structlog
 
@@ -39,6 +38,7 @@ __all__ = [
     "configure_logging",
     "get_event_logger",
     "new_span_id",
+    "new_task_id",
     "new_trace",
     "new_trace_id",
     "parse_traceparent",
@@ -59,13 +59,17 @@ def new_trace_id() -> str:
     return f"{_random.getrandbits(128) | 1:032x}"
 
 
+def new_task_id() -> str:
+    """A random 32-hex task id (as unique as a uuid4, without a system call)."""
+    return f"{_random.getrandbits(128):032x}"
+
+
 def new_span_id() -> str:
     """A random 16-hex W3C span id (non-zero, as W3C requires)."""
     return f"{_random.getrandbits(64) | 1:016x}"
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(NamedTuple):
     """The trace position a message carries: whose trace, and which span sent it."""
 
     trace_id: str
