@@ -16,7 +16,14 @@ history, tracing, retries, timeouts, supervision, backpressure or journal.
   each stage, so it runs one task at a time.
 * `BarePykkaPipeline` - the runtime's architecture with nothing else: a state
   actor, an orchestrator and three pools of worker actors, tells only, one
-  message per hop. The floor for this architecture.
+  message per hop, pykka's default mailboxes. The floor for this architecture.
+
+Every baseline admits at most `concurrency` tasks in flight (a semaphore
+taken in `submit()` and released when the task turns terminal, the same
+closed loop the Runtime gets from `max_in_flight`), and makes its handles'
+Events lazily, as the Runtime does. The pykka baselines' messages are
+NamedTuples, like pykka's own: the floor should be as lean as a careful
+hand-written pipeline, not slowed by our choice of message type.
 """
 
 from __future__ import annotations
@@ -25,14 +32,14 @@ import contextlib
 import itertools
 import multiprocessing
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pykka
 
-from benchmarks.pipeline import Completion, Handle, OnTerminal, Pipeline, PipelineFactory, Work
+from benchmarks.pipeline import Completion, Handle, Pipeline, PipelineFactory, Work
 from core.config import TERMINAL_STATES, is_allowed
 from core.types import Task, TaskState
 
@@ -68,26 +75,82 @@ class _StateTable:
         self.states[task_id] = to_state
 
 
+class _Loop:
+    """The closed loop and completion book-keeping every baseline shares. Thread-safe.
+
+    With `record`, it keeps each task's terminal time for the latency figures
+    (left off in the memory probe, where it would count as the baseline's own memory).
+    """
+
+    def __init__(self, concurrency: int, *, record: bool = True) -> None:
+        self._room = threading.Semaphore(concurrency)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._ids = itertools.count()
+        self._record = record
+        self.finished: dict[str, float] = {}
+
+    def admit(self) -> Completion:
+        """Wait for room, then count a new task in flight and give it an id and a handle."""
+        self._room.acquire()
+        with self._lock:
+            self._in_flight += 1
+            self._idle.clear()
+        return Completion(f"{next(self._ids):032x}")
+
+    def finish(self, done: Completion, state: TaskState) -> None:
+        """The task is terminal: stamp it, settle its handle, free its room."""
+        if self._record:
+            self.finished[done.task_id] = time.time()
+        done.set(state.value)
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+        self._room.release()
+
+    def join(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
+        finished = self.finished
+        return {task_id: finished[task_id] for task_id in task_ids if task_id in finished}
+
+
+class _LoopMixin:
+    _loop: _Loop
+
+    def join(self, timeout: float) -> bool:
+        """Wait until no task is in flight."""
+        return self._loop.join(timeout)
+
+    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
+        """When each task turned terminal."""
+        return self._loop.finished_at(task_ids)
+
+
 # --- ThreadPoolExecutor --------------------------------------------------------------------------
 
 
-class ThreadPoolPipeline:
+class ThreadPoolPipeline(_LoopMixin):
     """Each task's three calls in a row on a thread pool of `processor_workers` threads."""
 
-    def __init__(self, work: Work, on_terminal: OnTerminal, *, name: str = "threadpool") -> None:
+    def __init__(self, work: Work, concurrency: int, *, name: str = "threadpool", record: bool = True) -> None:
         self.name = name
         self._work = work
-        self._on_terminal = on_terminal
+        self._loop = _Loop(concurrency, record=record)
         self._lock = threading.Lock()
         self._table = _StateTable()
         self._executor = ThreadPoolExecutor(max_workers=work.processor_workers, thread_name_prefix="bench-pool")
 
-    def submit(self, task_id: str, payload: Mapping[str, Any]) -> Handle:
+    def submit(self, payload: Mapping[str, Any]) -> Handle:
         """Record CREATED under the lock, then queue the task's run."""
+        done = self._loop.admit()
         with self._lock:
-            self._table.create(task_id)
-        done = Completion()
-        self._executor.submit(self._run, task_id, payload, done)
+            self._table.create(done.task_id)
+        self._executor.submit(self._run, done, payload)
         return done
 
     def _move(self, task_id: str, to_state: TaskState) -> None:
@@ -97,8 +160,8 @@ class ThreadPoolPipeline:
     def _process(self, task: Task) -> Any:
         return self._work.process(task)
 
-    def _run(self, task_id: str, payload: Mapping[str, Any], done: Completion) -> None:
-        work = self._work
+    def _run(self, done: Completion, payload: Mapping[str, Any]) -> None:
+        work, task_id = self._work, done.task_id
         try:
             work.validate(payload)
             self._move(task_id, _S.VALIDATED)
@@ -110,8 +173,7 @@ class ThreadPoolPipeline:
         except Exception:
             final = _S.FAILED
         self._move(task_id, final)
-        done.set(final.value)
-        self._on_terminal(task_id)
+        self._loop.finish(done, final)
 
     def close(self) -> None:
         """Finish queued tasks and join the threads."""
@@ -131,8 +193,8 @@ class ProcessPoolPipeline(ThreadPoolPipeline):
     before the pipeline is handed over, so start-up is not measured.
     """
 
-    def __init__(self, work: Work, on_terminal: OnTerminal, *, name: str = "processpool") -> None:
-        super().__init__(work.with_processors(2 * work.processor_workers), on_terminal, name=name)
+    def __init__(self, work: Work, concurrency: int, *, name: str = "processpool", record: bool = True) -> None:
+        super().__init__(work.with_processors(2 * work.processor_workers), concurrency, name=name, record=record)
         self._work = work
         self._processes = ProcessPoolExecutor(
             max_workers=work.processor_workers, mp_context=multiprocessing.get_context("spawn")
@@ -152,35 +214,28 @@ class ProcessPoolPipeline(ThreadPoolPipeline):
 # --- messages of the pykka baselines ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Create:
-    task_id: str
-    payload: Mapping[str, Any]
+class _Create(NamedTuple):
     done: Completion
-    reply: pykka.Future[None] | None = None
+    payload: Mapping[str, Any]
     notify: pykka.ActorRef[Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Move:
+class _Move(NamedTuple):
     task_id: str
     to_state: TaskState
 
 
-@dataclass(frozen=True, slots=True)
-class _Moved:
+class _Moved(NamedTuple):
     task_id: str
     to_state: TaskState
 
 
-@dataclass(frozen=True, slots=True)
-class _Created:
+class _Created(NamedTuple):
     task_id: str
     payload: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
+class _Call(NamedTuple):
     """One service call; `reply_to` gets a `_Done` (bare), or the ask's future gets the result (naive)."""
 
     service: str
@@ -189,16 +244,14 @@ class _Call:
     reply_to: pykka.ActorRef[Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
+class _Done(NamedTuple):
     service: str
     task_id: str
     ok: bool
     result: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Start:
+class _Start(NamedTuple):
     task_id: str
     payload: Mapping[str, Any]
 
@@ -216,9 +269,9 @@ class _StateActor(pykka.ThreadingActor):
 
     use_daemon_thread = True
 
-    def __init__(self, on_terminal: OnTerminal) -> None:
+    def __init__(self, loop: _Loop) -> None:
         super().__init__()
-        self._on_terminal = on_terminal
+        self._loop = loop
         self._table = _StateTable()
         self._done: dict[str, Completion] = {}
         self._notify: pykka.ActorRef[Any] | None = None
@@ -227,21 +280,19 @@ class _StateActor(pykka.ThreadingActor):
         if isinstance(message, _Move):
             self._table.move(message.task_id, message.to_state)
             if message.to_state in TERMINAL_STATES:
-                self._done.pop(message.task_id).set(message.to_state.value)
-                self._on_terminal(message.task_id)
+                self._loop.finish(self._done.pop(message.task_id), message.to_state)
             if self._notify is not None:
                 # The driver may close the pipeline as soon as the last task is terminal.
                 with contextlib.suppress(pykka.ActorDeadError):
                     self._notify.tell(_Moved(message.task_id, message.to_state))
             return None
         if isinstance(message, _Create):
-            self._table.create(message.task_id)
-            self._done[message.task_id] = message.done
-            if message.reply is not None:
-                message.reply.set(None)
+            task_id = message.done.task_id
+            self._table.create(task_id)
+            self._done[task_id] = message.done
             if message.notify is not None:
                 self._notify = message.notify
-                message.notify.tell(_Created(message.task_id, message.payload))
+                message.notify.tell(_Created(task_id, message.payload))
             return None
         raise TypeError(f"unexpected message {message!r}")
 
@@ -308,20 +359,21 @@ class _NaiveOrchestrator(pykka.ThreadingActor):
         state.ask(_Move(task.task_id, final))
 
 
-class NaivePykkaPipeline:
+class NaivePykkaPipeline(_LoopMixin):
     """Actors with an orchestrator that blocks on `ask()` at every stage: one task at a time."""
 
-    def __init__(self, work: Work, on_terminal: OnTerminal, *, name: str = "naive-pykka") -> None:
+    def __init__(self, work: Work, concurrency: int, *, name: str = "naive-pykka", record: bool = True) -> None:
         self.name = name
-        self._state = _StateActor.start(on_terminal)
+        self._loop = _Loop(concurrency, record=record)
+        self._state = _StateActor.start(self._loop)
         self._pools = _start_pools(work)
         self._orchestrator = _NaiveOrchestrator.start(self._state, self._pools)
 
-    def submit(self, task_id: str, payload: Mapping[str, Any]) -> Handle:
+    def submit(self, payload: Mapping[str, Any]) -> Handle:
         """Ask the state actor to create the task, then tell the orchestrator to run it."""
-        done = Completion()
-        self._state.ask(_Create(task_id, payload, done))
-        self._orchestrator.tell(_Start(task_id, payload))
+        done = self._loop.admit()
+        self._state.ask(_Create(done, payload))
+        self._orchestrator.tell(_Start(done.task_id, payload))
         return done
 
     def close(self) -> None:
@@ -371,21 +423,20 @@ class _BareOrchestrator(pykka.ThreadingActor):
             self._call("validator", task)
 
 
-class BarePykkaPipeline:
+class BarePykkaPipeline(_LoopMixin):
     """State actor, orchestrator, three worker pools; tells only, one message per hop, no features."""
 
-    def __init__(self, work: Work, on_terminal: OnTerminal, *, name: str = "bare-pykka") -> None:
+    def __init__(self, work: Work, concurrency: int, *, name: str = "bare-pykka", record: bool = True) -> None:
         self.name = name
-        self._state = _StateActor.start(on_terminal)
+        self._loop = _Loop(concurrency, record=record)
+        self._state = _StateActor.start(self._loop)
         self._pools = _start_pools(work)
         self._orchestrator = _BareOrchestrator.start(self._state, self._pools)
 
-    def submit(self, task_id: str, payload: Mapping[str, Any]) -> Handle:
-        """Tell the state actor to create the task, and return once it has (as `Runtime.submit` does)."""
-        done = Completion()
-        reply: pykka.Future[None] = pykka.ThreadingFuture()
-        self._state.tell(_Create(task_id, payload, done, reply=reply, notify=self._orchestrator))
-        reply.get(timeout=_STOP_TIMEOUT_S)
+    def submit(self, payload: Mapping[str, Any]) -> Handle:
+        """Tell the state actor to create the task (no reply: as `Runtime.submit` in memory)."""
+        done = self._loop.admit()
+        self._state.tell(_Create(done, payload, notify=self._orchestrator))
         return done
 
     def close(self) -> None:
@@ -403,11 +454,11 @@ _BASELINES: dict[str, type[ThreadPoolPipeline] | type[NaivePykkaPipeline] | type
 }
 
 
-def baseline_factory(kind: str, work: Work) -> PipelineFactory:
+def baseline_factory(kind: str, work: Work, *, record: bool = True) -> PipelineFactory:
     """A factory of the baseline named `kind` ("threadpool", "processpool", "naive-pykka", "bare-pykka")."""
     cls = _BASELINES[kind]
 
-    def build(on_terminal: OnTerminal) -> Pipeline:
-        return cls(work, on_terminal, name=kind)
+    def build(concurrency: int) -> Pipeline:
+        return cls(work, concurrency, name=kind, record=record)
 
     return build

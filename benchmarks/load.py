@@ -2,19 +2,23 @@
 
 * Light load: one task at a time. The submitting thread times each task from
   its `submit()` call to the return of `handle.result()`.
-* Saturating load: `submitters` threads keep `concurrency` tasks in flight
-  (closed loop: a task's terminal notification frees room for the next one).
-  A task's latency runs from its `submit()` call to the terminal notification,
-  stamped by the system's `on_terminal` hook; throughput is tasks divided by
-  the time from the first submit to the last terminal notification.
+* Saturating load: `submitters` threads submit as fast as the system admits;
+  the system admits `concurrency` tasks in flight (a closed loop: a task that
+  turns terminal frees room for the next). A task's latency runs from its
+  `submit()` call to the moment it turned terminal (see `benchmarks.pipeline`);
+  throughput is tasks divided by the time from the first submit to the return
+  of `join()` once the last one is terminal.
 
-Task ids are 32 characters, the length of the runtime's own uuid4 hex ids,
-so that what each system keeps per task is representative.
+Besides wall time, each run records the process's CPU time and context
+switches (all threads, from `resource.getrusage`): per task, they are much
+steadier than throughput on a shared machine, and they say *why* a system is
+slow (a thread switch per message hop costs more than the Python around it).
 """
 
 from __future__ import annotations
 
 import gc
+import resource
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -23,14 +27,9 @@ from typing import Any
 
 from benchmarks.pipeline import Pipeline, PipelineFactory
 
-__all__ = ["Driver", "LoadRun", "Measurement", "Sizes", "measure", "task_id"]
+__all__ = ["LoadRun", "Measurement", "Sizes", "measure", "one_at_a_time", "saturate"]
 
 Payloads = Callable[[int], Mapping[str, Any]]
-
-
-def task_id(prefix: str, index: int) -> str:
-    """A 32-character id: a one-letter phase prefix and 31 hex digits."""
-    return f"{prefix}{index:031x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +43,8 @@ class Sizes:
     warmup: int = 200
     """Tasks run first and not measured."""
     concurrency: int = 256
-    """Tasks kept in flight at saturating load."""
-    submitters: int = 4
+    """Tasks admitted in flight at saturating load."""
+    submitters: int = 2
     """Threads submitting at saturating load."""
     timeout_s: float = 600.0
     """Give up (and fail the scenario) if a phase takes longer than this."""
@@ -58,7 +57,9 @@ class LoadRun:
     tasks: int
     elapsed_s: float
     cpu_s: float = 0.0
-    """CPU time the whole process used meanwhile (every thread), a figure less noisy than wall time."""
+    """CPU time the whole process used meanwhile (every thread)."""
+    switches: int = 0
+    """Context switches of the whole process meanwhile (voluntary and involuntary)."""
     latencies_ms: list[float] = field(default_factory=list)
 
     @property
@@ -71,6 +72,11 @@ class LoadRun:
         """Process CPU time per task, in microseconds."""
         return self.cpu_s / self.tasks * 1e6 if self.tasks else 0.0
 
+    @property
+    def switches_per_task(self) -> float:
+        """Context switches per task."""
+        return self.switches / self.tasks if self.tasks else 0.0
+
 
 @dataclass(slots=True)
 class Measurement:
@@ -82,129 +88,79 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Driver:
-    """The `on_terminal` hook a system is built with; each phase points it at its own recorder."""
+def saturate(pipeline: Pipeline, payloads: Payloads, *, count: int, sizes: Sizes, record: bool = True) -> LoadRun:
+    """Run `count` tasks from `sizes.submitters` threads; with `record`, compute each task's latency."""
+    submitted: list[list[tuple[str, float]]] = [[] for _ in range(sizes.submitters)]
+    errors: list[BaseException] = []
 
-    __slots__ = ("target",)
+    def submit_every(offset: int) -> None:
+        mine = submitted[offset]
+        wall = time.time
+        try:
+            for index in range(offset, count, sizes.submitters):
+                body = payloads(index)
+                began = wall()
+                handle = pipeline.submit(body)
+                if record:
+                    mine.append((handle.task_id, began))
+        except BaseException as exc:
+            errors.append(exc)
 
-    def __init__(self) -> None:
-        self.target: Callable[[str], None] = _ignore
-
-    def __call__(self, task_id: str) -> None:
-        self.target(task_id)
-
-    def saturate(
-        self,
-        pipeline: Pipeline,
-        payloads: Payloads,
-        *,
-        count: int,
-        prefix: str,
-        sizes: Sizes,
-        record: bool = True,
-    ) -> LoadRun:
-        """Run `count` tasks with `sizes.concurrency` in flight; with `record`, keep each latency."""
-        started = [0.0] * count if record else []
-        finished = [0.0] * count if record else []
-        room = threading.Semaphore(sizes.concurrency)
-        all_done = threading.Event()
-        remaining = [count]
-        lock = threading.Lock()
-        clock = time.perf_counter
-
-        def on_terminal(task: str) -> None:
-            if task[0] != prefix:
-                return
-            if record:
-                finished[int(task[1:], 16)] = clock()
-            room.release()
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    all_done.set()
-
-        self.target = on_terminal
-        errors: list[BaseException] = []
-        first = [0.0]
-
-        def submit_every(offset: int) -> None:
-            try:
-                for index in range(offset, count, sizes.submitters):
-                    body = payloads(index)
-                    room.acquire()
-                    now = clock()
-                    if record:
-                        started[index] = now
-                    pipeline.submit(task_id(prefix, index), body)
-            except BaseException as exc:
-                errors.append(exc)
-                all_done.set()
-
-        threads = [
-            threading.Thread(target=submit_every, args=(offset,), name=f"bench-submit-{offset}")
-            for offset in range(min(sizes.submitters, count))
-        ]
-        cpu_before = time.process_time()
-        first[0] = clock()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(sizes.timeout_s)
-        finished_in_time = all_done.wait(sizes.timeout_s)
-        last = clock()
-        cpu = time.process_time() - cpu_before
-        self.target = _ignore
-        if errors:
-            raise errors[0]
-        if not finished_in_time:
-            raise TimeoutError(
-                f"{pipeline.name}: {remaining[0]} of {count} tasks not terminal after {sizes.timeout_s}s"
-            )
-        if not record:
-            return LoadRun(count, last - first[0], cpu)
-        elapsed = max(finished) - min(started)
-        return LoadRun(
-            count, elapsed, cpu, [(end - begin) * 1000 for begin, end in zip(started, finished, strict=True)]
-        )
-
-    def one_at_a_time(self, pipeline: Pipeline, payloads: Payloads, *, count: int, timeout_s: float) -> list[float]:
-        """Submit, wait for the terminal state, repeat; the submitting thread's view, in ms."""
-        clock = time.perf_counter
-        latencies = []
-        for index in range(count):
-            body = payloads(index)
-            begin = clock()
-            pipeline.submit(task_id("l", index), body).result(timeout_s)
-            latencies.append((clock() - begin) * 1000)
-        return latencies
+    threads = [
+        threading.Thread(target=submit_every, args=(offset,), name=f"bench-submit-{offset}")
+        for offset in range(min(sizes.submitters, count))
+    ]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before, switches_before = usage.ru_utime + usage.ru_stime, usage.ru_nvcsw + usage.ru_nivcsw
+    first = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(sizes.timeout_s)
+    if errors:
+        raise errors[0]
+    if not pipeline.join(sizes.timeout_s):
+        raise TimeoutError(f"{pipeline.name}: tasks still in flight after {sizes.timeout_s}s")
+    last = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    run = LoadRun(
+        count,
+        last - first,
+        usage.ru_utime + usage.ru_stime - cpu_before,
+        usage.ru_nvcsw + usage.ru_nivcsw - switches_before,
+    )
+    if record:
+        starts = dict(pair for mine in submitted for pair in mine)
+        finished = pipeline.finished_at(starts)
+        if len(finished) != count:
+            raise RuntimeError(f"{pipeline.name}: {count - len(finished)} of {count} tasks have no terminal time")
+        run.latencies_ms = [(finished[task_id] - began) * 1000 for task_id, began in starts.items()]
+    return run
 
 
-def _ignore(task_id: str) -> None:
-    return None
+def one_at_a_time(pipeline: Pipeline, payloads: Payloads, *, count: int, timeout_s: float) -> list[float]:
+    """Submit, wait for the terminal state, repeat; the submitting thread's view, in ms."""
+    clock = time.perf_counter
+    latencies = []
+    for index in range(count):
+        body = payloads(index)
+        began = clock()
+        pipeline.submit(body).result(timeout_s)
+        latencies.append((clock() - began) * 1000)
+    return latencies
 
 
-def measure(
-    factory: PipelineFactory,
-    payloads: Payloads,
-    sizes: Sizes,
-    *,
-    after: Callable[[Pipeline], dict[str, Any]] | None = None,
-) -> Measurement:
-    """Build a system, warm it up, run the light then the saturating phase, close it.
-
-    `after(pipeline)`, if given, runs before closing and returns extra figures.
-    """
-    driver = Driver()
+def measure(factory: PipelineFactory, payloads: Payloads, sizes: Sizes) -> Measurement:
+    """Build a system, warm it up, run the light then the saturating phase, close it."""
     gc.collect()
-    pipeline = factory(driver)
+    pipeline = factory(sizes.concurrency)
     try:
         if sizes.warmup:
-            driver.saturate(pipeline, payloads, count=sizes.warmup, prefix="w", sizes=sizes, record=False)
+            saturate(pipeline, payloads, count=sizes.warmup, sizes=sizes, record=False)
         gc.collect()
-        light = driver.one_at_a_time(pipeline, payloads, count=sizes.light, timeout_s=sizes.timeout_s)
+        light = one_at_a_time(pipeline, payloads, count=sizes.light, timeout_s=sizes.timeout_s)
         gc.collect()
-        load = driver.saturate(pipeline, payloads, count=sizes.tasks, prefix="m", sizes=sizes)
-        extra = after(pipeline) if after is not None else {}
+        load = saturate(pipeline, payloads, count=sizes.tasks, sizes=sizes)
     finally:
         pipeline.close()
-    return Measurement(pipeline.name, load, light, extra)
+    return Measurement(pipeline.name, load, light)

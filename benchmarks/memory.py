@@ -18,6 +18,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one system as `spec` says and return its memory figures (in the child process)."""
     from benchmarks import workload  # noqa: PLC0415 - imported after the first RSS reading
     from benchmarks.baselines import baseline_factory  # noqa: PLC0415
-    from benchmarks.load import Driver, Sizes  # noqa: PLC0415
+    from benchmarks.load import Sizes, saturate  # noqa: PLC0415
     from benchmarks.pipeline import Work, runtime_factory  # noqa: PLC0415
 
     rss_empty = current_rss()
@@ -77,15 +78,20 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         config = {key: spec[key] for key in ("journal_path", "durability", "retain_terminal") if key in spec}
         factory = runtime_factory(work, name=system, **config)
     else:
-        factory = baseline_factory(system, work)
-    sizes = Sizes(tasks=tasks, warmup=int(spec.get("warmup", 1000)), timeout_s=float(spec.get("timeout_s", 7200)))
-    driver = Driver()
-    pipeline = factory(driver)
+        factory = baseline_factory(system, work, record=False)
+    sizes = Sizes(
+        tasks=tasks,
+        warmup=int(spec.get("warmup", 1000)),
+        submitters=int(spec.get("submitters", 2)),
+        timeout_s=float(spec.get("timeout_s", 7200)),
+    )
+    pipeline = factory(sizes.concurrency)
     try:
-        driver.saturate(pipeline, workload.payload, count=sizes.warmup, prefix="w", sizes=sizes, record=False)
+        saturate(pipeline, workload.payload, count=sizes.warmup, sizes=sizes, record=False)
         gc.collect()
         rss_before = current_rss()
-        run = driver.saturate(pipeline, workload.payload, count=tasks, prefix="m", sizes=sizes, record=False)
+        with _RssSampler(float(spec.get("sample_s", 1.0))) as sampler:
+            run = saturate(pipeline, workload.payload, count=tasks, sizes=sizes, record=False)
         gc.collect()
         rss_after = current_rss()
         peak = peak_rss()
@@ -106,7 +112,41 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": round(peak / _MB, 1),
         "bytes_per_task": round(grown / tasks) if spec.get("retain_terminal") is None else None,
         "rss_growth_mb": round(grown / _MB, 1),
+        "rss_timeline_mb": sampler.timeline(points=24),
     }
+
+
+class _RssSampler:
+    """Samples the RSS every `every_s` seconds on a daemon thread, to show whether memory stays bounded."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every = every_s
+        self._stop = threading.Event()
+        self._samples: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def __enter__(self) -> _RssSampler:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._samples.append((time.perf_counter() - self._started, current_rss()))
+            if self._stop.wait(self._every):
+                return
+
+    def timeline(self, points: int) -> list[list[float]]:
+        """At most `points` evenly spaced samples, as [seconds, MB] pairs."""
+        step = max(1, len(self._samples) // points)
+        chosen = self._samples[::step]
+        if self._samples and chosen[-1] is not self._samples[-1]:
+            chosen.append(self._samples[-1])
+        return [[round(at, 1), round(rss / _MB, 1)] for at, rss in chosen]
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +192,8 @@ def run_memory_scenario(mode: Mode, journal_missing: str | None) -> dict[str, An
                 "journal_path": os.path.join(mode.workdir, "memory-journal.sqlite"),
                 "durability": "normal",
                 "retain_terminal": 10_000,
+                "submitters": 8,
+                "sample_s": mode.pick(10, 1, 1),
             }
         )
     else:
@@ -162,7 +204,14 @@ def run_memory_scenario(mode: Mode, journal_missing: str | None) -> dict[str, An
         "title": "Memory: peak RSS and bytes per retained terminal task",
         "status": "ok",
         "notes": notes,
-        "params": {"tasks": tasks, "journal_tasks": big, "retain_terminal": 10_000, "concurrency": 256},
+        "params": {
+            "tasks": tasks,
+            "journal_tasks": big,
+            "retain_terminal": 10_000,
+            "concurrency": 256,
+            "submitters": 2,
+            "journal_submitters": 8,
+        },
         "systems": systems,
         "ratios": {"runtime / bare-pykka (bytes per task)": _safe_ratio(runtime, bare)},
     }

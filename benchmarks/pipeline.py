@@ -1,57 +1,62 @@
 """What every system under test offers the load driver, and the adapter for actorflow's Runtime.
 
-A system is built by a factory that takes an `on_terminal(task_id)` hook; the
-system calls the hook from whichever thread sees the task turn terminal (for
-the Runtime: a `runtime.subscribe` callback on the state actor's thread). The
-driver stamps the time there, so saturated latency is measured from the
-`submit()` call to the terminal notification, the same way for every system.
+A system is built by a factory given the concurrency of the closed loop: its
+`submit()` blocks while that many tasks are in flight. The Runtime does this
+with its own backpressure (`RuntimeConfig(max_in_flight=...)`); the baselines
+with a semaphore released when a task turns terminal. Nothing is hooked into
+the Runtime: it runs exactly as an embedding program would run it.
+
+Saturated latency is the time from the `submit()` call (wall clock, stamped
+by the submitting thread) to the moment the task turned terminal: for the
+Runtime, the `at` of the terminal entry in the record's history (stamped by
+the state actor when it applied the change, just before the group commit that
+publishes it); for the baselines, the moment their state book-keeping
+recorded the terminal state.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from actors import Runtime
-from core import TERMINAL_STATES, RuntimeConfig, TransitionEvent
+from core import RuntimeConfig
 from services import ServiceSet
 
-__all__ = [
-    "Completion",
-    "Handle",
-    "OnTerminal",
-    "Pipeline",
-    "PipelineFactory",
-    "RuntimePipeline",
-    "Work",
-    "runtime_factory",
-]
-
-OnTerminal = Callable[[str], None]
+__all__ = ["Completion", "Handle", "Pipeline", "PipelineFactory", "RuntimePipeline", "Work", "runtime_factory"]
 
 
 class Handle(Protocol):
     """A submitted task; `result()` blocks until it is terminal."""
+
+    task_id: str
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the terminal state; raise TimeoutError after `timeout` s."""
 
 
 class Pipeline(Protocol):
-    """A system under test: submit tasks, then close."""
+    """A system under test."""
 
     name: str
 
-    def submit(self, task_id: str, payload: Mapping[str, Any]) -> Handle:
-        """Create the task (returning once it exists) and start it through validate, process, persist."""
+    def submit(self, payload: Mapping[str, Any]) -> Handle:
+        """Create a task and start it through validate, process, persist (blocks while the loop is full)."""
+
+    def join(self, timeout: float) -> bool:
+        """Wait until no task is in flight; False on timeout."""
+
+    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
+        """When each of these tasks turned terminal (`time.time()` seconds)."""
 
     def close(self) -> None:
         """Finish and release everything."""
 
 
-PipelineFactory = Callable[[OnTerminal], Pipeline]
+PipelineFactory = Callable[[int], Pipeline]
+"""Builds a system whose closed loop admits this many tasks in flight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,31 +76,45 @@ class Work:
 
 
 class Completion:
-    """The baselines' handle: an event set once, from the thread that finishes the task."""
+    """The baselines' handle. Like the Runtime's, it builds an Event only if someone waits on it."""
 
-    __slots__ = ("_event", "state")
+    __slots__ = ("_event", "state", "task_id")
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
+    _lock = threading.Lock()
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
         self.state: str | None = None
+        self._event: threading.Event | None = None
 
     def set(self, state: str) -> None:
-        """Record the terminal state and wake the waiters."""
-        self.state = state
-        self._event.set()
+        """Record the terminal state and wake the waiter, if any."""
+        with Completion._lock:
+            self.state = state
+            event = self._event
+        if event is not None:
+            event.set()
 
     def result(self, timeout: float | None = None) -> str | None:
         """Wait for the terminal state and return it."""
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"task not terminal after {timeout}s")
+        with Completion._lock:
+            if self.state is not None:
+                return self.state
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        if not event.wait(timeout):
+            raise TimeoutError(f"task {self.task_id} not terminal after {timeout}s")
         return self.state
 
 
 class RuntimePipeline:
-    """actorflow's `Runtime`, configured from `Work` plus any other `RuntimeConfig` fields."""
+    """actorflow's `Runtime`, configured from `Work`, the loop's concurrency and any other config fields."""
 
-    def __init__(self, work: Work, on_terminal: OnTerminal, *, name: str = "runtime", **config: Any) -> None:
+    def __init__(self, work: Work, concurrency: int, *, name: str = "runtime", **config: Any) -> None:
         self.name = name
+        config.setdefault("max_in_flight", concurrency)
+        config.setdefault("submit_timeout_s", 600.0)
         self.runtime = Runtime(
             RuntimeConfig(
                 validator_workers=work.validator_workers,
@@ -106,15 +125,18 @@ class RuntimePipeline:
             services=ServiceSet(validate=work.validate, process=work.process, persist=work.persist),
         )
 
-        def notify(event: TransitionEvent) -> None:
-            if event.to_state in TERMINAL_STATES:
-                on_terminal(event.task_id)
+    def submit(self, payload: Mapping[str, Any]) -> Handle:
+        """`Runtime.submit(payload)`, as an embedding program calls it (the runtime picks the id)."""
+        return self.runtime.submit(payload)
 
-        self._unsubscribe = self.runtime.subscribe(notify)
+    def join(self, timeout: float) -> bool:
+        """`Runtime.join`."""
+        return self.runtime.join(timeout)
 
-    def submit(self, task_id: str, payload: Mapping[str, Any]) -> Handle:
-        """`Runtime.submit`, with the driver's task id (so the hook can match it even before submit returns)."""
-        return self.runtime.submit(payload, task_id=task_id)
+    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
+        """The terminal history entry's time of each task, read back from the runtime's records."""
+        wanted = set(task_ids)
+        return {r.task_id: r.history[-1].at for r in self.runtime.tasks() if r.task_id in wanted}
 
     def close(self) -> None:
         """Drain and stop the runtime."""
@@ -124,7 +146,7 @@ class RuntimePipeline:
 def runtime_factory(work: Work, *, name: str = "runtime", **config: Any) -> PipelineFactory:
     """A factory of `RuntimePipeline`s with fixed work and config."""
 
-    def build(on_terminal: OnTerminal) -> Pipeline:
-        return RuntimePipeline(work, on_terminal, name=name, **config)
+    def build(concurrency: int) -> Pipeline:
+        return RuntimePipeline(work, concurrency, name=name, **config)
 
     return build

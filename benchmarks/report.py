@@ -56,7 +56,7 @@ def _machine(results: dict[str, Any]) -> list[str]:
 
 def _throughput_table(scenarios: dict[str, Any]) -> list[str]:
     lines = [
-        "| scenario | system | tasks/s (median) | same-round ratios (median) | CPU µs/task "
+        "| scenario | system | tasks/s (median) | same-round ratios (median) | CPU µs / switches per task "
         "| light p50 / p99 ms | saturated p50 / p99 ms |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: |",
     ]
@@ -66,7 +66,8 @@ def _throughput_table(scenarios: dict[str, Any]) -> list[str]:
         for name, system in section["systems"].items():
             lines.append(
                 f"| {key} | {name} | {_num(system['throughput_tps']['median'])} "
-                f"| {_versus(name, system, section['ratios'])} | {_num(system['cpu_us_per_task']['median'])} "
+                f"| {_versus(name, system, section['ratios'])} | {_num(system['cpu_us_per_task']['median'])} / "
+                f"{_num(system['switches_per_task']['median'], 1)} "
                 f"| {_pair(system.get('latency_light_ms'))} | {_pair(system.get('latency_saturated_ms'))} |"
             )
     return lines
@@ -106,6 +107,10 @@ def render(results: dict[str, Any]) -> str:
     memory = scenarios.get("memory")
     if memory is not None and memory.get("status") == "ok":
         out += ["Memory (each system in its own subprocess):", "", *_memory_table(memory), ""]
+        journal = memory["systems"].get("runtime-journal-retain")
+        if journal and journal.get("rss_timeline_mb"):
+            steps = ", ".join(f"{at:g}s {mb:g}" for at, mb in journal["rss_timeline_mb"])
+            out += [f"RSS (MB) during the {journal['tasks']:,}-task journal run: {steps}.", ""]
     out += ["Targets (issue 7, item 4):", "", *_targets_table(results["targets"]), ""]
     notes = [f"- {key}: {note}" for key, section in scenarios.items() for note in section.get("notes", []) if note]
     if notes:

@@ -57,6 +57,7 @@ def test_each_measured_system_has_throughput_cpu_and_latency_figures(smoke_run: 
             assert len(system["throughput_tps"]["rounds"]) == results["rounds"], (key, name)
             assert system["throughput_tps"]["median"] > 0, (key, name)
             assert system["cpu_us_per_task"]["median"] is not None
+            assert system["switches_per_task"]["median"] is not None
             assert set(system["latency_saturated_ms"]) >= {"p50", "p90", "p99", "max", "samples"}
         for pair, ratio in section["ratios"].items():
             numerator, _, denominator = pair.partition(" / ")
@@ -80,6 +81,7 @@ def test_memory_is_measured_per_system_in_a_subprocess(smoke_run: tuple[dict[str
         figures = memory["systems"][name]
         assert figures["peak_rss_mb"] > 0
         assert figures["bytes_per_task"] is not None
+        assert figures["rss_timeline_mb"], name
 
 
 def test_every_target_of_the_issue_gets_a_verdict_or_says_why_not(smoke_run: tuple[dict[str, Any], str]) -> None:
