@@ -1,0 +1,11 @@
+"""actorflow's actors and the Runtime that wires them together.
+
+An embedding program needs only `Runtime` (and `TaskHandle`); `StateActor`
+is exported for programs that want the state owner on its own.
+"""
+
+from actors.orchestrator import OrchestratorActor
+from actors.runtime import Runtime, TaskHandle
+from actors.state import StateActor
+
+__all__ = ["OrchestratorActor", "Runtime", "StateActor", "TaskHandle"]

@@ -1,0 +1,454 @@
+"""The OrchestratorActor: sequences every task through the pipeline, and never blocks.
+
+    CREATED ─validate─► VALIDATED ─► PROCESSING ─process─► persist ─► COMPLETED
+       any service error, or attempts used up ─────────────────────► FAILED
+
+It sends a request and handles the answer as a message: service results come
+back as `ServiceDone`, state changes as `TransitionsApplied`. It does not move
+a task to its next stage until the StateActor has committed the current one.
+Transition requests are batched: they leave when the mailbox runs dry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+
+from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actors.messages import (
+    CallDeadline,
+    CancelTask,
+    ResumeTasks,
+    RetryDue,
+    RunService,
+    ServiceDone,
+    TasksCreated,
+    TransitionBatch,
+    TransitionOutcome,
+    TransitionRequest,
+    TransitionsApplied,
+    WorkerDied,
+)
+from actors.pool import PoolFailing, ServicePool
+from actors.service import ServiceBackend
+from actors.threads import ThreadBook
+from actors.timer import Timer
+from core.config import TERMINAL_STATES, RuntimeConfig
+from core.errors import TaskNotFound
+from core.tracing import TraceContext, get_event_logger, new_span_id
+from core.types import JSONValue, Task, TaskRecord, TaskState
+
+__all__ = ["OrchestratorActor"]
+
+_S = TaskState
+_MAX_OUTBOX = 256
+
+
+@dataclass(slots=True)
+class _Flight:
+    """The orchestrator's own book-keeping for one task in progress (never shared)."""
+
+    task: Task
+    trace: TraceContext
+    started: float
+    attempts: int = 0
+    """Service calls made for this task so far, across stages."""
+    stage_attempt: int = 0
+    call_id: int | None = None
+    result: Any = None
+    cancelled: bool = False
+    cancel_replies: list[pykka.Future[bool]] = field(default_factory=list)
+
+
+class OrchestratorActor(pykka.ThreadingActor):
+    """Drives each task: dispatch a service call, await its ServiceDone, request the transition, repeat."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        *,
+        state: pykka.ActorRef[Any],
+        functions: dict[str, Callable[..., Any]],
+        config: RuntimeConfig,
+        backend: ServiceBackend,
+        timer: Timer,
+        dead_letters: DeadLetterOffice,
+        threads: ThreadBook | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__()
+        self._threads = threads
+        self._state = state
+        self._config = config
+        self._timer = timer
+        self._dead_letters = dead_letters
+        self._rng = rng or random.Random()
+        self._log = get_event_logger("orchestrator")
+        self._flights: dict[str, _Flight] = {}
+        self._calls: dict[int, str] = {}
+        """call id -> task id, for calls in a pool or waiting for a retry."""
+        self._call_ids = itertools.count(1)
+        self._outbox: list[TransitionRequest] = []
+        self._retrying: dict[int, RunService] = {}
+        """Placeholder call id -> the call to re-run when its backoff elapses."""
+        self._orphan_cancels: dict[str, list[pykka.Future[bool]]] = {}
+        """Cancel replies for tasks this actor is not driving (already finished, or unknown)."""
+        self.counters = {"retries": 0, "timeouts": 0, "restarts": 0, "cancelled": 0, "late_results": 0}
+        me, office = self.actor_ref, dead_letters
+        self._backend = backend
+        self._pools: dict[str, ServicePool] = {}
+        for service, fn in functions.items():
+            self._pools[service] = ServicePool(
+                service,
+                config.workers_for(service),
+                backend=backend,
+                fn=fn,
+                deliver=lambda done: tell_or_dead_letter(me, done, office),
+                on_death=lambda name, why: tell_or_dead_letter(me, WorkerDied(name, why), office),
+                timer=timer,
+                on_deadline=lambda call_id: tell_or_dead_letter(me, CallDeadline(call_id), office),
+                stage_timeout_s=config.stage_timeout_s,
+                max_restarts=config.max_restarts,
+                restart_window_s=config.restart_window_s,
+            )
+
+    # --- inspection (asks from the Runtime; off the hot path) ------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, tasks in progress and each pool's health."""
+        return {
+            **self.counters,
+            "orchestrating": len(self._flights),
+            "pools": {name: pool.stats() for name, pool in self._pools.items()},
+        }
+
+    # --- message loop ----------------------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> None:
+        """Dispatch on the message type; flush transition requests when the mailbox is empty."""
+        try:
+            self._handle(message)
+        except Exception as exc:  # noqa: BLE001 - an orchestrator that dies strands every task: log, go on
+            self._log.error(
+                "orchestrator.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
+            )
+        if self._outbox and (len(self._outbox) >= _MAX_OUTBOX or self.actor_inbox.empty()):
+            self._flush()
+
+    def _handle(self, message: Any) -> None:
+        if isinstance(message, ServiceDone):
+            self._on_service_done(message)
+        elif isinstance(message, TransitionsApplied):
+            for outcome in message.outcomes:
+                self._on_outcome(outcome)
+        elif isinstance(message, TasksCreated):
+            for record in message.records:
+                self._begin(record)
+        elif isinstance(message, RetryDue):
+            self._on_retry_due(message)
+        elif isinstance(message, CallDeadline):
+            self._on_deadline(message.call_id)
+        elif isinstance(message, WorkerDied):
+            self._on_worker_died(message)
+        elif isinstance(message, CancelTask):
+            self._on_cancel(message)
+        elif isinstance(message, ResumeTasks):
+            for record in message.records:
+                self._resume(record)
+        else:
+            self._dead_letters.post(message, to="orchestrator", why="unknown message type")
+
+    def on_start(self) -> None:
+        """Note the actor's thread, for the runtime to join at close."""
+        if self._threads is not None:
+            self._threads.record_current()
+
+    def on_stop(self) -> None:
+        """Send what is pending, then retire every worker."""
+        self._dead_letters.drain(self)
+        self._flush()
+        for pool in self._pools.values():
+            pool.close(timeout=2.0)
+        self._backend.close()
+
+    # --- the pipeline ----------------------------------------------------------------------------
+
+    def _begin(self, record: TaskRecord) -> None:
+        flight = self._flight_for(record)
+        self._dispatch(flight, "validator")
+
+    def _resume(self, record: TaskRecord) -> None:
+        """Continue a recovered task from its last committed state (services run at least once)."""
+        if record.task_id in self._flights or record.state in TERMINAL_STATES:
+            return
+        flight = self._flight_for(record)
+        flight.attempts = record.attempts
+        self._log.info("task.recovered", task_id=record.task_id, trace_id=record.trace_id, state=record.state.value)
+        if record.state is _S.CREATED:
+            self._dispatch(flight, "validator")
+        elif record.state is _S.VALIDATED:
+            self._request(record.task_id, _S.PROCESSING, expected=_S.VALIDATED)
+        elif record.state is _S.PROCESSING:
+            self._dispatch(flight, "processor")
+
+    def _flight_for(self, record: TaskRecord) -> _Flight:
+        trace = TraceContext(record.trace_id, record.span_id or new_span_id(), record.parent_span_id)
+        flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic())
+        self._flights[record.task_id] = flight
+        return flight
+
+    def _dispatch(self, flight: _Flight, service: str, *, result: Any = None, attempt: int = 1) -> None:
+        call_id = next(self._call_ids)
+        flight.call_id = call_id
+        flight.stage_attempt = attempt
+        flight.attempts += 1
+        if result is not None:
+            flight.result = result
+        task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
+        call = RunService(
+            call_id,
+            service,
+            task,
+            flight.trace.child(),
+            attempt,
+            result=flight.result if service == "persistence" else None,
+        )
+        self._calls[call_id] = task.task_id
+        try:
+            self._pools[service].dispatch(call)
+        except PoolFailing as exc:
+            del self._calls[call_id]
+            self._fail(flight, f"{service}: {exc}")
+
+    def _on_service_done(self, done: ServiceDone) -> None:
+        pool = self._pools[done.service]
+        call = pool.finished(done.call_id)
+        task_id = self._calls.pop(done.call_id, None)
+        if call is None or task_id is None:
+            self.counters["late_results"] += 1
+            self._dead_letters.post(done, to="orchestrator", why="late result of a call that was timed out or retired")
+            return
+        if done.status == "crashed":
+            self._replace_worker(pool, done.worker, f"{done.error_type}: {done.error}")
+        flight = self._flights.get(task_id)
+        if flight is None or flight.cancelled or flight.call_id != done.call_id:
+            return  # cancelled while running: the result is discarded, never persisted
+        flight.call_id = None
+        if done.status == "ok":
+            self._advance(flight, done)
+        elif done.status == "permanent":
+            self._fail(flight, f"{done.service}: {done.error_type}: {done.error}")
+        else:
+            self._retry_or_fail(flight, call, f"{done.error_type}: {done.error}")
+
+    def _advance(self, flight: _Flight, done: ServiceDone) -> None:
+        task_id = flight.task.task_id
+        if done.service == "validator":
+            self._request(task_id, _S.VALIDATED, expected=_S.CREATED)
+            self._request(task_id, _S.PROCESSING, expected=_S.VALIDATED)
+        elif done.service == "processor":
+            self._dispatch(flight, "persistence", result=done.result)
+        else:
+            self._request(task_id, _S.COMPLETED, expected=_S.PROCESSING, result=flight.result)
+
+    def _retry_or_fail(self, flight: _Flight, call: RunService, error: str) -> None:
+        if flight.stage_attempt >= self._config.max_attempts:
+            self._fail(flight, f"{call.service}: {error} (gave up after {flight.stage_attempt} attempts)")
+            return
+        attempt = flight.stage_attempt + 1
+        cap = min(self._config.retry_backoff_max_s, self._config.retry_backoff_s * 2 ** (attempt - 2))
+        delay = self._rng.uniform(0, cap)  # "full jitter": retries of many tasks do not move in lockstep
+        call_id = next(self._call_ids)
+        flight.call_id = call_id
+        flight.stage_attempt = attempt
+        self._calls[call_id] = flight.task.task_id
+        self._retrying[call_id] = call
+        self.counters["retries"] += 1
+        self._log.info(
+            "service.retry_scheduled",
+            task_id=flight.task.task_id,
+            trace_id=flight.trace.trace_id,
+            service=call.service,
+            attempt=attempt,
+            delay_ms=round(delay * 1000, 3),
+            error=error,
+        )
+        me, office = self.actor_ref, self._dead_letters
+        self._timer.call_later(delay, lambda: tell_or_dead_letter(me, RetryDue(flight.task.task_id, call_id), office))
+
+    def _on_retry_due(self, message: RetryDue) -> None:
+        call = self._retrying.pop(message.call_id, None)
+        self._calls.pop(message.call_id, None)
+        flight = self._flights.get(message.task_id)
+        if call is None or flight is None or flight.cancelled or flight.call_id != message.call_id:
+            return
+        self._dispatch(flight, call.service, result=call.result, attempt=flight.stage_attempt)
+
+    def _fail(self, flight: _Flight, error: str) -> None:
+        flight.call_id = None
+        self._request(flight.task.task_id, _S.FAILED, reason=error, error=error, attempts=flight.attempts)
+
+    def _request(
+        self,
+        task_id: str,
+        to_state: TaskState,
+        *,
+        expected: TaskState | None = None,
+        reason: str | None = None,
+        result: JSONValue = None,
+        error: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        flight = self._flights.get(task_id)
+        if attempts is None and flight is not None:
+            attempts = flight.attempts
+        self._outbox.append(TransitionRequest(task_id, to_state, reason, expected, result, error, attempts))
+
+    def _flush(self) -> None:
+        batch, self._outbox = tuple(self._outbox), []
+        tell_or_dead_letter(self._state, TransitionBatch(batch, reply_to=self.actor_ref), self._dead_letters)
+
+    # --- answers from the state actor ------------------------------------------------------------
+
+    def _on_outcome(self, outcome: TransitionOutcome) -> None:
+        request = outcome.request
+        flight = self._flights.get(request.task_id)
+        if request.to_state is _S.CANCELLED:
+            self._on_cancel_outcome(outcome, flight)
+            return
+        if flight is None:
+            return
+        if outcome.outcome == "journal_failed":
+            self._retry_after_journal_failure(request)
+            return
+        if outcome.outcome == "rejected":
+            if outcome.record is not None and outcome.record.state in TERMINAL_STATES:
+                self._finish(flight, outcome.record)  # e.g. cancelled meanwhile
+            return
+        record = outcome.record
+        assert record is not None
+        if record.state is _S.PROCESSING and not flight.cancelled:
+            self._dispatch(flight, "processor")
+        elif record.state in TERMINAL_STATES:
+            self._finish(flight, record)
+
+    def _retry_after_journal_failure(self, request: TransitionRequest) -> None:
+        """Nothing was committed: ask again shortly (the journal may be briefly locked or full)."""
+        batch = TransitionBatch((request,), reply_to=self.actor_ref)
+        state, office = self._state, self._dead_letters
+        self._timer.call_later(
+            max(self._config.retry_backoff_s, 0.01), lambda: tell_or_dead_letter(state, batch, office)
+        )
+
+    def _finish(self, flight: _Flight, record: TaskRecord) -> None:
+        self._flights.pop(record.task_id, None)
+        if flight.call_id is not None:
+            self._calls.pop(flight.call_id, None)
+            self._retrying.pop(flight.call_id, None)
+        duration_ms = round((time.monotonic() - flight.started) * 1000, 3)
+        fields = {
+            "task_id": record.task_id,
+            "trace_id": record.trace_id,
+            "state": record.state.value,
+            "duration_ms": duration_ms,
+            "attempts": record.attempts,
+        }
+        if record.state is _S.COMPLETED:
+            self._log.info("task.completed", **fields)
+        elif record.state is _S.FAILED:
+            self._log.info("task.failed", error=record.error, **fields)
+        else:
+            self._log.info("task.cancelled", **fields)
+
+    # --- cancellation ----------------------------------------------------------------------------
+
+    def _on_cancel(self, message: CancelTask) -> None:
+        flight = self._flights.get(message.task_id)
+        if flight is not None:
+            flight.cancelled = True  # from now on its results are discarded
+            flight.cancel_replies.append(message.reply)
+        else:
+            self._orphan_cancels.setdefault(message.task_id, []).append(message.reply)
+        self._request(message.task_id, _S.CANCELLED, reason="cancelled by request")
+
+    def _on_cancel_outcome(self, outcome: TransitionOutcome, flight: _Flight | None) -> None:
+        task_id = outcome.request.task_id
+        replies = list(flight.cancel_replies) if flight is not None else []
+        replies += self._orphan_cancels.pop(task_id, [])
+        if flight is not None:
+            flight.cancel_replies.clear()
+        accepted = outcome.outcome == "accepted"
+        if accepted:
+            self.counters["cancelled"] += 1
+            if flight is not None:
+                assert outcome.record is not None
+                self._finish(flight, outcome.record)
+        elif flight is not None:
+            flight.cancelled = False  # refused (already terminal, or journal trouble): carry on as before
+        for reply in replies:
+            if outcome.record is None and outcome.outcome == "rejected":
+                error = TaskNotFound(f"no task with id {task_id!r}")
+                reply.set_exception(exc_info=(TaskNotFound, error, None))
+            else:
+                reply.set(accepted)
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    def _on_deadline(self, call_id: int) -> None:
+        task_id = self._calls.get(call_id)
+        if task_id is None:
+            return
+        pool = next((p for p in self._pools.values() if p.running(call_id)), None)
+        if pool is None:
+            return
+        self.counters["timeouts"] += 1
+        worker = pool.worker_of(call_id)
+        self._log.warning(
+            "service.timeout",
+            task_id=task_id,
+            call_id=call_id,
+            service=pool.service,
+            worker=worker,
+            timeout_s=self._config.stage_timeout_s,
+        )
+        self._replace_worker(pool, worker, f"stage timeout after {self._config.stage_timeout_s}s", timed_out=call_id)
+
+    def _on_worker_died(self, message: WorkerDied) -> None:
+        pool = next((p for p in self._pools.values() if p.has_worker(message.worker)), None)
+        if pool is not None:
+            self._replace_worker(pool, message.worker, message.why)
+
+    def _replace_worker(self, pool: ServicePool, worker: str, why: str, *, timed_out: int | None = None) -> None:
+        """Retire `worker`, start a fresh one, and re-run what it held.
+
+        A timed-out call is a transient failure of its task; calls queued
+        behind it were never started and are simply dispatched again. (A call
+        that crashed its worker was already reported, and is retried by the caller.)
+        """
+        stranded = pool.replace(worker)
+        if stranded is None:
+            return
+        self.counters["restarts"] += 1
+        self._log.warning(
+            "worker.restarted", worker=worker, service=pool.service, why=why, failing=pool.failing is not None
+        )
+        for call in stranded:
+            task_id = self._calls.pop(call.call_id, None)
+            flight = self._flights.get(task_id) if task_id is not None else None
+            if flight is None or flight.cancelled or flight.call_id != call.call_id:
+                continue
+            flight.call_id = None
+            if pool.failing is not None:
+                self._fail(flight, f"{call.service}: {pool.failing}")
+            elif call.call_id == timed_out:
+                self._retry_or_fail(flight, call, why)
+            else:
+                flight.attempts -= 1
+                self._dispatch(flight, call.service, result=call.result, attempt=flight.stage_attempt)

@@ -1,0 +1,243 @@
+"""A pool of service workers, owned by the orchestrator and touched only from its thread.
+
+The pool routes each call to the least-busy worker, keeps at most `capacity`
+calls queued at a worker (the rest wait in the pool, so a retired worker
+strands nothing), times the call running at the head of each worker, and
+replaces workers that crash, die or hang, within a restart intensity limit
+as in Erlang/OTP supervisors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.messages import RunService
+from actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle
+from actors.timer import Timer, TimerHandle
+
+__all__ = ["PoolFailing", "ServicePool"]
+
+
+class PoolFailing(Exception):
+    """The pool exceeded its restart intensity; it takes no more calls."""
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    worker: WorkerHandle
+    calls: deque[int] = field(default_factory=deque)
+    """Call ids sent to this worker, in the order it runs them; the head is running."""
+    deadline: TimerHandle | None = None
+
+
+class ServicePool:
+    """N workers of one service. Not thread-safe: only the orchestrator's thread uses it."""
+
+    def __init__(
+        self,
+        service: str,
+        size: int,
+        *,
+        backend: ServiceBackend,
+        fn: Callable[..., Any],
+        deliver: Deliver,
+        on_death: OnDeath,
+        timer: Timer,
+        on_deadline: Callable[[int], None],
+        stage_timeout_s: float | None,
+        max_restarts: int,
+        restart_window_s: float,
+        capacity: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.size = size
+        self._backend = backend
+        self._fn = fn
+        self._deliver = deliver
+        self._on_death = on_death
+        self._timer = timer
+        self._on_deadline = on_deadline
+        self._timeout = stage_timeout_s
+        self._max_restarts = max_restarts
+        self._window = restart_window_s
+        self._capacity = capacity
+        self._clock = clock
+        self._generation = 0
+        self._slots: list[_Slot] = []
+        self._by_name: dict[str, _Slot] = {}
+        self._calls: dict[int, RunService] = {}
+        self._where: dict[int, _Slot] = {}
+        self._waiting: deque[RunService] = deque()
+        self._restart_times: deque[float] = deque()
+        self.restarts = 0
+        self.failing: str | None = None
+        """Why the pool gave up, once it has."""
+        for index in range(size):
+            slot = _Slot(index, self._start_worker(index))
+            self._slots.append(slot)
+            self._by_name[slot.worker.name] = slot
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    def dispatch(self, call: RunService) -> None:
+        """Send a call to the least-busy worker, or hold it until one has room."""
+        if self.failing is not None:
+            raise PoolFailing(self.failing)
+        self._calls[call.call_id] = call
+        slot = min(self._slots, key=_load)
+        if len(slot.calls) >= self._capacity:
+            self._waiting.append(call)
+            return
+        self._send(slot, call)
+
+    def finished(self, call_id: int) -> RunService | None:
+        """A worker reported `call_id`: forget it and start the next. None if the call is not ours (late)."""
+        slot = self._where.pop(call_id, None)
+        call = self._calls.pop(call_id, None)
+        if slot is None or call is None:
+            return None
+        was_head = bool(slot.calls) and slot.calls[0] == call_id
+        slot.calls.remove(call_id)
+        if was_head:
+            self._start_head(slot)
+        self._feed()
+        return call
+
+    def running(self, call_id: int) -> bool:
+        """True if `call_id` is the call its worker is running now."""
+        slot = self._where.get(call_id)
+        return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
+
+    def worker_of(self, call_id: int) -> str:
+        """The name of the worker holding `call_id` ("" if none)."""
+        slot = self._where.get(call_id)
+        return slot.worker.name if slot is not None else ""
+
+    def has_worker(self, name: str) -> bool:
+        """True if `name` is one of this pool's current workers."""
+        return name in self._by_name
+
+    def forget(self, call_id: int) -> None:
+        """Drop a call that will never be reported (e.g. its worker was retired)."""
+        self._calls.pop(call_id, None)
+        self._where.pop(call_id, None)
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    def replace(self, worker_name: str) -> list[RunService] | None:
+        """Retire a worker and start a fresh one in its place.
+
+        Returns the calls the old worker held, head (the one it was running)
+        first, for the caller to re-run; None if the worker is not (or no
+        longer) in this pool. When the restart intensity is exceeded the pool
+        turns failing and starts no new worker.
+        """
+        slot = self._by_name.pop(worker_name, None)
+        if slot is None:
+            return None
+        slot.worker.retire()
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+            slot.deadline = None
+        stranded = [self._calls.pop(call_id) for call_id in slot.calls if call_id in self._calls]
+        for call_id in slot.calls:
+            self._where.pop(call_id, None)
+        slot.calls.clear()
+        now = self._clock()
+        self._restart_times.append(now)
+        while self._restart_times and now - self._restart_times[0] > self._window:
+            self._restart_times.popleft()
+        self.restarts += 1
+        if len(self._restart_times) > self._max_restarts:
+            self.failing = (
+                f"pool {self.service!r} is failing: {len(self._restart_times)} worker restarts within "
+                f"{self._window:g}s (max_restarts={self._max_restarts})"
+            )
+            self._slots.remove(slot)
+            stranded.extend(self.drain_waiting())
+            return stranded
+        slot.worker = self._start_worker(slot.index)
+        self._by_name[slot.worker.name] = slot
+        self._feed()
+        return stranded
+
+    def drain_waiting(self) -> list[RunService]:
+        """Take back every call not yet sent to a worker (used when the pool turns failing)."""
+        calls = list(self._waiting)
+        self._waiting.clear()
+        for call in calls:
+            self._calls.pop(call.call_id, None)
+        return calls
+
+    def close(self, timeout: float) -> list[str]:
+        """Retire every worker; wait up to `timeout` for the idle ones. Returns the names left busy.
+
+        A worker still inside a service call cannot be stopped (threads cannot
+        be killed); it is abandoned as a daemon and its result, if any, becomes
+        a dead letter.
+        """
+        for slot in self._slots:
+            slot.worker.retire()
+            if slot.deadline is not None:
+                slot.deadline.cancel()
+        deadline = self._clock() + timeout
+        busy = [slot.worker.name for slot in self._slots if slot.calls]
+        for slot in self._slots:
+            if not slot.calls:
+                slot.worker.join(max(0.0, deadline - self._clock()))
+        self._slots.clear()
+        self._by_name.clear()
+        return busy
+
+    def stats(self) -> dict[str, Any]:
+        """Size, live workers, calls running or queued, restarts, and whether the pool is failing."""
+        return {
+            "size": self.size,
+            "workers": len(self._slots),
+            "busy": sum(1 for slot in self._slots if slot.calls),
+            "queued": len(self._waiting) + sum(max(0, len(slot.calls) - 1) for slot in self._slots),
+            "restarts": self.restarts,
+            "failing": self.failing,
+        }
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _start_worker(self, index: int) -> WorkerHandle:
+        self._generation += 1  # a replacement gets a new name, so late reports from the old one stay apart
+        name = f"{self.service}-{self._generation}"
+        return self._backend.start_worker(name, self.service, self._fn, self._deliver, self._on_death)
+
+    def _send(self, slot: _Slot, call: RunService) -> None:
+        slot.calls.append(call.call_id)
+        self._where[call.call_id] = slot
+        if len(slot.calls) == 1:
+            self._start_head(slot)
+        if not slot.worker.send(call):
+            self._on_death(slot.worker.name, "dead when sent a call")
+
+    def _start_head(self, slot: _Slot) -> None:
+        """The head call of a worker starts now: arm its stage deadline."""
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+            slot.deadline = None
+        if self._timeout is None or not slot.calls:
+            return
+        call_id = slot.calls[0]
+        slot.deadline = self._timer.call_later(self._timeout, lambda: self._on_deadline(call_id))
+
+    def _feed(self) -> None:
+        while self._waiting:
+            slot = min(self._slots, key=_load, default=None)
+            if slot is None or len(slot.calls) >= self._capacity:
+                return
+            self._send(slot, self._waiting.popleft())
+
+
+def _load(slot: _Slot) -> int:
+    return len(slot.calls)

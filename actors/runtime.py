@@ -1,0 +1,489 @@
+"""The Runtime facade: what an embedding program uses.
+
+    with Runtime() as runtime:
+        handle = runtime.submit({"name": "report", "data": {"rows": 3}})
+        record = handle.result(timeout=5)
+
+It starts the StateActor, the OrchestratorActor and its service pools, and
+stops every one of them in `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import functools
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Generator, Mapping
+from types import TracebackType
+from typing import Any
+
+import pykka
+
+from actors.deadletters import DeadLetterOffice
+from actors.messages import CancelTask, CreateTask, ResumeTasks
+from actors.orchestrator import OrchestratorActor
+from actors.service import ServiceBackend, ThreadBackend
+from actors.state import StateActor
+from actors.threads import ThreadBook
+from actors.timer import Timer
+from core.config import TERMINAL_STATES, RuntimeConfig
+from core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
+from core.tracing import get_event_logger, new_trace, parse_traceparent
+from core.types import TaskRecord, TaskState, TransitionEvent, freeze
+from services import ResultStore, ServiceSet
+
+__all__ = ["Runtime", "TaskHandle"]
+
+_ASK_TIMEOUT_S = 30.0
+"""Upper bound on any wait for an actor's answer outside the hot path (pykka's stop race)."""
+
+_open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten_runtimes() -> None:
+    """Actor threads are daemons, so a forgotten runtime cannot hang exit; commit what it has, though."""
+    for runtime in list(_open_runtimes):
+        runtime.close(drain=False)
+
+
+class _Waiter:
+    """Completion of one task, settable once from the state actor's thread."""
+
+    __slots__ = ("_callbacks", "_event", "_lock", "record")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[TaskRecord], None]] = []
+        self.record: TaskRecord | None = None
+
+    def set(self, record: TaskRecord) -> None:
+        with self._lock:
+            self.record = record
+            callbacks, self._callbacks = self._callbacks, []
+        self._event.set()
+        for callback in callbacks:
+            callback(record)
+
+    def add_callback(self, callback: Callable[[TaskRecord], None]) -> None:
+        with self._lock:
+            if self.record is None:
+                self._callbacks.append(callback)
+                return
+            record = self.record
+        callback(record)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._event.wait(timeout)
+
+
+class _Tracker:
+    """Tasks in flight (submitted or recovered, not yet terminal), with backpressure."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._waiters: dict[str, _Waiter] = {}
+        self._reserved = 0
+        self.submitted = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiters) + self._reserved
+
+    def reserve(self, *, wait: bool, timeout: float) -> None:
+        """Claim room for one more task, or raise Overloaded."""
+        with self._cond:
+            limit = self._limit
+            if (
+                limit is not None
+                and self.in_flight >= limit
+                and (not wait or not self._cond.wait_for(lambda: self.in_flight < limit, timeout))
+            ):
+                raise Overloaded(
+                    f"{self.in_flight} tasks in flight, the max_in_flight limit of {self._limit}; "
+                    + (f"waited {timeout:g}s for room" if wait else "overload='reject' refuses at once")
+                )
+            self._reserved += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._reserved -= 1
+            self._cond.notify_all()
+
+    def track(self, task_id: str, *, reserved: bool) -> _Waiter:
+        """Start tracking a task; `reserved` turns a `reserve()` claim into it (a new submission)."""
+        with self._cond:
+            waiter = self._waiters.get(task_id)
+            if reserved:
+                self._reserved -= 1
+                if waiter is not None:
+                    self._cond.notify_all()
+                    raise InvalidPayload(f"task_id {task_id!r} is already taken; task ids must be unique")
+                self.submitted += 1
+            if waiter is None:
+                waiter = self._waiters[task_id] = _Waiter()
+            return waiter
+
+    def forget(self, task_id: str) -> None:
+        """Stop tracking a submission whose creation failed."""
+        with self._cond:
+            self._waiters.pop(task_id, None)
+            self.submitted -= 1
+            self._cond.notify_all()
+
+    def waiter(self, task_id: str) -> _Waiter | None:
+        with self._cond:
+            return self._waiters.get(task_id)
+
+    def on_event(self, event: TransitionEvent) -> None:
+        """State-actor subscriber: settle the waiter when its task turns terminal."""
+        if event.to_state not in TERMINAL_STATES:
+            return
+        with self._cond:
+            waiter = self._waiters.pop(event.task_id, None)
+            self._cond.notify_all()
+        if waiter is not None:
+            waiter.set(event.record)
+
+    def join(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._waiters and not self._reserved, timeout)
+
+
+class TaskHandle:
+    """A submitted task: wait for it (`result()`, or `await handle`), or cancel it."""
+
+    __slots__ = ("_runtime", "_waiter", "task_id")
+
+    def __init__(
+        self, runtime: Runtime, task_id: str, waiter: _Waiter | None, record: TaskRecord | None = None
+    ) -> None:
+        self._runtime = runtime
+        self.task_id = task_id
+        if waiter is None:
+            waiter = _Waiter()
+            if record is not None:
+                waiter.set(record)
+        self._waiter = waiter
+
+    def done(self) -> bool:
+        """True once the task is terminal (COMPLETED, FAILED or CANCELLED)."""
+        return self._waiter.record is not None
+
+    def result(self, timeout: float | None = None) -> TaskRecord:
+        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s."""
+        if not self._waiter.wait(timeout):
+            raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
+        assert self._waiter.record is not None
+        return self._waiter.record
+
+    def cancel(self) -> bool:
+        """Cancel the task at whatever stage it is; False if it was already terminal."""
+        return self._runtime.cancel(self.task_id)
+
+    def __await__(self) -> Generator[Any, None, TaskRecord]:
+        """Wait in asyncio without blocking the loop (completion crosses via call_soon_threadsafe)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[TaskRecord] = loop.create_future()
+
+        def settle(record: TaskRecord) -> None:
+            if not future.done():
+                future.set_result(record)
+
+        def on_done(record: TaskRecord) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, record)
+
+        self._waiter.add_callback(on_done)
+        return (yield from future.__await__())
+
+    def __repr__(self) -> str:
+        state = self._waiter.record.state.value if self._waiter.record else "in flight"
+        return f"<TaskHandle {self.task_id} {state}>"
+
+
+class Runtime:
+    """An actorflow runtime: state actor, orchestrator, service pools. A context manager.
+
+    Args:
+        config: every knob; defaults to `RuntimeConfig()`.
+        services: the pipeline's functions; missing ones use the defaults.
+    """
+
+    def __init__(self, config: RuntimeConfig | None = None, *, services: ServiceSet | None = None) -> None:
+        if config is not None and not isinstance(config, RuntimeConfig):
+            raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
+        if services is not None and not isinstance(services, ServiceSet):
+            raise ConfigError(f"services must be a services.ServiceSet, got {type(services).__name__}")
+        self.config = config or RuntimeConfig()
+        services = services or ServiceSet()
+        self._log = get_event_logger("runtime")
+        self._closed = threading.Event()
+        self._close_lock = threading.Lock()
+        self._dead_letters = DeadLetterOffice()
+        self._threads = ThreadBook()
+        self._tracker = _Tracker(self.config.max_in_flight)
+        self._timer: Timer | None = None
+        self._state: pykka.ActorRef[StateActor] | None = None
+        self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
+        self.results: ResultStore | None = None
+        """The default persistence's result store (None when a custom `persist` is plugged in)."""
+        try:
+            self._start(services)
+        except BaseException:
+            self._shutdown(drain=False)
+            raise
+        _open_runtimes.add(self)
+
+    def _start(self, services: ServiceSet) -> None:
+        config = self.config
+        if services.persist is None:
+            self.results = ResultStore(config.result_store)
+        functions = services.functions(result_store=self.results)
+        journal = None
+        if config.journal_path is not None:
+            from core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
+
+            journal = Journal(config.journal_path, durability=config.durability)
+        self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
+        try:
+            self._state = StateActor.start(
+                journal=journal,
+                retain_terminal=config.retain_terminal,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+            )
+        except BaseException:
+            if journal is not None:
+                journal.close()
+            raise
+        self._state_proxy = self._state.proxy()
+        self._orchestrator = OrchestratorActor.start(
+            state=self._state,
+            functions=functions,
+            config=config,
+            backend=self._make_backend(functions),
+            timer=self._timer,
+            dead_letters=self._dead_letters,
+            threads=self._threads,
+        )
+        self._orchestrator_proxy = self._orchestrator.proxy()
+        self._subscription = self._state_proxy.subscribe(self._tracker.on_event).get(timeout=_ASK_TIMEOUT_S)
+        recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
+        for record in recovered:
+            self._tracker.track(record.task_id, reserved=False)
+        if recovered:
+            self._orchestrator.tell(ResumeTasks(recovered))
+        self._log.info(
+            "runtime.started",
+            pools={name: config.workers_for(name) for name in ("validator", "processor", "persistence")},
+            backend=config.service_backend,
+            journal=config.journal_path,
+            durability=config.durability if config.journal_path else None,
+            recovered=len(recovered),
+        )
+
+    def _make_backend(self, functions: dict[str, Callable[..., Any]]) -> ServiceBackend:
+        backend = self.config.service_backend
+        if backend == "thread":
+            return ThreadBackend(self._dead_letters, self._threads)
+        raise ConfigError(f"RuntimeConfig.service_backend {backend!r} is not available in this build; use 'thread'")
+
+    # --- submitting ------------------------------------------------------------------------------
+
+    def submit(
+        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+    ) -> TaskHandle:
+        """Create a task and start it through the pipeline; returns once its creation is committed.
+
+        Raises:
+            InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
+            Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
+            RuntimeStopped: the runtime is closed.
+        """
+        message = self._prepare(payload, task_id, traceparent)
+        config = self.config
+        self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
+        return self._send_create(message)
+
+    async def submit_async(
+        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+    ) -> TaskHandle:
+        """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
+
+        Same arguments, result and errors as `submit`; `await handle` then waits for the task.
+        """
+        loop = asyncio.get_running_loop()
+        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
+        return await loop.run_in_executor(None, submit)
+
+    def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
+        if self._closed.is_set():
+            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        if not isinstance(payload, Mapping):
+            raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
+        try:
+            frozen = freeze(payload)
+        except TypeError as exc:
+            raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
+        if task_id is None:
+            task_id = uuid.uuid4().hex
+        elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+            raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
+        if traceparent is not None:
+            try:
+                trace = parse_traceparent(traceparent)
+            except ValueError as exc:
+                raise InvalidPayload(str(exc)) from None
+        else:
+            trace = new_trace()
+        reply: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
+        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
+
+    def _send_create(self, message: CreateTask) -> TaskHandle:
+        assert self._state is not None
+        assert message.reply is not None
+        waiter = self._tracker.track(message.task_id, reserved=True)
+        trace = message.trace
+        self._log.debug(
+            "task.submitted",
+            task_id=message.task_id,
+            trace_id=trace.trace_id,
+            span_id=trace.span_id,
+            parent_span_id=trace.parent_span_id,
+        )
+        try:
+            self._state.tell(message)
+            record = message.reply.get(timeout=_ASK_TIMEOUT_S)
+        except pykka.ActorDeadError:
+            self._tracker.forget(message.task_id)
+            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
+        except BaseException as exc:
+            self._tracker.forget(message.task_id)
+            self._log.warning(
+                "task.submit_refused",
+                task_id=message.task_id,
+                trace_id=trace.trace_id,
+                error_type=type(exc).__name__,
+                error=str(exc),
+            )
+            raise
+        return TaskHandle(self, record.task_id, waiter)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskRecord:
+        """The task's current record. Raises TaskNotFound."""
+        record: TaskRecord = self._state_proxy.get(task_id).get(timeout=_ASK_TIMEOUT_S)
+        return record
+
+    def tasks(
+        self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[TaskRecord]:
+        """Records, oldest first; only those in `state` if given; paged by `limit` and `offset`."""
+        records: list[TaskRecord] = self._state_proxy.list(state, limit=limit, offset=offset).get(
+            timeout=_ASK_TIMEOUT_S
+        )
+        return records
+
+    def handle(self, task_id: str) -> TaskHandle:
+        """A handle on any known task (one submitted earlier, or recovered). Raises TaskNotFound."""
+        waiter = self._tracker.waiter(task_id)
+        if waiter is not None:
+            return TaskHandle(self, task_id, waiter)
+        record = self.get(task_id)
+        waiter = self._tracker.waiter(task_id)  # it may have been recovered meanwhile
+        if waiter is None and record.state not in TERMINAL_STATES:
+            raise RuntimeStopped(f"task {task_id!r} is not terminal but not in flight either: the runtime is closed")
+        return TaskHandle(self, task_id, waiter, record)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
+        counts: dict[str, int] = self._state_proxy.counts().get(timeout=_ASK_TIMEOUT_S)
+        orchestrator: dict[str, Any] = self._orchestrator_proxy.stats().get(timeout=_ASK_TIMEOUT_S)
+        return {
+            **counts,
+            "submitted": self._tracker.submitted,
+            "in_flight": self._tracker.in_flight,
+            "dead_letters": self._dead_letters.count,
+            **orchestrator,
+        }
+
+    def subscribe(self, callback: Callable[[TransitionEvent], None]) -> Callable[[], None]:
+        """Call `callback(event)` after every committed transition; returns the unsubscribe function.
+
+        The callback runs on the state actor's thread: keep it quick and never
+        block in it (hand off with a queue or `loop.call_soon_threadsafe`).
+        Exceptions it raises are logged and ignored.
+        """
+        token: int = self._state_proxy.subscribe(callback).get(timeout=_ASK_TIMEOUT_S)
+
+        def unsubscribe() -> None:
+            if self._state is not None and self._state.is_alive():
+                self._state_proxy.unsubscribe(token).get(timeout=_ASK_TIMEOUT_S)
+
+        return unsubscribe
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task at any stage. False if it was already terminal; raises TaskNotFound."""
+        if self._closed.is_set() or self._orchestrator is None:
+            raise RuntimeStopped("the runtime is closed")
+        reply: pykka.Future[bool] = pykka.ThreadingFuture()
+        self._orchestrator.tell(CancelTask(task_id, reply))
+        return bool(reply.get(timeout=_ASK_TIMEOUT_S))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no task is in flight. False if `timeout` elapsed first."""
+        return self._tracker.join(timeout)
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop every actor and join their threads. Idempotent.
+
+        Args:
+            drain: first let the tasks in flight finish (up to `timeout`,
+                default `config.drain_timeout_s`). With False, stop at once:
+                with a journal, unfinished tasks resume on the next start.
+            timeout: the drain's bound in seconds.
+        """
+        with self._close_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+        _open_runtimes.discard(self)
+        self._shutdown(drain=drain, timeout=timeout)
+
+    def _shutdown(self, *, drain: bool, timeout: float | None = None) -> None:
+        self._closed.set()
+        drained = True
+        if drain and self._orchestrator is not None:
+            drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
+        for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
+            if ref is not None:
+                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                    ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        if self._timer is not None:
+            self._timer.stop()
+        # Workers hung in a service call cannot be joined; they are daemons and do not block exit.
+        still_running = self._threads.join(timeout=1.0)
+        if self.results is not None:
+            self.results.close()
+        self._log.info(
+            "runtime.stopped", drained=drained, dead_letters=self._dead_letters.count, threads_left=still_running
+        )
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # After an exception (Ctrl-C included) stop promptly; otherwise finish what is in flight.
+        self.close(drain=exc_type is None)

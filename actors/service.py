@@ -1,0 +1,235 @@
+"""Service workers: where a service function actually runs, and the backend seam behind pools.
+
+`execute` runs one call and turns whatever happens into a `ServiceDone`
+(never raising, `BaseException` included: pykka would stop *every* actor on
+one). `ServiceBackend` is the seam between a pool and where its calls run:
+threads (pykka actors) here; processes and Ray implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import pykka
+import structlog
+
+from actors.deadletters import DeadLetterOffice
+from actors.messages import RunService, ServiceDone, ServiceStatus
+from actors.threads import ThreadBook
+from core.errors import TransientError
+from core.tracing import EventLogger, get_event_logger
+from core.types import JSONValue, freeze
+
+__all__ = [
+    "Deliver",
+    "OnDeath",
+    "ServiceBackend",
+    "ServiceWorker",
+    "ThreadBackend",
+    "WorkerHandle",
+    "execute",
+    "invoke",
+]
+
+Deliver = Callable[[ServiceDone], None]
+OnDeath = Callable[[str, str], None]
+
+
+def invoke(fn: Callable[..., Any], call: RunService) -> Mapping[str, JSONValue] | None:
+    """Call a service function with the arguments its stage takes; freeze what it returns."""
+    if call.service == "validator":
+        fn(call.task.payload)
+        return None
+    if call.service == "processor":
+        result = fn(call.task)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"the processor must return a mapping, got {type(result).__name__}")
+        frozen: Mapping[str, JSONValue] = freeze(result, where="result")
+        return frozen
+    assert call.result is not None, "persistence needs the processor's result"
+    fn(call.task, call.result)
+    return None
+
+
+def execute(fn: Callable[..., Any], call: RunService, worker: str, *, log: EventLogger, node: str = "") -> ServiceDone:
+    """Run one call with its trace context bound, log it, and report how it went. Never raises."""
+    context = contextvars.copy_context()  # what the call binds stays with this call
+    return context.run(_execute, fn, call, worker, log, node)
+
+
+def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLogger, node: str) -> ServiceDone:
+    trace = call.trace
+    fields: dict[str, Any] = {
+        "task_id": call.task.task_id,
+        "trace_id": trace.trace_id,
+        "span_id": trace.span_id,
+        "parent_span_id": trace.parent_span_id,
+        "service": call.service,
+        "worker": worker,
+        "attempt": call.attempt,
+    }
+    if node:
+        fields["node"] = node
+    # Bound for the service's own logging (a host with merge_contextvars sees the trace).
+    structlog.contextvars.bind_contextvars(**fields)
+    log.debug("service.started", **fields)
+    started = time.perf_counter()
+    result: Mapping[str, JSONValue] | None = None
+    status: ServiceStatus = "ok"
+    error: BaseException | None = None
+    try:
+        result = invoke(fn, call)
+    except TransientError as exc:
+        status, error = "transient", exc
+    except Exception as exc:  # noqa: BLE001 - any other exception is the task's permanent failure
+        status, error = "permanent", exc
+    except BaseException as exc:  # noqa: BLE001 - SystemExit & co.: contained here, the worker is replaced
+        status, error = "crashed", exc
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    if error is None:
+        log.debug("service.finished", duration_ms=duration_ms, **fields)
+        return ServiceDone(
+            call.call_id, call.service, call.task.task_id, worker, "ok", result, duration_ms=duration_ms, node=node
+        )
+    error_type, message = type(error).__name__, str(error)
+    log.warning(
+        "service.failed",
+        duration_ms=duration_ms,
+        error_type=error_type,
+        error=message,
+        transient=status != "permanent",
+        **fields,
+    )
+    return ServiceDone(
+        call.call_id, call.service, call.task.task_id, worker, status, None, error_type, message, duration_ms, node
+    )
+
+
+class WorkerHandle(Protocol):
+    """One worker of a pool, wherever it runs."""
+
+    name: str
+
+    def send(self, call: RunService) -> bool:
+        """Queue a call on the worker without blocking. False if the worker is dead."""
+
+    def retire(self) -> None:
+        """Stop the worker; calls it has not started are dropped (the pool re-sends them)."""
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the worker to finish stopping. False if it is still busy (e.g. hung)."""
+
+
+class ServiceBackend(Protocol):
+    """Starts workers for pools: the seam for thread, process and Ray execution."""
+
+    name: str
+
+    def start_worker(
+        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
+    ) -> WorkerHandle:
+        """Start one worker that runs `fn` for each call and reports through `deliver`."""
+
+    def close(self) -> None:
+        """Release what the backend holds (called after every worker is retired)."""
+
+
+class ServiceWorker(pykka.ThreadingActor):
+    """A pykka actor that runs service calls one at a time.
+
+    Its thread is a daemon, so a call that hangs forever cannot stop the
+    interpreter from exiting once the pool has retired the worker.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        deliver: Deliver,
+        on_death: OnDeath,
+        retired: threading.Event,
+        dead_letters: DeadLetterOffice,
+        threads: ThreadBook,
+    ) -> None:
+        super().__init__()
+        self._threads = threads
+        self._name = name
+        self._fn = fn
+        self._deliver = deliver
+        self._on_death = on_death
+        self._retired = retired
+        self._dead_letters = dead_letters
+        self._log = get_event_logger(name)
+
+    def on_start(self) -> None:
+        """Note the actor's thread, for the runtime to join at close."""
+        self._threads.record_current()
+
+    def on_receive(self, message: Any) -> None:
+        """Run a RunService call and deliver its ServiceDone."""
+        if not isinstance(message, RunService):
+            self._dead_letters.post(message, to=self._name, why="unknown message type")
+            return
+        if self._retired.is_set():
+            return  # the pool took this call back when it retired us
+        self._deliver(execute(self._fn, message, self._name, log=self._log))
+
+    def on_stop(self) -> None:
+        """Report an unrequested stop to the pool's owner."""
+        if not self._retired.is_set():
+            self._on_death(self._name, "stopped")
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        """Report a death by exception (our own bug: `execute` catches the service's)."""
+        self._on_death(self._name, f"failed with {exception_type.__name__}: {exception_value}")
+
+
+class _ThreadWorker:
+    __slots__ = ("_ref", "_retired", "name")
+
+    def __init__(self, name: str, ref: pykka.ActorRef[ServiceWorker], retired: threading.Event) -> None:
+        self.name = name
+        self._ref = ref
+        self._retired = retired
+
+    def send(self, call: RunService) -> bool:
+        try:
+            self._ref.tell(call)
+        except pykka.ActorDeadError:
+            return False
+        return True
+
+    def retire(self) -> None:
+        self._retired.set()
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._ref.stop(block=False)
+
+    def join(self, timeout: float) -> bool:
+        return self._ref.actor_stopped.wait(timeout)
+
+
+class ThreadBackend:
+    """Workers are pykka actors in this process (the default backend)."""
+
+    name = "thread"
+
+    def __init__(self, dead_letters: DeadLetterOffice, threads: ThreadBook) -> None:
+        self._dead_letters = dead_letters
+        self._threads = threads
+
+    def start_worker(
+        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
+    ) -> WorkerHandle:
+        retired = threading.Event()
+        ref = ServiceWorker.start(name, fn, deliver, on_death, retired, self._dead_letters, self._threads)
+        return _ThreadWorker(name, ref, retired)
+
+    def close(self) -> None:
+        """Threads need no clean-up beyond their actors."""

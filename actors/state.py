@@ -1,0 +1,422 @@
+"""The StateActor: the one owner of task state.
+
+Every change is a message through its mailbox, so changes are serialized.
+Each request is checked against `core.config.TRANSITIONS`; a refused one
+changes nothing. With a journal, changes are committed in groups: the actor
+applies what waits in its mailbox, then commits once, and only then
+acknowledges, replies and publishes (acknowledge after commit).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actors.messages import (
+    CreateTask,
+    TasksCreated,
+    TransitionBatch,
+    TransitionOutcome,
+    TransitionRequest,
+    TransitionsApplied,
+)
+from actors.threads import ThreadBook
+from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
+from core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
+from core.tracing import TraceContext, get_event_logger, new_trace
+from core.types import TaskRecord, TaskState, Transition, TransitionEvent, freeze
+
+if TYPE_CHECKING:
+    from core.journal import Journal
+
+__all__ = ["StateActor", "Subscriber"]
+
+Subscriber = Callable[[TransitionEvent], None]
+
+_Changes = list["_Change"]
+_Records = list[TaskRecord]
+
+_MAX_BATCH = 512
+"""Commit at least this often even while the mailbox stays busy, to bound latency."""
+_JOURNAL_ATTEMPTS = 3
+"""Write attempts per batch before its changes are rolled back and refused."""
+
+
+@dataclass(slots=True)
+class _Change:
+    """One applied but not yet committed change, with what it replaced (for rollback)."""
+
+    record: TaskRecord
+    before: TaskRecord | None
+    transition: Transition
+    reply: pykka.Future[Any] | None = None
+    notify: pykka.ActorRef[Any] | None = None
+    request: TransitionRequest | None = None
+
+
+class StateActor(pykka.ThreadingActor):
+    """Owns every TaskRecord. Start with `StateActor.start()`; use its proxy or messages.
+
+    Proxy methods (`create`, `transition`, `get`, `list`, `counts`) commit
+    before they return. The runtime's hot path uses messages (`CreateTask`,
+    `TransitionBatch`) and gets group commit.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        *,
+        journal: Journal | None = None,
+        retain_terminal: int | None = None,
+        dead_letters: DeadLetterOffice | None = None,
+        threads: ThreadBook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self._threads = threads
+        self._journal = journal
+        self._retain = retain_terminal
+        self._dead_letters = dead_letters or DeadLetterOffice()
+        self._clock = clock
+        self._records: dict[str, TaskRecord] = {}
+        self._terminal_order: deque[str] = deque()
+        self._counts: Counter[TaskState] = Counter()
+        self._subscribers: dict[int, Subscriber] = {}
+        self._next_subscriber = 0
+        self._pending: _Changes = []
+        self._log = get_event_logger("state")
+        if journal is not None:
+            self._load(journal)
+
+    # --- proxy API -------------------------------------------------------------------------------
+
+    def create(self, task_id: str, payload: Mapping[str, Any], *, trace: TraceContext | None = None) -> TaskRecord:
+        """Create a task in CREATED. Raises InvalidPayload for a duplicate id or a non-JSON payload."""
+        try:
+            frozen = freeze(payload)
+        except TypeError as exc:
+            raise InvalidPayload(str(exc)) from None
+        future: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
+        self._apply_create(CreateTask(task_id, frozen, trace or new_trace(), reply=future))
+        self._flush()
+        return future.get(timeout=0)
+
+    def transition(
+        self,
+        task_id: str,
+        to_state: TaskState | str,
+        *,
+        reason: str | None = None,
+        expected: TaskState | str | None = None,
+        result: Mapping[str, Any] | None = None,
+        error: str | None = None,
+    ) -> TaskRecord:
+        """Move a task to `to_state`; raises InvalidTransition or TaskNotFound and changes nothing."""
+        request = TransitionRequest(
+            task_id,
+            _as_state(to_state),
+            reason=reason,
+            expected=None if expected is None else _as_state(expected),
+            result=None if result is None else freeze(result, where="result"),
+            error=error,
+        )
+        future: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
+        self._apply_transition(request, reply=future)
+        self._flush()
+        return future.get(timeout=0)
+
+    def get(self, task_id: str) -> TaskRecord:
+        """The task's current record. Raises TaskNotFound."""
+        self._flush()
+        record = self._lookup(task_id)
+        if record is None:
+            raise TaskNotFound(f"no task with id {task_id!r}")
+        return record
+
+    def list(self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0) -> _Records:
+        """Records, oldest first, optionally only those in `state`, paged by limit/offset."""
+        self._flush()
+        wanted = None if state is None else _as_state(state)
+        if self._journal is not None and self._retain is not None:
+            return self._journal.records(state=wanted, limit=limit, offset=offset)
+        records = (r for r in self._records.values() if wanted is None or r.state is wanted)
+        selected = list(records)[offset:]
+        return selected if limit is None else selected[:limit]
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each state (every state named, zeros included)."""
+        self._flush()
+        return {state.value: self._counts.get(state, 0) for state in TaskState}
+
+    def non_terminal(self) -> _Records:
+        """Every task not yet terminal (for recovery after a restart)."""
+        return [record for record in self._records.values() if record.state not in TERMINAL_STATES]
+
+    def subscribe(self, callback: Subscriber) -> int:
+        """Call `callback(event)` after each committed transition, on this actor's thread. Returns a token."""
+        self._next_subscriber += 1
+        self._subscribers[self._next_subscriber] = callback
+        return self._next_subscriber
+
+    def unsubscribe(self, token: int) -> None:
+        """Stop calling the subscriber registered under `token`."""
+        self._subscribers.pop(token, None)
+
+    # --- messages (the hot path) -----------------------------------------------------------------
+
+    def on_receive(self, message: Any) -> Any:
+        """Apply creates and transition batches; commit when the mailbox runs dry."""
+        if isinstance(message, TransitionBatch):
+            for request in message.requests:
+                self._apply_transition(request, notify=message.reply_to)
+        elif isinstance(message, CreateTask):
+            self._apply_create(message)
+        else:
+            self._dead_letters.post(message, to="state", why="unknown message type")
+        if len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
+            self._flush()
+
+    def on_start(self) -> None:
+        """Note the actor's thread, for the runtime to join at close."""
+        if self._threads is not None:
+            self._threads.record_current()
+
+    def on_stop(self) -> None:
+        """Commit what is pending, then close the journal."""
+        self._dead_letters.drain(self)
+        self._flush()
+        if self._journal is not None:
+            self._journal.close()
+
+    def on_failure(self, *args: object) -> None:
+        """Never expected: handlers catch everything. Close the journal cleanly anyway."""
+        if self._journal is not None:
+            self._journal.close()
+
+    # --- applying --------------------------------------------------------------------------------
+
+    def _apply_create(self, message: CreateTask) -> None:
+        if message.task_id in self._records or (
+            self._journal is not None and self._retain is not None and self._journal.contains(message.task_id)
+        ):
+            error = InvalidPayload(f"task_id {message.task_id!r} is already taken; task ids must be unique")
+            if message.reply is not None:
+                message.reply.set_exception(exc_info=(InvalidPayload, error, None))
+            return
+        now = self._clock()
+        transition = Transition(None, TaskState.CREATED, now, None)
+        record = TaskRecord(
+            task_id=message.task_id,
+            state=TaskState.CREATED,
+            payload=message.payload,
+            history=(transition,),
+            created_at=now,
+            updated_at=now,
+            trace_id=message.trace.trace_id,
+            span_id=message.trace.span_id,
+            parent_span_id=message.trace.parent_span_id,
+        )
+        self._records[record.task_id] = record
+        self._counts[TaskState.CREATED] += 1
+        self._pending.append(_Change(record, None, transition, reply=message.reply, notify=message.notify))
+
+    def _apply_transition(
+        self,
+        request: TransitionRequest,
+        *,
+        reply: pykka.Future[Any] | None = None,
+        notify: pykka.ActorRef[Any] | None = None,
+    ) -> None:
+        before = self._lookup(request.task_id)
+        refusal: Exception | None = None
+        if before is None:
+            refusal = TaskNotFound(f"no task with id {request.task_id!r}")
+        elif request.expected is not None and before.state is not request.expected:
+            refusal = InvalidTransition(
+                f"task {request.task_id!r} is {before.state.value}, not the expected {request.expected.value}; "
+                f"nothing changed",
+                task_id=request.task_id,
+                from_state=before.state.value,
+                to_state=request.to_state.value,
+            )
+        elif not is_allowed(before.state, request.to_state):
+            refusal = InvalidTransition(
+                f"task {request.task_id!r} cannot go from {before.state.value} to {request.to_state.value}; "
+                f"allowed from {before.state.value}: {_allowed_from(before.state)}",
+                task_id=request.task_id,
+                from_state=before.state.value,
+                to_state=request.to_state.value,
+            )
+        if refusal is not None:
+            self._log.warning(
+                "task.transition_rejected",
+                task_id=request.task_id,
+                trace_id=before.trace_id if before else None,
+                from_state=before.state.value if before else None,
+                to_state=request.to_state.value,
+                expected=request.expected.value if request.expected else None,
+                why=str(refusal),
+            )
+            if reply is not None:
+                reply.set_exception(exc_info=(type(refusal), refusal, None))
+            if notify is not None:
+                self._reply_outcome(notify, TransitionOutcome(request, "rejected", before, str(refusal)))
+            return
+        assert before is not None
+        now = self._clock()
+        transition = Transition(before.state, request.to_state, now, request.reason)
+        record = replace(
+            before,
+            state=request.to_state,
+            result=request.result if request.result is not None else before.result,
+            error=request.error if request.error is not None else before.error,
+            attempts=request.attempts if request.attempts is not None else before.attempts,
+            history=(*before.history, transition),
+            updated_at=now,
+        )
+        self._records[record.task_id] = record
+        self._counts[before.state] -= 1
+        self._counts[record.state] += 1
+        self._pending.append(_Change(record, before, transition, reply=reply, notify=notify, request=request))
+
+    # --- committing ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Commit the pending changes, then acknowledge, notify and publish them."""
+        if not self._pending:
+            return
+        changes, self._pending = self._pending, []
+        failure = self._commit(changes) if self._journal is not None else None
+        if failure is not None:
+            self._roll_back(changes, failure)
+            return
+        created: dict[int, tuple[pykka.ActorRef[Any], list[TaskRecord]]] = {}
+        applied: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}
+        for change in changes:
+            record = change.record
+            if change.reply is not None:
+                change.reply.set(record)
+            if change.notify is not None:
+                if change.request is None:
+                    created.setdefault(id(change.notify), (change.notify, []))[1].append(record)
+                else:
+                    outcome = TransitionOutcome(change.request, "accepted", record)
+                    applied.setdefault(id(change.notify), (change.notify, []))[1].append(outcome)
+            self._publish(change)
+        for ref, records in created.values():
+            self._tell(ref, TasksCreated(tuple(records)))
+        for ref, outcomes in applied.values():
+            self._tell(ref, TransitionsApplied(tuple(outcomes)))
+        if self._retain is not None:
+            self._evict(changes)
+
+    def _commit(self, changes: _Changes) -> JournalError | None:
+        assert self._journal is not None
+        created = [c.record for c in changes if c.before is None]
+        changed = [(c.record, c.transition) for c in changes if c.before is not None]
+        failure: JournalError | None = None
+        for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
+            try:
+                self._journal.write_batch(created, changed)
+            except JournalError as exc:
+                failure = exc
+                self._log.error("journal.write_failed", attempt=attempt, of=_JOURNAL_ATTEMPTS, error=str(exc))
+                continue
+            return None
+        return failure
+
+    def _roll_back(self, changes: _Changes, failure: JournalError) -> None:
+        """Undo changes the journal refused, newest first, and tell their senders."""
+        for change in reversed(changes):
+            record = change.record
+            self._counts[record.state] -= 1
+            if change.before is None:
+                del self._records[record.task_id]
+            else:
+                self._records[record.task_id] = change.before
+                self._counts[change.before.state] += 1
+        for change in changes:
+            if change.reply is not None:
+                change.reply.set_exception(exc_info=(JournalError, failure, None))
+            if change.notify is not None and change.request is not None:
+                outcome = TransitionOutcome(change.request, "journal_failed", change.before, str(failure))
+                self._reply_outcome(change.notify, outcome)
+
+    def _publish(self, change: _Change) -> None:
+        record, transition = change.record, change.transition
+        self._log.debug(
+            "task.transition",
+            task_id=record.task_id,
+            trace_id=record.trace_id,
+            from_state=transition.from_state.value if transition.from_state else None,
+            to_state=transition.to_state.value,
+            reason=transition.reason,
+            attempts=record.attempts,
+        )
+        if not self._subscribers:
+            return
+        event = TransitionEvent(
+            record.task_id, transition.from_state, transition.to_state, transition.at, transition.reason, record
+        )
+        for token, callback in list(self._subscribers.items()):
+            try:
+                callback(event)
+            except BaseException as exc:  # noqa: BLE001 - a subscriber must never take the state actor down
+                self._log.error("subscriber.failed", token=token, error_type=type(exc).__name__, error=str(exc))
+
+    def _reply_outcome(self, ref: pykka.ActorRef[Any], outcome: TransitionOutcome) -> None:
+        self._tell(ref, TransitionsApplied((outcome,)))
+
+    def _tell(self, ref: pykka.ActorRef[Any], message: Any) -> None:
+        tell_or_dead_letter(ref, message, self._dead_letters)
+
+    # --- memory bound ----------------------------------------------------------------------------
+
+    def _lookup(self, task_id: str) -> TaskRecord | None:
+        record = self._records.get(task_id)
+        if record is None and self._journal is not None and self._retain is not None:
+            record = self._journal.get(task_id)
+        return record
+
+    def _evict(self, changes: _Changes) -> None:
+        assert self._retain is not None
+        for change in changes:
+            if change.record.state in TERMINAL_STATES:
+                self._terminal_order.append(change.record.task_id)
+        while len(self._terminal_order) > self._retain:
+            self._records.pop(self._terminal_order.popleft(), None)
+
+    def _load(self, journal: Journal) -> None:
+        """Rebuild memory from the journal: every non-terminal task, and the newest terminal ones."""
+        for state, count in journal.counts().items():
+            self._counts[TaskState(state)] = count
+        for record in journal.iter_records(terminal=False):
+            self._records[record.task_id] = record
+        if self._retain is None:
+            for record in journal.iter_records(terminal=True):
+                self._records[record.task_id] = record
+        elif self._retain > 0:
+            newest = journal.records(terminal=True, newest_first=True, limit=self._retain)
+            for record in reversed(newest):
+                self._records[record.task_id] = record
+                self._terminal_order.append(record.task_id)
+
+
+def _as_state(value: TaskState | str) -> TaskState:
+    try:
+        return TaskState(value)
+    except ValueError:
+        allowed = ", ".join(state.value for state in TaskState)
+        raise InvalidTransition(f"{value!r} is not a task state; allowed: {allowed}") from None
+
+
+def _allowed_from(state: TaskState) -> str:
+    targets = sorted(target.value for target in TRANSITIONS[state])
+    return ", ".join(targets) if targets else "nothing (terminal)"

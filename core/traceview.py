@@ -1,0 +1,937 @@
+"""Read an actorflow JSON-lines log back and rebuild every task's path.
+
+The runtime logs one JSON object per line (structlog's ``JSONRenderer``). This
+module turns such a file back into one timeline per task and checks every
+logged state change against the transition table of `core.config`::
+
+    parse_lines / read_log        one LogEvent or BrokenLine per line, with its number
+    build_trace / load_trace      a Trace: one TaskTimeline per task, in order of appearance
+    check_transitions             every Violation: not in the table, not continuing from the
+                                  previous state, or after a terminal state
+    main                          the ``run_demo.py trace PATH`` command
+
+A task is identified by ``(task_id, trace_id)``: a log that several runs appended
+to may reuse a task id, and every submission gets a fresh trace id. An event
+that carries no trace id goes to the most recent timeline of its task id.
+
+The checks trust file order only for ``task.transition`` lines. That holds
+because the single state actor logs every transition, one after another. Stage
+events come from worker threads and may race the state actor's lines (a stage
+can finish after the task was cancelled), so they are shown but not checked.
+
+Broken lines (not JSON, not an object, no ``event``, or a task event missing
+the fields the viewer needs) never stop the reading: they are collected with
+their line number and reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TextIO
+
+from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
+from core.types import TaskState
+
+__all__ = [
+    "BrokenLine",
+    "LogEvent",
+    "ParsedLine",
+    "RejectedTransition",
+    "RetryScheduled",
+    "StageRun",
+    "Submitted",
+    "TaskOutcome",
+    "TaskTimeline",
+    "TimelineEntry",
+    "Trace",
+    "TransitionEntry",
+    "Violation",
+    "ViolationKind",
+    "build_trace",
+    "check_timeline",
+    "check_transitions",
+    "load_trace",
+    "main",
+    "parse_lines",
+    "read_log",
+]
+
+PROG = "run_demo.py trace"
+
+_STATE_NAMES: frozenset[str] = frozenset(state.value for state in TaskState)
+_TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
+_CREATED = TaskState.CREATED.value
+
+_SERVICE_EVENTS = frozenset({"service.started", "service.finished", "service.failed"})
+_OUTCOME_EVENTS = frozenset({"task.completed", "task.failed", "task.cancelled"})
+_TASK_EVENTS = frozenset(
+    {"task.submitted", "task.transition", "task.transition_rejected", "service.retry_scheduled"}
+    | _SERVICE_EVENTS
+    | _OUTCOME_EVENTS
+)
+_RUN_EVENTS = frozenset({"runtime.started", "runtime.stopped"})
+
+_MAX_WARNINGS = 20
+"""Broken-line warnings printed one by one; the rest are only counted, so garbage cannot flood the terminal."""
+_MAX_RAW = 200
+"""Characters of a broken line shown in its warning."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One well-formed line: a JSON object with an ``event`` string."""
+
+    lineno: int
+    """1-based line number in the file."""
+    event: str
+    """The ``event`` field, e.g. ``"task.transition"``."""
+    fields: Mapping[str, Any] = field(repr=False)
+    """Every field of the line, ``event`` included (read-only)."""
+    raw: str = field(repr=False)
+    """The line as written, without its line ending."""
+
+    @property
+    def timestamp(self) -> str | None:
+        """The ISO 8601 ``timestamp`` field, if present."""
+        return _opt_str(self.fields, "timestamp")
+
+    @property
+    def actor(self) -> str | None:
+        """Who emitted the line: "runtime", "state", "orchestrator" or a worker name."""
+        return _opt_str(self.fields, "actor")
+
+    @property
+    def task_id(self) -> str | None:
+        """The ``task_id`` field, if present and a string."""
+        return _opt_str(self.fields, "task_id")
+
+    @property
+    def trace_id(self) -> str | None:
+        """The ``trace_id`` field, if present and a non-empty string."""
+        return _opt_str(self.fields, "trace_id") or None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenLine:
+    """A line the viewer could not use, and why."""
+
+    lineno: int
+    """1-based line number in the file."""
+    raw: str = field(repr=False)
+    """The line as written, without its line ending."""
+    why: str
+    """What is wrong with it, e.g. ``not valid JSON: Expecting ',' delimiter at column 40``."""
+
+
+ParsedLine = LogEvent | BrokenLine
+"""What `parse_lines` yields for every non-blank line."""
+
+
+def parse_lines(lines: Iterable[str]) -> Iterator[ParsedLine]:
+    """Parse JSON lines, yielding a `LogEvent` or a `BrokenLine` for each, numbered from 1.
+
+    Lines may keep or lack their ``\\n``. Blank lines carry nothing and are
+    skipped (their numbers still count). A broken last line without a newline is
+    said to be cut off, which is what a crash in the middle of a write leaves.
+    """
+    iterator = iter(enumerate(lines, start=1))
+    current = next(iterator, None)
+    while current is not None:
+        following = next(iterator, None)
+        lineno, line = current
+        raw = line.rstrip("\r\n")
+        if raw.strip():
+            cut_off = following is None and not line.endswith("\n")
+            yield _parse_line(lineno, raw, cut_off=cut_off)
+        current = following
+
+
+def _parse_line(lineno: int, raw: str, *, cut_off: bool) -> ParsedLine:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        hint = " (last line, no newline: cut off mid-write?)" if cut_off else ""
+        return BrokenLine(lineno, raw, f"not valid JSON{hint}: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return BrokenLine(lineno, raw, "not valid JSON: nested too deeply")
+    if not isinstance(value, dict):
+        return BrokenLine(lineno, raw, f"a JSON {_json_kind(value)}, not an object")
+    event = value.get("event")
+    if not isinstance(event, str) or not event:
+        return BrokenLine(lineno, raw, 'a JSON object without an "event" string')
+    return LogEvent(lineno, event, MappingProxyType(value), raw)
+
+
+def read_log(path: str | Path) -> Iterator[ParsedLine]:
+    """Parse the JSON-lines file at `path` lazily; see `parse_lines`.
+
+    Bytes that are not UTF-8 are replaced rather than fatal: they only make
+    their line broken. Raises `OSError` if the file cannot be opened.
+    """
+    # newline="\n": only LF ends a line, so a stray CR inside garbage cannot renumber the rest
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as file:
+        yield from parse_lines(file)
+
+
+# --------------------------------------------------------------------------- timelines
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """``task.submitted``: the runtime accepted the task."""
+
+    lineno: int
+    timestamp: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionEntry:
+    """``task.transition``: the state actor accepted a state change."""
+
+    lineno: int
+    timestamp: str | None
+    from_state: str | None
+    """None for the creation entry. Kept as logged, so unknown names survive to be reported."""
+    to_state: str
+    reason: str | None
+    attempt: int | None
+    raw: str = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedTransition:
+    """``task.transition_rejected``: the state actor refused a change (the task did not move)."""
+
+    lineno: int
+    from_state: str | None
+    """The task's state when the change was asked for."""
+    to_state: str | None
+    """The state that was asked for."""
+    expected: str | None
+    why: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StageRun:
+    """One service call: ``service.started`` joined with its ``service.finished`` or ``service.failed``."""
+
+    service: str
+    worker: str | None
+    attempt: int | None
+    span_id: str | None
+    node: str | None
+    started_line: int | None = None
+    """None when the log holds only the end of the call."""
+    started_at: str | None = None
+    """The start's timestamp."""
+    ended_line: int | None = None
+    """None while the call has no end in the log (still running, or the process died)."""
+    status: Literal["ok", "failed", "unfinished"] = "unfinished"
+    duration_ms: float | None = None
+    """As logged by the end of the call, else the time between its start and end lines."""
+    error_type: str | None = None
+    error: str | None = None
+    transient: bool | None = None
+
+    @property
+    def lineno(self) -> int:
+        """The line the call is shown at: its start, or its end if the start is missing."""
+        line = self.started_line if self.started_line is not None else self.ended_line
+        assert line is not None  # a run is made from at least one of the two lines
+        return line
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled:
+    """``service.retry_scheduled``: a transient failure will be retried after a delay."""
+
+    lineno: int
+    service: str | None
+    attempt: int | None
+    delay_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """``task.completed``, ``task.failed`` or ``task.cancelled``."""
+
+    lineno: int
+    event: str
+    state: str | None
+    error: str | None
+    duration_ms: float | None
+
+
+TimelineEntry = Submitted | TransitionEntry | RejectedTransition | StageRun | RetryScheduled | TaskOutcome
+"""Anything a task's timeline holds, in file order (a stage run sits where it started)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTimeline:
+    """Everything the log says about one task (one ``task_id`` under one ``trace_id``)."""
+
+    task_id: str
+    trace_id: str | None
+    """None only if none of the task's lines carried one."""
+    entries: tuple[TimelineEntry, ...]
+    first_line: int
+    last_line: int
+    duration_ms: float | None
+    """From the outcome event, else the time between the task's first and last lines."""
+
+    @property
+    def transitions(self) -> tuple[TransitionEntry, ...]:
+        """The task's accepted state changes, in file order."""
+        return tuple(entry for entry in self.entries if isinstance(entry, TransitionEntry))
+
+    @property
+    def stages(self) -> tuple[StageRun, ...]:
+        """The task's service calls, in order of start."""
+        return tuple(entry for entry in self.entries if isinstance(entry, StageRun))
+
+    @property
+    def outcome(self) -> TaskOutcome | None:
+        """The last ``task.completed`` / ``task.failed`` / ``task.cancelled`` entry, if any."""
+        outcomes = [entry for entry in self.entries if isinstance(entry, TaskOutcome)]
+        return outcomes[-1] if outcomes else None
+
+    @property
+    def final_state(self) -> str | None:
+        """The last logged ``to_state`` (None if no transition was logged)."""
+        transitions = self.transitions
+        return transitions[-1].to_state if transitions else None
+
+    @property
+    def path(self) -> list[str]:
+        """The states the task went through, in order (``["CREATED", "VALIDATED", ...]``)."""
+        return [entry.to_state for entry in self.transitions]
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A whole log file, read back."""
+
+    source: str
+    """The path read (or a label for in-memory input)."""
+    tasks: tuple[TaskTimeline, ...]
+    """One timeline per task, in order of first appearance."""
+    broken: tuple[BrokenLine, ...]
+    events_read: int
+    """Well-formed lines used or counted (broken lines excluded)."""
+    unknown_events: Mapping[str, int]
+    """Events the viewer does not know (``dead_letter``, ``worker.restarted``...), by name."""
+    runs: int
+    """``runtime.started`` lines: how many runs appended to this file."""
+
+    @property
+    def lines_read(self) -> int:
+        """Non-blank lines: events read plus broken lines."""
+        return self.events_read + len(self.broken)
+
+    def find(self, ident: str) -> tuple[TaskTimeline, ...]:
+        """The timelines whose task id or trace id is `ident` (several if the id was reused)."""
+        return tuple(task for task in self.tasks if ident in (task.task_id, task.trace_id))
+
+
+class _TaskBuilder:
+    """A timeline while the file is read; frozen into a `TaskTimeline` at the end."""
+
+    __slots__ = ("entries", "first_line", "first_ts", "last_line", "last_ts", "open_stages", "task_id", "trace_id")
+
+    def __init__(self, task_id: str, trace_id: str | None, lineno: int) -> None:
+        self.task_id = task_id
+        self.trace_id = trace_id
+        self.entries: list[TimelineEntry] = []
+        self.open_stages: dict[str, int] = {}
+        """Stage key (span id, else service#attempt) -> index of its run in `entries`."""
+        self.first_line = self.last_line = lineno
+        self.first_ts: str | None = None
+        self.last_ts: str | None = None
+
+    def touch(self, event: LogEvent) -> None:
+        self.last_line = event.lineno
+        timestamp = event.timestamp
+        if timestamp is not None:
+            self.first_ts = self.first_ts or timestamp
+            self.last_ts = timestamp
+
+    def freeze(self) -> TaskTimeline:
+        outcome_ms = next(
+            (e.duration_ms for e in reversed(self.entries) if isinstance(e, TaskOutcome) and e.duration_ms is not None),
+            None,
+        )
+        return TaskTimeline(
+            task_id=self.task_id,
+            trace_id=self.trace_id,
+            entries=tuple(self.entries),
+            first_line=self.first_line,
+            last_line=self.last_line,
+            duration_ms=outcome_ms if outcome_ms is not None else _ms_between(self.first_ts, self.last_ts),
+        )
+
+
+class _TraceBuilder:
+    def __init__(self) -> None:
+        self.order: list[_TaskBuilder] = []
+        self.by_key: dict[tuple[str, str], _TaskBuilder] = {}
+        self.latest: dict[str, _TaskBuilder] = {}
+        """Task id -> its most recently touched timeline, for events without a trace id."""
+        self.broken: list[BrokenLine] = []
+        self.events_read = 0
+        self.unknown: Counter[str] = Counter()
+        self.runs = 0
+
+    def task_for(self, event: LogEvent, task_id: str) -> _TaskBuilder:
+        trace_id = event.trace_id
+        latest = self.latest.get(task_id)
+        if trace_id is None:
+            builder = latest
+        else:
+            builder = self.by_key.get((task_id, trace_id))
+            if builder is None and latest is not None and latest.trace_id is None:
+                # the task's earlier lines lacked a trace id: this one names it
+                builder = latest
+                builder.trace_id = trace_id
+                self.by_key[(task_id, trace_id)] = builder
+        if builder is None:
+            builder = _TaskBuilder(task_id, trace_id, event.lineno)
+            self.order.append(builder)
+            if trace_id is not None:
+                self.by_key[(task_id, trace_id)] = builder
+        self.latest[task_id] = builder
+        builder.touch(event)
+        return builder
+
+    def add(self, parsed: ParsedLine) -> None:
+        if isinstance(parsed, BrokenLine):
+            self.broken.append(parsed)
+            return
+        event = parsed
+        if event.event not in _TASK_EVENTS:
+            self.events_read += 1
+            if event.event == "runtime.started":
+                self.runs += 1
+            elif event.event not in _RUN_EVENTS:
+                self.unknown[event.event] += 1
+            return
+        problem = _missing_fields(event)
+        if problem is not None:
+            self.broken.append(BrokenLine(event.lineno, event.raw, problem))
+            return
+        self.events_read += 1
+        task_id = event.task_id
+        assert task_id is not None  # checked by _missing_fields
+        self.record(self.task_for(event, task_id), event)
+
+    def record(self, task: _TaskBuilder, event: LogEvent) -> None:
+        f = event.fields
+        name = event.event
+        if name == "task.submitted":
+            task.entries.append(Submitted(event.lineno, event.timestamp))
+        elif name == "task.transition":
+            to_state = _opt_str(f, "to_state")
+            assert to_state is not None  # checked by _missing_fields
+            task.entries.append(
+                TransitionEntry(
+                    lineno=event.lineno,
+                    timestamp=event.timestamp,
+                    from_state=_opt_str(f, "from_state"),
+                    to_state=to_state,
+                    reason=_opt_str(f, "reason"),
+                    attempt=_opt_int(f, "attempt"),
+                    raw=event.raw,
+                )
+            )
+        elif name == "task.transition_rejected":
+            task.entries.append(
+                RejectedTransition(
+                    lineno=event.lineno,
+                    from_state=_opt_str(f, "from_state"),
+                    to_state=_opt_str(f, "to_state"),
+                    expected=_opt_str(f, "expected"),
+                    why=_opt_str(f, "why"),
+                )
+            )
+        elif name == "service.retry_scheduled":
+            task.entries.append(
+                RetryScheduled(event.lineno, _opt_str(f, "service"), _opt_int(f, "attempt"), _opt_float(f, "delay_ms"))
+            )
+        elif name in _SERVICE_EVENTS:
+            self.record_stage(task, event)
+        else:
+            task.entries.append(
+                TaskOutcome(
+                    lineno=event.lineno,
+                    event=name,
+                    state=_opt_str(f, "state"),
+                    error=_opt_str(f, "error"),
+                    duration_ms=_opt_float(f, "duration_ms"),
+                )
+            )
+
+    def record_stage(self, task: _TaskBuilder, event: LogEvent) -> None:
+        f = event.fields
+        service = _opt_str(f, "service")
+        assert service is not None  # checked by _missing_fields
+        attempt = _opt_int(f, "attempt")
+        span_id = _opt_str(f, "span_id")
+        # span ids pair a start with its end; without them, the service and attempt have to do
+        key = span_id or f"{service}#{attempt}"
+        if event.event == "service.started":
+            task.open_stages[key] = len(task.entries)
+            task.entries.append(
+                StageRun(
+                    service=service,
+                    worker=_opt_str(f, "worker"),
+                    attempt=attempt,
+                    span_id=span_id,
+                    node=_opt_str(f, "node"),
+                    started_line=event.lineno,
+                    started_at=event.timestamp,
+                )
+            )
+            return
+        index = task.open_stages.pop(key, None)
+        if index is None:  # the log holds only the end of the call
+            index = len(task.entries)
+            task.entries.append(
+                StageRun(
+                    service=service,
+                    worker=_opt_str(f, "worker"),
+                    attempt=attempt,
+                    span_id=span_id,
+                    node=_opt_str(f, "node"),
+                )
+            )
+        run = task.entries[index]
+        assert isinstance(run, StageRun)
+        failed = event.event == "service.failed"
+        duration = _opt_float(f, "duration_ms")
+        if duration is None:
+            duration = _ms_between(run.started_at, event.timestamp)
+        task.entries[index] = replace(
+            run,
+            ended_line=event.lineno,
+            status="failed" if failed else "ok",
+            duration_ms=duration,
+            error_type=_opt_str(f, "error_type") if failed else None,
+            error=_opt_str(f, "error") if failed else None,
+            transient=_opt_bool(f, "transient") if failed else None,
+        )
+
+    def freeze(self, source: str) -> Trace:
+        return Trace(
+            source=source,
+            tasks=tuple(builder.freeze() for builder in self.order),
+            broken=tuple(self.broken),
+            events_read=self.events_read,
+            unknown_events=MappingProxyType(dict(self.unknown)),
+            runs=self.runs,
+        )
+
+
+def build_trace(parsed: Iterable[ParsedLine], *, source: str = "<lines>") -> Trace:
+    """Group parsed lines into one timeline per task; see the module docstring for task identity."""
+    builder = _TraceBuilder()
+    for line in parsed:
+        builder.add(line)
+    return builder.freeze(source)
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read the log at `path` into a `Trace`. Raises `OSError` if it cannot be read."""
+    return build_trace(read_log(path), source=str(path))
+
+
+def _missing_fields(event: LogEvent) -> str | None:
+    """Why a task event is unusable, or None if it has what the viewer needs."""
+    f = event.fields
+    if not event.task_id:
+        return f"{event.event} without a task_id string"
+    if event.event == "task.transition":
+        if _opt_str(f, "to_state") is None:
+            return "task.transition without a to_state string"
+        if f.get("from_state") is not None and _opt_str(f, "from_state") is None:
+            return "task.transition whose from_state is neither a string nor null"
+    if event.event in _SERVICE_EVENTS and not _opt_str(f, "service"):
+        return f"{event.event} without a service name"
+    return None
+
+
+# --------------------------------------------------------------------------- checks
+
+ViolationKind = Literal["not_allowed", "discontinuous", "after_terminal", "unknown_state"]
+"""Why a transition line is wrong:
+
+- ``not_allowed``: the table has no such move (creation must be None -> CREATED).
+- ``discontinuous``: its from_state is not the task's previous to_state.
+- ``after_terminal``: the task had already reached COMPLETED, FAILED or CANCELLED.
+- ``unknown_state``: a state name that is not a `TaskState`.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A ``task.transition`` line that breaks the lifecycle."""
+
+    lineno: int
+    task_id: str
+    trace_id: str | None
+    from_state: str | None
+    to_state: str
+    kind: ViolationKind
+    """The first problem found; `why` lists them all."""
+    why: str
+    raw: str = field(repr=False)
+    """The offending line, as written."""
+
+    def describe(self) -> str:
+        """One line for an operator: where, which task, which move, and why it is wrong."""
+        return f"line {self.lineno}: task {self.task_id}: {self.from_state} -> {self.to_state}: {self.why}"
+
+
+def check_timeline(timeline: TaskTimeline) -> list[Violation]:
+    """Check one task's transitions in file order; see `check_transitions`."""
+    violations: list[Violation] = []
+    previous: TransitionEntry | None = None
+    for entry in timeline.transitions:
+        problems = _judge(previous, entry)
+        if problems:
+            violations.append(
+                Violation(
+                    lineno=entry.lineno,
+                    task_id=timeline.task_id,
+                    trace_id=timeline.trace_id,
+                    from_state=entry.from_state,
+                    to_state=entry.to_state,
+                    kind=problems[0][0],
+                    why="; ".join(why for _, why in problems),
+                    raw=entry.raw,
+                )
+            )
+        # carry on from what the log says happened, so one bad line yields one violation
+        previous = entry
+    return violations
+
+
+def check_transitions(trace: Trace) -> list[Violation]:
+    """Every ``task.transition`` that breaks the lifecycle, in file order.
+
+    A transition must be in `core.config.TRANSITIONS` (creation is
+    None -> CREATED), must start from the state the task's previous transition
+    reached (None before the first), and must not follow a terminal state.
+    """
+    violations = [violation for task in trace.tasks for violation in check_timeline(task)]
+    violations.sort(key=lambda violation: violation.lineno)
+    return violations
+
+
+def _judge(previous: TransitionEntry | None, entry: TransitionEntry) -> list[tuple[ViolationKind, str]]:
+    unknown = [state for state in (entry.from_state, entry.to_state) if state is not None and state not in _STATE_NAMES]
+    if unknown:
+        known = ", ".join(state.value for state in TaskState)
+        return [("unknown_state", f"{' and '.join(unknown)} is not a task state (known: {known})")]
+    prev_state = previous.to_state if previous else None
+    if previous is not None and prev_state in _TERMINAL_NAMES:
+        return [
+            (
+                "after_terminal",
+                f"the task was already {prev_state} at line {previous.lineno}; nothing may follow a terminal state",
+            )
+        ]
+    problems: list[tuple[ViolationKind, str]] = []
+    if entry.from_state != prev_state:
+        if previous is None:
+            why = "it is the task's first transition in the log, so it must be the creation None -> CREATED"
+        else:
+            why = f"the task was in {prev_state} (line {previous.lineno}), not {entry.from_state}"
+        problems.append(("discontinuous", f"does not continue from the previous state: {why}"))
+    if entry.from_state is None:
+        if entry.to_state != _CREATED:
+            problems.append(("not_allowed", f"a task is created in {_CREATED}, not {entry.to_state}"))
+    elif not is_allowed(TaskState(entry.from_state), TaskState(entry.to_state)):
+        targets = sorted(state.value for state in TRANSITIONS[TaskState(entry.from_state)])
+        allowed = f"only to {', '.join(targets)}" if targets else f"nowhere ({entry.from_state} is terminal)"
+        problems.append(("not_allowed", f"not in the transition table: {entry.from_state} may move {allowed}"))
+    return problems
+
+
+# --------------------------------------------------------------------------- the command
+
+
+class _UsageError(Exception):
+    """A bad path or task id: reported as ``prog: error: ...`` with exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``run_demo.py trace PATH [--task ID] [--summary]``; return the exit status.
+
+    Prints each task's timeline (or only the ``--task`` one), a summary, then
+    the transition check. Returns 0 if every checked transition is allowed, 1
+    if any is not, 2 on usage errors (bad arguments, unreadable file, unknown
+    task). Broken lines are warned about on stderr but do not change the status.
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits by itself on --help (0) and on bad arguments (2)
+        return 0 if exc.code in (0, None) else 2
+    try:
+        return _run(Path(args.path), task=args.task, summary_only=args.summary, out=sys.stdout, err=sys.stderr)
+    except _UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Rebuild every task's path from an actorflow JSON-lines log and check its transitions.",
+        epilog="Exit status: 0 all transitions allowed, 1 a transition breaks the lifecycle, 2 usage error.",
+    )
+    parser.add_argument("path", help="the JSON-lines log written by the runtime")
+    parser.add_argument("--task", metavar="ID", help="show only this task (a task id, or a trace id)")
+    parser.add_argument("--summary", action="store_true", help="print only the totals and the transition check")
+    return parser
+
+
+def _run(path: Path, *, task: str | None, summary_only: bool, out: TextIO, err: TextIO) -> int:
+    if not path.exists():
+        raise _UsageError(f"no such file: {path}")
+    if path.is_dir():
+        raise _UsageError(f"{path} is a directory, not a log file")
+    try:
+        trace = load_trace(path)
+    except OSError as exc:
+        raise _UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    shown = trace.tasks
+    if task is not None:
+        shown = trace.find(task)
+        if not shown:
+            examples = ", ".join(t.task_id for t in trace.tasks[:3]) or "none"
+            raise _UsageError(f"no task {task!r} in {path} ({len(trace.tasks)} tasks; first ids: {examples})")
+
+    for broken in trace.broken[:_MAX_WARNINGS]:
+        print(f"warning: line {broken.lineno}: {broken.why}; skipped: {_clip(broken.raw)}", file=err)
+    if len(trace.broken) > _MAX_WARNINGS:
+        print(f"warning: {len(trace.broken) - _MAX_WARNINGS} more broken lines not shown", file=err)
+
+    lines: list[str] = []
+    if not summary_only:
+        worker_width = max((len(run.worker or "?") for t in shown for run in t.stages), default=1)
+        for timeline in shown:
+            lines.extend(_render_timeline(timeline, worker_width=worker_width))
+        lines.append("")
+    lines.extend(_render_summary(trace, shown))
+    violations = sorted((v for t in shown for v in check_timeline(t)), key=lambda v: v.lineno)
+    lines.append("")
+    lines.extend(_render_check(shown, violations, selected=task is not None))
+    try:
+        print("\n".join(lines), file=out)
+        out.flush()
+    except BrokenPipeError:
+        # the reader went away (``| head``): not an error, but keep Python from complaining at exit
+        _discard_output(out)
+    return 1 if violations else 0
+
+
+def _discard_output(out: TextIO) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+    except (OSError, ValueError):  # not a real file (e.g. captured in tests)
+        pass
+
+
+def _render_timeline(timeline: TaskTimeline, *, worker_width: int) -> list[str]:
+    state = timeline.final_state or "no transitions"
+    if timeline.final_state is not None and timeline.final_state not in _TERMINAL_NAMES:
+        state += " (unfinished)"
+    header = [f"task {timeline.task_id}", state]
+    if timeline.duration_ms is not None:
+        header.append(_fmt_ms(timeline.duration_ms))
+    header.append(f"trace {timeline.trace_id or '?'}")
+    header.append(f"lines {timeline.first_line}-{timeline.last_line}")
+    outcome = timeline.outcome
+    if outcome is not None:
+        if outcome.state is not None and outcome.state != timeline.final_state:
+            header.append(f"but {outcome.event} says {outcome.state}")
+        if outcome.error:
+            header.append(f"error: {outcome.error}")
+    rows = ["  ".join(header)]
+    for entry in timeline.entries:
+        text = _render_entry(entry, worker_width=worker_width)
+        if text is not None:
+            rows.append(f"  {entry.lineno:>7}  {text}")
+    return rows
+
+
+def _render_entry(entry: TimelineEntry, *, worker_width: int) -> str | None:
+    if isinstance(entry, TransitionEntry):
+        reason = f"  ({entry.reason})" if entry.reason else ""
+        return f"{entry.from_state} -> {entry.to_state}{reason}"
+    if isinstance(entry, StageRun):
+        attempt = f"attempt {entry.attempt if entry.attempt is not None else '?'}"
+        duration = _fmt_ms(entry.duration_ms) if entry.duration_ms is not None else "-"
+        worker = entry.worker or "?"
+        text = f"{entry.service:<11}  {worker:<{worker_width}}  {attempt}  {entry.status:<10} {duration:>9}"
+        if entry.node:
+            text += f"  on {entry.node}"
+        if entry.status == "failed":
+            kind = {True: "transient", False: "permanent", None: "failure"}[entry.transient]
+            detail = ": ".join(part for part in (entry.error_type, entry.error) if part)
+            text += f"  {kind}" + (f" {detail}" if detail else "")
+        return text.rstrip()
+    if isinstance(entry, RetryScheduled):
+        delay = f" in {_fmt_ms(entry.delay_ms)}" if entry.delay_ms is not None else ""
+        return f"retry {entry.service or '?'} attempt {entry.attempt if entry.attempt is not None else '?'}{delay}"
+    if isinstance(entry, RejectedTransition):
+        expected = f", expected {entry.expected}" if entry.expected else ""
+        why = f": {entry.why}" if entry.why else ""
+        return f"rejected {entry.from_state} -> {entry.to_state}{expected}{why}"
+    # submission and outcome are in the header already
+    return None
+
+
+def _render_summary(trace: Trace, shown: Sequence[TaskTimeline]) -> list[str]:
+    states: Counter[str] = Counter()
+    for timeline in shown:
+        final = timeline.final_state or "no transitions"
+        states[final if final in _TERMINAL_NAMES or final == "no transitions" else f"{final} (unfinished)"] += 1
+    order = [s.value for s in TaskState if s in TERMINAL_STATES]
+    counts = ", ".join(f"{name} {count}" for name, count in sorted(states.items(), key=lambda kv: _rank(kv[0], order)))
+    of_all = "" if len(shown) == len(trace.tasks) else f" shown of {len(trace.tasks)}"
+    rows = ["summary", f"  tasks         {len(shown)}{of_all}" + (f": {counts}" if counts else "")]
+    rows.extend(_render_stage_totals(shown))
+    rows.append(
+        f"  events read   {trace.events_read} of {_count(trace.lines_read, 'line')}, {_count(trace.runs, 'run')}"
+    )
+    if trace.unknown_events:
+        other = ", ".join(f"{name} {count}" for name, count in sorted(trace.unknown_events.items()))
+        rows.append(f"  other events  {other} (not in timelines)")
+    broken = f"  broken lines  {len(trace.broken)}"
+    if trace.broken:
+        numbers = ", ".join(str(b.lineno) for b in trace.broken[:10])
+        broken += f" (line{'s' if len(trace.broken) > 1 else ''} {numbers}{', ...' if len(trace.broken) > 10 else ''})"
+    rows.append(broken)
+    return rows
+
+
+def _render_stage_totals(shown: Sequence[TaskTimeline]) -> list[str]:
+    runs_by_service: dict[str, list[StageRun]] = {}
+    for timeline in shown:
+        for run in timeline.stages:
+            runs_by_service.setdefault(run.service, []).append(run)
+    rows = []
+    for service, runs in runs_by_service.items():
+        failed = sum(run.status == "failed" for run in runs)
+        retries = sum((run.attempt or 1) > 1 for run in runs)
+        durations = sorted(run.duration_ms for run in runs if run.duration_ms is not None)
+        text = f"  {service:<12}  {_count(len(runs), 'run')}, {failed} failed, {_count(retries, 'retry', 'retries')}"
+        if durations:
+            text += (
+                f"; median {_fmt_ms(_quantile(durations, 0.5))}, p95 {_fmt_ms(_quantile(durations, 0.95))},"
+                f" max {_fmt_ms(durations[-1])}"
+            )
+        rows.append(text)
+    return rows
+
+
+def _render_check(shown: Sequence[TaskTimeline], violations: Sequence[Violation], *, selected: bool) -> list[str]:
+    checked = sum(len(t.transitions) for t in shown)
+    scope = " of the shown task" if selected else ""
+    if not violations:
+        rows = ["check", f"  {checked} transitions{scope} checked: all allowed"]
+        if shown and not checked:
+            # an INFO-level log keeps task outcomes but may drop the per-step events the check needs
+            rows.append(
+                "  note: no task.transition events, so nothing was checked; was the log written at DEBUG level?"
+            )
+        return rows
+    rows = ["check", f"  {checked} transitions{scope} checked: {_count(len(violations), 'VIOLATION')}"]
+    for violation in violations:
+        rows.append(f"  VIOLATION {violation.describe()}")
+        rows.append(f"    {violation.lineno}: {violation.raw}")
+    return rows
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rank(name: str, order: list[str]) -> tuple[int, str]:
+    return (order.index(name), name) if name in order else (len(order), name)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile; enough for an operator's summary, and exact for small counts."""
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def _fmt_ms(ms: float) -> str:
+    if ms < 10:
+        return f"{ms:.2f} ms"
+    return f"{ms:.1f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _clip(raw: str) -> str:
+    return raw if len(raw) <= _MAX_RAW else raw[:_MAX_RAW] + f"... ({len(raw)} chars)"
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array"
+
+
+def _ms_between(start: str | None, end: str | None) -> float | None:
+    if start is None or end is None:
+        return None
+    try:
+        delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    except (ValueError, TypeError):  # TypeError: one aware and one naive timestamp
+        return None
+    return delta.total_seconds() * 1000
+
+
+def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _opt_int(fields: Mapping[str, Any], key: str) -> int | None:
+    value = fields.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_float(fields: Mapping[str, Any], key: str) -> float | None:
+    value = fields.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _opt_bool(fields: Mapping[str, Any], key: str) -> bool | None:
+    value = fields.get(key)
+    return value if isinstance(value, bool) else None

@@ -1,0 +1,47 @@
+"""Shared fixtures: every test leaves no actor, no structlog config and no runtime behind."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pykka
+import pytest
+import structlog
+
+from actors import Runtime
+from core import RuntimeConfig
+
+
+@pytest.fixture(autouse=True)
+def _stop_all_actors() -> Iterator[None]:
+    """Like pykka's own test suite: no actor outlives its test."""
+    yield
+    pykka.ActorRegistry.stop_all(block=True, timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def runtime() -> Iterator[Runtime]:
+    """A default in-memory runtime, closed after the test."""
+    rt = Runtime(RuntimeConfig())
+    try:
+        yield rt
+    finally:
+        rt.close(drain=False)
+
+
+def payload(index: int = 0, **data: object) -> dict[str, object]:
+    """A payload the default validator accepts."""
+    return {"name": f"task-{index}", "data": {"index": index, **data}}
+
+
+def actor_threads() -> list[threading.Thread]:
+    """Threads started by pykka actors or actorflow (named ClassName-N or actorflow-*)."""
+    names = ("StateActor-", "OrchestratorActor-", "ServiceWorker-", "actorflow-")
+    return [t for t in threading.enumerate() if t.name.startswith(names) and t.is_alive()]
