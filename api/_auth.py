@@ -54,7 +54,7 @@ class BearerTokenMiddleware:
     def _token_from_header(scope: Scope) -> bytes | None:
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, credentials = value.partition(b" ")
+                scheme, _, credentials = bytes(value).partition(b" ")
                 if scheme.lower() == b"bearer":
                     return credentials.strip()
                 return b""  # another scheme (Basic, ...) is a wrong token, not a missing one
@@ -62,7 +62,7 @@ class BearerTokenMiddleware:
 
     @staticmethod
     def _token_from_query(scope: Scope) -> bytes | None:
-        query = scope.get("query_string", b"").decode("latin-1")
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
         for name, value in parse_qsl(query, keep_blank_values=True):
             if name == "token":
                 return value.encode()

@@ -11,25 +11,21 @@ Three layers make sure of it:
 from __future__ import annotations
 
 import json
-import logging
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.tracing import get_event_logger
+
 __all__ = ["CatchAllMiddleware", "echo", "error_response", "http_exception_handler", "json_response", "logger"]
 
-# A library must not configure logging (see NOTES.md): wrap a stdlib logger, so that the
-# host's logging setup decides where (and whether) these events go.
-logger = structlog.wrap_logger(
-    logging.getLogger("actorflow.api"),
-    wrapper_class=structlog.stdlib.BoundLogger,
-    processors=[structlog.stdlib.filter_by_level, structlog.stdlib.render_to_log_kwargs],
-)
+# actorflow's event logger: quiet unless the host configures logging (see core.tracing).
+logger = get_event_logger("api")
 
 _COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _MAX_ECHO = 200
@@ -94,8 +90,15 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_tracking_start)
-        except Exception:
-            logger.exception("unhandled error in request", method=scope.get("method"), path=scope.get("path"))
+        except Exception as exc:  # noqa: BLE001 - the last line: anything unexpected becomes a logged 500
+            logger.error(
+                "http.unhandled_error",
+                method=scope.get("method"),
+                path=scope.get("path"),
+                error_type=type(exc).__name__,
+                error=str(exc),
+                traceback=traceback.format_exc(),
+            )
             if not response_started:
                 response = error_response(500, "internal server error; the server log has the details")
                 await response(scope, receive, send)

@@ -137,8 +137,8 @@ class EventBroadcaster:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             try:
                 unsubscribe()
-            except Exception:  # noqa: BLE001 - the runtime may be closed already; nothing is left to undo then
-                logger.debug("unsubscribing from the runtime failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the runtime may be closed already; nothing is left to undo then
+                logger.debug("events.unsubscribe_failed", error_type=type(exc).__name__, error=str(exc))
 
     def _on_transition(self, event: TransitionEvent) -> None:
         # Runs on the state actor's thread: be quick, never block, never raise.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "resolve_token"]
 
 TOKEN_ENV = "ACTORFLOW_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `serve` command's arguments."""
     parser = argparse.ArgumentParser(
         prog="run_demo.py serve",
-        description="Serve a Runtime over HTTP, with the live dashboard at /.",
+        description="Serve a Runtime over HTTP, with the live dashboard at / (open /?token=TOKEN with a token).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default: %(default)s)")
@@ -24,17 +24,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV})",
     )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="runtime events written to stderr (default: %(default)s)",
+    )
     return parser
 
 
+def resolve_token(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token to require: `--token` if given, else $ACTORFLOW_TOKEN, else None (no auth).
+
+    Raises:
+        ValueError: the chosen token is blank, which would look like protection and be none.
+    """
+    token = flag if flag is not None else environ.get(TOKEN_ENV)
+    if token is None:
+        return None
+    if not token.strip():
+        source = "--token" if flag is not None else f"${TOKEN_ENV}"
+        raise ValueError(f"{source} is blank; give a real token, or none for an open API")
+    return token
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` (the arguments after `serve`), serve until interrupted, and return the exit code."""
-    args = build_parser().parse_args(argv)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    """Parse `argv` (the arguments after `serve`), serve until SIGINT or SIGTERM, and return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be from 0 to 65535, got {args.port}")
     try:
-        from api.server import serve  # noqa: PLC0415 - only here does the missing extra become an error
+        token = resolve_token(args.token, os.environ)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        from api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
     except ModuleNotFoundError as exc:
         print(f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'")
         return 2
-    serve(host=args.host, port=args.port, journal=args.journal, token=token)
+    from core.tracing import configure_logging  # noqa: PLC0415 - beside serve, its one user
+
+    close_log = configure_logging(level=args.log_level)
+    try:
+        serve(host=args.host, port=args.port, journal=args.journal, token=token)
+    finally:
+        close_log()
     return 0
