@@ -22,7 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.tracing import get_event_logger
 
-__all__ = ["CatchAllMiddleware", "echo", "error_response", "http_exception_handler", "json_response", "logger"]
+__all__ = [
+    "CatchAllMiddleware",
+    "echo",
+    "encode_json",
+    "error_response",
+    "http_exception_handler",
+    "json_response",
+    "logger",
+]
 
 # actorflow's event logger: quiet unless the host configures logging (see core.tracing).
 logger = get_event_logger("api")
@@ -36,9 +44,18 @@ class _JSONResponse(Response):
     media_type = "application/json"
 
 
+def encode_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON. A lone surrogate (which UTF-8 cannot carry) is written as a \\u escape instead."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def json_response(body: Any, status: int = 200, *, headers: Mapping[str, str] | None = None) -> Response:
-    """A JSON response with the API's common headers (no caching, no sniffing)."""
-    content = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """A JSON response with the API's common headers (no caching, no sniffing); `body` may be encoded already."""
+    content = body if isinstance(body, bytes) else encode_json(body)
     return _JSONResponse(content, status_code=status, headers={**_COMMON_HEADERS, **(headers or {})})
 
 

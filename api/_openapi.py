@@ -108,7 +108,7 @@ _SCHEMAS: dict[str, Any] = {
             "offset": {"type": "integer"},
             "next_offset": {
                 "type": ["integer", "null"],
-                "description": "offset of the next page; null when this page was not full",
+                "description": "offset of the next page; null after the last page",
             },
         },
     },
@@ -255,6 +255,10 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "listTasks",
             "summary": "Page through tasks, oldest first.",
+            "description": (
+                "A page holds `limit` tasks, or fewer if it would grow past 16 MiB; `next_offset` is where the "
+                "next page starts, and null after the last one."
+            ),
             "parameters": [
                 {"name": "state", "in": "query", "required": False, "schema": _ref("TaskState")},
                 {

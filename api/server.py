@@ -29,7 +29,7 @@ import re
 import signal
 import threading
 from base64 import b64encode
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import pykka
@@ -45,7 +45,7 @@ from starlette.types import ASGIApp
 
 from actors import Runtime
 from api._auth import BearerTokenMiddleware
-from api._errors import CatchAllMiddleware, echo, error_response, http_exception_handler, json_response
+from api._errors import CatchAllMiddleware, echo, encode_json, error_response, http_exception_handler, json_response
 from api._events import EventBroadcaster, TooManyStreamsError, event_stream
 from api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key, fingerprint
 from api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
@@ -67,6 +67,8 @@ BODY_TIMEOUT_S = 10.0
 """A request body must arrive within this long, or the answer is 408."""
 MAX_PAYLOAD_DEPTH = 64
 """Deepest nesting of objects and arrays accepted in a payload."""
+MAX_PAGE_BYTES = 16 * 1024 * 1024
+"""A page of `GET /tasks` holds fewer than `limit` tasks rather than grow past this."""
 GRACEFUL_SHUTDOWN_S = 10
 """How long shutdown waits for requests in progress before cancelling them."""
 
@@ -246,14 +248,18 @@ class _Handlers:
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
         records = await run_in_threadpool(self.runtime.tasks, state, limit=limit, offset=offset)
-        return json_response(
-            {
-                "tasks": [record.to_dict() for record in records],
-                "limit": limit,
-                "offset": offset,
-                "next_offset": offset + len(records) if len(records) == limit else None,
-            }
-        )
+        # A page also stops before MAX_PAGE_BYTES: 1000 payloads of 1 MiB must not become one 1 GiB answer.
+        encoded: list[bytes] = []
+        size = 0
+        for record in records:
+            item = encode_json(record.to_dict())
+            if encoded and size + len(item) > MAX_PAGE_BYTES:
+                break
+            encoded.append(item)
+            size += len(item)
+        full = len(encoded) == limit or len(encoded) < len(records)
+        tail = {"limit": limit, "offset": offset, "next_offset": offset + len(encoded) if full else None}
+        return json_response(b'{"tasks":[' + b",".join(encoded) + b"]," + encode_json(tail)[1:])
 
     async def _cancel(self, task_id: str) -> Response:
         cancelled = await run_in_threadpool(self.runtime.cancel, task_id)
@@ -333,8 +339,9 @@ def _parse_payload(body: bytes) -> dict[str, Any]:
         raise _RequestError(400, f"malformed JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise _RequestError(422, f"the payload must be a JSON object, got {_json_type(payload)}")
-    if _depth_exceeds(payload, MAX_PAYLOAD_DEPTH):
-        raise _RequestError(422, f"the payload nests deeper than {MAX_PAYLOAD_DEPTH} levels, the most accepted")
+    problem = _payload_problem(payload, MAX_PAYLOAD_DEPTH)
+    if problem is not None:
+        raise _RequestError(422, problem)
     return payload
 
 
@@ -343,18 +350,34 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
+def _payload_problem(payload: dict[str, Any], depth_limit: int) -> str | None:
+    """What makes a parsed payload unacceptable, or None: too deep, or text that is not Unicode.
+
+    JSON's \\uXXXX escapes can spell a lone surrogate, which Python decodes but no
+    UTF-8 encoder (this API's answers, the journal) can write back.
+    """
     # Iterative, so that the check itself cannot hit the recursion limit it guards.
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[Any, int]] = [(payload, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
+        if isinstance(item, str):
+            texts: Iterable[str] = (item,)
+        elif isinstance(item, dict):
+            texts = item.keys()
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            texts = ()
+            stack.extend((child, depth + 1) for child in item)
+        else:
             continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
+        if depth > depth_limit and not isinstance(item, str):
+            return f"the payload nests deeper than {depth_limit} levels, the most accepted"
+        for text in texts:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                return f"the payload has text that is not valid Unicode (a lone surrogate) in {echo(text)}"
+    return None
 
 
 def _list_params(request: Request) -> tuple[TaskState | None, int, int]:

@@ -238,6 +238,21 @@ def test_listing_tasks_pages_through_them_oldest_first(client: httpx.Client) -> 
     assert all("history" in t for t in first["tasks"])
 
 
+def test_a_page_of_big_tasks_stops_short_of_16_mib_and_says_where_to_go_on(client: httpx.Client) -> None:
+    big = "x" * (900 * 1024)
+    ids = [client.post("/tasks", json={"name": f"big-{i}", "data": big}).json()["task_id"] for i in range(20)]
+
+    pages, offset = [], 0
+    while offset is not None:
+        response = client.get("/tasks", params={"limit": 1000, "offset": offset})
+        assert len(response.content) <= 16 * 1024 * 1024
+        pages.append(response.json()["tasks"])
+        offset = response.json()["next_offset"]
+
+    assert len(pages) == 2
+    assert [task["task_id"] for page in pages for task in page] == ids
+
+
 def test_listing_tasks_filters_by_state(client: httpx.Client) -> None:
     good = client.post("/tasks", json=payload(1)).json()["task_id"]
     bad = client.post("/tasks", json={"nope": 1}).json()["task_id"]
@@ -420,6 +435,16 @@ def test_a_payload_nested_too_deep_answers_422_at_any_depth(client: httpx.Client
     body = b'{"name":"deep","data":' + b"[" * depth + b"]" * depth + b"}"
     message = assert_json_error(client.post("/tasks", content=body), 422)
     assert "deeper than 64" in message
+
+
+@pytest.mark.parametrize(
+    "body", [rb'{"name": "\ud800", "data": 1}', rb'{"name": "a", "data": {"\udfff": 1}}'], ids=["value", "key"]
+)
+def test_a_payload_with_a_lone_surrogate_answers_422_instead_of_breaking_later_answers(
+    client: httpx.Client, body: bytes
+) -> None:
+    message = assert_json_error(client.post("/tasks", content=body), 422)
+    assert "not valid Unicode" in message
 
 
 def test_an_unknown_route_answers_404(client: httpx.Client) -> None:

@@ -141,7 +141,8 @@ def test_the_dashboard_shows_live_counts_transitions_and_a_clicked_tasks_timelin
         count_is(page, "CANCELLED", 1)
         count_is(page, "PROCESSING", 2)
 
-    assert page.locator("#submitted").inner_text() == "12"
+    assert page.locator("#total").inner_text() == "12"
+    assert page.locator("#in-flight").inner_text() == "2"
     assert page.locator(f"#feed .row[data-task-id='{completed[0]}']").count() == 4
 
     page.locator(f"#feed .row[data-task-id='{completed[-1]}']").first.click()
