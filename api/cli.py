@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 __all__ = ["build_parser", "main", "resolve_token"]
@@ -61,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
     except ModuleNotFoundError as exc:
-        print(f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'")
+        print(
+            f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'", file=sys.stderr
+        )
         return 2
     from core.tracing import configure_logging  # noqa: PLC0415 - beside serve, its one user
 
