@@ -12,7 +12,8 @@ on purpose, with that variable, rather than rewritten by every run, so that a pl
 test run never leaves the working tree dirty.
 
 Needs `pip install playwright` (the Python package only: never `playwright install`)
-and `apt-get install chromium`; without either the test is skipped, saying so.
+and `apt-get install chromium`; without either the test is skipped, saying so, unless
+ACTORFLOW_REQUIRE_BROWSER is set (as in CI), where it fails instead.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from services import ServiceSet
 from services import process as default_process
 
 try:
-    from playwright.sync_api import ConsoleMessage, Page, sync_playwright
+    from playwright.sync_api import Page, sync_playwright
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 
@@ -61,7 +62,13 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(_missing() is not None, reason=str(_missing()))]
+pytestmark = [
+    pytest.mark.browser,
+    # CI sets ACTORFLOW_REQUIRE_BROWSER=1, so that a missing browser fails the run instead of skipping quietly.
+    pytest.mark.skipif(
+        _missing() is not None and not os.environ.get("ACTORFLOW_REQUIRE_BROWSER"), reason=str(_missing())
+    ),
+]
 
 
 @pytest.fixture
@@ -88,6 +95,8 @@ def server(gate: threading.Event) -> Iterator[ApiServer]:
 
 @pytest.fixture
 def page() -> Iterator[Page]:
+    if (missing := _missing()) is not None:
+        pytest.fail(f"ACTORFLOW_REQUIRE_BROWSER is set, but {missing}")
     assert sync_playwright is not None
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -176,6 +185,3 @@ def test_a_click_on_a_state_card_filters_the_feed_to_that_state(server: ApiServe
     assert visible.first.get_attribute("data-to") == "FAILED"
     page.locator(".card[data-state='FAILED']").click()
     assert page.locator("#feed .row:visible").count() == 6  # 4 transitions + 2
-
-
-__all__ = ["ConsoleMessage"]
