@@ -7,9 +7,10 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-__all__ = ["build_parser", "main", "resolve_token"]
+__all__ = ["build_parser", "exposure_warning", "main", "resolve_token"]
 
 TOKEN_ENV = "ACTORFLOW_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,16 @@ def resolve_token(flag: str | None, environ: Mapping[str, str]) -> str | None:
     return token
 
 
+def exposure_warning(host: str, token: str | None) -> str | None:
+    """A warning when the API would be reachable beyond this machine with no token; None otherwise."""
+    if token is not None or host in _LOOPBACK:
+        return None
+    return (
+        f"warning: serving on {host} with no token: anyone who can reach it can submit and cancel tasks; "
+        f"set --token or ${TOKEN_ENV}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (the arguments after `serve`), serve until SIGINT or SIGTERM, and return the exit code."""
     parser = build_parser()
@@ -66,11 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'", file=sys.stderr
         )
         return 2
-    from core.tracing import configure_logging  # noqa: PLC0415 - beside serve, its one user
+    from core import ActorflowError  # noqa: PLC0415 - with serve: nothing to import before the checks above
+    from core.tracing import configure_logging  # noqa: PLC0415
 
+    if (warning := exposure_warning(args.host, token)) is not None:
+        print(warning, file=sys.stderr)
     close_log = configure_logging(level=args.log_level)
     try:
         serve(host=args.host, port=args.port, journal=args.journal, token=token)
+    except ActorflowError as exc:  # a bad journal, say: the message says what is wrong, a traceback would not help
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         close_log()
     return 0

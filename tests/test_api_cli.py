@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.cli import build_parser, resolve_token
+from api.cli import build_parser, exposure_warning, resolve_token
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 20.0
@@ -85,6 +85,18 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         if served.process.poll() is None:
             served.process.kill()
             served.process.wait(timeout=WAIT_S)
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_demo.py"), "serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
 
 
 def test_the_serve_command_defaults_to_loopback_on_port_8080_without_a_token() -> None:
@@ -164,15 +176,29 @@ def test_a_token_from_the_environment_protects_the_server_and_stays_out_of_the_a
     assert "very-secret" not in log
 
 
+def test_a_file_that_is_not_a_journal_is_refused_with_a_one_line_error(tmp_path: Path) -> None:
+    not_a_journal = tmp_path / "notes.txt"
+    not_a_journal.write_text("these are not the tasks you are looking for\n" * 100)
+
+    result = run_serve("--journal", str(not_a_journal), "--port", str(free_port()))
+
+    assert result.returncode == 1
+    assert "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_only_a_non_loopback_host_without_a_token_is_warned_about() -> None:
+    warning = exposure_warning("0.0.0.0", None)
+
+    assert warning is not None
+    assert "no token" in warning
+    assert exposure_warning("0.0.0.0", "t") is None
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("::1", None) is None
+
+
 def test_a_bad_port_is_refused_with_a_usage_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run_demo.py"), "serve", "--port", "70000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
+    result = run_serve("--port", "70000")
+
     assert result.returncode == 2
     assert "--port must be from 0 to 65535" in result.stderr
