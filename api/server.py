@@ -32,7 +32,6 @@ from base64 import b64encode
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
-import pykka
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -138,11 +137,7 @@ def create_app(
             InvalidPayload: _unprocessable,
             Overloaded: _overloaded,
             RuntimeStopped: _stopped,
-            # Runtime reads (get, tasks, stats) on a closed runtime raise pykka's own
-            # ActorDeadError, and a state actor that does not answer, pykka.Timeout;
-            # mapped here until the Runtime maps them itself (see the report to the lead).
-            pykka.ActorDeadError: _stopped,
-            pykka.Timeout: _not_answering,
+            TimeoutError: _not_answering,  # the runtime did not answer a read in time
             NotImplementedError: _not_implemented,
         },
         lifespan=lifespan,
@@ -175,9 +170,7 @@ class _Handlers:
         return Response(self.dashboard_html, media_type="text/html; charset=utf-8", headers=self.dashboard_headers)
 
     async def health(self, request: Request) -> Response:
-        try:
-            await run_in_threadpool(self.runtime.stats)
-        except (RuntimeStopped, pykka.ActorDeadError):
+        if self.runtime.closed:
             return json_response({"status": "stopped"}, 503)
         return json_response({"status": "ok"})
 
