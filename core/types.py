@@ -22,6 +22,7 @@ __all__ = [
     "TaskState",
     "Transition",
     "TransitionEvent",
+    "evolve",
     "freeze",
     "thaw",
 ]
@@ -131,9 +132,13 @@ class Transition:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TaskRecord:
-    """The state actor's view of one task. A new record is made for every change."""
+    """The state actor's view of one task. A new record is made for every change (see `evolve`).
+
+    Not slotted, on purpose: with a __dict__, `evolve` can copy a record in two C-level dict
+    updates instead of twelve object.__setattr__ calls, which is most of what a transition costs.
+    """
 
     task_id: str
     state: TaskState
@@ -144,6 +149,11 @@ class TaskRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     trace_id: str = ""
+    """The task's 32-hex W3C trace id (adopted from the submitter's traceparent, if given)."""
+    span_id: str = ""
+    """The task's own 16-hex span; every service call is a child span of it."""
+    parent_span_id: str | None = None
+    """The submitter's span, from its traceparent; None if the task started the trace."""
     attempts: int = 0
     """Service calls made for this task that failed and were retried, plus one per stage run."""
 
@@ -171,8 +181,22 @@ class TaskRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
             "attempts": self.attempts,
         }
+
+
+def evolve(record: TaskRecord, /, **changes: Any) -> TaskRecord:
+    """A copy of `record` with `changes` applied: `dataclasses.replace` at a quarter of the cost.
+
+    Only for field names of TaskRecord (unchecked: this is the state actor's hot path).
+    """
+    new = object.__new__(TaskRecord)
+    fields = new.__dict__
+    fields.update(record.__dict__)
+    fields.update(changes)
+    return new
 
 
 @dataclass(frozen=True, slots=True)
