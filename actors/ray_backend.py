@@ -76,6 +76,9 @@ class _Silent(EventLogger):
 
     __slots__ = ()
 
+    def enabled(self, level: str) -> bool:
+        return False
+
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         return
 
