@@ -45,7 +45,7 @@ from core.errors import ConfigError
 from core.tracing import EventLogger, get_event_logger
 from services import ResultStore
 
-__all__ = ["RayBackend", "import_ray"]
+__all__ = ["RayBackend", "describe_ray_error", "import_ray"]
 
 _INSTALL_HINT = "pip install 'actorflow[ray]'"
 
@@ -375,8 +375,8 @@ class RayBackend:
             except Exception as exc:
                 service = probes[ref]
                 raise ConfigError(
-                    f"the {service} function cannot be loaded on a Ray worker ({_describe(exc)}); it must come "
-                    "from a module importable on every node, with actorflow installed there"
+                    f"the {service} function cannot be loaded on a Ray worker ({describe_ray_error(exc)}); "
+                    "it must come from a module importable on every node, with actorflow installed there"
                 ) from exc
         if not_ready:
             self._log.warning("ray.workers_not_ready", waiting=len(not_ready), timeout_s=timeout)
@@ -430,7 +430,7 @@ class RayBackend:
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
         head = self.waiter.head_of(worker, pending)
-        why = _describe(error)
+        why = describe_ray_error(error)
         call = head.call
         crashed = ServiceDone(
             call.call_id,
@@ -486,7 +486,7 @@ def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:
     )
 
 
-def _describe(error: BaseException) -> str:
+def describe_ray_error(error: BaseException) -> str:
     """Ray's errors run over many lines (ids, pid, traceback): keep the root cause, or else the first line.
 
     A creation task that failed ends with the worker's own exception

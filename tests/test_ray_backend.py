@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 
 import run_demo
 from actors import Runtime
+from actors.ray_backend import RayBackend, describe_ray_error
 from core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from services import ServiceSet, process
 
@@ -278,3 +279,82 @@ def test_a_service_function_workers_cannot_import_is_a_config_error_at_start(
     with pytest.raises(ConfigError, match=cause):
         Runtime(ray_config(), services=ServiceSet(process=head_only))
     assert ray_session.is_initialized()
+
+
+# --- without a Ray session: the session rules and error texts ---------------------------------------
+
+
+class _FakeRay:
+    """Just enough of Ray for the session rules: who starts it, who shuts it down."""
+
+    def __init__(self, *, initialized: bool = False) -> None:
+        self.initialized = initialized
+        self.inits: list[str | None] = []
+        self.shutdowns = 0
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, address: str | None = None, **options: Any) -> None:
+        self.initialized = True
+        self.inits.append(address)
+
+    def shutdown(self) -> None:
+        self.initialized = False
+        self.shutdowns += 1
+
+    def remote(self, **options: Any) -> Any:
+        return lambda cls: cls
+
+
+class _NoLocalWorkers:
+    name = "none"
+
+    def close(self) -> None:
+        pass
+
+
+def _backend(fake: _FakeRay, address: str | None = None) -> RayBackend:
+    return RayBackend(address, functions={}, pool_sizes={}, local=_NoLocalWorkers(), ray_module=fake)  # type: ignore[arg-type]
+
+
+def test_runtimes_sharing_a_ray_that_actorflow_started_shut_it_down_only_when_the_last_one_closes() -> None:
+    fake = _FakeRay()
+    first, second = _backend(fake), _backend(fake)
+    assert fake.inits == [None]
+    first.close()
+    assert fake.shutdowns == 0
+    second.close()
+    second.close()  # idempotent
+    assert fake.shutdowns == 1
+
+
+def test_a_ray_session_the_program_started_is_used_and_never_shut_down() -> None:
+    fake = _FakeRay(initialized=True)
+    _backend(fake, "ray://head:10001").close()
+    assert fake.inits == []
+    assert fake.shutdowns == 0
+
+
+def test_an_unreachable_cluster_is_a_config_error_naming_the_address() -> None:
+    fake = _FakeRay()
+
+    def refuse(address: str | None = None, **options: Any) -> None:
+        raise ConnectionError("could not reach the GCS")
+
+    fake.init = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match=r"ray_address='ray://nowhere:10001': cannot connect to Ray at .*GCS"):
+        _backend(fake, "ray://nowhere:10001")
+
+
+def test_ray_errors_are_shortened_to_their_root_cause() -> None:
+    creation = RuntimeError(
+        "The actor died because of an error raised in its creation task, \x1b[36mray::ServiceActor.__init__()\x1b[39m\n"
+        "  At least one of the input arguments for this task could not be computed:\n"
+        "ray.exceptions.RaySystemError: System error: No module named 'app'\n"
+        "traceback: Traceback (most recent call last):\n"
+        "ModuleNotFoundError: No module named 'app'\n"
+    )
+    assert describe_ray_error(creation) == "ModuleNotFoundError: No module named 'app'"
+    died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ServiceActor\n")
+    assert describe_ray_error(died) == "The actor died unexpectedly before finishing this task."
