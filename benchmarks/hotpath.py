@@ -21,6 +21,7 @@ from benchmarks import workload
 from benchmarks.baselines import baseline_factory
 from benchmarks.load import Sizes, saturate
 from benchmarks.pipeline import Work, runtime_factory
+from core.tracing import configure_logging
 
 __all__ = ["main"]
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--submitters", type=int, default=2)
     parser.add_argument("--journal", default=None, help="journal path (runtime only)")
+    parser.add_argument("--trace-file", default=None, help="JSON tracing at DEBUG to this file, as in the scenario")
     args = parser.parse_args(argv)
+    close_log = configure_logging(json=True, level="DEBUG", file=args.trace_file) if args.trace_file else None
     work = Work(workload.noop_validate, workload.noop_process, workload.noop_persist)
     if args.system == "runtime":
         config = {"journal_path": args.journal} if args.journal else {}
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         run = saturate(pipeline, workload.payload, count=args.tasks, sizes=sizes, record=False)
     finally:
         pipeline.close()
+        if close_log is not None:
+            close_log()
     print(
         f"{args.system}: {run.tasks} tasks in {run.elapsed_s:.2f}s = {run.throughput:,.0f} tasks/s, "
         f"{run.cpu_us_per_task:,.0f} µs CPU and {run.switches_per_task:.1f} context switches per task",
