@@ -45,9 +45,9 @@ def summarize(text: str, top: int = 25) -> str:
     """The three tables, as plain text."""
     stacks: list[tuple[list[str], int]] = []
     for line in text.splitlines():
-        stack, _, count = line.rstrip().rpartition(" ")
-        if stack and count.isdigit():
-            stacks.append((stack.split(";"), int(count)))
+        stack, _, samples = line.rstrip().rpartition(" ")
+        if stack and samples.isdigit():
+            stacks.append((stack.split(";"), int(samples)))
     total = sum(count for _, count in stacks) or 1
     roles: Counter[str] = Counter()
     own: Counter[str] = Counter()
