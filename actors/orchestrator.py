@@ -231,7 +231,7 @@ class OrchestratorActor(FastActor):
 
     def _on_service_done(self, done: ServiceDone) -> None:
         pool = self._pools[done.service]
-        call = pool.finished(done.call_id)
+        call = pool.finished(done.call_id, done.duration_ms)
         task_id = self._calls.pop(done.call_id, None)
         if call is None or task_id is None:
             self.counters["late_results"] += 1

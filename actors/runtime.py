@@ -99,11 +99,18 @@ class _Waiter:
 
 
 class _Tracker:
-    """Tasks in flight (submitted or recovered, not yet terminal), with backpressure."""
+    """Tasks in flight (submitted or recovered, not yet terminal), with backpressure.
+
+    Two conditions on one lock: `_room` wakes one submitter per freed slot,
+    `_idle` wakes `join()` only when nothing is left, so a finishing task
+    never wakes threads that cannot proceed.
+    """
 
     def __init__(self, limit: int | None) -> None:
         self._limit = limit
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._waiters: dict[str, _Waiter] = {}
         self._reserved = 0
         self.submitted = 0
@@ -114,32 +121,27 @@ class _Tracker:
 
     def reserve(self, *, wait: bool, timeout: float) -> None:
         """Claim room for one more task, or raise Overloaded."""
-        with self._cond:
+        with self._lock:
             limit = self._limit
             if (
                 limit is not None
                 and self.in_flight >= limit
-                and (not wait or not self._cond.wait_for(lambda: self.in_flight < limit, timeout))
+                and (not wait or not self._room.wait_for(lambda: self.in_flight < limit, timeout))
             ):
                 raise Overloaded(
-                    f"{self.in_flight} tasks in flight, the max_in_flight limit of {self._limit}; "
+                    f"{self.in_flight} tasks in flight, the max_in_flight limit of {limit}; "
                     + (f"waited {timeout:g}s for room" if wait else "overload='reject' refuses at once")
                 )
             self._reserved += 1
 
-    def release(self) -> None:
-        with self._cond:
-            self._reserved -= 1
-            self._cond.notify_all()
-
     def track(self, task_id: str, *, reserved: bool) -> _Waiter:
         """Start tracking a task; `reserved` turns a `reserve()` claim into it (a new submission)."""
-        with self._cond:
+        with self._lock:
             waiter = self._waiters.get(task_id)
             if reserved:
                 self._reserved -= 1
                 if waiter is not None:
-                    self._cond.notify_all()
+                    self._freed()
                     raise InvalidPayload(f"task_id {task_id!r} is already taken; task ids must be unique")
                 self.submitted += 1
             if waiter is None:
@@ -148,28 +150,33 @@ class _Tracker:
 
     def forget(self, task_id: str) -> None:
         """Stop tracking a submission whose creation failed."""
-        with self._cond:
+        with self._lock:
             self._waiters.pop(task_id, None)
             self.submitted -= 1
-            self._cond.notify_all()
+            self._freed()
 
     def waiter(self, task_id: str) -> _Waiter | None:
-        with self._cond:
+        with self._lock:
             return self._waiters.get(task_id)
 
     def on_terminal(self, record: TaskRecord) -> None:
-        """The state actor's terminal hook: settle the task's waiter, wake whoever waits for room or for none."""
-        with self._cond:
+        """The state actor's terminal hook: settle the task's waiter and free its slot."""
+        with self._lock:
             waiter = self._waiters.pop(record.task_id, None)
-            # Waking the waiters costs a thread switch each: only when join() or reserve() can now pass.
-            if not self._waiters or self._limit is not None:
-                self._cond.notify_all()
+            self._freed()
         if waiter is not None:
             waiter.set(record)
 
+    def _freed(self) -> None:
+        """One slot was freed (call with the lock held)."""
+        if self._limit is not None:
+            self._room.notify()
+        if not self._waiters and not self._reserved:
+            self._idle.notify_all()
+
     def join(self, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._waiters and not self._reserved, timeout)
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._waiters and not self._reserved, timeout)
 
 
 def _answer(future: pykka.Future[Any]) -> Any:

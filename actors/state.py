@@ -306,6 +306,7 @@ class StateActor(FastActor):
         if failure is not None:
             self._roll_back(changes, failure)
             return
+        verbose = self._log.enabled("debug")  # once per batch, not once per transition
         created: dict[int, tuple[pykka.ActorRef[Any], list[TaskRecord]]] = {}
         applied: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}
         for change in changes:
@@ -318,7 +319,7 @@ class StateActor(FastActor):
                 else:
                     outcome = TransitionOutcome(change.request, "accepted", record)
                     applied.setdefault(id(change.notify), (change.notify, []))[1].append(outcome)
-            self._publish(change)
+            self._publish(change, verbose=verbose)
         for ref, records in created.values():
             self._tell(ref, TasksCreated(tuple(records)))
         for ref, outcomes in applied.values():
@@ -358,9 +359,9 @@ class StateActor(FastActor):
                 outcome = TransitionOutcome(change.request, "journal_failed", change.before, str(failure))
                 self._reply_outcome(change.notify, outcome)
 
-    def _publish(self, change: _Change) -> None:
+    def _publish(self, change: _Change, *, verbose: bool) -> None:
         record, transition = change.record, change.transition
-        if self._log.enabled("debug"):
+        if verbose:
             self._log.debug(
                 "task.transition",
                 task_id=record.task_id,
