@@ -292,7 +292,13 @@ class Runtime:
         backend = self.config.service_backend
         if backend == "thread":
             return ThreadBackend(self._dead_letters, self._threads)
-        raise ConfigError(f"RuntimeConfig.service_backend {backend!r} is not available in this build; use 'thread'")
+        if backend == "process":
+            from actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
+
+            return ProcessBackend(functions, dead_letters=self._dead_letters, threads=self._threads)
+        raise ConfigError(
+            f"RuntimeConfig.service_backend {backend!r} is not available in this build; use 'thread' or 'process'"
+        )
 
     # --- submitting ------------------------------------------------------------------------------
 
