@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from core.errors import TransientError
 from core.types import FrozenDict, Task
 
 _TIMEOUT_S = 30.0
@@ -168,3 +170,40 @@ class LoadsOnlyInTheParent:
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         return (_refuse_to_load, ())
+
+
+# --- chaos ---------------------------------------------------------------------------------------
+
+
+def chaos_fate(task_id: str, attempt: int) -> float:
+    """The fixed-seed random draw deciding what `chaos` does to this attempt."""
+    return random.Random(f"{task_id}:{attempt}").random()
+
+
+def chaos(task: Task) -> Mapping[str, Any]:
+    """Misbehave at random, with a fixed seed per task and attempt (the rates are in `chaos_expected`)."""
+    draw = chaos_fate(task.task_id, task.attempt)
+    if draw < 0.10:
+        raise TransientError("flaky")
+    if draw < 0.12:
+        raise ValueError("bad input")
+    if draw < 0.13:
+        raise SystemExit(1)
+    if draw < 0.14:
+        os._exit(1)
+    if draw < 0.145:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if draw < 0.15:
+        threading.Event().wait()  # hangs until killed at the stage timeout
+    return {"ok": task.task_id}
+
+
+def chaos_expected(task_id: str, max_attempts: int) -> str:
+    """The state `chaos` must leave a task in: FAILED on a permanent error or when attempts run out."""
+    for attempt in range(1, max_attempts + 1):
+        draw = chaos_fate(task_id, attempt)
+        if 0.10 <= draw < 0.12:
+            return "FAILED"
+        if draw >= 0.15:
+            return "COMPLETED"
+    return "FAILED"

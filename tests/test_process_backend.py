@@ -308,6 +308,28 @@ def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_once_the_
     assert "cannot load its service function" in restarted[0]["why"]
 
 
+@pytest.mark.slow
+def test_chaos_on_processes_leaves_every_task_in_its_expected_state_and_the_pool_whole() -> None:
+    # Per attempt: 10% TransientError, 2% ValueError, 1% SystemExit, 1% os._exit, 0.5% kill -9, 0.5% hang.
+    config = process_config(
+        processor_workers=4, stage_timeout_s=1.0, max_restarts=10_000, retry_backoff_s=0.001, retry_backoff_max_s=0.01
+    )
+    ids = [f"chaos-{i}" for i in range(1000)]
+    with Runtime(config, services=ServiceSet(process=ps.chaos)) as runtime:
+        handles = [runtime.submit(payload(i), task_id=task_id) for i, task_id in enumerate(ids)]
+        records = [h.result(timeout=120) for h in handles]
+        stats = runtime.stats()
+    wrong = [(r.task_id, r.state.value, r.error) for r in records if r.state.value != ps.chaos_expected(r.task_id, 3)]
+    assert wrong == []
+    assert stats["COMPLETED"] + stats["FAILED"] == len(ids)
+    assert stats["in_flight"] == 0
+    assert stats["restarts"] > 0
+    assert stats["timeouts"] > 0
+    processor = stats["pools"]["processor"]
+    assert (processor["workers"], processor["failing"]) == (4, None)
+    assert worker_pids() == set()
+
+
 # --- parallelism and clean-up -------------------------------------------------------------------
 
 
