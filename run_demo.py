@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """actorflow's demo, after the seed: create tasks, run them through the pipeline, inspect the final states.
 
-    python run_demo.py [--tasks N] [--workers K] [--log-file PATH] [--journal PATH]
-    python run_demo.py trace PATH [--task ID]        # read a --log-file back, check every transition
-    python run_demo.py inspect PATH [--state S]      # read a journal (read-only, safe while running)
-    python run_demo.py serve [--port 8080] ...       # the HTTP API and dashboard
+python run_demo.py [--tasks N] [--workers K] [--log-file PATH] [--journal PATH]
+python run_demo.py trace PATH [--task ID]        # read a --log-file back, check every transition
+python run_demo.py inspect PATH [--state S]      # read a journal (read-only, safe while running)
+python run_demo.py serve [--port 8080] ...       # the HTTP API and dashboard
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def _describe(record: TaskRecord) -> str:
 
 def run_demo(argv: list[str]) -> int:
     """The seed's three steps: task creation, processing through the pipeline, final state inspection."""
-    parser = argparse.ArgumentParser(prog="run_demo.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="run_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", type=int, default=12, help="how many tasks to create (default 12)")
     parser.add_argument("--workers", type=int, default=4, help="processor pool size (default 4)")
     parser.add_argument("--log-file", help="write every event as JSON lines to this file (level DEBUG)")

@@ -45,7 +45,8 @@ class CreateTask:
 
     task_id: str
     payload: Mapping[str, JSONValue]
-    trace_id: str
+    trace: TraceContext
+    """The task's span: its trace id, its own span id, and the submitter's span as parent."""
     reply: pykka.Future[TaskRecord] | None = None
     notify: pykka.ActorRef[Any] | None = None
 

@@ -190,6 +190,7 @@ class OrchestratorActor(pykka.ThreadingActor):
             return
         flight = self._flight_for(record)
         flight.attempts = record.attempts
+        self._log.info("task.recovered", task_id=record.task_id, trace_id=record.trace_id, state=record.state.value)
         if record.state is _S.CREATED:
             self._dispatch(flight, "validator")
         elif record.state is _S.VALIDATED:
@@ -198,7 +199,7 @@ class OrchestratorActor(pykka.ThreadingActor):
             self._dispatch(flight, "processor")
 
     def _flight_for(self, record: TaskRecord) -> _Flight:
-        trace = TraceContext(record.trace_id, new_span_id())
+        trace = TraceContext(record.trace_id, record.span_id or new_span_id(), record.parent_span_id)
         flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic())
         self._flights[record.task_id] = flight
         return flight

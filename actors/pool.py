@@ -176,13 +176,21 @@ class ServicePool:
         return calls
 
     def close(self, timeout: float) -> list[str]:
-        """Retire every worker and wait up to `timeout` for them; returns the names still busy."""
+        """Retire every worker; wait up to `timeout` for the idle ones. Returns the names left busy.
+
+        A worker still inside a service call cannot be stopped (threads cannot
+        be killed); it is abandoned as a daemon and its result, if any, becomes
+        a dead letter.
+        """
         for slot in self._slots:
             slot.worker.retire()
             if slot.deadline is not None:
                 slot.deadline.cancel()
         deadline = self._clock() + timeout
-        busy = [s.worker.name for s in self._slots if not s.worker.join(max(0.0, deadline - self._clock()))]
+        busy = [slot.worker.name for slot in self._slots if slot.calls]
+        for slot in self._slots:
+            if not slot.calls:
+                slot.worker.join(max(0.0, deadline - self._clock()))
         self._slots.clear()
         self._by_name.clear()
         return busy

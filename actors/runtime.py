@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import threading
 import uuid
 import weakref
@@ -31,7 +32,7 @@ from actors.threads import ThreadBook
 from actors.timer import Timer
 from core.config import TERMINAL_STATES, RuntimeConfig
 from core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
-from core.tracing import get_event_logger, new_trace_id, parse_traceparent
+from core.tracing import get_event_logger, new_trace, parse_traceparent
 from core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from services import ResultStore, ServiceSet
 
@@ -320,16 +321,13 @@ class Runtime:
     async def submit_async(
         self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
     ) -> TaskHandle:
-        """`submit` for asyncio: waiting for room or for the commit never blocks the event loop."""
-        message = self._prepare(payload, task_id, traceparent)
-        config = self.config
-        if config.max_in_flight is None:
-            return self._send_create(message)  # the commit wait is short and bounded by group commit
+        """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
+
+        Same arguments, result and errors as `submit`; `await handle` then waits for the task.
+        """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None, lambda: self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-        )
-        return self._send_create(message)
+        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
+        return await loop.run_in_executor(None, submit)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
         if self._closed.is_set():
@@ -346,28 +344,42 @@ class Runtime:
             raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
         if traceparent is not None:
             try:
-                trace_id = parse_traceparent(traceparent).trace_id
+                trace = parse_traceparent(traceparent)
             except ValueError as exc:
                 raise InvalidPayload(str(exc)) from None
         else:
-            trace_id = new_trace_id()
+            trace = new_trace()
         reply: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
-        return CreateTask(task_id, frozen, trace_id, reply=reply, notify=self._orchestrator)
+        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
         assert message.reply is not None
         waiter = self._tracker.track(message.task_id, reserved=True)
+        trace = message.trace
+        self._log.debug(
+            "task.submitted",
+            task_id=message.task_id,
+            trace_id=trace.trace_id,
+            span_id=trace.span_id,
+            parent_span_id=trace.parent_span_id,
+        )
         try:
             self._state.tell(message)
             record = message.reply.get(timeout=_ASK_TIMEOUT_S)
         except pykka.ActorDeadError:
             self._tracker.forget(message.task_id)
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
-        except BaseException:
+        except BaseException as exc:
             self._tracker.forget(message.task_id)
+            self._log.warning(
+                "task.submit_refused",
+                task_id=message.task_id,
+                trace_id=trace.trace_id,
+                error_type=type(exc).__name__,
+                error=str(exc),
+            )
             raise
-        self._log.debug("task.submitted", task_id=record.task_id, trace_id=record.trace_id)
         return TaskHandle(self, record.task_id, waiter)
 
     # --- reading ---------------------------------------------------------------------------------
@@ -466,7 +478,7 @@ class Runtime:
         if self._timer is not None:
             self._timer.stop()
         # Workers hung in a service call cannot be joined; they are daemons and do not block exit.
-        still_running = self._threads.join(timeout=5.0)
+        still_running = self._threads.join(timeout=1.0)
         if self.results is not None:
             self.results.close()
         self._log.info(

@@ -29,7 +29,7 @@ from actors.messages import (
 from actors.threads import ThreadBook
 from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
 from core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
-from core.tracing import get_event_logger
+from core.tracing import TraceContext, get_event_logger, new_trace
 from core.types import TaskRecord, TaskState, Transition, TransitionEvent, freeze
 
 if TYPE_CHECKING:
@@ -97,14 +97,14 @@ class StateActor(pykka.ThreadingActor):
 
     # --- proxy API -------------------------------------------------------------------------------
 
-    def create(self, task_id: str, payload: Mapping[str, Any], *, trace_id: str = "") -> TaskRecord:
+    def create(self, task_id: str, payload: Mapping[str, Any], *, trace: TraceContext | None = None) -> TaskRecord:
         """Create a task in CREATED. Raises InvalidPayload for a duplicate id or a non-JSON payload."""
         try:
             frozen = freeze(payload)
         except TypeError as exc:
             raise InvalidPayload(str(exc)) from None
         future: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
-        self._apply_create(CreateTask(task_id, frozen, trace_id, reply=future))
+        self._apply_create(CreateTask(task_id, frozen, trace or new_trace(), reply=future))
         self._flush()
         return future.get(timeout=0)
 
@@ -219,7 +219,9 @@ class StateActor(pykka.ThreadingActor):
             history=(transition,),
             created_at=now,
             updated_at=now,
-            trace_id=message.trace_id,
+            trace_id=message.trace.trace_id,
+            span_id=message.trace.span_id,
+            parent_span_id=message.trace.parent_span_id,
         )
         self._records[record.task_id] = record
         self._counts[TaskState.CREATED] += 1

@@ -38,6 +38,7 @@ __all__ = [
     "configure_logging",
     "get_event_logger",
     "new_span_id",
+    "new_trace",
     "new_trace_id",
     "parse_traceparent",
 ]
@@ -74,6 +75,11 @@ class TraceContext:
     def traceparent(self) -> str:
         """The W3C ``traceparent`` header value for this span."""
         return f"00-{self.trace_id}-{self.span_id}-01"
+
+
+def new_trace() -> TraceContext:
+    """A fresh trace: new trace id, new root span, no parent."""
+    return TraceContext(new_trace_id(), new_span_id())
 
 
 def parse_traceparent(value: str) -> TraceContext:
@@ -238,7 +244,8 @@ def configure_logging(
     ]
     if json:
         processors += [
-            structlog.processors.dict_tracebacks,
+            # show_locals=False: local variables would carry payloads into the logs
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
     else:

@@ -144,6 +144,11 @@ class TaskRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     trace_id: str = ""
+    """The task's 32-hex W3C trace id (adopted from the submitter's traceparent, if given)."""
+    span_id: str = ""
+    """The task's own 16-hex span; every service call is a child span of it."""
+    parent_span_id: str | None = None
+    """The submitter's span, from its traceparent; None if the task started the trace."""
     attempts: int = 0
     """Service calls made for this task that failed and were retried, plus one per stage run."""
 
@@ -171,6 +176,8 @@ class TaskRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
             "attempts": self.attempts,
         }
 

@@ -29,7 +29,7 @@ def test_the_table_holds_exactly_the_seed_edges_plus_cancellation() -> None:
 
 def test_terminal_states_are_completed_failed_and_cancelled() -> None:
     assert {S.COMPLETED, S.FAILED, S.CANCELLED} == TERMINAL_STATES
-    assert NON_TERMINAL_STATES == {S.CREATED, S.VALIDATED, S.PROCESSING}
+    assert {S.CREATED, S.VALIDATED, S.PROCESSING} == NON_TERMINAL_STATES
     assert all(is_terminal(state) for state in TERMINAL_STATES)
 
 

@@ -1,0 +1,197 @@
+"""``run_demo.py inspect``: a read-only look into a journal, for operators.
+
+Prints the number of tasks in each state, then the matching tasks, each with
+its path through the states, the time and reason of every transition, and a
+summary of its result or error. It opens the journal with
+`Journal.open_readonly`, so it never writes and may run while a runtime is
+writing the same file.
+
+Exit codes: 0 done, 1 the ``--task`` is not in the journal, 2 a bad argument or
+a journal that cannot be read (the message on stderr names the path and the
+fault).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from core.errors import JournalError
+from core.journal import Journal, JournalReader
+from core.types import TaskRecord, TaskState, thaw
+
+__all__ = ["main"]
+
+PROG = "run_demo.py inspect"
+DEFAULT_LIMIT = 20
+_SUMMARY_WIDTH = 160
+_STATE_WIDTH = max(len(state.value) for state in TaskState)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the inspection CLI on `argv` (the arguments after ``inspect``); return the exit code."""
+    parser = _parser()
+    try:
+        options = parser.parse_args(list(argv))
+    except SystemExit as exc:  # argparse has printed its message; hand back its code instead of exiting
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        with Journal.open_readonly(options.path) as journal:
+            if options.task is not None:
+                return _show_task(journal, options.task)
+            _show_listing(journal, options.state, options.limit)
+            sys.stdout.flush()
+    except JournalError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly. Point stdout at devnull so
+        # that the interpreter's final flush does not raise again (the recipe of the
+        # `signal` module's documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Show what a journal holds: tasks per state, then tasks with their transition history. "
+        "Read-only; safe while a runtime is writing the journal.",
+    )
+    parser.add_argument("path", metavar="PATH", help="the journal's SQLite file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--state",
+        type=_state,
+        metavar="STATE",
+        help=f"only tasks in this state ({', '.join(state.value for state in TaskState)})",
+    )
+    which.add_argument("--task", metavar="ID", help="only the task with this id")
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"show the N most recently created matching tasks (default {DEFAULT_LIMIT}; 0 for counts only)",
+    )
+    return parser
+
+
+def _state(text: str) -> TaskState:
+    try:
+        return TaskState(text.strip().upper())
+    except ValueError:
+        allowed = ", ".join(state.value for state in TaskState)
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}; allowed: {allowed}") from None
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--limit must be an integer >= 0, got {text!r}")
+    return value
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -> None:
+    counts = journal.counts()
+    total = sum(counts.values())
+    print(f"journal  {journal.path}")
+    print()
+    width = max(len(str(total)), len("COUNT"))
+    print(f"{'STATE':<{_STATE_WIDTH}}  {'COUNT':>{width}}")
+    for name, count in counts.items():
+        print(f"{name:<{_STATE_WIDTH}}  {count:>{width}}")
+    print(f"{'total':<{_STATE_WIDTH}}  {total:>{width}}")
+    if limit == 0:
+        return
+
+    matching = total if state is None else counts[state.value]
+    what = "tasks" if state is None else f"{state.value} tasks"
+    print()
+    if matching == 0:
+        print(f"no {what}")
+        return
+    # The most recent `limit` tasks, printed oldest first like a log.
+    records = journal.records(state=state, limit=limit, newest_first=True)[::-1]
+    print(f"{what}: {len(records)} of {matching} shown, oldest first")
+    for record in records:
+        print()
+        _print_record(record)
+    if len(records) < matching:
+        print()
+        print(f"({matching - len(records)} older {what} not shown; use --limit N)")
+
+
+def _show_task(journal: JournalReader, task_id: str) -> int:
+    record = journal.get(task_id)
+    if record is None:
+        print(f"{PROG}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
+        return 1
+    _print_record(record)
+    return 0
+
+
+def _print_record(record: TaskRecord) -> None:
+    print(
+        f"task {_clean(record.task_id)}  {record.state.value}  attempts {record.attempts}  "
+        f"trace {_clean(record.trace_id) or '-'}"
+    )
+    took = record.updated_at - record.created_at
+    print(f"  path     {' -> '.join(record.path())}  ({_seconds(took)} from creation to last change)")
+    if record.history:
+        start = record.history[0].at
+        elapsed = [f"+{_seconds(entry.at - start)}" for entry in record.history]
+        elapsed_width = max(map(len, elapsed))
+        for index, (entry, offset) in enumerate(zip(record.history, elapsed, strict=True)):
+            label = "history" if index == 0 else ""
+            origin = entry.from_state.value if entry.from_state is not None else "(new)"
+            move = f"{origin:<{_STATE_WIDTH}} -> {entry.to_state.value:<{_STATE_WIDTH}}"
+            reason = f"  {_one_line(entry.reason)}" if entry.reason else ""
+            print(f"  {label:<7}  {_timestamp(entry.at)}  {offset:>{elapsed_width}}  {move}{reason}".rstrip())
+    print(f"  payload  {_json_summary(record.payload)}")
+    if record.result is not None:
+        print(f"  result   {_json_summary(record.result)}")
+    if record.error is not None:
+        print(f"  error    {_one_line(record.error)}")
+
+
+def _timestamp(at: float) -> str:
+    try:
+        return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    except (OverflowError, OSError, ValueError):
+        return f"{at!r} (epoch s)"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _json_summary(value: object) -> str:
+    return _clean(json.dumps(thaw(value), ensure_ascii=False, separators=(", ", ": ")))
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines() or [""]
+    more = f"  [+{len(lines) - 1} more lines]" if len(lines) > 1 else ""
+    return _clean(lines[0]) + more
+
+
+def _clean(text: str) -> str:
+    """`text` shortened, with control characters and lone surrogates escaped.
+
+    Payloads, errors and ids come from users: a stray escape sequence must not
+    drive the operator's terminal, and a lone surrogate must not crash `print`.
+    """
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= _SUMMARY_WIDTH else text[: _SUMMARY_WIDTH - 3] + "..."

@@ -1,0 +1,416 @@
+"""Fault tolerance: retries, supervision, timeouts, cancellation, backpressure, dead letters, shutdown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+from structlog.testing import capture_logs
+
+from actors import Runtime
+from actors.service import ServiceWorker
+from core import Overloaded, RuntimeConfig, Task, TaskNotFound, TaskState, TransientError
+from services import ServiceSet
+from tests.conftest import payload
+from tests.faults import ChaosProcessor, Gate, expected_outcome
+
+S = TaskState
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FlakyThenFine:
+    """Raises `error` on the first `failures` calls of each task, then succeeds."""
+
+    def __init__(self, failures: int, error: BaseException) -> None:
+        self.failures = failures
+        self.error = error
+        self.attempts: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, task: Task) -> Mapping[str, Any]:
+        with self.lock:
+            self.attempts.setdefault(task.task_id, []).append(task.attempt)
+            calls = len(self.attempts[task.task_id])
+        if calls <= self.failures:
+            raise self.error
+        return {"attempt": task.attempt}
+
+
+# --- retries ---------------------------------------------------------------------------------------
+
+
+def test_a_transient_error_is_retried_with_the_attempt_recorded_until_it_succeeds() -> None:
+    flaky = FlakyThenFine(2, TransientError("try again"))
+    with capture_logs() as logs, Runtime(services=ServiceSet(process=flaky)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+        stats = runtime.stats()
+    assert record.state is S.COMPLETED
+    assert flaky.attempts[record.task_id] == [1, 2, 3]
+    assert record.result == {"attempt": 3}
+    assert record.attempts == 5  # validate + 3 processor attempts + persist
+    assert stats["retries"] == 2
+    scheduled = [e for e in logs if e["event"] == "service.retry_scheduled"]
+    assert [e["attempt"] for e in scheduled] == [2, 3]
+    assert all(e["trace_id"] == record.trace_id for e in scheduled)
+    failed = [e for e in logs if e["event"] == "service.failed" and e["task_id"] == record.task_id]
+    assert [(e["attempt"], e["transient"]) for e in failed] == [(1, True), (2, True)]
+
+
+def test_when_attempts_run_out_the_task_fails_with_the_last_error_and_the_count() -> None:
+    flaky = FlakyThenFine(10, TransientError("still down"))
+    config = RuntimeConfig(max_attempts=3)
+    with Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+    assert record.state is S.FAILED
+    assert record.error == "processor: TransientError: still down (gave up after 3 attempts)"
+    assert flaky.attempts[record.task_id] == [1, 2, 3]
+
+
+def test_a_permanent_error_is_not_retried() -> None:
+    flaky = FlakyThenFine(10, KeyError("missing"))
+    with Runtime(services=ServiceSet(process=flaky)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+        assert runtime.stats()["retries"] == 0
+    assert record.state is S.FAILED
+    assert flaky.attempts[record.task_id] == [1]
+
+
+def test_backoff_grows_exponentially_with_full_jitter_and_is_capped() -> None:
+    flaky = FlakyThenFine(4, TransientError("x"))
+    config = RuntimeConfig(max_attempts=5, retry_backoff_s=0.001, retry_backoff_max_s=0.004)
+    with capture_logs() as logs, Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+        assert runtime.submit(payload()).result(timeout=10).state is S.COMPLETED
+    delays = [e["delay_ms"] for e in logs if e["event"] == "service.retry_scheduled"]
+    caps = [1.0, 2.0, 4.0, 4.0]
+    assert len(delays) == 4
+    assert all(0 <= delay <= cap for delay, cap in zip(delays, caps, strict=True))
+
+
+# --- supervision -----------------------------------------------------------------------------------
+
+
+def test_a_service_raising_system_exit_is_contained_its_worker_replaced_and_the_task_retried() -> None:
+    flaky = FlakyThenFine(1, SystemExit("bye"))
+    config = RuntimeConfig(processor_workers=2)
+    with Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+        others = [runtime.submit(payload(i)).result(timeout=10) for i in range(1, 4)]
+        pool = runtime.stats()["pools"]["processor"]
+    assert record.state is S.COMPLETED
+    assert flaky.attempts[record.task_id] == [1, 2]
+    assert all(r.state is S.COMPLETED for r in others)  # no other actor was stopped
+    assert (pool["workers"], pool["size"], pool["restarts"], pool["failing"]) == (2, 2, 4, None)  # one per task
+
+
+def test_a_worker_actor_that_dies_is_replaced_and_the_pool_keeps_its_size(runtime: Runtime) -> None:
+    runtime.submit(payload()).result(timeout=10)
+    victim = next(ref for ref in pykka.ActorRegistry.get_by_class(ServiceWorker))
+    victim.stop(block=True, timeout=5)
+    deadline = time.monotonic() + 10
+    while runtime.stats()["restarts"] < 1 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)  # polling the runtime's own counter, with a deadline
+    stats = runtime.stats()
+    assert stats["restarts"] == 1
+    assert all(p["workers"] == p["size"] for p in stats["pools"].values())
+    assert runtime.submit(payload(2)).result(timeout=10).state is S.COMPLETED
+
+
+def test_restart_intensity_beyond_max_restarts_marks_the_pool_failing_and_fails_its_tasks() -> None:
+    def always_exits(task: Task) -> Mapping[str, Any]:
+        raise SystemExit("crash loop")
+
+    config = RuntimeConfig(processor_workers=1, max_restarts=2, restart_window_s=60, max_attempts=10)
+    with Runtime(config, services=ServiceSet(process=always_exits)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+        later = runtime.submit(payload(2)).result(timeout=10)
+        stats = runtime.stats()
+    assert record.state is S.FAILED
+    assert record.error is not None
+    assert "pool 'processor' is failing: 3 worker restarts within 60s (max_restarts=2)" in record.error
+    assert later.state is S.FAILED
+    assert "is failing" in (later.error or "")
+    assert stats["pools"]["processor"]["failing"] is not None
+    assert stats["restarts"] == 3
+
+
+# --- timeouts --------------------------------------------------------------------------------------
+
+
+def test_a_call_overrunning_the_stage_timeout_is_retried_on_a_fresh_worker_and_its_late_result_is_a_dead_letter() -> (
+    None
+):
+    release = threading.Event()
+    hung_once: set[str] = set()
+    lock = threading.Lock()
+    late = threading.Event()
+
+    def process(task: Task) -> Mapping[str, Any]:
+        with lock:
+            first = task.task_id not in hung_once
+            hung_once.add(task.task_id)
+        if first:
+            release.wait(30)
+            late.set()
+            return {"late": True}
+        return {"attempt": task.attempt}
+
+    config = RuntimeConfig(processor_workers=1, stage_timeout_s=0.2)
+    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+        record = runtime.submit(payload()).result(timeout=10)
+        assert record.state is S.COMPLETED
+        assert record.result == {"attempt": 2}
+        release.set()
+        assert late.wait(10)
+        deadline = time.monotonic() + 10
+        while runtime.stats()["late_results"] < 1 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        stats = runtime.stats()
+    assert stats["timeouts"] == 1
+    assert stats["late_results"] == 1
+    assert stats["dead_letters"] >= 1
+    assert stats["pools"]["processor"]["workers"] == 1
+
+
+# --- cancellation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["validate", "process", "persist"])
+def test_a_task_can_be_cancelled_at_each_stage_and_its_late_result_is_discarded(stage: str) -> None:
+    gate = Gate()
+    services = ServiceSet(**{stage: getattr(gate, stage)})  # type: ignore[arg-type]
+    with Runtime(services=services) as runtime:
+        handle = runtime.submit(payload())
+        assert gate.entered.wait(10)
+        assert handle.cancel() is True
+        record = handle.result(timeout=10)
+        assert record.state is S.CANCELLED
+        gate.opened.set()
+        runtime.submit(payload(2)).result(timeout=10)  # the pipeline moved on past the late result
+        final = runtime.get(handle.task_id)
+        stats = runtime.stats()
+        stored = runtime.results.count() if runtime.results is not None else 0
+    assert final.state is S.CANCELLED
+    assert final.path()[-1] == "CANCELLED"
+    assert stats["cancelled"] == 1
+    if stage != "persist":
+        assert stored == 1  # only the second task's result: the cancelled one was never persisted
+
+
+def test_cancelling_a_terminal_task_returns_false_and_an_unknown_one_raises(runtime: Runtime) -> None:
+    handle = runtime.submit(payload())
+    handle.result(timeout=10)
+    assert handle.cancel() is False
+    assert runtime.get(handle.task_id).state is S.COMPLETED
+    with pytest.raises(TaskNotFound):
+        runtime.cancel("nope")
+
+
+def test_a_task_waiting_for_a_retry_can_be_cancelled() -> None:
+    flaky = FlakyThenFine(100, TransientError("down"))
+    config = RuntimeConfig(retry_backoff_s=5, retry_backoff_max_s=5, max_attempts=5)
+    with Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+        handle = runtime.submit(payload())
+        deadline = time.monotonic() + 10
+        while runtime.stats()["retries"] < 1 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        assert handle.cancel() is True
+        assert handle.result(timeout=5).state is S.CANCELLED
+
+
+# --- backpressure ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_runtime() -> Iterator[tuple[Runtime, Gate]]:
+    gate = Gate()
+    config = RuntimeConfig(max_in_flight=2, overload="reject")
+    runtime = Runtime(config, services=ServiceSet(process=gate.process))
+    try:
+        yield runtime, gate
+    finally:
+        gate.opened.set()
+        runtime.close()
+
+
+def test_at_max_in_flight_submit_raises_overloaded_at_once_and_nothing_is_half_created(
+    full_runtime: tuple[Runtime, Gate],
+) -> None:
+    runtime, gate = full_runtime
+    first, second = runtime.submit(payload(1)), runtime.submit(payload(2))
+    with pytest.raises(Overloaded, match="max_in_flight limit of 2"):
+        runtime.submit(payload(3), task_id="third")
+    with pytest.raises(TaskNotFound):
+        runtime.get("third")
+    assert runtime.stats()["submitted"] == 2
+    gate.opened.set()
+    first.result(timeout=10)
+    second.result(timeout=10)
+    assert runtime.submit(payload(3), task_id="third").result(timeout=10).state is S.COMPLETED
+
+
+def test_in_wait_mode_submit_waits_for_room_then_gives_up_with_overloaded() -> None:
+    gate = Gate()
+    config = RuntimeConfig(max_in_flight=1, overload="wait", submit_timeout_s=0.1)
+    with Runtime(config, services=ServiceSet(process=gate.process)) as runtime:
+        first = runtime.submit(payload(1))
+        with pytest.raises(Overloaded, match=r"waited 0\.1s"):
+            runtime.submit(payload(2))
+        submitted = threading.Event()
+        results: list[TaskState] = []
+
+        def submitter() -> None:
+            handle = runtime.submit(payload(3))  # waits for room
+            submitted.set()
+            results.append(handle.result(timeout=10).state)
+
+        waiting = threading.Thread(target=submitter)
+        gate.opened.set()
+        first.result(timeout=10)
+        waiting.start()
+        assert submitted.wait(10)
+        waiting.join(10)
+    assert results == [S.COMPLETED]
+
+
+def test_a_flood_of_submissions_stays_bounded_by_max_in_flight() -> None:
+    peak = 0
+    lock = threading.Lock()
+    in_flight = 0
+
+    def process(task: Task) -> Mapping[str, Any]:
+        return {}
+
+    config = RuntimeConfig(max_in_flight=50, overload="wait", submit_timeout_s=30)
+    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+
+        def on_event(event: Any) -> None:
+            nonlocal in_flight, peak
+            with lock:
+                if event.to_state is S.CREATED:
+                    in_flight += 1
+                elif event.to_state in (S.COMPLETED, S.FAILED, S.CANCELLED):
+                    in_flight -= 1
+                peak = max(peak, in_flight)
+
+        runtime.subscribe(on_event)
+        handles = [runtime.submit(payload(i)) for i in range(2000)]
+        assert runtime.join(60)
+    assert all(h.done() for h in handles)
+    assert peak <= 50
+
+
+# --- shutdown and dead letters ----------------------------------------------------------------------
+
+
+def test_close_with_drain_finishes_the_tasks_in_flight() -> None:
+    gate = Gate()
+    runtime = Runtime(services=ServiceSet(process=gate.process))
+    handles = [runtime.submit(payload(i)) for i in range(5)]
+    assert gate.entered.wait(10)
+    opener = threading.Timer(0.05, gate.opened.set)
+    opener.start()
+    runtime.close(drain=True, timeout=10)
+    opener.join()
+    assert all(h.result(timeout=0).state is S.COMPLETED for h in handles)
+
+
+def test_close_without_drain_stops_at_once_leaving_tasks_unfinished() -> None:
+    gate = Gate()
+    runtime = Runtime(services=ServiceSet(process=gate.process))
+    handle = runtime.submit(payload())
+    assert gate.entered.wait(10)
+    runtime.close(drain=False)
+    gate.opened.set()
+    assert not handle.done()
+
+
+def test_messages_left_in_a_stopping_workers_mailbox_become_counted_dead_letters() -> None:
+    gate = Gate()
+    config = RuntimeConfig(processor_workers=1)
+    runtime = Runtime(config, services=ServiceSet(process=gate.process))
+    for index in range(3):
+        runtime.submit(payload(index))
+    assert gate.entered.wait(10)
+    with capture_logs() as logs:
+        stopper = threading.Thread(target=runtime.close, kwargs={"drain": False})
+        stopper.start()
+        gate.opened.set()
+        stopper.join(20)
+    letters = [e for e in logs if e["event"] == "dead_letter"]
+    assert letters, "queued calls dropped by a stopping worker must be logged"
+    assert all(e["why"] for e in letters)
+
+
+def test_a_process_with_a_forever_hung_service_still_exits_promptly() -> None:
+    code = (
+        "import threading\n"
+        "from actors import Runtime\n"
+        "from core import RuntimeConfig\n"
+        "from services import ServiceSet\n"
+        "hang = threading.Event()\n"
+        "def process(task):\n"
+        "    hang.wait()\n"
+        "rt = Runtime(RuntimeConfig(stage_timeout_s=0.1, max_attempts=1), services=ServiceSet(process=process))\n"
+        "print(rt.submit({'name': 'a', 'data': 1}).result(timeout=10).state.value, flush=True)\n"
+        "rt.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "FAILED"
+
+
+# --- chaos -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right() -> None:
+    seed, count = 20261125, 5000
+    chaos = ChaosProcessor(seed)
+    config = RuntimeConfig(
+        processor_workers=4,
+        stage_timeout_s=0.25,
+        max_attempts=3,
+        retry_backoff_s=0.001,
+        retry_backoff_max_s=0.01,
+        max_restarts=10_000,
+    )
+    finals: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def count_terminal(event: Any) -> None:
+        if event.to_state in (S.COMPLETED, S.FAILED, S.CANCELLED):
+            with lock:
+                finals[event.task_id] = finals.get(event.task_id, 0) + 1
+
+    runtime = Runtime(config, services=ServiceSet(process=chaos))
+    try:
+        runtime.subscribe(count_terminal)
+        handles = [runtime.submit(payload(i)) for i in range(count)]
+        assert runtime.join(100), runtime.stats()
+        records = [h.result(timeout=0) for h in handles]
+        stats = runtime.stats()
+    finally:
+        chaos.release.set()
+        runtime.close()
+    assert len(records) == count
+    assert all(r.state in (S.COMPLETED, S.FAILED) for r in records)  # every task terminal
+    assert len(finals) == count
+    assert set(finals.values()) == {1}
+    for index, record in enumerate(records):
+        assert record.state.value == expected_outcome(seed, index, 3), (index, record.error)
+    pool = stats["pools"]["processor"]
+    assert (pool["workers"], pool["failing"]) == (4, None)  # back at full size
+    assert stats["timeouts"] > 0
+    assert stats["restarts"] >= stats["timeouts"]
+    assert stats["retries"] > 0
