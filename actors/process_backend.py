@@ -49,6 +49,8 @@ file path is pickled by path, and each child opens the same file (WAL).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
 import pickle
 import signal
@@ -82,6 +84,9 @@ _TERM_GRACE_S: Final = 1.0
 """How long a child gets between SIGTERM and SIGKILL."""
 _KILL_WAIT_S: Final = 5.0
 """How long to wait for a SIGKILLed child to be reaped before giving up on it."""
+
+_PR_SET_PDEATHSIG: Final = 1
+"""prctl(2) option: the signal a process gets when its parent dies (Linux)."""
 
 _preload_lock = threading.Lock()
 _preload_set = False
@@ -532,6 +537,35 @@ class _SilentLog(EventLogger):
         return
 
 
+def _die_with_parent() -> bool:
+    """Make sure no worker outlives a runtime killed with SIGKILL. False if the parent is already gone.
+
+    An idle child sees end-of-file on its pipe anyway; a child hung in a call
+    would not. A watchdog thread waits on the parent's sentinel and ends the
+    process when the parent dies (it needs the GIL, which any Python code and
+    most blocking calls give up). On Linux the kernel also SIGKILLs the child
+    when its parent process dies: that covers a "spawn" child stuck in C code
+    that holds the GIL (a "forkserver" child's parent is the fork server, which
+    outlives the runtime while any of its children lives).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return True
+    sentinel = parent.sentinel
+    if connection.wait([sentinel], timeout=0):
+        return False  # it died before the watchdog was set
+    threading.Thread(target=_exit_when_ready, args=(sentinel,), name="actorflow-parent-watch", daemon=True).start()
+    return True
+
+
+def _exit_when_ready(sentinel: int) -> None:
+    connection.wait([sentinel])
+    os._exit(1)
+
+
 def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> None:
     """A worker process: load the function, then run calls one at a time until told to stop.
 
@@ -540,6 +574,8 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
     `None` or end-of-file ends it; so does a ``crashed`` call, after its report.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    if not _die_with_parent():
+        return
     node = f"pid:{os.getpid()}"
     try:
         fn = pickle.loads(pickled_fn)  # noqa: S301 - our own parent pickled it

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import queue
 import select
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -372,6 +374,38 @@ def test_close_without_draining_kills_calls_still_running() -> None:
         runtime.close(drain=False)
         assert not exists(hung_pid)
         assert worker_pids() == set()
+
+
+_HOST_PROGRAM = """
+import sys
+from actors import Runtime
+from core import RuntimeConfig
+from services import ServiceSet
+from tests import process_services as ps
+
+runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(process=ps.hang_on_first_attempt))
+runtime.submit({"name": "hang", "data": {"rendezvous": sys.argv[1]}})
+sys.stdin.read()  # until the test kills us
+"""
+
+
+def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_a_call() -> None:
+    with ps.rendezvous() as point:
+        host = subprocess.Popen(
+            [sys.executable, "-c", _HOST_PROGRAM, point.path],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            (hung_pid,) = point.arrivals(1)
+            with watching(hung_pid) as ended:
+                host.kill()
+                assert ended(30), "the hung worker outlived its runtime"
+        finally:
+            host.kill()
+            assert host.stdin is not None
+            host.stdin.close()
+            host.wait(30)
 
 
 def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path) -> None:
