@@ -237,7 +237,8 @@ class _Died:
 _RETIRED: Final = _Retired()
 _DIED: Final = _Died()
 _WAKE: Final = "wake"
-_CHILD: Final = "child"
+_REPORT: Final = "report"
+_EXIT: Final = "exit"
 _STOP: Final = b"stop"
 """Tells an idle child to exit (a pickle never equals it)."""
 
@@ -359,19 +360,19 @@ class ProcessWorker:
         # One selector for the worker's life (epoll on Linux): far cheaper per call than connection.wait().
         with selectors.DefaultSelector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-            selector.register(self._conn, selectors.EVENT_READ, _CHILD)
-            selector.register(self._process.sentinel, selectors.EVENT_READ, _CHILD)
+            selector.register(self._conn, selectors.EVENT_READ, _REPORT)
+            selector.register(self._process.sentinel, selectors.EVENT_READ, _EXIT)
             why = self._await_ready(selector)
             if why is not None or self._retired:
                 return why
             while True:
                 self._feed_child()
-                child_stirred = self._wait(selector)
+                stirred = self._wait(selector)
                 if self._retired:
                     return None
-                if not child_stirred:
+                if not stirred:
                     continue
-                report = self._receive()
+                report = self._receive(stirred)
                 if isinstance(report, tuple):
                     if not self._finish(report):
                         return None  # a crashed call: its report tells the pool to replace us
@@ -381,22 +382,23 @@ class ProcessWorker:
                 self._report_death_during_call()
                 return None
 
-    def _wait(self, selector: selectors.BaseSelector) -> bool:
-        """Wait for the wake-up pipe or the child; True if the child has spoken or ended."""
-        child = False
+    def _wait(self, selector: selectors.BaseSelector) -> set[str]:
+        """Wait for the wake-up pipe or the child; what the child did: {_REPORT} and/or {_EXIT}, or nothing."""
+        stirred = set()
         for key, _ in selector.select():
             if key.data is _WAKE:
                 self._drain_wake()
             else:
-                child = True
-        return child
+                stirred.add(key.data)
+        return stirred
 
     def _await_ready(self, selector: selectors.BaseSelector) -> str | None:
         """Wait for the child's hello; calls wait in the deque meanwhile. The reason if it never comes."""
         while not self._retired:
-            if not self._wait(selector) or self._retired:
+            stirred = self._wait(selector)
+            if not stirred or self._retired:
                 continue
-            hello = self._receive()
+            hello = self._receive(stirred)
             if isinstance(hello, tuple) and hello[:1] == ("ready",):
                 return None
             if isinstance(hello, tuple) and hello[:1] == ("load_failed",):
@@ -405,13 +407,13 @@ class ProcessWorker:
             return f"worker process {self.node} exited with code {self._exit_code()} before it was ready"
         return None
 
-    def _receive(self) -> Any:
-        """The child's next message, or _DIED once it is gone.
+    def _receive(self, stirred: set[str]) -> Any:
+        """The child's next message, or _DIED once it is gone (end-of-file is a readable pipe too).
 
         A child may write its last report and exit at once: what the pipe holds is read before the exit counts.
         """
         try:
-            if self._conn.poll():
+            if _REPORT in stirred or self._conn.poll():
                 return pickle.loads(self._conn.recv_bytes())  # noqa: S301 - our own child pickled it
         except (EOFError, OSError):
             return _DIED
