@@ -1,17 +1,22 @@
 """The process backend: service calls run in worker processes, for CPU-bound services.
 
-One child process per worker, no shared memory: a `RunService` goes down a
-`multiprocessing` pipe by pickling, the child runs it with `execute` (the very
-function thread workers use) and sends the `ServiceDone` back. In the parent,
-each worker has one forwarding thread that owns the pipe::
+One child process per worker, no shared memory. A call crosses a
+`multiprocessing` pipe as one pickle (its fields as a tuple, the frozen
+payload inside), the child runs it with `execute` (the very function thread
+workers use) and sends back a report, from which the parent builds the
+`ServiceDone`. In the parent, each worker has one forwarding thread that owns
+the pipe::
 
     orchestrator ─send()─► deque + wake-up pipe ─► forwarding thread ─pickle─► child: execute(fn, call)
     orchestrator ◄─deliver(ServiceDone)─ forwarding thread ◄─pickle─ child
 
 The orchestrator never blocks: `send` and `retire` only append to a deque and
 write one byte to the thread's wake-up pipe. The forwarding thread waits on
-three things at once (the reply pipe, the child's exit sentinel and the
-wake-up pipe), so it notices a dying child, a retirement or new work at once.
+three things at once (the report pipe, the child's exit sentinel and the
+wake-up pipe), so it notices new work, a retirement or a dying child at once.
+It hands the child every call the pool gives it (at most a couple): the next
+call waits in the pipe while the current one runs, so a busy child never
+waits for a round trip.
 
 Supervision follows the thread workers' rules (issue 5):
 
@@ -25,7 +30,9 @@ Supervision follows the thread workers' rules (issue 5):
   through `on_death`, and the pool replaces it without charging any task;
 * `retire()` really stops the child: an idle one is asked to exit, a busy
   one (say, hung past `stage_timeout_s`) gets SIGTERM, then SIGKILL. Its
-  forwarding thread delivers nothing after retirement.
+  forwarding thread delivers nothing after retirement;
+* a child never outlives its runtime: it watches its parent and exits when
+  the parent dies, even by SIGKILL.
 
 Events (``service.started``, ``service.finished``, ``service.failed``) carry
 the thread workers' fields plus ``node`` (``"pid:1234"``). They are emitted
@@ -37,7 +44,9 @@ server process (multiprocessing's own, shared by the whole host process)
 imports actorflow once and forks each worker from it, so a worker starts in
 a few milliseconds instead of the ~300 ms a "spawn" child needs to import
 actorflow. "spawn" is available too; "fork" is refused, since forking a
-process full of threads can deadlock the child.
+process full of threads can deadlock the child. As with any multiprocessing
+program, the host's main script is imported in the fork server (or in each
+spawned child): it must keep its work under ``if __name__ == "__main__":``.
 
 The default persistence (`services.ResultStore` with no path) is an
 in-memory SQLite database private to the parent process; a child would write
@@ -226,15 +235,10 @@ class ProcessBackend:
 # --- one worker, parent side ---------------------------------------------------------------------
 
 
-class _Retired:
-    """The forwarding thread's signal that the worker was retired."""
-
-
 class _Died:
-    """The forwarding thread's signal that the child process ended."""
+    """What `_receive` returns once the child process is gone."""
 
 
-_RETIRED: Final = _Retired()
 _DIED: Final = _Died()
 _WAKE: Final = "wake"
 _REPORT: Final = "report"
