@@ -1,5 +1,9 @@
 """Messages between actorflow's actors. Every one is frozen data (no shared mutable state).
 
+They are NamedTuples, as pykka's own messages are: as immutable as a frozen dataclass and about eight
+times cheaper to build (a frozen dataclass's __init__ pays an object.__setattr__ per field), which
+matters on the hot path where a task makes a dozen of them.
+
 Flow of one task (→ is a tell; nothing blocks in a handler)::
 
     Runtime.submit ─CreateTask─► StateActor ─TasksCreated─► Orchestrator
@@ -10,8 +14,7 @@ Flow of one task (→ is a tell; nothing blocks in a handler)::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pykka
 
@@ -19,6 +22,7 @@ from core.tracing import TraceContext
 from core.types import JSONValue, Task, TaskRecord, TaskState
 
 __all__ = [
+    "MESSAGE_TYPES",
     "CallDeadline",
     "CancelTask",
     "CreateTask",
@@ -39,8 +43,7 @@ __all__ = [
 # --- to the StateActor ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CreateTask:
+class CreateTask(NamedTuple):
     """Create a task. `reply` gets the committed record (or the error); `notify` gets TasksCreated."""
 
     task_id: str
@@ -51,8 +54,7 @@ class CreateTask:
     notify: pykka.ActorRef[Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionRequest:
+class TransitionRequest(NamedTuple):
     """Move a task to `to_state`, if the table allows it and it is still in `expected`."""
 
     task_id: str
@@ -64,8 +66,7 @@ class TransitionRequest:
     attempts: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionBatch:
+class TransitionBatch(NamedTuple):
     """Several transition requests, applied in order and committed together."""
 
     requests: tuple[TransitionRequest, ...]
@@ -75,8 +76,7 @@ class TransitionBatch:
 # --- from the StateActor -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TasksCreated:
+class TasksCreated(NamedTuple):
     """These tasks are committed in state CREATED: start their pipelines."""
 
     records: tuple[TaskRecord, ...]
@@ -85,8 +85,7 @@ class TasksCreated:
 Outcome = Literal["accepted", "rejected", "journal_failed"]
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionOutcome:
+class TransitionOutcome(NamedTuple):
     """What became of one TransitionRequest, after the commit."""
 
     request: TransitionRequest
@@ -95,8 +94,7 @@ class TransitionOutcome:
     why: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TransitionsApplied:
+class TransitionsApplied(NamedTuple):
     """The outcomes of one or more TransitionBatches, in order."""
 
     outcomes: tuple[TransitionOutcome, ...]
@@ -105,8 +103,7 @@ class TransitionsApplied:
 # --- orchestrator and workers --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RunService:
+class RunService(NamedTuple):
     """Run one service call. `call_id` is unique per call, retries included."""
 
     call_id: int
@@ -121,8 +118,7 @@ class RunService:
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceDone:
+class ServiceDone(NamedTuple):
     """A worker's report of one call. `crashed` means a BaseException: the worker must be replaced."""
 
     call_id: int
@@ -137,39 +133,54 @@ class ServiceDone:
     node: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerDied:
+class WorkerDied(NamedTuple):
     """A worker actor stopped without being asked to."""
 
     worker: str
     why: str
 
 
-@dataclass(frozen=True, slots=True)
-class RetryDue:
+class RetryDue(NamedTuple):
     """A retry's backoff has elapsed."""
 
     task_id: str
     call_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class CallDeadline:
+class CallDeadline(NamedTuple):
     """A service call's stage timeout has elapsed (if it is still running, it timed out)."""
 
     call_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class CancelTask:
+class CancelTask(NamedTuple):
     """Cancel a task; `reply` gets True if it was cancelled, False if already terminal."""
 
     task_id: str
     reply: pykka.Future[bool]
 
 
-@dataclass(frozen=True, slots=True)
-class ResumeTasks:
+class ResumeTasks(NamedTuple):
     """Recovered non-terminal tasks: continue each from its last committed state."""
 
     records: tuple[TaskRecord, ...]
+
+
+MESSAGE_TYPES: frozenset[type] = frozenset(
+    {
+        CreateTask,
+        TransitionRequest,
+        TransitionBatch,
+        TasksCreated,
+        TransitionOutcome,
+        TransitionsApplied,
+        RunService,
+        ServiceDone,
+        WorkerDied,
+        RetryDue,
+        CallDeadline,
+        CancelTask,
+        ResumeTasks,
+    }
+)
+"""Every message type above: actors hand these straight to on_receive."""

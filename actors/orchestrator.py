@@ -20,6 +20,7 @@ from typing import Any
 
 import pykka
 
+from actors.base import FastActor
 from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
 from actors.messages import (
     CallDeadline,
@@ -66,10 +67,8 @@ class _Flight:
     cancel_replies: list[pykka.Future[bool]] = field(default_factory=list)
 
 
-class OrchestratorActor(pykka.ThreadingActor):
+class OrchestratorActor(FastActor):
     """Drives each task: dispatch a service call, await its ServiceDone, request the transition, repeat."""
-
-    use_daemon_thread = True
 
     def __init__(
         self,
@@ -102,6 +101,16 @@ class OrchestratorActor(pykka.ThreadingActor):
         """Cancel replies for tasks this actor is not driving (already finished, or unknown)."""
         self.counters = {"retries": 0, "timeouts": 0, "restarts": 0, "cancelled": 0, "late_results": 0}
         me, office = self.actor_ref, dead_letters
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            ServiceDone: self._on_service_done,
+            TransitionsApplied: self._on_transitions_applied,
+            TasksCreated: self._on_tasks_created,
+            RetryDue: self._on_retry_due,
+            CallDeadline: self._on_call_deadline,
+            WorkerDied: self._on_worker_died,
+            CancelTask: self._on_cancel,
+            ResumeTasks: self._on_resume,
+        }
         self._backend = backend
         self._pools: dict[str, ServicePool] = {}
         for service, fn in functions.items():
@@ -143,27 +152,26 @@ class OrchestratorActor(pykka.ThreadingActor):
             self._flush()
 
     def _handle(self, message: Any) -> None:
-        if isinstance(message, ServiceDone):
-            self._on_service_done(message)
-        elif isinstance(message, TransitionsApplied):
-            for outcome in message.outcomes:
-                self._on_outcome(outcome)
-        elif isinstance(message, TasksCreated):
-            for record in message.records:
-                self._begin(record)
-        elif isinstance(message, RetryDue):
-            self._on_retry_due(message)
-        elif isinstance(message, CallDeadline):
-            self._on_deadline(message.call_id)
-        elif isinstance(message, WorkerDied):
-            self._on_worker_died(message)
-        elif isinstance(message, CancelTask):
-            self._on_cancel(message)
-        elif isinstance(message, ResumeTasks):
-            for record in message.records:
-                self._resume(record)
-        else:
+        handler = self._handlers.get(type(message))
+        if handler is None:
             self._dead_letters.post(message, to="orchestrator", why="unknown message type")
+            return
+        handler(message)
+
+    def _on_transitions_applied(self, message: TransitionsApplied) -> None:
+        for outcome in message.outcomes:
+            self._on_outcome(outcome)
+
+    def _on_tasks_created(self, message: TasksCreated) -> None:
+        for record in message.records:
+            self._begin(record)
+
+    def _on_call_deadline(self, message: CallDeadline) -> None:
+        self._on_deadline(message.call_id)
+
+    def _on_resume(self, message: ResumeTasks) -> None:
+        for record in message.records:
+            self._resume(record)
 
     def on_start(self) -> None:
         """Note the actor's thread, for the runtime to join at close."""

@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import functools
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from types import TracebackType
@@ -32,7 +31,7 @@ from actors.threads import ThreadBook
 from actors.timer import Timer
 from core.config import TERMINAL_STATES, RuntimeConfig
 from core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
-from core.tracing import get_event_logger, new_trace, parse_traceparent
+from core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from services import ResultStore, ServiceSet
 
@@ -52,34 +51,51 @@ def _close_forgotten_runtimes() -> None:
 
 
 class _Waiter:
-    """Completion of one task, settable once from the state actor's thread."""
+    """Completion of one task, settable once from the state actor's thread.
 
-    __slots__ = ("_callbacks", "_event", "_lock", "record")
+    Most handles are never waited on one by one (a flood of submissions ends
+    in one `join()`), so the Event and the callback list are made only when
+    someone waits: a threading.Event costs more to build than the rest of a submit.
+    """
+
+    __slots__ = ("_callbacks", "_event", "record")
+
+    _lock = threading.Lock()
+    """One lock for all waiters: it guards only the brief hand-over of `record`."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[TaskRecord], None]] = []
+        self._event: threading.Event | None = None
+        self._callbacks: list[Callable[[TaskRecord], None]] | None = None
         self.record: TaskRecord | None = None
 
     def set(self, record: TaskRecord) -> None:
-        with self._lock:
+        with _Waiter._lock:
             self.record = record
-            callbacks, self._callbacks = self._callbacks, []
-        self._event.set()
-        for callback in callbacks:
+            event, callbacks = self._event, self._callbacks
+            self._callbacks = None
+        if event is not None:
+            event.set()
+        for callback in callbacks or ():
             callback(record)
 
     def add_callback(self, callback: Callable[[TaskRecord], None]) -> None:
-        with self._lock:
+        with _Waiter._lock:
             if self.record is None:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(callback)
                 return
             record = self.record
         callback(record)
 
     def wait(self, timeout: float | None) -> bool:
-        return self._event.wait(timeout)
+        with _Waiter._lock:
+            if self.record is not None:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
 
 class _Tracker:
@@ -141,15 +157,15 @@ class _Tracker:
         with self._cond:
             return self._waiters.get(task_id)
 
-    def on_event(self, event: TransitionEvent) -> None:
-        """State-actor subscriber: settle the waiter when its task turns terminal."""
-        if event.to_state not in TERMINAL_STATES:
-            return
+    def on_terminal(self, record: TaskRecord) -> None:
+        """The state actor's terminal hook: settle the task's waiter, wake whoever waits for room or for none."""
         with self._cond:
-            waiter = self._waiters.pop(event.task_id, None)
-            self._cond.notify_all()
+            waiter = self._waiters.pop(record.task_id, None)
+            # Waking the waiters costs a thread switch each: only when join() or reserve() can now pass.
+            if not self._waiters or self._limit is not None:
+                self._cond.notify_all()
         if waiter is not None:
-            waiter.set(event.record)
+            waiter.set(record)
 
     def join(self, timeout: float | None) -> bool:
         with self._cond:
@@ -258,6 +274,7 @@ class Runtime:
                 retain_terminal=config.retain_terminal,
                 dead_letters=self._dead_letters,
                 threads=self._threads,
+                on_terminal=self._tracker.on_terminal,
             )
         except BaseException:
             if journal is not None:
@@ -274,7 +291,6 @@ class Runtime:
             threads=self._threads,
         )
         self._orchestrator_proxy = self._orchestrator.proxy()
-        self._subscription = self._state_proxy.subscribe(self._tracker.on_event).get(timeout=_ASK_TIMEOUT_S)
         recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
         for record in recovered:
             self._tracker.track(record.task_id, reserved=False)
@@ -338,8 +354,11 @@ class Runtime:
             frozen = freeze(payload)
         except TypeError as exc:
             raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
+        # An acknowledgement costs a round trip to the state actor. It is needed when there is a commit
+        # to wait for (a journal) or a caller-chosen id that may be taken; a fresh uuid in memory is neither.
+        needs_ack = task_id is not None or self.config.journal_path is not None
         if task_id is None:
-            task_id = uuid.uuid4().hex
+            task_id = new_task_id()
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
             raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
         if traceparent is not None:
@@ -349,12 +368,11 @@ class Runtime:
                 raise InvalidPayload(str(exc)) from None
         else:
             trace = new_trace()
-        reply: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
+        reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
         return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
-        assert message.reply is not None
         waiter = self._tracker.track(message.task_id, reserved=True)
         trace = message.trace
         self._log.debug(
@@ -366,7 +384,8 @@ class Runtime:
         )
         try:
             self._state.tell(message)
-            record = message.reply.get(timeout=_ASK_TIMEOUT_S)
+            if message.reply is not None:
+                message.reply.get(timeout=_ASK_TIMEOUT_S)
         except pykka.ActorDeadError:
             self._tracker.forget(message.task_id)
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
@@ -380,7 +399,7 @@ class Runtime:
                 error=str(exc),
             )
             raise
-        return TaskHandle(self, record.task_id, waiter)
+        return TaskHandle(self, message.task_id, waiter)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -413,11 +432,13 @@ class Runtime:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
         counts: dict[str, int] = self._state_proxy.counts().get(timeout=_ASK_TIMEOUT_S)
         orchestrator: dict[str, Any] = self._orchestrator_proxy.stats().get(timeout=_ASK_TIMEOUT_S)
+        in_memory: int = self._state_proxy.memory_size().get(timeout=_ASK_TIMEOUT_S)
         return {
             **counts,
             "submitted": self._tracker.submitted,
             "in_flight": self._tracker.in_flight,
             "dead_letters": self._dead_letters.count,
+            "records_in_memory": in_memory,
             **orchestrator,
         }
 

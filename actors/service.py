@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import pykka
 import structlog
 
+from actors.base import FastActor
 from actors.deadletters import DeadLetterOffice
 from actors.messages import RunService, ServiceDone, ServiceStatus
 from actors.threads import ThreadBook
@@ -77,7 +78,9 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
         fields["node"] = node
     # Bound for the service's own logging (a host with merge_contextvars sees the trace).
     structlog.contextvars.bind_contextvars(**fields)
-    log.debug("service.started", **fields)
+    verbose = log.enabled("debug")  # checked once: the two debug events cost nothing when off
+    if verbose:
+        log.debug("service.started", **fields)
     started = time.perf_counter()
     result: Mapping[str, JSONValue] | None = None
     status: ServiceStatus = "ok"
@@ -92,7 +95,8 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
         status, error = "crashed", exc
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     if error is None:
-        log.debug("service.finished", duration_ms=duration_ms, **fields)
+        if verbose:
+            log.debug("service.finished", duration_ms=duration_ms, **fields)
         return ServiceDone(
             call.call_id, call.service, call.task.task_id, worker, "ok", result, duration_ms=duration_ms, node=node
         )
@@ -139,14 +143,12 @@ class ServiceBackend(Protocol):
         """Release what the backend holds (called after every worker is retired)."""
 
 
-class ServiceWorker(pykka.ThreadingActor):
+class ServiceWorker(FastActor):
     """A pykka actor that runs service calls one at a time.
 
     Its thread is a daemon, so a call that hangs forever cannot stop the
     interpreter from exiting once the pool has retired the worker.
     """
-
-    use_daemon_thread = True
 
     def __init__(
         self,

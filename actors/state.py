@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from actors.base import FastActor
 from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
 from actors.messages import (
     CreateTask,
@@ -30,7 +31,7 @@ from actors.threads import ThreadBook
 from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
 from core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
 from core.tracing import TraceContext, get_event_logger, new_trace
-from core.types import TaskRecord, TaskState, Transition, TransitionEvent, freeze
+from core.types import TaskRecord, TaskState, Transition, TransitionEvent, evolve, freeze
 
 if TYPE_CHECKING:
     from core.journal import Journal
@@ -42,7 +43,7 @@ Subscriber = Callable[[TransitionEvent], None]
 _Changes = list["_Change"]
 _Records = list[TaskRecord]
 
-_MAX_BATCH = 512
+_MAX_BATCH = 256
 """Commit at least this often even while the mailbox stays busy, to bound latency."""
 _JOURNAL_ATTEMPTS = 3
 """Write attempts per batch before its changes are rolled back and refused."""
@@ -60,15 +61,13 @@ class _Change:
     request: TransitionRequest | None = None
 
 
-class StateActor(pykka.ThreadingActor):
+class StateActor(FastActor):
     """Owns every TaskRecord. Start with `StateActor.start()`; use its proxy or messages.
 
     Proxy methods (`create`, `transition`, `get`, `list`, `counts`) commit
     before they return. The runtime's hot path uses messages (`CreateTask`,
     `TransitionBatch`) and gets group commit.
     """
-
-    use_daemon_thread = True
 
     def __init__(
         self,
@@ -77,10 +76,12 @@ class StateActor(pykka.ThreadingActor):
         retain_terminal: int | None = None,
         dead_letters: DeadLetterOffice | None = None,
         threads: ThreadBook | None = None,
+        on_terminal: Callable[[TaskRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self._threads = threads
+        self._on_terminal = on_terminal
         self._journal = journal
         self._retain = retain_terminal
         self._dead_letters = dead_letters or DeadLetterOffice()
@@ -155,6 +156,10 @@ class StateActor(pykka.ThreadingActor):
         self._flush()
         return {state.value: self._counts.get(state, 0) for state in TaskState}
 
+    def memory_size(self) -> int:
+        """How many records are held in memory (bounded by retain_terminal plus tasks in flight)."""
+        return len(self._records)
+
     def non_terminal(self) -> _Records:
         """Every task not yet terminal (for recovery after a restart)."""
         return [record for record in self._records.values() if record.state not in TERMINAL_STATES]
@@ -173,6 +178,14 @@ class StateActor(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         """Apply creates and transition batches; commit when the mailbox runs dry."""
+        try:
+            self._receive(message)
+        except Exception as exc:  # noqa: BLE001 - the one owner of state must outlive any bug in a message
+            self._log.error(
+                "state.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
+            )
+
+    def _receive(self, message: Any) -> None:
         if isinstance(message, TransitionBatch):
             for request in message.requests:
                 self._apply_transition(request, notify=message.reply_to)
@@ -180,7 +193,9 @@ class StateActor(pykka.ThreadingActor):
             self._apply_create(message)
         else:
             self._dead_letters.post(message, to="state", why="unknown message type")
-        if len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
+        # In memory there is nothing to group: acknowledge at once. With a journal, one commit covers
+        # everything that was waiting in the mailbox (group commit), up to _MAX_BATCH changes.
+        if self._journal is None or len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
             self._flush()
 
     def on_start(self) -> None:
@@ -272,7 +287,7 @@ class StateActor(pykka.ThreadingActor):
         assert before is not None
         now = self._clock()
         transition = Transition(before.state, request.to_state, now, request.reason)
-        record = replace(
+        record = evolve(
             before,
             state=request.to_state,
             result=request.result if request.result is not None else before.result,
@@ -325,8 +340,8 @@ class StateActor(pykka.ThreadingActor):
         for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
             try:
                 self._journal.write_batch(created, changed)
-            except JournalError as exc:
-                failure = exc
+            except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
+                failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
                 self._log.error("journal.write_failed", attempt=attempt, of=_JOURNAL_ATTEMPTS, error=str(exc))
                 continue
             return None
@@ -351,15 +366,18 @@ class StateActor(pykka.ThreadingActor):
 
     def _publish(self, change: _Change) -> None:
         record, transition = change.record, change.transition
-        self._log.debug(
-            "task.transition",
-            task_id=record.task_id,
-            trace_id=record.trace_id,
-            from_state=transition.from_state.value if transition.from_state else None,
-            to_state=transition.to_state.value,
-            reason=transition.reason,
-            attempts=record.attempts,
-        )
+        if self._log.enabled("debug"):
+            self._log.debug(
+                "task.transition",
+                task_id=record.task_id,
+                trace_id=record.trace_id,
+                from_state=transition.from_state.value if transition.from_state else None,
+                to_state=transition.to_state.value,
+                reason=transition.reason,
+                attempts=record.attempts,
+            )
+        if self._on_terminal is not None and record.state in TERMINAL_STATES:
+            self._on_terminal(record)
         if not self._subscribers:
             return
         event = TransitionEvent(

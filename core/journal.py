@@ -91,6 +91,8 @@ _SCHEMA: Final[tuple[str, ...]] = (
         result     TEXT,
         error      TEXT,
         trace_id   TEXT    NOT NULL,
+        span_id    TEXT    NOT NULL,
+        parent_span_id TEXT,
         attempts   INTEGER NOT NULL,
         created_at REAL    NOT NULL,
         updated_at REAL    NOT NULL
@@ -117,8 +119,8 @@ _SCHEMA: Final[tuple[str, ...]] = (
 _TABLES: Final = frozenset({"tasks", "transitions"})
 
 _INSERT_TASK: Final = (
-    "INSERT INTO tasks (task_id, state, payload, result, error, trace_id, attempts, created_at, updated_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO tasks (task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts,"
+    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)"
@@ -127,7 +129,9 @@ _UPDATE_TASK: Final = (
     "UPDATE tasks SET state = ?, result = ?, error = ?, attempts = ?, updated_at = ? WHERE task_id = ?"
 )
 
-_TASK_COLUMNS: Final = "task_id, state, payload, result, error, trace_id, attempts, created_at, updated_at"
+_TASK_COLUMNS: Final = (
+    "task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts, created_at, updated_at"
+)
 _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
 _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
@@ -135,7 +139,7 @@ _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 # One encoder, built once: json.dumps with non-default arguments builds a new encoder per call.
 _encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
-_TaskRow = tuple[str, str, str, str | None, str | None, str, int, float, float]
+_TaskRow = tuple[str, str, str, str | None, str | None, str, str, str | None, int, float, float]
 _LogRow = tuple[str, int, str | None, str, float, str | None]
 
 
@@ -412,6 +416,8 @@ class Journal(JournalReader):
                 None if record.result is None else _encode_json(record.result),
                 _storable(record.error),
                 record.trace_id,
+                record.span_id,
+                record.parent_span_id,
                 record.attempts,
                 record.created_at,
                 record.updated_at,
@@ -728,7 +734,7 @@ _STATE_BY_NAME: Final[dict[str, TaskState]] = {state.value: state for state in T
 
 
 def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> TaskRecord:
-    task_id, state, payload, result, error, trace_id, attempts, created_at, updated_at = row
+    task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts, created_at, updated_at = row
     return TaskRecord(
         task_id=task_id,
         state=_STATE_BY_NAME[state],
@@ -739,6 +745,8 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         created_at=created_at,
         updated_at=updated_at,
         trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent_span_id,
         attempts=attempts,
     )
 

@@ -1,0 +1,39 @@
+"""The base of actorflow's actors: pykka threading actors with a faster mailbox.
+
+pykka's default inbox is a `queue.Queue`, which takes and notifies two
+Conditions on every put and get. actorflow's mailboxes are unbounded, so a
+`queue.SimpleQueue` (C-implemented, lock-free for the caller) meets pykka's
+`ActorInbox` protocol (`put`, `get`, `empty`) at a fraction of the cost. It
+is the single largest saving on the hot path, where a task makes about ten
+messages.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+import pykka
+from pykka._actor import ActorInbox  # the protocol pykka 4 declares for custom inboxes
+
+from actors.messages import MESSAGE_TYPES
+
+__all__ = ["FastActor"]
+
+
+class FastActor(pykka.ThreadingActor):
+    """A daemon-threaded pykka actor whose mailbox is a SimpleQueue."""
+
+    use_daemon_thread = True
+
+    @staticmethod
+    def _create_actor_inbox() -> ActorInbox:
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        return inbox
+
+    def _handle_receive(self, message: Any) -> Any:
+        # pykka tests every message against its four control types before on_receive; ours are
+        # none of them, and a task sends about ten, so they go straight to on_receive.
+        if type(message) in MESSAGE_TYPES:
+            return self.on_receive(message)
+        return super()._handle_receive(message)

@@ -1,0 +1,39 @@
+"""A child process for the kill -9 test: runs a journaled runtime and prints each acknowledged task id.
+
+Usage: python -m tests.journal_child JOURNAL RESULTS START COUNT
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from actors import Runtime
+from core import RuntimeConfig, Task
+from services import ServiceSet
+
+
+def process(task: Task) -> Mapping[str, Any]:
+    # A little work of random length, so that kills land in every stage.
+    threading.Event().wait(random.random() * 0.002)
+    return {"index": task.payload["data"]["index"]}
+
+
+def main(argv: list[str]) -> int:
+    journal, results, start, count = argv[0], argv[1], int(argv[2]), int(argv[3])
+    config = RuntimeConfig(journal_path=journal, result_store=results, processor_workers=4)
+    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+        print("ready", flush=True)
+        for index in range(start, start + count):
+            handle = runtime.submit({"name": f"k-{index}", "data": {"index": index}}, task_id=f"k-{index}")
+            print(f"acked {handle.task_id}", flush=True)  # submit() returned: the creation is committed
+        runtime.join()
+        print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
