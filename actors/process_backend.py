@@ -248,13 +248,12 @@ _STOP: Final = b"stop"
 
 
 class _InChild:
-    """A call in the child's pipe, with its event fields and the time it started running."""
+    """A call in the child's pipe, and the time it started running."""
 
-    __slots__ = ("call", "fields", "started")
+    __slots__ = ("call", "started")
 
-    def __init__(self, call: RunService, fields: dict[str, Any]) -> None:
+    def __init__(self, call: RunService) -> None:
         self.call = call
-        self.fields = fields
         self.started = time.perf_counter()
 
 
@@ -435,7 +434,7 @@ class ProcessWorker:
                 self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
                 return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
-            self._in_child.append(_InChild(call, _call_fields(call, self.name, self.node)))
+            self._in_child.append(_InChild(call))
             if len(self._in_child) == 1:
                 self._start_head()
 
@@ -443,7 +442,8 @@ class ProcessWorker:
         """The child starts the call at the head of its pipe now."""
         head = self._in_child[0]
         head.started = time.perf_counter()
-        self._log.debug("service.started", **head.fields)
+        if self._log.enabled("debug"):
+            self._log.debug("service.started", **_call_fields(head.call, self.name, self.node))
 
     def _finish(self, report: tuple[Any, ...]) -> bool:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
@@ -492,17 +492,18 @@ class ProcessWorker:
         self._log_and_deliver(head, done)
 
     def _log_and_deliver(self, entry: _InChild, done: ServiceDone) -> None:
-        if done.status == "ok":
-            self._log.debug("service.finished", duration_ms=done.duration_ms, **entry.fields)
-        else:
+        if done.status != "ok":
             self._log.warning(
                 "service.failed",
                 duration_ms=done.duration_ms,
                 error_type=done.error_type,
                 error=done.error,
                 transient=done.status != "permanent",
-                **entry.fields,
+                **_call_fields(entry.call, self.name, self.node),
             )
+        elif self._log.enabled("debug"):
+            fields = _call_fields(entry.call, self.name, self.node)
+            self._log.debug("service.finished", duration_ms=done.duration_ms, **fields)
         self._deliver(done)
 
     def _drain_wake(self) -> None:
@@ -598,6 +599,10 @@ class _SilentLog(EventLogger):
     """The child emits nothing: its events are emitted by the parent, where logging is configured."""
 
     __slots__ = ()
+
+    def enabled(self, level: str) -> bool:
+        """Never: `execute` then skips building its debug events."""
+        return False
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         return
