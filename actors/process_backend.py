@@ -99,8 +99,11 @@ _KILL_WAIT_S: Final = 5.0
 _PR_SET_PDEATHSIG: Final = 1
 """prctl(2) option: the signal a process gets when its parent dies (Linux)."""
 
-_preload_lock = threading.Lock()
-_preload_set = False
+_SERVER_START_S: Final = 60.0
+"""Bound on waiting for the fork server to start (it imports actorflow once)."""
+
+_server_lock = threading.Lock()
+_server_ready = False
 
 
 # --- set-up checks -------------------------------------------------------------------------------
@@ -144,14 +147,27 @@ def _context(start_method: str) -> BaseContext:
         )
     context = get_context(start_method)
     if start_method == "forkserver":
-        global _preload_set
-        with _preload_lock:
-            if not _preload_set:
+        global _server_ready
+        with _server_lock:
+            if not _server_ready:
                 # The server imports actorflow once; every worker forked from it starts with it imported.
                 # ("__main__" is multiprocessing's own default; this takes effect when the server starts.)
                 context.set_forkserver_preload(["__main__", __name__])
-                _preload_set = True
+                # Start the server now, once per process, and wait for its imports: otherwise the first
+                # calls' stage deadlines would include them (a replacement worker then starts in milliseconds).
+                probe = context.Process(target=_probe, name="actorflow-forkserver-probe", daemon=True)  # type: ignore[attr-defined]
+                probe.start()
+                probe.join(_SERVER_START_S)
+                if probe.exitcode is None:
+                    probe.kill()
+                    probe.join()
+                probe.close()
+                _server_ready = True
     return context
+
+
+def _probe() -> None:
+    """A no-op child: starting one starts the fork server."""
 
 
 # --- the backend ---------------------------------------------------------------------------------
