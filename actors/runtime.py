@@ -172,6 +172,20 @@ class _Tracker:
             return self._cond.wait_for(lambda: not self._waiters and not self._reserved, timeout)
 
 
+def _answer(future: pykka.Future[Any]) -> Any:
+    """An actor's answer to a read, with pykka's errors mapped to ours.
+
+    A stopped actor is a closed runtime (RuntimeStopped); an actor that does
+    not answer in time is a builtin TimeoutError, never a pykka type.
+    """
+    try:
+        return future.get(timeout=_ASK_TIMEOUT_S)
+    except pykka.ActorDeadError:
+        raise RuntimeStopped("the runtime is closed") from None
+    except pykka.Timeout:
+        raise TimeoutError(f"the runtime did not answer within {_ASK_TIMEOUT_S:g}s") from None
+
+
 class TaskHandle:
     """A submitted task: wait for it (`result()`, or `await handle`), or cancel it."""
 
@@ -405,16 +419,14 @@ class Runtime:
 
     def get(self, task_id: str) -> TaskRecord:
         """The task's current record. Raises TaskNotFound."""
-        record: TaskRecord = self._state_proxy.get(task_id).get(timeout=_ASK_TIMEOUT_S)
+        record: TaskRecord = _answer(self._state_proxy.get(task_id))
         return record
 
     def tasks(
         self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0
     ) -> list[TaskRecord]:
         """Records, oldest first; only those in `state` if given; paged by `limit` and `offset`."""
-        records: list[TaskRecord] = self._state_proxy.list(state, limit=limit, offset=offset).get(
-            timeout=_ASK_TIMEOUT_S
-        )
+        records: list[TaskRecord] = _answer(self._state_proxy.list(state, limit=limit, offset=offset))
         return records
 
     def handle(self, task_id: str) -> TaskHandle:
@@ -430,9 +442,9 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
-        counts: dict[str, int] = self._state_proxy.counts().get(timeout=_ASK_TIMEOUT_S)
-        orchestrator: dict[str, Any] = self._orchestrator_proxy.stats().get(timeout=_ASK_TIMEOUT_S)
-        in_memory: int = self._state_proxy.memory_size().get(timeout=_ASK_TIMEOUT_S)
+        counts: dict[str, int] = _answer(self._state_proxy.counts())
+        orchestrator: dict[str, Any] = _answer(self._orchestrator_proxy.stats())
+        in_memory: int = _answer(self._state_proxy.memory_size())
         return {
             **counts,
             "submitted": self._tracker.submitted,
@@ -449,11 +461,12 @@ class Runtime:
         block in it (hand off with a queue or `loop.call_soon_threadsafe`).
         Exceptions it raises are logged and ignored.
         """
-        token: int = self._state_proxy.subscribe(callback).get(timeout=_ASK_TIMEOUT_S)
+        token: int = _answer(self._state_proxy.subscribe(callback))
 
         def unsubscribe() -> None:
             if self._state is not None and self._state.is_alive():
-                self._state_proxy.unsubscribe(token).get(timeout=_ASK_TIMEOUT_S)
+                with contextlib.suppress(RuntimeStopped):
+                    _answer(self._state_proxy.unsubscribe(token))
 
         return unsubscribe
 
@@ -462,8 +475,16 @@ class Runtime:
         if self._closed.is_set() or self._orchestrator is None:
             raise RuntimeStopped("the runtime is closed")
         reply: pykka.Future[bool] = pykka.ThreadingFuture()
-        self._orchestrator.tell(CancelTask(task_id, reply))
-        return bool(reply.get(timeout=_ASK_TIMEOUT_S))
+        try:
+            self._orchestrator.tell(CancelTask(task_id, reply))
+        except pykka.ActorDeadError:
+            raise RuntimeStopped("the runtime is closed") from None
+        return bool(_answer(reply))
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has begun: `submit` raises RuntimeStopped."""
+        return self._closed.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no task is in flight. False if `timeout` elapsed first."""

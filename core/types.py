@@ -79,7 +79,11 @@ def freeze(value: Any, *, where: str = "payload") -> JSONValue:
     mappings with str keys. `where` names the root in error messages
     (``payload['data'][2]``).
     """
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_encodable(value, where)
+        return value
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -92,6 +96,8 @@ def freeze(value: Any, *, where: str = "payload") -> JSONValue:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where} has key {key!r} of type {type(key).__name__}; JSON keys must be str")
+            if not key.isascii():
+                _check_encodable(key, f"a key of {where}")
             items[key] = freeze(item, where=f"{where}[{key!r}]")
         return FrozenDict(items)
     if isinstance(value, (list, tuple)):
@@ -99,6 +105,15 @@ def freeze(value: Any, *, where: str = "payload") -> JSONValue:
     raise TypeError(
         f"{where} is of type {type(value).__name__}; allowed are None, bool, int, float, str, list and dict"
     )
+
+
+def _check_encodable(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TypeError(
+            f"{where} holds a lone surrogate {text[exc.start]!r}; JSON strings must be valid Unicode text"
+        ) from None
 
 
 def thaw(value: JSONValue) -> Any:

@@ -228,3 +228,23 @@ def test_a_processor_that_raises_fails_the_task_with_type_and_message() -> None:
     assert record.state is S.FAILED
     assert record.error == "processor: ValueError: cannot compute"
     assert record.path() == ["CREATED", "VALIDATED", "PROCESSING", "FAILED"]
+
+
+def test_reads_on_a_closed_runtime_raise_runtime_stopped_not_pykka_errors() -> None:
+    runtime = Runtime()
+    handle = runtime.submit(payload())
+    handle.result(timeout=10)
+    runtime.close()
+    assert runtime.closed
+    for read in (lambda: runtime.get(handle.task_id), runtime.tasks, runtime.stats, lambda: runtime.subscribe(print)):
+        with pytest.raises(RuntimeStopped):
+            read()
+    with pytest.raises(RuntimeStopped):
+        runtime.cancel(handle.task_id)
+
+
+def test_a_payload_with_a_lone_surrogate_is_refused_as_invalid(runtime: Runtime) -> None:
+    with pytest.raises(InvalidPayload, match="lone surrogate"):
+        runtime.submit({"name": "\ud800", "data": 1})
+    with pytest.raises(InvalidPayload, match="lone surrogate"):
+        runtime.submit({"name": "a", "data": {"\udfff": 1}})

@@ -1,0 +1,240 @@
+"""The `GET /events` stream: runtime transitions fanned out to Server-Sent Events clients.
+
+One `EventBroadcaster` per app holds one runtime subscription, however many
+clients listen. Its callback runs on the state actor's thread, so it only appends
+the event to a deque and, if no flush is pending, schedules one on the event loop
+with `call_soon_threadsafe`: a burst of transitions costs one loop wake-up, not
+one each. The flush serialises each event once and offers the bytes to every
+client.
+
+Every client has a bounded queue. A client too slow to keep up loses events
+rather than growing the server's memory; it is then sent an `event: lagged` with
+the number lost, so that it can re-read `/stats`. The same happens, for everyone,
+if the loop itself falls behind the runtime by `max_pending` events.
+
+`close()` ends every stream, so that uvicorn's graceful shutdown does not wait on
+clients that would otherwise listen forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import anyio
+from starlette.types import Receive, Scope, Send
+
+from api._errors import logger
+from core import TransitionEvent
+
+__all__ = ["EventBroadcaster", "EventClient", "TooManyStreamsError", "event_stream"]
+
+_CLOSE = b""
+"""Queued to a client to end its stream (never a real frame: those are never empty)."""
+
+
+class _Subscribable(Protocol):
+    def subscribe(self, callback: Callable[[TransitionEvent], None]) -> Callable[[], None]: ...
+
+
+class TooManyStreamsError(Exception):
+    """The broadcaster already serves `max_clients` streams."""
+
+
+class EventClient:
+    """One listener: a bounded queue of ready-to-send SSE frames."""
+
+    __slots__ = ("dropped", "queue")
+
+    def __init__(self, queue_size: int) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
+        self.dropped = 0
+
+    def offer(self, frame: bytes) -> None:
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def end(self) -> None:
+        if self.queue.full():  # make room: the end matters more than one more event
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(_CLOSE)
+
+
+class EventBroadcaster:
+    """Fans the runtime's transitions out to SSE clients. Use it from the event loop only.
+
+    Args:
+        runtime: anything with `subscribe(callback) -> unsubscribe`.
+        max_clients: streams served at once; one more gets `TooManyStreamsError`.
+        queue_size: frames buffered per client before it starts losing events.
+        max_pending: events buffered between the runtime's thread and the loop.
+    """
+
+    def __init__(
+        self, runtime: _Subscribable, *, max_clients: int = 100, queue_size: int = 1000, max_pending: int = 10_000
+    ) -> None:
+        self._runtime = runtime
+        self._max_clients = max_clients
+        self._queue_size = queue_size
+        self._max_pending = max_pending
+        self._clients: set[EventClient] = set()
+        self._pending: collections.deque[TransitionEvent] = collections.deque()
+        self._overflow = 0
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._closed = False
+
+    @property
+    def client_count(self) -> int:
+        """How many streams are open."""
+        return len(self._clients)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has run: no stream can be opened any more."""
+        return self._closed
+
+    def attach(self) -> EventClient:
+        """A new client, subscribing to the runtime on first use.
+
+        Raises:
+            TooManyStreamsError: `max_clients` streams are already open.
+            RuntimeError: the broadcaster is closed.
+        """
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        if len(self._clients) >= self._max_clients:
+            raise TooManyStreamsError(
+                f"{self._max_clients} event streams are open already, the most this server allows"
+            )
+        if self._unsubscribe is None:
+            self._loop = asyncio.get_running_loop()
+            self._unsubscribe = self._runtime.subscribe(self._on_transition)
+        client = EventClient(self._queue_size)
+        self._clients.add(client)
+        return client
+
+    def detach(self, client: EventClient) -> None:
+        """Forget a client whose stream has ended."""
+        self._clients.discard(client)
+
+    def close(self) -> None:
+        """End every stream and drop the runtime subscription. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for client in self._clients:
+            client.end()
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            try:
+                unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - the runtime may be closed already; nothing is left to undo then
+                logger.debug("events.unsubscribe_failed", error_type=type(exc).__name__, error=str(exc))
+
+    def _on_transition(self, event: TransitionEvent) -> None:
+        # Runs on the state actor's thread: be quick, never block, never raise.
+        if not self._clients or self._closed:
+            return
+        if len(self._pending) >= self._max_pending:
+            self._overflow += 1
+            return
+        self._pending.append(event)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+                self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        # Reset the flag before draining: an event appended from now on either is
+        # drained below or finds the flag down and schedules another flush.
+        self._flush_scheduled = False
+        overflow, self._overflow = self._overflow, 0
+        clients = list(self._clients)
+        if overflow:
+            for client in clients:
+                client.dropped += overflow
+        while self._pending:
+            frame = _frame("transition", self._pending.popleft().to_dict())
+            for client in clients:
+                client.offer(frame)
+
+
+def _frame(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _frames(client: EventClient, heartbeat_s: float) -> AsyncIterator[bytes]:
+    # retry: how long a browser's EventSource waits before reconnecting
+    yield b"retry: 2000\n: connected\n\n"
+    while True:
+        if client.dropped and client.queue.empty():
+            dropped, client.dropped = client.dropped, 0
+            yield _frame("lagged", {"dropped": dropped})
+        try:
+            frame = await asyncio.wait_for(client.queue.get(), timeout=heartbeat_s)
+        except TimeoutError:
+            yield b": heartbeat\n\n"
+            continue
+        if frame == _CLOSE:
+            return
+        yield frame
+
+
+def event_stream(broadcaster: EventBroadcaster, client: EventClient, *, heartbeat_s: float) -> _EventStream:
+    """The ASGI response streaming `client`'s frames, with a heartbeat comment when idle."""
+    return _EventStream(broadcaster, client, heartbeat_s)
+
+
+class _EventStream:
+    """An ASGI app rather than a StreamingResponse, to watch for the client going away.
+
+    uvicorn's h11 server drops writes to a closed connection silently, so without
+    listening for `http.disconnect` a dead client would be detected only when its
+    stream ends. Here it is detached as soon as it leaves.
+    """
+
+    def __init__(self, broadcaster: EventBroadcaster, client: EventClient, heartbeat_s: float) -> None:
+        self._broadcaster = broadcaster
+        self._client = client
+        self._heartbeat_s = heartbeat_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-store"),
+                        (b"x-content-type-options", b"nosniff"),
+                        (b"x-accel-buffering", b"no"),  # tell proxies such as nginx not to buffer
+                    ],
+                }
+            )
+            async with anyio.create_task_group() as task_group:
+
+                async def end_on_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(end_on_disconnect)
+                async for frame in _frames(self._client, self._heartbeat_s):
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                task_group.cancel_scope.cancel()
+        except OSError:  # the client went away mid-write
+            pass
+        finally:
+            self._broadcaster.detach(self._client)

@@ -1,0 +1,204 @@
+"""`python run_demo.py serve` as a real process: arguments, the token, the journal, and a clean stop on a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.cli import build_parser, exposure_warning, resolve_token
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float = WAIT_S, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.05)
+
+
+class Served:
+    """A `run_demo.py serve` process and a client for it."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("ab") as sink:
+            self.process = subprocess.Popen(  # the interpreter running the tests, on the repo's run_demo.py
+                [sys.executable, str(ROOT / "run_demo.py"), "serve", "--port", str(self.port), *args],
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            )
+        wait_until(self.healthy, what=f"the server on port {self.port} (log: {log})")
+
+    def healthy(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=WAIT_S)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    started: list[Served] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Served:
+        served = Served(list(args), tmp_path / f"serve-{len(started)}.log", env)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait(timeout=WAIT_S)
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_demo.py"), "serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+
+
+def test_the_serve_command_defaults_to_loopback_on_port_8080_without_a_token() -> None:
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.journal, args.token) == ("127.0.0.1", 8080, None, None)
+
+
+def test_a_posted_task_completes_and_sigint_stops_the_server_cleanly_with_an_event_stream_open(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve()
+    lines: list[str] = []
+    stream_ended = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", f"{served.url}/events", timeout=WAIT_S) as stream:
+            lines.extend(stream.iter_lines())
+        stream_ended.set()
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    wait_until(lambda: lines, what="the event stream to open")
+    created = httpx.post(f"{served.url}/tasks", content=b'{"name":"a","data":1}')  # as curl -d sends it
+    assert created.status_code == 201
+    task_id = created.json()["task_id"]
+    wait_until(
+        lambda: httpx.get(f"{served.url}/tasks/{task_id}").json()["state"] == "COMPLETED",
+        what="the task to complete",
+    )
+
+    assert served.stop(signal.SIGINT) == 0
+    listener.join(WAIT_S)
+    assert stream_ended.is_set()
+    transitions = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+    assert ("PROCESSING", "COMPLETED") in {(t["from_state"], t["to_state"]) for t in transitions}
+
+
+def test_sigterm_lets_the_tasks_in_flight_finish_before_the_process_exits(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    journal = tmp_path / "tasks.db"
+    served = serve("--journal", str(journal))
+    slow = {"name": "slow", "data": {"sleep_ms": 300}}
+    task_id = httpx.post(f"{served.url}/tasks", json=slow).json()["task_id"]
+
+    assert served.stop(signal.SIGTERM) == 0
+    exited_at = time.time()
+
+    again = serve("--journal", str(journal))
+    record = httpx.get(f"{again.url}/tasks/{task_id}").json()
+    assert record["state"] == "COMPLETED"
+    assert record["updated_at"] < exited_at  # finished by the first process, not recovered by the second
+
+
+def test_the_token_comes_from_the_flag_first_then_the_environment() -> None:
+    assert resolve_token("flag", {"ACTORFLOW_TOKEN": "env"}) == "flag"
+    assert resolve_token(None, {"ACTORFLOW_TOKEN": "env"}) == "env"
+    assert resolve_token(None, {}) is None
+    with pytest.raises(ValueError, match="ACTORFLOW_TOKEN is blank"):
+        resolve_token(None, {"ACTORFLOW_TOKEN": " "})
+    with pytest.raises(ValueError, match="--token is blank"):
+        resolve_token("", {})
+
+
+def test_a_token_from_the_environment_protects_the_server_and_stays_out_of_the_access_log(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(env={"ACTORFLOW_TOKEN": "very-secret"})
+
+    assert httpx.get(f"{served.url}/stats").status_code == 401
+    assert httpx.get(f"{served.url}/stats", headers={"Authorization": "Bearer very-secret"}).status_code == 200
+    assert httpx.get(f"{served.url}/?token=very-secret").status_code == 200
+    assert served.stop() == 0
+
+    log = served.log.read_text()
+    assert "GET /?token=*** HTTP/1.1" in log
+    assert "very-secret" not in log
+
+
+def test_a_file_that_is_not_a_journal_is_refused_with_a_one_line_error(tmp_path: Path) -> None:
+    not_a_journal = tmp_path / "notes.txt"
+    not_a_journal.write_text("these are not the tasks you are looking for\n" * 100)
+
+    result = run_serve("--journal", str(not_a_journal), "--port", str(free_port()))
+
+    assert result.returncode == 1
+    assert "error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_only_a_non_loopback_host_without_a_token_is_warned_about() -> None:
+    warning = exposure_warning("0.0.0.0", None)
+
+    assert warning is not None
+    assert "no token" in warning
+    assert exposure_warning("0.0.0.0", "t") is None
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("::1", None) is None
+
+
+def test_a_bad_port_is_refused_with_a_usage_error(tmp_path: Path) -> None:
+    result = run_serve("--port", "70000")
+
+    assert result.returncode == 2
+    assert "--port must be from 0 to 65535" in result.stderr
