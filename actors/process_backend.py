@@ -57,6 +57,7 @@ file path is pickled by path, and each child opens the same file (WAL).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import multiprocessing
@@ -104,6 +105,22 @@ _SERVER_START_S: Final = 60.0
 
 _server_lock = threading.Lock()
 _server_ready = False
+
+
+@atexit.register
+def _close_forgotten_runtimes_first() -> None:
+    """Close runtimes left open at exit before multiprocessing's own exit handler runs.
+
+    That handler (registered when `multiprocessing` was imported, so it runs
+    after this one) SIGTERMs every daemonic child, then joins every child with
+    no timeout. Left to it, a forgotten runtime would see its workers die, start
+    replacements, and the interpreter would hang joining them. Closing the
+    runtimes first (as `actors.runtime` does at exit anyway, only later) stops
+    every worker in order, and leaves unfinished tasks to a journal, unfailed.
+    """
+    from actors import runtime  # noqa: PLC0415 - runtime imports this module lazily; at exit it is loaded
+
+    runtime._close_forgotten_runtimes()
 
 
 # --- set-up checks -------------------------------------------------------------------------------

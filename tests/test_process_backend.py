@@ -410,6 +410,45 @@ def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_
             host.wait(30)
 
 
+_FORGETFUL_PROGRAM = """
+import sys
+from actors import Runtime
+from core import RuntimeConfig
+from core.tracing import configure_logging
+from services import ServiceSet
+from tests import process_services as ps
+
+configure_logging(level="INFO", colors=False)
+runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(process=ps.hang_on_first_attempt))
+runtime.submit({"name": "hang", "data": {"rendezvous": sys.argv[1]}})
+sys.stdin.read()  # until the test says: exit now, without closing the runtime
+"""
+
+
+def test_a_runtime_left_open_at_exit_stops_its_workers_and_the_interpreter_exits() -> None:
+    # multiprocessing's exit handler would SIGTERM the workers, the pools would start new ones, and
+    # the interpreter would hang joining them; the backend closes forgotten runtimes before it runs.
+    with ps.rendezvous() as point:
+        host = subprocess.Popen(
+            [sys.executable, "-c", _FORGETFUL_PROGRAM, point.path],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            (hung_pid,) = point.arrivals(1)
+            with watching(hung_pid) as ended:
+                _, log = host.communicate(timeout=30)  # closes its stdin: the program ends
+                assert ended(10), "the hung worker outlived the interpreter's exit"
+        finally:
+            host.kill()
+            host.communicate(timeout=30)
+    assert host.returncode == 0, log
+    assert "runtime.stopped" in log
+    assert "worker.restarted" not in log  # stopped in order, not killed from under the pools
+
+
 def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path) -> None:
     store = str(tmp_path / "results.db")
     with structlog.testing.capture_logs() as logs, Runtime(process_config(result_store=store)) as runtime:
