@@ -17,14 +17,28 @@ import pykka
 from pykka._actor import ActorInbox  # the protocol pykka 4 declares for custom inboxes
 
 from actors.messages import MESSAGE_TYPES
+from actors.threads import ThreadBook
 
 __all__ = ["FastActor"]
 
 
 class FastActor(pykka.ThreadingActor):
-    """A daemon-threaded pykka actor whose mailbox is a SimpleQueue."""
+    """A daemon-threaded pykka actor whose mailbox is a SimpleQueue.
+
+    Given a ThreadBook, it writes its thread down when it starts, so that the
+    runtime can join it at close (pykka does not expose an actor's thread).
+    """
 
     use_daemon_thread = True
+
+    def __init__(self, *, threads: ThreadBook | None = None) -> None:
+        super().__init__()
+        self._threads = threads
+
+    def on_start(self) -> None:
+        """Note the actor's thread in the ThreadBook, if any."""
+        if self._threads is not None:
+            self._threads.record_current()
 
     @staticmethod
     def _create_actor_inbox() -> ActorInbox:

@@ -82,8 +82,7 @@ class OrchestratorActor(FastActor):
         threads: ThreadBook | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        super().__init__()
-        self._threads = threads
+        super().__init__(threads=threads)
         self._state = state
         self._config = config
         self._timer = timer
@@ -172,11 +171,6 @@ class OrchestratorActor(FastActor):
     def _on_resume(self, message: ResumeTasks) -> None:
         for record in message.records:
             self._resume(record)
-
-    def on_start(self) -> None:
-        """Note the actor's thread, for the runtime to join at close."""
-        if self._threads is not None:
-            self._threads.record_current()
 
     def on_stop(self) -> None:
         """Send what is pending, then retire every worker."""

@@ -160,8 +160,7 @@ class ServiceWorker(FastActor):
         dead_letters: DeadLetterOffice,
         threads: ThreadBook,
     ) -> None:
-        super().__init__()
-        self._threads = threads
+        super().__init__(threads=threads)
         self._name = name
         self._fn = fn
         self._deliver = deliver
@@ -169,10 +168,6 @@ class ServiceWorker(FastActor):
         self._retired = retired
         self._dead_letters = dead_letters
         self._log = get_event_logger(name)
-
-    def on_start(self) -> None:
-        """Note the actor's thread, for the runtime to join at close."""
-        self._threads.record_current()
 
     def on_receive(self, message: Any) -> None:
         """Run a RunService call and deliver its ServiceDone."""

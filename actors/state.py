@@ -79,8 +79,7 @@ class StateActor(FastActor):
         on_terminal: Callable[[TaskRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        super().__init__()
-        self._threads = threads
+        super().__init__(threads=threads)
         self._on_terminal = on_terminal
         self._journal = journal
         self._retain = retain_terminal
@@ -197,11 +196,6 @@ class StateActor(FastActor):
         # everything that was waiting in the mailbox (group commit), up to _MAX_BATCH changes.
         if self._journal is None or len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
             self._flush()
-
-    def on_start(self) -> None:
-        """Note the actor's thread, for the runtime to join at close."""
-        if self._threads is not None:
-            self._threads.record_current()
 
     def on_stop(self) -> None:
         """Commit what is pending, then close the journal."""

@@ -231,12 +231,12 @@ def test_inspect_escapes_control_characters_and_lone_surrogates_from_task_data(
     with Journal(path) as journal:
         write_path(
             journal,
-            created("evil\x1b[2J", payload={"name": "caf\udce9"}),
-            [(S.FAILED, {"error": "bad\tinput \x07"})],
+            created("evil\x1b[2J", payload={"name": "caf\x1b[2J"}),
+            [(S.FAILED, {"error": "bad\tinput \x07 caf\udce9"})],
         )
     code, out, _ = run(capsys, str(path))
     assert code == 0
     assert "\x1b" not in out
     assert "task evil\\x1b[2J  FAILED" in out
-    assert '{"name": "caf\\udce9"}' in out
-    assert "error    bad\\tinput \\x07" in out
+    assert '{"name": "caf\\u001b[2J"}' in out
+    assert "error    bad\\tinput \\x07 caf\\udce9" in out
