@@ -523,6 +523,7 @@ class _TraceBuilder:
             duration = _ms_between(run.started_at, event.timestamp)
         task.entries[index] = replace(
             run,
+            node=run.node or _opt_str(f, "node"),  # Ray logs the node only when the call ends
             ended_line=event.lineno,
             status="failed" if failed else "ok",
             duration_ms=duration,

@@ -1,0 +1,364 @@
+"""The Ray service backend against a real local Ray: same pipeline, retries, timeouts and supervision as threads.
+
+One Ray session serves the whole module (starting Ray takes seconds); each
+test builds its own Runtime on it. Service functions that misbehave decide
+on `task.attempt`, which travels with the call, so they behave the same in
+whichever worker process they land.
+
+Needs `pip install 'actorflow[ray]'`; without Ray the module is skipped, saying
+so, unless ACTORFLOW_REQUIRE_RAY is set (as in CI), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+import run_demo
+from actors import Runtime
+from actors.ray_backend import RayBackend, describe_ray_error
+from core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
+from services import ServiceSet, process
+
+# CI sets ACTORFLOW_REQUIRE_RAY=1, so that a missing Ray fails the run instead of skipping quietly.
+ray = importlib.import_module("ray") if os.environ.get("ACTORFLOW_REQUIRE_RAY") else pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.ray
+
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[Any]:
+    """One local Ray for the module: 2 CPUs, token auth off, shut down at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        # The functions below are shipped by value: Ray workers need not import the tests package.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+            ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def ray_config(**fields: Any) -> RuntimeConfig:
+    """Small pools: each Ray actor is a worker process, and booting one takes about a second here."""
+    fields = {"validator_workers": 1, "processor_workers": 1, "persistence_workers": 1, **fields}
+    return RuntimeConfig(service_backend="ray", retry_backoff_s=0.0, retry_backoff_max_s=0.0, **fields)
+
+
+# --- service functions that run in Ray workers -----------------------------------------------------
+
+
+def flaky_process(task: Task) -> Mapping[str, Any]:
+    if task.attempt == 1:
+        raise TransientError("the upstream is busy")
+    return {"attempt": task.attempt, "pid": os.getpid()}
+
+
+def hanging_process(task: Task) -> Mapping[str, Any]:
+    if task.attempt == 1:
+        time.sleep(600)  # hung: only killing the actor ends this call
+    return {"attempt": task.attempt}
+
+
+def dying_process(task: Task) -> Mapping[str, Any]:
+    if task.attempt == 1:
+        os._exit(1)  # the worker process dies, and its Ray actor with it
+    return {"attempt": task.attempt}
+
+
+def discard(task: Task, result: Mapping[str, Any]) -> None:
+    """A persistence that runs on Ray (the default's SQLite store stays on the head)."""
+
+
+def _outcome(record: TaskRecord) -> tuple[Any, ...]:
+    return record.state, record.result, record.error
+
+
+def _run_payloads(config: RuntimeConfig, payloads: list[dict[str, object]]) -> list[TaskRecord]:
+    with Runtime(config) as runtime:
+        handles = [runtime.submit(p) for p in payloads]
+        records = [handle.result(timeout=TIMEOUT_S) for handle in handles]
+        assert runtime.results is not None
+        assert runtime.results.count() == sum(r.state is TaskState.COMPLETED for r in records)
+    return records
+
+
+def _steps(logs: list[dict[str, Any]], task_id: str) -> list[str]:
+    steps = []
+    for event in logs:
+        if event.get("task_id") != task_id or event["event"] == "task.submitted":
+            continue  # task.submitted is logged by the submitting thread, racing the pipeline
+        name = event["event"]
+        if name == "task.transition":
+            steps.append(f"{name} {event['to_state']}")
+        elif name.startswith("service."):
+            steps.append(f"{name} {event['service']}")
+        else:
+            steps.append(name)
+    return steps
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+_OWN_SESSION = """
+import ray
+from actors import Runtime
+from core import RuntimeConfig
+
+config = RuntimeConfig(service_backend="ray", validator_workers=1, processor_workers=1)
+with Runtime(config) as runtime:
+    started = ray.is_initialized()
+    record = runtime.submit({"name": "one", "data": 1}).result(timeout=60)
+print(started, record.state.value, ray.is_initialized())
+"""
+
+
+@pytest.mark.timeout(180)
+def test_without_an_address_a_runtime_starts_a_local_ray_and_shuts_it_down_when_closed() -> None:
+    # In a fresh process, where no Ray session exists yet: exactly what a one-line config change does.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _OWN_SESSION],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "COMPLETED", "False"]
+
+
+@pytest.mark.timeout(180)
+def test_the_demo_pipeline_on_ray_ends_in_the_same_states_results_and_trace_as_on_threads(ray_session: Any) -> None:
+    payloads = run_demo._payloads(24)  # one in eight is invalid
+    with capture_logs() as thread_logs:
+        on_threads = _run_payloads(RuntimeConfig(), payloads)
+    with capture_logs() as ray_logs:
+        on_ray = _run_payloads(ray_config(processor_workers=2), payloads)
+
+    assert [_outcome(r) for r in on_ray] == [_outcome(r) for r in on_threads]
+    assert {r.state for r in on_ray} == {TaskState.COMPLETED, TaskState.FAILED}
+    for threaded, remote in zip(on_threads, on_ray, strict=True):
+        assert _steps(ray_logs, remote.task_id) == _steps(thread_logs, threaded.task_id)
+    assert ray_session.is_initialized(), "a runtime must leave a Ray session it did not start running"
+
+
+@pytest.mark.timeout(120)
+def test_a_transient_error_on_attempt_one_is_retried_in_another_call_and_succeeds(ray_session: Any) -> None:
+    with capture_logs() as logs, Runtime(ray_config(), services=ServiceSet(process=flaky_process)) as runtime:
+        record = runtime.submit({"name": "flaky", "data": 1}).result(timeout=TIMEOUT_S)
+        stats = runtime.stats()
+    assert record.state is TaskState.COMPLETED
+    assert record.result is not None
+    assert record.result["attempt"] == 2
+    assert record.result["pid"] != os.getpid()
+    assert stats["retries"] == 1
+    assert stats["pools"]["processor"]["restarts"] == 0
+    failed = [e for e in logs if e["event"] == "service.failed" and e["task_id"] == record.task_id]
+    assert [(e["error_type"], e["transient"], e["attempt"]) for e in failed] == [("TransientError", True, 1)]
+    assert failed[0]["node"].endswith(f":{record.result['pid']}")  # one processor actor ran both attempts
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_call_is_killed_at_the_stage_timeout_and_the_retry_completes_the_task(ray_session: Any) -> None:
+    config = ray_config(stage_timeout_s=3.0)
+    with capture_logs() as logs, Runtime(config, services=ServiceSet(process=hanging_process)) as runtime:
+        record = runtime.submit({"name": "hangs", "data": 1}).result(timeout=TIMEOUT_S)
+        stats = runtime.stats()
+    assert record.state is TaskState.COMPLETED
+    assert record.result == {"attempt": 2}
+    assert stats["timeouts"] == 1
+    assert stats["retries"] == 1
+    assert stats["pools"]["processor"]["restarts"] == 1
+    assert stats["pools"]["processor"]["workers"] == 1
+    assert stats["late_results"] == 0  # the killed call's ref was dropped, not delivered
+    assert any(e["event"] == "service.timeout" and e["task_id"] == record.task_id for e in logs)
+
+
+@pytest.mark.timeout(120)
+def test_a_service_that_kills_its_worker_process_gets_the_actor_replaced_and_the_task_retried(
+    ray_session: Any,
+) -> None:
+    with capture_logs() as logs, Runtime(ray_config(), services=ServiceSet(process=dying_process)) as runtime:
+        record = runtime.submit({"name": "dies", "data": 1}).result(timeout=TIMEOUT_S)
+        second = runtime.submit({"name": "after", "data": 2}).result(timeout=TIMEOUT_S)
+        stats = runtime.stats()
+    assert record.state is TaskState.COMPLETED
+    assert record.result == {"attempt": 2}
+    assert second.state is TaskState.COMPLETED
+    assert stats["pools"]["processor"]["restarts"] >= 1
+    assert stats["pools"]["processor"]["workers"] == 1
+    assert stats["pools"]["processor"]["failing"] is None
+    assert stats["restarts"] >= 1
+    failed = next(e for e in logs if e["event"] == "service.failed" and e["task_id"] == record.task_id)
+    assert failed["error_type"] == "ActorDiedError"
+    assert failed["transient"] is True
+    assert any(e["event"] == "worker.restarted" and e["service"] == "processor" for e in logs)
+
+
+@pytest.mark.timeout(120)
+def test_service_events_carry_the_tasks_trace_and_the_node_the_call_ran_on(ray_session: Any) -> None:
+    services = ServiceSet(persist=discard)
+    with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
+        records = [runtime.submit({"name": f"t{i}", "data": i}).result(timeout=TIMEOUT_S) for i in range(4)]
+    for record in records:
+        finished = [e for e in logs if e["event"] == "service.finished" and e["task_id"] == record.task_id]
+        assert [e["service"] for e in finished] == ["validator", "processor", "persistence"]
+        for event in finished:
+            assert event["trace_id"] == record.trace_id
+            assert len(event["span_id"]) == 16
+            host, _, pid = event["node"].rpartition(":")
+            assert host
+            assert int(pid) != os.getpid()
+            assert event["duration_ms"] >= 0
+        started = [e for e in logs if e["event"] == "service.started" and e["task_id"] == record.task_id]
+        assert [e["span_id"] for e in started] == [e["span_id"] for e in finished]
+
+
+@pytest.mark.timeout(120)
+def test_a_cancelled_task_stays_cancelled_and_its_late_result_is_never_persisted(ray_session: Any) -> None:
+    processing = threading.Event()
+    with Runtime(ray_config()) as runtime:
+        runtime.subscribe(lambda event: processing.set() if event.to_state is TaskState.PROCESSING else None)
+        handle = runtime.submit({"name": "slow", "data": {"sleep_ms": 1500}})
+        assert processing.wait(TIMEOUT_S)
+        assert handle.cancel() is True
+        record = handle.result(timeout=TIMEOUT_S)
+        runtime.join(TIMEOUT_S)
+        assert runtime.results is not None
+        stored = runtime.results.count()
+    assert record.state is TaskState.CANCELLED
+    assert stored == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_service_function_ray_cannot_pickle_is_a_config_error_naming_the_service(ray_session: Any) -> None:
+    lock = threading.Lock()
+
+    def locked_process(task: Task) -> Mapping[str, Any]:
+        with lock:
+            return process(task)
+
+    with pytest.raises(ConfigError, match=r"processor function .* cannot be sent to Ray workers"):
+        Runtime(ray_config(), services=ServiceSet(process=locked_process))
+    assert ray_session.is_initialized()
+
+
+def test_choosing_ray_without_ray_installed_is_a_config_error_saying_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'actorflow\[ray\]'"):
+        Runtime(RuntimeConfig(service_backend="ray"))
+
+
+@pytest.mark.timeout(60)
+def test_a_service_function_workers_cannot_import_is_a_config_error_at_start(
+    ray_session: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "only_on_the_head.py").write_text("def process(task):\n    return {'ok': True}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here, not in the Ray workers
+    head_only = importlib.import_module("only_on_the_head").process
+
+    cause = r"processor function cannot be loaded on a Ray worker \(ModuleNotFoundError: No module named"
+    with pytest.raises(ConfigError, match=cause):
+        Runtime(ray_config(), services=ServiceSet(process=head_only))
+    assert ray_session.is_initialized()
+
+
+# --- without a Ray session: the session rules and error texts ---------------------------------------
+
+
+class _FakeRay:
+    """Just enough of Ray for the session rules: who starts it, who shuts it down."""
+
+    def __init__(self, *, initialized: bool = False) -> None:
+        self.initialized = initialized
+        self.inits: list[str | None] = []
+        self.shutdowns = 0
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, address: str | None = None, **options: Any) -> None:
+        self.initialized = True
+        self.inits.append(address)
+
+    def shutdown(self) -> None:
+        self.initialized = False
+        self.shutdowns += 1
+
+    def remote(self, **options: Any) -> Any:
+        return lambda cls: cls
+
+
+class _NoLocalWorkers:
+    name = "none"
+
+    def close(self) -> None:
+        pass
+
+
+def _backend(fake: _FakeRay, address: str | None = None) -> RayBackend:
+    return RayBackend(address, functions={}, pool_sizes={}, local=_NoLocalWorkers(), ray_module=fake)  # type: ignore[arg-type]
+
+
+def test_runtimes_sharing_a_ray_that_actorflow_started_shut_it_down_only_when_the_last_one_closes() -> None:
+    fake = _FakeRay()
+    first, second = _backend(fake), _backend(fake)
+    assert fake.inits == [None]
+    first.close()
+    assert fake.shutdowns == 0
+    second.close()
+    second.close()  # idempotent
+    assert fake.shutdowns == 1
+
+
+def test_a_ray_session_the_program_started_is_used_and_never_shut_down() -> None:
+    fake = _FakeRay(initialized=True)
+    _backend(fake, "ray://head:10001").close()
+    assert fake.inits == []
+    assert fake.shutdowns == 0
+
+
+def test_an_unreachable_cluster_is_a_config_error_naming_the_address() -> None:
+    fake = _FakeRay()
+
+    def refuse(address: str | None = None, **options: Any) -> None:
+        raise ConnectionError("could not reach the GCS")
+
+    fake.init = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match=r"ray_address='ray://nowhere:10001': cannot connect to Ray at .*GCS"):
+        _backend(fake, "ray://nowhere:10001")
+
+
+def test_ray_errors_are_shortened_to_their_root_cause() -> None:
+    creation = RuntimeError(
+        "The actor died because of an error raised in its creation task, \x1b[36mray::ServiceActor.__init__()\x1b[39m\n"
+        "  At least one of the input arguments for this task could not be computed:\n"
+        "ray.exceptions.RaySystemError: System error: No module named 'app'\n"
+        "traceback: Traceback (most recent call last):\n"
+        "ModuleNotFoundError: No module named 'app'\n"
+    )
+    assert describe_ray_error(creation) == "ModuleNotFoundError: No module named 'app'"
+    died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ServiceActor\n")
+    assert describe_ray_error(died) == "The actor died unexpectedly before finishing this task."
