@@ -1,0 +1,100 @@
+"""The benchmark suite keeps working: its tiniest run completes and writes JSON of the documented shape.
+
+Nothing here asserts a speed. Speed lives in the benchmark's report, not in timed tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import pytest
+
+from benchmarks.__main__ import SCHEMA, main
+from benchmarks.scenarios import SCENARIOS
+from benchmarks.targets import TARGETS
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    capture = tmp_path_factory.mktemp("bench") / "report.md"
+    with capture.open("w", encoding="utf-8") as report, contextlib.redirect_stdout(report):
+        code = main(["--smoke", "--out", str(out)])
+    assert code == 0, "a scenario broke; its traceback is in the captured stderr"
+    return json.loads(out.read_text(encoding="utf-8")), capture.read_text(encoding="utf-8")
+
+
+@pytest.mark.timeout(110)
+def test_the_smoke_run_describes_the_machine_and_the_code(smoke_run: tuple[dict[str, Any], str]) -> None:
+    results, _ = smoke_run
+    assert results["schema"] == SCHEMA
+    assert results["mode"] == "smoke"
+    machine = results["machine"]
+    for key in ("cpu_model", "cores", "python", "platform", "date", "libraries"):
+        assert machine[key], key
+    assert set(results["code"]) >= {"commit", "branch"}
+
+
+def test_every_scenario_is_reported_as_ok_or_skipped_with_a_reason(smoke_run: tuple[dict[str, Any], str]) -> None:
+    results, _ = smoke_run
+    assert list(results["scenarios"]) == list(SCENARIOS)
+    for key, section in results["scenarios"].items():
+        assert section["status"] in {"ok", "skipped"}, (key, section.get("notes"))
+        if section["status"] == "skipped":
+            assert section["notes"], f"{key} is skipped without saying why"
+
+
+def test_each_measured_system_has_throughput_cpu_and_latency_figures(smoke_run: tuple[dict[str, Any], str]) -> None:
+    results, _ = smoke_run
+    for key, section in results["scenarios"].items():
+        if section["status"] != "ok" or key == "memory":
+            continue
+        assert section["systems"], key
+        for name, system in section["systems"].items():
+            assert system["role"] in {"runtime", "baseline", "reference"}
+            assert len(system["throughput_tps"]["rounds"]) == results["rounds"], (key, name)
+            assert system["throughput_tps"]["median"] > 0, (key, name)
+            assert system["cpu_us_per_task"]["median"] is not None
+            assert system["switches_per_task"]["median"] is not None
+            assert set(system["latency_saturated_ms"]) >= {"p50", "p90", "p99", "max", "samples"}
+        for pair, ratio in section["ratios"].items():
+            numerator, _, denominator = pair.partition(" / ")
+            assert {numerator, denominator} <= set(section["systems"]), pair
+            assert len(ratio["rounds"]) == results["rounds"]
+
+
+def test_the_no_op_scenario_runs_the_runtime_against_all_three_baselines(
+    smoke_run: tuple[dict[str, Any], str],
+) -> None:
+    noop = smoke_run[0]["scenarios"]["noop"]
+    assert set(noop["systems"]) == {"runtime", "bare-pykka", "naive-pykka", "threadpool"}
+    assert noop["systems"]["runtime"]["latency_light_ms"]["samples"] > 0
+    assert "runtime / bare-pykka" in noop["ratios"]
+
+
+def test_memory_is_measured_per_system_in_a_subprocess(smoke_run: tuple[dict[str, Any], str]) -> None:
+    memory = smoke_run[0]["scenarios"]["memory"]
+    assert memory["status"] == "ok"
+    for name in ("runtime", "bare-pykka", "threadpool"):
+        figures = memory["systems"][name]
+        assert figures["peak_rss_mb"] > 0
+        assert figures["bytes_per_task"] is not None
+        assert figures["rss_timeline_mb"], name
+
+
+def test_every_target_of_the_issue_gets_a_verdict_or_says_why_not(smoke_run: tuple[dict[str, Any], str]) -> None:
+    targets = smoke_run[0]["targets"]
+    assert [t["key"] for t in targets] == [t.key for t in TARGETS]
+    for target in targets:
+        assert target["met"] in {True, False, None}
+        if target["met"] is None:
+            assert target["note"], target["key"]
+
+
+def test_the_report_is_a_markdown_table(smoke_run: tuple[dict[str, Any], str]) -> None:
+    _, report = smoke_run
+    assert "| scenario | system | tasks/s (median) |" in report
+    assert "| runtime |" in report
+    assert "Targets (issue 7, item 4):" in report
