@@ -330,13 +330,19 @@ class Runtime:
         backend = self.config.service_backend
         if backend == "thread":
             return ThreadBackend(self._dead_letters, self._threads)
+        if backend == "process":
+            from actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
+
+            return ProcessBackend(functions, dead_letters=self._dead_letters, threads=self._threads)
         if backend == "ray":
             from actors.ray_backend import RayBackend  # noqa: PLC0415 - Ray is optional: imported only when chosen
 
             sizes = {service: self.config.workers_for(service) for service in functions}
             local = ThreadBackend(self._dead_letters, self._threads)  # for functions bound to this process
             return RayBackend(self.config.ray_address, functions=functions, pool_sizes=sizes, local=local)
-        raise ConfigError(f"RuntimeConfig.service_backend {backend!r} is not available in this build; use 'thread'")
+        raise ConfigError(
+            f"RuntimeConfig.service_backend {backend!r} is not available; use 'thread', 'process' or 'ray'"
+        )
 
     # --- submitting ------------------------------------------------------------------------------
 

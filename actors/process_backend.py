@@ -1,0 +1,711 @@
+"""The process backend: service calls run in worker processes, for CPU-bound services.
+
+One child process per worker, no shared memory. A call crosses a
+`multiprocessing` pipe as one pickle (its fields as a tuple, the frozen
+payload inside), the child runs it with `execute` (the very function thread
+workers use) and sends back a report, from which the parent builds the
+`ServiceDone`. In the parent, each worker has one forwarding thread that owns
+the pipe::
+
+    orchestrator ─send()─► deque + wake-up pipe ─► forwarding thread ─pickle─► child: execute(fn, call)
+    orchestrator ◄─deliver(ServiceDone)─ forwarding thread ◄─pickle─ child
+
+The orchestrator never blocks: `send` and `retire` only append to a deque and
+write one byte to the thread's wake-up pipe. The forwarding thread waits on
+three things at once (the report pipe, the child's exit sentinel and the
+wake-up pipe), so it notices new work, a retirement or a dying child at once.
+It hands the child every call the pool gives it (at most a couple): the next
+call waits in the pipe while the current one runs, so a busy child never
+waits for a round trip.
+
+Supervision follows the thread workers' rules (issue 5):
+
+* a service that raises `SystemExit` (any non-`Exception`) is reported
+  ``crashed`` by the child, which then exits; the pool replaces the worker
+  and the task is retried as a transient failure;
+* a child that dies during a call (``os._exit``, a segfault, ``kill -9``)
+  is seen as end-of-file on its pipe: the call it held is reported
+  ``crashed`` (error type ``WorkerProcessDied``), with the same effect;
+* a child that dies while idle, or cannot load its function, is reported
+  through `on_death`, and the pool replaces it without charging any task;
+* `retire()` really stops the child: an idle one is asked to exit, a busy
+  one (say, hung past `stage_timeout_s`) gets SIGTERM, then SIGKILL. Its
+  forwarding thread delivers nothing after retirement;
+* a child never outlives its runtime: it watches its parent and exits when
+  the parent dies, even by SIGKILL.
+
+Events (``service.started``, ``service.finished``, ``service.failed``) carry
+the thread workers' fields plus ``node`` (``"pid:1234"``). They are emitted
+in the parent, where the host configured logging; the duration is the one
+measured in the child.
+
+Children start with the "forkserver" method by default: a single-threaded
+server process (multiprocessing's own, shared by the whole host process)
+imports actorflow once and forks each worker from it, so a worker starts in
+a few milliseconds instead of the ~300 ms a "spawn" child needs to import
+actorflow. "spawn" is available too; "fork" is refused, since forking a
+process full of threads can deadlock the child. As with any multiprocessing
+program, the host's main script is imported in the fork server (or in each
+spawned child): it must keep its work under ``if __name__ == "__main__":``.
+
+The default persistence (`services.ResultStore` with no path) is an
+in-memory SQLite database private to the parent process; a child would write
+to a copy of its own that nobody reads. So that service runs on thread
+workers in the parent (SQLite writes are I/O, not CPU). A result store with a
+file path is pickled by path, and each child opens the same file (WAL).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import pickle
+import selectors
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from multiprocessing import connection, get_context
+from multiprocessing.context import BaseContext
+from typing import Any, Final
+
+from actors.deadletters import DeadLetterOffice
+from actors.messages import RunService, ServiceDone
+from actors.service import Deliver, OnDeath, ThreadBackend, WorkerHandle, execute
+from actors.threads import ThreadBook
+from core.errors import ConfigError
+from core.tracing import EventLogger, TraceContext, get_event_logger
+from core.types import Task
+from services import ResultStore
+
+__all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
+
+START_METHODS: Final = ("forkserver", "spawn")
+"""Start methods the backend accepts; never "fork" (the parent is full of threads)."""
+
+_FIELD_OF_SERVICE: Final = {"validator": "validate", "processor": "process", "persistence": "persist"}
+
+_IDLE_EXIT_S: Final = 0.5
+"""How long an idle child asked to exit gets before SIGTERM."""
+_TERM_GRACE_S: Final = 1.0
+"""How long a child gets between SIGTERM and SIGKILL."""
+_KILL_WAIT_S: Final = 5.0
+"""How long to wait for a SIGKILLed child to be reaped before giving up on it."""
+
+_PR_SET_PDEATHSIG: Final = 1
+"""prctl(2) option: the signal a process gets when its parent dies (Linux)."""
+
+_SERVER_START_S: Final = 60.0
+"""Bound on waiting for the fork server to start (it imports actorflow once)."""
+
+_server_lock = threading.Lock()
+_server_ready = False
+
+
+@atexit.register
+def _close_forgotten_runtimes_first() -> None:
+    """Close runtimes left open at exit before multiprocessing's own exit handler runs.
+
+    That handler (registered when `multiprocessing` was imported, so it runs
+    after this one) SIGTERMs every daemonic child, then joins every child with
+    no timeout. Left to it, a forgotten runtime would see its workers die, start
+    replacements, and the interpreter would hang joining them. Closing the
+    runtimes first (as `actors.runtime` does at exit anyway, only later) stops
+    every worker in order, and leaves unfinished tasks to a journal, unfailed.
+    """
+    from actors import runtime  # noqa: PLC0415 - runtime imports this module lazily; at exit it is loaded
+
+    runtime._close_forgotten_runtimes()
+
+
+# --- set-up checks -------------------------------------------------------------------------------
+
+
+def runs_in_parent(fn: Callable[..., Any]) -> bool:
+    """True for a service bound to the parent's memory: the default in-memory `ResultStore`."""
+    return isinstance(fn, ResultStore) and fn.path is None
+
+
+def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
+    """Pickle a service function for its worker processes, or raise `ConfigError` naming it.
+
+    Functions cross by reference (module and qualified name), so lambdas,
+    closures and functions defined inside other functions cannot be sent.
+    A function of an interactive ``__main__`` pickles, but no child could
+    import it, so it is refused too.
+    """
+    where = f"ServiceSet.{_FIELD_OF_SERVICE.get(service, service)} {fn!r}"
+    try:
+        data = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # pickle raises PicklingError, AttributeError, TypeError...
+        raise ConfigError(
+            f"{where} cannot be sent to worker processes: {type(exc).__name__}: {exc}; define it at module level "
+            "(service_backend='process' pickles each service function by its module and name)"
+        ) from exc
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) == "__main__" and getattr(main, "__file__", None) is None:
+        raise ConfigError(
+            f"{where} cannot be sent to worker processes: it is defined in an interactive __main__, which a worker "
+            "process cannot import; define it in a module"
+        )
+    return data
+
+
+def _context(start_method: str) -> BaseContext:
+    if start_method not in START_METHODS:
+        raise ConfigError(
+            f"ProcessBackend start_method {start_method!r} is not allowed; use one of {START_METHODS} "
+            "('fork' would copy a process full of threads and their locks)"
+        )
+    context = get_context(start_method)
+    if start_method == "forkserver":
+        global _server_ready
+        with _server_lock:
+            if not _server_ready:
+                # The server imports actorflow once; every worker forked from it starts with it imported.
+                # ("__main__" is multiprocessing's own default; this takes effect when the server starts.)
+                context.set_forkserver_preload(["__main__", __name__])
+                # Start the server now, once per process, and wait for its imports: otherwise the first
+                # calls' stage deadlines would include them (a replacement worker then starts in milliseconds).
+                probe = context.Process(target=_probe, name="actorflow-forkserver-probe", daemon=True)  # type: ignore[attr-defined]
+                probe.start()
+                probe.join(_SERVER_START_S)
+                if probe.exitcode is None:
+                    probe.kill()
+                    probe.join()
+                probe.close()
+                _server_ready = True
+    return context
+
+
+def _probe() -> None:
+    """A no-op child: starting one starts the fork server."""
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class ProcessBackend:
+    """Workers are child processes; see the module docstring for the design.
+
+    Args:
+        functions: the pipeline's functions by service name; each one that
+            will run in a child is pickled now, so a lambda or closure fails
+            the runtime's start with a `ConfigError` naming it.
+        dead_letters: the runtime's office (for the in-parent thread workers).
+        threads: the runtime's thread book; forwarding threads are written
+            down in it, so that `Runtime.close()` joins them.
+        start_method: "forkserver" (default) or "spawn".
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        functions: Mapping[str, Callable[..., Any]],
+        *,
+        dead_letters: DeadLetterOffice,
+        threads: ThreadBook,
+        start_method: str = "forkserver",
+    ) -> None:
+        self._pickled: dict[str, tuple[Callable[..., Any], bytes]] = {
+            service: (fn, check_picklable(service, fn)) for service, fn in functions.items() if not runs_in_parent(fn)
+        }
+        self._context = _context(start_method)
+        self.start_method = start_method
+        self._threads = threads
+        self._in_parent = ThreadBackend(dead_letters, threads)
+        self._lock = threading.Lock()
+        self._workers: list[ProcessWorker] = []
+        self._log = get_event_logger("process-backend")
+        in_parent = sorted(service for service, fn in functions.items() if runs_in_parent(fn))
+        if in_parent:
+            self._log.info(
+                "process_backend.in_parent",
+                services=in_parent,
+                why="the default in-memory result store lives in this process; set result_store to a file "
+                "to persist from the worker processes",
+            )
+
+    def start_worker(
+        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
+    ) -> WorkerHandle:
+        """Start a worker: its child process boots in the background, so this returns at once."""
+        if runs_in_parent(fn):
+            return self._in_parent.start_worker(name, service, fn, deliver, on_death)
+        known = self._pickled.get(service)
+        data = known[1] if known is not None and known[0] is fn else check_picklable(service, fn)
+        worker = ProcessWorker(name, data, self._context, deliver, on_death, self._threads)
+        with self._lock:
+            self._workers = [w for w in self._workers if not w.finished()]
+            self._workers.append(worker)
+        return worker
+
+    def close(self, timeout: float = _IDLE_EXIT_S + _TERM_GRACE_S + 1.0) -> None:
+        """Retire every worker still running and wait (up to `timeout` in all) for its child to be gone."""
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for worker in workers:
+            worker.retire()
+        deadline = time.monotonic() + timeout
+        busy = [w.name for w in workers if not w.join(max(0.0, deadline - time.monotonic()))]
+        if busy:
+            self._log.warning("process_backend.close_slow", workers=busy, timeout_s=timeout)
+        self._in_parent.close()
+
+    def pids(self) -> list[int]:
+        """The pids of the worker processes running now (for inspection and tests)."""
+        with self._lock:
+            workers = list(self._workers)
+        return [pid for pid in (w.pid for w in workers if not w.finished()) if pid is not None]
+
+
+# --- one worker, parent side ---------------------------------------------------------------------
+
+
+class _Died:
+    """What `_receive` returns once the child process is gone."""
+
+
+_DIED: Final = _Died()
+_WAKE: Final = "wake"
+_REPORT: Final = "report"
+_EXIT: Final = "exit"
+_STOP: Final = b"stop"
+"""Tells an idle child to exit (a pickle never equals it)."""
+
+
+class _InChild:
+    """A call in the child's pipe, and the time it started running."""
+
+    __slots__ = ("call", "started")
+
+    def __init__(self, call: RunService) -> None:
+        self.call = call
+        self.started = time.perf_counter()
+
+
+class ProcessWorker:
+    """One worker: a child process and the forwarding thread that owns its pipe.
+
+    `send`, `retire` and `join` may be called from any thread; everything else
+    is the forwarding thread's alone.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pickled_fn: bytes,
+        context: BaseContext,
+        deliver: Deliver,
+        on_death: OnDeath,
+        threads: ThreadBook,
+    ) -> None:
+        self.name = name
+        self.pid: int | None = None
+        self.node = ""
+        self._deliver = deliver
+        self._on_death = on_death
+        self._threads = threads
+        self._log = get_event_logger(name)
+        self._calls: deque[RunService] = deque()
+        self._lock = threading.Lock()
+        self._retired = False
+        self._closed = False
+        """No more calls are taken, and the wake-up pipe is closed."""
+        self._in_child: deque[_InChild] = deque()
+        """Calls sent down the pipe and not yet answered, in order: the head is running."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._conn, child_conn = context.Pipe()
+        self._child_conn: connection.Connection | None = child_conn
+        self._process = context.Process(  # type: ignore[attr-defined]
+            target=_child_main, args=(child_conn, pickled_fn, name), name=f"actorflow-{name}", daemon=True
+        )
+        # Started by the forwarding thread: every worker of a runtime boots at the same time.
+        self._thread = threading.Thread(target=self._run, name=f"actorflow-proc-{name}", daemon=True)
+        self._thread.start()
+
+    # --- the WorkerHandle face (any thread) -------------------------------------------------------
+
+    def send(self, call: RunService) -> bool:
+        """Queue a call for the child; False if the worker is retired or its child is gone."""
+        with self._lock:
+            if self._closed or self._retired:
+                return False
+            self._calls.append(call)
+            self._wake()
+        return True
+
+    def retire(self) -> None:
+        """Stop the worker: queued calls are dropped, a running call is killed with its child."""
+        with self._lock:
+            self._retired = True
+            if not self._closed:
+                self._wake()
+
+    def join(self, timeout: float) -> bool:
+        """Wait until the child is gone and reaped; False if it is still being stopped."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def finished(self) -> bool:
+        """True once the forwarding thread has ended (its child is gone)."""
+        return not self._thread.is_alive()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the thread
+            os.write(self._wake_w, b"\0")
+
+    # --- the forwarding thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._threads.record_current()
+        why: str | None = None
+        try:
+            why = self._serve()
+        except Exception as exc:  # noqa: BLE001 - our own bug: report it, the pool replaces the worker
+            why = f"forwarding thread failed with {type(exc).__name__}: {exc}"
+            self._log.error("worker.forwarding_failed", worker=self.name, error_type=type(exc).__name__, error=str(exc))
+        finally:
+            with self._lock:
+                self._closed = True
+            if why is not None and not self._retired:
+                self._on_death(self.name, why)
+            self._stop_child()
+            with self._lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def _serve(self) -> str | None:
+        """Run calls until retired (None) or the child ends (the reason, when `on_death` should hear it)."""
+        if self._retired:
+            return None
+        self._process.start()
+        assert self._child_conn is not None
+        self._child_conn.close()  # the child holds its end now; ours would hide its end-of-file
+        self._child_conn = None
+        self.pid = self._process.pid
+        self.node = f"pid:{self.pid}"
+        # One selector for the worker's life (epoll on Linux): far cheaper per call than connection.wait().
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+            selector.register(self._conn, selectors.EVENT_READ, _REPORT)
+            selector.register(self._process.sentinel, selectors.EVENT_READ, _EXIT)
+            why = self._await_ready(selector)
+            if why is not None or self._retired:
+                return why
+            while True:
+                self._feed_child()
+                stirred = self._wait(selector)
+                if self._retired:
+                    return None
+                if not stirred:
+                    continue
+                report = self._receive(stirred)
+                if isinstance(report, tuple):
+                    if not self._finish(report):
+                        return None  # a crashed call: its report tells the pool to replace us
+                    continue
+                if not self._in_child:
+                    return f"worker process {self.node} exited with code {self._exit_code()} while idle"
+                self._report_death_during_call()
+                return None
+
+    def _wait(self, selector: selectors.BaseSelector) -> set[str]:
+        """Wait for the wake-up pipe or the child; what the child did: {_REPORT} and/or {_EXIT}, or nothing."""
+        stirred = set()
+        for key, _ in selector.select():
+            if key.data is _WAKE:
+                self._drain_wake()
+            else:
+                stirred.add(key.data)
+        return stirred
+
+    def _await_ready(self, selector: selectors.BaseSelector) -> str | None:
+        """Wait for the child's hello; calls wait in the deque meanwhile. The reason if it never comes."""
+        while not self._retired:
+            stirred = self._wait(selector)
+            if not stirred or self._retired:
+                continue
+            hello = self._receive(stirred)
+            if isinstance(hello, tuple) and hello[:1] == ("ready",):
+                return None
+            if isinstance(hello, tuple) and hello[:1] == ("load_failed",):
+                self._log.error("worker.load_failed", worker=self.name, node=self.node, error=hello[1])
+                return f"worker process {self.node} cannot load its service function: {hello[1]}"
+            return f"worker process {self.node} exited with code {self._exit_code()} before it was ready"
+        return None
+
+    def _receive(self, stirred: set[str]) -> Any:
+        """The child's next message, or _DIED once it is gone (end-of-file is a readable pipe too).
+
+        A child may write its last report and exit at once: what the pipe holds is read before the exit counts.
+        """
+        try:
+            if _REPORT in stirred or self._conn.poll():
+                return pickle.loads(self._conn.recv_bytes())  # noqa: S301 - our own child pickled it
+        except (EOFError, OSError):
+            return _DIED
+        return _DIED
+
+    def _feed_child(self) -> None:
+        """Send the child every queued call.
+
+        The pool gives a worker at most a couple of calls, so the next one waits
+        in the child's pipe while the current one runs: no round trip between calls.
+        """
+        while self._calls and not self._retired:
+            call = self._calls.popleft()
+            try:
+                self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:
+                return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
+            self._in_child.append(_InChild(call))
+            if len(self._in_child) == 1:
+                self._start_head()
+
+    def _start_head(self) -> None:
+        """The child starts the call at the head of its pipe now."""
+        head = self._in_child[0]
+        head.started = time.perf_counter()
+        if self._log.enabled("debug"):
+            self._log.debug("service.started", **_call_fields(head.call, self.name, self.node))
+
+    def _finish(self, report: tuple[Any, ...]) -> bool:
+        """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
+        head = self._in_child.popleft()
+        call = head.call
+        call_id, status, result, error_type, error, duration_ms = report
+        if call_id != call.call_id:  # the child answers in order; anything else is our bug
+            raise RuntimeError(f"worker process {self.node} answered call {call_id}, not {call.call_id}")
+        done = ServiceDone(
+            call_id,
+            call.service,
+            call.task.task_id,
+            self.name,
+            status,
+            result,
+            error_type,
+            error,
+            duration_ms,
+            self.node,
+        )
+        self._log_and_deliver(head, done)
+        if done.status == "crashed":
+            return False
+        if self._in_child:
+            self._start_head()
+        return True
+
+    def _report_death_during_call(self) -> None:
+        """The child died running the head call: that call crashed. Those behind it never started."""
+        head = self._in_child.popleft()
+        call = head.call
+        duration_ms = round((time.perf_counter() - head.started) * 1000, 3)
+        error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
+        done = ServiceDone(
+            call.call_id,
+            call.service,
+            call.task.task_id,
+            self.name,
+            "crashed",
+            None,
+            "WorkerProcessDied",
+            error,
+            duration_ms,
+            self.node,
+        )
+        self._log_and_deliver(head, done)
+
+    def _log_and_deliver(self, entry: _InChild, done: ServiceDone) -> None:
+        if done.status != "ok":
+            self._log.warning(
+                "service.failed",
+                duration_ms=done.duration_ms,
+                error_type=done.error_type,
+                error=done.error,
+                transient=done.status != "permanent",
+                **_call_fields(entry.call, self.name, self.node),
+            )
+        elif self._log.enabled("debug"):
+            fields = _call_fields(entry.call, self.name, self.node)
+            self._log.debug("service.finished", duration_ms=done.duration_ms, **fields)
+        self._deliver(done)
+
+    def _drain_wake(self) -> None:
+        # One read nearly always empties the pipe (one byte per send); a short read proves it, saving
+        # the syscall and the BlockingIOError a second read would cost on every wake-up.
+        with contextlib.suppress(BlockingIOError):
+            while len(os.read(self._wake_r, 4096)) == 4096:
+                pass
+
+    def _exit_code(self) -> str:
+        self._process.join(_IDLE_EXIT_S)
+        code = self._process.exitcode
+        if code is None:
+            return "(still running)"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"{code} ({signal.Signals(-code).name})"
+        return str(code)
+
+    def _stop_child(self) -> None:
+        """Make sure the child is gone and reaped: ask an idle one to exit, then SIGTERM, then SIGKILL."""
+        process = self._process
+        if self.pid is None:
+            if self._child_conn is not None:
+                self._child_conn.close()
+            self._conn.close()
+            return
+        if process.exitcode is None and not self._in_child:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send_bytes(_STOP)
+            process.join(_IDLE_EXIT_S)
+        if process.exitcode is None:
+            process.terminate()
+            process.join(_TERM_GRACE_S)
+        if process.exitcode is None:
+            process.kill()
+            process.join(_KILL_WAIT_S)
+        self._conn.close()
+        if process.exitcode is None:
+            self._log.error("worker.unkillable", worker=self.name, node=self.node)
+            return
+        if process.exitcode != 0 and self._retired:
+            self._log.info("worker.killed", worker=self.name, node=self.node, exit_code=self._exit_code())
+        process.close()
+
+
+def _encode_call(call: RunService) -> tuple[Any, ...]:
+    """A call as plain tuples and the frozen payload: about 3x cheaper to pickle than the dataclasses."""
+    task, trace = call.task, call.trace
+    return (
+        call.call_id,
+        call.service,
+        task.task_id,
+        task.payload,
+        task.attempt,
+        trace.trace_id,
+        trace.span_id,
+        trace.parent_span_id,
+        call.attempt,
+        call.result,
+    )
+
+
+def _decode_call(wire: tuple[Any, ...]) -> RunService:
+    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, result = wire
+    return RunService(
+        call_id,
+        service,
+        Task(task_id, payload, task_attempt),
+        TraceContext(trace_id, span_id, parent_span_id),
+        attempt,
+        result,
+    )
+
+
+def _call_fields(call: RunService, worker: str, node: str) -> dict[str, Any]:
+    """The fields of a call's events: those of `actors.service.execute`, plus `node`."""
+    trace = call.trace
+    return {
+        "task_id": call.task.task_id,
+        "trace_id": trace.trace_id,
+        "span_id": trace.span_id,
+        "parent_span_id": trace.parent_span_id,
+        "service": call.service,
+        "worker": worker,
+        "attempt": call.attempt,
+        "node": node,
+    }
+
+
+# --- one worker, child side ----------------------------------------------------------------------
+
+
+class _SilentLog(EventLogger):
+    """The child emits nothing: its events are emitted by the parent, where logging is configured."""
+
+    __slots__ = ()
+
+    def enabled(self, level: str) -> bool:
+        """Never: `execute` then skips building its debug events."""
+        return False
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        return
+
+
+def _die_with_parent() -> bool:
+    """Make sure no worker outlives a runtime killed with SIGKILL. False if the parent is already gone.
+
+    An idle child sees end-of-file on its pipe anyway; a child hung in a call
+    would not. A watchdog thread waits on the parent's sentinel and ends the
+    process when the parent dies (it needs the GIL, which any Python code and
+    most blocking calls give up). On Linux the kernel also SIGKILLs the child
+    when its parent process dies: that covers a "spawn" child stuck in C code
+    that holds the GIL (a "forkserver" child's parent is the fork server, which
+    outlives the runtime while any of its children lives).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return True
+    sentinel = parent.sentinel
+    if connection.wait([sentinel], timeout=0):
+        return False  # it died before the watchdog was set
+    threading.Thread(target=_exit_when_ready, args=(sentinel,), name="actorflow-parent-watch", daemon=True).start()
+    return True
+
+
+def _exit_when_ready(sentinel: int) -> None:
+    connection.wait([sentinel])
+    os._exit(1)
+
+
+def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> None:
+    """A worker process: load the function, then run calls one at a time until told to stop.
+
+    Protocol, one pickle per message: the child first sends ``("ready", node)``
+    or ``("load_failed", why)``; then it answers each call (`_encode_call`)
+    with exactly one report ``(call_id, status, result, error_type, error,
+    duration_ms)``, in order. `_STOP` or end-of-file ends it; so does a
+    ``crashed`` call, after its report.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    if not _die_with_parent():
+        return
+    node = f"pid:{os.getpid()}"
+    try:
+        fn = pickle.loads(pickled_fn)  # noqa: S301 - our own parent pickled it
+    except BaseException as exc:  # noqa: BLE001 - report any failure to load, then end
+        with contextlib.suppress(OSError):
+            conn.send_bytes(pickle.dumps(("load_failed", f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send_bytes(pickle.dumps(("ready", node)))
+    log = _SilentLog(name)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message == _STOP:
+            return
+        call = _decode_call(pickle.loads(message))  # noqa: S301 - our own parent pickled it
+        done = execute(fn, call, name, log=log, node=node)
+        report = (done.call_id, done.status, done.result, done.error_type, done.error, done.duration_ms)
+        try:
+            conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            return
+        if done.status == "crashed":
+            return  # after a SystemExit & co. this interpreter is not to be trusted: the pool replaces us

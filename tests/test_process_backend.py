@@ -1,0 +1,540 @@
+"""The process backend: service calls in worker processes, under the thread workers' supervision rules.
+
+Every test runs real child processes (the default "forkserver" start method,
+and "spawn" once). Cross-process synchronisation goes through a Unix-socket
+rendezvous (`tests.process_services`) or a pidfd, never through sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import pickle
+import queue
+import select
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from actors import Runtime
+from actors.deadletters import DeadLetterOffice
+from actors.messages import RunService, ServiceDone
+from actors.process_backend import ProcessBackend, ProcessWorker, _decode_call, _encode_call
+from actors.threads import ThreadBook
+from core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState
+from core.tracing import TraceContext
+from core.types import freeze
+from run_demo import _payloads as demo_payloads
+from services import ServiceSet
+from tests import process_services as ps
+from tests.conftest import actor_threads, payload
+
+S = TaskState
+pytestmark = pytest.mark.timeout(90)
+
+
+def process_config(**overrides: Any) -> RuntimeConfig:
+    fields: dict[str, Any] = {
+        "service_backend": "process",
+        "validator_workers": 1,
+        "processor_workers": 2,
+        "persistence_workers": 1,
+    }
+    fields.update(overrides)
+    return RuntimeConfig(**fields)
+
+
+def run_all(runtime: Runtime, payloads: list[dict[str, Any]], timeout: float = 60) -> list[TaskRecord]:
+    handles = [runtime.submit(p) for p in payloads]
+    return [h.result(timeout=timeout) for h in handles]
+
+
+# --- helpers: processes as the kernel sees them -------------------------------------------------
+
+
+def worker_pids() -> set[int]:
+    """Pids of the live worker processes of this test process (multiprocessing's bookkeeping)."""
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("actorflow-") and p.pid}
+
+
+def exists(pid: int) -> bool:
+    """True if `pid` is a process, zombies included (a zombie still has its /proc entry)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Every process whose parent is `pid`, with its command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
+def multiprocessing_helper(cmdline: str) -> bool:
+    """multiprocessing's own long-lived helpers: the fork server and the resource tracker."""
+    return "multiprocessing.forkserver" in cmdline or "multiprocessing.resource_tracker" in cmdline
+
+
+@contextlib.contextmanager
+def watching(pid: int) -> Iterator[Callable[[float], bool]]:
+    """A pidfd on `pid`, opened now; yields `ended(timeout)`, True once the process has terminated."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone and reaped
+        yield lambda timeout: True
+        return
+    try:
+
+        def ended(timeout: float) -> bool:
+            readable, _, _ = select.select([fd], [], [], timeout)
+            return bool(readable)
+
+        yield ended
+    finally:
+        os.close(fd)
+
+
+def service_events(logs: Sequence[Mapping[str, Any]], event: str, service: str) -> list[Mapping[str, Any]]:
+    return [e for e in logs if e["event"] == event and e.get("service") == service]
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+def test_the_demo_pipeline_on_processes_ends_in_the_same_states_and_results_as_on_threads() -> None:
+    payloads = demo_payloads(24)
+    outcomes = {}
+    for backend in ("thread", "process"):
+        with Runtime(RuntimeConfig(service_backend=backend)) as runtime:
+            records = run_all(runtime, payloads)
+            assert runtime.results is not None
+            stored = {r.task_id: runtime.results.get(r.task_id) for r in records}
+        outcomes[backend] = [
+            (r.state, r.path(), r.result, r.error, stored[r.task_id], r.attempts, r.payload) for r in records
+        ]
+    assert outcomes["process"] == outcomes["thread"]
+    assert {o[0] for o in outcomes["process"]} == {S.COMPLETED, S.FAILED}
+
+
+def test_a_frozen_payload_crosses_to_the_child_and_its_result_comes_back() -> None:
+    with Runtime(process_config(), services=ServiceSet(process=ps.describe)) as runtime:
+        record = runtime.submit({"name": "x", "data": {"items": [1, [2, 3], {"k": "v"}]}}).result(timeout=30)
+    assert record.state is S.COMPLETED, record.error
+    result = record.result
+    assert result is not None
+    assert result["in_child"] is True
+    assert result["pid"] != os.getpid()
+    assert (result["payload_type"], result["data_type"], result["items_type"]) == ("FrozenDict", "FrozenDict", "tuple")
+    assert result["frozen"] is True
+    assert result["items"] == (1, (2, 3), {"k": "v"})
+    assert result["task_id"] == record.task_id
+
+
+def test_service_events_carry_the_thread_backends_fields_plus_the_node_that_ran_the_call() -> None:
+    services = ServiceSet(process=ps.describe)
+    logs = {}
+    results = {}
+    for backend in ("thread", "process"):
+        with (
+            structlog.testing.capture_logs() as captured,
+            Runtime(process_config(service_backend=backend), services=services) as runtime,
+        ):
+            ok = runtime.submit({"name": "ok", "data": {"items": []}}).result(timeout=30)
+        logs[backend] = captured
+        assert ok.state is S.COMPLETED
+        assert ok.result is not None
+        results[backend] = ok.result
+    with (
+        structlog.testing.capture_logs() as failing_logs,
+        Runtime(process_config(), services=ServiceSet(process=ps.fail_permanently)) as runtime,
+    ):
+        failed = runtime.submit(payload()).result(timeout=30)
+    assert failed.state is S.FAILED
+    assert failed.error is not None
+    assert "ValueError: cannot compute" in failed.error
+
+    for event in ("service.started", "service.finished"):
+        (on_thread,) = service_events(logs["thread"], event, "processor")
+        (on_process,) = service_events(logs["process"], event, "processor")
+        assert set(on_process) == set(on_thread) | {"node"}, event
+        assert on_process["node"] == f"pid:{results['process']['pid']}"
+        assert "node" not in on_thread
+    (finished,) = service_events(logs["process"], "service.finished", "processor")
+    assert finished["duration_ms"] > 0
+    assert finished["trace_id"] == ok.trace_id  # `ok` is the task that ran on processes
+    (failure,) = service_events(failing_logs, "service.failed", "processor")
+    assert failure["error_type"] == "ValueError"
+    assert failure["transient"] is False
+    assert failure["node"].startswith("pid:")
+    assert {"task_id", "trace_id", "span_id", "parent_span_id", "worker", "attempt", "duration_ms"} <= set(failure)
+
+
+@pytest.mark.parametrize("field", ["validate", "process", "persist"])
+@pytest.mark.parametrize("kind", ["lambda", "closure", "local function"])
+def test_a_lambda_a_closure_or_a_local_function_gets_a_config_error_naming_it(field: str, kind: str) -> None:
+    secret = 42
+
+    def local(*args: Any) -> Mapping[str, Any]:
+        return {"secret": secret}
+
+    def make_closure() -> Callable[..., Any]:
+        factor = 2
+        return lambda *args: {"double": factor * 2}
+
+    fn: Any = {"lambda": lambda *args: {}, "closure": make_closure(), "local function": local}[kind]
+    before = set(actor_threads())
+    with pytest.raises(ConfigError) as caught:
+        Runtime(process_config(), services=ServiceSet(**{field: fn}))
+    message = str(caught.value)
+    assert message.startswith(f"ServiceSet.{field} {fn!r} cannot be sent to worker processes")
+    assert "define it at module level" in message
+    assert worker_pids() == set()
+    assert set(actor_threads()) - before == set()
+
+
+def test_the_same_functions_run_on_threads_without_complaint() -> None:
+    with Runtime(RuntimeConfig(), services=ServiceSet(process=lambda task: {"ok": True})) as runtime:
+        assert runtime.submit(payload()).result(timeout=30).state is S.COMPLETED
+
+
+# --- supervision --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "error_type"),
+    [
+        (ps.exit_on_first_attempt, "SystemExit"),
+        (ps.os_exit_on_first_attempt, "WorkerProcessDied"),
+        (ps.sigkill_self_on_first_attempt, "WorkerProcessDied"),
+    ],
+    ids=["SystemExit", "os._exit", "kill -9"],
+)
+def test_a_child_that_crashes_during_a_call_is_replaced_and_the_task_retried(
+    service: Callable[[Task], Mapping[str, Any]], error_type: str
+) -> None:
+    with (
+        structlog.testing.capture_logs() as logs,
+        Runtime(
+            process_config(processor_workers=2, retry_backoff_s=0.0), services=ServiceSet(process=service)
+        ) as runtime,
+    ):
+        record = runtime.submit(payload()).result(timeout=30)
+        stats = runtime.stats()
+        crashed_pid = int(service_events(logs, "service.failed", "processor")[0]["node"].removeprefix("pid:"))
+        with watching(crashed_pid) as ended:
+            assert ended(10), "the crashed child is still running"
+    assert record.state is S.COMPLETED, record.error
+    assert record.result is not None
+    assert record.result["attempt"] == 2
+    assert record.result["pid"] != crashed_pid
+    (failure,) = service_events(logs, "service.failed", "processor")
+    assert failure["error_type"] == error_type
+    assert failure["transient"] is True
+    assert failure["attempt"] == 1
+    processor = stats["pools"]["processor"]
+    assert (processor["workers"], processor["size"], processor["restarts"], processor["failing"]) == (2, 2, 1, None)
+    assert (stats["restarts"], stats["retries"]) == (1, 1)
+    assert not exists(crashed_pid)
+
+
+def test_a_child_killed_while_idle_is_replaced_without_charging_the_next_task() -> None:
+    with Runtime(process_config(processor_workers=1), services=ServiceSet(process=ps.describe)) as runtime:
+        first = runtime.submit({"name": "a", "data": {"items": []}}).result(timeout=30)
+        assert first.result is not None
+        victim = first.result["pid"]
+        with watching(victim) as ended:
+            os.kill(victim, 9)
+            assert ended(10)
+        second = runtime.submit({"name": "b", "data": {"items": []}}).result(timeout=30)
+        stats = runtime.stats()
+    assert second.state is S.COMPLETED, second.error
+    assert second.result is not None
+    assert second.result["pid"] != victim
+    assert second.attempts == first.attempts  # the call was re-sent, not retried
+    assert stats["retries"] == 0
+    processor = stats["pools"]["processor"]
+    assert (processor["workers"], processor["restarts"], processor["failing"]) == (1, 1, None)
+
+
+def test_a_hung_call_is_killed_at_the_stage_timeout_and_retried_on_a_fresh_child() -> None:
+    with (
+        ps.rendezvous() as point,
+        Runtime(
+            process_config(processor_workers=1, stage_timeout_s=1.0, retry_backoff_s=0.0),
+            services=ServiceSet(process=ps.hang_on_first_attempt),
+        ) as runtime,
+    ):
+        handle = runtime.submit({"name": "hang", "data": {"rendezvous": point.path}})
+        (hung_pid,) = point.arrivals(1)
+        with watching(hung_pid) as ended:
+            assert ended(30), "the hung child was not killed"
+        record = handle.result(timeout=30)
+        stats = runtime.stats()
+    assert record.state is S.COMPLETED, record.error
+    assert record.result is not None
+    assert record.result["attempt"] == 2
+    assert record.result["pid"] != hung_pid
+    assert (stats["timeouts"], stats["restarts"], stats["retries"]) == (1, 1, 1)
+    assert stats["pools"]["processor"]["workers"] == 1
+    assert stats["late_results"] == 0  # the killed call never answered
+    assert not exists(hung_pid)
+
+
+def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_once_the_pool_gives_up() -> None:
+    with (
+        structlog.testing.capture_logs() as logs,
+        Runtime(
+            process_config(processor_workers=1, max_restarts=1),
+            services=ServiceSet(process=ps.LoadsOnlyInTheParent()),
+        ) as runtime,
+    ):
+        record = runtime.submit({"name": "x", "data": {"items": []}}).result(timeout=30)
+    assert record.state is S.FAILED
+    assert record.error is not None
+    assert "pool 'processor' is failing" in record.error
+    load_failures = [e for e in logs if e["event"] == "worker.load_failed"]
+    assert load_failures
+    assert "ImportError: this function cannot be loaded in a worker process" in load_failures[0]["error"]
+    restarted = [e for e in logs if e["event"] == "worker.restarted" and e["service"] == "processor"]
+    assert "cannot load its service function" in restarted[0]["why"]
+
+
+@pytest.mark.slow
+def test_chaos_on_processes_leaves_every_task_in_its_expected_state_and_the_pool_whole() -> None:
+    # Per attempt: 10% TransientError, 2% ValueError, 1% SystemExit, 1% os._exit, 0.5% kill -9, 0.5% hang.
+    config = process_config(
+        processor_workers=4, stage_timeout_s=1.0, max_restarts=10_000, retry_backoff_s=0.001, retry_backoff_max_s=0.01
+    )
+    ids = [f"chaos-{i}" for i in range(1000)]
+    with Runtime(config, services=ServiceSet(process=ps.chaos)) as runtime:
+        handles = [runtime.submit(payload(i), task_id=task_id) for i, task_id in enumerate(ids)]
+        records = [h.result(timeout=120) for h in handles]
+        stats = runtime.stats()
+    wrong = [(r.task_id, r.state.value, r.error) for r in records if r.state.value != ps.chaos_expected(r.task_id, 3)]
+    assert wrong == []
+    assert stats["COMPLETED"] + stats["FAILED"] == len(ids)
+    assert stats["in_flight"] == 0
+    assert stats["restarts"] > 0
+    assert stats["timeouts"] > 0
+    processor = stats["pools"]["processor"]
+    assert (processor["workers"], processor["failing"]) == (4, None)
+    assert worker_pids() == set()
+
+
+# --- parallelism and clean-up -------------------------------------------------------------------
+
+
+def test_two_process_workers_run_two_calls_at_the_same_time_in_two_processes() -> None:
+    with (
+        ps.rendezvous() as point,
+        Runtime(process_config(processor_workers=2), services=ServiceSet(process=ps.meet)) as runtime,
+    ):
+        handles = [runtime.submit({"name": f"meet-{i}", "data": {"rendezvous": point.path}}) for i in range(2)]
+        # Each call waits for "go" after arriving: the second can arrive only while the first is still running.
+        pids = point.arrivals(2)
+        point.release_all()
+        records = [h.result(timeout=30) for h in handles]
+    assert len(set(pids)) == 2
+    assert os.getpid() not in pids
+    assert {r.result["pid"] for r in records if r.result is not None} == set(pids)
+
+
+def test_close_leaves_no_worker_process_no_zombie_and_no_forwarding_thread() -> None:
+    before = set(actor_threads())
+    runtime = Runtime(RuntimeConfig(service_backend="process", processor_workers=3))
+    run_all(runtime, [payload(i) for i in range(20)])
+    pids = worker_pids()
+    # At least the validator and the processor that served calls; at most every validator and processor
+    # (the in-memory persistence runs on threads in the parent).
+    assert 2 <= len(pids) <= 2 + 3
+    runtime.close()
+    assert worker_pids() == set()
+    assert not [pid for pid in pids if exists(pid)]
+    strays = {pid: cmd for pid, cmd in children_of(os.getpid()).items() if not multiprocessing_helper(cmd)}
+    assert strays == {}
+    assert set(actor_threads()) - before == set()
+
+
+def test_close_without_draining_kills_calls_still_running() -> None:
+    with ps.rendezvous() as point:
+        runtime = Runtime(process_config(processor_workers=1), services=ServiceSet(process=ps.hang_on_first_attempt))
+        runtime.submit({"name": "hang", "data": {"rendezvous": point.path}})
+        (hung_pid,) = point.arrivals(1)
+        runtime.close(drain=False)
+        assert not exists(hung_pid)
+        assert worker_pids() == set()
+
+
+_HOST_PROGRAM = """
+import sys
+from actors import Runtime
+from core import RuntimeConfig
+from services import ServiceSet
+from tests import process_services as ps
+
+runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(process=ps.hang_on_first_attempt))
+runtime.submit({"name": "hang", "data": {"rendezvous": sys.argv[1]}})
+sys.stdin.read()  # until the test kills us
+"""
+
+
+def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_a_call() -> None:
+    with ps.rendezvous() as point:
+        host = subprocess.Popen(
+            [sys.executable, "-c", _HOST_PROGRAM, point.path],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            (hung_pid,) = point.arrivals(1)
+            with watching(hung_pid) as ended:
+                host.kill()
+                assert ended(30), "the hung worker outlived its runtime"
+        finally:
+            host.kill()
+            assert host.stdin is not None
+            host.stdin.close()
+            host.wait(30)
+
+
+_FORGETFUL_PROGRAM = """
+import sys
+from actors import Runtime
+from core import RuntimeConfig
+from core.tracing import configure_logging
+from services import ServiceSet
+from tests import process_services as ps
+
+configure_logging(level="INFO", colors=False)
+runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(process=ps.hang_on_first_attempt))
+runtime.submit({"name": "hang", "data": {"rendezvous": sys.argv[1]}})
+sys.stdin.read()  # until the test says: exit now, without closing the runtime
+"""
+
+
+def test_a_runtime_left_open_at_exit_stops_its_workers_and_the_interpreter_exits() -> None:
+    # multiprocessing's exit handler would SIGTERM the workers, the pools would start new ones, and
+    # the interpreter would hang joining them; the backend closes forgotten runtimes before it runs.
+    with ps.rendezvous() as point:
+        host = subprocess.Popen(
+            [sys.executable, "-c", _FORGETFUL_PROGRAM, point.path],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            (hung_pid,) = point.arrivals(1)
+            with watching(hung_pid) as ended:
+                _, log = host.communicate(timeout=30)  # closes its stdin: the program ends
+                assert ended(10), "the hung worker outlived the interpreter's exit"
+        finally:
+            host.kill()
+            host.communicate(timeout=30)
+    assert host.returncode == 0, log
+    assert "runtime.stopped" in log
+    assert "worker.restarted" not in log  # stopped in order, not killed from under the pools
+
+
+def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path) -> None:
+    store = str(tmp_path / "results.db")
+    with structlog.testing.capture_logs() as logs, Runtime(process_config(result_store=store)) as runtime:
+        records = run_all(runtime, [payload(i) for i in range(6)])
+        assert runtime.results is not None
+        assert all(runtime.results.get(r.task_id) == r.result for r in records)
+    persisted = service_events(logs, "service.finished", "persistence")
+    assert len(persisted) == 6
+    assert all(e["node"].startswith("pid:") for e in persisted)
+
+
+def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None:
+    with structlog.testing.capture_logs() as logs, Runtime(process_config()) as runtime:
+        records = run_all(runtime, [payload(i) for i in range(6)])
+        assert runtime.results is not None
+        assert runtime.results.count() == 6
+        assert all(runtime.results.get(r.task_id) == r.result for r in records)
+    persisted = service_events(logs, "service.finished", "persistence")
+    assert len(persisted) == 6
+    assert not any("node" in e for e in persisted)
+    processed = service_events(logs, "service.finished", "processor")
+    assert all(e["node"].startswith("pid:") for e in processed)
+
+
+# --- the backend on its own ---------------------------------------------------------------------
+
+
+def test_the_spawn_start_method_works_too() -> None:
+    replies: queue.SimpleQueue[ServiceDone] = queue.SimpleQueue()
+    deaths: list[tuple[str, str]] = []
+    backend = ProcessBackend(
+        {"processor": ps.describe}, dead_letters=DeadLetterOffice(), threads=ThreadBook(), start_method="spawn"
+    )
+    worker = backend.start_worker("processor-1", "processor", ps.describe, replies.put, lambda *d: deaths.append(d))
+    assert isinstance(worker, ProcessWorker)
+    task = Task("t-1", freeze({"name": "x", "data": {"items": [1]}}))
+    for call_id in (1, 2):
+        assert worker.send(RunService(call_id, "processor", task, TraceContext("a" * 32, "b" * 16), 1))
+    first, second = replies.get(timeout=60), replies.get(timeout=60)
+    assert (first.call_id, second.call_id) == (1, 2)
+    assert first.status == second.status == "ok"
+    assert first.result is not None
+    assert first.node == f"pid:{first.result['pid']}"
+    (pid,) = backend.pids()
+    backend.close()
+    assert worker.join(0)
+    assert deaths == []
+    assert not exists(pid)
+    assert not worker.send(RunService(3, "processor", task, TraceContext("a" * 32, "b" * 16), 1))
+
+
+def field_names(cls: type) -> list[str]:
+    """The fields of a NamedTuple or a dataclass, in order."""
+    named: tuple[str, ...] | None = getattr(cls, "_fields", None)
+    return list(named) if named is not None else [f.name for f in dataclasses.fields(cls)]
+
+
+def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> None:
+    # The backend pickles calls as tuples (3x cheaper than the dataclasses). A new field in any of these
+    # must be added to `_encode_call`/`_decode_call` or to the report, or it would silently not cross.
+    assert field_names(RunService) == ["call_id", "service", "task", "trace", "attempt", "result"]
+    assert field_names(Task) == ["task_id", "payload", "attempt"]
+    assert field_names(TraceContext) == ["trace_id", "span_id", "parent_span_id"]
+    assert field_names(ServiceDone) == [
+        "call_id",
+        "service",
+        "task_id",
+        "worker",
+        "status",
+        "result",
+        "error_type",
+        "error",
+        "duration_ms",
+        "node",
+    ]
+    call = RunService(
+        7,
+        "persistence",
+        Task("t-7", freeze({"name": "x", "data": [1, {"k": None}]}), 2),
+        TraceContext("a" * 32, "b" * 16, "c" * 16),
+        2,
+        freeze({"sha256": "0" * 64}),
+    )
+    assert _decode_call(pickle.loads(pickle.dumps(_encode_call(call)))) == call
+
+
+def test_the_fork_start_method_is_refused() -> None:
+    with pytest.raises(ConfigError, match="start_method 'fork' is not allowed"):
+        ProcessBackend({}, dead_letters=DeadLetterOffice(), threads=ThreadBook(), start_method="fork")
