@@ -308,6 +308,20 @@ _PATHS: dict[str, Any] = {
 }
 
 
+_MALFORMED_HTTP = "a request that is not valid HTTP (e.g. a header with illegal characters), refused as plain text by the HTTP server before the API sees it"  # noqa: E501
+
+
+def _document_malformed_http(responses: dict[str, Any]) -> None:
+    """Any route can answer 400 in plain text: uvicorn refuses malformed HTTP before the app runs."""
+    plain = {"schema": {"type": "string"}}
+    if "400" in responses:
+        response = responses["400"]
+        response["description"] += f"; or {_MALFORMED_HTTP}"
+        response.setdefault("content", {})["text/plain"] = plain
+    else:
+        responses["400"] = {"description": _MALFORMED_HTTP, "content": {"text/plain": plain}}
+
+
 def openapi_document(*, token_required: bool) -> dict[str, Any]:
     """The OpenAPI document; with `token_required`, every operation but `/healthz` lists bearer auth and 401."""
     paths = copy.deepcopy(_PATHS)
@@ -321,6 +335,10 @@ def openapi_document(*, token_required: bool) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": copy.deepcopy(_SCHEMAS)},
     }
+    for item in paths.values():
+        for method, operation in item.items():
+            if method != "parameters":
+                _document_malformed_http(operation["responses"])
     if token_required:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
