@@ -50,4 +50,14 @@ class FastActor(pykka.ThreadingActor):
         # none of them, and a task sends about ten, so they go straight to on_receive.
         if type(message) in MESSAGE_TYPES:
             return self.on_receive(message)
-        return super()._handle_receive(message)
+        try:
+            return super()._handle_receive(message)
+        finally:
+            # A proxy call (stats, counts, subscribe...) bypasses on_receive. If it was the last
+            # message in the mailbox, whatever on_receive held back for batching must go now,
+            # or it would wait for a message that may never come.
+            if not self.actor_stopped.is_set():
+                self.on_mailbox_idle()
+
+    def on_mailbox_idle(self) -> None:
+        """Called after a non-message (proxy call) is handled; flush batched work if the mailbox is empty."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import pykka
 
+from core.errors import RuntimeStopped
 from core.tracing import get_event_logger
 
 __all__ = ["DeadLetterOffice", "tell_or_dead_letter"]
@@ -55,6 +56,10 @@ class DeadLetterOffice:
                     exc_info=(pykka.ActorDeadError, pykka.ActorDeadError(f"{actor} stopped"), None)
                 )
                 continue
+            reply = getattr(envelope.message, "reply", None)
+            if isinstance(reply, pykka.Future):  # a request carrying its own reply future (CreateTask, CancelTask)
+                stopped = RuntimeStopped(f"{actor} stopped before handling {type(envelope.message).__name__}")
+                reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
             self.post(envelope.message, to=str(actor), why="actor stopped before handling it")
 
 

@@ -41,7 +41,7 @@ from actors.service import ServiceBackend
 from actors.threads import ThreadBook
 from actors.timer import Timer
 from core.config import TERMINAL_STATES, RuntimeConfig
-from core.errors import TaskNotFound
+from core.errors import RuntimeStopped, TaskNotFound
 from core.tracing import TraceContext, get_event_logger, new_span_id
 from core.types import JSONValue, Task, TaskRecord, TaskState
 
@@ -150,6 +150,11 @@ class OrchestratorActor(FastActor):
         if self._outbox and (len(self._outbox) >= _MAX_OUTBOX or self.actor_inbox.empty()):
             self._flush()
 
+    def on_mailbox_idle(self) -> None:
+        """Send transition requests held back for batching once nothing else is waiting."""
+        if self._outbox and self.actor_inbox.empty():
+            self._flush()
+
     def _handle(self, message: Any) -> None:
         handler = self._handlers.get(type(message))
         if handler is None:
@@ -158,8 +163,18 @@ class OrchestratorActor(FastActor):
         handler(message)
 
     def _on_transitions_applied(self, message: TransitionsApplied) -> None:
+        refused: list[TransitionRequest] = []
         for outcome in message.outcomes:
-            self._on_outcome(outcome)
+            if outcome.outcome == "journal_failed" and (
+                outcome.request.task_id in self._flights or outcome.request.to_state is _S.CANCELLED
+            ):
+                refused.append(outcome.request)  # cancel replies stay pending until the retry's outcome
+            else:
+                self._on_outcome(outcome)
+        if refused:
+            # One batch, in the original order: VALIDATED and PROCESSING are then applied (and
+            # committed) together again, so the second can never find the first missing.
+            self._retry_after_journal_failure(tuple(refused))
 
     def _on_tasks_created(self, message: TasksCreated) -> None:
         for record in message.records:
@@ -173,9 +188,14 @@ class OrchestratorActor(FastActor):
             self._resume(record)
 
     def on_stop(self) -> None:
-        """Send what is pending, then retire every worker."""
+        """Send what is pending, answer pending cancels, then retire every worker."""
         self._dead_letters.drain(self)
         self._flush()
+        stopped = RuntimeStopped("the runtime closed before the cancellation was settled")
+        pending = [reply for flight in self._flights.values() for reply in flight.cancel_replies]
+        pending += [reply for replies in self._orphan_cancels.values() for reply in replies]
+        for reply in pending:
+            reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
         for pool in self._pools.values():
             pool.close(timeout=2.0)
         self._backend.close()
@@ -327,9 +347,6 @@ class OrchestratorActor(FastActor):
             return
         if flight is None:
             return
-        if outcome.outcome == "journal_failed":
-            self._retry_after_journal_failure(request)
-            return
         if outcome.outcome == "rejected":
             if outcome.record is not None and outcome.record.state in TERMINAL_STATES:
                 self._finish(flight, outcome.record)  # e.g. cancelled meanwhile
@@ -341,9 +358,9 @@ class OrchestratorActor(FastActor):
         elif record.state in TERMINAL_STATES:
             self._finish(flight, record)
 
-    def _retry_after_journal_failure(self, request: TransitionRequest) -> None:
+    def _retry_after_journal_failure(self, requests: tuple[TransitionRequest, ...]) -> None:
         """Nothing was committed: ask again shortly (the journal may be briefly locked or full)."""
-        batch = TransitionBatch((request,), reply_to=self.actor_ref)
+        batch = TransitionBatch(requests, reply_to=self.actor_ref)
         state, office = self._state, self._dead_letters
         self._timer.call_later(
             max(self._config.retry_backoff_s, 0.01), lambda: tell_or_dead_letter(state, batch, office)
@@ -351,6 +368,11 @@ class OrchestratorActor(FastActor):
 
     def _finish(self, flight: _Flight, record: TaskRecord) -> None:
         self._flights.pop(record.task_id, None)
+        if flight.cancel_replies:
+            # A CANCELLED request is still on its way (it will be refused: the task is terminal);
+            # its outcome answers these replies.
+            self._orphan_cancels.setdefault(record.task_id, []).extend(flight.cancel_replies)
+            flight.cancel_replies.clear()
         if flight.call_id is not None:
             self._calls.pop(flight.call_id, None)
             self._retrying.pop(flight.call_id, None)
@@ -376,6 +398,9 @@ class OrchestratorActor(FastActor):
         if flight is not None:
             flight.cancelled = True  # from now on its results are discarded
             flight.cancel_replies.append(message.reply)
+            if flight.call_id is not None:
+                for pool in self._pools.values():
+                    pool.withdraw(flight.call_id)  # not yet sent to a worker: it will never run
         else:
             self._orphan_cancels.setdefault(message.task_id, []).append(message.reply)
         self._request(message.task_id, _S.CANCELLED, reason="cancelled by request")

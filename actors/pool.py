@@ -69,6 +69,8 @@ class ServicePool:
         self._max_restarts = max_restarts
         self._window = restart_window_s
         self._capacity = _DEPTH_SLOW
+        self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
+        """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
         self._mean_ms: float | None = None
         """Moving average of call durations, which sets the depth per worker."""
         self._clock = clock
@@ -102,11 +104,11 @@ class ServicePool:
 
     def finished(self, call_id: int, duration_ms: float = 0.0) -> RunService | None:
         """A worker reported `call_id`: forget it and start the next. None if the call is not ours (late)."""
-        self._learn(duration_ms)
         slot = self._where.pop(call_id, None)
         call = self._calls.pop(call_id, None)
         if slot is None or call is None:
             return None
+        self._learn(duration_ms)  # only calls that really ran here teach the depth
         was_head = bool(slot.calls) and slot.calls[0] == call_id
         slot.calls.remove(call_id)
         if was_head:
@@ -117,12 +119,22 @@ class ServicePool:
     def _learn(self, duration_ms: float) -> None:
         mean = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
         self._mean_ms = mean
-        self._capacity = _DEPTH_FAST if mean < 0.2 else _DEPTH_MEDIUM if mean < 2.0 else _DEPTH_SLOW
+        depth = _DEPTH_FAST if mean < 0.2 else _DEPTH_MEDIUM if mean < 2.0 else _DEPTH_SLOW
+        self._capacity = min(depth, self._max_depth)
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""
         slot = self._where.get(call_id)
         return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
+
+    def withdraw(self, call_id: int) -> bool:
+        """Take back a call still waiting in the pool (not yet sent to a worker). True if it was there."""
+        for index, call in enumerate(self._waiting):
+            if call.call_id == call_id:
+                del self._waiting[index]
+                self._calls.pop(call_id, None)
+                return True
+        return False
 
     def worker_of(self, call_id: int) -> str:
         """The name of the worker holding `call_id` ("" if none)."""

@@ -203,6 +203,9 @@ class ProcessBackend:
         start_method: "forkserver" (default) or "spawn".
     """
 
+    max_queue_depth = 2
+    """Calls queued per worker at most: a pipe or object store should not hold many (see ServicePool)."""
+
     name = "process"
 
     def __init__(

@@ -274,6 +274,9 @@ class RayBackend:
             service function cannot be sent to, or loaded on, Ray workers.
     """
 
+    max_queue_depth = 2
+    """Calls queued per worker at most: a pipe or object store should not hold many (see ServicePool)."""
+
     name = "ray"
 
     def __init__(

@@ -58,19 +58,25 @@ class _Waiter:
     someone waits: a threading.Event costs more to build than the rest of a submit.
     """
 
-    __slots__ = ("_callbacks", "_event", "record")
+    __slots__ = ("_callbacks", "_event", "abandoned", "record")
 
     _lock = threading.Lock()
     """One lock for all waiters: it guards only the brief hand-over of `record`."""
 
     def __init__(self) -> None:
         self._event: threading.Event | None = None
-        self._callbacks: list[Callable[[TaskRecord], None]] | None = None
+        self._callbacks: list[Callable[[TaskRecord | None], None]] | None = None
         self.record: TaskRecord | None = None
+        self.abandoned = False
+        """The runtime closed before the task finished: waiting is over, with no record."""
 
-    def set(self, record: TaskRecord) -> None:
+    def set(self, record: TaskRecord | None) -> None:
+        """Settle with the terminal record, or with None when the runtime closed first."""
         with _Waiter._lock:
+            if self.record is not None or self.abandoned:
+                return
             self.record = record
+            self.abandoned = record is None
             event, callbacks = self._event, self._callbacks
             self._callbacks = None
         if event is not None:
@@ -78,9 +84,9 @@ class _Waiter:
         for callback in callbacks or ():
             callback(record)
 
-    def add_callback(self, callback: Callable[[TaskRecord], None]) -> None:
+    def add_callback(self, callback: Callable[[TaskRecord | None], None]) -> None:
         with _Waiter._lock:
-            if self.record is None:
+            if self.record is None and not self.abandoned:
                 if self._callbacks is None:
                     self._callbacks = []
                 self._callbacks.append(callback)
@@ -90,7 +96,7 @@ class _Waiter:
 
     def wait(self, timeout: float | None) -> bool:
         with _Waiter._lock:
-            if self.record is not None:
+            if self.record is not None or self.abandoned:
                 return True
             if self._event is None:
                 self._event = threading.Event()
@@ -178,6 +184,18 @@ class _Tracker:
         with self._lock:
             return self._idle.wait_for(lambda: not self._waiters and not self._reserved, timeout)
 
+    def close(self) -> int:
+        """The runtime stopped: release every waiter (their tasks will not finish here). Returns how many."""
+        with self._lock:
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            self._reserved = 0
+            self._room.notify_all()
+            self._idle.notify_all()
+        for waiter in waiters:
+            waiter.set(None)
+        return len(waiters)
+
 
 def _answer(future: pykka.Future[Any]) -> Any:
     """An actor's answer to a read, with pykka's errors mapped to ours.
@@ -191,6 +209,12 @@ def _answer(future: pykka.Future[Any]) -> Any:
         raise RuntimeStopped("the runtime is closed") from None
     except pykka.Timeout:
         raise TimeoutError(f"the runtime did not answer within {_ASK_TIMEOUT_S:g}s") from None
+
+
+_ABANDONED = (
+    "the runtime closed before task {task_id!r} finished; with a journal it resumes when a runtime "
+    "is opened on it again"
+)
 
 
 class TaskHandle:
@@ -217,7 +241,8 @@ class TaskHandle:
         """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s."""
         if not self._waiter.wait(timeout):
             raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
-        assert self._waiter.record is not None
+        if self._waiter.record is None:
+            raise RuntimeStopped(_ABANDONED.format(task_id=self.task_id))
         return self._waiter.record
 
     def cancel(self) -> bool:
@@ -229,11 +254,15 @@ class TaskHandle:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[TaskRecord] = loop.create_future()
 
-        def settle(record: TaskRecord) -> None:
-            if not future.done():
+        def settle(record: TaskRecord | None) -> None:
+            if future.done():
+                return
+            if record is None:
+                future.set_exception(RuntimeStopped(_ABANDONED.format(task_id=self.task_id)))
+            else:
                 future.set_result(record)
 
-        def on_done(record: TaskRecord) -> None:
+        def on_done(record: TaskRecord | None) -> None:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(settle, record)
 
@@ -412,7 +441,7 @@ class Runtime:
         try:
             self._state.tell(message)
             if message.reply is not None:
-                message.reply.get(timeout=_ASK_TIMEOUT_S)
+                _answer(message.reply)
         except pykka.ActorDeadError:
             self._tracker.forget(message.task_id)
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
@@ -530,6 +559,7 @@ class Runtime:
             if ref is not None:
                 with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                     ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        abandoned = self._tracker.close()
         if self._timer is not None:
             self._timer.stop()
         # Workers hung in a service call cannot be joined; they are daemons and do not block exit.
@@ -537,7 +567,11 @@ class Runtime:
         if self.results is not None:
             self.results.close()
         self._log.info(
-            "runtime.stopped", drained=drained, dead_letters=self._dead_letters.count, threads_left=still_running
+            "runtime.stopped",
+            drained=drained,
+            unfinished=abandoned,
+            dead_letters=self._dead_letters.count,
+            threads_left=still_running,
         )
 
     def __enter__(self) -> Runtime:

@@ -176,7 +176,12 @@ class ServiceWorker(FastActor):
             return
         if self._retired.is_set():
             return  # the pool took this call back when it retired us
-        self._deliver(execute(self._fn, message, self._name, log=self._log))
+        done = execute(self._fn, message, self._name, log=self._log)
+        if done.status == "crashed":
+            # Stop here: calls queued behind this one must not run on a worker that is being
+            # replaced (the pool re-sends them, and would otherwise run them twice).
+            self._retired.set()
+        self._deliver(done)
 
     def on_stop(self) -> None:
         """Report an unrequested stop to the pool's owner."""

@@ -184,6 +184,11 @@ class StateActor(FastActor):
                 "state.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
             )
 
+    def on_mailbox_idle(self) -> None:
+        """Commit changes held back for group commit once nothing else is waiting."""
+        if self._pending and self.actor_inbox.empty():
+            self._flush()
+
     def _receive(self, message: Any) -> None:
         if isinstance(message, TransitionBatch):
             for request in message.requests:
@@ -372,7 +377,10 @@ class StateActor(FastActor):
                 attempts=record.attempts,
             )
         if self._on_terminal is not None and record.state in TERMINAL_STATES:
-            self._on_terminal(record)
+            try:
+                self._on_terminal(record)
+            except Exception as exc:  # noqa: BLE001 - one bad waiter callback must not cost the batch its acks
+                self._log.error("terminal_hook.failed", task_id=record.task_id, error=repr(exc))
         if not self._subscribers:
             return
         event = TransitionEvent(

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 
 from actors import Runtime
 from actors.service import ServiceWorker
-from core import Overloaded, RuntimeConfig, Task, TaskNotFound, TaskState, TransientError
+from core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
 from services import ServiceSet
 from tests.conftest import payload
 from tests.faults import ChaosProcessor, Gate, expected_outcome
@@ -414,3 +414,62 @@ def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right
     assert stats["timeouts"] > 0
     assert stats["restarts"] >= stats["timeouts"]
     assert stats["retries"] > 0
+
+
+def _wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll a runtime counter with a deadline (the runtime has no event for these internals)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.005)
+    return True
+
+
+def test_a_call_queued_behind_one_that_crashes_its_worker_runs_exactly_once() -> None:
+    release = threading.Event()
+    runs: dict[int, int] = {}
+    crashed: list[int] = []
+    lock = threading.Lock()
+
+    def process(task: Task) -> Mapping[str, Any]:
+        index = task.payload["data"]["index"]
+        with lock:
+            runs[index] = runs.get(index, 0) + 1
+            first_call = not crashed
+            if first_call:
+                crashed.append(index)
+        if first_call:  # whichever task gets here first holds the worker, then crashes it
+            release.wait(10)
+            raise SystemExit("crash with a call queued behind")
+        return {}
+
+    with Runtime(RuntimeConfig(processor_workers=1), services=ServiceSet(process=process)) as runtime:
+        handles = [runtime.submit(payload(0)), runtime.submit(payload(1))]
+        assert _wait_until(lambda: runtime.stats()["pools"]["processor"]["queued"] >= 1)
+        release.set()
+        assert [h.result(timeout=10).state for h in handles] == [S.COMPLETED, S.COMPLETED]
+    other = 1 - crashed[0]
+    assert runs == {crashed[0]: 2, other: 1}  # the queued call ran once, not on the crashing worker too
+
+
+def test_closing_without_drain_releases_every_waiter_with_runtime_stopped() -> None:
+    gate = Gate()
+    runtime = Runtime(services=ServiceSet(process=gate.process))
+    handle = runtime.submit(payload())
+    assert gate.entered.wait(10)
+    outcome: list[BaseException] = []
+
+    def wait_for_result() -> None:
+        with pytest.raises(RuntimeStopped) as caught:
+            handle.result()
+        outcome.append(caught.value)
+
+    waiter = threading.Thread(target=wait_for_result)
+    waiter.start()
+    runtime.close(drain=False)
+    waiter.join(10)
+    gate.opened.set()
+    assert outcome, "result() must not wait forever once the runtime is closed"
+    assert "closed before task" in str(outcome[0])
+    assert runtime.join(timeout=1) is True

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from actors import StateActor
+from actors.messages import CreateTask
 from core import (
     TRANSITIONS,
     InvalidPayload,
@@ -22,6 +23,8 @@ from core import (
     TransitionEvent,
     is_allowed,
 )
+from core.journal import Journal
+from core.tracing import new_trace
 
 S = TaskState
 
@@ -230,3 +233,26 @@ def test_a_stopped_state_actor_refuses_further_requests(state: Any) -> None:
     ref.stop()
     with pytest.raises(pykka.ActorDeadError):
         ref.proxy()
+
+
+def test_a_proxy_call_that_empties_the_mailbox_commits_what_was_held_for_group_commit(tmp_path: Any) -> None:
+    blocked, release = threading.Event(), threading.Event()
+
+    def slow_subscriber(event: TransitionEvent) -> None:
+        if event.task_id == "first":
+            blocked.set()
+            release.wait(10)
+
+    ref = StateActor.start(journal=Journal(str(tmp_path / "t.db")))
+    state = ref.proxy()
+    state.subscribe(slow_subscriber).get(timeout=5)
+    first = pykka.ThreadingFuture()
+    ref.tell(CreateTask("first", {"name": "a", "data": 1}, new_trace(), reply=first))
+    assert blocked.wait(5)  # the actor is busy publishing "first"
+    second = pykka.ThreadingFuture()
+    ref.tell(CreateTask("second", {"name": "b", "data": 2}, new_trace(), reply=second))
+    size = state.memory_size()  # queued right behind: the mailbox is not empty when "second" is applied
+    release.set()
+    assert size.get(timeout=5) == 2
+    assert second.get(timeout=5).task_id == "second"  # committed by the proxy call's idle flush
+    ref.stop()
