@@ -71,8 +71,8 @@ class ServicePool:
         self._capacity = _DEPTH_SLOW
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
-        self._mean_ms: float | None = None
-        """Moving average of call durations, which sets the depth per worker."""
+        self._recent: deque[float] = deque(maxlen=_DEPTH_WINDOW)
+        """The last call durations (ms), which set the depth per worker."""
         self._clock = clock
         self._generation = 0
         self._slots: list[_Slot] = []
@@ -117,10 +117,12 @@ class ServicePool:
         return call
 
     def _learn(self, duration_ms: float) -> None:
-        mean = duration_ms if self._mean_ms is None else 0.9 * self._mean_ms + 0.1 * duration_ms
-        self._mean_ms = mean
-        depth = _DEPTH_FAST if mean < 0.2 else _DEPTH_MEDIUM if mean < 2.0 else _DEPTH_SLOW
-        self._capacity = min(depth, self._max_depth)
+        # Deep queues only while every recent call was fast: a call queued behind a slow one waits
+        # even if another worker is idle (head-of-line blocking), so one slow call turns it off.
+        recent = self._recent
+        recent.append(duration_ms)
+        uniform_fast = len(recent) == _DEPTH_WINDOW and max(recent) < _FAST_MS
+        self._capacity = min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth)
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""
@@ -263,10 +265,13 @@ class ServicePool:
 
 
 _DEPTH_FAST = 32
-"""Calls queued per worker for services under 0.2 ms: keeps workers awake (1.7x no-op throughput)."""
-_DEPTH_MEDIUM = 8
-_DEPTH_SLOW = 2
-"""For calls of 2 ms and more, queueing deeper buys nothing and strands more calls behind a hung one."""
+"""Calls queued per worker while calls are uniformly fast: keeps workers awake (1.7x no-op throughput)."""
+_DEPTH_SLOW = 1
+"""Otherwise one call per worker: a call is only ever sent to an idle worker, so no call waits
+behind a slow one while another worker idles (the pool's load figures lag by a message, and with
+even two per worker two calls that must run together could land on the same worker)."""
+_DEPTH_WINDOW = 32
+_FAST_MS = 0.2
 
 
 def _load(slot: _Slot) -> int:

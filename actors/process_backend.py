@@ -203,8 +203,8 @@ class ProcessBackend:
         start_method: "forkserver" (default) or "spawn".
     """
 
-    max_queue_depth = 2
-    """Calls queued per worker at most: a pipe or object store should not hold many (see ServicePool)."""
+    max_queue_depth = 1
+    """Calls queued per worker at most: one, as for slow thread workers (see ServicePool)."""
 
     name = "process"
 

@@ -274,8 +274,8 @@ class RayBackend:
             service function cannot be sent to, or loaded on, Ray workers.
     """
 
-    max_queue_depth = 2
-    """Calls queued per worker at most: a pipe or object store should not hold many (see ServicePool)."""
+    max_queue_depth = 1
+    """Calls queued per worker at most: one, as for slow thread workers (see ServicePool)."""
 
     name = "ray"
 
