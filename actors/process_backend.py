@@ -76,10 +76,10 @@ from typing import Any, Final
 
 from actors.deadletters import DeadLetterOffice
 from actors.messages import RunService, ServiceDone
-from actors.service import Deliver, OnDeath, ThreadBackend, WorkerHandle, execute
+from actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
 from actors.threads import ThreadBook
 from core.errors import ConfigError
-from core.tracing import EventLogger, TraceContext, get_event_logger
+from core.tracing import TraceContext, get_event_logger
 from core.types import Task
 from services import ResultStore
 
@@ -479,7 +479,7 @@ class ProcessWorker:
         head = self._in_child[0]
         head.started = time.perf_counter()
         if self._log.enabled("debug"):
-            self._log.debug("service.started", **_call_fields(head.call, self.name, self.node))
+            self._log.debug("service.started", **call_fields(head.call, self.name, self.node))
 
     def _finish(self, report: tuple[Any, ...]) -> bool:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
@@ -535,10 +535,10 @@ class ProcessWorker:
                 error_type=done.error_type,
                 error=done.error,
                 transient=done.status != "permanent",
-                **_call_fields(entry.call, self.name, self.node),
+                **call_fields(entry.call, self.name, self.node),
             )
         elif self._log.enabled("debug"):
-            fields = _call_fields(entry.call, self.name, self.node)
+            fields = call_fields(entry.call, self.name, self.node)
             self._log.debug("service.finished", duration_ms=done.duration_ms, **fields)
         self._deliver(done)
 
@@ -615,35 +615,7 @@ def _decode_call(wire: tuple[Any, ...]) -> RunService:
     )
 
 
-def _call_fields(call: RunService, worker: str, node: str) -> dict[str, Any]:
-    """The fields of a call's events: those of `actors.service.execute`, plus `node`."""
-    trace = call.trace
-    return {
-        "task_id": call.task.task_id,
-        "trace_id": trace.trace_id,
-        "span_id": trace.span_id,
-        "parent_span_id": trace.parent_span_id,
-        "service": call.service,
-        "worker": worker,
-        "attempt": call.attempt,
-        "node": node,
-    }
-
-
 # --- one worker, child side ----------------------------------------------------------------------
-
-
-class _SilentLog(EventLogger):
-    """The child emits nothing: its events are emitted by the parent, where logging is configured."""
-
-    __slots__ = ()
-
-    def enabled(self, level: str) -> bool:
-        """Never: `execute` then skips building its debug events."""
-        return False
-
-    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        return
 
 
 def _die_with_parent() -> bool:
@@ -695,7 +667,7 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
             conn.send_bytes(pickle.dumps(("load_failed", f"{type(exc).__name__}: {exc}")))
         return
     conn.send_bytes(pickle.dumps(("ready", node)))
-    log = _SilentLog(name)
+    log = SilentLog(name)
     while True:
         try:
             message = conn.recv_bytes()

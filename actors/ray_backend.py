@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.messages import RunService, ServiceDone
-from actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle, execute
+from actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
 from core.errors import ConfigError
 from core.tracing import EventLogger, get_event_logger
 from services import ResultStore
@@ -71,18 +71,6 @@ def import_ray() -> Any:
 # --- inside the Ray actor --------------------------------------------------------------------------
 
 
-class _Silent(EventLogger):
-    """Drops every event: a Ray worker process has no logging set up, so the driver logs for it."""
-
-    __slots__ = ()
-
-    def enabled(self, level: str) -> bool:
-        return False
-
-    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        return
-
-
 class ServiceActor:
     """The body of one Ray actor: runs a service function, one call at a time.
 
@@ -96,7 +84,7 @@ class ServiceActor:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._fn = fn
         self._node = f"{socket.gethostname()}:{os.getpid()}"
-        self._log = _Silent("ray")
+        self._log = SilentLog("ray")
 
     def node(self) -> str:
         """Where this actor runs; answering also proves it has started (its function unpickled)."""
@@ -458,24 +446,8 @@ def runs_on_head(fn: Callable[..., Any]) -> bool:
     return isinstance(fn, ResultStore)
 
 
-def call_fields(call: RunService, worker: str) -> dict[str, Any]:
-    """The fields of the `service.*` events, the same as the thread backend's."""
-    trace = call.trace
-    return {
-        "task_id": call.task.task_id,
-        "trace_id": trace.trace_id,
-        "span_id": trace.span_id,
-        "parent_span_id": trace.parent_span_id,
-        "service": call.service,
-        "worker": worker,
-        "attempt": call.attempt,
-    }
-
-
 def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:
-    fields = call_fields(call, done.worker)
-    if done.node:
-        fields["node"] = done.node
+    fields = call_fields(call, done.worker, done.node)
     if done.status == "ok":
         log.debug("service.finished", duration_ms=done.duration_ms, **fields)
         return

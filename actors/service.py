@@ -31,8 +31,10 @@ __all__ = [
     "OnDeath",
     "ServiceBackend",
     "ServiceWorker",
+    "SilentLog",
     "ThreadBackend",
     "WorkerHandle",
+    "call_fields",
     "execute",
     "invoke",
 ]
@@ -63,7 +65,8 @@ def execute(fn: Callable[..., Any], call: RunService, worker: str, *, log: Event
     return context.run(_execute, fn, call, worker, log, node)
 
 
-def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLogger, node: str) -> ServiceDone:
+def call_fields(call: RunService, worker: str, node: str = "") -> dict[str, Any]:
+    """The fields every `service.*` event of a call carries (all backends use these)."""
     trace = call.trace
     fields: dict[str, Any] = {
         "task_id": call.task.task_id,
@@ -76,6 +79,24 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     }
     if node:
         fields["node"] = node
+    return fields
+
+
+class SilentLog(EventLogger):
+    """Drops every event: for worker processes (and Ray actors), whose events the runtime's process logs."""
+
+    __slots__ = ()
+
+    def enabled(self, level: str) -> bool:
+        """Never, so `execute` skips building its debug events."""
+        return False
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        return
+
+
+def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLogger, node: str) -> ServiceDone:
+    fields = call_fields(call, worker, node)
     # Bound for the service's own logging (a host with merge_contextvars sees the trace).
     structlog.contextvars.bind_contextvars(**fields)
     verbose = log.enabled("debug")  # checked once: the two debug events cost nothing when off

@@ -72,7 +72,7 @@ def flaky_process(task: Task) -> Mapping[str, Any]:
 
 def hanging_process(task: Task) -> Mapping[str, Any]:
     if task.attempt == 1:
-        time.sleep(600)  # hung: only killing the actor ends this call
+        time.sleep(600)  # ok-sleep: this IS the hang, in a Ray worker process; only killing the actor ends it
     return {"attempt": task.attempt}
 
 
