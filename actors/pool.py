@@ -31,7 +31,6 @@ class PoolFailing(Exception):
 
 @dataclass(slots=True)
 class _Slot:
-    index: int
     worker: WorkerHandle
     calls: deque[int] = field(default_factory=deque)
     """Call ids sent to this worker, in the order it runs them; the head is running."""
@@ -84,8 +83,8 @@ class ServicePool:
         self.restarts = 0
         self.failing: str | None = None
         """Why the pool gave up, once it has."""
-        for index in range(size):
-            slot = _Slot(index, self._start_worker(index))
+        for _ in range(size):
+            slot = _Slot(self._start_worker())
             self._slots.append(slot)
             self._by_name[slot.worker.name] = slot
 
@@ -147,11 +146,6 @@ class ServicePool:
         """True if `name` is one of this pool's current workers."""
         return name in self._by_name
 
-    def forget(self, call_id: int) -> None:
-        """Drop a call that will never be reported (e.g. its worker was retired)."""
-        self._calls.pop(call_id, None)
-        self._where.pop(call_id, None)
-
     # --- supervision -----------------------------------------------------------------------------
 
     def replace(self, worker_name: str) -> list[RunService] | None:
@@ -186,7 +180,7 @@ class ServicePool:
             self._slots.remove(slot)
             stranded.extend(self.drain_waiting())
             return stranded
-        slot.worker = self._start_worker(slot.index)
+        slot.worker = self._start_worker()
         self._by_name[slot.worker.name] = slot
         self._feed()
         return stranded
@@ -233,7 +227,7 @@ class ServicePool:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _start_worker(self, index: int) -> WorkerHandle:
+    def _start_worker(self) -> WorkerHandle:
         self._generation += 1  # a replacement gets a new name, so late reports from the old one stay apart
         name = f"{self.service}-{self._generation}"
         return self._backend.start_worker(name, self.service, self._fn, self._deliver, self._on_death)

@@ -252,22 +252,22 @@ class StateActor(FastActor):
         refusal: Exception | None = None
         if before is None:
             refusal = TaskNotFound(f"no task with id {request.task_id!r}")
-        elif request.expected is not None and before.state is not request.expected:
-            refusal = InvalidTransition(
-                f"task {request.task_id!r} is {before.state.value}, not the expected {request.expected.value}; "
-                f"nothing changed",
-                task_id=request.task_id,
-                from_state=before.state.value,
-                to_state=request.to_state.value,
-            )
-        elif not is_allowed(before.state, request.to_state):
-            refusal = InvalidTransition(
-                f"task {request.task_id!r} cannot go from {before.state.value} to {request.to_state.value}; "
-                f"allowed from {before.state.value}: {_allowed_from(before.state)}",
-                task_id=request.task_id,
-                from_state=before.state.value,
-                to_state=request.to_state.value,
-            )
+        else:
+            why = None
+            if request.expected is not None and before.state is not request.expected:
+                why = f"is {before.state.value}, not the expected {request.expected.value}; nothing changed"
+            elif not is_allowed(before.state, request.to_state):
+                why = (
+                    f"cannot go from {before.state.value} to {request.to_state.value}; "
+                    f"allowed from {before.state.value}: {_allowed_from(before.state)}"
+                )
+            if why is not None:
+                refusal = InvalidTransition(
+                    f"task {request.task_id!r} {why}",
+                    task_id=request.task_id,
+                    from_state=before.state.value,
+                    to_state=request.to_state.value,
+                )
         if refusal is not None:
             self._log.warning(
                 "task.transition_rejected",

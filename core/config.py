@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
@@ -144,10 +144,6 @@ class RuntimeConfig:
         value = getattr(self, f"{service}_workers")
         assert isinstance(value, int)
         return value
-
-    def describe(self) -> dict[str, object]:
-        """Every field and its value, for logs."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
