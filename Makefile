@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 EXTRAS ?= dev
+comma  := ,
+# One stamp per set of extras: `make test EXTRAS=dev,ray` after a plain `make test` installs Ray.
+STAMP  := $(VENV)/.installed-$(subst $(comma),+,$(EXTRAS))
 ARGS   ?=
 
 .PHONY: demo test lint typecheck pytest bench clean
@@ -23,10 +25,10 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check actors services core api
+	$(BIN)/ruff format --check actorflow/cli actorflow/__init__.py actorflow/__main__.py actors services core api
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict actors services core api
+	$(BIN)/mypy --strict
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,118 +1,18 @@
 #!/usr/bin/env python3
-"""actorflow's demo, after the seed: create tasks, run them through the pipeline, inspect the final states.
+"""actorflow's demo: create tasks, run them through the pipeline, inspect the final states.
 
 python run_demo.py [--tasks N] [--workers K] [--log-file PATH] [--journal PATH]
-python run_demo.py trace PATH [--task ID]        # read a --log-file back, check every transition
-python run_demo.py inspect PATH [--state S]      # read a journal (read-only, safe while running)
-python run_demo.py serve [--port 8080] ...       # the HTTP API and dashboard
+python run_demo.py trace PATH [--task ID] [--json]   # read a --log-file back, check every transition
+python run_demo.py inspect PATH [--state S] [--json] # read a journal (read-only, safe while running)
+python run_demo.py serve [--port 8080] ...           # the HTTP API and dashboard
+
+The same as the ``actorflow`` command (``actorflow demo ...``); runs from a checkout
+with or without an install, since the checkout's ``actorflow/`` folder is the package.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-import time
-from collections.abc import Callable
 
-from actors import Runtime
-from core import RuntimeConfig, TaskRecord
-from core.tracing import configure_logging
-
-_INVALID_PAYLOADS: list[dict[str, object]] = [
-    {"name": "", "data": 1},  # empty name
-    {"data": [1, 2, 3]},  # no name
-    {"name": "x" * 201, "data": None},  # name too long
-    {"name": "extra", "data": 1, "priority": "high"},  # unexpected field
-]
-
-
-def _subcommand(name: str) -> Callable[[list[str]], int]:
-    # Imported lazily: the demo itself needs none of them.
-    if name == "trace":
-        from core.traceview import main as trace_main  # noqa: PLC0415
-
-        return trace_main
-    if name == "inspect":
-        from core.inspection import main as inspect_main  # noqa: PLC0415
-
-        return inspect_main
-    from api.cli import main as serve_main  # noqa: PLC0415
-
-    return serve_main
-
-
-def _payloads(count: int) -> list[dict[str, object]]:
-    """`count` tasks, about one in eight of them invalid, so the demo shows both outcomes."""
-    payloads: list[dict[str, object]] = []
-    for index in range(count):
-        if index % 8 == 7:
-            payloads.append(_INVALID_PAYLOADS[(index // 8) % len(_INVALID_PAYLOADS)])
-        else:
-            payloads.append({"name": f"task-{index + 1:04d}", "data": {"index": index, "squares": [index, index**2]}})
-    return payloads
-
-
-def _describe(record: TaskRecord) -> str:
-    if record.result is not None:
-        return f"sha256 {str(record.result.get('sha256', ''))[:12]}…  {record.result.get('bytes')} bytes"
-    return record.error or ""
-
-
-def run_demo(argv: list[str]) -> int:
-    """The seed's three steps: task creation, processing through the pipeline, final state inspection."""
-    parser = argparse.ArgumentParser(
-        prog="run_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tasks", type=int, default=12, help="how many tasks to create (default 12)")
-    parser.add_argument("--workers", type=int, default=4, help="processor pool size (default 4)")
-    parser.add_argument("--log-file", help="write every event as JSON lines to this file (level DEBUG)")
-    parser.add_argument("--journal", help="keep task state in this SQLite journal (resumes unfinished tasks)")
-    parser.add_argument("--show", type=int, default=40, help="rows of the final table to print (default 40)")
-    args = parser.parse_args(argv)
-    if args.tasks < 0:
-        parser.error("--tasks must be >= 0")
-    if args.workers < 1:
-        parser.error("--workers must be >= 1")
-
-    if args.log_file:
-        close_log = configure_logging(json=True, level="DEBUG", file=args.log_file)
-    else:
-        close_log = configure_logging(json=False, level="INFO")
-    try:
-        config = RuntimeConfig(processor_workers=args.workers, journal_path=args.journal)
-        started = time.perf_counter()
-        with Runtime(config) as runtime:
-            print(f"\n== 1. Task creation: {args.tasks} tasks ==")
-            handles = [runtime.submit(payload) for payload in _payloads(args.tasks)]
-            print(f"submitted {len(handles)} tasks ({sum(1 for i in range(args.tasks) if i % 8 == 7)} invalid)")
-
-            print(f"\n== 2. Processing through the pipeline ({args.workers} processor workers) ==")
-            runtime.join()
-            elapsed = time.perf_counter() - started
-            stats = runtime.stats()
-            print(f"all terminal in {elapsed:.2f}s: {stats['COMPLETED']} COMPLETED, {stats['FAILED']} FAILED")
-
-            print("\n== 3. Final state inspection ==")
-            records = [handle.result(timeout=30) for handle in handles]
-            print(f"{'task':<34} {'state':<10} {'result / error':<52} path")
-            for record in records[: args.show]:
-                path = " → ".join(record.path())
-                print(f"{record.task_id:<34} {record.state.value:<10} {_describe(record)[:52]:<52} {path}")
-            if len(records) > args.show:
-                print(f"… and {len(records) - args.show} more (--show N prints more)")
-    finally:
-        close_log()
-    if args.log_file:
-        print(f"\nevents written to {args.log_file}; read them back with: python run_demo.py trace {args.log_file}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    """Dispatch to a subcommand (trace, inspect, serve) or run the demo."""
-    if argv and argv[0] in ("trace", "inspect", "serve"):
-        return _subcommand(argv[0])(argv[1:])
-    return run_demo(argv)
-
+from actorflow.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], prog="run_demo.py", default="demo"))

@@ -4,8 +4,8 @@ An embedding program needs only `Runtime` (and `TaskHandle`); `StateActor`
 is exported for programs that want the state owner on its own.
 """
 
-from actors.orchestrator import OrchestratorActor
-from actors.runtime import Runtime, TaskHandle
-from actors.state import StateActor
+from actorflow.actors.orchestrator import OrchestratorActor
+from actorflow.actors.runtime import Runtime, TaskHandle
+from actorflow.actors.state import StateActor
 
 __all__ = ["OrchestratorActor", "Runtime", "StateActor", "TaskHandle"]

@@ -16,8 +16,8 @@ from typing import Any
 import pykka
 from pykka._actor import ActorInbox  # the protocol pykka 4 declares for custom inboxes
 
-from actors.messages import MESSAGE_TYPES
-from actors.threads import ThreadBook
+from actorflow.actors.messages import MESSAGE_TYPES
+from actorflow.actors.threads import ThreadBook
 
 __all__ = ["FastActor"]
 

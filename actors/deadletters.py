@@ -7,8 +7,8 @@ from typing import Any
 
 import pykka
 
-from core.errors import RuntimeStopped
-from core.tracing import get_event_logger
+from actorflow.core.errors import RuntimeStopped
+from actorflow.core.tracing import get_event_logger
 
 __all__ = ["DeadLetterOffice", "tell_or_dead_letter"]
 

@@ -18,8 +18,8 @@ from typing import Any, Literal, NamedTuple
 
 import pykka
 
-from core.tracing import TraceContext
-from core.types import JSONValue, Task, TaskRecord, TaskState
+from actorflow.core.tracing import TraceContext
+from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
 
 __all__ = [
     "MESSAGE_TYPES",

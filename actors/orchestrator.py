@@ -20,9 +20,9 @@ from typing import Any
 
 import pykka
 
-from actors.base import FastActor
-from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
-from actors.messages import (
+from actorflow.actors.base import FastActor
+from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actorflow.actors.messages import (
     CallDeadline,
     CancelTask,
     ResumeTasks,
@@ -36,14 +36,14 @@ from actors.messages import (
     TransitionsApplied,
     WorkerDied,
 )
-from actors.pool import PoolFailing, ServicePool
-from actors.service import ServiceBackend
-from actors.threads import ThreadBook
-from actors.timer import Timer
-from core.config import TERMINAL_STATES, RuntimeConfig
-from core.errors import RuntimeStopped, TaskNotFound
-from core.tracing import TraceContext, get_event_logger, new_span_id
-from core.types import JSONValue, Task, TaskRecord, TaskState
+from actorflow.actors.pool import PoolFailing, ServicePool
+from actorflow.actors.service import ServiceBackend
+from actorflow.actors.threads import ThreadBook
+from actorflow.actors.timer import Timer
+from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
+from actorflow.core.errors import RuntimeStopped, TaskNotFound
+from actorflow.core.tracing import TraceContext, get_event_logger, new_span_id
+from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
 
 __all__ = ["OrchestratorActor"]
 

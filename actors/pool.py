@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.messages import RunService
-from actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle
-from actors.timer import Timer, TimerHandle
+from actorflow.actors.messages import RunService
+from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle
+from actorflow.actors.timer import Timer, TimerHandle
 
 __all__ = ["PoolFailing", "ServicePool"]
 

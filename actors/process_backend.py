@@ -40,13 +40,18 @@ in the parent, where the host configured logging; the duration is the one
 measured in the child.
 
 Children start with the "forkserver" method by default: a single-threaded
-server process (multiprocessing's own, shared by the whole host process)
-imports actorflow once and forks each worker from it, so a worker starts in
+server process imports actorflow once and forks each worker from it, so a worker starts in
 a few milliseconds instead of the ~300 ms a "spawn" child needs to import
 actorflow. "spawn" is available too; "fork" is refused, since forking a
 process full of threads can deadlock the child. As with any multiprocessing
 program, the host's main script is imported in the fork server (or in each
 spawned child): it must keep its work under ``if __name__ == "__main__":``.
+
+The fork server is actorflow's own, not multiprocessing's process-wide one:
+a library must not change its host's settings, and multiprocessing's
+``set_forkserver_preload`` would change them for every forkserver process
+the host starts. `_private_context` builds a context whose processes are
+forked from a server that only this module configures.
 
 The default persistence (`services.ResultStore` with no path) is an
 in-memory SQLite database private to the parent process; a child would write
@@ -60,6 +65,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import io
 import multiprocessing
 import os
 import pickle
@@ -70,18 +76,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from multiprocessing import connection, get_context
-from multiprocessing.context import BaseContext
+from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
+from multiprocessing import util as mp_util
+from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any, Final
 
-from actors.deadletters import DeadLetterOffice
-from actors.messages import RunService, ServiceDone
-from actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
-from actors.threads import ThreadBook
-from core.errors import ConfigError
-from core.tracing import TraceContext, get_event_logger
-from core.types import Task
-from services import ResultStore
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
+from actorflow.actors.threads import ThreadBook
+from actorflow.core.errors import ConfigError
+from actorflow.core.tracing import TraceContext, get_event_logger
+from actorflow.core.types import Task
+from actorflow.services import ResultStore
 
 __all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
 
@@ -105,6 +112,40 @@ _SERVER_START_S: Final = 60.0
 
 _server_lock = threading.Lock()
 _server_ready = False
+_FORK_SERVER = forkserver.ForkServer()
+"""actorflow's own fork server; multiprocessing's process-wide one (and its preload list) stay the host's."""
+
+
+class _PrivatePopen(popen_forkserver.Popen):
+    """multiprocessing's forkserver Popen, launching from `_FORK_SERVER` instead of the process-wide server."""
+
+    def _launch(self, process_obj: Any) -> None:
+        # The body of popen_forkserver.Popen._launch (CPython 3.11-3.13), but for the server it talks to.
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = _FORK_SERVER.connect_to_new_process(self._fds)  # type: ignore[attr-defined]
+        # A duplicate of the data pipe's write end is the child's sign that its parent lives.
+        parent_w = os.dup(w)
+        self.finalizer = mp_util.Finalize(self, mp_util.close_fds, (parent_w, self.sentinel))  # type: ignore[attr-defined]
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _PrivateProcess(ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> _PrivatePopen:  # noqa: N802 - multiprocessing's name
+        return _PrivatePopen(process_obj)
+
+
+class _PrivateForkServerContext(ForkServerContext):
+    Process = _PrivateProcess
 
 
 @atexit.register
@@ -118,7 +159,7 @@ def _close_forgotten_runtimes_first() -> None:
     runtimes first (as `actors.runtime` does at exit anyway, only later) stops
     every worker in order, and leaves unfinished tasks to a journal, unfailed.
     """
-    from actors import runtime  # noqa: PLC0415 - runtime imports this module lazily; at exit it is loaded
+    from actorflow.actors import runtime  # noqa: PLC0415 - runtime imports this module lazily; at exit it is loaded
 
     runtime._close_forgotten_runtimes()
 
@@ -162,17 +203,19 @@ def _context(start_method: str) -> BaseContext:
             f"ProcessBackend start_method {start_method!r} is not allowed; use one of {START_METHODS} "
             "('fork' would copy a process full of threads and their locks)"
         )
-    context = get_context(start_method)
+    if start_method == "spawn":
+        return get_context("spawn")  # spawn has no process-wide state to share
+    context = _PrivateForkServerContext()
     if start_method == "forkserver":
         global _server_ready
         with _server_lock:
             if not _server_ready:
                 # The server imports actorflow once; every worker forked from it starts with it imported.
                 # ("__main__" is multiprocessing's own default; this takes effect when the server starts.)
-                context.set_forkserver_preload(["__main__", __name__])
+                _FORK_SERVER.set_forkserver_preload(["__main__", __name__])
                 # Start the server now, once per process, and wait for its imports: otherwise the first
                 # calls' stage deadlines would include them (a replacement worker then starts in milliseconds).
-                probe = context.Process(target=_probe, name="actorflow-forkserver-probe", daemon=True)  # type: ignore[attr-defined]
+                probe = context.Process(target=_probe, name="actorflow-forkserver-probe", daemon=True)
                 probe.start()
                 probe.join(_SERVER_START_S)
                 if probe.exitcode is None:

@@ -39,11 +39,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from actors.messages import RunService, ServiceDone
-from actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
-from core.errors import ConfigError
-from core.tracing import EventLogger, get_event_logger
-from services import ResultStore
+from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
+from actorflow.core.errors import ConfigError
+from actorflow.core.tracing import EventLogger, get_event_logger
+from actorflow.services import ResultStore
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray"]
 

@@ -22,18 +22,18 @@ from typing import Any
 
 import pykka
 
-from actors.deadletters import DeadLetterOffice
-from actors.messages import CancelTask, CreateTask, ResumeTasks
-from actors.orchestrator import OrchestratorActor
-from actors.service import ServiceBackend, ThreadBackend
-from actors.state import StateActor
-from actors.threads import ThreadBook
-from actors.timer import Timer
-from core.config import TERMINAL_STATES, RuntimeConfig
-from core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
-from core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
-from core.types import TaskRecord, TaskState, TransitionEvent, freeze
-from services import ResultStore, ServiceSet
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
+from actorflow.actors.orchestrator import OrchestratorActor
+from actorflow.actors.service import ServiceBackend, ThreadBackend
+from actorflow.actors.state import StateActor
+from actorflow.actors.threads import ThreadBook
+from actorflow.actors.timer import Timer
+from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
+from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
+from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
+from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
+from actorflow.services import ResultStore, ServiceSet
 
 __all__ = ["Runtime", "TaskHandle"]
 
@@ -314,7 +314,7 @@ class Runtime:
         functions = services.functions(result_store=self.results)
         journal = None
         if config.journal_path is not None:
-            from core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
+            from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
             journal = Journal(config.journal_path, durability=config.durability)
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
@@ -360,11 +360,11 @@ class Runtime:
         if backend == "thread":
             return ThreadBackend(self._dead_letters, self._threads)
         if backend == "process":
-            from actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
+            from actorflow.actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
 
             return ProcessBackend(functions, dead_letters=self._dead_letters, threads=self._threads)
         if backend == "ray":
-            from actors.ray_backend import RayBackend  # noqa: PLC0415 - Ray is optional: imported only when chosen
+            from actorflow.actors.ray_backend import RayBackend  # noqa: PLC0415 - Ray is optional: imported only when chosen
 
             sizes = {service: self.config.workers_for(service) for service in functions}
             local = ThreadBackend(self._dead_letters, self._threads)  # for functions bound to this process

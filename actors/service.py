@@ -18,13 +18,13 @@ from typing import Any, Protocol
 import pykka
 import structlog
 
-from actors.base import FastActor
-from actors.deadletters import DeadLetterOffice
-from actors.messages import RunService, ServiceDone, ServiceStatus
-from actors.threads import ThreadBook
-from core.errors import TransientError
-from core.tracing import EventLogger, get_event_logger
-from core.types import JSONValue, freeze
+from actorflow.actors.base import FastActor
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone, ServiceStatus
+from actorflow.actors.threads import ThreadBook
+from actorflow.core.errors import TransientError
+from actorflow.core.tracing import EventLogger, get_event_logger
+from actorflow.core.types import JSONValue, freeze
 
 __all__ = [
     "Deliver",

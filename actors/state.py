@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from actors.base import FastActor
-from actors.deadletters import DeadLetterOffice, tell_or_dead_letter
-from actors.messages import (
+from actorflow.actors.base import FastActor
+from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actorflow.actors.messages import (
     CreateTask,
     TasksCreated,
     TransitionBatch,
@@ -27,14 +27,14 @@ from actors.messages import (
     TransitionRequest,
     TransitionsApplied,
 )
-from actors.threads import ThreadBook
-from core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
-from core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
-from core.tracing import TraceContext, get_event_logger, new_trace
-from core.types import TaskRecord, TaskState, Transition, TransitionEvent, evolve, freeze
+from actorflow.actors.threads import ThreadBook
+from actorflow.core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
+from actorflow.core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
+from actorflow.core.tracing import TraceContext, get_event_logger, new_trace
+from actorflow.core.types import TaskRecord, TaskState, Transition, TransitionEvent, evolve, freeze
 
 if TYPE_CHECKING:
-    from core.journal import Journal
+    from actorflow.core.journal import Journal
 
 __all__ = ["StateActor", "Subscriber"]
 

@@ -2,8 +2,8 @@
 
 Embed it::
 
-    from actors import Runtime
-    from api import create_app, make_server
+    from actorflow.actors import Runtime
+    from actorflow.api import create_app, make_server
 
     with Runtime() as runtime:
         make_server(create_app(runtime, token="s3cret"), port=8080).run()
@@ -20,12 +20,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from api.server import ApiServer, create_app, make_server, serve, serve_in_background
+    from actorflow.api.server import ApiServer, create_app, make_server, serve, serve_in_background
 
 __all__ = ["ApiServer", "create_app", "make_server", "serve", "serve_in_background"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("api.server"), name)
+        return getattr(importlib.import_module("actorflow.api.server"), name)
     raise AttributeError(f"module 'api' has no attribute {name!r}")

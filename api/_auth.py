@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api._errors import error_response
+from actorflow.api._errors import error_response
 
 __all__ = ["BearerTokenMiddleware"]
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.tracing import get_event_logger
+from actorflow.core.tracing import get_event_logger
 
 __all__ = [
     "CatchAllMiddleware",

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from api._errors import logger
-from core import TransitionEvent
+from actorflow.api._errors import logger
+from actorflow.core import TransitionEvent
 
 __all__ = ["EventBroadcaster", "EventClient", "TooManyStreamsError", "event_stream"]
 

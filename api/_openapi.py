@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from core import TaskState
+from actorflow.core import TaskState
+from actorflow.core.version import __version__
 
 __all__ = ["MAX_LIMIT", "MAX_OFFSET", "openapi_document"]
 
@@ -329,7 +330,7 @@ def openapi_document(*, token_required: bool) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "actorflow",
-            "version": "0.1.0",
+            "version": __version__,
             "description": "Submit tasks to an actorflow runtime, follow them, cancel them, watch transitions live.",
         },
         "paths": paths,

@@ -42,13 +42,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from actors import Runtime
-from api._auth import BearerTokenMiddleware
-from api._errors import CatchAllMiddleware, echo, encode_json, error_response, http_exception_handler, json_response
-from api._events import EventBroadcaster, TooManyStreamsError, event_stream
-from api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key, fingerprint
-from api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
-from core import (
+from actorflow.actors import Runtime
+from actorflow.api._auth import BearerTokenMiddleware
+from actorflow.api._errors import (
+    CatchAllMiddleware,
+    echo,
+    encode_json,
+    error_response,
+    http_exception_handler,
+    json_response,
+)
+from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
+from actorflow.api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key, fingerprint
+from actorflow.api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
+from actorflow.core import (
+    ConfigError,
     InvalidPayload,
     Overloaded,
     RuntimeConfig,
@@ -56,7 +64,7 @@ from core import (
     TaskNotFound,
     TaskState,
 )
-from core.tracing import parse_traceparent
+from actorflow.core.tracing import parse_traceparent
 
 __all__ = ["ApiServer", "create_app", "make_server", "serve", "serve_in_background"]
 
@@ -534,7 +542,13 @@ def _redact_token(record: logging.LogRecord) -> bool:
     return True
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, journal: str | None = None, token: str | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    journal: str | None = None,
+    token: str | None = None,
+    runtime: Runtime | None = None,
+) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
     Then, in order: stop accepting connections, end the event streams, finish the
@@ -546,8 +560,13 @@ def serve(host: str = "127.0.0.1", port: int = 8080, journal: str | None = None,
         port: the port to bind.
         journal: a SQLite journal path, so that tasks survive a restart; None keeps them in memory.
         token: if given, every route but `/healthz` needs `Authorization: Bearer <token>`.
+        runtime: serve this runtime (an app's own) instead of a new default one; `journal` must then be
+            None. It is closed, with draining, when the server stops.
     """
-    runtime = Runtime(RuntimeConfig(journal_path=journal))
+    if runtime is not None and journal is not None:
+        raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
+    if runtime is None:
+        runtime = Runtime(RuntimeConfig(journal_path=journal))
     try:
         server = make_server(create_app(runtime, token=token), host=host, port=port)
         with _stop_signals_absorbed():

@@ -39,9 +39,9 @@ from typing import Any, NamedTuple
 
 import pykka
 
+from actorflow.core.config import TERMINAL_STATES, is_allowed
+from actorflow.core.types import Task, TaskState
 from benchmarks.pipeline import Completion, Handle, Pipeline, PipelineFactory, Work
-from core.config import TERMINAL_STATES, is_allowed
-from core.types import Task, TaskState
 
 __all__ = [
     "BarePykkaPipeline",

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from actorflow.core.tracing import configure_logging
 from benchmarks import workload
 from benchmarks.baselines import baseline_factory
 from benchmarks.load import Sizes, saturate
 from benchmarks.pipeline import Work, runtime_factory
-from core.tracing import configure_logging
 
 __all__ = ["main"]
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from actors import Runtime
-from core import RuntimeConfig
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig
+from actorflow.services import ServiceSet
 
 __all__ = ["Completion", "Handle", "Pipeline", "PipelineFactory", "RuntimePipeline", "Work", "runtime_factory"]
 

@@ -31,11 +31,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from actors import Runtime
-from core import RuntimeConfig, Task, TaskState
-from core.types import freeze
-from services import ServiceSet, validate
-from services import process as default_process
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig, Task, TaskState
+from actorflow.core.types import freeze
+from actorflow.services import ServiceSet, validate
+from actorflow.services import process as default_process
 
 __all__ = ["run"]
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import structlog
 
+from actorflow.core.errors import ConfigError
+from actorflow.core.tracing import configure_logging
 from benchmarks import workload
 from benchmarks.baselines import baseline_factory
 from benchmarks.load import Measurement, Sizes, measure
 from benchmarks.pipeline import Pipeline, PipelineFactory, RuntimePipeline, Work, runtime_factory
 from benchmarks.stats import median, percentiles, rounded
-from core.errors import ConfigError
-from core.tracing import configure_logging
 
 __all__ = ["SCENARIOS", "Mode", "Scenario", "journal_available", "process_backend_available"]
 
@@ -167,7 +167,7 @@ def skipped(title: str, why: str) -> dict[str, Any]:
 
 def journal_available() -> str | None:
     """None if `core.journal` exists, else why the journal scenarios are skipped."""
-    if importlib.util.find_spec("core.journal") is None:
+    if importlib.util.find_spec("actorflow.core.journal") is None:
         return "core.journal is not in this build yet (issue: durability); journal scenarios skipped"
     return None
 

@@ -3,8 +3,8 @@
 This package imports nothing else of actorflow's.
 """
 
-from core.config import TERMINAL_STATES, TRANSITIONS, RuntimeConfig, is_allowed, is_terminal
-from core.errors import (
+from actorflow.core.config import TERMINAL_STATES, TRANSITIONS, RuntimeConfig, is_allowed, is_terminal
+from actorflow.core.errors import (
     ActorflowError,
     ConfigError,
     InvalidPayload,
@@ -16,7 +16,7 @@ from core.errors import (
     TransientError,
     ValidationError,
 )
-from core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
+from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
 
 __all__ = [
     "TERMINAL_STATES",

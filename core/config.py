@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from core.errors import ConfigError
-from core.types import TaskState
+from actorflow.core.errors import ConfigError
+from actorflow.core.types import TaskState
 
 __all__ = [
     "NON_TERMINAL_STATES",

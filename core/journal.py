@@ -53,9 +53,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 
-from core.config import TERMINAL_STATES
-from core.errors import JournalError
-from core.types import FrozenDict, TaskRecord, TaskState, Transition
+from actorflow.core.config import TERMINAL_STATES
+from actorflow.core.errors import JournalError
+from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "Journal", "JournalReader"]
 

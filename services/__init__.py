@@ -9,11 +9,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import ConfigError
-from core.types import Task
-from services.persistence import ResultStore
-from services.processor import process
-from services.validator import validate
+from actorflow.core.errors import ConfigError
+from actorflow.core.types import Task
+from actorflow.services.persistence import ResultStore
+from actorflow.services.processor import process
+from actorflow.services.validator import validate
 
 __all__ = ["SERVICE_NAMES", "PersistFn", "ProcessFn", "ResultStore", "ServiceSet", "ValidateFn", "process", "validate"]
 

@@ -10,8 +10,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from core.errors import ConfigError
-from core.types import Task, thaw
+from actorflow.core.errors import ConfigError
+from actorflow.core.types import Task, thaw
 
 __all__ = ["ResultStore"]
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from core.types import Task
+from actorflow.core.types import Task
 
 __all__ = ["canonical_json", "process"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from core.errors import ValidationError
+from actorflow.core.errors import ValidationError
 
 __all__ = ["ALLOWED_FIELDS", "MAX_NAME_LENGTH", "validate"]
 

@@ -9,8 +9,8 @@ import pykka
 import pytest
 import structlog
 
-from actors import Runtime
-from core import RuntimeConfig
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from core import Task, TransientError
+from actorflow.core import Task, TransientError
 
 Fault = Literal["ok", "transient", "permanent", "exit", "hang"]
 

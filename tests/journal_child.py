@@ -11,9 +11,9 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from actors import Runtime
-from core import RuntimeConfig, Task
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig, Task
+from actorflow.services import ServiceSet
 
 
 def process(task: Task) -> Mapping[str, Any]:

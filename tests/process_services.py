@@ -20,8 +20,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from core.errors import TransientError
-from core.types import FrozenDict, Task
+from actorflow.core.errors import TransientError
+from actorflow.core.types import FrozenDict, Task
 
 _TIMEOUT_S = 30.0
 

@@ -21,13 +21,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from actors import Runtime
-from api import ApiServer, create_app, serve_in_background
-from api._events import EventBroadcaster, _frames
-from api._idempotency import IdempotencyKeys, StoredAnswer
-from core import RuntimeConfig, Task, TaskState
-from services import ServiceSet
-from services import process as default_process
+from actorflow.actors import Runtime
+from actorflow.api import ApiServer, create_app, serve_in_background
+from actorflow.api._events import EventBroadcaster, _frames
+from actorflow.api._idempotency import IdempotencyKeys, StoredAnswer
+from actorflow.core import RuntimeConfig, Task, TaskState
+from actorflow.services import ServiceSet
+from actorflow.services import process as default_process
 
 TOKEN = "s3cret-token"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}

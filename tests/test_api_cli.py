@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.cli import build_parser, exposure_warning, resolve_token
+from actorflow.cli.serve import build_parser, exposure_warning, resolve_token
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 20.0

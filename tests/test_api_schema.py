@@ -21,11 +21,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from actors import Runtime
-from api import ApiServer, create_app, serve_in_background
-from api._idempotency import check_key
-from api._openapi import openapi_document
-from core import RuntimeConfig
+from actorflow.actors import Runtime
+from actorflow.api import ApiServer, create_app, serve_in_background
+from actorflow.api._idempotency import check_key
+from actorflow.api._openapi import openapi_document
+from actorflow.core import RuntimeConfig
 
 TOKEN = "schema-token"
 

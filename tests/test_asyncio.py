@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from actors import Runtime
-from core import Overloaded, RuntimeConfig, Task, TaskState
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import Overloaded, RuntimeConfig, Task, TaskState
+from actorflow.services import ServiceSet
 from tests.conftest import payload
 
 

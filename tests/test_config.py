@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from core import TRANSITIONS, ConfigError, RuntimeConfig, TaskState, is_allowed, is_terminal
-from core.config import NON_TERMINAL_STATES, TERMINAL_STATES
+from actorflow.core import TRANSITIONS, ConfigError, RuntimeConfig, TaskState, is_allowed, is_terminal
+from actorflow.core.config import NON_TERMINAL_STATES, TERMINAL_STATES
 
 S = TaskState
 

@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import pytest
 
-from actors import Runtime
-from api import ApiServer, create_app, serve_in_background
-from core import RuntimeConfig, Task
-from services import ServiceSet
-from services import process as default_process
+from actorflow.actors import Runtime
+from actorflow.api import ApiServer, create_app, serve_in_background
+from actorflow.core import RuntimeConfig, Task
+from actorflow.services import ServiceSet
+from actorflow.services import process as default_process
 
 try:
     from playwright.sync_api import Page, sync_playwright

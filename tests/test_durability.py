@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import structlog
 
-from actors import Runtime
-from core import JournalError, RuntimeConfig, Task, TaskState, is_allowed
-from core.config import TERMINAL_STATES
-from core.journal import Journal
-from services import ResultStore, ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import JournalError, RuntimeConfig, Task, TaskState, is_allowed
+from actorflow.core.config import TERMINAL_STATES
+from actorflow.core.journal import Journal
+from actorflow.services import ResultStore, ServiceSet
 from tests.conftest import payload
 from tests.faults import Gate
 

@@ -15,10 +15,10 @@ import pykka
 import pytest
 from structlog.testing import capture_logs
 
-from actors import Runtime
-from actors.service import ServiceWorker
-from core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.actors.service import ServiceWorker
+from actorflow.core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
+from actorflow.services import ServiceSet
 from tests.conftest import payload
 from tests.faults import ChaosProcessor, Gate, expected_outcome
 
@@ -352,9 +352,9 @@ def test_messages_left_in_a_stopping_workers_mailbox_become_counted_dead_letters
 def test_a_process_with_a_forever_hung_service_still_exits_promptly() -> None:
     code = (
         "import threading\n"
-        "from actors import Runtime\n"
-        "from core import RuntimeConfig\n"
-        "from services import ServiceSet\n"
+        "from actorflow.actors import Runtime\n"
+        "from actorflow.core import RuntimeConfig\n"
+        "from actorflow.services import ServiceSet\n"
         "hang = threading.Event()\n"
         "def process(task):\n"
         "    hang.wait()\n"

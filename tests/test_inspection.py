@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from core.inspection import main
-from core.journal import Journal
-from core.types import TaskRecord, TaskState, Transition, freeze
+from actorflow.cli.inspect import main
+from actorflow.core.journal import Journal
+from actorflow.core.types import TaskRecord, TaskState, Transition, freeze
 
 S = TaskState
 START = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
@@ -216,7 +216,7 @@ def test_inspect_with_bad_arguments_exits_2_with_usage(
 ) -> None:
     code, out, err = run(capsys, *([str(path)] if argv else []), *argv)
     assert (code, out) == (2, "")
-    assert err.startswith("usage: run_demo.py inspect")
+    assert err.startswith("usage: actorflow inspect")
 
 
 def test_inspect_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

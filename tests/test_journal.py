@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from core.config import TERMINAL_STATES, TRANSITIONS
-from core.errors import JournalError
-from core.journal import APPLICATION_ID, SCHEMA_VERSION, Journal, JournalReader
-from core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
+from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
+from actorflow.core.errors import JournalError
+from actorflow.core.journal import APPLICATION_ID, SCHEMA_VERSION, Journal, JournalReader
+from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
 
 S = TaskState
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -533,7 +533,7 @@ connection.close()
 
 _HOLDER = """
 import sys
-from core.journal import Journal
+from actorflow.core.journal import Journal
 with Journal(sys.argv[1]) as journal:
     print("open", flush=True)
     sys.stdin.readline()
@@ -607,8 +607,8 @@ def test_a_batch_blocked_by_another_processs_lock_raises_journal_error_and_succe
 
 _WRITE_THEN_WAIT = """
 import sys
-from core.journal import Journal
-from core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
+from actorflow.core.journal import Journal
+from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition, freeze
 journal = Journal(sys.argv[1], durability=sys.argv[2])
 record = TaskRecord("t", TaskState.CREATED, freeze({"n": 1}), history=(Transition(None, TaskState.CREATED, 5.0, "x"),),
                     created_at=5.0, updated_at=5.0)

@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 import structlog
 
-from actors import Runtime
-from actors.deadletters import DeadLetterOffice
-from actors.messages import RunService, ServiceDone
-from actors.process_backend import ProcessBackend, ProcessWorker, _decode_call, _encode_call
-from actors.threads import ThreadBook
-from core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState
-from core.tracing import TraceContext
-from core.types import freeze
-from run_demo import _payloads as demo_payloads
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.process_backend import ProcessBackend, ProcessWorker, _decode_call, _encode_call
+from actorflow.actors.threads import ThreadBook
+from actorflow.cli.demo import _payloads as demo_payloads
+from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState
+from actorflow.core.tracing import TraceContext
+from actorflow.core.types import freeze
+from actorflow.services import ServiceSet
 from tests import process_services as ps
 from tests.conftest import actor_threads, payload
 
@@ -380,9 +380,9 @@ def test_close_without_draining_kills_calls_still_running() -> None:
 
 _HOST_PROGRAM = """
 import sys
-from actors import Runtime
-from core import RuntimeConfig
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig
+from actorflow.services import ServiceSet
 from tests import process_services as ps
 
 runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(process=ps.hang_on_first_attempt))
@@ -412,10 +412,10 @@ def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_
 
 _FORGETFUL_PROGRAM = """
 import sys
-from actors import Runtime
-from core import RuntimeConfig
-from core.tracing import configure_logging
-from services import ServiceSet
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig
+from actorflow.core.tracing import configure_logging
+from actorflow.services import ServiceSet
 from tests import process_services as ps
 
 configure_logging(level="INFO", colors=False)

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-import run_demo
-from actors import Runtime
-from actors.ray_backend import RayBackend, describe_ray_error
-from core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
-from services import ServiceSet, process
+from actorflow.actors import Runtime
+from actorflow.actors.ray_backend import RayBackend, describe_ray_error
+from actorflow.cli import demo as run_demo
+from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
+from actorflow.services import ServiceSet, process
 
 # CI sets ACTORFLOW_REQUIRE_RAY=1, so that a missing Ray fails the run instead of skipping quietly.
 ray = importlib.import_module("ray") if os.environ.get("ACTORFLOW_REQUIRE_RAY") else pytest.importorskip("ray")
@@ -118,8 +118,8 @@ def _steps(logs: list[dict[str, Any]], task_id: str) -> list[str]:
 
 _OWN_SESSION = """
 import ray
-from actors import Runtime
-from core import RuntimeConfig
+from actorflow.actors import Runtime
+from actorflow.core import RuntimeConfig
 
 config = RuntimeConfig(service_backend="ray", validator_workers=1, processor_workers=1)
 with Runtime(config) as runtime:

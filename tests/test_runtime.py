@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from actors import Runtime
-from core import (
+from actorflow.actors import Runtime
+from actorflow.core import (
     InvalidPayload,
     RuntimeConfig,
     RuntimeStopped,
@@ -19,7 +19,7 @@ from core import (
     TransitionEvent,
     ValidationError,
 )
-from services import ServiceSet
+from actorflow.services import ServiceSet
 from tests.conftest import actor_threads, payload
 
 S = TaskState

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from core import Task, ValidationError, freeze
-from services import ResultStore, ServiceSet, process, validate
-from services.processor import canonical_json
+from actorflow.core import Task, ValidationError, freeze
+from actorflow.services import ResultStore, ServiceSet, process, validate
+from actorflow.services.processor import canonical_json
 
 
 @pytest.mark.parametrize("payload", [{"name": "a", "data": None}, {"name": "x" * 200, "data": {"k": [1, 2]}}])

@@ -12,9 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from actors import StateActor
-from actors.messages import CreateTask
-from core import (
+from actorflow.actors import StateActor
+from actorflow.actors.messages import CreateTask
+from actorflow.core import (
     TRANSITIONS,
     InvalidPayload,
     InvalidTransition,
@@ -23,8 +23,8 @@ from core import (
     TransitionEvent,
     is_allowed,
 )
-from core.journal import Journal
-from core.tracing import new_trace
+from actorflow.core.journal import Journal
+from actorflow.core.tracing import new_trace
 
 S = TaskState
 

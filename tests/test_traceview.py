@@ -14,8 +14,9 @@ import structlog
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from core.config import TRANSITIONS
-from core.traceview import (
+from actorflow.cli.trace import main
+from actorflow.core.config import TRANSITIONS
+from actorflow.core.traceview import (
     BrokenLine,
     LogEvent,
     StageRun,
@@ -23,10 +24,9 @@ from core.traceview import (
     build_trace,
     check_transitions,
     load_trace,
-    main,
     parse_lines,
 )
-from core.types import TaskState
+from actorflow.core.types import TaskState
 
 # --------------------------------------------------------------------------- writing logs like the runtime does
 
@@ -509,7 +509,7 @@ def test_an_unknown_task_id_exits_two_with_a_clear_message(tmp_path: Path, capsy
 
     out, err = capsys.readouterr()
     assert out == ""
-    assert f"run_demo.py trace: error: no task 'nope' in {path} (4 tasks; first ids: t-ok, t-retry, t-invalid)" in err
+    assert f"actorflow trace: error: no task 'nope' in {path} (4 tasks; first ids: t-ok, t-retry, t-invalid)" in err
 
 
 def test_a_missing_file_exits_two_naming_the_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -517,13 +517,13 @@ def test_a_missing_file_exits_two_naming_the_path(tmp_path: Path, capsys: pytest
 
     assert main([str(missing)]) == 2
 
-    assert capsys.readouterr().err == f"run_demo.py trace: error: no such file: {missing}\n"
+    assert capsys.readouterr().err == f"actorflow trace: error: no such file: {missing}\n"
 
 
 def test_missing_arguments_exit_two_with_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
 
-    assert "usage: run_demo.py trace" in capsys.readouterr().err
+    assert "usage: actorflow trace" in capsys.readouterr().err
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,11 +15,12 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-import run_demo
-from actors import Runtime, StateActor
-from core import InvalidPayload, InvalidTransition, RuntimeConfig, Task, TaskState, traceview
-from core.tracing import configure_logging, parse_traceparent
-from services import ServiceSet
+from actorflow.actors import Runtime, StateActor
+from actorflow.cli import demo as run_demo
+from actorflow.cli import trace as trace_cli
+from actorflow.core import InvalidPayload, InvalidTransition, RuntimeConfig, Task, TaskState
+from actorflow.core.tracing import configure_logging, parse_traceparent
+from actorflow.services import ServiceSet
 from tests.conftest import payload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 _RUN_ONE_TASK = """
-from actors import Runtime
+from actorflow.actors import Runtime
 with Runtime() as rt:
     rt.submit({"name": "a", "data": 1}).result(timeout=10)
     rt.submit({"name": "", "data": 1}).result(timeout=10)
@@ -243,7 +244,7 @@ def test_the_demo_log_file_is_json_lines_that_the_viewer_checks_clean(
     task_events = [e for e in events if e["event"].startswith(("task.", "service."))]
     assert all(e.get("task_id") and e.get("trace_id") and e.get("actor") for e in task_events)
     capsys.readouterr()
-    assert traceview.main([str(log)]) == 0
+    assert trace_cli.main([str(log)]) == 0
     out = capsys.readouterr().out
     assert "VIOLATION" not in out
 
@@ -251,7 +252,7 @@ def test_the_demo_log_file_is_json_lines_that_the_viewer_checks_clean(
     victim = next(i for i, e in enumerate(events) if e["event"] == "task.transition" and e["to_state"] == "COMPLETED")
     bad = dict(events[victim], from_state="CREATED")
     doctored.write_text("\n".join([*lines[:victim], json.dumps(bad), *lines[victim + 1 :]]) + "\n")
-    assert traceview.main([str(doctored)]) == 1
+    assert trace_cli.main([str(doctored)]) == 1
     assert f"line {victim + 1}" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from core import FrozenDict, freeze, thaw
+from actorflow.core import FrozenDict, freeze, thaw
 
 
 def test_freeze_turns_dicts_read_only_and_lists_into_tuples() -> None:

@@ -1,4 +1,4 @@
-"""`run_demo.py serve`: the command line of the HTTP API."""
+"""``actorflow serve``: the HTTP API and the live dashboard, over a runtime of the demo's or of your own app."""
 
 from __future__ import annotations
 
@@ -13,14 +13,20 @@ TOKEN_ENV = "ACTORFLOW_TOKEN"  # noqa: S105 - the name of a variable, not a secr
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
     """The `serve` command's arguments."""
     parser = argparse.ArgumentParser(
-        prog="run_demo.py serve",
+        prog=prog,
         description="Serve a Runtime over HTTP, with the live dashboard at / (open /?token=TOKEN with a token).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind (default: %(default)s)")
+    parser.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="serve your own runtime: ATTR is a Runtime, or a function that returns one "
+        "(e.g. myapp.tasks:runtime or myapp.tasks:make_runtime); MODULE must be importable",
+    )
     parser.add_argument("--journal", metavar="PATH", help="SQLite journal, so that tasks survive a restart")
     parser.add_argument(
         "--token",
@@ -60,31 +66,38 @@ def exposure_warning(host: str, token: str | None) -> str | None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") -> int:
     """Parse `argv` (the arguments after `serve`), serve until SIGINT or SIGTERM, and return the exit code."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, got {args.port}")
+    if args.app is not None and args.journal is not None:
+        parser.error("--journal and --app exclude each other: the app's runtime has its own RuntimeConfig.journal_path")
     try:
         token = resolve_token(args.token, os.environ)
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        from api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
+        from actorflow.api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
     except ModuleNotFoundError as exc:
         print(
             f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'", file=sys.stderr
         )
         return 2
-    from core import ActorflowError  # noqa: PLC0415 - with serve: nothing to import before the checks above
-    from core.tracing import configure_logging  # noqa: PLC0415
+    from actorflow.cli.apps import AppSpecError, load_runtime  # noqa: PLC0415 - only once the arguments are good
+    from actorflow.core import ActorflowError  # noqa: PLC0415 - with serve: nothing to import before the checks above
+    from actorflow.core.tracing import configure_logging  # noqa: PLC0415
 
     if (warning := exposure_warning(args.host, token)) is not None:
         print(warning, file=sys.stderr)
     close_log = configure_logging(level=args.log_level)
     try:
-        serve(host=args.host, port=args.port, journal=args.journal, token=token)
+        runtime = load_runtime(args.app) if args.app is not None else None
+        serve(host=args.host, port=args.port, journal=args.journal, token=token, runtime=runtime)
+    except AppSpecError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     except ActorflowError as exc:  # a bad journal, say: the message says what is wrong, a traceback would not help
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,10 +1,11 @@
-"""``run_demo.py inspect``: a read-only look into a journal, for operators.
+"""``actorflow inspect``: a read-only look into a journal, for operators.
 
 Prints the number of tasks in each state, then the matching tasks, each with
 its path through the states, the time and reason of every transition, and a
 summary of its result or error. It opens the journal with
-`Journal.open_readonly`, so it never writes and may run while a runtime is
-writing the same file.
+`Journal.open_readonly`, so it never writes, leaves no file behind, and may
+run while a runtime is writing the same file. ``--json`` prints the same as
+one JSON document, for scripts.
 
 Exit codes: 0 done, 1 the ``--task`` is not in the journal, 2 a bad argument or
 a journal that cannot be read (the message on stderr names the path and the
@@ -20,33 +21,34 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from core.errors import JournalError
-from core.journal import Journal, JournalReader
-from core.types import TaskRecord, TaskState, thaw
+from actorflow.core.errors import JournalError
+from actorflow.core.journal import Journal, JournalReader
+from actorflow.core.types import TaskRecord, TaskState, thaw
 
 __all__ = ["main"]
 
-PROG = "run_demo.py inspect"
 DEFAULT_LIMIT = 20
 _SUMMARY_WIDTH = 160
 _STATE_WIDTH = max(len(state.value) for state in TaskState)
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], *, prog: str = "actorflow inspect") -> int:
     """Run the inspection CLI on `argv` (the arguments after ``inspect``); return the exit code."""
-    parser = _parser()
+    parser = _parser(prog)
     try:
         options = parser.parse_args(list(argv))
     except SystemExit as exc:  # argparse has printed its message; hand back its code instead of exiting
         return exc.code if isinstance(exc.code, int) else 2
     try:
         with Journal.open_readonly(options.path) as journal:
+            if options.json:
+                return _print_json(journal, options.state, options.task, options.limit, prog=prog)
             if options.task is not None:
-                return _show_task(journal, options.task)
+                return _show_task(journal, options.task, prog=prog)
             _show_listing(journal, options.state, options.limit)
             sys.stdout.flush()
     except JournalError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`... | head`): stop quietly. Point stdout at devnull so
@@ -56,9 +58,9 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Show what a journal holds: tasks per state, then tasks with their transition history. "
         "Read-only; safe while a runtime is writing the journal.",
     )
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"show the N most recently created matching tasks (default {DEFAULT_LIMIT}; 0 for counts only)",
     )
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text, for scripts")
     return parser
 
 
@@ -132,10 +135,26 @@ def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -
         print(f"({matching - len(records)} older {what} not shown; use --limit N)")
 
 
-def _show_task(journal: JournalReader, task_id: str) -> int:
+def _print_json(journal: JournalReader, state: TaskState | None, task_id: str | None, limit: int, *, prog: str) -> int:
+    """The counts and the matching records (each as `TaskRecord.to_dict`), as one JSON document."""
+    if task_id is not None:
+        record = journal.get(task_id)
+        if record is None:
+            print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
+            return 1
+        records = [record]
+    else:
+        records = journal.records(state=state, limit=limit, newest_first=True)[::-1] if limit else []
+    document = {"journal": journal.path, "counts": journal.counts(), "tasks": [r.to_dict() for r in records]}
+    print(json.dumps(document, ensure_ascii=False, indent=2))
+    sys.stdout.flush()
+    return 0
+
+
+def _show_task(journal: JournalReader, task_id: str, *, prog: str) -> int:
     record = journal.get(task_id)
     if record is None:
-        print(f"{PROG}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
+        print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
         return 1
     _print_record(record)
     return 0

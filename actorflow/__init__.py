@@ -1,0 +1,81 @@
+"""actorflow: run tasks through pipelines of stateless services, with state owned in one place.
+
+Everything an embedding program needs is here::
+
+    from actorflow import Runtime, RuntimeConfig, ServiceSet
+
+    with Runtime(RuntimeConfig(journal_path="tasks.db"), services=ServiceSet(process=my_process)) as runtime:
+        record = runtime.submit({"name": "a", "data": 1}).result(timeout=10)   # a TaskRecord
+
+The API, drawn::
+
+    Runtime(config, services=...)      the facade; a context manager that closes itself
+      .submit(payload) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
+      .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
+    RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
+    ServiceSet(validate, process, persist)
+                                       your functions; raise TransientError to be retried
+    TaskRecord, TaskState, Task        what a task is and where it stands
+    TransitionEvent                    what subscribers receive on every state change
+    configure_logging(...)             opt in to actorflow's own log output (never done for you)
+    StateActor, OrchestratorActor      the two central actors, for programs that wire their own
+
+    ActorflowError                     every error actorflow raises derives from it
+    ├── ConfigError                    a RuntimeConfig field or a ServiceSet entry is wrong
+    ├── InvalidTransition              the transition table forbids the change
+    ├── TaskNotFound                   no task has that id
+    ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
+    │   └── ValidationError            the validator service rejected the payload
+    ├── RuntimeStopped                 the runtime was closed
+    ├── Overloaded                     backpressure: too many tasks in flight
+    ├── JournalError                   the SQLite journal is unusable
+    └── TransientError                 raised by a service to ask for a retry
+
+Internals (messages, pools, backends) stay importable from their modules
+(``actorflow.actors.pool``...), but are not part of this front door. The
+command line is ``actorflow`` (or ``python -m actorflow``), in `actorflow.cli`.
+"""
+
+from actorflow.actors import OrchestratorActor, Runtime, StateActor, TaskHandle
+from actorflow.core.config import RuntimeConfig
+from actorflow.core.errors import (
+    ActorflowError,
+    ConfigError,
+    InvalidPayload,
+    InvalidTransition,
+    JournalError,
+    Overloaded,
+    RuntimeStopped,
+    TaskNotFound,
+    TransientError,
+    ValidationError,
+)
+from actorflow.core.tracing import configure_logging
+from actorflow.core.types import Task, TaskRecord, TaskState, TransitionEvent
+from actorflow.core.version import __version__
+from actorflow.services import ServiceSet
+
+__all__ = [
+    "ActorflowError",
+    "ConfigError",
+    "InvalidPayload",
+    "InvalidTransition",
+    "JournalError",
+    "OrchestratorActor",
+    "Overloaded",
+    "Runtime",
+    "RuntimeConfig",
+    "RuntimeStopped",
+    "ServiceSet",
+    "StateActor",
+    "Task",
+    "TaskHandle",
+    "TaskNotFound",
+    "TaskRecord",
+    "TaskState",
+    "TransientError",
+    "TransitionEvent",
+    "ValidationError",
+    "__version__",
+    "configure_logging",
+]
