@@ -47,7 +47,7 @@ from actorflow.services import ResultStore
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray"]
 
-_INSTALL_HINT = "pip install 'actorflow[ray]'"
+_INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 
 _session_lock = threading.Lock()
 _session_users = 0

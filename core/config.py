@@ -1,6 +1,6 @@
 """Configuration as data: the transition table and the validated `RuntimeConfig`.
 
-The transition table is the seed's lifecycle diagram, plus cancellation::
+The transition table is the design's lifecycle diagram, plus cancellation::
 
     CREATED ──► VALIDATED ──► PROCESSING ──► COMPLETED
        │            │              │

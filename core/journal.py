@@ -149,6 +149,13 @@ class JournalReader:
     Opened with ``mode=ro``: it never creates, writes or checkpoints the file.
     Each call reads one consistent snapshot. Thread-safe; use as a context
     manager or call `close`.
+
+    It also leaves no file behind. A ``mode=ro`` connection to a WAL database
+    creates ``-wal`` and ``-shm`` files that only a writer may delete. So when
+    no runtime owns the journal (its ``.lock`` sidecar can be locked shared)
+    and no WAL is left over, the reader holds that shared lock while it is open,
+    which keeps any runtime from writing, and reads the file as immutable,
+    which creates nothing. Otherwise the files it would create exist already.
     """
 
     path: str
@@ -168,14 +175,20 @@ class JournalReader:
         self._connection: sqlite3.Connection | None = None
         if _read_header(self.path) is None:
             raise JournalError(f"journal {self.path!r} cannot be read: no such file")
-        connection = _connect_readonly(self.path, busy_timeout_s)
+        self._quiet_fd = _hold_quiet(self.path)
         try:
-            version = _classify(connection, self.path, busy_timeout_s)
+            connection = _connect_readonly(self.path, busy_timeout_s, immutable=self._quiet_fd is not None)
+            try:
+                version = _classify(connection, self.path, busy_timeout_s)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
-            connection.close()
+            self._release_quiet()
             raise
         if version is None:
             connection.close()
+            self._release_quiet()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
         self._connection = connection
 
@@ -266,6 +279,12 @@ class JournalReader:
             connection, self._connection = self._connection, None
             if connection is not None:
                 connection.close()
+            self._release_quiet()
+
+    def _release_quiet(self) -> None:
+        fd, self._quiet_fd = self._quiet_fd, None
+        if fd is not None:
+            _release_ownership(fd)
 
     @property
     def closed(self) -> bool:
@@ -563,8 +582,31 @@ def _release_ownership(fd: int) -> None:
         os.close(fd)
 
 
-def _connect_readonly(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+def _hold_quiet(path: str) -> int | None:
+    """A shared flock on ``<path>.lock`` if no runtime owns `path` and no WAL is left over; else None.
+
+    While it is held, no `Journal` can take its exclusive lock, so the file cannot change and may be
+    read as immutable. The lock file is never created here: without one, the reader falls back to ``mode=ro``.
+    """
+    if os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm"):
+        return None
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if os.path.exists(f"{path}-wal"):  # a runtime opened it between the check and the lock
+        _release_ownership(fd)
+        return None
+    return fd
+
+
+def _connect_readonly(path: str, busy_timeout_s: float, *, immutable: bool = False) -> sqlite3.Connection:
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         return sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:

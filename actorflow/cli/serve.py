@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
         from actorflow.api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
     except ModuleNotFoundError as exc:
         print(
-            f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'", file=sys.stderr
+            f"the HTTP API needs the http extra ({exc.name} is missing): pip install '.[http]' in a clone",
+            file=sys.stderr,
         )
         return 2
     from actorflow.cli.apps import AppSpecError, load_runtime  # noqa: PLC0415 - only once the arguments are good
