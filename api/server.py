@@ -29,7 +29,7 @@ import re
 import signal
 import threading
 from base64 import b64encode
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import uvicorn
@@ -54,6 +54,13 @@ from actorflow.api._errors import (
 )
 from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
 from actorflow.api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key, fingerprint
+from actorflow.api._protocol import (
+    MAX_CONCURRENT_REQUESTS,
+    MAX_IDLE_CONNECTIONS,
+    REQUEST_START_TIMEOUT_S,
+    ApiConfig,
+    RequestLimitMiddleware,
+)
 from actorflow.api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
 from actorflow.core import (
     ConfigError,
@@ -62,6 +69,7 @@ from actorflow.core import (
     RuntimeConfig,
     RuntimeStopped,
     TaskNotFound,
+    TaskRecord,
     TaskState,
 )
 from actorflow.core.tracing import parse_traceparent
@@ -98,6 +106,7 @@ def create_app(
     heartbeat_s: float = 15.0,
     max_event_clients: int = 100,
     idempotency_keys: IdempotencyKeys | None = None,
+    max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
 ) -> Starlette:
     """The API and dashboard over `runtime`, which the caller keeps owning (and closes).
 
@@ -107,6 +116,8 @@ def create_app(
         heartbeat_s: how often an idle `/events` stream gets a comment line, to keep proxies from closing it.
         max_event_clients: how many `/events` streams may be open at once.
         idempotency_keys: where Idempotency-Keys are remembered (default: 10,000 keys for 24 h).
+        max_concurrent_requests: requests in progress at once (event streams included); more answer
+            503 with Retry-After, except `/healthz`, which is always answered.
     """
     if token is not None and not token:
         raise ValueError("token must be a non-empty string, or None for no authentication")
@@ -124,7 +135,7 @@ def create_app(
         yield
         broadcaster.close()
 
-    middleware = [Middleware(CatchAllMiddleware)]
+    middleware = [Middleware(CatchAllMiddleware), Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests)]
     if token is not None:
         middleware.append(Middleware(BearerTokenMiddleware, token=token))
     app = Starlette(
@@ -249,18 +260,8 @@ class _Handlers:
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
         records = await run_in_threadpool(self.runtime.tasks, state, limit=limit, offset=offset)
-        # A page also stops before MAX_PAGE_BYTES: 1000 payloads of 1 MiB must not become one 1 GiB answer.
-        encoded: list[bytes] = []
-        size = 0
-        for record in records:
-            item = encode_json(record.to_dict())
-            if encoded and size + len(item) > MAX_PAGE_BYTES:
-                break
-            encoded.append(item)
-            size += len(item)
-        full = len(encoded) == limit or len(encoded) < len(records)
-        tail = {"limit": limit, "offset": offset, "next_offset": offset + len(encoded) if full else None}
-        return json_response(b'{"tasks":[' + b",".join(encoded) + b"]," + encode_json(tail)[1:])
+        # Encoding a page of big payloads takes seconds: off the event loop, so that /healthz stays prompt.
+        return json_response(await run_in_threadpool(_encode_page, records, limit, offset))
 
     async def _cancel(self, task_id: str) -> Response:
         cancelled = await run_in_threadpool(self.runtime.cancel, task_id)
@@ -319,6 +320,22 @@ async def _read_body(request: Request) -> bytes:
     except ClientDisconnect:
         raise _RequestError(400, "the client went away before sending the whole body") from None
     return bytes(body)
+
+
+def _encode_page(records: Sequence[TaskRecord], limit: int, offset: int) -> bytes:
+    """The body of a `GET /tasks` page: `records` encoded, stopping before MAX_PAGE_BYTES."""
+    # 1000 payloads of 1 MiB must not become one 1 GiB answer.
+    encoded: list[bytes] = []
+    size = 0
+    for record in records:
+        item = encode_json(record.to_dict())
+        if encoded and size + len(item) > MAX_PAGE_BYTES:
+            break
+        encoded.append(item)
+        size += len(item)
+    full = len(encoded) == limit or len(encoded) < len(records)
+    tail = {"limit": limit, "offset": offset, "next_offset": offset + len(encoded) if full else None}
+    return b'{"tasks":[' + b",".join(encoded) + b"]," + encode_json(tail)[1:]
 
 
 def _reject_constant(name: str) -> Any:
@@ -474,7 +491,13 @@ class ApiServer(uvicorn.Server):
 
 
 def make_server(
-    app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, configure_logging: bool = True
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    configure_logging: bool = True,
+    request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
+    max_idle_connections: int = MAX_IDLE_CONNECTIONS,
 ) -> ApiServer:
     """A uvicorn server for `app`, with limits so that slow or abandoned clients cannot exhaust it.
 
@@ -483,18 +506,24 @@ def make_server(
         host: the address to bind; loopback unless told otherwise.
         port: the port to bind; 0 picks a free one (see `ApiServer.port`).
         configure_logging: let uvicorn set up its console logging (off in tests and embedders).
+        request_start_timeout_s: a connection waiting for a request (new, or between two requests)
+            must send the request's line and headers within this long, or it is closed.
+        max_idle_connections: connections waiting for a request at once; past this, the one that
+            has waited longest is closed, so that idle sockets never crowd out real requests.
     """
-    config = uvicorn.Config(
+    config = ApiConfig(
         app,
+        request_start_timeout_s=request_start_timeout_s,
+        max_idle_connections=max_idle_connections,
         host=host,
         port=port,
-        http="h11",  # h11_max_incomplete_event_size only applies to the h11 implementation
         ws="none",
         lifespan="on",
         loop="asyncio",
         timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers: 16 KiB at most
-        limit_concurrency=200,  # more connections or tasks than this get 503
+        # No limit_concurrency: uvicorn counts idle connections against it and answers plain-text 503s.
+        # GuardedH11Protocol bounds idle connections and RequestLimitMiddleware requests instead.
         backlog=128,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=False,
@@ -509,7 +538,13 @@ def make_server(
 
 @contextlib.contextmanager
 def serve_in_background(
-    app: Starlette, *, host: str = "127.0.0.1", port: int = 0, ready_timeout_s: float = 10.0
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_timeout_s: float = 10.0,
+    request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
+    max_idle_connections: int = MAX_IDLE_CONNECTIONS,
 ) -> Iterator[ApiServer]:
     """Serve `app` from a background thread for the duration of a `with` block.
 
@@ -517,10 +552,19 @@ def serve_in_background(
     server listens, and leaving it shuts the server down gracefully (event streams included)
     and joins the thread. The caller owns the runtime behind `app`.
 
+    `request_start_timeout_s` and `max_idle_connections` are `make_server`'s.
+
     Raises:
         RuntimeError: the server did not start within `ready_timeout_s` (port taken, ...).
     """
-    server = make_server(app, host=host, port=port, configure_logging=False)
+    server = make_server(
+        app,
+        host=host,
+        port=port,
+        configure_logging=False,
+        request_start_timeout_s=request_start_timeout_s,
+        max_idle_connections=max_idle_connections,
+    )
     thread = threading.Thread(target=server.run, name="actorflow-api", daemon=True)
     thread.start()
     try:
