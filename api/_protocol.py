@@ -72,11 +72,11 @@ class ApiConfig(uvicorn.Config):
 
 # Per server (its ServerState is shared by all its connections): the connections waiting for a
 # request, oldest first (a dict is an insertion-ordered set).
-_waiting_by_server: weakref.WeakKeyDictionary[ServerState, dict[GuardedH11Protocol, None]] = (
-    weakref.WeakKeyDictionary()
-)
+_waiting_by_server: weakref.WeakKeyDictionary[ServerState, dict[GuardedH11Protocol, None]] = weakref.WeakKeyDictionary()
 
-_TIMEOUT_BODY = encode_json({"error": "the request's line and headers did not arrive in time; the connection is closed"})
+_TIMEOUT_BODY = encode_json(
+    {"error": "the request's line and headers did not arrive in time; the connection is closed"}
+)
 _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)

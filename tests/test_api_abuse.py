@@ -32,8 +32,7 @@ def payload(index: int = 0, **data: object) -> dict[str, object]:
 
 
 def connect(server: ApiServer) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
-    return sock
+    return socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -215,3 +214,38 @@ def test_healthz_answers_while_a_big_page_is_being_encoded(
     assert health.status_code == 200
     assert pages[0].status_code == 200
     assert len(pages[0].json()["tasks"]) == 3
+
+
+# --- payload caps --------------------------------------------------------------------------------
+
+
+def test_a_one_mib_body_of_empty_objects_answers_413_naming_the_node_cap(client: httpx.Client) -> None:
+    body = b'{"data":[' + b",".join([b"{}"] * 262_000) + b"]}"
+    assert len(body) <= 1024 * 1024
+
+    response = client.post("/tasks", content=body)
+
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "more than 10000 values" in response.json()["error"]
+
+
+def test_a_payload_over_the_byte_cap_answers_413_with_its_canonical_size(rt: Runtime) -> None:
+    with (
+        serve_in_background(create_app(rt, max_payload_bytes=100)) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
+    ):
+        # Spaces do not count: the canonical JSON of this one is 96 bytes.
+        fits = http.post("/tasks", content=b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}')
+        too_big = http.post("/tasks", json={"name": "a", "data": "x" * 80})
+
+    assert fits.status_code == 201, fits.text
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == (
+        "the payload is 102 bytes as canonical JSON (sorted keys, no spaces); at most 100 are stored"
+    )
+
+
+def test_payload_caps_must_be_positive_ints(rt: Runtime) -> None:
+    with pytest.raises(ValueError, match="max_payload_nodes must be an int >= 1, got 0"):
+        create_app(rt, max_payload_nodes=0)
