@@ -56,7 +56,15 @@ from actorflow.api._errors import (
     json_response,
 )
 from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
-from actorflow.api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key
+from actorflow.api._idempotency import (
+    KEY_REUSED as _KEY_REUSED,
+)
+from actorflow.api._idempotency import (
+    IdempotencyKeyReusedError,
+    IdempotencyKeys,
+    StoredAnswer,
+    check_key,
+)
 from actorflow.api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
 from actorflow.api._protocol import (
     MAX_CONCURRENT_REQUESTS,
@@ -278,15 +286,30 @@ class _Handlers:
             except ValueError:
                 traceparent = None  # W3C trace context: a malformed parent is ignored, and a new trace starts
 
-        async def submit() -> StoredAnswer:
-            handle = await self.runtime.submit_async(payload, traceparent=traceparent)
-            try:
-                state = (await run_in_threadpool(self.runtime.get, handle.task_id)).state.value
-            except TaskNotFound:  # evicted already (retain_terminal): it surely was created
-                state = TaskState.CREATED.value
-            return StoredAnswer(201, {"task_id": handle.task_id, "state": state})
-
         key = request.headers.get("idempotency-key")
+
+        async def current_state(task_id: str) -> str:
+            try:
+                return (await run_in_threadpool(self.runtime.get, task_id)).state.value
+            except TaskNotFound:  # evicted already (retain_terminal): it surely was created
+                return TaskState.CREATED.value
+
+        async def submit() -> StoredAnswer:
+            if key is not None:
+                # Committed with its task before a crash, the key is in the journal: the first task is the answer.
+                stored = await run_in_threadpool(self.runtime.find_idempotency_key, key)
+                if stored is not None:
+                    task_id, stored_fingerprint = stored
+                    if stored_fingerprint != parsed.fingerprint:
+                        raise IdempotencyKeyReusedError(_KEY_REUSED)
+                    return StoredAnswer(201, {"task_id": task_id, "state": await current_state(task_id)}, replayed=True)
+            handle = await self.runtime.submit_async(
+                payload,
+                traceparent=traceparent,
+                idempotency_key=None if key is None else (key, parsed.fingerprint),
+            )
+            return StoredAnswer(201, {"task_id": handle.task_id, "state": await current_state(handle.task_id)})
+
         replayed = False
         if key is None:
             answer = await submit()

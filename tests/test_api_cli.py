@@ -262,3 +262,29 @@ def test_bad_memory_bounds_are_refused_with_a_usage_error(args: list[str], messa
 
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_post_retried_after_the_server_is_killed_gets_the_first_task_back_and_no_duplicate(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "tasks.db")
+    first = serve("--journal", journal)
+    task = {"name": "once", "data": 1}
+    created = [
+        httpx.post(f"{first.url}/tasks", json=task, headers={"Idempotency-Key": f"order-{i}"}) for i in range(20)
+    ]
+    assert {response.status_code for response in created} == {201}
+    first.process.kill()  # SIGKILL: nothing is flushed or closed
+    assert first.process.wait(timeout=WAIT_S) == -signal.SIGKILL
+
+    second = serve("--journal", journal)
+    retried = [
+        httpx.post(f"{second.url}/tasks", json=task, headers={"Idempotency-Key": f"order-{i}"}) for i in range(20)
+    ]
+    listed = httpx.get(f"{second.url}/tasks", params={"limit": 1000}).json()["tasks"]
+
+    assert [r.json()["task_id"] for r in retried] == [r.json()["task_id"] for r in created]
+    assert {r.headers.get("idempotent-replayed") for r in retried} == {"true"}
+    assert len(listed) == 20
