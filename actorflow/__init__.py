@@ -27,6 +27,7 @@ The API, drawn::
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
+    ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     └── TransientError                 raised by a service to ask for a retry
@@ -45,6 +46,7 @@ from actorflow.core.errors import (
     InvalidTransition,
     JournalError,
     Overloaded,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TransientError,
@@ -65,6 +67,7 @@ __all__ = [
     "Overloaded",
     "Runtime",
     "RuntimeConfig",
+    "RuntimeFailed",
     "RuntimeStopped",
     "ServiceSet",
     "StateActor",
