@@ -9,9 +9,12 @@ Everything an embedding program needs is here::
 
 The API, drawn::
 
-    Runtime(config, services=...)      the facade; a context manager that closes itself
+    Runtime(config, services=..., on_milestone=...)
+                                       the facade; a context manager that closes itself
       .submit(payload) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
+      .health()                        ok, degraded (journal refuses writes), failed or stopped
+    Milestone                          an internal event (worker restarted, journal degraded...)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
     ServiceSet(validate, process, persist)
                                        your functions; raise TransientError to be retried
@@ -37,7 +40,7 @@ Internals (messages, pools, backends) stay importable from their modules
 command line is ``actorflow`` (or ``python -m actorflow``), in `actorflow.cli`.
 """
 
-from actorflow.actors import OrchestratorActor, Runtime, StateActor, TaskHandle
+from actorflow.actors import Milestone, OrchestratorActor, Runtime, StateActor, TaskHandle
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import (
     ActorflowError,
@@ -63,6 +66,7 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JournalError",
+    "Milestone",
     "OrchestratorActor",
     "Overloaded",
     "Runtime",
