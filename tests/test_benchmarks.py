@@ -15,6 +15,8 @@ from benchmarks.__main__ import SCHEMA, main
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.targets import TARGETS
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:

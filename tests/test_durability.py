@@ -118,6 +118,7 @@ def _persist_then_wait(results: str, gate: Gate) -> Any:
     return persist
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_minus_nine_at_random_moments_never_loses_an_acknowledged_task(tmp_path: Path) -> None:
     journal, results = tmp_path / "tasks.db", tmp_path / "results.db"
