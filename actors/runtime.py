@@ -492,6 +492,8 @@ class Runtime:
         if old is not None:
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 old.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        # A fault the old actor was riding out is forgotten with it; the new one degrades anew on its first refusal.
+        self._health.recover()
         self._start_state()
         for token, (callback, _) in list(self._subscriptions.items()):
             self._subscriptions[token] = (callback, _answer(self._state_proxy.subscribe(callback)))

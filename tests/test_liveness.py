@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,10 @@ import structlog
 
 from actorflow.actors import OrchestratorActor, Runtime, StateActor
 from actorflow.api import create_app, serve_in_background
-from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, Task, TaskState
+from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
 from actorflow.core.journal import Journal
 from actorflow.services import ServiceSet
-from tests.conftest import MilestoneLog, payload
+from tests.conftest import MilestoneLog, actor_threads, payload
 from tests.faults import Gate
 
 S = TaskState
@@ -134,7 +136,7 @@ FULL_DISK_CHILD = r"""
 import json, resource, signal, sys, threading, time
 import structlog
 from actorflow import JournalError, Runtime, RuntimeConfig, ServiceSet, TaskState
-from tests.conftest import MilestoneLog, payload
+from tests.conftest import MilestoneLog, actor_threads, payload
 from tests.faults import Gate
 
 journal = sys.argv[1]
@@ -391,3 +393,84 @@ def test_an_exception_applying_one_transition_fails_that_task_and_not_the_rest_o
         assert record.state is S.FAILED  # refused while in flight: failed with the reason, not dropped
         assert "a bug applying a change" in (record.error or "")
         assert {h.result(timeout=10).state for h in others} == {S.COMPLETED}
+
+
+# --- done means: chaos ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_no_acknowledged_task(
+    tmp_path: Path, faults: FailingWrites
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    path = tmp_path / "t.db"
+    milestones = MilestoneLog()
+    before = set(actor_threads())
+    acked: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+    submitting = threading.Event()
+    submitting.set()
+    played: Counter[str] = Counter()
+    config = RuntimeConfig(journal_path=str(path), max_in_flight=300)
+    with Runtime(config, on_milestone=milestones) as runtime:
+
+        def submit(offset: int) -> None:
+            for index in range(offset, 4000, 2):
+                while True:  # like a client: a refused submission is tried again after a pause
+                    try:
+                        # The same id on each try: had a refused one been created after all, the
+                        # retry would raise InvalidPayload ("already taken") and fail the test.
+                        handle = runtime.submit(payload(index), task_id=f"task-{index}")
+                    except (JournalError, RuntimeStopped) as exc:  # refused: never acknowledged
+                        with lock:
+                            refused.append(f"{type(exc).__name__}: {exc}")
+                        threading.Event().wait(0.005)
+                        continue
+                    break
+                with lock:
+                    acked.append(handle.task_id)
+            if offset == 0:
+                submitting.clear()
+
+        def play_chaos() -> None:
+            while submitting.is_set() or sum(played.values()) < 30:
+                threading.Event().wait(rng.uniform(0.01, 0.08))  # a random moment for the next fault
+                fault = rng.choice(["journal", "journal", "orchestrator", "state"])
+                played[fault] += 1
+                if fault == "journal":
+                    faults.failing.set()
+                    threading.Event().wait(rng.uniform(0.01, 0.2))  # the disk stays full this long
+                    faults.failing.clear()
+                else:
+                    refs = pykka.ActorRegistry.get_by_class(
+                        OrchestratorActor if fault == "orchestrator" else StateActor
+                    )
+                    for ref in refs:
+                        ref.stop(block=False)
+                    name = "orchestrator.restarted" if fault == "orchestrator" else "state.restarted"
+                    assert milestones.wait_for(name, played[fault], timeout=30), (seed, name, played)
+
+        threads = [threading.Thread(target=submit, args=(offset,)) for offset in (0, 1)]
+        threads.append(threading.Thread(target=play_chaos))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert not any(thread.is_alive() for thread in threads), seed
+        assert runtime.join(60), (seed, runtime.stats())
+        records = {task_id: runtime.handle(task_id).result(timeout=0) for task_id in acked}
+        assert runtime.health() == {"status": "ok"}, seed
+    assert set(actor_threads()) - before == set(), seed  # no thread left behind
+    assert {record.state for record in records.values()} == {S.COMPLETED}, seed
+    assert min(played["orchestrator"], played["state"], played["journal"]) >= 1, played
+    with Journal.open_readonly(str(path)) as reader:
+        stored = list(reader.iter_records())
+    assert len(acked) == len(set(acked)) == 4000, (seed, len(acked), refused[:3])
+    assert sorted(record.task_id for record in stored) == sorted(acked), seed  # nothing duplicated, nothing extra
+    for record in stored:
+        assert record.state is S.COMPLETED, (seed, record)
+        states = record.path()
+        assert states == ["CREATED", "VALIDATED", "PROCESSING", "COMPLETED"], (seed, record)  # each change once
