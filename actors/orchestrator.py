@@ -29,6 +29,7 @@ Liveness rules (every task it drives reaches a terminal state):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -198,7 +199,8 @@ class OrchestratorActor(FastActor):
         )
         reply = getattr(message, "reply", None)
         if isinstance(reply, pykka.Future):
-            reply.set_exception(exc_info=(type(exc), exc, None))
+            with contextlib.suppress(Exception):  # already answered before the handler raised
+                reply.set_exception(exc_info=(type(exc), exc, None))
         task_id = getattr(message, "task_id", None)
         if isinstance(task_id, str):
             self._fail_task(task_id, why)

@@ -40,7 +40,7 @@ from typing import Any
 import pykka
 
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.health import Health, HealthStatus, Milestone, Milestones
+from actorflow.actors.health import Health, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor
 from actorflow.actors.service import ServiceBackend, ThreadBackend
@@ -529,7 +529,7 @@ class Runtime:
         complete once writes succeed again, with no restart. "failed": see
         `RuntimeFailed`. "stopped": `close()` has begun.
         """
-        status: HealthStatus | str
+        status: str
         status, reason = self._health.snapshot()
         if status != "failed" and self._closed.is_set():
             status, reason = "stopped", "the runtime is closed"
