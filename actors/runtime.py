@@ -417,6 +417,14 @@ class Runtime:
             task_id = new_task_id()
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
             raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
+        elif not task_id.isascii():
+            try:
+                task_id.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidPayload(
+                    f"task_id {task_id!r} holds a lone surrogate {task_id[exc.start]!r}; "
+                    "a task id must be valid Unicode text"
+                ) from None
         if traceparent is not None:
             try:
                 trace = parse_traceparent(traceparent)
