@@ -27,6 +27,8 @@ The API, drawn::
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
+    ├── WouldDeadlock                  a blocking call from a subscriber or a service, where
+    │                                  it would hang: raised at once
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     └── TransientError                 raised by a service to ask for a retry
@@ -49,6 +51,7 @@ from actorflow.core.errors import (
     TaskNotFound,
     TransientError,
     ValidationError,
+    WouldDeadlock,
 )
 from actorflow.core.tracing import configure_logging
 from actorflow.core.types import Task, TaskRecord, TaskState, TransitionEvent
@@ -76,6 +79,7 @@ __all__ = [
     "TransientError",
     "TransitionEvent",
     "ValidationError",
+    "WouldDeadlock",
     "__version__",
     "configure_logging",
 ]

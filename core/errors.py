@@ -8,7 +8,9 @@ The tree::
     ├── TaskNotFound           no task has that id
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
     │   └── ValidationError    the validator service rejected the payload
-    ├── RuntimeStopped         the runtime was closed
+    ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
+    ├── WouldDeadlock          a blocking call on a thread it would wait for (a subscriber
+    │                          callback, a service): raised at once instead of hanging
     ├── Overloaded             backpressure: too many tasks in flight
     ├── JournalError           the SQLite journal is unusable (not a database, newer
     │                          schema, locked, I/O failure)
@@ -30,6 +32,7 @@ __all__ = [
     "TaskNotFound",
     "TransientError",
     "ValidationError",
+    "WouldDeadlock",
 ]
 
 
@@ -68,6 +71,15 @@ class ValidationError(InvalidPayload):
 
 class RuntimeStopped(ActorflowError):
     """The runtime was closed; it accepts no more work."""
+
+
+class WouldDeadlock(ActorflowError):
+    """A blocking call was made on a thread it would have to wait for, so it raised at once.
+
+    Subscriber callbacks run on the state actor's thread, and services on worker
+    threads: a call that waits for an answer only that thread can give, or for
+    tasks that need it, would hang there. The message says what to do instead.
+    """
 
 
 class Overloaded(ActorflowError):
