@@ -588,8 +588,8 @@ class Runtime:
 
     @property
     def closed(self) -> bool:
-        """True once `close()` has begun: `submit` raises RuntimeStopped."""
-        return self._closed.is_set()
+        """True once `close()` has begun (or in a fork() child): `submit` raises RuntimeStopped."""
+        return self._forked or self._closed.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no task is in flight. False if `timeout` elapsed first.

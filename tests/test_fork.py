@@ -36,6 +36,7 @@ _SCRIPT = textwrap.dedent(
                 report[name] = "returned"
             except RuntimeStopped as exc:
                 report[name] = str(exc)
+        report["closed"] = runtime.closed
         runtime.close()
         os.write(write_end, json.dumps(report).encode())
         os.close(write_end)
@@ -73,5 +74,6 @@ def test_a_forked_child_refuses_to_use_the_parents_runtime_and_exits_at_once(tmp
     assert outcome["child_s"] < 5, outcome
     for call in ("submit", "join", "get"):
         assert "fork() child" in outcome["report"][call], outcome
+    assert outcome["report"]["closed"] is True
     assert outcome["parent"] == "COMPLETED"
     assert time.monotonic() - started < 30
