@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -252,9 +251,6 @@ def test_the_dashboard_shows_counts_throughput_latency_pools_and_a_clicked_tasks
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    if target := os.environ.get("ACTORFLOW_SCREENSHOT"):
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
 
 
 def test_a_search_by_name_or_id_and_the_state_filter_narrow_the_task_list(
@@ -307,7 +303,8 @@ def test_the_list_holds_still_under_a_selected_row_while_new_tasks_arrive(
     later = [api.submit({"name": f"later-{i}", "data": i}) for i in range(5)]
     count_is(page, "COMPLETED", 15)
     page.wait_for_function(
-        "() => document.getElementById('new-pill').textContent === '5 new ↑' && !document.getElementById('new-pill').hidden",
+        "() => !document.getElementById('new-pill').hidden"
+        " && document.getElementById('new-pill').textContent === '5 new ↑'",
         timeout=WAIT_MS,
     )
     assert page.evaluate(where) == top_before
@@ -375,3 +372,44 @@ def test_without_a_token_on_an_open_server_retry_submits_a_new_task(open_server:
     page.wait_for_function("() => document.getElementById('new-pill').textContent === '1 new ↑'", timeout=WAIT_MS)
     rows_are(page, 1)
     client.http.close()
+
+
+@pytest.mark.skipif(not os.environ.get("ACTORFLOW_SCREENSHOT"), reason="only with ACTORFLOW_SCREENSHOT=path")
+@pytest.mark.timeout(90)
+def test_a_realistic_run_is_photographed_for_the_readme(
+    server: ApiServer, page: Page, api: Client, gate: threading.Event
+) -> None:
+    """Eight seconds of traffic (so that the chart has history), some of it failing, some held in flight."""
+    open_page(page, server)
+    kinds = ["resize-image", "send-invoice", "index-document", "thumbnail", "ocr-scan", "sync-crm", "geocode"]
+    completed = failed = 0
+    for second, (ok, bad) in enumerate([(4, 0), (6, 1), (5, 0), (8, 2), (7, 0), (9, 1), (6, 0), (10, 1)]):
+        start = page.evaluate("() => Math.floor(Date.now() / 1000)")
+        for i in range(ok):
+            api.submit({"name": f"{kinds[(second + i) % len(kinds)]}-{completed + i}", "data": {"n": i}})
+        for i in range(bad):
+            api.submit({"title": f"untitled-{failed + i}"})
+        completed, failed = completed + ok, failed + bad
+        count_is(page, "COMPLETED", completed)
+        count_is(page, "FAILED", failed)
+        # Traffic spread over wall-clock seconds is the point of this picture: wait for the next one.
+        page.wait_for_function("t => Date.now() >= (t + 1) * 1000", arg=start, timeout=WAIT_MS)
+    for name in ["transcode-video-0", "transcode-video-1", "nightly-report"]:
+        api.submit({"name": name, "data": {"hold": True}})
+    doomed = api.submit({"name": "backfill-archive", "data": {"hold": True}})
+    count_is(page, "PROCESSING", 4)
+    assert api.http.delete(f"/tasks/{doomed}").status_code in {200, 202}
+    count_is(page, "CANCELLED", 1)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#throughput rect').length >= 8"
+        " && !document.querySelector('.tname').textContent.includes('…')",
+        timeout=WAIT_MS,
+    )
+    page.locator("#tasks .row[data-state='COMPLETED']").nth(2).click()
+    page.wait_for_selector("#detail #timeline", timeout=WAIT_MS)
+    page.mouse.move(0, 0)
+
+    target = Path(os.environ["ACTORFLOW_SCREENSHOT"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
