@@ -527,7 +527,7 @@ def _count_param(params: Mapping[str, str], name: str, default: int, lowest: int
 
 
 def _load_dashboard() -> tuple[bytes, dict[str, str]]:
-    html = importlib.resources.files("api").joinpath("static/dashboard.html").read_bytes()
+    html = importlib.resources.files("actorflow.api").joinpath("static/dashboard.html").read_bytes()
     # The page is self-contained: allow exactly its own inline script and style (by
     # hash) and requests back to this server, nothing else.
     hashes = {
