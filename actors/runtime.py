@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import threading
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
@@ -27,6 +28,7 @@ from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor
 from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
+from actorflow.actors.telemetry import MetricsCollector, Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
@@ -34,6 +36,9 @@ from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, Runti
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from actorflow.services import ResultStore, ServiceSet
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Runtime", "TaskHandle"]
 
@@ -280,9 +285,19 @@ class Runtime:
     Args:
         config: every knob; defaults to `RuntimeConfig()`.
         services: the pipeline's functions; missing ones use the defaults.
+        metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
+        tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
+            host's global one (nothing is recorded while the host has set none).
     """
 
-    def __init__(self, config: RuntimeConfig | None = None, *, services: ServiceSet | None = None) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig | None = None,
+        *,
+        services: ServiceSet | None = None,
+        metrics: bool = True,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
         if services is not None and not isinstance(services, ServiceSet):
@@ -295,6 +310,8 @@ class Runtime:
         self._dead_letters = DeadLetterOffice()
         self._threads = ThreadBook()
         self._tracker = _Tracker(self.config.max_in_flight)
+        self.telemetry = Telemetry(metrics=metrics, tracer_provider=tracer_provider)
+        """Counters, histograms and spans (read them through `metrics_collector()`)."""
         self._timer: Timer | None = None
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
@@ -324,7 +341,8 @@ class Runtime:
                 retain_terminal=config.retain_terminal,
                 dead_letters=self._dead_letters,
                 threads=self._threads,
-                on_terminal=self._tracker.on_terminal,
+                on_terminal=self._on_terminal,
+                on_transition=self.telemetry.on_transition if self.telemetry.metrics else None,
             )
         except BaseException:
             if journal is not None:
@@ -339,6 +357,7 @@ class Runtime:
             timer=self._timer,
             dead_letters=self._dead_letters,
             threads=self._threads,
+            telemetry=self.telemetry,
         )
         self._orchestrator_proxy = self._orchestrator.proxy()
         recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
@@ -354,6 +373,16 @@ class Runtime:
             durability=config.durability if config.journal_path else None,
             recovered=len(recovered),
         )
+
+    def _on_terminal(self, record: TaskRecord) -> None:
+        """The state actor's terminal hook: the task's latency and span, then settle its waiter.
+
+        In that order, so that a caller woken by `result()` or `join()` finds them counted.
+        """
+        try:
+            self.telemetry.on_terminal(record)
+        finally:  # whatever telemetry does, the waiter is settled
+            self._tracker.on_terminal(record)
 
     def _make_backend(self, functions: dict[str, Callable[..., Any]]) -> ServiceBackend:
         backend = self.config.service_backend
@@ -385,10 +414,15 @@ class Runtime:
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             RuntimeStopped: the runtime is closed.
         """
-        message = self._prepare(payload, task_id, traceparent)
-        config = self.config
-        self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-        return self._send_create(message)
+        message: CreateTask | None = None
+        try:
+            message = self._prepare(payload, task_id, traceparent)
+            config = self.config
+            self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
+            return self._send_create(message)
+        except BaseException as exc:
+            self.telemetry.submit_refused(None if message is None else message.task_id, exc)
+            raise
 
     async def submit_async(
         self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
@@ -399,7 +433,8 @@ class Runtime:
         """
         loop = asyncio.get_running_loop()
         submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
-        return await loop.run_in_executor(None, submit)
+        # The executor thread runs it in our context, so that the caller's current OTel span is the parent.
+        return await loop.run_in_executor(None, contextvars.copy_context().run, submit)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
         if self._closed.is_set():
@@ -424,6 +459,7 @@ class Runtime:
                 raise InvalidPayload(str(exc)) from None
         else:
             trace = new_trace()
+        trace = self.telemetry.task_submitted(task_id, trace, traceparent)
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
         return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
 
@@ -481,6 +517,21 @@ class Runtime:
         if waiter is None and record.state not in TERMINAL_STATES:
             raise RuntimeStopped(f"task {task_id!r} is not terminal but not in flight either: the runtime is closed")
         return TaskHandle(self, task_id, waiter, record)
+
+    def metrics_collector(self) -> MetricsCollector:
+        """A Prometheus collector of this runtime's metrics, for the program to register in its registry.
+
+        Needs `prometheus-client` (the ``metrics`` extra) when scraped. For example::
+
+            from prometheus_client import REGISTRY
+            REGISTRY.register(runtime.metrics_collector())
+
+        Raises:
+            ConfigError: the runtime was made with ``metrics=False``.
+        """
+        if not self.telemetry.metrics:
+            raise ConfigError("this runtime counts no metrics (it was made with metrics=False)")
+        return MetricsCollector(self, self.telemetry)
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
