@@ -33,6 +33,11 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV})",
     )
     parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve GET /metrics (Prometheus) without the token, for a scraper that has none",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -95,7 +100,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
     close_log = configure_logging(level=args.log_level)
     try:
         runtime = load_runtime(args.app) if args.app is not None else None
-        serve(host=args.host, port=args.port, journal=args.journal, token=token, runtime=runtime)
+        serve(
+            host=args.host,
+            port=args.port,
+            journal=args.journal,
+            token=token,
+            runtime=runtime,
+            metrics_public=args.metrics_public,
+        )
     except AppSpecError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
