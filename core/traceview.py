@@ -767,9 +767,9 @@ class LatencySummary:
     """
 
     tasks: int
-    end_to_end: Mapping[str, float]
-    service: Mapping[str, float]
-    waiting: Mapping[str, float]
+    end_to_end: dict[str, float]
+    service: dict[str, float]
+    waiting: dict[str, float]
 
 
 _PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
@@ -797,8 +797,8 @@ def latency_summary(timelines: Iterable[TaskTimeline]) -> LatencySummary | None:
     )
 
 
-def _percentiles(values: list[float]) -> Mapping[str, float]:
+def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     last = len(ordered) - 1
     # Nearest rank: exact for small counts, and enough for an operator's summary.
-    return MappingProxyType({name: ordered[min(last, max(0, round(q * last)))] for name, q in _PERCENTILES})
+    return {name: ordered[min(last, max(0, round(q * last)))] for name, q in _PERCENTILES}
