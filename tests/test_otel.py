@@ -94,7 +94,9 @@ def test_a_task_span_has_one_child_per_call_and_carries_the_records_and_the_logs
         assert call.attributes["actorflow.stage"] == call.name.removeprefix("actorflow.")
         assert call.attributes["actorflow.attempt"] == 1
         assert call.status.status_code is StatusCode.UNSET
-        assert task.start_time is not None and call.start_time is not None and call.end_time is not None
+        assert task.start_time is not None
+        assert call.start_time is not None
+        assert call.end_time is not None
         assert task.end_time is not None
         assert task.start_time <= call.start_time <= call.end_time <= task.end_time
     completed = [e for e in logs if e["event"] == "task.completed"]
@@ -136,7 +138,8 @@ def test_a_traceparent_given_at_submit_becomes_the_task_spans_parent(
 
     assert record.trace_id == trace_id
     assert record.parent_span_id == parent
-    assert task.parent is not None and task.parent.is_remote
+    assert task.parent is not None
+    assert task.parent.is_remote
     assert otel_trace.format_span_id(task.parent.span_id) == parent
     assert len(calls) == 3
 
@@ -158,7 +161,8 @@ def test_the_callers_current_span_becomes_the_task_spans_parent_in_submit_and_su
         async_record = asyncio.run(submit_in_a_span())
     task, _ = spans_of(exporter, record)
     assert record.trace_id == otel_trace.format_trace_id(caller.get_span_context().trace_id)
-    assert task.parent is not None and task.parent.span_id == caller.get_span_context().span_id
+    assert task.parent is not None
+    assert task.parent.span_id == caller.get_span_context().span_id
     async_task, _ = spans_of(exporter, async_record)
     (async_caller,) = [s for s in exporter.get_finished_spans() if s.name == "async request"]
     assert async_task.parent is not None
@@ -181,7 +185,8 @@ def test_the_http_api_adopts_the_traceparent_header_of_a_submission(
         record = runtime.handle(answer.json()["task_id"]).result(timeout=10)
     task, _ = spans_of(exporter, record)
     assert record.trace_id == trace_id
-    assert task.parent is not None and otel_trace.format_span_id(task.parent.span_id) == parent
+    assert task.parent is not None
+    assert otel_trace.format_span_id(task.parent.span_id) == parent
 
 
 def test_with_no_provider_set_nothing_is_recorded_and_the_runtimes_own_ids_stay() -> None:
@@ -190,7 +195,8 @@ def test_with_no_provider_set_nothing_is_recorded_and_the_runtimes_own_ids_stay(
         record = runtime.submit(payload()).result(timeout=10)
         assert runtime.telemetry.spans is not None
         assert runtime.telemetry.spans.open_spans == 0
-    assert len(record.trace_id) == 32 and len(record.span_id) == 16
+    assert len(record.trace_id) == 32
+    assert len(record.span_id) == 16
 
 
 def test_a_refused_submission_ends_its_span_as_an_error(spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:
@@ -223,7 +229,8 @@ def test_calls_run_in_worker_processes_get_their_spans_with_the_childs_traceback
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.events[0].attributes is not None
     assert "in fail_permanently" in str(failed.events[0].attributes["exception.stacktrace"])
-    assert record.traceback is not None and "ValueError: cannot compute" in record.traceback
+    assert record.traceback is not None
+    assert "ValueError: cannot compute" in record.traceback
     assert all(c.parent is not None and c.parent.span_id == task.get_span_context().span_id for c in calls)
 
 
