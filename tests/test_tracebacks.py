@@ -1,4 +1,4 @@
-"""Tracebacks of failed service calls: bounded, in `service.failed`, the record, the journal, inspect and the trace viewer."""
+"""Tracebacks of failed calls: bounded; in `service.failed`, the record, the journal, inspect and the trace viewer."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def recurse(depth: int) -> None:
 
 
 def test_a_long_traceback_is_cut_to_the_bound_keeping_the_innermost_frames() -> None:
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ValueError, match="innermost") as caught:
         recurse(400)
     text = format_traceback(caught.value)
     assert len(text) <= MAX_TRACEBACK_CHARS
@@ -54,14 +54,12 @@ def test_a_long_traceback_is_cut_to_the_bound_keeping_the_innermost_frames() -> 
 
 
 def test_a_short_traceback_is_kept_whole_and_a_huge_message_keeps_its_end() -> None:
-    try:
+    with pytest.raises(KeyError) as short:
         raise KeyError("zzz")
-    except KeyError as exc:
-        assert format_traceback(exc).endswith("KeyError: 'zzz'\n")
-    try:
+    assert format_traceback(short.value).endswith("KeyError: 'zzz'\n")
+    with pytest.raises(RuntimeError, match="the end") as huge:
         raise RuntimeError("x" * 20_000 + " the end")
-    except RuntimeError as exc:
-        text = format_traceback(exc)
+    text = format_traceback(huge.value)
     assert len(text) <= MAX_TRACEBACK_CHARS
     assert text.endswith(" the end\n")
 
