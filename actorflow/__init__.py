@@ -12,6 +12,8 @@ The API, drawn::
     Runtime(config, services=...)      the facade; a context manager that closes itself
       .submit(payload) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
+      .metrics_collector()             Prometheus metrics, for the program's own registry
+    Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
     ServiceSet(validate, process, persist)
                                        your functions; raise TransientError to be retried
