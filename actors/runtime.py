@@ -611,6 +611,7 @@ class Runtime:
                 with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                     ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
         abandoned = self._tracker.close()
+        self.telemetry.close()
         if self._timer is not None:
             self._timer.stop()
         # Workers hung in a service call cannot be joined; they are daemons and do not block exit.

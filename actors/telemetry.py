@@ -110,6 +110,14 @@ class Telemetry:
             except Exception as exc:  # noqa: BLE001 - the host's exporter must never cost a task its outcome
                 _log.error("telemetry.span_failed", task_id=record.task_id, error=repr(exc))
 
+    def close(self) -> None:
+        """The runtime stopped: end the spans of unfinished tasks, so that the host's exporter gets them."""
+        if self.spans is not None:
+            try:
+                self.spans.abandon_all()
+            except Exception as exc:  # noqa: BLE001 - closing must finish whatever the SDK does
+                _log.error("telemetry.span_failed", error=repr(exc))
+
     # --- the orchestrator's thread ---------------------------------------------------------------
 
     def call_done(self, call: RunService, done: ServiceDone) -> None:

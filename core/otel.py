@@ -156,6 +156,13 @@ class SpanRecorder:
             span.set_status(Status(StatusCode.ERROR, f"{error_type}: {error}"))
         span.end(end_time=start_ns + duration_ns)
 
+    def abandon_all(self) -> None:
+        """The runtime closed: end the spans of tasks that did not finish here (they may resume elsewhere)."""
+        while self._spans:
+            _, span = self._spans.popitem()
+            span.set_attribute("actorflow.state", "unfinished")
+            span.end()
+
     @property
     def open_spans(self) -> int:
         """Task spans not yet ended."""

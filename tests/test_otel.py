@@ -288,3 +288,25 @@ def test_spans_exported_over_otlp_http_reach_a_receiver_with_the_records_ids() -
     assert all(by_name[f"actorflow.{s}"].parent_span_id == task.span_id for s in STAGES)
     attributes = {a.key: a.value.string_value for a in task.attributes}
     assert attributes["actorflow.task_id"] == record.task_id
+
+
+def test_the_span_of_a_task_left_unfinished_at_close_is_ended_as_unfinished(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = spans
+    release = threading.Event()
+
+    def hold(task: Task) -> Mapping[str, Any]:
+        release.wait(10)
+        return {"ok": True}
+
+    runtime = Runtime(tracer_provider=provider, services=ServiceSet(process=hold))
+    try:
+        handle = runtime.submit(payload())
+    finally:
+        runtime.close(drain=False)
+        release.set()
+    (task,) = [s for s in exporter.get_finished_spans() if s.name == "actorflow.task"]
+    assert task.attributes is not None
+    assert task.attributes["actorflow.task_id"] == handle.task_id
+    assert task.attributes["actorflow.state"] == "unfinished"
