@@ -40,6 +40,8 @@ from actorflow.services import ResultStore, ServiceSet
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
+    from actorflow.core.journal import Journal
+
 __all__ = ["Runtime", "TaskHandle"]
 
 _ASK_TIMEOUT_S = 30.0
@@ -316,6 +318,7 @@ class Runtime:
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
         self.results: ResultStore | None = None
+        self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
         try:
             self._start(services)
@@ -334,6 +337,7 @@ class Runtime:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
             journal = Journal(config.journal_path, durability=config.durability)
+            self._journal = journal
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         try:
             self._state = StateActor.start(
@@ -405,9 +409,22 @@ class Runtime:
     # --- submitting ------------------------------------------------------------------------------
 
     def submit(
-        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        task_id: str | None = None,
+        traceparent: str | None = None,
+        idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
         """Create a task and start it through the pipeline; returns once its creation is committed.
+
+        Args:
+            payload: the task's input, a JSON-serializable mapping.
+            task_id: the task's id; a new unique one if None.
+            traceparent: a W3C trace context to continue.
+            idempotency_key: (key, payload fingerprint): with a journal, committed in the same
+                transaction as the task, so that `find_idempotency_key` finds it after a crash
+                if and only if the task exists. Ignored without a journal.
 
         Raises:
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
@@ -415,26 +432,53 @@ class Runtime:
             RuntimeStopped: the runtime is closed.
         """
         message: CreateTask | None = None
+        journal = self._journal if idempotency_key is not None else None
         try:
             message = self._prepare(payload, task_id, traceparent)
             config = self.config
-            self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-            return self._send_create(message)
+            if journal is not None and idempotency_key is not None:
+                journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
+            try:
+                self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
+                return self._send_create(message)
+            except BaseException:
+                if journal is not None:
+                    journal.unstage_key(message.task_id)
+                raise
         except BaseException as exc:
             self.telemetry.submit_refused(None if message is None else message.task_id, exc)
             raise
 
     async def submit_async(
-        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        task_id: str | None = None,
+        traceparent: str | None = None,
+        idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
         """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
 
         Same arguments, result and errors as `submit`; `await handle` then waits for the task.
         """
         loop = asyncio.get_running_loop()
-        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
+        submit = functools.partial(
+            self.submit, payload, task_id=task_id, traceparent=traceparent, idempotency_key=idempotency_key
+        )
         # The executor thread runs it in our context, so that the caller's current OTel span is the parent.
         return await loop.run_in_executor(None, contextvars.copy_context().run, submit)
+
+    def find_idempotency_key(self, key: str) -> tuple[str, str] | None:
+        """(task id, payload fingerprint) of the task submitted with `key`, from the journal.
+
+        None without a journal, or if the key is unknown or older than the journal's retention.
+
+        Raises:
+            RuntimeStopped: the runtime is closed.
+        """
+        if self._closed.is_set():
+            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        return None if self._journal is None else self._journal.find_key(key)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
         if self._closed.is_set():

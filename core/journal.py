@@ -13,6 +13,11 @@ file is marked as ours by ``PRAGMA application_id``)::
                  the transition's index in the record's history, so that a
                  transition cannot be written twice; triggers refuse UPDATE
                  and DELETE
+    idempotency_keys  the HTTP API's Idempotency-Keys: key, the task it created,
+                 the payload's fingerprint, and when; written in the same
+                 transaction as the task's creation (`Journal.stage_key`), kept
+                 `KEY_RETENTION_S` and at most `MAX_KEYS` (additive: created
+                 with IF NOT EXISTS in any journal opened for writing)
 
 Durability. `Journal.write_batch` is one transaction: when it returns, the batch
 is committed, and nothing of a failed batch is visible. WAL with
@@ -48,6 +53,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -117,6 +123,27 @@ _SCHEMA: Final[tuple[str, ...]] = (
 )
 """Run statement by statement inside one transaction (``executescript`` would commit first)."""
 _TABLES: Final = frozenset({"tasks", "transitions"})
+
+KEY_RETENTION_S: Final = 24 * 3600.0
+"""An Idempotency-Key is remembered this long after the task it created (wall-clock time, across restarts)."""
+MAX_KEYS: Final = 100_000
+"""At most this many Idempotency-Keys are kept; the oldest are forgotten first."""
+_KEY_PRUNE_EVERY: Final = 1024
+"""Keys written between two prunings of the table to `MAX_KEYS` (a pruning scans the keys' index)."""
+
+_KEYS_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key         TEXT NOT NULL PRIMARY KEY,
+        task_id     TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at)",
+)
+"""Additive to schema version 1: an older journal gains the table when next opened for writing."""
+_INSERT_KEY: Final = (
+    "INSERT OR REPLACE INTO idempotency_keys (key, task_id, fingerprint, created_at) VALUES (?, ?, ?, ?)"
+)
 
 _INSERT_TASK: Final = (
     "INSERT INTO tasks (task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts,"
@@ -267,6 +294,20 @@ class JournalReader:
             last_id, last = page[-1]
             cursor = (last.created_at, last_id)
 
+    def find_key(self, key: str) -> tuple[str, str] | None:
+        """The task an Idempotency-Key created and its payload's fingerprint; None if unknown or expired."""
+        try:
+            with self._snapshot("find_key") as connection:
+                row = connection.execute(
+                    "SELECT task_id, fingerprint FROM idempotency_keys WHERE key = ? AND created_at >= ?",
+                    (key, time.time() - KEY_RETENTION_S),
+                ).fetchone()
+        except JournalError as exc:
+            if "no such table" in str(exc):  # a journal no writer has opened since keys were added
+                return None
+            raise
+        return None if row is None else (row[0], row[1])
+
     def counts(self) -> dict[str, int]:
         """Tasks per state name, every state present (0 when none)."""
         with self._snapshot("counts") as connection:
@@ -390,6 +431,8 @@ class Journal(JournalReader):
         self._lock = threading.Lock()
         self._connection = None
         self._owner_fd: int | None = None
+        self._staged_keys: dict[str, tuple[str, str]] = {}
+        self._keys_since_prune = 0
 
         header = _read_header(self.path)  # refuses a non-SQLite file before SQLite ever opens it
         owner_fd = _acquire_ownership(self.path)
@@ -411,6 +454,20 @@ class Journal(JournalReader):
     def open_readonly(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 2.0) -> JournalReader:
         """A `JournalReader` on `path`: for inspection, also while a runtime writes it."""
         return JournalReader(path, busy_timeout_s=busy_timeout_s)
+
+    def stage_key(self, key: str, task_id: str, fingerprint: str) -> None:
+        """Write Idempotency-Key `key` in the same transaction as task `task_id`'s creation.
+
+        Call it before submitting the task; `unstage_key` if the submission is refused.
+        A retry after a crash then finds the key (`find_key`) if and only if the task exists.
+        """
+        with self._lock:
+            self._staged_keys[task_id] = (key, fingerprint)
+
+    def unstage_key(self, task_id: str) -> None:
+        """Forget a key staged for a task that will not be created. No error if none is staged."""
+        with self._lock:
+            self._staged_keys.pop(task_id, None)
 
     def write_batch(self, created: Sequence[TaskRecord], changed: Sequence[tuple[TaskRecord, Transition]]) -> None:
         """Commit new tasks and accepted transitions in one transaction.
@@ -470,10 +527,17 @@ class Journal(JournalReader):
 
         with self._lock:
             connection = self._require_open()
+            keys = [
+                (*staged, record.task_id, record.created_at)
+                for record in created
+                if (staged := self._staged_keys.get(record.task_id)) is not None
+            ]
             try:
                 connection.execute("BEGIN IMMEDIATE")
                 if tasks:
                     connection.executemany(_INSERT_TASK, tasks)
+                if keys:
+                    self._write_keys(connection, keys)
                 if log:
                     connection.executemany(_INSERT_TRANSITION, log)
                 # executemany sums rowcount: fewer rows than updates means a changed task has no row
@@ -483,6 +547,8 @@ class Journal(JournalReader):
                         f"{self._unknown(connection, latest)!r} were never created in the journal"
                     )
                 connection.execute("COMMIT")
+                for _, _, task_id, _ in keys:
+                    del self._staged_keys[task_id]
             except sqlite3.Error as exc:
                 _rollback(connection)
                 raise JournalError(
@@ -497,6 +563,18 @@ class Journal(JournalReader):
             except BaseException:
                 _rollback(connection)
                 raise
+
+    def _write_keys(self, connection: sqlite3.Connection, keys: list[tuple[str, str, str, float]]) -> None:
+        connection.executemany(_INSERT_KEY, [(key, task_id, fp, at) for key, fp, task_id, at in keys])
+        connection.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (time.time() - KEY_RETENTION_S,))
+        self._keys_since_prune += len(keys)
+        if self._keys_since_prune >= _KEY_PRUNE_EVERY:
+            self._keys_since_prune = 0
+            connection.execute(
+                "DELETE FROM idempotency_keys WHERE key IN "
+                "(SELECT key FROM idempotency_keys ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (MAX_KEYS,),
+            )
 
     @staticmethod
     def _unknown(connection: sqlite3.Connection, task_ids: Iterable[str]) -> list[str]:
@@ -684,6 +762,8 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
         for column, kind in _ADDED_COLUMNS:
             if column not in present:
                 connection.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
+        for statement in _KEYS_SCHEMA:
+            connection.execute(statement)
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
         _rollback(connection)

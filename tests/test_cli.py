@@ -241,3 +241,41 @@ def test_the_process_backend_leaves_multiprocessings_own_fork_server_and_preload
         assert runtime.submit({"name": "a", "data": 1}).result(timeout=60).state.value == "COMPLETED"
     assert server._preload_modules == preload_before == ["__main__"]
     assert server._forkserver_pid == pid_before
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "width", "clipped"),
+    [
+        ("short", 10, "short"),
+        ("processor: ValueError: cannot compute the thing", 24, "processor: ValueError:…"),
+        ("a" * 30, 10, "a" * 9 + "…"),
+        ("two\nlines  of   text", 40, "two lines of text"),
+        ("exactly ten", 11, "exactly ten"),
+        ("word boundary here", 13, "word…"),
+    ],
+)
+def test_clip_never_cuts_mid_word_without_an_ellipsis(text: str, width: int, clipped: str) -> None:
+    from actorflow.cli.demo import clip  # noqa: PLC0415
+
+    assert clip(text, width) == clipped
+    assert len(clip(text, width)) <= width
+
+
+def test_the_demo_is_quiet_but_for_its_report_and_says_which_counts_come_from_earlier_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    journal = str(tmp_path / "demo.db")
+    assert main(["demo", "--tasks", "8", "--journal", journal]) == 0
+    first = capsys.readouterr()
+    assert "this run      8 tasks: 7 COMPLETED, 1 FAILED" in first.out
+    assert "earlier runs" not in first.out
+    assert "task.completed" not in first.out + first.err  # per-task INFO lines only with -v
+    assert main(["demo", "--tasks", "8", "--journal", journal]) == 0
+    second = capsys.readouterr().out
+    assert "this run      8 tasks: 7 COMPLETED, 1 FAILED" in second
+    assert "8 tasks from earlier runs; all runs together: 14 COMPLETED, 2 FAILED" in second
+    for line in ("throughput", "end to end    p50", "in PROCESSING p50"):
+        assert line in second
