@@ -9,11 +9,14 @@ Everything an embedding program needs is here::
 
 The API, drawn::
 
-    Runtime(config, services=...)      the facade; a context manager that closes itself
+    Runtime(config, services=..., on_milestone=...)
+                                       the facade; a context manager that closes itself
       .submit(payload) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
       .metrics_collector()             Prometheus metrics, for the program's own registry
+      .health()                        ok, degraded (journal refuses writes), failed or stopped
     Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
+    Milestone                          an internal event (worker restarted, journal degraded...)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
     ServiceSet(validate, process, persist)
                                        your functions; raise TransientError to be retried
@@ -29,6 +32,7 @@ The API, drawn::
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
+    ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     └── TransientError                 raised by a service to ask for a retry
@@ -38,7 +42,7 @@ Internals (messages, pools, backends) stay importable from their modules
 command line is ``actorflow`` (or ``python -m actorflow``), in `actorflow.cli`.
 """
 
-from actorflow.actors import OrchestratorActor, Runtime, StateActor, TaskHandle
+from actorflow.actors import Milestone, OrchestratorActor, Runtime, StateActor, TaskHandle
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import (
     ActorflowError,
@@ -47,6 +51,7 @@ from actorflow.core.errors import (
     InvalidTransition,
     JournalError,
     Overloaded,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TransientError,
@@ -63,10 +68,12 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JournalError",
+    "Milestone",
     "OrchestratorActor",
     "Overloaded",
     "Runtime",
     "RuntimeConfig",
+    "RuntimeFailed",
     "RuntimeStopped",
     "ServiceSet",
     "StateActor",

@@ -26,6 +26,7 @@ __all__ = [
     "CallDeadline",
     "CancelTask",
     "CreateTask",
+    "JournalRetryDue",
     "Outcome",
     "ResumeTasks",
     "RetryDue",
@@ -155,6 +156,12 @@ class RetryDue(NamedTuple):
     call_id: int
 
 
+class JournalRetryDue(NamedTuple):
+    """The orchestrator's backoff after a journal refusal has elapsed: send the held transitions again."""
+
+    step: int
+
+
 class CallDeadline(NamedTuple):
     """A service call's stage timeout has elapsed (if it is still running, it timed out)."""
 
@@ -186,6 +193,7 @@ MESSAGE_TYPES: frozenset[type] = frozenset(
         ServiceDone,
         WorkerDied,
         RetryDue,
+        JournalRetryDue,
         CallDeadline,
         CancelTask,
         ResumeTasks,

@@ -6,6 +6,22 @@
 
 It starts the StateActor, the OrchestratorActor and its service pools, and
 stops every one of them in `close()`.
+
+Supervision (pykka has none). Both central actors report when they stop
+(`on_exit`); a stop the runtime did not ask for is handled on the runtime's
+supervisor thread:
+
+- the OrchestratorActor is replaced by a fresh one (new pools), which the
+  StateActor `adopt`s and which resumes every non-terminal task, as recovery
+  does after a restart;
+- the StateActor, with a journal, is rebuilt from the journal, together with a
+  fresh orchestrator (the old one is stopped first);
+- the StateActor without a journal cannot be rebuilt: the runtime *fails*
+  (`Health` "failed"), and every pending `result()` and `join()`, and any
+  later `submit()`, raise `RuntimeFailed`. A journal lost while running fails
+  the runtime the same way.
+
+Milestones (`on_milestone=`) report these and other internal events.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import atexit
 import contextlib
 import contextvars
 import functools
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Generator, Mapping
@@ -24,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pykka
 
 from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.health import Health, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor
 from actorflow.actors.service import ServiceBackend, ThreadBackend
@@ -32,7 +50,7 @@ from actorflow.actors.telemetry import MetricsCollector, Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
-from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
+from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from actorflow.services import ResultStore, ServiceSet
@@ -42,10 +60,12 @@ if TYPE_CHECKING:
 
     from actorflow.core.journal import Journal
 
-__all__ = ["Runtime", "TaskHandle"]
+__all__ = ["Milestone", "Runtime", "TaskHandle"]
 
 _ASK_TIMEOUT_S = 30.0
 """Upper bound on any wait for an actor's answer outside the hot path (pykka's stop race)."""
+_RESTART_WAIT_S = 10.0
+"""How long a submit that met a central actor being restarted waits for the replacement."""
 
 _open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
@@ -65,7 +85,7 @@ class _Waiter:
     someone waits: a threading.Event costs more to build than the rest of a submit.
     """
 
-    __slots__ = ("_callbacks", "_event", "abandoned", "record")
+    __slots__ = ("_callbacks", "_event", "abandoned", "failure", "record")
 
     _lock = threading.Lock()
     """One lock for all waiters: it guards only the brief hand-over of `record`."""
@@ -76,12 +96,15 @@ class _Waiter:
         self.record: TaskRecord | None = None
         self.abandoned = False
         """The runtime closed before the task finished: waiting is over, with no record."""
+        self.failure: RuntimeFailed | None = None
+        """Set (with `abandoned`) when the runtime failed before the task finished."""
 
-    def set(self, record: TaskRecord | None) -> None:
-        """Settle with the terminal record, or with None when the runtime closed first."""
+    def set(self, record: TaskRecord | None, failure: RuntimeFailed | None = None) -> None:
+        """Settle with the terminal record, or with None when the runtime closed (or failed) first."""
         with _Waiter._lock:
             if self.record is not None or self.abandoned:
                 return
+            self.failure = failure
             self.record = record
             self.abandoned = record is None
             event, callbacks = self._event, self._callbacks
@@ -127,6 +150,7 @@ class _Tracker:
         self._waiters: dict[str, _Waiter] = {}
         self._reserved = 0
         self.submitted = 0
+        self.failure: RuntimeFailed | None = None
 
     @property
     def in_flight(self) -> int:
@@ -150,6 +174,10 @@ class _Tracker:
     def track(self, task_id: str, *, reserved: bool) -> _Waiter:
         """Start tracking a task; `reserved` turns a `reserve()` claim into it (a new submission)."""
         with self._lock:
+            if self.failure is not None:
+                if reserved:
+                    self._reserved -= 1
+                raise self.failure
             waiter = self._waiters.get(task_id)
             if reserved:
                 self._reserved -= 1
@@ -188,8 +216,25 @@ class _Tracker:
             self._idle.notify_all()
 
     def join(self, timeout: float | None) -> bool:
+        """Wait until nothing is in flight; raises RuntimeFailed if the runtime fails first."""
         with self._lock:
-            return self._idle.wait_for(lambda: not self._waiters and not self._reserved, timeout)
+            idle = self._idle.wait_for(
+                lambda: self.failure is not None or (not self._waiters and not self._reserved), timeout
+            )
+            if self.failure is not None:
+                raise self.failure
+            return idle
+
+    def fail(self, failure: RuntimeFailed) -> None:
+        """The runtime failed for good: release every waiter and `join()` with `failure`."""
+        with self._lock:
+            self.failure = failure
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            self._room.notify_all()
+            self._idle.notify_all()
+        for waiter in waiters:
+            waiter.set(None, failure)
 
     def close(self) -> int:
         """The runtime stopped: release every waiter (their tasks will not finish here). Returns how many."""
@@ -249,6 +294,8 @@ class TaskHandle:
         if not self._waiter.wait(timeout):
             raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
         if self._waiter.record is None:
+            if self._waiter.failure is not None:
+                raise self._waiter.failure
             raise RuntimeStopped(_ABANDONED.format(task_id=self.task_id))
         return self._waiter.record
 
@@ -265,7 +312,8 @@ class TaskHandle:
             if future.done():
                 return
             if record is None:
-                future.set_exception(RuntimeStopped(_ABANDONED.format(task_id=self.task_id)))
+                failure = self._waiter.failure
+                future.set_exception(failure or RuntimeStopped(_ABANDONED.format(task_id=self.task_id)))
             else:
                 future.set_result(record)
 
@@ -290,6 +338,11 @@ class Runtime:
         metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
         tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
             host's global one (nothing is recorded while the host has set none).
+        on_milestone: called with a `Milestone` at each internal event (a worker
+            restarted, a retry scheduled, the journal degraded or recovered, a
+            central actor restarted, the runtime failed...; see `Milestone.name`).
+            It runs on actor threads: keep it quick and never block in it (set
+            an Event, put on a queue). What it raises is logged and ignored.
     """
 
     def __init__(
@@ -299,6 +352,7 @@ class Runtime:
         services: ServiceSet | None = None,
         metrics: bool = True,
         tracer_provider: TracerProvider | None = None,
+        on_milestone: Callable[[Milestone], None] | None = None,
     ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
@@ -320,6 +374,20 @@ class Runtime:
         self.results: ResultStore | None = None
         self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
+        self._milestones = Milestones(on_milestone)
+        self._health = Health()
+        self._health.on_fail(self._on_failed)
+        self._functions: dict[str, Callable[..., Any]] = {}
+        self._exits: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
+        """(actor kind, its generation, why it stopped): reports for the supervisor thread."""
+        self._generation = {"state": 0, "orchestrator": 0}
+        """Which start of each central actor is current; an exit of an older one is expected."""
+        self._supervise_lock = threading.Lock()
+        """Held while central actors are replaced, and while close() stops them."""
+        self._replaced = threading.Condition()
+        self._supervisor: threading.Thread | None = None
+        self._subscriptions: dict[int, tuple[Callable[[TransitionEvent], None], int]] = {}
+        """Runtime token -> (callback, its token at the current StateActor): re-subscribed on a restart."""
         try:
             self._start(services)
         except BaseException:
@@ -331,51 +399,20 @@ class Runtime:
         config = self.config
         if services.persist is None:
             self.results = ResultStore(config.result_store)
-        functions = services.functions(result_store=self.results)
-        journal = None
-        if config.journal_path is not None:
-            from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
-
-            journal = Journal(config.journal_path, durability=config.durability)
-            self._journal = journal
+        self._functions = services.functions(result_store=self.results)
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
-        try:
-            self._state = StateActor.start(
-                journal=journal,
-                retain_terminal=config.retain_terminal,
-                dead_letters=self._dead_letters,
-                threads=self._threads,
-                on_terminal=self._on_terminal,
-                on_transition=self.telemetry.on_transition if self.telemetry.metrics else None,
-            )
-        except BaseException:
-            if journal is not None:
-                journal.close()
-            raise
-        self._state_proxy = self._state.proxy()
-        self._orchestrator = OrchestratorActor.start(
-            state=self._state,
-            functions=functions,
-            config=config,
-            backend=self._make_backend(functions),
-            timer=self._timer,
-            dead_letters=self._dead_letters,
-            threads=self._threads,
-            telemetry=self.telemetry,
-        )
-        self._orchestrator_proxy = self._orchestrator.proxy()
-        recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
-        for record in recovered:
-            self._tracker.track(record.task_id, reserved=False)
-        if recovered:
-            self._orchestrator.tell(ResumeTasks(recovered))
+        self._start_state()
+        self._start_orchestrator()
+        recovered = self._resume()
+        self._supervisor = threading.Thread(target=self._supervise, name="actorflow-supervisor", daemon=True)
+        self._supervisor.start()
         self._log.info(
             "runtime.started",
             pools={name: config.workers_for(name) for name in ("validator", "processor", "persistence")},
             backend=config.service_backend,
             journal=config.journal_path,
             durability=config.durability if config.journal_path else None,
-            recovered=len(recovered),
+            recovered=recovered,
         )
 
     def _on_terminal(self, record: TaskRecord) -> None:
@@ -387,6 +424,145 @@ class Runtime:
             self.telemetry.on_terminal(record)
         finally:  # whatever telemetry does, the waiter is settled
             self._tracker.on_terminal(record)
+
+    def _start_state(self) -> None:
+        """Start a StateActor (loading the journal, if any) and make it current."""
+        journal = None
+        if self.config.journal_path is not None:
+            from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
+
+            journal = Journal(self.config.journal_path, durability=self.config.durability)
+        # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
+        self._journal = journal
+        self._generation["state"] += 1
+        try:
+            self._state = StateActor.start(
+                journal=journal,
+                retain_terminal=self.config.retain_terminal,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+                on_terminal=self._on_terminal,
+                on_transition=self.telemetry.on_transition if self.telemetry.metrics else None,
+                health=self._health,
+                milestones=self._milestones,
+                on_exit=functools.partial(self._report_exit, "state", self._generation["state"]),
+            )
+        except BaseException:
+            if journal is not None:
+                journal.close()
+            raise
+        self._state_proxy = self._state.proxy()
+
+    def _start_orchestrator(self) -> None:
+        """Start an OrchestratorActor with fresh pools on the current StateActor, and make it current."""
+        assert self._state is not None
+        assert self._timer is not None
+        self._generation["orchestrator"] += 1
+        self._orchestrator = OrchestratorActor.start(
+            state=self._state,
+            functions=self._functions,
+            config=self.config,
+            backend=self._make_backend(self._functions),
+            timer=self._timer,
+            dead_letters=self._dead_letters,
+            threads=self._threads,
+            milestones=self._milestones,
+            on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
+            telemetry=self.telemetry,
+        )
+        self._orchestrator_proxy = self._orchestrator.proxy()
+
+    def _resume(self) -> int:
+        """Hand the current orchestrator every non-terminal task (one message: no creation falls between)."""
+        assert self._orchestrator is not None
+        records = tuple(_answer(self._state_proxy.adopt(self._orchestrator)))
+        for record in records:
+            self._tracker.track(record.task_id, reserved=False)
+        if records:
+            self._orchestrator.tell(ResumeTasks(records))
+        return len(records)
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    def _report_exit(self, kind: str, generation: int, why: str) -> None:
+        """A central actor stopped (called on its thread): hand over to the supervisor thread."""
+        self._exits.put((kind, generation, why))
+
+    def _supervise(self) -> None:
+        """The supervisor thread: replace central actors that stopped without being asked."""
+        while (report := self._exits.get()) is not None:
+            kind, generation, why = report
+            with self._supervise_lock:
+                if self._closed.is_set() or self._health.failed or generation != self._generation[kind]:
+                    continue  # closing, failed, or an actor we replaced ourselves
+                try:
+                    if kind == "orchestrator":
+                        self._replace_orchestrator(why)
+                    else:
+                        self._replace_state(why)
+                except Exception as exc:  # noqa: BLE001 - a restart that fails is a failed runtime, loudly
+                    self._health.fail(f"the {kind} actor {why} and could not be restarted: {exc!r}")
+            with self._replaced:
+                self._replaced.notify_all()
+
+    def _replace_orchestrator(self, why: str) -> None:
+        self._log.error("orchestrator.died", why=why)
+        self._start_orchestrator()
+        resumed = self._resume()
+        self._milestones.emit("orchestrator.restarted", why=why, resumed=resumed)
+
+    def _replace_state(self, why: str) -> None:
+        if self.config.journal_path is None:
+            self._health.fail(f"the StateActor {why}; without a journal its tasks cannot be rebuilt")
+            return
+        self._log.error("state.died", why=why)
+        old = self._orchestrator
+        self._generation["orchestrator"] += 1  # its exit, asked for here, is not a death
+        if old is not None:
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                old.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        # A fault the old actor was riding out is forgotten with it; the new one degrades anew on its first refusal.
+        self._health.recover()
+        self._start_state()
+        for token, (callback, _) in list(self._subscriptions.items()):
+            self._subscriptions[token] = (callback, _answer(self._state_proxy.subscribe(callback)))
+        self._start_orchestrator()
+        resumed = self._resume()
+        self._milestones.emit("state.restarted", why=why, resumed=resumed)
+
+    def _on_failed(self, reason: str) -> None:
+        """The runtime failed for good: release every waiter with RuntimeFailed."""
+        self._log.error("runtime.failed", reason=reason)
+        self._milestones.emit("runtime.failed", reason=reason)
+        self._tracker.fail(RuntimeFailed(f"the runtime failed: {reason}"))
+
+    def _await_replacement(self, state: pykka.ActorRef[StateActor] | None) -> bool:
+        """Wait (bounded) until `state` has been replaced; False if the runtime closed or failed instead."""
+        with self._replaced:
+            self._replaced.wait_for(
+                lambda: self._state is not state or self._closed.is_set() or self._health.failed, _RESTART_WAIT_S
+            )
+        return self._state is not state and not self._closed.is_set() and not self._health.failed
+
+    def _unavailable(self) -> RuntimeFailed | RuntimeStopped:
+        failure = self._tracker.failure
+        if failure is not None:
+            return failure
+        return RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+
+    def health(self) -> dict[str, str]:
+        """``{"status": ...}`` with "ok", "degraded", "failed" or "stopped", and a "reason" unless ok.
+
+        "degraded": the journal refuses writes (full or read-only disk);
+        submissions raise JournalError meanwhile, and acknowledged tasks
+        complete once writes succeed again, with no restart. "failed": see
+        `RuntimeFailed`. "stopped": `close()` has begun.
+        """
+        status: str
+        status, reason = self._health.snapshot()
+        if status != "failed" and self._closed.is_set():
+            status, reason = "stopped", "the runtime is closed"
+        return {"status": status} if reason is None else {"status": status, "reason": reason}
 
     def _make_backend(self, functions: dict[str, Callable[..., Any]]) -> ServiceBackend:
         backend = self.config.service_backend
@@ -429,7 +605,9 @@ class Runtime:
         Raises:
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
+            JournalError: the journal refuses writes (see `health()`); nothing was created.
             RuntimeStopped: the runtime is closed.
+            RuntimeFailed: the runtime has failed (see `health()`).
         """
         message: CreateTask | None = None
         journal = self._journal if idempotency_key is not None else None
@@ -481,8 +659,8 @@ class Runtime:
         return None if self._journal is None else self._journal.find_key(key)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
-        if self._closed.is_set():
-            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        if self._closed.is_set() or self._tracker.failure is not None:
+            raise self._unavailable()
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
@@ -505,7 +683,8 @@ class Runtime:
             trace = new_trace()
         trace = self.telemetry.task_submitted(task_id, trace, traceparent)
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
-        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
+        # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
+        return CreateTask(task_id, frozen, trace, reply=reply)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
@@ -519,12 +698,7 @@ class Runtime:
             parent_span_id=trace.parent_span_id,
         )
         try:
-            self._state.tell(message)
-            if message.reply is not None:
-                _answer(message.reply)
-        except pykka.ActorDeadError:
-            self._tracker.forget(message.task_id)
-            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
+            self._deliver_create(message)
         except BaseException as exc:
             self._tracker.forget(message.task_id)
             self._log.warning(
@@ -536,6 +710,23 @@ class Runtime:
             )
             raise
         return TaskHandle(self, message.task_id, waiter)
+
+    def _deliver_create(self, message: CreateTask) -> None:
+        """Tell the StateActor; if it stopped before taking the creation, wait for its replacement once."""
+        for attempt in (1, 2):
+            state = self._state
+            assert state is not None
+            try:
+                state.tell(message)
+                if message.reply is not None:
+                    _answer(message.reply)
+                return
+            except (pykka.ActorDeadError, RuntimeStopped):
+                # Never handled (an actor's leftover asks get RuntimeStopped): nothing was created.
+                if attempt == 2 or not self._await_replacement(state):
+                    raise self._unavailable() from None
+                if message.reply is not None:
+                    message = message._replace(reply=pykka.ThreadingFuture())
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -598,12 +789,14 @@ class Runtime:
         block in it (hand off with a queue or `loop.call_soon_threadsafe`).
         Exceptions it raises are logged and ignored.
         """
-        token: int = _answer(self._state_proxy.subscribe(callback))
+        key = max(self._subscriptions, default=0) + 1
+        self._subscriptions[key] = (callback, _answer(self._state_proxy.subscribe(callback)))
 
         def unsubscribe() -> None:
-            if self._state is not None and self._state.is_alive():
+            entry = self._subscriptions.pop(key, None)
+            if entry is not None and self._state is not None and self._state.is_alive():
                 with contextlib.suppress(RuntimeStopped):
-                    _answer(self._state_proxy.unsubscribe(token))
+                    _answer(self._state_proxy.unsubscribe(entry[1]))
 
         return unsubscribe
 
@@ -624,7 +817,7 @@ class Runtime:
         return self._closed.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no task is in flight. False if `timeout` elapsed first."""
+        """Wait until no task is in flight. False if `timeout` elapsed first; raises RuntimeFailed if it failed."""
         return self._tracker.join(timeout)
 
     # --- stopping --------------------------------------------------------------------------------
@@ -649,11 +842,18 @@ class Runtime:
         self._closed.set()
         drained = True
         if drain and self._orchestrator is not None:
-            drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
-        for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
-            if ref is not None:
-                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-                    ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            try:
+                drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
+            except RuntimeFailed:
+                drained = False
+        with self._supervise_lock:  # a replacement under way finishes first; none starts after this
+            for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
+                if ref is not None:
+                    with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                        ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        self._exits.put(None)
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(_ASK_TIMEOUT_S)
         abandoned = self._tracker.close()
         self.telemetry.close()
         if self._timer is not None:

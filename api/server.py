@@ -78,8 +78,10 @@ from actorflow.api._protocol import (
 from actorflow.core import (
     ConfigError,
     InvalidPayload,
+    JournalError,
     Overloaded,
     RuntimeConfig,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TaskRecord,
@@ -197,6 +199,8 @@ def create_app(
             InvalidPayload: _unprocessable,
             Overloaded: _overloaded,
             RuntimeStopped: _stopped,
+            RuntimeFailed: _failed,
+            JournalError: _journal_refuses,
             TimeoutError: _not_answering,  # the runtime did not answer a read in time
             NotImplementedError: _not_implemented,
         },
@@ -248,9 +252,10 @@ class _Handlers:
         return Response(self.dashboard_html, media_type="text/html; charset=utf-8", headers=self.dashboard_headers)
 
     async def health(self, request: Request) -> Response:
-        if self.runtime.closed:
-            return json_response({"status": "stopped"}, 503)
-        return json_response({"status": "ok"})
+        # "degraded" (the journal refuses writes) answers 200: the process is alive and heals by itself
+        # when the disk frees, so a liveness probe must not restart it; "failed" and "stopped" are 503.
+        health = self.runtime.health()
+        return json_response(health, 503 if health["status"] in ("failed", "stopped") else 200)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(self.openapi_doc)
@@ -434,6 +439,16 @@ async def _overloaded(request: Request, exc: Exception) -> Response:
 
 async def _stopped(request: Request, exc: Exception) -> Response:
     return error_response(503, "the runtime is stopped; it accepts no more work")
+
+
+async def _failed(request: Request, exc: Exception) -> Response:
+    return error_response(503, f"the runtime has failed and accepts no more work: {exc}")
+
+
+async def _journal_refuses(request: Request, exc: Exception) -> Response:
+    return error_response(
+        503, f"the journal refuses writes, nothing was created; try again later: {exc}", headers={"Retry-After": "1"}
+    )
 
 
 async def _not_answering(request: Request, exc: Exception) -> Response:

@@ -9,6 +9,9 @@ The tree::
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
     │   └── ValidationError    the validator service rejected the payload
     ├── RuntimeStopped         the runtime was closed
+    ├── RuntimeFailed          the runtime lost what it cannot rebuild (its state
+    │                          actor without a journal, or its journal file); it
+    │                          accepts no more work and releases every waiter
     ├── Overloaded             backpressure: too many tasks in flight
     ├── JournalError           the SQLite journal is unusable (not a database, newer
     │                          schema, locked, I/O failure)
@@ -26,6 +29,7 @@ __all__ = [
     "InvalidTransition",
     "JournalError",
     "Overloaded",
+    "RuntimeFailed",
     "RuntimeStopped",
     "TaskNotFound",
     "TransientError",
@@ -68,6 +72,15 @@ class ValidationError(InvalidPayload):
 
 class RuntimeStopped(ActorflowError):
     """The runtime was closed; it accepts no more work."""
+
+
+class RuntimeFailed(ActorflowError):
+    """The runtime failed for good: pending `result()`/`join()` raise it, and so does `submit()`.
+
+    Raised when a central actor dies and cannot be rebuilt (the StateActor of a
+    runtime without a journal), or when the journal file is deleted or replaced
+    while the runtime runs. The message names what was lost.
+    """
 
 
 class Overloaded(ActorflowError):

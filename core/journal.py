@@ -449,6 +449,9 @@ class Journal(JournalReader):
             raise
         self._owner_fd = owner_fd
         self._columns = _task_columns(self._connection)
+        self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
+        self.lost: str | None = None
+        """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 2.0) -> JournalReader:
@@ -527,6 +530,7 @@ class Journal(JournalReader):
 
         with self._lock:
             connection = self._require_open()
+            self._check_identity()
             keys = [
                 (*staged, record.task_id, record.created_at)
                 for record in created
@@ -575,6 +579,37 @@ class Journal(JournalReader):
                 "(SELECT key FROM idempotency_keys ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
                 (MAX_KEYS,),
             )
+
+    def _check_identity(self) -> None:
+        """Refuse to commit into a file that is no longer the one on disk (two stats per batch).
+
+        SQLite keeps writing happily into a database file that was deleted or
+        replaced (the open inode lives on), and a deleted lock file lets a
+        second runtime take the same path: either way, what is acknowledged
+        would be lost. Checked on every commit, and sticky (`lost`).
+        """
+        if self.lost is None:
+            device, inode, lock_inode = self._identity
+            lock_path = f"{self.path}.lock"
+            try:
+                found = os.stat(self.path)
+            except OSError as exc:
+                self.lost = f"journal file {self.path!r} is gone ({exc.strerror}); it was deleted while in use"
+            else:
+                if (found.st_dev, found.st_ino) != (device, inode):
+                    self.lost = f"journal file {self.path!r} was replaced by another file while in use"
+            if self.lost is None:
+                try:
+                    lock_found = os.stat(lock_path).st_ino
+                except OSError:
+                    lock_found = None
+                if lock_found != lock_inode:
+                    self.lost = (
+                        f"lock file {lock_path!r} of journal {self.path!r} was deleted or replaced while in use; "
+                        "another runtime could now open the same journal"
+                    )
+        if self.lost is not None:
+            raise JournalError(f"{self.lost}; nothing more is committed (restart on an intact journal)")
 
     @staticmethod
     def _unknown(connection: sqlite3.Connection, task_ids: Iterable[str]) -> list[str]:
