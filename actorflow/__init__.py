@@ -33,6 +33,8 @@ The API, drawn::
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
     ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
+    ├── WouldDeadlock                  a blocking call from a subscriber or a service, where
+    │                                  it would hang: raised at once
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     └── TransientError                 raised by a service to ask for a retry
@@ -56,6 +58,7 @@ from actorflow.core.errors import (
     TaskNotFound,
     TransientError,
     ValidationError,
+    WouldDeadlock,
 )
 from actorflow.core.tracing import configure_logging
 from actorflow.core.types import Task, TaskRecord, TaskState, TransitionEvent
@@ -85,6 +88,7 @@ __all__ = [
     "TransientError",
     "TransitionEvent",
     "ValidationError",
+    "WouldDeadlock",
     "__version__",
     "configure_logging",
 ]

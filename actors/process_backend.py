@@ -425,7 +425,7 @@ class ProcessWorker:
     # --- the forwarding thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._threads.record_current()
+        self._threads.record_current("worker")
         why: str | None = None
         try:
             why = self._serve()

@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import contextvars
 import functools
+import os
 import queue
 import threading
 import weakref
@@ -50,7 +51,14 @@ from actorflow.actors.telemetry import MetricsCollector, Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
-from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
+from actorflow.core.errors import (
+    ConfigError,
+    InvalidPayload,
+    Overloaded,
+    RuntimeFailed,
+    RuntimeStopped,
+    WouldDeadlock,
+)
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from actorflow.services import ResultStore, ServiceSet
@@ -75,6 +83,28 @@ def _close_forgotten_runtimes() -> None:
     """Actor threads are daemons, so a forgotten runtime cannot hang exit; commit what it has, though."""
     for runtime in list(_open_runtimes):
         runtime.close(drain=False)
+
+
+def _forget_runtimes_in_forked_child() -> None:
+    """In a fork() child, the runtimes' actor threads stayed in the parent: mark them unusable here.
+
+    Only plain attributes are set: a lock another thread of the parent held at the
+    fork stays held in the child forever, so nothing here (nor in `close()` after
+    it) may take one. Exit is then immediate instead of waiting on absent threads.
+    """
+    for runtime in list(_open_runtimes):
+        runtime._forked = True
+    _open_runtimes.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
+
+_FORKED = (
+    "this process is a fork() child of the one that started the runtime, and the runtime's actors "
+    "live in the parent; create a new Runtime in the child, or start children with multiprocessing's "
+    "'spawn' or 'forkserver' method"
+)
 
 
 class _Waiter:
@@ -290,7 +320,15 @@ class TaskHandle:
         return self._waiter.record is not None
 
     def result(self, timeout: float | None = None) -> TaskRecord:
-        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s."""
+        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s.
+
+        Raises:
+            WouldDeadlock: called inside a subscriber or a service before the task is terminal;
+                wait on another thread instead (or `await handle` in asyncio).
+            RuntimeStopped: the runtime closed before the task finished.
+        """
+        if self._waiter.record is None:
+            self._runtime._refuse_blocking("TaskHandle.result()", waits_for_tasks=True)
         if not self._waiter.wait(timeout):
             raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
         if self._waiter.record is None:
@@ -363,6 +401,9 @@ class Runtime:
         self._log = get_event_logger("runtime")
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
+        self._close_finished = threading.Event()
+        self._forked = False
+        """Set in a fork() child (see `_forget_runtimes_in_forked_child`): nothing here works there."""
         self._dead_letters = DeadLetterOffice()
         self._threads = ThreadBook()
         self._tracker = _Tracker(self.config.max_in_flight)
@@ -606,25 +647,38 @@ class Runtime:
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             JournalError: the journal refuses writes (see `health()`); nothing was created.
-            RuntimeStopped: the runtime is closed.
+            RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
             RuntimeFailed: the runtime has failed (see `health()`).
+            WouldDeadlock: called inside a subscriber where it would wait (for the commit, with a
+                journal or a task_id; or for room); submit from another thread instead.
         """
         message: CreateTask | None = None
-        journal = self._journal if idempotency_key is not None else None
         try:
             message = self._prepare(payload, task_id, traceparent)
-            config = self.config
-            if journal is not None and idempotency_key is not None:
-                journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
-            try:
-                self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-                return self._send_create(message)
-            except BaseException:
-                if journal is not None:
-                    journal.unstage_key(message.task_id)
-                raise
+            return self._reserve_and_send(message, idempotency_key)
         except BaseException as exc:
             self.telemetry.submit_refused(None if message is None else message.task_id, exc)
+            raise
+
+    def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
+        config = self.config
+        central = self._threads.role_of_current() == "central"
+        if central and message.reply is not None:
+            self._refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
+        journal = self._journal if idempotency_key is not None else None
+        if journal is not None and idempotency_key is not None:
+            journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
+        try:
+            try:
+                self._tracker.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
+            except Overloaded as exc:
+                if central and config.overload == "wait":
+                    self._refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
+                raise exc from None
+            return self._send_create(message)
+        except BaseException:
+            if journal is not None:
+                journal.unstage_key(message.task_id)
             raise
 
     async def submit_async(
@@ -652,13 +706,17 @@ class Runtime:
         None without a journal, or if the key is unknown or older than the journal's retention.
 
         Raises:
-            RuntimeStopped: the runtime is closed.
+            RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
         """
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
         if self._closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
         return None if self._journal is None else self._journal.find_key(key)
 
     def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
         if self._closed.is_set() or self._tracker.failure is not None:
             raise self._unavailable()
         if not isinstance(payload, Mapping):
@@ -674,6 +732,14 @@ class Runtime:
             task_id = new_task_id()
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
             raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
+        elif not task_id.isascii():
+            try:
+                task_id.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidPayload(
+                    f"task_id {task_id!r} holds a lone surrogate {task_id[exc.start]!r}; "
+                    "a task id must be valid Unicode text"
+                ) from None
         if traceparent is not None:
             try:
                 trace = parse_traceparent(traceparent)
@@ -732,6 +798,7 @@ class Runtime:
 
     def get(self, task_id: str) -> TaskRecord:
         """The task's current record. Raises TaskNotFound."""
+        self._refuse_blocking("Runtime.get()")
         record: TaskRecord = _answer(self._state_proxy.get(task_id))
         return record
 
@@ -739,6 +806,7 @@ class Runtime:
         self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0
     ) -> list[TaskRecord]:
         """Records, oldest first; only those in `state` if given; paged by `limit` and `offset`."""
+        self._refuse_blocking("Runtime.tasks()")
         records: list[TaskRecord] = _answer(self._state_proxy.list(state, limit=limit, offset=offset))
         return records
 
@@ -770,6 +838,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
+        self._refuse_blocking("Runtime.stats()")
         counts: dict[str, int] = _answer(self._state_proxy.counts())
         orchestrator: dict[str, Any] = _answer(self._orchestrator_proxy.stats())
         in_memory: int = _answer(self._state_proxy.memory_size())
@@ -787,21 +856,27 @@ class Runtime:
 
         The callback runs on the state actor's thread: keep it quick and never
         block in it (hand off with a queue or `loop.call_soon_threadsafe`).
-        Exceptions it raises are logged and ignored.
+        Exceptions it raises are logged and ignored. Blocking calls on the runtime raise
+        WouldDeadlock inside it; the returned unsubscribe function may be called there.
         """
+        self._refuse_blocking("Runtime.subscribe()")
         key = max(self._subscriptions, default=0) + 1
         self._subscriptions[key] = (callback, _answer(self._state_proxy.subscribe(callback)))
 
         def unsubscribe() -> None:
             entry = self._subscriptions.pop(key, None)
-            if entry is not None and self._state is not None and self._state.is_alive():
+            if entry is not None and self._state is not None and self._state.is_alive() and not self._forked:
+                answer = self._state_proxy.unsubscribe(entry[1])
+                if self._threads.role_of_current() == "central":
+                    return  # inside a callback: queued ahead of any later event; waiting would deadlock
                 with contextlib.suppress(RuntimeStopped):
-                    _answer(self._state_proxy.unsubscribe(entry[1]))
+                    _answer(answer)
 
         return unsubscribe
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task at any stage. False if it was already terminal; raises TaskNotFound."""
+        self._refuse_blocking("Runtime.cancel()")
         if self._closed.is_set() or self._orchestrator is None:
             raise RuntimeStopped("the runtime is closed")
         reply: pykka.Future[bool] = pykka.ThreadingFuture()
@@ -813,17 +888,55 @@ class Runtime:
 
     @property
     def closed(self) -> bool:
-        """True once `close()` has begun: `submit` raises RuntimeStopped."""
-        return self._closed.is_set()
+        """True once `close()` has begun (or in a fork() child): `submit` raises RuntimeStopped."""
+        return self._forked or self._closed.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no task is in flight. False if `timeout` elapsed first; raises RuntimeFailed if it failed."""
+        """Wait until no task is in flight. False if `timeout` elapsed first.
+
+        Raises:
+            RuntimeFailed: the runtime failed (see `health()`).
+            WouldDeadlock: called inside a subscriber or a service (whose own task is in flight).
+        """
+        self._refuse_blocking("Runtime.join()", waits_for_tasks=True)
         return self._tracker.join(timeout)
+
+    def _refuse_blocking(self, call: str, *, waits_for_tasks: bool = False) -> None:
+        """Raise if the calling thread is one that `call` would wait for: it would deadlock.
+
+        Subscribers run on the state actor's thread, which answers every read: any
+        wait there hangs. Services run on workers: a read there is answered by
+        another thread and is fine, but waiting for tasks to finish is not, as
+        they need the workers (the caller's own task included).
+        """
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
+        role = self._threads.role_of_current()
+        if role is None or (role == "worker" and not waits_for_tasks):
+            return
+        thread = threading.current_thread().name
+        if role == "central":
+            raise WouldDeadlock(
+                f"{call} was called on the runtime's own thread {thread!r}, where subscriber callbacks run; "
+                "it waits for an answer only that thread can give, so it would deadlock. Use what the "
+                "callback receives (event.record), or hand the work to another thread (a queue.Queue "
+                "read by a thread of yours, or loop.call_soon_threadsafe)"
+            )
+        raise WouldDeadlock(
+            f"{call} was called inside a service, on worker thread {thread!r}; it waits for tasks to "
+            "finish, and they need the workers (this task included), so it would deadlock. Return from "
+            "the service and wait outside it, or submit follow-up tasks without waiting for them"
+        )
 
     # --- stopping --------------------------------------------------------------------------------
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop every actor and join their threads. Idempotent.
+
+        A second call returns only once the first has finished (so the journal
+        can be reopened right after). Inside a subscriber or a service, where
+        waiting would deadlock, the close is handed to a thread of its own and
+        this returns at once; `submit` raises RuntimeStopped from then on.
 
         Args:
             drain: first let the tasks in flight finish (up to `timeout`,
@@ -831,14 +944,35 @@ class Runtime:
                 with a journal, unfinished tasks resume on the next start.
             timeout: the drain's bound in seconds.
         """
+        if self._forked:
+            return  # the actors are the parent's; and no lock may be taken here (see _forget_runtimes...)
         with self._close_lock:
-            if self._closed.is_set():
-                return
+            first = not self._closed.is_set()
             self._closed.set()
+        on_our_thread = self._threads.role_of_current() is not None
+        if not first:
+            if not on_our_thread:
+                self._close_finished.wait()
+            return
         _open_runtimes.discard(self)
+        if on_our_thread:
+            closer = threading.Thread(
+                target=self._shutdown,
+                kwargs={"drain": drain, "timeout": timeout},
+                name="actorflow-close",
+                daemon=False,  # the interpreter's exit waits for the drain, as it would for a close in main
+            )
+            closer.start()
+            return
         self._shutdown(drain=drain, timeout=timeout)
 
     def _shutdown(self, *, drain: bool, timeout: float | None = None) -> None:
+        try:
+            self._stop_everything(drain=drain, timeout=timeout)
+        finally:
+            self._close_finished.set()
+
+    def _stop_everything(self, *, drain: bool, timeout: float | None) -> None:
         self._closed.set()
         drained = True
         if drain and self._orchestrator is not None:

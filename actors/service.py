@@ -221,6 +221,8 @@ class ServiceWorker(FastActor):
     interpreter from exiting once the pool has retired the worker.
     """
 
+    thread_role = "worker"
+
     def __init__(
         self,
         name: str,

@@ -16,6 +16,7 @@ from actorflow.core.errors import (
     TaskNotFound,
     TransientError,
     ValidationError,
+    WouldDeadlock,
 )
 from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
 
@@ -40,6 +41,7 @@ __all__ = [
     "Transition",
     "TransitionEvent",
     "ValidationError",
+    "WouldDeadlock",
     "freeze",
     "is_allowed",
     "is_terminal",

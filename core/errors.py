@@ -8,10 +8,12 @@ The tree::
     ├── TaskNotFound           no task has that id
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
     │   └── ValidationError    the validator service rejected the payload
-    ├── RuntimeStopped         the runtime was closed
+    ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
     ├── RuntimeFailed          the runtime lost what it cannot rebuild (its state
     │                          actor without a journal, or its journal file); it
     │                          accepts no more work and releases every waiter
+    ├── WouldDeadlock          a blocking call on a thread it would wait for (a subscriber
+    │                          callback, a service): raised at once instead of hanging
     ├── Overloaded             backpressure: too many tasks in flight
     ├── JournalError           the SQLite journal is unusable (not a database, newer
     │                          schema, locked, I/O failure)
@@ -34,6 +36,7 @@ __all__ = [
     "TaskNotFound",
     "TransientError",
     "ValidationError",
+    "WouldDeadlock",
 ]
 
 
@@ -80,6 +83,15 @@ class RuntimeFailed(ActorflowError):
     Raised when a central actor dies and cannot be rebuilt (the StateActor of a
     runtime without a journal), or when the journal file is deleted or replaced
     while the runtime runs. The message names what was lost.
+    """
+
+
+class WouldDeadlock(ActorflowError):
+    """A blocking call was made on a thread it would have to wait for, so it raised at once.
+
+    Subscriber callbacks run on the state actor's thread, and services on worker
+    threads: a call that waits for an answer only that thread can give, or for
+    tasks that need it, would hang there. The message says what to do instead.
     """
 
 

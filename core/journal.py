@@ -61,7 +61,7 @@ from typing import Any, Final, Literal, Self
 
 from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import JournalError
-from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition
+from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition, encode_json
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "Journal", "JournalReader"]
 
@@ -166,8 +166,8 @@ _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
 _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 
-# One encoder, built once: json.dumps with non-default arguments builds a new encoder per call.
-_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+# The canonical encoder: what `freeze` accepts is exactly what it can encode.
+_encode_json = encode_json
 
 _TaskRow = tuple[str, str, str, str | None, str | None, str, str, str | None, int, float, float]
 _LogRow = tuple[str, int, str | None, str, float, str | None]
