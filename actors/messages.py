@@ -65,6 +65,8 @@ class TransitionRequest(NamedTuple):
     result: Mapping[str, JSONValue] | None = None
     error: str | None = None
     attempts: int | None = None
+    traceback: str | None = None
+    """The last failed service call's formatted traceback, kept in the record."""
 
 
 class TransitionBatch(NamedTuple):
@@ -114,6 +116,8 @@ class RunService(NamedTuple):
     attempt: int
     result: Mapping[str, JSONValue] | None = None
     """The processor's result, for the persistence stage."""
+    dispatched_at: float = 0.0
+    """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
 
 
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]
@@ -132,6 +136,10 @@ class ServiceDone(NamedTuple):
     error: str | None = None
     duration_ms: float = 0.0
     node: str = ""
+    started_at: float = 0.0
+    """Wall-clock time (seconds since the epoch) the call started; 0.0 if unknown."""
+    traceback: str | None = None
+    """A failed call's formatted traceback (bounded: `core.failures.MAX_TRACEBACK_CHARS`)."""
 
 
 class WorkerDied(NamedTuple):

@@ -59,6 +59,7 @@ from actorflow.actors.messages import (
 )
 from actorflow.actors.pool import PoolFailing, ServicePool
 from actorflow.actors.service import ServiceBackend
+from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
@@ -85,6 +86,8 @@ class _Flight:
     call_id: int | None = None
     result: Any = None
     cancelled: bool = False
+    traceback: str | None = None
+    """The last failed call's traceback, kept in the record."""
     cancel_replies: list[pykka.Future[bool]] = field(default_factory=list)
 
 
@@ -104,8 +107,10 @@ class OrchestratorActor(FastActor):
         rng: random.Random | None = None,
         milestones: Milestones | None = None,
         on_exit: Callable[[str], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         super().__init__(threads=threads)
+        self._telemetry = telemetry
         self._milestones = milestones or Milestones()
         self._on_exit = on_exit
         """Told why this actor stopped (requested or not): the runtime's supervisor decides what to do."""
@@ -322,6 +327,7 @@ class OrchestratorActor(FastActor):
             flight.trace.child(),
             attempt,
             result=flight.result if service == "persistence" else None,
+            dispatched_at=time.time(),
         )
         self._calls[call_id] = task.task_id
         pool = self._pools[service]
@@ -343,12 +349,16 @@ class OrchestratorActor(FastActor):
             self._milestones.emit("service.late_result", task_id=done.task_id, service=done.service)
             self._dead_letters.post(done, to="orchestrator", why="late result of a call that was timed out or retired")
             return
+        if self._telemetry is not None:
+            self._telemetry.call_done(call, done)
         if done.status == "crashed":
             self._replace_worker(pool, done.worker, f"{done.error_type}: {done.error}")
         flight = self._flights.get(task_id)
         if flight is None or flight.cancelled or flight.call_id != done.call_id:
             return  # cancelled while running: the result is discarded, never persisted
         flight.call_id = None
+        if done.traceback is not None:
+            flight.traceback = done.traceback
         if done.status == "ok":
             self._advance(flight, done)
         elif done.status == "permanent":
@@ -418,7 +428,8 @@ class OrchestratorActor(FastActor):
         flight = self._flights.get(task_id)
         if attempts is None and flight is not None:
             attempts = flight.attempts
-        self._outbox.append(TransitionRequest(task_id, to_state, reason, expected, result, error, attempts))
+        traceback = flight.traceback if flight is not None else None
+        self._outbox.append(TransitionRequest(task_id, to_state, reason, expected, result, error, attempts, traceback))
 
     def _flush(self) -> None:
         batch, self._outbox = tuple(self._outbox), []

@@ -461,6 +461,7 @@ def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:
         error_type=done.error_type,
         error=done.error,
         transient=done.status != "permanent",
+        traceback=done.traceback,
         **fields,
     )
 

@@ -23,6 +23,7 @@ from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
+from actorflow.core.failures import format_traceback
 from actorflow.core.tracing import EventLogger, get_event_logger
 from actorflow.core.types import JSONValue, freeze
 
@@ -103,6 +104,7 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     verbose = log.enabled("debug")  # checked once: the two debug events cost nothing when off
     if verbose:
         log.debug("service.started", **fields)
+    started_at = time.time()
     started = time.perf_counter()
     result: Mapping[str, JSONValue] | None = None
     status: ServiceStatus = "ok"
@@ -120,19 +122,40 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
         if verbose:
             log.debug("service.finished", duration_ms=duration_ms, **fields)
         return ServiceDone(
-            call.call_id, call.service, call.task.task_id, worker, "ok", result, duration_ms=duration_ms, node=node
+            call.call_id,
+            call.service,
+            call.task.task_id,
+            worker,
+            "ok",
+            result,
+            duration_ms=duration_ms,
+            node=node,
+            started_at=started_at,
         )
     error_type, message = type(error).__name__, str(error)
+    formatted = format_traceback(error)
     log.warning(
         "service.failed",
         duration_ms=duration_ms,
         error_type=error_type,
         error=message,
         transient=status != "permanent",
+        traceback=formatted,
         **fields,
     )
     return ServiceDone(
-        call.call_id, call.service, call.task.task_id, worker, status, None, error_type, message, duration_ms, node
+        call.call_id,
+        call.service,
+        call.task.task_id,
+        worker,
+        status,
+        None,
+        error_type,
+        message,
+        duration_ms,
+        node,
+        started_at,
+        formatted,
     )
 
 

@@ -95,6 +95,7 @@ class StateActor(FastActor):
         dead_letters: DeadLetterOffice | None = None,
         threads: ThreadBook | None = None,
         on_terminal: Callable[[TaskRecord], None] | None = None,
+        on_transition: Callable[[TaskRecord, Transition], None] | None = None,
         clock: Callable[[], float] = time.time,
         health: Health | None = None,
         milestones: Milestones | None = None,
@@ -110,6 +111,8 @@ class StateActor(FastActor):
         self._journal_backoff = Backoff(*_JOURNAL_BACKOFF_S)
         self._retry_at = 0.0
         self._on_terminal = on_terminal
+        self._on_transition = on_transition
+        """Called after each committed transition (the runtime's metrics); must be quick and not raise."""
         self._journal = journal
         self._retain = retain_terminal
         self._dead_letters = dead_letters or DeadLetterOffice()
@@ -352,6 +355,7 @@ class StateActor(FastActor):
             result=request.result if request.result is not None else before.result,
             error=request.error if request.error is not None else before.error,
             attempts=request.attempts if request.attempts is not None else before.attempts,
+            traceback=request.traceback if request.traceback is not None else before.traceback,
             history=(*before.history, transition),
             updated_at=now,
         )
@@ -457,6 +461,8 @@ class StateActor(FastActor):
 
     def _publish(self, change: _Change, *, verbose: bool) -> None:
         record, transition = change.record, change.transition
+        if self._on_transition is not None:
+            self._on_transition(record, transition)
         if verbose:
             self._log.debug(
                 "task.transition",

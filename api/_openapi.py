@@ -98,6 +98,10 @@ _SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "number"},
             "trace_id": {"type": "string"},
             "attempts": {"type": "integer", "minimum": 0},
+            "traceback": {
+                "type": ["string", "null"],
+                "description": "the last failed service call's traceback (innermost frames, at most 8 KiB)",
+            },
         },
     },
     "TaskList": {
@@ -187,6 +191,20 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json("the counters", "Stats"), "503": _UNAVAILABLE},
         }
     },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "The runtime's metrics in the Prometheus text format.",
+            "responses": {
+                "200": {
+                    "description": "the metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "501": _error("prometheus-client is not installed, or the runtime counts no metrics"),
+                "503": _UNAVAILABLE,
+            },
+        }
+    },
     "/events": {
         "get": {
             "operationId": "events",
@@ -194,13 +212,33 @@ _PATHS: dict[str, Any] = {
             "description": (
                 "A comment line (`: heartbeat`) is sent when idle. A client too slow to keep up loses events and "
                 'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down. '
-                "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers."
+                "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers. "
+                "Every frame has an `id:`; a client reconnecting with `Last-Event-ID` is first sent the frames "
+                'it missed (the last 1000 are kept), after `event: lagged` (`{"dropped": n}`, null if unknown) '
+                "if some are no longer kept."
             ),
+            "parameters": [
+                {
+                    "name": "task",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1},
+                    "description": "follow this task's events only",
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "description": "the id of the last frame received, on reconnection",
+                },
+            ],
             "responses": {
                 "200": {
                     "description": "the stream, until the client leaves or the server stops",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
+                "400": _error("a malformed Last-Event-ID, or an empty or repeated task"),
                 "503": _error("too many streams are open, or the server is shutting down"),
             },
         }
@@ -295,8 +333,18 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "getTask",
             "summary": "One task's record, history included.",
+            "parameters": [
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                    "description": "answer once the task is terminal, or after this many seconds (at most 60)",
+                }
+            ],
             "responses": {
                 "200": _json("the record", "TaskRecord"),
+                "400": _error("wait is not a number of seconds from 0 to 60, or is repeated"),
                 "404": _error("no task has this id"),
                 "503": _UNAVAILABLE,
             },
@@ -331,8 +379,11 @@ def _document_malformed_http(responses: dict[str, Any]) -> None:
         responses["400"] = {"description": _MALFORMED_HTTP, "content": {"text/plain": plain}}
 
 
-def openapi_document(*, token_required: bool) -> dict[str, Any]:
-    """The OpenAPI document; with `token_required`, every operation but `/healthz` lists bearer auth and 401."""
+def openapi_document(*, token_required: bool, metrics_public: bool = False) -> dict[str, Any]:
+    """The OpenAPI document; with `token_required`, every operation but `/healthz` lists bearer auth and 401.
+
+    With `metrics_public`, `/metrics` is open too.
+    """
     paths = copy.deepcopy(_PATHS)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -353,7 +404,9 @@ def openapi_document(*, token_required: bool) -> dict[str, Any]:
         document["security"] = [{"bearer": []}]
         for path, item in paths.items():
             for method, operation in item.items():
-                if method == "parameters" or path == "/healthz":
+                if method == "parameters" or path == "/healthz" or (path == "/metrics" and metrics_public):
+                    if method != "parameters":
+                        operation["security"] = []
                     continue
                 operation["responses"]["401"] = _error("missing or invalid bearer token")
                 if path in ("/", "/events"):

@@ -314,6 +314,44 @@ def run_tracing(mode: Mode) -> dict[str, Any]:
     )
 
 
+def run_metrics(mode: Mode) -> dict[str, Any]:
+    """No-op services with the runtime's metrics counted (the default) against metrics off, scraped once a round."""
+    sizes = Sizes(tasks=mode.pick(5000, 600), light=mode.pick(500, 50), warmup=mode.pick(300, 50), timeout_s=300)
+    tally: dict[str, Any] = {}
+
+    class _Scraped(RuntimePipeline):
+        def close(self) -> None:
+            # One scrape of everything counted, as Prometheus would make: it must not be what costs.
+            from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415 - optional extra
+
+            registry = CollectorRegistry()
+            registry.register(self.runtime.metrics_collector())
+            tally["exposition_bytes"] = len(generate_latest(registry))
+            super().close()
+
+    def scraped(concurrency: int) -> Pipeline:
+        return _Scraped(_NOOP, concurrency, name="runtime-metrics-on")
+
+    contenders = [
+        Contender(
+            "runtime-metrics-off", runtime_factory(_NOOP, name="runtime-metrics-off", metrics=False), role="reference"
+        ),
+        Contender("runtime-metrics-on", scraped, role="runtime", report=lambda: dict(tally)),
+    ]
+    _alternate(contenders, workload.payload, sizes, mode.rounds)
+    return _section(
+        "No-op services, Prometheus metrics counted vs off",
+        contenders,
+        sizes,
+        mode,
+        pairs=[("runtime-metrics-on", "runtime-metrics-off")],
+        notes=[
+            "metrics on: per task 5 transition counts, 3 run-time and 3 queue-wait histogram updates and one "
+            "end-to-end latency update, each on the actor thread that owns it (no locks)"
+        ],
+    )
+
+
 def run_io(mode: Mode) -> dict[str, Any]:
     """I/O-bound: the processor sleeps 5 ms, 16 processor workers; efficiency against 16 / 5 ms."""
     workers = 16
@@ -406,6 +444,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("noop", "No-op services, in memory", run_noop),
         Scenario("journal", "No-op services, journal", run_journal),
         Scenario("tracing", "No-op services, JSON tracing", run_tracing),
+        Scenario("metrics", "No-op services, Prometheus metrics on vs off", run_metrics),
         Scenario("io", "I/O-bound, 5 ms sleep, 16 workers", run_io),
         Scenario("cpu", "CPU-bound, 5 ms pure Python, 2 workers", run_cpu),
         Scenario("memory", "Memory: peak RSS, bytes per retained task", run_memory),

@@ -92,6 +92,15 @@ TARGETS: tuple[Target, ...] = (
         "x",
     ),
     Target(
+        "metrics_cost",
+        "Prometheus metrics on: throughput vs metrics off (under 5% cost)",
+        "metrics",
+        ("ratios", "runtime-metrics-on / runtime-metrics-off", "median"),
+        ">=",
+        0.95,
+        "x",
+    ),
+    Target(
         "bytes_per_task",
         "memory: bytes per retained terminal task (100k tasks)",
         "memory",

@@ -153,12 +153,15 @@ _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_TASK: Final = (
-    "UPDATE tasks SET state = ?, result = ?, error = ?, attempts = ?, updated_at = ? WHERE task_id = ?"
+    "UPDATE tasks SET state = ?, result = ?, error = ?, attempts = ?, updated_at = ?, traceback = ? WHERE task_id = ?"
 )
 
 _TASK_COLUMNS: Final = (
     "task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts, created_at, updated_at"
 )
+_ADDED_COLUMNS: Final[tuple[tuple[str, str], ...]] = (("traceback", "TEXT"),)
+"""Nullable columns added to `tasks` after schema version 1 was fixed, by ``ALTER TABLE ... ADD COLUMN``
+when a writer opens the journal (additive: older actorflow versions read such a journal unchanged)."""
 _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
 _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
@@ -218,13 +221,14 @@ class JournalReader:
             self._release_quiet()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
         self._connection = connection
+        self._columns = _task_columns(connection)
 
     # --- reading ---------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The record of `task_id`, history included, exactly as it was written; None if unknown."""
         with self._snapshot("get") as connection:
-            row = connection.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = connection.execute(f"SELECT {self._columns} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
             log = connection.execute(
@@ -365,7 +369,7 @@ class JournalReader:
     def _read_page(self, operation: str, page: str, params: tuple[Any, ...], *, keep_ids: bool = False) -> list[Any]:
         """Records of one page query (a WHERE/ORDER/LIMIT tail), with their histories, in page order."""
         with self._snapshot(operation) as connection:
-            rows = connection.execute(f"SELECT id, {_TASK_COLUMNS} FROM tasks {page}", params).fetchall()
+            rows = connection.execute(f"SELECT id, {self._columns} FROM tasks {page}", params).fetchall()
             if not rows:
                 return []
             histories: dict[str, list[Transition]] = {}
@@ -444,6 +448,7 @@ class Journal(JournalReader):
             _release_ownership(owner_fd)
             raise
         self._owner_fd = owner_fd
+        self._columns = _task_columns(self._connection)
         self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
         self.lost: str | None = None
         """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
@@ -517,6 +522,7 @@ class Journal(JournalReader):
                 _storable(record.error),
                 record.attempts,
                 record.updated_at,
+                _storable(record.traceback),
                 task_id,
             )
             for task_id, record in latest.items()
@@ -787,6 +793,10 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
         if _classify(connection, path, busy_timeout_s) is None:
             for statement in _SCHEMA:  # inside the open transaction: all of it or nothing
                 connection.execute(statement)
+        present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in present:
+                connection.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
         for statement in _KEYS_SCHEMA:
             connection.execute(statement)
         connection.execute("COMMIT")
@@ -890,8 +900,28 @@ _STATE_BY_NAME: Final[dict[str, TaskState]] = {state.value: state for state in T
 """A dict lookup is 10x faster than ``TaskState(name)`` (measured), and reads make one per transition."""
 
 
+def _task_columns(connection: sqlite3.Connection) -> str:
+    """The columns to select from `tasks`: an added column a journal lacks (read-only, older) reads as NULL."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    added = ", ".join(column if column in present else f"NULL AS {column}" for column, _ in _ADDED_COLUMNS)
+    return f"{_TASK_COLUMNS}, {added}"
+
+
 def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> TaskRecord:
-    task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts, created_at, updated_at = row
+    (
+        task_id,
+        state,
+        payload,
+        result,
+        error,
+        trace_id,
+        span_id,
+        parent_span_id,
+        attempts,
+        created_at,
+        updated_at,
+        traceback,
+    ) = row
     return TaskRecord(
         task_id=task_id,
         state=_STATE_BY_NAME[state],
@@ -905,6 +935,7 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         span_id=span_id,
         parent_span_id=parent_span_id,
         attempts=attempts,
+        traceback=traceback,
     )
 
 

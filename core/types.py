@@ -224,6 +224,8 @@ class TaskRecord:
     """The submitter's span, from its traceparent; None if the task started the trace."""
     attempts: int = 0
     """Service calls made for this task that failed and were retried, plus one per stage run."""
+    traceback: str | None = None
+    """The formatted traceback of the task's last failed service call (bounded in size), if any."""
 
     def path(self) -> list[str]:
         """The states the task went through, in order (``["CREATED", "VALIDATED", ...]``)."""
@@ -252,6 +254,7 @@ class TaskRecord:
             "span_id": self.span_id,
             "parent_span_id": self.parent_span_id,
             "attempts": self.attempts,
+            "traceback": self.traceback,
         }
 
 
