@@ -423,9 +423,7 @@ def _run_peers(mode: Mode, *, io: bool) -> dict[str, Any]:
             )
         _alternate(contenders, workload.payload, sizes, mode.rounds)
     notes = [f"{name}: not run: {why}" for name, why in missing.items()]
-    notes.append(
-        f"every system runs the same three stages with {workers} workers in all, 64 items in flight"
-    )
+    notes.append(f"every system runs the same three stages with {workers} workers in all, 64 items in flight")
     return _section(title, contenders, sizes, mode, params={"workers": workers, "io": io}, notes=notes)
 
 
