@@ -78,12 +78,16 @@ class ServiceActor:
     the same (TransientError: transient, Exception: permanent, BaseException:
     crashed) and the call's trace is bound in the worker's contextvars for the
     service's own logging. The ServiceDone it returns carries the duration
-    measured here and ``node`` (``host:pid``) naming where the call ran.
+    measured here and ``node`` naming where the call ran: ``host/node:pid``,
+    where ``node`` is the first 12 hex digits of the Ray node id. The node id
+    is there because several Ray nodes can share one host (and one IP): the
+    host alone cannot say which raylet, hence which node, ran the call.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._fn = fn
-        self._node = f"{socket.gethostname()}:{os.getpid()}"
+        node_id = _ray_node_id()
+        self._node = f"{socket.gethostname()}/{node_id[:_NODE_ID_CHARS]}:{os.getpid()}"
         self._log = SilentLog("ray")
 
     def node(self) -> str:
@@ -95,7 +99,34 @@ class ServiceActor:
         return execute(self._fn, call, worker, log=self._log, node=self._node)
 
 
+_NODE_ID_CHARS = 12
+"""Node id digits in a call's `node`: as many as a Ray node id needs to stay unique in a log (it has 56)."""
+
+
+def _ray_node_id() -> str:
+    """The id of the Ray node this actor runs on (`ray.get_runtime_context()`), "" outside Ray."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        return ""
+    node_id: str = ray.get_runtime_context().get_node_id()
+    return node_id
+
+
+def node_id_of(node: str) -> str:
+    """The Ray node id prefix in a call's `node` (``host/node:pid``); "" if it names none."""
+    return node.rpartition(":")[0].partition("/")[2]
+
+
 # --- in the driver ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Spare:
+    """A started actor not yet given to a pool, with the ref of its readiness probe (`ServiceActor.node`)."""
+
+    actor: Any
+    probe: Any
+    """Resolves to the actor's `node` once it has started, or fails if it died: how a spare is known lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,15 +317,17 @@ class RayBackend:
         self._local = local
         self._spares = spares
         self._log = get_event_logger("ray")
-        self._stock: dict[str, deque[Any]] = {}
+        self._stock: dict[str, deque[_Spare]] = {}
         """Started actors not yet given to a pool, per service."""
+        self._stock_lock = threading.Lock()
+        """The orchestrator's thread takes spares; the waiter drops those on a lost node."""
         self._owns_session = self._join_session(address)
         self._closed = False
         try:
             self._remote_class = self.ray.remote(scheduling_strategy="SPREAD")(ServiceActor)
             self._shipped = self._ship(functions)
             for service in self._shipped:
-                self._stock[service] = deque(self._new_actor(service) for _ in range(pool_sizes[service] + spares))
+                self._stock[service] = deque(self._new_spare(service) for _ in range(pool_sizes[service] + spares))
             nodes = self._await_ready(ready_timeout_s)
         except BaseException:
             self._kill_stock()
@@ -354,12 +387,13 @@ class RayBackend:
                 ) from exc
         return shipped
 
-    def _new_actor(self, service: str) -> Any:
-        return self._remote_class.remote(self._shipped[service])
+    def _new_spare(self, service: str) -> _Spare:
+        actor = self._remote_class.remote(self._shipped[service])
+        return _Spare(actor, actor.node.remote())
 
     def _await_ready(self, timeout: float) -> set[str]:
         """Wait for the started actors; a function that cannot load on a worker is a ConfigError."""
-        probes = {actor.node.remote(): service for service, actors in self._stock.items() for actor in actors}
+        probes = {spare.probe: service for service, spares in self._stock.items() for spare in spares}
         if not probes:
             return set()
         ready, not_ready = self.ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
@@ -378,11 +412,57 @@ class RayBackend:
         return nodes
 
     def _kill_stock(self) -> None:
-        for actors in self._stock.values():
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    self.ray.kill(actor, no_restart=True)
-            actors.clear()
+        with self._stock_lock:
+            for spares in self._stock.values():
+                for spare in spares:
+                    with contextlib.suppress(Exception):
+                        self.ray.kill(spare.actor, no_restart=True)
+                spares.clear()
+
+    def _drop_spares_on_lost_nodes(self) -> None:
+        """Runs on the waiter thread when an actor has died: kill the spares that died with it.
+
+        When a node is lost, the warm spares on it are gone too, but nothing
+        says so until a call is sent to one. Promoted as they are, the call
+        retried after the crash would crash again on the same lost node, and
+        burn a second attempt. So each actor death asks the GCS which nodes
+        are dead (`ray.nodes()`, one RPC: deaths are rare) and replaces the
+        spares that were there, or that failed to start, with new ones, which
+        Ray places on the surviving nodes.
+        """
+        try:
+            lost = {node["NodeID"][:_NODE_ID_CHARS] for node in self.ray.nodes() if not node["Alive"]}
+        except Exception:  # noqa: BLE001 - the GCS is unreachable: keep the spares, a dead one fails its call
+            return
+        dropped = 0
+        with self._stock_lock:
+            if self._closed:
+                return
+            for service, spares in self._stock.items():
+                alive: deque[_Spare] = deque()
+                for spare in spares:
+                    if not self._spare_lost(spare, lost):
+                        alive.append(spare)
+                        continue
+                    dropped += 1
+                    with contextlib.suppress(Exception):
+                        self.ray.kill(spare.actor, no_restart=True)
+                while len(alive) < len(spares):
+                    alive.append(self._new_spare(service))
+                self._stock[service] = alive
+        if dropped:
+            self._log.warning("ray.spares_replaced", spares=dropped, lost_nodes=sorted(lost))
+
+    def _spare_lost(self, spare: _Spare, lost: set[str]) -> bool:
+        """True if the spare died, or runs on a lost node; a spare still starting is kept (Ray places it)."""
+        ready, _ = self.ray.wait([spare.probe], num_returns=1, timeout=0)
+        if not ready:
+            return False
+        try:
+            node: str = self.ray.get(spare.probe)
+        except Exception:  # noqa: BLE001 - any error from the probe means the actor is gone
+            return True
+        return node_id_of(node) in lost
 
     # --- ServiceBackend --------------------------------------------------------------------------
 
@@ -390,13 +470,14 @@ class RayBackend:
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
     ) -> WorkerHandle:
         """Give the pool a warm Ray actor for `service` (a local thread worker for a head-bound function)."""
-        stock = self._stock.get(service)
-        if stock is None or self._closed:
+        if service not in self._stock or self._closed:
             return self._local.start_worker(name, service, fn, deliver, on_death)
-        actor = stock.popleft() if stock else self._new_actor(service)
-        while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
-            stock.append(self._new_actor(service))
-        return _RayWorker(name, actor, self, deliver, on_death)
+        with self._stock_lock:
+            stock = self._stock[service]
+            spare = stock.popleft() if stock else self._new_spare(service)
+            while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
+                stock.append(self._new_spare(service))
+        return _RayWorker(name, spare.actor, self, deliver, on_death)
 
     def close(self) -> None:
         """Kill the spares, stop the waiter, and shut Ray down if this runtime started it."""
@@ -424,6 +505,8 @@ class RayBackend:
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
+        # Before the pool hears of it and promotes a spare: that spare must not be on a lost node.
+        self._drop_spares_on_lost_nodes()
         head = self.waiter.head_of(worker, pending)
         why = describe_ray_error(error)
         call = head.call
