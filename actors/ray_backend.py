@@ -140,11 +140,25 @@ class _Pending:
 class _RayWorker:
     """A pool's handle on one Ray actor. Used from the orchestrator's thread, read by the waiter."""
 
-    __slots__ = ("_actor", "_backend", "_killed", "dead", "deliver", "log", "name", "node", "on_death", "retired")
+    __slots__ = (
+        "_actor",
+        "_backend",
+        "_killed",
+        "dead",
+        "deliver",
+        "log",
+        "name",
+        "node",
+        "on_death",
+        "probe",
+        "retired",
+    )
 
-    def __init__(self, name: str, actor: Any, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
+    def __init__(self, name: str, spare: _Spare, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
         self.name = name
-        self._actor = actor
+        self._actor = spare.actor
+        self.probe = spare.probe
+        """The actor's readiness probe: says where it runs even if none of its calls ever comes back."""
         self._backend = backend
         self.deliver = deliver
         self.on_death = on_death
@@ -326,6 +340,9 @@ class RayBackend:
         try:
             self._remote_class = self.ray.remote(scheduling_strategy="SPREAD")(ServiceActor)
             self._shipped = self._ship(functions)
+            self._nodes: list[str] = self._nodes_with_cpus() if self._shipped else []
+            """Node ids over which new actors are dealt (changed under `_stock_lock`)."""
+            self._dealt = {service: itertools.count() for service in self._shipped}
             for service in self._shipped:
                 self._stock[service] = deque(self._new_spare(service) for _ in range(pool_sizes[service] + spares))
             nodes = self._await_ready(ready_timeout_s)
@@ -388,8 +405,30 @@ class RayBackend:
         return shipped
 
     def _new_spare(self, service: str) -> _Spare:
-        actor = self._remote_class.remote(self._shipped[service])
+        """Start an actor for `service`, on the next node in turn (see `_nodes_with_cpus`)."""
+        remote_class = self._remote_class
+        if self._nodes:
+            node_id = self._nodes[next(self._dealt[service]) % len(self._nodes)]
+            strategy = self.ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id, soft=True)
+            remote_class = remote_class.options(scheduling_strategy=strategy)
+        actor = remote_class.remote(self._shipped[service])
         return _Spare(actor, actor.node.remote())
+
+    def _nodes_with_cpus(self) -> list[str]:
+        """The alive nodes that can host actors (any CPU), in a stable order, over which each pool is dealt.
+
+        Ray's own SPREAD is best effort: it skips a node whose CPUs are held
+        at that moment, and an actor holds one while it starts, so on small
+        nodes both actors of a pool often landed on one node. Dealing each
+        service's actors round-robin over the nodes, with a *soft* node
+        affinity (a node that is gone, full or unfit makes Ray place the
+        actor elsewhere), puts a pool of N actors on min(N, nodes) nodes.
+        A node with no CPU (a head started with ``--num-cpus=0``) gets none.
+        """
+        try:
+            return _with_cpus(self.ray.nodes())
+        except Exception:  # noqa: BLE001 - no node list (an old Ray, a client quirk): Ray's SPREAD decides
+            return []
 
     def _await_ready(self, timeout: float) -> set[str]:
         """Wait for the started actors; a function that cannot load on a worker is a ConfigError."""
@@ -431,13 +470,16 @@ class RayBackend:
         Ray places on the surviving nodes.
         """
         try:
-            lost = {node["NodeID"][:_NODE_ID_CHARS] for node in self.ray.nodes() if not node["Alive"]}
+            nodes = self.ray.nodes()
         except Exception:  # noqa: BLE001 - the GCS is unreachable: keep the spares, a dead one fails its call
             return
+        lost = {node["NodeID"][:_NODE_ID_CHARS] for node in nodes if not node["Alive"]}
         dropped = 0
         with self._stock_lock:
             if self._closed:
                 return
+            if self._nodes:
+                self._nodes = _with_cpus(nodes)  # deal new actors over the nodes alive now
             for service, spares in self._stock.items():
                 alive: deque[_Spare] = deque()
                 for spare in spares:
@@ -452,6 +494,15 @@ class RayBackend:
                 self._stock[service] = alive
         if dropped:
             self._log.warning("ray.spares_replaced", spares=dropped, lost_nodes=sorted(lost))
+
+    def _probed_node(self, probe: Any) -> str:
+        """The `node` an actor's probe answered, or "" if it has not (yet) or failed; never waits."""
+        try:
+            ready, _ = self.ray.wait([probe], num_returns=1, timeout=0)
+            node: str = self.ray.get(ready[0]) if ready else ""
+        except Exception:  # noqa: BLE001 - the actor died before it started: where is unknown
+            return ""
+        return node
 
     def _spare_lost(self, spare: _Spare, lost: set[str]) -> bool:
         """True if the spare died, or runs on a lost node; a spare still starting is kept (Ray places it)."""
@@ -477,7 +528,7 @@ class RayBackend:
             spare = stock.popleft() if stock else self._new_spare(service)
             while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
                 stock.append(self._new_spare(service))
-        return _RayWorker(name, spare.actor, self, deliver, on_death)
+        return _RayWorker(name, spare, self, deliver, on_death)
 
     def close(self) -> None:
         """Kill the spares, stop the waiter, and shut Ray down if this runtime started it."""
@@ -510,6 +561,8 @@ class RayBackend:
         head = self.waiter.head_of(worker, pending)
         why = describe_ray_error(error)
         call = head.call
+        if not worker.node:  # it died in its first call (a lost node): its probe still says where it was
+            worker.node = self._probed_node(worker.probe)
         crashed = ServiceDone(
             call.call_id,
             call.service,
@@ -526,6 +579,11 @@ class RayBackend:
         worker.deliver(crashed)
         # Idempotent safety net: the pool has normally replaced the worker on the crash report already.
         worker.on_death(worker.name, f"Ray actor died: {why}")
+
+
+def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:
+    """The ids of the alive nodes in `ray.nodes()` that have CPUs, sorted."""
+    return sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
 
 
 def runs_on_head(fn: Callable[..., Any]) -> bool:

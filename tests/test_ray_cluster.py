@@ -1,4 +1,4 @@
-"""The Ray backend on a real three-node cluster: calls spread over nodes, survive losing one, and time out on a hung one.
+"""The Ray backend on a real three-node cluster: calls spread over nodes, survive a lost node, time out on a hung one.
 
 `ray.cluster_utils.Cluster` starts, on this machine, a head and two worker
 nodes, each with its own raylet, object store and custom resource (``head``,
