@@ -9,8 +9,13 @@ this (the head) process; only the stateless service calls travel::
                                  ▼                         ▼ ServiceDone (duration, node measured there)
     waiter thread:  ref resolved ─► log service.finished / failed ─► deliver(done) ─► orchestrator
 
-Nothing in a pool blocks: `send` submits and returns, and one waiter thread
-per backend turns resolved object refs into `ServiceDone` messages. Retiring
+Nothing in a pool blocks, and nothing Ray-related runs on the orchestrator's
+thread: `send`, `retire` and `start_worker` only note what is asked and hand
+it to the backend's one Ray thread (the waiter), which submits the call
+(`.remote()`), kills the actor, promotes a spare, and turns resolved object
+refs into `ServiceDone` messages. One thread for all of it keeps the order
+the pool asked for: a worker's spare is promoted before its first call is
+submitted, and its calls are submitted in the order they were sent. Retiring
 a worker (stage timeout, crash, shutdown) is `ray.kill`: Ray cannot
 force-cancel a call running in an actor (`ray.cancel(force=True)` refuses
 actor tasks), and killing the actor is what interrupts a hung call. A worker
@@ -138,12 +143,16 @@ class _Pending:
 
 
 class _RayWorker:
-    """A pool's handle on one Ray actor. Used from the orchestrator's thread, read by the waiter."""
+    """A pool's handle on one Ray actor.
+
+    The pool calls `send`, `retire` and `join` from the orchestrator's thread;
+    they touch no Ray API: the Ray work (`_promote`, `_submit`, `_kill`) runs
+    on the backend's waiter thread, queued in the order it was asked for.
+    """
 
     __slots__ = (
         "_actor",
         "_backend",
-        "_killed",
         "dead",
         "deliver",
         "log",
@@ -152,12 +161,15 @@ class _RayWorker:
         "on_death",
         "probe",
         "retired",
+        "settled",
+        "unsettled",
     )
 
-    def __init__(self, name: str, spare: _Spare, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
+    def __init__(self, name: str, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
         self.name = name
-        self._actor = spare.actor
-        self.probe = spare.probe
+        self._actor: Any = None
+        """Set on the waiter thread when a spare is promoted (before any call to this worker is submitted)."""
+        self.probe: Any = None
         """The actor's readiness probe: says where it runs even if none of its calls ever comes back."""
         self._backend = backend
         self.deliver = deliver
@@ -168,10 +180,13 @@ class _RayWorker:
         """Set by the waiter when the actor is seen dead; its later results are dropped."""
         self.node = ""
         """Where the actor runs, once one of its calls has come back."""
-        self._killed: list[Any] = []
+        self.settled = threading.Event()
+        """Set once the worker is killed and every call it held has resolved (see `join`)."""
+        self.unsettled = 0
+        """Calls of the killed actor not yet resolved; only the waiter thread counts them."""
 
     def send(self, call: RunService) -> bool:
-        """Submit the call to the actor and return at once.
+        """Queue the call for submission to the actor and return at once.
 
         A dead actor is found out by the waiter (the call's ref fails), which
         reports the call it was running as crashed; so only a retired worker
@@ -179,37 +194,49 @@ class _RayWorker:
         """
         if self.retired:
             return False
-        ref = self._actor.run.remote(call, self.name)
-        self._backend.waiter.watch(ref, self, call)
+        self._backend.waiter.run_soon(lambda: self._submit(call))
         if self.log.enabled("debug"):
             # Logged at submission: the driver cannot see when the actor picks the call up.
             self.log.debug("service.started", **call_fields(call, self.name))
         return True
+
+    def _submit(self, call: RunService) -> None:
+        """On the waiter thread: `.remote()` the call; a failure to submit is the actor's death."""
+        if self.retired:
+            return  # retired after `send`: the pool has taken the call back already
+        waiter = self._backend.waiter
+        try:
+            if self._actor is None:
+                raise RuntimeError("no Ray actor could be started for this worker")
+            ref = self._actor.run.remote(call, self.name)
+        except Exception as exc:  # noqa: BLE001 - the actor or the cluster is gone: report it as a crash
+            waiter.report_now(self, call, exc)
+            return
+        waiter.watch(ref, self, call)
 
     def withdraw(self, call_id: int) -> bool:
         """Always False: a call submitted to a Ray actor cannot be taken back (the pool keeps its depth small)."""
         return False
 
     def retire(self) -> None:
-        """Kill the actor (interrupting a hung call); its results from now on are dropped."""
+        """Have the actor killed (interrupting a hung call); its results from now on are dropped."""
         if self.retired:
             return
-        self.retired = True
-        self._killed = self._backend.waiter.forget_worker(self)
-        with contextlib.suppress(Exception):  # already dead, or the cluster is gone: either way it is over
-            self._backend.ray.kill(self._actor, no_restart=True)
+        self.retired = True  # from now on `_report` drops this worker's results, whatever the waiter is doing
+        self._backend.waiter.run_soon(self._kill)
+
+    def _kill(self) -> None:
+        """On the waiter thread: stop watching the actor's calls, and kill it."""
+        self.unsettled = self._backend.waiter.forget_worker(self)
+        if self.unsettled == 0:
+            self.settled.set()
+        if self._actor is not None:
+            with contextlib.suppress(Exception):  # already dead, or the cluster is gone: either way it is over
+                self._backend.ray.kill(self._actor, no_restart=True)
 
     def join(self, timeout: float) -> bool:
-        """Wait until the calls the actor held have resolved (they fail fast once it is killed)."""
-        if not self._killed:
-            return True
-        try:
-            _, not_ready = self._backend.ray.wait(self._killed, num_returns=len(self._killed), timeout=timeout)
-        except Exception:  # noqa: BLE001 - Ray already shut down: nothing is left to wait for
-            return True
-        if not not_ready:
-            self._killed = []
-        return not not_ready
+        """Wait until the actor is killed and the calls it held have resolved (they fail fast once it is)."""
+        return self.settled.wait(timeout)
 
 
 class _RefWaiter:
@@ -228,9 +255,11 @@ class _RefWaiter:
     ) -> None:
         self._report = report
         self._pending: dict[Any, _Pending] = {}
+        self._forgotten: dict[Any, _RayWorker] = {}
+        """Refs of killed workers, until they resolve: a worker is settled when all of its have."""
         self._lock = threading.Lock()
         self._seq = itertools.count()
-        self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | Callable[[], None] | None] = queue.SimpleQueue()
         self._log = get_event_logger("ray-waiter")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -242,13 +271,24 @@ class _RefWaiter:
         future: Future[Any] = ref.future()
         future.add_done_callback(lambda done: self._ready.put((ref, done)))
 
-    def forget_worker(self, worker: _RayWorker) -> list[Any]:
-        """Stop watching a worker's refs (their outcomes will be dropped); returns them."""
+    def run_soon(self, work: Callable[[], None]) -> None:
+        """Run `work` on this thread, after everything queued before it (any thread may call this)."""
+        self._ready.put(work)
+
+    def report_now(self, worker: _RayWorker, call: RunService, error: BaseException) -> None:
+        """Report `call` as failed by `error` without a ref (it could not even be submitted)."""
+        with self._lock:
+            pending = _Pending(worker, call, next(self._seq))
+        self._report(pending, None, error)
+
+    def forget_worker(self, worker: _RayWorker) -> int:
+        """Stop watching a worker's refs (their outcomes will be dropped); returns how many are outstanding."""
         with self._lock:
             refs = [ref for ref, pending in self._pending.items() if pending.worker is worker]
             for ref in refs:
                 del self._pending[ref]
-        return refs
+                self._forgotten[ref] = worker
+        return len(refs)
 
     def head_of(self, worker: _RayWorker, failed: _Pending) -> _Pending:
         """The call `worker` was running: its oldest outstanding one (`failed` was just taken out)."""
@@ -263,14 +303,29 @@ class _RefWaiter:
         self._ready.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        with self._lock:
+            for worker in self._forgotten.values():
+                worker.settled.set()  # nobody is left to see its calls resolve
+            self._forgotten.clear()
 
     def _run(self) -> None:
         while (item := self._ready.get()) is not None:
+            if callable(item):
+                try:
+                    item()
+                except Exception as exc:  # noqa: BLE001 - a dead waiter would strand every call: log, go on
+                    self._log.error("ray.work_failed", error_type=type(exc).__name__, error=str(exc))
+                continue
             ref, future = item
             with self._lock:
                 pending = self._pending.pop(ref, None)
+                killed = self._forgotten.pop(ref, None) if pending is None else None
             if pending is None:
-                continue  # forgotten: its worker was retired
+                if killed is not None:  # a killed worker's call: `join` waits for the last one
+                    killed.unsettled -= 1
+                    if killed.unsettled == 0:
+                        killed.settled.set()
+                continue
             try:
                 outcome, error = future.result(), None
             except Exception as exc:  # noqa: BLE001 - any Ray error means the call did not finish
@@ -523,20 +578,28 @@ class RayBackend:
         """Give the pool a warm Ray actor for `service` (a local thread worker for a head-bound function)."""
         if service not in self._stock or self._closed:
             return self._local.start_worker(name, service, fn, deliver, on_death)
+        worker = _RayWorker(name, self, deliver, on_death)
+        self.waiter.run_soon(lambda: self._promote(worker, service))
+        return worker
+
+    def _promote(self, worker: _RayWorker, service: str) -> None:
+        """On the waiter thread: give `worker` a warm spare (or a new actor), and start a spare in its place."""
         with self._stock_lock:
             stock = self._stock[service]
             spare = stock.popleft() if stock else self._new_spare(service)
+            worker._actor, worker.probe = spare.actor, spare.probe
             while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
                 stock.append(self._new_spare(service))
-        return _RayWorker(name, spare, self, deliver, on_death)
 
     def close(self) -> None:
         """Kill the spares, stop the waiter, and shut Ray down if this runtime started it."""
         if self._closed:
             return
         self._closed = True
-        self._kill_stock()
+        # Queued behind the kills and promotions the pools asked for, so that no spare starts after it.
+        self.waiter.run_soon(self._kill_stock)
         self.waiter.stop()
+        self._kill_stock()  # no-op, unless the waiter did not finish in time
         self._local.close()
         self._leave_session()
         self._log.info("ray.backend_stopped", stopped_ray=self._owns_session)

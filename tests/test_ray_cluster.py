@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from actorflow.actors import Runtime
+from actorflow.actors import Runtime, ray_backend
 from actorflow.actors.ray_backend import node_id_of
 from actorflow.core import RuntimeConfig, Task, TaskRecord, TaskState
 from actorflow.services import ServiceSet
@@ -361,3 +362,108 @@ def test_a_call_stuck_on_a_hung_node_times_out_and_is_retried_and_the_pool_keeps
     assert pool["workers"] == pool["size"] == 2
     assert pool["restarts"] == len(stuck)
     assert stats["late_results"] == 0
+
+
+# --- where the runtime talks to Ray ------------------------------------------------------------------
+
+
+class ThreadRecordingRay:
+    """The real Ray module, noting which thread makes each call that talks to the cluster.
+
+    Actor classes, actor handles and their methods are wrapped so that
+    creating an actor and submitting a call are noted too; everything else
+    passes straight through to Ray.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._ray = real
+        self.calls: list[tuple[str, str]] = []
+        """(what, thread name), in order."""
+        self._lock = threading.Lock()
+
+    def note(self, what: str) -> None:
+        with self._lock:
+            self.calls.append((what, threading.current_thread().name))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ray, name)
+
+    def remote(self, **options: Any) -> Callable[[type], _RecordedClass]:
+        make = self._ray.remote(**options)
+        return lambda cls: _RecordedClass(make(cls), self)
+
+    def kill(self, actor: _RecordedActor, **options: Any) -> None:
+        self.note("kill")
+        self._ray.kill(actor.actor, **options)
+
+    def wait(self, *args: Any, **options: Any) -> Any:
+        self.note("wait")
+        return self._ray.wait(*args, **options)
+
+    def get(self, *args: Any, **options: Any) -> Any:
+        self.note("get")
+        return self._ray.get(*args, **options)
+
+    def nodes(self) -> Any:
+        self.note("nodes")
+        return self._ray.nodes()
+
+
+@dataclass
+class _RecordedClass:
+    cls: Any
+    spy: ThreadRecordingRay
+
+    def options(self, **options: Any) -> _RecordedClass:
+        return _RecordedClass(self.cls.options(**options), self.spy)
+
+    def remote(self, *args: Any, **kwargs: Any) -> _RecordedActor:
+        self.spy.note("start actor")
+        return _RecordedActor(self.cls.remote(*args, **kwargs), self.spy)
+
+
+@dataclass
+class _RecordedActor:
+    actor: Any
+    spy: ThreadRecordingRay
+
+    def __getattr__(self, method: str) -> _RecordedMethod:
+        return _RecordedMethod(getattr(self.actor, method), method, self.spy)
+
+
+@dataclass
+class _RecordedMethod:
+    method: Any
+    name: str
+    spy: ThreadRecordingRay
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        self.spy.note(f"submit {self.name}")
+        return self.method.remote(*args, **kwargs)
+
+
+def hang_first(task: Task) -> Mapping[str, Any]:
+    """Task 0's first attempt never returns (the stage timeout kills its actor); every other call succeeds."""
+    if task.attempt == 1 and task.payload["data"] == 0:
+        time.sleep(600)  # ok-sleep: this IS the hang; only the actor's death ends it
+    return report_where(task)
+
+
+@pytest.mark.timeout(240)
+def test_no_ray_call_is_made_on_the_orchestrators_thread_not_even_to_kill_or_replace_an_actor(
+    driver: ThreeNodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ThreadRecordingRay(ray)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: spy)
+    config = ray_config(stage_timeout_s=2.0)
+    with Runtime(config, services=ServiceSet(process=hang_first)) as runtime:
+        started = len(spy.calls)  # the warm start is made by the thread that builds the Runtime
+        records = _run(runtime, 4)
+        stats = runtime.stats()
+    assert {r.state for r in records} == {TaskState.COMPLETED}
+    assert stats["timeouts"] == 1
+    assert stats["pools"]["processor"]["restarts"] == 1
+    made = spy.calls[started:]
+    assert {"submit run", "kill", "start actor"} <= {what for what, _ in made}, "a call, a kill, a new spare"
+    on_orchestrator = [(what, thread) for what, thread in made if thread.startswith("OrchestratorActor")]
+    assert on_orchestrator == []
