@@ -3,11 +3,14 @@
 The StateActor, the orchestrator, the journal and the result store stay in
 this (the head) process; only the stateless service calls travel::
 
-    orchestrator thread                            Ray actor (any node)
-      pool ─ send(call) ─ actor.run.remote(call) ──► execute(fn, call)   same mapping as threads
-                                 │                         │
-                                 ▼                         ▼ ServiceDone (duration, node measured there)
-    waiter thread:  ref resolved ─► log service.finished / failed ─► deliver(done) ─► orchestrator
+    orchestrator thread     waiter thread (the backend's Ray thread)      Ray actor (any node)
+      pool ─ send(call) ──► actor.run.remote(call) ─────────────────────► execute(fn, call)
+                  queued            │                                       │  same mapping as threads
+                                    ▼                                       ▼
+                            ref resolved ◄──── ServiceDone (duration, node measured there)
+                                    │
+                                    ▼
+                            log service.finished / failed ─► deliver(done) ─► orchestrator
 
 Nothing in a pool blocks, and nothing Ray-related runs on the orchestrator's
 thread: `send`, `retire` and `start_worker` only note what is asked and hand
