@@ -392,7 +392,7 @@ class RayBackend:
         self._stock: dict[str, deque[_Spare]] = {}
         """Started actors not yet given to a pool, per service."""
         self._stock_lock = threading.Lock()
-        """The orchestrator's thread takes spares; the waiter drops those on a lost node."""
+        """The waiter thread promotes, replaces and kills spares; `close` kills any it left (it timed out)."""
         self._owns_session = self._join_session(address)
         self._closed = False
         try:

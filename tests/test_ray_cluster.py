@@ -107,17 +107,18 @@ def three_nodes() -> Iterator[ThreeNodes]:
         # The functions below are shipped by value: Ray workers need not import the tests package.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         port = _free_port()
-        cluster = cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "resources": {"head": 1},
-                "object_store_memory": 80 * _MB,
-                "include_dashboard": False,
-                "ray_client_server_port": port,
-            },
-        )
+        cluster = None
         try:
+            cluster = cluster_utils.Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": 0,
+                    "resources": {"head": 1},
+                    "object_store_memory": 80 * _MB,
+                    "include_dashboard": False,
+                    "ray_client_server_port": port,
+                },
+            )
             nodes = ThreeNodes(cluster, port, {}, {})
             nodes.add("node_a")
             nodes.add("node_b")
@@ -126,7 +127,8 @@ def three_nodes() -> Iterator[ThreeNodes]:
         finally:
             if ray.is_initialized():
                 ray.shutdown()
-            cluster.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
             ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -141,7 +143,7 @@ def driver(three_nodes: ThreeNodes) -> Iterator[ThreeNodes]:
 
 
 def ray_config(**fields: Any) -> RuntimeConfig:
-    """Small pools; processors 2, so that SPREAD places one on each worker node."""
+    """Small pools; two processors, which the backend deals one to each worker node."""
     fields = {"validator_workers": 1, "processor_workers": 2, "persistence_workers": 1, **fields}
     return RuntimeConfig(service_backend="ray", retry_backoff_s=0.0, retry_backoff_max_s=0.0, **fields)
 
