@@ -53,7 +53,7 @@ from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import EventLogger, get_event_logger
 from actorflow.services import ResultStore
 
-__all__ = ["RayBackend", "describe_ray_error", "import_ray"]
+__all__ = ["RayBackend", "describe_ray_error", "import_ray", "node_id_of"]
 
 _INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 

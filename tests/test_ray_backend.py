@@ -25,7 +25,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from actorflow.actors import Runtime
-from actorflow.actors.ray_backend import RayBackend, describe_ray_error
+from actorflow.actors.ray_backend import RayBackend, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from actorflow.services import ServiceSet, process
@@ -362,3 +362,8 @@ def test_ray_errors_are_shortened_to_their_root_cause() -> None:
     assert describe_ray_error(creation) == "ModuleNotFoundError: No module named 'app'"
     died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ServiceActor\n")
     assert describe_ray_error(died) == "The actor died unexpectedly before finishing this task."
+
+
+def test_the_node_of_a_ray_call_carries_the_ray_node_id_between_host_and_pid() -> None:
+    assert node_id_of("worker-7/3f2a9c01bd44:4242") == "3f2a9c01bd44"
+    assert node_id_of("worker-7:4242") == ""  # outside Ray: no node id
