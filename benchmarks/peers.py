@@ -299,6 +299,7 @@ def ray_session(workers: int) -> Iterator[dict[str, Any]]:
     """A local Ray with `workers` CPUs, and the three stages as remote functions."""
     import ray  # noqa: PLC0415 - the ray extra's
 
+    environ = dict(os.environ)  # ray.init sets RAY_AUTH_MODE & co. for the process: undone at the end
     # address="local": a Ray of its own, never a cluster that happens to run on this machine
     ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
@@ -311,6 +312,8 @@ def ray_session(workers: int) -> Iterator[dict[str, Any]]:
         yield remote
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 class RayTasksPipeline:
