@@ -65,6 +65,8 @@ class ServicePool:
         self._timer = timer
         self._on_deadline = on_deadline
         self._timeout = stage_timeout_s
+        self.timeout_s = stage_timeout_s
+        """The stage timeout of this pool's calls (None for no limit)."""
         self._max_restarts = max_restarts
         self._window = restart_window_s
         self._capacity = _DEPTH_SLOW
@@ -136,6 +138,18 @@ class ServicePool:
                 self._calls.pop(call_id, None)
                 return True
         return False
+
+    def cancel_running(self, call_id: int) -> bool:
+        """Ask the worker running `call_id` to cancel it, if its backend can (an event loop can; a thread cannot).
+
+        The worker still reports the call, so its slot is freed as for any other call.
+        """
+        slot = self._where.get(call_id)
+        cancel = getattr(slot.worker, "cancel", None) if slot is not None else None
+        if cancel is None:
+            return False
+        cancel(call_id)
+        return True
 
     def worker_of(self, call_id: int) -> str:
         """The name of the worker holding `call_id` ("" if none)."""

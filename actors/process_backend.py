@@ -81,6 +81,7 @@ from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any, Final
 
+from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
@@ -89,13 +90,12 @@ from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
 from actorflow.services import ResultStore
+from actorflow.services.seed import describe_function, unwrap
 
 __all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
 
 START_METHODS: Final = ("forkserver", "spawn")
 """Start methods the backend accepts; never "fork" (the parent is full of threads)."""
-
-_FIELD_OF_SERVICE: Final = {"validator": "validate", "processor": "process", "persistence": "persist"}
 
 _IDLE_EXIT_S: Final = 0.5
 """How long an idle child asked to exit gets before SIGTERM."""
@@ -169,6 +169,7 @@ def _close_forgotten_runtimes_first() -> None:
 
 def runs_in_parent(fn: Callable[..., Any]) -> bool:
     """True for a service bound to the parent's memory: the default in-memory `ResultStore`."""
+    fn = unwrap(fn)
     return isinstance(fn, ResultStore) and fn.path is None
 
 
@@ -180,7 +181,7 @@ def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
     A function of an interactive ``__main__`` pickles, but no child could
     import it, so it is refused too.
     """
-    where = f"ServiceSet.{_FIELD_OF_SERVICE.get(service, service)} {fn!r}"
+    where = describe_function(service.rsplit(".", 1)[-1], fn)
     try:
         data = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # pickle raises PicklingError, AttributeError, TypeError...
@@ -309,6 +310,11 @@ class ProcessBackend:
         with self._lock:
             workers = list(self._workers)
         return [pid for pid in (w.pid for w in workers if not w.finished()) if pid is not None]
+
+
+def make_backend(request: BackendRequest) -> ProcessBackend:
+    """The process backend, for the registry (`actors.backends`)."""
+    return ProcessBackend(request.functions, dead_letters=request.dead_letters, threads=request.threads)
 
 
 # --- one worker, parent side ---------------------------------------------------------------------
@@ -642,19 +648,21 @@ def _encode_call(call: RunService) -> tuple[Any, ...]:
         trace.span_id,
         trace.parent_span_id,
         call.attempt,
-        call.result,
+        call.value,
+        call.pipeline,
     )
 
 
 def _decode_call(wire: tuple[Any, ...]) -> RunService:
-    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, result = wire
+    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, value, pipeline = wire
     return RunService(
         call_id,
         service,
         Task(task_id, payload, task_attempt),
         TraceContext(trace_id, span_id, parent_span_id),
         attempt,
-        result,
+        value,
+        pipeline,
     )
 
 

@@ -39,11 +39,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from actorflow.actors.backends import BackendRequest
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
 from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import EventLogger, get_event_logger
 from actorflow.services import ResultStore
+from actorflow.services.seed import unwrap
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray"]
 
@@ -441,9 +443,16 @@ class RayBackend:
         worker.on_death(worker.name, f"Ray actor died: {why}")
 
 
+def make_backend(request: BackendRequest) -> RayBackend:
+    """The Ray backend, for the registry (`actors.backends`)."""
+    return RayBackend(
+        request.config.ray_address, functions=request.functions, pool_sizes=request.sizes, local=request.local()
+    )
+
+
 def runs_on_head(fn: Callable[..., Any]) -> bool:
     """True for functions bound to this process: the default persistence's SQLite `ResultStore`."""
-    return isinstance(fn, ResultStore)
+    return isinstance(unwrap(fn), ResultStore)
 
 
 def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:

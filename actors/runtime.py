@@ -16,21 +16,23 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import pykka
 
+from actorflow.actors.backends import BackendRequest, make_backend
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
-from actorflow.actors.orchestrator import OrchestratorActor
+from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
-from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped
+from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped, UnknownPipeline
+from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
 from actorflow.services import ResultStore, ServiceSet
@@ -279,15 +281,33 @@ class Runtime:
 
     Args:
         config: every knob; defaults to `RuntimeConfig()`.
-        services: the pipeline's functions; missing ones use the defaults.
+        services: the seed pipeline's functions; missing ones use the defaults.
+        pipelines: the pipelines to run. None runs the seed pipeline (built by
+            `services`); given, only these run, plus the seed's first if
+            `services` is given too. `submit` without ``pipeline=`` uses the first.
     """
 
-    def __init__(self, config: RuntimeConfig | None = None, *, services: ServiceSet | None = None) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig | None = None,
+        *,
+        services: ServiceSet | None = None,
+        pipelines: Sequence[Pipeline] | None = None,
+    ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
         if services is not None and not isinstance(services, ServiceSet):
             raise ConfigError(f"services must be a services.ServiceSet, got {type(services).__name__}")
+        if pipelines is not None:
+            if isinstance(pipelines, Pipeline) or not isinstance(pipelines, Sequence):
+                raise ConfigError(f"pipelines must be a list of Pipeline, got {type(pipelines).__name__}")
+            for index, pipeline in enumerate(pipelines):
+                if not isinstance(pipeline, Pipeline):
+                    raise ConfigError(f"pipelines[{index}] must be a Pipeline, got {type(pipeline).__name__}")
+            if not pipelines and services is None:
+                raise ConfigError("pipelines is empty; pass at least one Pipeline (or None for the seed pipeline)")
         self.config = config or RuntimeConfig()
+        with_seed = pipelines is None or services is not None
         services = services or ServiceSet()
         self._log = get_event_logger("runtime")
         self._closed = threading.Event()
@@ -300,23 +320,37 @@ class Runtime:
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
         self.results: ResultStore | None = None
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
+        self.pipelines: tuple[Pipeline, ...] = ()
+        """The runtime's pipelines; the first is the one `submit` uses by default."""
+        self._pipelines_by_name: dict[str, Pipeline] = {}
         try:
-            self._start(services)
+            self._start(services if with_seed else None, tuple(pipelines or ()))
         except BaseException:
             self._shutdown(drain=False)
             raise
         _open_runtimes.add(self)
 
-    def _start(self, services: ServiceSet) -> None:
+    def _start(self, services: ServiceSet | None, extra: tuple[Pipeline, ...]) -> None:
         config = self.config
-        if services.persist is None:
-            self.results = ResultStore(config.result_store)
-        functions = services.functions(result_store=self.results)
+        pipelines: list[Pipeline] = []
+        if services is not None:
+            if services.persist is None:
+                self.results = ResultStore(config.result_store)
+            pipelines.append(services.pipeline(result_store=self.results))
+        pipelines.extend(extra)
+        for pipeline in pipelines:
+            if pipeline.name in self._pipelines_by_name:
+                raise ConfigError(
+                    f"two pipelines are called {pipeline.name!r}; pipeline names are unique in a runtime"
+                    + (" (the seed pipeline, from services=, is called 'default')" if services is not None else "")
+                )
+            self._pipelines_by_name[pipeline.name] = pipeline
+        self.pipelines = tuple(pipelines)
         journal = None
         if config.journal_path is not None:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
-            journal = Journal(config.journal_path, durability=config.durability)
+            journal = Journal(config.journal_path, durability=config.durability, pipelines=self._pipelines_by_name)
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         try:
             self._state = StateActor.start(
@@ -325,21 +359,29 @@ class Runtime:
                 dead_letters=self._dead_letters,
                 threads=self._threads,
                 on_terminal=self._tracker.on_terminal,
+                pipelines=self.pipelines,
             )
         except BaseException:
             if journal is not None:
                 journal.close()
             raise
         self._state_proxy = self._state.proxy()
-        self._orchestrator = OrchestratorActor.start(
-            state=self._state,
-            functions=functions,
-            config=config,
-            backend=self._make_backend(functions),
-            timer=self._timer,
-            dead_letters=self._dead_letters,
-            threads=self._threads,
-        )
+        backends = self._make_backends()
+        try:
+            self._orchestrator = OrchestratorActor.start(
+                state=self._state,
+                pipelines=self.pipelines,
+                config=config,
+                backends=backends,
+                timer=self._timer,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+            )
+        except BaseException:
+            for backend in {id(b): b for b in backends.values()}.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            raise
         self._orchestrator_proxy = self._orchestrator.proxy()
         recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
         for record in recovered:
@@ -348,62 +390,119 @@ class Runtime:
             self._orchestrator.tell(ResumeTasks(recovered))
         self._log.info(
             "runtime.started",
-            pools={name: config.workers_for(name) for name in ("validator", "processor", "persistence")},
+            pools={name: size for name, (_, _, size) in self._pool_plan().items()},
             backend=config.service_backend,
             journal=config.journal_path,
             durability=config.durability if config.journal_path else None,
             recovered=len(recovered),
+            transitions={  # so that a log's reader can check each task against its own pipeline
+                p.name: {s.value: sorted(t.value for t in targets) for s, targets in p.transitions.items()}
+                for p in self.pipelines
+            },
         )
 
-    def _make_backend(self, functions: dict[str, Callable[..., Any]]) -> ServiceBackend:
-        backend = self.config.service_backend
-        if backend == "thread":
-            return ThreadBackend(self._dead_letters, self._threads)
-        if backend == "process":
-            from actorflow.actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
+    def _pool_plan(self) -> dict[str, tuple[str, Callable[..., Any], int]]:
+        """Each stage's pool name -> (backend name, function, workers)."""
+        config = self.config
+        plan: dict[str, tuple[str, Callable[..., Any], int]] = {}
+        for pipeline in self.pipelines:
+            for stage in pipeline.stages:
+                kind = stage.backend or ("async" if stage.is_async else config.service_backend)
+                workers = stage.workers if stage.workers is not None else config.workers_for(stage.name)
+                plan[pool_name(self.pipelines, pipeline, stage)] = (kind, stage.fn, workers)
+        return plan
 
-            return ProcessBackend(functions, dead_letters=self._dead_letters, threads=self._threads)
-        if backend == "ray":
-            from actorflow.actors.ray_backend import RayBackend  # noqa: PLC0415 - Ray is optional: imported only when chosen
+    def _make_backends(self) -> dict[str, ServiceBackend]:
+        """One backend of each kind the stages use (from the registry), by pool name."""
+        plan = self._pool_plan()
+        local: list[ServiceBackend] = []
 
-            sizes = {service: self.config.workers_for(service) for service in functions}
-            local = ThreadBackend(self._dead_letters, self._threads)  # for functions bound to this process
-            return RayBackend(self.config.ray_address, functions=functions, pool_sizes=sizes, local=local)
-        raise ConfigError(
-            f"RuntimeConfig.service_backend {backend!r} is not available; use 'thread', 'process' or 'ray'"
-        )
+        def local_backend() -> ServiceBackend:
+            if not local:
+                local.append(ThreadBackend(self._dead_letters, self._threads))
+            return local[0]
+
+        made: dict[str, ServiceBackend] = {}
+        for kind in dict.fromkeys(kind for kind, _, _ in plan.values()):
+            if kind == "thread":
+                made[kind] = local_backend()
+                continue
+            request = BackendRequest(
+                functions={name: fn for name, (k, fn, _) in plan.items() if k == kind},
+                sizes={name: size for name, (k, _, size) in plan.items() if k == kind},
+                config=self.config,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+                local=local_backend,
+            )
+            try:
+                made[kind] = make_backend(kind, request)
+            except BaseException:
+                for backend in made.values():
+                    with contextlib.suppress(Exception):
+                        backend.close()
+                raise
+        return {name: made[kind] for name, (kind, _, _) in plan.items()}
 
     # --- submitting ------------------------------------------------------------------------------
 
     def submit(
-        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        task_id: str | None = None,
+        traceparent: str | None = None,
+        pipeline: str | None = None,
     ) -> TaskHandle:
-        """Create a task and start it through the pipeline; returns once its creation is committed.
+        """Create a task and start it through `pipeline` (default: the first); returns once its creation is committed.
 
         Raises:
+            UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             RuntimeStopped: the runtime is closed.
         """
-        message = self._prepare(payload, task_id, traceparent)
+        message = self._prepare(payload, task_id, traceparent, pipeline)
         config = self.config
         self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
         return self._send_create(message)
 
     async def submit_async(
-        self, payload: Mapping[str, Any], *, task_id: str | None = None, traceparent: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        *,
+        task_id: str | None = None,
+        traceparent: str | None = None,
+        pipeline: str | None = None,
     ) -> TaskHandle:
         """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
 
         Same arguments, result and errors as `submit`; `await handle` then waits for the task.
         """
         loop = asyncio.get_running_loop()
-        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent)
+        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent, pipeline=pipeline)
         return await loop.run_in_executor(None, submit)
 
-    def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
+    @property
+    def states(self) -> tuple[TaskState, ...]:
+        """Every state of the runtime's pipelines, in lifecycle order (each once)."""
+        return tuple(dict.fromkeys(state for pipeline in self.pipelines for state in pipeline.states))
+
+    def pipeline(self, name: str | None = None) -> Pipeline:
+        """The pipeline called `name` (the first one for None). Raises UnknownPipeline naming the known ones."""
+        if name is None:
+            return self.pipelines[0]
+        found = self._pipelines_by_name.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise UnknownPipeline(name, list(self._pipelines_by_name))
+        return found
+
+    def _prepare(
+        self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None, pipeline: str | None
+    ) -> CreateTask:
         if self._closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        pipeline_name = self.pipeline(pipeline).name
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
@@ -425,7 +524,7 @@ class Runtime:
         else:
             trace = new_trace()
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
-        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator)
+        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator, pipeline=pipeline_name)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
@@ -437,6 +536,7 @@ class Runtime:
             trace_id=trace.trace_id,
             span_id=trace.span_id,
             parent_span_id=trace.parent_span_id,
+            pipeline=message.pipeline,
         )
         try:
             self._state.tell(message)

@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pykka
@@ -37,26 +37,28 @@ __all__ = [
     "call_fields",
     "execute",
     "invoke",
+    "make_backend",
+    "report",
+    "report_failure",
+    "stage_value",
+    "status_of",
 ]
 
 Deliver = Callable[[ServiceDone], None]
 OnDeath = Callable[[str, str], None]
 
 
-def invoke(fn: Callable[..., Any], call: RunService) -> Mapping[str, JSONValue] | None:
-    """Call a service function with the arguments its stage takes; freeze what it returns."""
-    if call.service == "validator":
-        fn(call.task.payload)
+def stage_value(call: RunService) -> JSONValue:
+    """The value a call's stage gets: the one handed on, or the payload for the first stage."""
+    return call.task.payload if call.value is None else call.value
+
+
+def invoke(fn: Callable[..., Any], call: RunService) -> JSONValue:
+    """Call a stage function, ``fn(task, value)``; freeze what it returns (None passes the value on)."""
+    returned = fn(call.task, stage_value(call))
+    if returned is None:
         return None
-    if call.service == "processor":
-        result = fn(call.task)
-        if not isinstance(result, Mapping):
-            raise TypeError(f"the processor must return a mapping, got {type(result).__name__}")
-        frozen: Mapping[str, JSONValue] = freeze(result, where="result")
-        return frozen
-    assert call.result is not None, "persistence needs the processor's result"
-    fn(call.task, call.result)
-    return None
+    return freeze(returned, where=f"the value returned by stage {call.service!r}")
 
 
 def execute(fn: Callable[..., Any], call: RunService, worker: str, *, log: EventLogger, node: str = "") -> ServiceDone:
@@ -76,6 +78,7 @@ def call_fields(call: RunService, worker: str, node: str = "") -> dict[str, Any]
         "service": call.service,
         "worker": worker,
         "attempt": call.attempt,
+        "pipeline": call.pipeline,
     }
     if node:
         fields["node"] = node
@@ -103,35 +106,75 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     if verbose:
         log.debug("service.started", **fields)
     started = time.perf_counter()
-    result: Mapping[str, JSONValue] | None = None
-    status: ServiceStatus = "ok"
+    result: JSONValue = None
     error: BaseException | None = None
     try:
         result = invoke(fn, call)
-    except TransientError as exc:
-        status, error = "transient", exc
-    except Exception as exc:  # noqa: BLE001 - any other exception is the task's permanent failure
-        status, error = "permanent", exc
-    except BaseException as exc:  # noqa: BLE001 - SystemExit & co.: contained here, the worker is replaced
-        status, error = "crashed", exc
+    except BaseException as exc:  # noqa: BLE001 - classified by `status_of`; SystemExit & co. are contained here
+        error = exc
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    return report(log, call, worker, node, result, error, duration_ms, fields=fields if verbose else None)
+
+
+def status_of(error: BaseException | None) -> ServiceStatus:
+    """How a call ended: ok, transient (TransientError), permanent (any other Exception) or crashed (the rest)."""
     if error is None:
-        if verbose:
-            log.debug("service.finished", duration_ms=duration_ms, **fields)
+        return "ok"
+    if isinstance(error, TransientError):
+        return "transient"
+    if isinstance(error, Exception):
+        return "permanent"
+    return "crashed"
+
+
+def report(
+    log: EventLogger,
+    call: RunService,
+    worker: str,
+    node: str,
+    result: JSONValue,
+    error: BaseException | None,
+    duration_ms: float,
+    *,
+    fields: dict[str, Any] | None = None,
+) -> ServiceDone:
+    """Log how a call ended (``service.finished`` at debug, ``service.failed`` at warning) and make its ServiceDone.
+
+    Every backend reports through this, in the process where the host configured logging.
+    """
+    status = status_of(error)
+    if error is None:
+        if fields is not None or log.enabled("debug"):
+            log.debug("service.finished", duration_ms=duration_ms, **(fields or call_fields(call, worker, node)))
         return ServiceDone(
-            call.call_id, call.service, call.task.task_id, worker, "ok", result, duration_ms=duration_ms, node=node
+            call.call_id, call.service, call.task.task_id, worker, "ok", result, None, None, duration_ms, node
         )
-    error_type, message = type(error).__name__, str(error)
+    return report_failure(log, call, worker, node, status, type(error).__name__, str(error), duration_ms, fields=fields)
+
+
+def report_failure(
+    log: EventLogger,
+    call: RunService,
+    worker: str,
+    node: str,
+    status: ServiceStatus,
+    error_type: str,
+    error: str,
+    duration_ms: float,
+    *,
+    fields: dict[str, Any] | None = None,
+) -> ServiceDone:
+    """Log ``service.failed`` and make the failed call's ServiceDone (e.g. ``crashed`` when a worker died)."""
     log.warning(
         "service.failed",
         duration_ms=duration_ms,
         error_type=error_type,
-        error=message,
+        error=error,
         transient=status != "permanent",
-        **fields,
+        **(fields or call_fields(call, worker, node)),
     )
     return ServiceDone(
-        call.call_id, call.service, call.task.task_id, worker, status, None, error_type, message, duration_ms, node
+        call.call_id, call.service, call.task.task_id, worker, status, None, error_type, error, duration_ms, node
     )
 
 
@@ -256,3 +299,8 @@ class ThreadBackend:
 
     def close(self) -> None:
         """Threads need no clean-up beyond their actors."""
+
+
+def make_backend(request: Any) -> ThreadBackend:
+    """The thread backend, for the registry (`actors.backends`)."""
+    return ThreadBackend(request.dead_letters, request.threads)

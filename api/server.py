@@ -63,6 +63,7 @@ from actorflow.core import (
     RuntimeStopped,
     TaskNotFound,
     TaskState,
+    UnknownPipeline,
 )
 from actorflow.core.tracing import parse_traceparent
 
@@ -115,7 +116,7 @@ def create_app(
         runtime,
         broadcaster,
         idempotency_keys if idempotency_keys is not None else IdempotencyKeys(),
-        openapi_document(token_required=token is not None),
+        openapi_document(token_required=token is not None, pipelines=runtime.pipelines),
         heartbeat_s,
     )
 
@@ -211,6 +212,7 @@ class _Handlers:
 
     async def _submit(self, request: Request) -> Response:
         try:
+            pipeline = _pipeline_param(request, self.runtime)
             payload = _parse_payload(await _read_body(request))
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
@@ -222,12 +224,12 @@ class _Handlers:
                 traceparent = None  # W3C trace context: a malformed parent is ignored, and a new trace starts
 
         async def submit() -> StoredAnswer:
-            handle = await self.runtime.submit_async(payload, traceparent=traceparent)
+            handle = await self.runtime.submit_async(payload, traceparent=traceparent, pipeline=pipeline)
             try:
                 state = (await run_in_threadpool(self.runtime.get, handle.task_id)).state.value
             except TaskNotFound:  # evicted already (retain_terminal): it surely was created
                 state = TaskState.CREATED.value
-            return StoredAnswer(201, {"task_id": handle.task_id, "state": state})
+            return StoredAnswer(201, {"task_id": handle.task_id, "state": state, "pipeline": pipeline})
 
         key = request.headers.get("idempotency-key")
         replayed = False
@@ -237,7 +239,9 @@ class _Handlers:
             problem = check_key(key)
             if problem is not None:
                 return error_response(400, problem)
-            answer, replayed = await self.keys.answer(key, fingerprint(payload), submit)
+            answer, replayed = await self.keys.answer(
+                key, fingerprint({"pipeline": pipeline, "payload": payload}), submit
+            )
         headers = {"Location": f"/tasks/{answer.body['task_id']}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -245,7 +249,7 @@ class _Handlers:
 
     async def _list(self, request: Request) -> Response:
         try:
-            state, limit, offset = _list_params(request)
+            state, limit, offset = _list_params(request, self.runtime)
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
         records = await run_in_threadpool(self.runtime.tasks, state, limit=limit, offset=offset)
@@ -381,7 +385,19 @@ def _payload_problem(payload: dict[str, Any], depth_limit: int) -> str | None:
     return None
 
 
-def _list_params(request: Request) -> tuple[TaskState | None, int, int]:
+def _pipeline_param(request: Request, runtime: Runtime) -> str:
+    """The ``?pipeline=`` of a submission (the runtime's first pipeline when absent); 400 if unknown."""
+    names = request.query_params.getlist("pipeline")
+    if len(names) > 1:
+        raise _RequestError(400, "give pipeline at most once")
+    try:
+        return runtime.pipeline(names[0] if names else None).name
+    except UnknownPipeline:
+        known = ", ".join(pipeline.name for pipeline in runtime.pipelines)
+        raise _RequestError(400, f"no pipeline {echo(names[0])} in this runtime; its pipelines: {known}") from None
+
+
+def _list_params(request: Request, runtime: Runtime) -> tuple[TaskState | None, int, int]:
     params = request.query_params
     unknown = sorted(set(params) - set(_LIST_PARAMS))
     if unknown:
@@ -391,10 +407,10 @@ def _list_params(request: Request) -> tuple[TaskState | None, int, int]:
             raise _RequestError(400, f"give {name} at most once")
     state: TaskState | None = None
     if "state" in params:
-        try:
-            state = TaskState(params["state"])
-        except ValueError:
-            allowed = ", ".join(s.value for s in TaskState)
+        states = runtime.states
+        state = next((s for s in states if s.value == params["state"]), None)
+        if state is None:
+            allowed = ", ".join(s.value for s in states)
             raise _RequestError(400, f"state must be one of {allowed}; got {echo(params['state'])}") from None
     limit = _count_param(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     offset = _count_param(params, "offset", 0, 0, MAX_OFFSET)

@@ -14,8 +14,10 @@ from actorflow.core.errors import (
     RuntimeStopped,
     TaskNotFound,
     TransientError,
+    UnknownPipeline,
     ValidationError,
 )
+from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
 
 __all__ = [
@@ -28,8 +30,10 @@ __all__ = [
     "InvalidTransition",
     "JournalError",
     "Overloaded",
+    "Pipeline",
     "RuntimeConfig",
     "RuntimeStopped",
+    "Stage",
     "Task",
     "TaskNotFound",
     "TaskRecord",
@@ -37,6 +41,7 @@ __all__ = [
     "TransientError",
     "Transition",
     "TransitionEvent",
+    "UnknownPipeline",
     "ValidationError",
     "freeze",
     "is_allowed",
