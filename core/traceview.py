@@ -667,9 +667,7 @@ def check_transitions(trace: Trace) -> list[Violation]:
     return violations
 
 
-def _judge(
-    previous: TransitionEntry | None, entry: TransitionEntry, table: Table
-) -> list[tuple[ViolationKind, str]]:
+def _judge(previous: TransitionEntry | None, entry: TransitionEntry, table: Table) -> list[tuple[ViolationKind, str]]:
     unknown = [state for state in (entry.from_state, entry.to_state) if state is not None and state not in table]
     if unknown:
         known = ", ".join(table)

@@ -28,9 +28,11 @@ from actorflow import (
     TaskState,
     TransientError,
     UnknownPipeline,
+    configure_logging,
 )
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
+from actorflow.core.traceview import check_transitions, load_trace
 from tests.conftest import payload
 from tests.pipeline_stages import square_in_child
 
@@ -448,9 +450,6 @@ def test_reopening_a_journal_without_the_pipeline_of_its_unfinished_tasks_is_ref
 
 
 def test_the_trace_viewer_checks_each_task_against_the_table_of_its_own_pipeline(tmp_path: Path) -> None:
-    from actorflow import configure_logging
-    from actorflow.core.traceview import check_transitions, load_trace
-
     log = tmp_path / "run.jsonl"
     close = configure_logging(json=True, level="DEBUG", file=log)
     try:
