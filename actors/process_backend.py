@@ -84,13 +84,23 @@ from typing import Any, Final
 from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
+from actorflow.actors.service import (
+    Deliver,
+    OnDeath,
+    SilentLog,
+    ThreadBackend,
+    WorkerHandle,
+    call_fields,
+    crashed,
+    execute,
+    log_done,
+    runs_at_home,
+)
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
-from actorflow.services import ResultStore
-from actorflow.services.seed import describe_function, unwrap
+from actorflow.services.seed import describe_function
 
 __all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
 
@@ -168,9 +178,8 @@ def _close_forgotten_runtimes_first() -> None:
 
 
 def runs_in_parent(fn: Callable[..., Any]) -> bool:
-    """True for a service bound to the parent's memory: the default in-memory `ResultStore`."""
-    fn = unwrap(fn)
-    return isinstance(fn, ResultStore) and fn.path is None
+    """`runs_at_home` for worker processes on this machine: only an in-memory `ResultStore` stays here."""
+    return runs_at_home(fn, same_machine=True)
 
 
 def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
@@ -562,34 +571,10 @@ class ProcessWorker:
         call = head.call
         duration_ms = round((time.perf_counter() - head.started) * 1000, 3)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        done = ServiceDone(
-            call.call_id,
-            call.service,
-            call.task.task_id,
-            self.name,
-            "crashed",
-            None,
-            "WorkerProcessDied",
-            error,
-            duration_ms,
-            self.node,
-        )
-        self._log_and_deliver(head, done)
+        self._log_and_deliver(head, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
 
     def _log_and_deliver(self, entry: _InChild, done: ServiceDone) -> None:
-        if done.status != "ok":
-            self._log.warning(
-                "service.failed",
-                duration_ms=done.duration_ms,
-                error_type=done.error_type,
-                error=done.error,
-                transient=done.status != "permanent",
-                **call_fields(entry.call, self.name, self.node),
-            )
-        elif self._log.enabled("debug"):
-            fields = call_fields(entry.call, self.name, self.node)
-            self._log.debug("service.finished", duration_ms=done.duration_ms, **fields)
-        self._deliver(done)
+        self._deliver(log_done(self._log, entry.call, done))
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving

@@ -41,15 +41,24 @@ from typing import Any
 
 from actorflow.actors.backends import BackendRequest
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
+from actorflow.actors.service import (
+    Deliver,
+    OnDeath,
+    ServiceBackend,
+    SilentLog,
+    WorkerHandle,
+    call_fields,
+    crashed,
+    execute,
+    log_done,
+    runs_at_home,
+)
 from actorflow.core.errors import ConfigError
-from actorflow.core.tracing import EventLogger, get_event_logger
-from actorflow.services import ResultStore
-from actorflow.services.seed import unwrap
+from actorflow.core.tracing import get_event_logger
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray"]
 
-_INSTALL_HINT = "pip install 'actorflow[ray]'"
+_INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 
 _session_lock = threading.Lock()
 _session_users = 0
@@ -417,7 +426,7 @@ class RayBackend:
         if error is None:
             assert isinstance(done, ServiceDone)
             worker.node = done.node or worker.node
-            _log_done(worker.log, pending.call, done)
+            log_done(worker.log, pending.call, done)
             worker.deliver(done)
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
@@ -425,20 +434,9 @@ class RayBackend:
         head = self.waiter.head_of(worker, pending)
         why = describe_ray_error(error)
         call = head.call
-        crashed = ServiceDone(
-            call.call_id,
-            call.service,
-            call.task.task_id,
-            worker.name,
-            "crashed",
-            None,
-            type(error).__name__,
-            why,
-            0.0,
-            worker.node,
+        worker.deliver(
+            log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
         )
-        _log_done(worker.log, call, crashed)
-        worker.deliver(crashed)
         # Idempotent safety net: the pool has normally replaced the worker on the crash report already.
         worker.on_death(worker.name, f"Ray actor died: {why}")
 
@@ -451,23 +449,8 @@ def make_backend(request: BackendRequest) -> RayBackend:
 
 
 def runs_on_head(fn: Callable[..., Any]) -> bool:
-    """True for functions bound to this process: the default persistence's SQLite `ResultStore`."""
-    return isinstance(unwrap(fn), ResultStore)
-
-
-def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:
-    fields = call_fields(call, done.worker, done.node)
-    if done.status == "ok":
-        log.debug("service.finished", duration_ms=done.duration_ms, **fields)
-        return
-    log.warning(
-        "service.failed",
-        duration_ms=done.duration_ms,
-        error_type=done.error_type,
-        error=done.error,
-        transient=done.status != "permanent",
-        **fields,
-    )
+    """`runs_at_home` for Ray nodes elsewhere: a `ResultStore` stays on the head, in memory or on disk."""
+    return runs_at_home(fn, same_machine=False)
 
 
 def describe_ray_error(error: BaseException) -> str:

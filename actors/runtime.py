@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
@@ -34,8 +34,11 @@ from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
 from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped, UnknownPipeline
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
-from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
+from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEvent, freeze_payload
 from actorflow.services import ResultStore, ServiceSet
+
+if TYPE_CHECKING:
+    from actorflow.core.journal import Journal
 
 __all__ = ["Runtime", "TaskHandle"]
 
@@ -319,6 +322,7 @@ class Runtime:
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
         self.results: ResultStore | None = None
+        self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
         self.pipelines: tuple[Pipeline, ...] = ()
         """The runtime's pipelines; the first is the one `submit` uses by default."""
@@ -351,6 +355,7 @@ class Runtime:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
             journal = Journal(config.journal_path, durability=config.durability, pipelines=self._pipelines_by_name)
+            self._journal = journal
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         try:
             self._state = StateActor.start(
@@ -448,13 +453,22 @@ class Runtime:
 
     def submit(
         self,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, JSONInput],
         *,
         task_id: str | None = None,
         traceparent: str | None = None,
         pipeline: str | None = None,
+        idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
         """Create a task and start it through `pipeline` (default: the first); returns once its creation is committed.
+
+        Args:
+            payload: the task's input, a JSON-serializable mapping.
+            task_id: the task's id; a new unique one if None.
+            traceparent: a W3C trace context to continue.
+            idempotency_key: (key, payload fingerprint): with a journal, committed in the same
+                transaction as the task, so that `find_idempotency_key` finds it after a crash
+                if and only if the task exists. Ignored without a journal.
 
         Raises:
             UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
@@ -464,24 +478,52 @@ class Runtime:
         """
         message = self._prepare(payload, task_id, traceparent, pipeline)
         config = self.config
-        self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
-        return self._send_create(message)
+        journal = self._journal if idempotency_key is not None else None
+        if journal is not None and idempotency_key is not None:
+            journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
+        try:
+            self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
+            return self._send_create(message)
+        except BaseException:
+            if journal is not None:
+                journal.unstage_key(message.task_id)
+            raise
 
     async def submit_async(
         self,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, JSONInput],
         *,
         task_id: str | None = None,
         traceparent: str | None = None,
         pipeline: str | None = None,
+        idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
         """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
 
         Same arguments, result and errors as `submit`; `await handle` then waits for the task.
         """
         loop = asyncio.get_running_loop()
-        submit = functools.partial(self.submit, payload, task_id=task_id, traceparent=traceparent, pipeline=pipeline)
+        submit = functools.partial(
+            self.submit,
+            payload,
+            task_id=task_id,
+            traceparent=traceparent,
+            pipeline=pipeline,
+            idempotency_key=idempotency_key,
+        )
         return await loop.run_in_executor(None, submit)
+
+    def find_idempotency_key(self, key: str) -> tuple[str, str] | None:
+        """(task id, payload fingerprint) of the task submitted with `key`, from the journal.
+
+        None without a journal, or if the key is unknown or older than the journal's retention.
+
+        Raises:
+            RuntimeStopped: the runtime is closed.
+        """
+        if self._closed.is_set():
+            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        return None if self._journal is None else self._journal.find_key(key)
 
     @property
     def states(self) -> tuple[TaskState, ...]:
@@ -498,7 +540,7 @@ class Runtime:
         return found
 
     def _prepare(
-        self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None, pipeline: str | None
+        self, payload: Mapping[str, JSONInput], task_id: str | None, traceparent: str | None, pipeline: str | None
     ) -> CreateTask:
         if self._closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
@@ -506,7 +548,7 @@ class Runtime:
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
-            frozen = freeze(payload)
+            frozen = freeze_payload(payload)
         except TypeError as exc:
             raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
         # An acknowledgement costs a round trip to the state actor. It is needed when there is a commit

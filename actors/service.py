@@ -25,6 +25,8 @@ from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
 from actorflow.core.tracing import EventLogger, get_event_logger
 from actorflow.core.types import JSONValue, freeze
+from actorflow.services import ResultStore
+from actorflow.services.seed import unwrap
 
 __all__ = [
     "Deliver",
@@ -35,17 +37,33 @@ __all__ = [
     "ThreadBackend",
     "WorkerHandle",
     "call_fields",
+    "crashed",
     "execute",
     "invoke",
+    "log_done",
     "make_backend",
     "report",
     "report_failure",
+    "runs_at_home",
     "stage_value",
     "status_of",
 ]
 
 Deliver = Callable[[ServiceDone], None]
 OnDeath = Callable[[str, str], None]
+
+
+def runs_at_home(fn: Callable[..., Any], *, same_machine: bool) -> bool:
+    """True for a stage function that must run in the runtime's own process (the "at home" rule).
+
+    Only the default persistence, a `ResultStore`, is bound to where the runtime
+    lives: in memory it is private to this process, so it runs here for every
+    backend; with a file path, workers on the same machine (`same_machine`, the
+    process backend) open the same file, while workers on other nodes (Ray) would
+    each write a file of their own, so it runs here too.
+    """
+    store = unwrap(fn)
+    return isinstance(store, ResultStore) and (store.path is None or not same_machine)
 
 
 def stage_value(call: RunService) -> JSONValue:
@@ -138,18 +156,32 @@ def report(
     *,
     fields: dict[str, Any] | None = None,
 ) -> ServiceDone:
-    """Log how a call ended (``service.finished`` at debug, ``service.failed`` at warning) and make its ServiceDone.
-
-    Every backend reports through this, in the process where the host configured logging.
-    """
-    status = status_of(error)
+    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended."""
     if error is None:
-        if fields is not None or log.enabled("debug"):
-            log.debug("service.finished", duration_ms=duration_ms, **(fields or call_fields(call, worker, node)))
-        return ServiceDone(
+        done = ServiceDone(
             call.call_id, call.service, call.task.task_id, worker, "ok", result, None, None, duration_ms, node
         )
-    return report_failure(log, call, worker, node, status, type(error).__name__, str(error), duration_ms, fields=fields)
+    else:
+        done = ServiceDone(
+            call.call_id,
+            call.service,
+            call.task.task_id,
+            worker,
+            status_of(error),
+            None,
+            type(error).__name__,
+            str(error),
+            duration_ms,
+            node,
+        )
+    return log_done(log, call, done, fields=fields)
+
+
+def crashed(call: RunService, worker: str, node: str, error_type: str, error: str, duration_ms: float) -> ServiceDone:
+    """The report of a call whose worker died under it (a process exited, a Ray actor was lost)."""
+    return ServiceDone(
+        call.call_id, call.service, call.task.task_id, worker, "crashed", None, error_type, error, duration_ms, node
+    )
 
 
 def report_failure(
@@ -161,21 +193,37 @@ def report_failure(
     error_type: str,
     error: str,
     duration_ms: float,
-    *,
-    fields: dict[str, Any] | None = None,
 ) -> ServiceDone:
-    """Log ``service.failed`` and make the failed call's ServiceDone (e.g. ``crashed`` when a worker died)."""
-    log.warning(
-        "service.failed",
-        duration_ms=duration_ms,
-        error_type=error_type,
-        error=error,
-        transient=status != "permanent",
-        **(fields or call_fields(call, worker, node)),
-    )
-    return ServiceDone(
+    """Make and log the ServiceDone of a call that failed without an exception object (e.g. was cancelled)."""
+    done = ServiceDone(
         call.call_id, call.service, call.task.task_id, worker, status, None, error_type, error, duration_ms, node
     )
+    return log_done(log, call, done)
+
+
+def log_done(
+    log: EventLogger, call: RunService, done: ServiceDone, *, fields: dict[str, Any] | None = None
+) -> ServiceDone:
+    """Log a call's end in the runtime's process, as every backend does; return `done`.
+
+    ``service.finished`` at debug, ``service.failed`` at warning (with ``transient``
+    false only for a permanent failure). Backends whose calls run elsewhere (a child
+    process, a Ray actor) call this in the parent with the report they got back.
+    """
+    if done.status == "ok":
+        if fields is not None or log.enabled("debug"):
+            fields = fields or call_fields(call, done.worker, done.node)
+            log.debug("service.finished", duration_ms=done.duration_ms, **fields)
+        return done
+    log.warning(
+        "service.failed",
+        duration_ms=done.duration_ms,
+        error_type=done.error_type,
+        error=done.error,
+        transient=done.status != "permanent",
+        **(fields or call_fields(call, done.worker, done.node)),
+    )
+    return done
 
 
 class WorkerHandle(Protocol):

@@ -42,6 +42,7 @@ from actorflow.core.types import (
     TransitionEvent,
     evolve,
     freeze,
+    freeze_payload,
 )
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class StateActor(FastActor):
         Raises InvalidPayload for a duplicate id or a non-JSON payload, UnknownPipeline for an unknown pipeline.
         """
         try:
-            frozen = freeze(payload)
+            frozen = freeze_payload(payload)
         except TypeError as exc:
             raise InvalidPayload(str(exc)) from None
         future: pykka.Future[TaskRecord] = pykka.ThreadingFuture()

@@ -10,6 +10,11 @@ forgotten first) and each is forgotten `ttl_s` after it was first used. A
 forgotten key is a new key, so a retry that comes later than that creates a new
 task: keep the TTL longer than any client's retry window.
 
+This memory is the server's. With a journal the server also keeps each key in
+the journal, written in the transaction that creates its task, and looks a key
+up there before submitting: a retry after a crash and restart gets the first
+task back (see `Journal.stage_key`).
+
 A key reused with a different payload is refused (`IdempotencyKeyReusedError`), as in
 the IETF draft "The Idempotency-Key HTTP Header Field". A request that failed
 (422, 503, ...) does not hold its key: the retry runs afresh.
@@ -30,6 +35,7 @@ from typing import Any
 __all__ = ["IdempotencyKeyReusedError", "IdempotencyKeys", "StoredAnswer", "check_key", "fingerprint"]
 
 MAX_KEY_LENGTH = 255
+KEY_REUSED = "this Idempotency-Key was already used with a different payload; use a new key for a new task"
 _KEY_PATTERN = re.compile(rf"[\x20-\x7e]{{1,{MAX_KEY_LENGTH}}}")
 
 
@@ -39,6 +45,8 @@ class StoredAnswer:
 
     status: int
     body: dict[str, Any]
+    replayed: bool = False
+    """True when `create` found the key already used (in the journal, before a restart)."""
 
 
 class IdempotencyKeyReusedError(Exception):
@@ -94,7 +102,7 @@ class IdempotencyKeys:
     ) -> tuple[StoredAnswer, bool]:
         """The answer for `key`, calling `create` only if no request has used the key yet.
 
-        Returns the answer and whether it is a replay. Raises `IdempotencyKeyReusedError`
+        Returns the answer and whether it is a replay (also when `create` says so). Raises `IdempotencyKeyReusedError`
         if the key was used with another payload, and whatever `create` raised
         (to every request waiting on the same key) if it failed.
         """
@@ -102,9 +110,7 @@ class IdempotencyKeys:
         entry = self._entries.get(key)
         if entry is not None:
             if entry.fingerprint != payload_fingerprint:
-                raise IdempotencyKeyReusedError(
-                    "this Idempotency-Key was already used with a different payload; use a new key for a new task"
-                )
+                raise IdempotencyKeyReusedError(KEY_REUSED)
             # shield: a waiter that goes away must not cancel the first request's work
             return await asyncio.shield(entry.answer), True
 
@@ -122,7 +128,7 @@ class IdempotencyKeys:
             future.exception()  # mark it retrieved: with no waiter, asyncio would log it as lost
             raise
         future.set_result(result)
-        return result, False
+        return result, result.replayed
 
     def _forget_expired(self) -> None:
         # Every entry lives ttl_s, so insertion order is expiry order.

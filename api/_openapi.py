@@ -152,7 +152,10 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
-_UNAVAILABLE = _error("The runtime is stopped or overloaded; `Retry-After` says when to try again.")
+_UNAVAILABLE = _error(
+    "The runtime is stopped or overloaded, or the server is at its limit of requests in progress; "
+    "`Retry-After` says when to try again."
+)
 
 _PATHS: dict[str, Any] = {
     "/": {
@@ -260,7 +263,9 @@ _PATHS: dict[str, Any] = {
                 ),
                 "400": _error("empty body, malformed JSON, a malformed Idempotency-Key, or an unknown pipeline"),
                 "408": _error("the body did not arrive in time"),
-                "413": _error("the body is over 1 MiB"),
+                "413": _error(
+                    "the body is over 1 MiB, or the payload over the server's caps (canonical bytes, values)"
+                ),
                 "422": _error(
                     "the body is not a JSON object, nests too deep, the runtime refused it, "
                     "or the Idempotency-Key was used with another payload"

@@ -25,11 +25,15 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import os
 import re
 import signal
+import tempfile
 import threading
 from base64 import b64encode
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape as html_escape
 from typing import Any
 
 import uvicorn
@@ -53,8 +57,23 @@ from actorflow.api._errors import (
     json_response,
 )
 from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
-from actorflow.api._idempotency import IdempotencyKeyReusedError, IdempotencyKeys, StoredAnswer, check_key, fingerprint
+from actorflow.api._idempotency import (
+    KEY_REUSED as _KEY_REUSED,
+)
+from actorflow.api._idempotency import (
+    IdempotencyKeyReusedError,
+    IdempotencyKeys,
+    StoredAnswer,
+    check_key,
+)
 from actorflow.api._openapi import DEFAULT_LIMIT, MAX_LIMIT, MAX_OFFSET, openapi_document
+from actorflow.api._protocol import (
+    MAX_CONCURRENT_REQUESTS,
+    MAX_IDLE_CONNECTIONS,
+    REQUEST_START_TIMEOUT_S,
+    ApiConfig,
+    RequestLimitMiddleware,
+)
 from actorflow.core import (
     ConfigError,
     InvalidPayload,
@@ -62,6 +81,7 @@ from actorflow.core import (
     RuntimeConfig,
     RuntimeStopped,
     TaskNotFound,
+    TaskRecord,
     TaskState,
     UnknownPipeline,
 )
@@ -75,8 +95,21 @@ BODY_TIMEOUT_S = 10.0
 """A request body must arrive within this long, or the answer is 408."""
 MAX_PAYLOAD_DEPTH = 64
 """Deepest nesting of objects and arrays accepted in a payload."""
+MAX_PAYLOAD_BYTES = 256 * 1024
+"""Default cap on a payload's stored size: the bytes of its canonical JSON (sorted keys, no spaces, UTF-8)."""
+MAX_PAYLOAD_NODES = 10_000
+"""Default cap on a payload's values (objects, arrays, keys, strings, numbers, ...): each costs memory once parsed.
+
+A 1 MiB body of ``[{},{},...]`` is 260,000 nodes and about 20 MB in memory; 10,000 nodes stay near 1 MB.
+"""
+_PARSERS = 4
+"""Bodies parsed and checked at once (each in a worker thread): bounds the transient memory of parsing."""
 MAX_PAGE_BYTES = 16 * 1024 * 1024
 """A page of `GET /tasks` holds fewer than `limit` tasks rather than grow past this."""
+SERVE_MAX_IN_FLIGHT = 1000
+"""`serve`'s default bound on tasks in flight: with the payload caps, about 1.5 GB at worst."""
+SERVE_RETAIN_TERMINAL = 1000
+"""`serve`'s default number of finished tasks kept in memory; older ones are read back from the journal."""
 GRACEFUL_SHUTDOWN_S = 10
 """How long shutdown waits for requests in progress before cancelling them."""
 
@@ -99,6 +132,9 @@ def create_app(
     heartbeat_s: float = 15.0,
     max_event_clients: int = 100,
     idempotency_keys: IdempotencyKeys | None = None,
+    max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_payload_nodes: int = MAX_PAYLOAD_NODES,
 ) -> Starlette:
     """The API and dashboard over `runtime`, which the caller keeps owning (and closes).
 
@@ -108,9 +144,16 @@ def create_app(
         heartbeat_s: how often an idle `/events` stream gets a comment line, to keep proxies from closing it.
         max_event_clients: how many `/events` streams may be open at once.
         idempotency_keys: where Idempotency-Keys are remembered (default: 10,000 keys for 24 h).
+        max_concurrent_requests: requests in progress at once (event streams included); more answer
+            503 with Retry-After, except `/healthz`, which is always answered.
+        max_payload_bytes: the largest payload stored, in bytes of its canonical JSON; larger ones answer 413.
+        max_payload_nodes: the most values (nodes) in a payload; more answer 413.
     """
     if token is not None and not token:
         raise ValueError("token must be a non-empty string, or None for no authentication")
+    for name, cap in (("max_payload_bytes", max_payload_bytes), ("max_payload_nodes", max_payload_nodes)):
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {cap!r}")
     broadcaster = EventBroadcaster(runtime, max_clients=max_event_clients)
     handlers = _Handlers(
         runtime,
@@ -118,6 +161,7 @@ def create_app(
         idempotency_keys if idempotency_keys is not None else IdempotencyKeys(),
         openapi_document(token_required=token is not None, pipelines=runtime.pipelines),
         heartbeat_s,
+        _PayloadCaps(max_payload_bytes, max_payload_nodes),
     )
 
     @contextlib.asynccontextmanager
@@ -125,7 +169,10 @@ def create_app(
         yield
         broadcaster.close()
 
-    middleware = [Middleware(CatchAllMiddleware)]
+    middleware = [
+        Middleware(CatchAllMiddleware),
+        Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests),
+    ]
     if token is not None:
         middleware.append(Middleware(BearerTokenMiddleware, token=token))
     app = Starlette(
@@ -157,6 +204,19 @@ def create_app(
     return app
 
 
+@dataclass(frozen=True, slots=True)
+class _PayloadCaps:
+    max_bytes: int
+    max_nodes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    payload: dict[str, Any]
+    fingerprint: str
+    """The SHA-256 of the payload's canonical JSON, which Idempotency-Keys compare."""
+
+
 class _Handlers:
     """The endpoints. Runtime errors are left to the app's exception handlers below."""
 
@@ -167,13 +227,16 @@ class _Handlers:
         keys: IdempotencyKeys,
         openapi: dict[str, Any],
         heartbeat_s: float,
+        caps: _PayloadCaps,
     ) -> None:
         self.runtime = runtime
+        self.caps = caps
+        self.parsers = asyncio.Semaphore(_PARSERS)
         self.broadcaster = broadcaster
         self.keys = keys
         self.openapi_doc = openapi
         self.heartbeat_s = heartbeat_s
-        self.dashboard_html, self.dashboard_headers = _load_dashboard()
+        self.dashboard_html, self.dashboard_headers = _load_dashboard([state.value for state in runtime.states])
 
     async def dashboard(self, request: Request) -> Response:
         return Response(self.dashboard_html, media_type="text/html; charset=utf-8", headers=self.dashboard_headers)
@@ -213,9 +276,12 @@ class _Handlers:
     async def _submit(self, request: Request) -> Response:
         try:
             pipeline = _pipeline_param(request, self.runtime)
-            payload = _parse_payload(await _read_body(request))
+            body = await _read_body(request)
+            async with self.parsers:  # parsing a 1 MiB body takes tens of ms: off the event loop
+                parsed = await run_in_threadpool(_parse_payload, body, self.caps)
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
+        payload = parsed.payload
         traceparent = request.headers.get("traceparent")
         if traceparent is not None:
             try:
@@ -223,15 +289,35 @@ class _Handlers:
             except ValueError:
                 traceparent = None  # W3C trace context: a malformed parent is ignored, and a new trace starts
 
-        async def submit() -> StoredAnswer:
-            handle = await self.runtime.submit_async(payload, traceparent=traceparent, pipeline=pipeline)
-            try:
-                state = (await run_in_threadpool(self.runtime.get, handle.task_id)).state.value
-            except TaskNotFound:  # evicted already (retain_terminal): it surely was created
-                state = TaskState.CREATED.value
-            return StoredAnswer(201, {"task_id": handle.task_id, "state": state, "pipeline": pipeline})
-
         key = request.headers.get("idempotency-key")
+        # The pipeline is part of what a key stands for: the same payload sent to another pipeline is another request.
+        default = self.runtime.pipelines[0].name
+        key_fingerprint = parsed.fingerprint if pipeline == default else f"{pipeline}:{parsed.fingerprint}"
+
+        async def created(task_id: str) -> dict[str, str]:
+            try:
+                record = await run_in_threadpool(self.runtime.get, task_id)
+            except TaskNotFound:  # evicted already (retain_terminal): it surely was created
+                return {"task_id": task_id, "state": TaskState.CREATED.value, "pipeline": pipeline}
+            return {"task_id": task_id, "state": record.state.value, "pipeline": record.pipeline}
+
+        async def submit() -> StoredAnswer:
+            if key is not None:
+                # Committed with its task before a crash, the key is in the journal: the first task is the answer.
+                stored = await run_in_threadpool(self.runtime.find_idempotency_key, key)
+                if stored is not None:
+                    task_id, stored_fingerprint = stored
+                    if stored_fingerprint != key_fingerprint:
+                        raise IdempotencyKeyReusedError(_KEY_REUSED)
+                    return StoredAnswer(201, await created(task_id), replayed=True)
+            handle = await self.runtime.submit_async(
+                payload,
+                traceparent=traceparent,
+                pipeline=pipeline,
+                idempotency_key=None if key is None else (key, key_fingerprint),
+            )
+            return StoredAnswer(201, await created(handle.task_id))
+
         replayed = False
         if key is None:
             answer = await submit()
@@ -239,9 +325,7 @@ class _Handlers:
             problem = check_key(key)
             if problem is not None:
                 return error_response(400, problem)
-            answer, replayed = await self.keys.answer(
-                key, fingerprint({"pipeline": pipeline, "payload": payload}), submit
-            )
+            answer, replayed = await self.keys.answer(key, key_fingerprint, submit)
         headers = {"Location": f"/tasks/{answer.body['task_id']}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -253,18 +337,8 @@ class _Handlers:
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
         records = await run_in_threadpool(self.runtime.tasks, state, limit=limit, offset=offset)
-        # A page also stops before MAX_PAGE_BYTES: 1000 payloads of 1 MiB must not become one 1 GiB answer.
-        encoded: list[bytes] = []
-        size = 0
-        for record in records:
-            item = encode_json(record.to_dict())
-            if encoded and size + len(item) > MAX_PAGE_BYTES:
-                break
-            encoded.append(item)
-            size += len(item)
-        full = len(encoded) == limit or len(encoded) < len(records)
-        tail = {"limit": limit, "offset": offset, "next_offset": offset + len(encoded) if full else None}
-        return json_response(b'{"tasks":[' + b",".join(encoded) + b"]," + encode_json(tail)[1:])
+        # Encoding a page of big payloads takes seconds: off the event loop, so that /healthz stays prompt.
+        return json_response(await run_in_threadpool(_encode_page, records, limit, offset))
 
     async def _cancel(self, task_id: str) -> Response:
         cancelled = await run_in_threadpool(self.runtime.cancel, task_id)
@@ -325,11 +399,27 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
+def _encode_page(records: Sequence[TaskRecord], limit: int, offset: int) -> bytes:
+    """The body of a `GET /tasks` page: `records` encoded, stopping before MAX_PAGE_BYTES."""
+    # 1000 payloads of 1 MiB must not become one 1 GiB answer.
+    encoded: list[bytes] = []
+    size = 0
+    for record in records:
+        item = encode_json(record.to_dict())
+        if encoded and size + len(item) > MAX_PAGE_BYTES:
+            break
+        encoded.append(item)
+        size += len(item)
+    full = len(encoded) == limit or len(encoded) < len(records)
+    tail = {"limit": limit, "offset": offset, "next_offset": offset + len(encoded) if full else None}
+    return b'{"tasks":[' + b",".join(encoded) + b"]," + encode_json(tail)[1:]
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_payload(body: bytes) -> dict[str, Any]:
+def _parse_payload(body: bytes, caps: _PayloadCaps) -> _Parsed:
     if not body.strip():
         raise _RequestError(
             400, 'the body is empty; send the task\'s payload as a JSON object, e.g. {"name": "a", "data": 1}'
@@ -344,10 +434,17 @@ def _parse_payload(body: bytes) -> dict[str, Any]:
         raise _RequestError(400, f"malformed JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise _RequestError(422, f"the payload must be a JSON object, got {_json_type(payload)}")
-    problem = _payload_problem(payload, MAX_PAYLOAD_DEPTH)
+    problem = _payload_problem(payload, MAX_PAYLOAD_DEPTH, caps.max_nodes)
     if problem is not None:
-        raise _RequestError(422, problem)
-    return payload
+        raise _RequestError(413 if problem.startswith("the payload has more than") else 422, problem)
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canonical) > caps.max_bytes:
+        raise _RequestError(
+            413,
+            f"the payload is {len(canonical)} bytes as canonical JSON (sorted keys, no spaces); "
+            f"at most {caps.max_bytes} are stored",
+        )
+    return _Parsed(payload, hashlib.sha256(canonical).hexdigest())
 
 
 def _json_type(value: Any) -> str:
@@ -355,16 +452,23 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _payload_problem(payload: dict[str, Any], depth_limit: int) -> str | None:
-    """What makes a parsed payload unacceptable, or None: too deep, or text that is not Unicode.
+def _payload_problem(payload: dict[str, Any], depth_limit: int, node_limit: int) -> str | None:
+    """What makes a parsed payload unacceptable, or None: too deep, too many nodes, or text that is not Unicode.
 
     JSON's \\uXXXX escapes can spell a lone surrogate, which Python decodes but no
     UTF-8 encoder (this API's answers, the journal) can write back.
     """
     # Iterative, so that the check itself cannot hit the recursion limit it guards.
     stack: list[tuple[Any, int]] = [(payload, 1)]
+    nodes = 0
     while stack:
         item, depth = stack.pop()
+        nodes += 1 + (len(item) if isinstance(item, dict) else 0)  # an object's keys are nodes too
+        if nodes > node_limit:
+            return (
+                f"the payload has more than {node_limit} values (objects, arrays, keys, strings, numbers, ...), "
+                "the most stored"
+            )
         if isinstance(item, str):
             texts: Iterable[str] = (item,)
         elif isinstance(item, dict):
@@ -427,8 +531,14 @@ def _count_param(params: Mapping[str, str], name: str, default: int, lowest: int
     return value
 
 
-def _load_dashboard() -> tuple[bytes, dict[str, str]]:
+def _load_dashboard(states: Sequence[str] = ()) -> tuple[bytes, dict[str, str]]:
     html = importlib.resources.files("api").joinpath("static/dashboard.html").read_bytes()
+    if states:
+        # The page draws a card per state of the runtime's pipelines; it reads them from this tag.
+        names = html_escape(" ".join(states)).encode()
+        html = html.replace(
+            b'<meta charset="utf-8">', b'<meta charset="utf-8">\n<meta name="actorflow-states" content="%s">' % names, 1
+        )
     # The page is self-contained: allow exactly its own inline script and style (by
     # hash) and requests back to this server, nothing else.
     hashes = {
@@ -490,7 +600,13 @@ class ApiServer(uvicorn.Server):
 
 
 def make_server(
-    app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, configure_logging: bool = True
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    configure_logging: bool = True,
+    request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
+    max_idle_connections: int = MAX_IDLE_CONNECTIONS,
 ) -> ApiServer:
     """A uvicorn server for `app`, with limits so that slow or abandoned clients cannot exhaust it.
 
@@ -499,18 +615,24 @@ def make_server(
         host: the address to bind; loopback unless told otherwise.
         port: the port to bind; 0 picks a free one (see `ApiServer.port`).
         configure_logging: let uvicorn set up its console logging (off in tests and embedders).
+        request_start_timeout_s: a connection waiting for a request (new, or between two requests)
+            must send the request's line and headers within this long, or it is closed.
+        max_idle_connections: connections waiting for a request at once; past this, the one that
+            has waited longest is closed, so that idle sockets never crowd out real requests.
     """
-    config = uvicorn.Config(
+    config = ApiConfig(
         app,
+        request_start_timeout_s=request_start_timeout_s,
+        max_idle_connections=max_idle_connections,
         host=host,
         port=port,
-        http="h11",  # h11_max_incomplete_event_size only applies to the h11 implementation
         ws="none",
         lifespan="on",
         loop="asyncio",
         timeout_keep_alive=5,  # idle keep-alive connections are closed after 5 s
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers: 16 KiB at most
-        limit_concurrency=200,  # more connections or tasks than this get 503
+        # No limit_concurrency: uvicorn counts idle connections against it and answers plain-text 503s.
+        # GuardedH11Protocol bounds idle connections and RequestLimitMiddleware requests instead.
         backlog=128,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=False,
@@ -525,7 +647,13 @@ def make_server(
 
 @contextlib.contextmanager
 def serve_in_background(
-    app: Starlette, *, host: str = "127.0.0.1", port: int = 0, ready_timeout_s: float = 10.0
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_timeout_s: float = 10.0,
+    request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
+    max_idle_connections: int = MAX_IDLE_CONNECTIONS,
 ) -> Iterator[ApiServer]:
     """Serve `app` from a background thread for the duration of a `with` block.
 
@@ -533,10 +661,19 @@ def serve_in_background(
     server listens, and leaving it shuts the server down gracefully (event streams included)
     and joins the thread. The caller owns the runtime behind `app`.
 
+    `request_start_timeout_s` and `max_idle_connections` are `make_server`'s.
+
     Raises:
         RuntimeError: the server did not start within `ready_timeout_s` (port taken, ...).
     """
-    server = make_server(app, host=host, port=port, configure_logging=False)
+    server = make_server(
+        app,
+        host=host,
+        port=port,
+        configure_logging=False,
+        request_start_timeout_s=request_start_timeout_s,
+        max_idle_connections=max_idle_connections,
+    )
     thread = threading.Thread(target=server.run, name="actorflow-api", daemon=True)
     thread.start()
     try:
@@ -564,6 +701,11 @@ def serve(
     journal: str | None = None,
     token: str | None = None,
     runtime: Runtime | None = None,
+    *,
+    max_in_flight: int = SERVE_MAX_IN_FLIGHT,
+    retain_terminal: int = SERVE_RETAIN_TERMINAL,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_payload_nodes: int = MAX_PAYLOAD_NODES,
 ) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
@@ -571,24 +713,49 @@ def serve(
     requests in progress, let the tasks in flight finish (up to the runtime's
     `drain_timeout_s`; they were promised with a 201) and close the runtime.
 
+    Memory stays bounded: at most `max_in_flight` tasks are in flight (more answer 503
+    with Retry-After), at most `retain_terminal` finished ones are kept in memory (the
+    rest are read back from the journal), and each payload is capped. Without `journal`
+    the finished tasks go to a temporary journal, deleted when the server stops.
+
     Args:
         host: the address to bind, loopback by default.
         port: the port to bind.
-        journal: a SQLite journal path, so that tasks survive a restart; None keeps them in memory.
+        journal: a SQLite journal path, so that tasks survive a restart; None for a temporary one.
         token: if given, every route but `/healthz` needs `Authorization: Bearer <token>`.
-        runtime: serve this runtime (an app's own) instead of a new default one; `journal` must then be
-            None. It is closed, with draining, when the server stops.
+        runtime: serve this runtime (an app's own) instead of a new default one; `journal`,
+            `max_in_flight` and `retain_terminal` are then its config's. It is closed, with
+            draining, when the server stops.
+        max_in_flight: tasks in flight at once, for the runtime made here.
+        retain_terminal: finished tasks kept in memory, for the runtime made here.
+        max_payload_bytes: the largest payload accepted, in bytes of its canonical JSON.
+        max_payload_nodes: the most values (nodes) in an accepted payload.
     """
     if runtime is not None and journal is not None:
         raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
-    if runtime is None:
-        runtime = Runtime(RuntimeConfig(journal_path=journal))
-    try:
-        server = make_server(create_app(runtime, token=token), host=host, port=port)
-        with _stop_signals_absorbed():
-            server.run()
-    finally:
-        runtime.close(drain=True)
+    with contextlib.ExitStack() as cleanup:
+        if runtime is None:
+            if journal is None:
+                journal = os.path.join(
+                    cleanup.enter_context(tempfile.TemporaryDirectory(prefix="actorflow-")), "tasks.db"
+                )
+            runtime = Runtime(
+                RuntimeConfig(
+                    journal_path=journal,
+                    max_in_flight=max_in_flight,
+                    retain_terminal=retain_terminal,
+                    overload="reject",  # an HTTP client is told 503 + Retry-After at once, not held
+                )
+            )
+        try:
+            app = create_app(
+                runtime, token=token, max_payload_bytes=max_payload_bytes, max_payload_nodes=max_payload_nodes
+            )
+            server = make_server(app, host=host, port=port)
+            with _stop_signals_absorbed():
+                server.run()
+        finally:
+            runtime.close(drain=True)
 
 
 @contextlib.contextmanager

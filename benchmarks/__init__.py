@@ -1,6 +1,7 @@
 """actorflow's benchmark suite: the runtime measured against what a user would write instead.
 
-    python -m benchmarks            # the full run: prints a Markdown table, writes results/latest.json
+    python -m benchmarks            # the full run: prints a Markdown table, writes results/last-run.json
+    python -m benchmarks --publish  # the same, written to results/published.json (tracked; the README's figures)
     python -m benchmarks --quick    # small sizes, well under a minute (what CI runs)
     python -m benchmarks --only io  # one scenario
 

@@ -1,9 +1,11 @@
 """Run the benchmark suite: ``python -m benchmarks [--quick] [--only SCENARIO ...]``.
 
-Prints a Markdown report and writes every figure as JSON: a complete full run
-to ``benchmarks/results/latest.json``, anything else (``--quick``, ``--only``)
-to ``benchmarks/results/scratch.json`` (git-ignored), unless ``--out`` says
-otherwise. Exits non-zero if a scenario failed to run; never because of speed.
+Prints a Markdown report and writes every figure as JSON to
+``benchmarks/results/last-run.json`` (git-ignored), or to ``--out``. Only a
+complete full run given ``--publish`` writes the tracked
+``benchmarks/results/published.json``, the figures the README quotes; an
+ordinary run never changes a tracked file. Exits non-zero if a scenario
+failed to run; never because of speed.
 """
 
 from __future__ import annotations
@@ -42,8 +44,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per scenario (5; 2 with --quick)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (default results/last-run.json)")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="write results/published.json, the tracked figures the README quotes (a complete full run only)",
+    )
     args = parser.parse_args(argv)
+    if args.publish and (args.quick or args.smoke or args.only or args.out):
+        parser.error("--publish takes a complete full run: no --quick, --smoke, --only or --out")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
     return args
@@ -65,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     selected = args.only or list(SCENARIOS)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
-    complete = size == "full" and args.only is None
-    out = args.out or _RESULTS / ("latest.json" if complete else "scratch.json")
+    out = args.out or _RESULTS / ("published.json" if args.publish else "last-run.json")
     rounds = args.rounds or {"full": 5, "quick": 2, "smoke": 1}[size]
     structlog.reset_defaults()  # tracing stays off unless a scenario turns it on
     results: dict[str, Any] = {

@@ -183,7 +183,7 @@ def run(quick: bool) -> dict[str, Any]:
         ray: Any = importlib.import_module("ray")
         actor_pool: Any = importlib.import_module("ray.util").ActorPool
     except ImportError:
-        return {"skipped": "Ray is not installed: pip install 'actorflow[ray]'"}
+        return {"skipped": "Ray is not installed: pip install '.[ray]'"}
 
     load_before = round(os.getloadavg()[0], 2)  # the figures mean little on a machine busy with other work
     counts = {"tiny": 200, "io": 100, "cpu": 40} if quick else {"tiny": 2000, "io": 600, "cpu": 200}

@@ -16,6 +16,11 @@ file is marked as ours by ``PRAGMA application_id``)::
                  the transition's index in the record's history, so that a
                  transition cannot be written twice; triggers refuse UPDATE
                  and DELETE
+    idempotency_keys  the HTTP API's Idempotency-Keys: key, the task it created,
+                 the payload's fingerprint, and when; written in the same
+                 transaction as the task's creation (`Journal.stage_key`), kept
+                 `KEY_RETENTION_S` and at most `MAX_KEYS` (additive: created
+                 with IF NOT EXISTS in any journal opened for writing)
 
 Durability. `Journal.write_batch` is one transaction: when it returns, the batch
 is committed, and nothing of a failed batch is visible. WAL with
@@ -51,6 +56,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -143,6 +149,27 @@ _MIGRATE_FROM_1: Final[tuple[str, ...]] = (
 """Schema 1 (the first release: states pinned by CHECK, one pipeline) to 2, in the open transaction."""
 _TABLES: Final = frozenset({"tasks", "transitions"})
 
+KEY_RETENTION_S: Final = 24 * 3600.0
+"""An Idempotency-Key is remembered this long after the task it created (wall-clock time, across restarts)."""
+MAX_KEYS: Final = 100_000
+"""At most this many Idempotency-Keys are kept; the oldest are forgotten first."""
+_KEY_PRUNE_EVERY: Final = 1024
+"""Keys written between two prunings of the table to `MAX_KEYS` (a pruning scans the keys' index)."""
+
+_KEYS_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key         TEXT NOT NULL PRIMARY KEY,
+        task_id     TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at)",
+)
+"""Additive to schema version 1: an older journal gains the table when next opened for writing."""
+_INSERT_KEY: Final = (
+    "INSERT OR REPLACE INTO idempotency_keys (key, task_id, fingerprint, created_at) VALUES (?, ?, ?, ?)"
+)
+
 _INSERT_TASK: Final = (
     "INSERT INTO tasks (task_id, pipeline, state, payload, result, value, error, trace_id, span_id, parent_span_id,"
     " calls, retries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -181,6 +208,13 @@ class JournalReader:
     Opened with ``mode=ro``: it never creates, writes or checkpoints the file.
     Each call reads one consistent snapshot. Thread-safe; use as a context
     manager or call `close`.
+
+    It also leaves no file behind. A ``mode=ro`` connection to a WAL database
+    creates ``-wal`` and ``-shm`` files that only a writer may delete. So when
+    no runtime owns the journal (its ``.lock`` sidecar can be locked shared)
+    and no WAL is left over, the reader holds that shared lock while it is open,
+    which keeps any runtime from writing, and reads the file as immutable,
+    which creates nothing. Otherwise the files it would create exist already.
     """
 
     path: str
@@ -200,14 +234,20 @@ class JournalReader:
         self._connection: sqlite3.Connection | None = None
         if _read_header(self.path) is None:
             raise JournalError(f"journal {self.path!r} cannot be read: no such file")
-        connection = _connect_readonly(self.path, busy_timeout_s)
+        self._quiet_fd = _hold_quiet(self.path)
         try:
-            version = _classify(connection, self.path, busy_timeout_s)
+            connection = _connect_readonly(self.path, busy_timeout_s, immutable=self._quiet_fd is not None)
+            try:
+                version = _classify(connection, self.path, busy_timeout_s)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
-            connection.close()
+            self._release_quiet()
             raise
         if version is None:
             connection.close()
+            self._release_quiet()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
         self._task_columns = _TASK_COLUMNS_V1 if version == 1 else _TASK_COLUMNS
         self._connection = connection
@@ -283,6 +323,20 @@ class JournalReader:
             last_id, last = page[-1]
             cursor = (last.created_at, last_id)
 
+    def find_key(self, key: str) -> tuple[str, str] | None:
+        """The task an Idempotency-Key created and its payload's fingerprint; None if unknown or expired."""
+        try:
+            with self._snapshot("find_key") as connection:
+                row = connection.execute(
+                    "SELECT task_id, fingerprint FROM idempotency_keys WHERE key = ? AND created_at >= ?",
+                    (key, time.time() - KEY_RETENTION_S),
+                ).fetchone()
+        except JournalError as exc:
+            if "no such table" in str(exc):  # a journal no writer has opened since keys were added
+                return None
+            raise
+        return None if row is None else (row[0], row[1])
+
     def counts(self) -> dict[str, int]:
         """Tasks per state name, every state present (0 when none)."""
         with self._snapshot("counts") as connection:
@@ -306,6 +360,12 @@ class JournalReader:
             connection, self._connection = self._connection, None
             if connection is not None:
                 connection.close()
+            self._release_quiet()
+
+    def _release_quiet(self) -> None:
+        fd, self._quiet_fd = self._quiet_fd, None
+        if fd is not None:
+            _release_ownership(fd)
 
     @property
     def closed(self) -> bool:
@@ -416,6 +476,8 @@ class Journal(JournalReader):
         self._connection = None
         self._owner_fd: int | None = None
         self._task_columns = _TASK_COLUMNS
+        self._staged_keys: dict[str, tuple[str, str]] = {}
+        self._keys_since_prune = 0
 
         header = _read_header(self.path)  # refuses a non-SQLite file before SQLite ever opens it
         owner_fd = _acquire_ownership(self.path)
@@ -437,6 +499,20 @@ class Journal(JournalReader):
     def open_readonly(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 2.0) -> JournalReader:
         """A `JournalReader` on `path`: for inspection, also while a runtime writes it."""
         return JournalReader(path, busy_timeout_s=busy_timeout_s)
+
+    def stage_key(self, key: str, task_id: str, fingerprint: str) -> None:
+        """Write Idempotency-Key `key` in the same transaction as task `task_id`'s creation.
+
+        Call it before submitting the task; `unstage_key` if the submission is refused.
+        A retry after a crash then finds the key (`find_key`) if and only if the task exists.
+        """
+        with self._lock:
+            self._staged_keys[task_id] = (key, fingerprint)
+
+    def unstage_key(self, task_id: str) -> None:
+        """Forget a key staged for a task that will not be created. No error if none is staged."""
+        with self._lock:
+            self._staged_keys.pop(task_id, None)
 
     def write_batch(self, created: Sequence[TaskRecord], changed: Sequence[tuple[TaskRecord, Transition]]) -> None:
         """Commit new tasks and accepted transitions in one transaction.
@@ -500,10 +576,17 @@ class Journal(JournalReader):
 
         with self._lock:
             connection = self._require_open()
+            keys = [
+                (*staged, record.task_id, record.created_at)
+                for record in created
+                if (staged := self._staged_keys.get(record.task_id)) is not None
+            ]
             try:
                 connection.execute("BEGIN IMMEDIATE")
                 if tasks:
                     connection.executemany(_INSERT_TASK, tasks)
+                if keys:
+                    self._write_keys(connection, keys)
                 if log:
                     connection.executemany(_INSERT_TRANSITION, log)
                 # executemany sums rowcount: fewer rows than updates means a changed task has no row
@@ -513,6 +596,8 @@ class Journal(JournalReader):
                         f"{self._unknown(connection, latest)!r} were never created in the journal"
                     )
                 connection.execute("COMMIT")
+                for _, _, task_id, _ in keys:
+                    del self._staged_keys[task_id]
             except sqlite3.Error as exc:
                 _rollback(connection)
                 raise JournalError(
@@ -527,6 +612,18 @@ class Journal(JournalReader):
             except BaseException:
                 _rollback(connection)
                 raise
+
+    def _write_keys(self, connection: sqlite3.Connection, keys: list[tuple[str, str, str, float]]) -> None:
+        connection.executemany(_INSERT_KEY, [(key, task_id, fp, at) for key, fp, task_id, at in keys])
+        connection.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (time.time() - KEY_RETENTION_S,))
+        self._keys_since_prune += len(keys)
+        if self._keys_since_prune >= _KEY_PRUNE_EVERY:
+            self._keys_since_prune = 0
+            connection.execute(
+                "DELETE FROM idempotency_keys WHERE key IN "
+                "(SELECT key FROM idempotency_keys ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (MAX_KEYS,),
+            )
 
     @staticmethod
     def _unknown(connection: sqlite3.Connection, task_ids: Iterable[str]) -> list[str]:
@@ -618,8 +715,31 @@ def _release_ownership(fd: int) -> None:
         os.close(fd)
 
 
-def _connect_readonly(path: str, busy_timeout_s: float) -> sqlite3.Connection:
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+def _hold_quiet(path: str) -> int | None:
+    """A shared flock on ``<path>.lock`` if no runtime owns `path` and no WAL is left over; else None.
+
+    While it is held, no `Journal` can take its exclusive lock, so the file cannot change and may be
+    read as immutable. The lock file is never created here: without one, the reader falls back to ``mode=ro``.
+    """
+    if os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm"):
+        return None
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if os.path.exists(f"{path}-wal"):  # a runtime opened it between the check and the lock
+        _release_ownership(fd)
+        return None
+    return fd
+
+
+def _connect_readonly(path: str, busy_timeout_s: float, *, immutable: bool = False) -> sqlite3.Connection:
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         return sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -696,6 +816,8 @@ def _open_for_writing(
             if version == 1:
                 for statement in _MIGRATE_FROM_1:  # inside the open transaction: all of it or nothing
                     connection.execute(statement)
+        for statement in _KEYS_SCHEMA:
+            connection.execute(statement)
         connection.execute("COMMIT")
     except sqlite3.Error as exc:
         _rollback(connection)

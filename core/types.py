@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeAlias
 
 __all__ = [
     "DEFAULT_PIPELINE",
     "SEED_STATES",
     "FrozenDict",
+    "JSONInput",
     "JSONValue",
     "Task",
     "TaskRecord",
@@ -27,14 +28,20 @@ __all__ = [
     "TransitionEvent",
     "evolve",
     "freeze",
+    "freeze_payload",
     "thaw",
 ]
 
 DEFAULT_PIPELINE = "default"
 """The seed pipeline's name (`core.pipeline` re-exports it); a schema-1 journal's tasks belong to it."""
 
-JSONValue = Any
-"""A JSON value as actorflow stores it: None, bool, int, float, str, tuple or FrozenDict."""
+JSONValue: TypeAlias = "bool | int | float | str | tuple[JSONValue, ...] | Mapping[str, JSONValue] | None"
+"""A JSON value as actorflow hands it out (frozen by `freeze`: every mapping a read-only `FrozenDict`,
+every list a tuple): payloads, stage values and results."""
+
+JSONInput: TypeAlias = "bool | int | float | str | Sequence[JSONInput] | Mapping[str, JSONInput] | None"
+"""A JSON value as a program hands it in (payloads): lists and dicts, which `freeze` copies into tuples and
+FrozenDicts."""
 
 
 class _TaskStateType(type):
@@ -132,7 +139,7 @@ SEED_STATES: tuple[TaskState, ...] = (
 """The seed pipeline's states, in lifecycle order; what iterating `TaskState` gives."""
 
 
-class FrozenDict(dict[str, Any]):
+class FrozenDict(dict[str, "JSONValue"]):
     """A read-only dict: JSON- and pickle-friendly, but every mutator raises TypeError.
 
     It subclasses `dict` (rather than wrapping one) so that `json.dumps`, `==`
@@ -197,6 +204,14 @@ def freeze(value: Any, *, where: str = "payload") -> JSONValue:
     )
 
 
+def freeze_payload(payload: Mapping[str, JSONInput], *, where: str = "payload") -> Mapping[str, JSONValue]:
+    """`freeze` for a mapping: its frozen copy, typed as the mapping it is. Raises TypeError as `freeze` does."""
+    frozen = freeze(payload, where=where)
+    if not isinstance(frozen, Mapping):
+        raise TypeError(f"{where} must be a mapping (a JSON object), got {type(payload).__name__}")
+    return frozen
+
+
 def _check_encodable(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
@@ -206,7 +221,7 @@ def _check_encodable(text: str, where: str) -> None:
         ) from None
 
 
-def thaw(value: JSONValue) -> Any:
+def thaw(value: object) -> Any:
     """Return a plain, mutable copy (dicts and lists) of a frozen JSON value."""
     if isinstance(value, dict):
         return {key: thaw(item) for key, item in value.items()}

@@ -130,7 +130,8 @@ def rt(runtime_factory: Callable[..., Runtime]) -> Runtime:
 
 @pytest.fixture
 def server(rt: Runtime) -> Iterator[ApiServer]:
-    with serve_in_background(create_app(rt, heartbeat_s=0.2)) as running:
+    # Payloads as big as the 1 MiB body limit: the tests of that limit and of big pages need them.
+    with serve_in_background(create_app(rt, heartbeat_s=0.2, max_payload_bytes=1024 * 1024)) as running:
         yield running
 
 

@@ -202,3 +202,89 @@ def test_a_bad_port_is_refused_with_a_usage_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "--port must be from 0 to 65535" in result.stderr
+
+
+def test_the_command_line_defaults_are_the_apis_own() -> None:
+    from actorflow.api import server as api_server  # noqa: PLC0415 - the CLI module avoids importing it early
+    from actorflow.cli import serve as cli  # noqa: PLC0415
+
+    assert cli.SERVE_MAX_IN_FLIGHT == api_server.SERVE_MAX_IN_FLIGHT
+    assert cli.SERVE_RETAIN_TERMINAL == api_server.SERVE_RETAIN_TERMINAL
+    assert cli.MAX_PAYLOAD_BYTES == api_server.MAX_PAYLOAD_BYTES
+    assert cli.MAX_PAYLOAD_NODES == api_server.MAX_PAYLOAD_NODES
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.fail("no VmRSS in /proc")
+
+
+@pytest.mark.timeout(120)
+def test_thirty_one_mib_posts_of_empty_objects_leave_the_servers_memory_bounded(serve: Callable[..., Served]) -> None:
+    served = serve()
+    body = b'{"data":[' + b",".join([b"{}"] * 262_000) + b"]}"
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        assert http.post("/tasks", json={"name": "warm-up", "data": 1}).status_code == 201
+        before = resident_mib(served.process.pid)
+
+        statuses = {http.post("/tasks", content=body).status_code for _ in range(30)}
+
+        after = resident_mib(served.process.pid)
+    assert statuses == {413}
+    assert after - before < 100, f"RSS went from {before:.0f} MiB to {after:.0f} MiB"
+
+
+def test_serve_at_its_max_in_flight_answers_503_overloaded_with_retry_after(serve: Callable[..., Served]) -> None:
+    served = serve("--max-in-flight", "1")
+    with httpx.Client(base_url=served.url, timeout=WAIT_S) as http:
+        assert http.post("/tasks", json={"name": "slow", "data": {"sleep_ms": 30_000}}).status_code == 201
+
+        refused = http.post("/tasks", json={"name": "next", "data": 1})
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "overloaded" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-in-flight", "0"], "--max-in-flight: must be an integer >= 1, got '0'"),
+        (["--retain-terminal", "-1"], "--retain-terminal: must be an integer >= 0, got '-1'"),
+        (["--max-payload-nodes", "many"], "--max-payload-nodes: must be an integer >= 1, got 'many'"),
+        (["--app", "x:y", "--max-in-flight", "5"], "--max-in-flight and --app exclude each other"),
+    ],
+)
+def test_bad_memory_bounds_are_refused_with_a_usage_error(args: list[str], message: str) -> None:
+    result = run_serve(*args, "--port", str(free_port()))
+
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_post_retried_after_the_server_is_killed_gets_the_first_task_back_and_no_duplicate(
+    serve: Callable[..., Served], tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "tasks.db")
+    first = serve("--journal", journal)
+    task = {"name": "once", "data": 1}
+    created = [
+        httpx.post(f"{first.url}/tasks", json=task, headers={"Idempotency-Key": f"order-{i}"}) for i in range(20)
+    ]
+    assert {response.status_code for response in created} == {201}
+    first.process.kill()  # SIGKILL: nothing is flushed or closed
+    assert first.process.wait(timeout=WAIT_S) == -signal.SIGKILL
+
+    second = serve("--journal", journal)
+    retried = [
+        httpx.post(f"{second.url}/tasks", json=task, headers={"Idempotency-Key": f"order-{i}"}) for i in range(20)
+    ]
+    listed = httpx.get(f"{second.url}/tasks", params={"limit": 1000}).json()["tasks"]
+
+    assert [r.json()["task_id"] for r in retried] == [r.json()["task_id"] for r in created]
+    assert {r.headers.get("idempotent-replayed") for r in retried} == {"true"}
+    assert len(listed) == 20

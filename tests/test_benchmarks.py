@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks import __main__ as bench_main
 from benchmarks.__main__ import SCHEMA, main
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.targets import TARGETS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +103,23 @@ def test_the_report_is_a_markdown_table(smoke_run: tuple[dict[str, Any], str]) -
     assert "| scenario | system | tasks/s (median) |" in report
     assert "| runtime |" in report
     assert "Targets (issue 7, item 4):" in report
+
+
+def test_an_ordinary_run_writes_an_ignored_file_and_never_the_published_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_main, "_RESULTS", tmp_path)
+    assert main(["--smoke", "--only", "noop"]) == 0
+    capsys.readouterr()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last-run.json"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "benchmarks/results/last-run.json"], cwd=ROOT, check=False, timeout=30
+    )
+    assert ignored.returncode == 0, "benchmarks/results/last-run.json must be ignored by git"
+
+
+def test_publish_takes_only_a_complete_full_run(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--publish", "--quick"])
+    assert exited.value.code == 2
+    assert "--publish takes a complete full run" in capsys.readouterr().err

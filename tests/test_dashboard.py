@@ -30,7 +30,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
-from actorflow.core import RuntimeConfig, Task
+from actorflow.core import Pipeline, RuntimeConfig, Stage, Task
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
 
@@ -185,3 +185,34 @@ def test_a_click_on_a_state_card_filters_the_feed_to_that_state(server: ApiServe
     assert visible.first.get_attribute("data-to") == "FAILED"
     page.locator(".card[data-state='FAILED']").click()
     assert page.locator("#feed .row:visible").count() == 6  # 4 transitions + 2
+
+
+def test_the_dashboard_shows_a_card_per_state_of_the_runtimes_own_pipelines(page: Page) -> None:
+    held = threading.Event()
+
+    def check(task: Task, value: Any) -> None:
+        return None
+
+    def fetch(task: Task, value: Any) -> None:
+        held.wait(30)
+
+    ingest = Pipeline("ingest", [Stage("check", check), Stage("fetch", fetch)])
+    runtime = Runtime(RuntimeConfig(), pipelines=[ingest])
+    try:
+        with serve_in_background(create_app(runtime, token=TOKEN)) as running:
+            page.goto(f"{running.url}/?token={TOKEN}")
+            page.wait_for_function("document.getElementById('status').dataset.status === 'live'", timeout=WAIT_MS)
+            cards = page.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.state)")
+            assert cards == ["CREATED", "CHECK", "FETCH", "COMPLETED", "FAILED", "CANCELLED"]
+            with httpx.Client(base_url=running.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+                for i in range(2):
+                    assert api.post("/tasks?pipeline=ingest", json={"name": f"page-{i}"}).status_code == 201
+            count_is(page, "FETCH", 2)
+            assert page.locator("#in-flight").inner_text() == "2"
+            page.locator(".card[data-state='FETCH']").click()
+            assert page.locator("#feed .row:visible").count() == 2
+            held.set()
+            count_is(page, "COMPLETED", 2)
+    finally:
+        held.set()
+        runtime.close(drain=False)

@@ -5,7 +5,7 @@ test builds its own Runtime on it. Service functions that misbehave decide
 on `task.attempt`, which travels with the call, so they behave the same in
 whichever worker process they land.
 
-Needs `pip install 'actorflow[ray]'`; without Ray the module is skipped, saying
+Needs `pip install '.[ray]'`; without Ray the module is skipped, saying
 so, unless ACTORFLOW_REQUIRE_RAY is set (as in CI), where it fails instead.
 """
 
@@ -267,7 +267,7 @@ def test_choosing_ray_without_ray_installed_is_a_config_error_saying_how_to_inst
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'actorflow\[ray\]'"):
+    with pytest.raises(ConfigError, match=r"pip install '\.\[ray\]'"):
         Runtime(RuntimeConfig(service_backend="ray"))
 
 

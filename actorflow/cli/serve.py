@@ -9,6 +9,13 @@ from collections.abc import Mapping, Sequence
 
 __all__ = ["build_parser", "exposure_warning", "main", "resolve_token"]
 
+# The API's defaults, repeated here because the CLI must not import Starlette before the arguments are
+# checked (a missing extra is reported after them); tests/test_api_cli.py checks that they match.
+SERVE_MAX_IN_FLIGHT = 1000
+SERVE_RETAIN_TERMINAL = 1000
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_PAYLOAD_NODES = 10_000
+
 TOKEN_ENV = "ACTORFLOW_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -33,12 +40,58 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV})",
     )
     parser.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        metavar="N",
+        help=f"tasks in flight at once; more POSTs answer 503 with Retry-After (default: {SERVE_MAX_IN_FLIGHT})",
+    )
+    parser.add_argument(
+        "--retain-terminal",
+        type=_natural_int,
+        metavar="N",
+        help="finished tasks kept in memory; older ones are read back from the journal "
+        f"(a temporary one without --journal) (default: {SERVE_RETAIN_TERMINAL})",
+    )
+    parser.add_argument(
+        "--max-payload-bytes",
+        type=_positive_int,
+        default=MAX_PAYLOAD_BYTES,
+        metavar="N",
+        help="largest payload stored, in bytes of its canonical JSON; larger ones answer 413 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-payload-nodes",
+        type=_positive_int,
+        default=MAX_PAYLOAD_NODES,
+        metavar="N",
+        help="most values (objects, arrays, keys, strings, numbers...) in a payload; more answer 413 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="runtime events written to stderr (default: %(default)s)",
     )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _natural_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = lowest - 1
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {text!r}")
+    return value
 
 
 def resolve_token(flag: str | None, environ: Mapping[str, str]) -> str | None:
@@ -74,6 +127,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
         parser.error(f"--port must be from 0 to 65535, got {args.port}")
     if args.app is not None and args.journal is not None:
         parser.error("--journal and --app exclude each other: the app's runtime has its own RuntimeConfig.journal_path")
+    for flag, value in (("--max-in-flight", args.max_in_flight), ("--retain-terminal", args.retain_terminal)):
+        if args.app is not None and value is not None:
+            parser.error(f"{flag} and --app exclude each other: the app's runtime has its own RuntimeConfig")
     try:
         token = resolve_token(args.token, os.environ)
     except ValueError as exc:
@@ -82,7 +138,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
         from actorflow.api.server import serve  # noqa: PLC0415 - only here does a missing extra become an error
     except ModuleNotFoundError as exc:
         print(
-            f"the HTTP API needs the http extra ({exc.name} is missing): pip install 'actorflow[http]'", file=sys.stderr
+            f"the HTTP API needs the http extra ({exc.name} is missing): pip install '.[http]' in a clone",
+            file=sys.stderr,
         )
         return 2
     from actorflow.cli.apps import AppSpecError, load_runtime  # noqa: PLC0415 - only once the arguments are good
@@ -94,7 +151,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
     close_log = configure_logging(level=args.log_level)
     try:
         runtime = load_runtime(args.app) if args.app is not None else None
-        serve(host=args.host, port=args.port, journal=args.journal, token=token, runtime=runtime)
+        serve(
+            host=args.host,
+            port=args.port,
+            journal=args.journal,
+            token=token,
+            runtime=runtime,
+            max_in_flight=SERVE_MAX_IN_FLIGHT if args.max_in_flight is None else args.max_in_flight,
+            retain_terminal=SERVE_RETAIN_TERMINAL if args.retain_terminal is None else args.retain_terminal,
+            max_payload_bytes=args.max_payload_bytes,
+            max_payload_nodes=args.max_payload_nodes,
+        )
     except AppSpecError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,251 @@
+"""The HTTP server under abuse: idle and half-sent connections, floods of requests, huge payloads, huge pages.
+
+A real `Runtime` behind a real uvicorn server on loopback, with raw sockets for
+the clients that misbehave below HTTP. Waiting is done on the server's own
+actions (a socket read returns when the server answers or closes), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from actorflow.actors import Runtime
+from actorflow.api import ApiServer, create_app, serve_in_background
+from actorflow.api import server as api_server
+from actorflow.core import RuntimeConfig, Task
+from actorflow.services import ServiceSet
+from actorflow.services import process as default_process
+
+WAIT_S = 10.0
+
+
+def payload(index: int = 0, **data: object) -> dict[str, object]:
+    return {"name": f"task-{index}", "data": {"index": index, **data}}
+
+
+def connect(server: ApiServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout bounds the wait)."""
+    received = bytearray()
+    while chunk := sock.recv(65536):
+        received += chunk
+    return bytes(received)
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Tasks whose payload has data.hold wait in the processor until this is set."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def rt(gate: threading.Event) -> Iterator[Runtime]:
+    def process(task: Task) -> Mapping[str, Any]:
+        data = task.payload.get("data")
+        if isinstance(data, Mapping) and data.get("hold"):
+            gate.wait(WAIT_S)
+        return default_process(task)
+
+    runtime = Runtime(RuntimeConfig(), services=ServiceSet(process=process))
+    try:
+        yield runtime
+    finally:
+        gate.set()
+        runtime.close(drain=False)
+
+
+@pytest.fixture
+def server(rt: Runtime) -> Iterator[ApiServer]:
+    with serve_in_background(create_app(rt)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ApiServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=WAIT_S) as http:
+        yield http
+
+
+# --- idle and slow connections -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_three_hundred_idle_connections_leave_healthz_and_posting_answered(
+    server: ApiServer, client: httpx.Client
+) -> None:
+    with ExitStack() as held:
+        idle = [held.enter_context(connect(server)) for _ in range(300)]
+
+        health = client.get("/healthz")
+        created = client.post("/tasks", json=payload())
+
+        assert health.status_code == 200, health.text
+        assert health.json() == {"status": "ok"}
+        assert created.status_code == 201, created.text
+        assert len(idle) == 300
+
+
+def test_a_connection_that_never_sends_a_request_is_closed_after_the_request_start_timeout(rt: Runtime) -> None:
+    with serve_in_background(create_app(rt), request_start_timeout_s=0.3) as running, connect(running) as sock:
+        assert read_until_closed(sock) == b""  # closed without a word: it asked nothing
+
+
+def test_a_request_head_that_trickles_in_too_slowly_gets_a_json_408_and_is_closed(rt: Runtime) -> None:
+    with serve_in_background(create_app(rt), request_start_timeout_s=0.3) as running, connect(running) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the blank line that ends the head never comes
+
+        status, headers, body = parse_response(read_until_closed(sock))
+
+    assert status == 408
+    assert headers["content-type"] == "application/json"
+    assert "did not arrive in time" in json.loads(body)["error"]
+
+
+def test_a_kept_alive_connection_that_then_trickles_a_second_request_is_timed_out_too(rt: Runtime) -> None:
+    with serve_in_background(create_app(rt), request_start_timeout_s=0.5) as running, connect(running) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+
+        raw = read_until_closed(sock)
+
+    first, _, rest = raw.partition(b'{"status":"ok"}')
+    assert parse_response(first)[0] == 200
+    status, headers, _ = parse_response(rest)
+    assert status == 408
+    assert headers["content-type"] == "application/json"
+
+
+def test_past_the_idle_connection_cap_the_longest_waiting_connection_is_closed_first(rt: Runtime) -> None:
+    with serve_in_background(create_app(rt), max_idle_connections=3) as running, ExitStack() as held:
+        oldest = held.enter_context(connect(running))
+        oldest.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # half a head, so that closing it says 408
+        # Answered only once the server has accepted `oldest` (one listening socket, accepted in order).
+        assert httpx.get(f"{running.url}/healthz", timeout=WAIT_S).status_code == 200
+        for _ in range(3):
+            held.enter_context(connect(running))
+
+        status, _, body = parse_response(read_until_closed(oldest))
+
+        assert status == 408
+        assert "error" in json.loads(body)
+        assert httpx.get(f"{running.url}/healthz", timeout=WAIT_S).status_code == 200
+
+
+def test_a_request_that_is_not_http_gets_a_json_400(server: ApiServer) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+
+        status, headers, body = parse_response(read_until_closed(sock))
+
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert "invalid HTTP/1.1 request" in json.loads(body)["error"]
+
+
+def test_more_requests_in_progress_than_allowed_answer_json_503_while_healthz_still_answers(rt: Runtime) -> None:
+    with (
+        serve_in_background(create_app(rt, max_concurrent_requests=1)) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
+        http.stream("GET", "/events") as stream,  # an open event stream holds the one request slot
+    ):
+        assert stream.status_code == 200
+        busy = http.get("/stats")
+
+        assert busy.status_code == 503
+        assert busy.headers["content-type"] == "application/json"
+        assert busy.headers["retry-after"] == "1"
+        assert "requests" in busy.json()["error"]
+        assert http.get("/healthz").status_code == 200
+
+
+# --- big pages -----------------------------------------------------------------------------------
+
+
+def test_healthz_answers_while_a_big_page_is_being_encoded(
+    server: ApiServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for index in range(3):
+        assert client.post("/tasks", json=payload(index)).status_code == 201
+    encoding = threading.Event()
+    healthz_answered = threading.Event()
+    real_encode = api_server._encode_page
+
+    def encode_page_slowly(*args: Any, **kwargs: Any) -> bytes:
+        encoding.set()
+        # Holds the encoder until /healthz has been answered: on the event loop, that would never happen.
+        healthz_answered.wait(WAIT_S)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(api_server, "_encode_page", encode_page_slowly)
+    pages: list[httpx.Response] = []
+    lister = threading.Thread(target=lambda: pages.append(client.get("/tasks", params={"limit": 1000})))
+    lister.start()
+    try:
+        assert encoding.wait(WAIT_S)
+        with httpx.Client(base_url=server.url, timeout=2.0) as other:
+            health = other.get("/healthz")
+        healthz_answered.set()
+    finally:
+        healthz_answered.set()
+        lister.join(WAIT_S)
+
+    assert health.status_code == 200
+    assert pages[0].status_code == 200
+    assert len(pages[0].json()["tasks"]) == 3
+
+
+# --- payload caps --------------------------------------------------------------------------------
+
+
+def test_a_one_mib_body_of_empty_objects_answers_413_naming_the_node_cap(client: httpx.Client) -> None:
+    body = b'{"data":[' + b",".join([b"{}"] * 262_000) + b"]}"
+    assert len(body) <= 1024 * 1024
+
+    response = client.post("/tasks", content=body)
+
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "more than 10000 values" in response.json()["error"]
+
+
+def test_a_payload_over_the_byte_cap_answers_413_with_its_canonical_size(rt: Runtime) -> None:
+    with (
+        serve_in_background(create_app(rt, max_payload_bytes=100)) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
+    ):
+        # Spaces do not count: the canonical JSON of this one is 96 bytes.
+        fits = http.post("/tasks", content=b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}')
+        too_big = http.post("/tasks", json={"name": "a", "data": "x" * 80})
+
+    assert fits.status_code == 201, fits.text
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == (
+        "the payload is 102 bytes as canonical JSON (sorted keys, no spaces); at most 100 are stored"
+    )
+
+
+def test_payload_caps_must_be_positive_ints(rt: Runtime) -> None:
+    with pytest.raises(ValueError, match="max_payload_nodes must be an int >= 1, got 0"):
+        create_app(rt, max_payload_nodes=0)
