@@ -28,6 +28,7 @@ import contextvars
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,10 @@ class AsyncBackend:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self._threads = threads
+        self._lock = threading.Lock()
+        self._arrived: deque[tuple[_AsyncWorker, RunService]] = deque()
+        """Calls sent since the loop last took them; one wake-up takes them all."""
+        self._wake_scheduled = False
         self.thread = threading.Thread(
             target=self._run, args=(started,), name=f"actorflow-loop-{next(_numbers)}", daemon=True
         )
@@ -82,7 +87,27 @@ class AsyncBackend:
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
     ) -> WorkerHandle:
         """A slot on the loop: nothing starts until a call is sent."""
-        return _AsyncWorker(name, fn, deliver, self.loop)
+        return _AsyncWorker(name, fn, deliver, self)
+
+    def schedule(self, worker: _AsyncWorker, call: RunService) -> bool:
+        """Hand a call to the loop (from any thread). One self-pipe write per burst, not per call."""
+        with self._lock:
+            self._arrived.append((worker, call))
+            if self._wake_scheduled:
+                return True
+            self._wake_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._take_arrived)
+        except RuntimeError:  # the loop is closed: the runtime is stopping
+            return False
+        return True
+
+    def _take_arrived(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+            arrived, self._arrived = self._arrived, deque()
+        for worker, call in arrived:
+            worker.start(call)
 
     def close(self) -> None:
         """Cancel what still runs and stop the loop's thread."""
@@ -98,13 +123,14 @@ class AsyncBackend:
 class _AsyncWorker:
     """One slot of a pool on the loop. `send`, `retire` and `cancel` are called from the orchestrator's thread."""
 
-    __slots__ = ("_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
+    __slots__ = ("_backend", "_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
 
-    def __init__(self, name: str, fn: Callable[..., Any], deliver: Deliver, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], deliver: Deliver, backend: AsyncBackend) -> None:
         self.name = name
         self._fn = fn
         self._deliver = deliver
-        self._loop = loop
+        self._backend = backend
+        self._loop = backend.loop
         self._retired = False
         self._running: dict[int, asyncio.Task[None]] = {}
         """Only touched on the loop's thread."""
@@ -113,11 +139,7 @@ class _AsyncWorker:
     def send(self, call: RunService) -> bool:
         if self._retired:
             return False
-        try:
-            self._loop.call_soon_threadsafe(self._start, call)
-        except RuntimeError:  # the loop is closed: the runtime is stopping
-            return False
-        return True
+        return self._backend.schedule(self, call)
 
     def retire(self) -> None:
         self._retired = True
@@ -134,7 +156,8 @@ class _AsyncWorker:
 
     # --- on the loop's thread --------------------------------------------------------------------
 
-    def _start(self, call: RunService) -> None:
+    def start(self, call: RunService) -> None:
+        """Start the call's coroutine (on the loop's thread)."""
         if self._retired:
             return  # the pool took this call back when it retired us
         fields = call_fields(call, self.name)

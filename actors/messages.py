@@ -118,8 +118,9 @@ class RunService(NamedTuple):
     attempt: int
     value: JSONValue = None
     """The value handed to the stage; None means the payload (the first stage's value)."""
-    pipeline: str = DEFAULT_PIPELINE
-    """The task's pipeline (for events); `service` names the stage's pool."""
+    pipeline: str = ""
+    """The task's pipeline, for the call's events when the runtime runs several ("" otherwise); `service`
+    names the stage's pool."""
 
 
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]

@@ -351,7 +351,7 @@ class OrchestratorActor(FastActor):
         plan = flight.plan.stages[flight.stage]
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
-            call_id, plan.pool.service, task, flight.trace.child(), attempt, flight.value, flight.plan.pipeline.name
+            call_id, plan.pool.service, task, flight.trace.child(), attempt, flight.value, self._event_pipeline(flight)
         )
         self._calls[call_id] = task.task_id
         try:
@@ -359,6 +359,11 @@ class OrchestratorActor(FastActor):
         except PoolFailing as exc:
             del self._calls[call_id]
             self._fail(flight, f"{plan.pool.service}: {exc}")
+
+    def _event_pipeline(self, flight: _Flight) -> str:
+        """The pipeline a call's ``service.*`` events name: only when the runtime runs several (a runtime
+        of one pipeline logs exactly what it always did; its pools are named after the stages alone)."""
+        return flight.plan.pipeline.name if len(self._plans) > 1 else ""
 
     def _on_service_done(self, done: ServiceDone) -> None:
         pool = self._pools[done.service]

@@ -96,8 +96,9 @@ def call_fields(call: RunService, worker: str, node: str = "") -> dict[str, Any]
         "service": call.service,
         "worker": worker,
         "attempt": call.attempt,
-        "pipeline": call.pipeline,
     }
+    if call.pipeline:
+        fields["pipeline"] = call.pipeline
     if node:
         fields["node"] = node
     return fields

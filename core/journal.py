@@ -345,6 +345,13 @@ class JournalReader:
         counts.update(rows)
         return counts
 
+    def states(self) -> list[str]:
+        """Every state name the journal knows: the seed's, then any other a task ever reached (sorted)."""
+        with self._snapshot("states") as connection:
+            rows = connection.execute("SELECT DISTINCT to_state FROM transitions").fetchall()
+        seed = [state.value for state in TaskState]
+        return seed + sorted({name for (name,) in rows} - set(seed))
+
     def pipelines(self) -> dict[str, int]:
         """Tasks per pipeline name."""
         column = f"'{DEFAULT_PIPELINE}'" if self._task_columns is _TASK_COLUMNS_V1 else "pipeline"

@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import structlog
 
 from actorflow import (
     ActorflowError,
@@ -30,6 +32,8 @@ from actorflow import (
     UnknownPipeline,
     configure_logging,
 )
+from actorflow.api import create_app, serve_in_background
+from actorflow.cli.inspect import main as inspect_main
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
 from actorflow.core.traceview import check_transitions, load_trace
@@ -295,6 +299,23 @@ def test_an_async_stage_keeps_150_calls_in_flight_at_once_on_one_event_loop_thre
     assert grown <= 6  # the state actor, the orchestrator, the timer, one event loop: not a thread per call
 
 
+def test_an_async_stage_sees_its_calls_trace_context_and_no_other_calls() -> None:
+    seen: dict[str, dict[str, Any]] = {}
+
+    async def traced(task: Task, value: Any) -> None:
+        await asyncio.sleep(0)  # the context must survive a suspension, with other calls running meanwhile
+        seen[task.task_id] = structlog.contextvars.get_contextvars()
+
+    with Runtime(RuntimeConfig(), pipelines=[Pipeline("io", [Stage("fetch", traced, workers=4)])]) as runtime:
+        records = [runtime.submit(payload(i), traceparent=None).result(timeout=10) for i in range(4)]
+    for record in records:
+        context = seen[record.task_id]
+        assert context["task_id"] == record.task_id
+        assert context["trace_id"] == record.trace_id
+        assert context["parent_span_id"] == record.span_id  # the call's span is a child of the task's
+        assert context["service"] == "fetch"
+
+
 def test_an_async_stage_past_its_timeout_is_cancelled_and_retried() -> None:
     cancelled = threading.Event()
     tries: list[int] = []
@@ -475,3 +496,50 @@ def test_the_trace_viewer_checks_each_task_against_the_table_of_its_own_pipeline
     (tmp_path / "forged.jsonl").write_text("\n".join(forged) + "\n")
     kinds = {violation.kind for violation in check_transitions(load_trace(tmp_path / "forged.jsonl"))}
     assert "unknown_state" in kinds
+
+
+# --- the HTTP API and inspect --------------------------------------------------------------------
+
+
+def test_the_http_api_takes_the_pipeline_by_name_lists_them_and_refuses_an_unknown_one() -> None:
+    shouting = Pipeline("shouting", [Stage("shout", lambda task, value: {"text": str(value["name"]).upper()})])
+    with (
+        Runtime(RuntimeConfig(), services=ServiceSet(), pipelines=[shouting]) as runtime,
+        serve_in_background(create_app(runtime)) as server,
+        httpx.Client(base_url=server.url) as api,
+    ):
+        created = api.post("/tasks?pipeline=shouting", json={"name": "hi"})
+        assert created.status_code == 201
+        assert created.json()["pipeline"] == "shouting"
+        assert api.post("/tasks", json={"name": "a", "data": 1}).json()["pipeline"] == "default"
+        unknown = api.post("/tasks?pipeline=ingest", json={"name": "a"})
+        assert unknown.status_code == 400
+        assert "no pipeline 'ingest' in this runtime; its pipelines: default, shouting" in unknown.text
+        assert runtime.join(10)
+        record = api.get(f"/tasks/{created.json()['task_id']}").json()
+        assert (record["pipeline"], record["state"], record["result"]) == ("shouting", "COMPLETED", {"text": "HI"})
+        assert (record["calls"], record["retries"]) == (1, 0)
+        assert api.get("/tasks?state=SHOUT").status_code == 200
+        assert api.get("/tasks?state=FETCH").status_code == 400
+        document = api.get("/openapi.json").json()
+    assert [p["name"] for p in document["x-pipelines"]] == ["default", "shouting"]
+    assert "SHOUT" in document["components"]["schemas"]["TaskState"]["enum"]
+    post = document["paths"]["/tasks"]["post"]
+    assert next(p for p in post["parameters"] if p["name"] == "pipeline")["schema"]["enum"] == ["default", "shouting"]
+
+
+def test_inspect_shows_each_tasks_pipeline_and_the_states_of_a_custom_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "tasks.db")
+    with Runtime(RuntimeConfig(journal_path=path), pipelines=[_custom(lambda task, value: None)]) as runtime:
+        task_id = runtime.submit(payload(2)).task_id
+    assert inspect_main([path, "--state", "GATE"]) == 0
+    assert inspect_main([path, "--task", task_id]) == 0
+    out = capsys.readouterr().out
+    assert "pipelines  custom (1)" in out
+    assert f"task {task_id}  COMPLETED  pipeline custom  calls 3  retries 0" in out
+    assert "ENRICH     -> GATE" in out
+    assert inspect_main([path, "--state", "FETCH"]) == 2  # no task of this journal ever was in FETCH
+    allowed = "CREATED, VALIDATED, PROCESSING, COMPLETED, FAILED, CANCELLED, ENRICH, GATE, STORE"
+    assert f"unknown state 'FETCH'; allowed: {allowed}" in capsys.readouterr().err

@@ -41,9 +41,9 @@ def main(argv: Sequence[str], *, prog: str = "actorflow inspect") -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         with Journal.open_readonly(options.path) as journal:
-            if options.state is not None and options.state.value not in journal.counts():
+            if options.state is not None and options.state.value not in (known := journal.states()):
                 # States are the journal's pipelines' own, so they are checked against what it holds.
-                allowed = ", ".join(journal.counts())
+                allowed = ", ".join(known)
                 print(f"{prog}: error: unknown state {options.state.value!r}; allowed: {allowed}", file=sys.stderr)
                 return 2
             if options.json:
@@ -129,7 +129,7 @@ def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -
     if limit == 0:
         return
 
-    matching = total if state is None else counts[state.value]
+    matching = total if state is None else counts.get(state.value, 0)
     what = "tasks" if state is None else f"{state.value} tasks"
     print()
     if matching == 0:
