@@ -1,6 +1,7 @@
 # Two commands from a fresh clone, on a machine with only python3 and make:
 #   make demo   - create .venv, install actorflow into it, run the demo
 #   make test   - the same set-up, then ruff, mypy --strict and the whole pytest suite
+#   make test-fast - the inner loop: pytest without the slow tests (chaos, kill -9, Ray, benchmark smoke)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),+,$(EXTRAS))
 ARGS   ?=
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test test-fast lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 test: lint typecheck pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -15,10 +15,12 @@ Your own stages, as data::
 
 The API, drawn::
 
-    Runtime(config, services=..., pipelines=[...])
+    Runtime(config, services=..., pipelines=[...], on_milestone=...)
                                        the facade; a context manager that closes itself
       .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
+      .health()                        ok, degraded (journal refuses writes), failed or stopped
+    Milestone                          an internal event (worker restarted, journal degraded...)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
     Pipeline(name, [Stage, ...])       your stages, in order; checked when built; derives the
                                        transition table the state actor enforces
@@ -42,6 +44,9 @@ The API, drawn::
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
+    ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
+    ├── WouldDeadlock                  a blocking call from a subscriber or a service, where
+    │                                  it would hang: raised at once
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     └── TransientError                 raised by a service to ask for a retry
@@ -51,7 +56,7 @@ Internals (messages, pools, backends) stay importable from their modules
 command line is ``actorflow`` (or ``python -m actorflow``), in `actorflow.cli`.
 """
 
-from actorflow.actors import OrchestratorActor, Runtime, StateActor, TaskHandle
+from actorflow.actors import Milestone, OrchestratorActor, Runtime, StateActor, TaskHandle
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import (
     ActorflowError,
@@ -60,11 +65,13 @@ from actorflow.core.errors import (
     InvalidTransition,
     JournalError,
     Overloaded,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TransientError,
     UnknownPipeline,
     ValidationError,
+    WouldDeadlock,
 )
 from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.tracing import configure_logging
@@ -78,11 +85,13 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JournalError",
+    "Milestone",
     "OrchestratorActor",
     "Overloaded",
     "Pipeline",
     "Runtime",
     "RuntimeConfig",
+    "RuntimeFailed",
     "RuntimeStopped",
     "ServiceSet",
     "Stage",
@@ -96,6 +105,7 @@ __all__ = [
     "TransitionEvent",
     "UnknownPipeline",
     "ValidationError",
+    "WouldDeadlock",
     "__version__",
     "configure_logging",
 ]

@@ -149,6 +149,9 @@ class _AsyncWorker:
     def join(self, timeout: float) -> bool:
         return True  # a slot has no thread of its own
 
+    def withdraw(self, call_id: int) -> bool:
+        return False  # a call sent to a slot starts at once; a running one is cancelled instead (`cancel`)
+
     def cancel(self, call_id: int) -> None:
         """Cancel the coroutine of `call_id` if it is running (it still reports, as a CancelledError)."""
         with contextlib.suppress(RuntimeError):

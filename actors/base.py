@@ -11,13 +11,13 @@ messages.
 from __future__ import annotations
 
 import queue
-from typing import Any
+from typing import Any, ClassVar
 
 import pykka
 from pykka._actor import ActorInbox  # the protocol pykka 4 declares for custom inboxes
 
 from actorflow.actors.messages import MESSAGE_TYPES
-from actorflow.actors.threads import ThreadBook
+from actorflow.actors.threads import ThreadBook, ThreadRole
 
 __all__ = ["FastActor"]
 
@@ -30,6 +30,8 @@ class FastActor(pykka.ThreadingActor):
     """
 
     use_daemon_thread = True
+    thread_role: ClassVar[ThreadRole] = "central"
+    """What the actor's thread does, for the runtime's deadlock check: workers override it."""
 
     def __init__(self, *, threads: ThreadBook | None = None) -> None:
         super().__init__()
@@ -38,7 +40,7 @@ class FastActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         """Note the actor's thread in the ThreadBook, if any."""
         if self._threads is not None:
-            self._threads.record_current()
+            self._threads.record_current(self.thread_role)
 
     @staticmethod
     def _create_actor_inbox() -> ActorInbox:

@@ -26,6 +26,7 @@ __all__ = [
     "CallDeadline",
     "CancelTask",
     "CreateTask",
+    "JournalRetryDue",
     "Outcome",
     "ResumeTasks",
     "RetryDue",
@@ -156,6 +157,12 @@ class RetryDue(NamedTuple):
     call_id: int
 
 
+class JournalRetryDue(NamedTuple):
+    """The orchestrator's backoff after a journal refusal has elapsed: send the held transitions again."""
+
+    step: int
+
+
 class CallDeadline(NamedTuple):
     """A service call's stage timeout has elapsed (if it is still running, it timed out)."""
 
@@ -187,6 +194,7 @@ MESSAGE_TYPES: frozenset[type] = frozenset(
         ServiceDone,
         WorkerDied,
         RetryDue,
+        JournalRetryDue,
         CallDeadline,
         CancelTask,
         ResumeTasks,

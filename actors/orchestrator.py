@@ -11,10 +11,29 @@ It sends a request and handles the answer as a message: service results come
 back as `ServiceDone`, state changes as `TransitionsApplied`. It does not move
 a task to its next stage until the StateActor has committed the current one.
 Transition requests are batched: they leave when the mailbox runs dry.
+
+Liveness rules (every task it drives reaches a terminal state):
+
+- Transitions the journal refused come back together (one `TransitionsApplied`
+  per refused commit); they are *held* and sent again as one batch, in their
+  original order, after a capped exponential backoff (`JournalRetryDue`, a
+  message to itself, so nothing stale reaches the StateActor once this actor
+  is gone). Any accepted outcome resets the backoff.
+- A transition refused for a task still in flight fails that task with the
+  reason (it is never silently dropped); a refusal because the task is
+  already terminal (e.g. cancelled meanwhile) just finishes it.
+- An exception inside a handler fails only the task it concerns, with the
+  reason; the other items of a batch message are handled as usual.
+- A cancelled task's calls that no worker has started are withdrawn
+  (`ServicePool.withdraw`), so no persistence starts after CANCELLED is committed.
+- If this actor stops without being asked, `on_exit` tells the runtime's
+  supervisor, which starts a fresh one and resumes every non-terminal task
+  from the StateActor's records, as recovery does after a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -26,9 +45,11 @@ import pykka
 
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actorflow.actors.health import Backoff, Milestones
 from actorflow.actors.messages import (
     CallDeadline,
     CancelTask,
+    JournalRetryDue,
     ResumeTasks,
     RetryDue,
     RunService,
@@ -122,8 +143,17 @@ class OrchestratorActor(FastActor):
         dead_letters: DeadLetterOffice,
         threads: ThreadBook | None = None,
         rng: random.Random | None = None,
+        milestones: Milestones | None = None,
+        on_exit: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(threads=threads)
+        self._milestones = milestones or Milestones()
+        self._on_exit = on_exit
+        """Told why this actor stopped (requested or not): the runtime's supervisor decides what to do."""
+        self._held: list[TransitionRequest] = []
+        """Transitions the journal refused, waiting for the backoff to send them again."""
+        self._journal_backoff = Backoff(0.01, 0.5)
+        self._journal_retry_pending = False
         self._state = state
         self._config = config
         self._timer = timer
@@ -150,6 +180,7 @@ class OrchestratorActor(FastActor):
             WorkerDied: self._on_worker_died,
             CancelTask: self._on_cancel,
             ResumeTasks: self._on_resume,
+            JournalRetryDue: self._on_journal_retry_due,
         }
         self._backends: list[ServiceBackend] = []
         self._pools: dict[str, ServicePool] = {}
@@ -209,10 +240,8 @@ class OrchestratorActor(FastActor):
         """Dispatch on the message type; flush transition requests when the mailbox is empty."""
         try:
             self._handle(message)
-        except Exception as exc:  # noqa: BLE001 - an orchestrator that dies strands every task: log, go on
-            self._log.error(
-                "orchestrator.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
-            )
+        except Exception as exc:  # noqa: BLE001 - an orchestrator that dies strands every task: fail the one
+            self._on_handler_error(message, exc)
         if self._outbox and (len(self._outbox) >= _MAX_OUTBOX or self.actor_inbox.empty()):
             self._flush()
 
@@ -228,15 +257,50 @@ class OrchestratorActor(FastActor):
             return
         handler(message)
 
+    def _on_handler_error(self, message: Any, exc: Exception) -> None:
+        """A handler raised: fail the task the message concerns (if any) with the reason; never go silent."""
+        why = f"internal error handling {type(message).__name__}: {type(exc).__name__}: {exc}"
+        self._log.error(
+            "orchestrator.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
+        )
+        reply = getattr(message, "reply", None)
+        if isinstance(reply, pykka.Future):
+            with contextlib.suppress(Exception):  # already answered before the handler raised
+                reply.set_exception(exc_info=(type(exc), exc, None))
+        task_id = getattr(message, "task_id", None)
+        if isinstance(task_id, str):
+            self._fail_task(task_id, why)
+
+    def _fail_task(self, task_id: str, why: str) -> None:
+        """Fail a task whatever its book-keeping says (the last resort of the handlers' guards)."""
+        flight = self._flights.get(task_id)
+        if flight is not None:
+            self._fail(flight, why)
+        else:
+            self._request(task_id, _S.FAILED, reason=why, error=why)
+
+    def _guarded(self, task_id: str, step: Callable[[Any], None], item: Any) -> None:
+        """Run one item of a batch message; an exception fails only that item's task."""
+        try:
+            step(item)
+        except Exception as exc:  # noqa: BLE001 - one broken item must not cost the batch the rest
+            why = f"internal error: {type(exc).__name__}: {exc}"
+            self._log.error("orchestrator.error", task_id=task_id, error_type=type(exc).__name__, error=str(exc))
+            self._fail_task(task_id, why)
+
     def _on_transitions_applied(self, message: TransitionsApplied) -> None:
         refused: list[TransitionRequest] = []
+        accepted = False
         for outcome in message.outcomes:
             if outcome.outcome == "journal_failed" and (
                 outcome.request.task_id in self._flights or outcome.request.to_state is _S.CANCELLED
             ):
                 refused.append(outcome.request)  # cancel replies stay pending until the retry's outcome
             else:
-                self._on_outcome(outcome)
+                accepted = accepted or outcome.outcome == "accepted"
+                self._guarded(outcome.request.task_id, self._on_outcome, outcome)
+        if accepted:
+            self._journal_backoff.reset()
         if refused:
             # One batch, in the original order: VALIDATED and PROCESSING are then applied (and
             # committed) together again, so the second can never find the first missing.
@@ -244,20 +308,38 @@ class OrchestratorActor(FastActor):
 
     def _on_tasks_created(self, message: TasksCreated) -> None:
         for record in message.records:
-            self._begin(record)
+            self._guarded(record.task_id, self._begin, record)
 
     def _on_call_deadline(self, message: CallDeadline) -> None:
         self._on_deadline(message.call_id)
 
     def _on_resume(self, message: ResumeTasks) -> None:
         for record in message.records:
-            self._resume(record)
+            self._guarded(record.task_id, self._resume, record)
 
     def on_stop(self) -> None:
-        """Send what is pending, answer pending cancels, then retire every worker."""
+        """Send what is pending, answer pending cancels, retire every worker, then tell the supervisor."""
+        try:
+            self._retire_everything()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit("stopped")
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        """Never expected (handlers catch everything): retire the workers and tell the supervisor."""
+        try:
+            for pool in self._pools.values():
+                pool.close(timeout=0.5)
+            for backend in self._backends:
+                backend.close()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit(f"failed with {exception_type.__name__}: {exception_value}")
+
+    def _retire_everything(self) -> None:
         self._dead_letters.drain(self)
         self._flush()
-        stopped = RuntimeStopped("the runtime closed before the cancellation was settled")
+        stopped = RuntimeStopped("the orchestrator stopped before the cancellation was settled")
         pending = [reply for flight in self._flights.values() for reply in flight.cancel_replies]
         pending += [reply for replies in self._orphan_cancels.values() for reply in replies]
         for reply in pending:
@@ -348,17 +430,20 @@ class OrchestratorActor(FastActor):
         flight.call_id = call_id
         flight.stage_attempt = attempt
         flight.calls += 1
-        plan = flight.plan.stages[flight.stage]
+        pool = flight.plan.stages[flight.stage].pool
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
-            call_id, plan.pool.service, task, flight.trace.child(), attempt, flight.value, self._event_pipeline(flight)
+            call_id, pool.service, task, flight.trace.child(), attempt, flight.value, self._event_pipeline(flight)
         )
         self._calls[call_id] = task.task_id
         try:
-            plan.pool.dispatch(call)
+            pool.dispatch(call)
         except PoolFailing as exc:
             del self._calls[call_id]
-            self._fail(flight, f"{plan.pool.service}: {exc}")
+            self._fail(flight, f"{pool.service}: {exc}")
+            return
+        if self._milestones.active and not pool.running(call_id):
+            self._milestones.emit("call.queued", task_id=task.task_id, service=pool.service, call_id=call_id)
 
     def _event_pipeline(self, flight: _Flight) -> str:
         """The pipeline a call's ``service.*`` events name: only when the runtime runs several (a runtime
@@ -371,6 +456,7 @@ class OrchestratorActor(FastActor):
         task_id = self._calls.pop(done.call_id, None)
         if call is None or task_id is None:
             self.counters["late_results"] += 1
+            self._milestones.emit("service.late_result", task_id=done.task_id, service=done.service)
             self._dead_letters.post(done, to="orchestrator", why="late result of a call that was timed out or retired")
             return
         if done.status == "crashed":
@@ -403,6 +489,7 @@ class OrchestratorActor(FastActor):
         self._retrying[call_id] = call
         self.counters["retries"] += 1
         flight.retries += 1
+        self._milestones.emit("service.retry_scheduled", task_id=flight.task.task_id, service=call.service)
         self._log.info(
             "service.retry_scheduled",
             task_id=flight.task.task_id,
@@ -463,6 +550,10 @@ class OrchestratorActor(FastActor):
         if outcome.outcome == "rejected":
             if outcome.record is not None and outcome.record.state in TERMINAL_STATES:
                 self._finish(flight, outcome.record)  # e.g. cancelled meanwhile
+            elif request.to_state is _S.FAILED:  # cannot happen by the table; never loop on it
+                self._log.error("task.fail_refused", task_id=request.task_id, why=outcome.why)
+            else:  # refused while still in flight: nothing would ever move it on, so it fails
+                self._fail(flight, f"transition to {request.to_state.value} was refused: {outcome.why}")
             return
         record = outcome.record
         assert record is not None
@@ -473,12 +564,21 @@ class OrchestratorActor(FastActor):
             self._dispatch(flight)
 
     def _retry_after_journal_failure(self, requests: tuple[TransitionRequest, ...]) -> None:
-        """Nothing was committed: ask again shortly (the journal may be briefly locked or full)."""
-        batch = TransitionBatch(requests, reply_to=self.actor_ref)
-        state, office = self._state, self._dead_letters
-        self._timer.call_later(
-            max(self._config.retry_backoff_s, 0.01), lambda: tell_or_dead_letter(state, batch, office)
-        )
+        """Nothing was committed: hold the requests and send them again after a capped backoff."""
+        self._held.extend(requests)
+        if self._journal_retry_pending:
+            return
+        self._journal_retry_pending = True
+        delay = self._journal_backoff.failed()
+        message = JournalRetryDue(self._journal_backoff.steps)
+        me, office = self.actor_ref, self._dead_letters
+        self._timer.call_later(delay, lambda: tell_or_dead_letter(me, message, office))
+
+    def _on_journal_retry_due(self, message: JournalRetryDue) -> None:
+        self._journal_retry_pending = False
+        held, self._held = self._held, []
+        # Ahead of anything requested since: the held ones are older.
+        self._outbox[:0] = held
 
     def _finish(self, flight: _Flight, record: TaskRecord) -> None:
         self._flights.pop(record.task_id, None)
@@ -516,8 +616,10 @@ class OrchestratorActor(FastActor):
             flight.cancel_replies.append(message.reply)
             if flight.call_id is not None:
                 pool = flight.plan.stages[flight.stage].pool
-                # not yet sent to a worker: it will never run; running on an event loop: its coroutine is cancelled
-                if not pool.withdraw(flight.call_id):
+                if pool.withdraw(flight.call_id):  # no worker started it: it will never run
+                    self._calls.pop(flight.call_id, None)
+                    self._milestones.emit("call.withdrawn", task_id=message.task_id, service=pool.service)
+                else:  # running: on an event loop its coroutine is cancelled (a thread cannot be)
                     pool.cancel_running(flight.call_id)
         else:
             self._orphan_cancels.setdefault(message.task_id, []).append(message.reply)
@@ -581,6 +683,7 @@ class OrchestratorActor(FastActor):
         if stranded is None:
             return
         self.counters["restarts"] += 1
+        self._milestones.emit("worker.restarted", worker=worker, service=pool.service, why=why)
         self._log.warning(
             "worker.restarted", worker=worker, service=pool.service, why=why, failing=pool.failing is not None
         )

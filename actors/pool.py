@@ -141,13 +141,32 @@ class ServicePool:
         return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
 
     def withdraw(self, call_id: int) -> bool:
-        """Take back a call still waiting in the pool (not yet sent to a worker). True if it was there."""
+        """Take back a call no worker has started. True if it will never run.
+
+        A call still waiting in the pool is simply dropped. A call already sent
+        to a worker is taken back if the worker has not started it: the worker
+        and this method race for it through `WorkerHandle.withdraw`, and
+        exactly one wins. A call that is running (or a worker that cannot take
+        calls back: processes, Ray) gives False.
+        """
         for index, call in enumerate(self._waiting):
             if call.call_id == call_id:
                 del self._waiting[index]
                 self._calls.pop(call_id, None)
                 return True
-        return False
+        slot = self._where.get(call_id)
+        if slot is None or not slot.worker.withdraw(call_id):
+            return False
+        del self._where[call_id]
+        self._calls.pop(call_id, None)
+        was_head = slot.calls[0] == call_id
+        slot.calls.remove(call_id)
+        if not slot.calls:
+            self._mark_idle(slot)
+        if was_head:
+            self._start_head(slot)
+        self._feed()
+        return True
 
     def cancel_running(self, call_id: int) -> bool:
         """Ask the worker running `call_id` to cancel it, if its backend can (an event loop can; a thread cannot).

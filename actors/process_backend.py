@@ -411,6 +411,19 @@ class ProcessWorker:
             if not self._closed:
                 self._wake()
 
+    def withdraw(self, call_id: int) -> bool:
+        """Take back a call still queued here (not yet written to the child's pipe). True if it was."""
+        # The forwarding thread pops from the deque without the lock: copy it (atomic under the GIL),
+        # and let `remove` decide the race (ValueError: the thread took it first, it is on its way).
+        for call in list(self._calls):
+            if call.call_id == call_id:
+                try:
+                    self._calls.remove(call)
+                except ValueError:
+                    return False
+                return True
+        return False
+
     def join(self, timeout: float) -> bool:
         """Wait until the child is gone and reaped; False if it is still being stopped."""
         self._thread.join(timeout)
@@ -427,7 +440,7 @@ class ProcessWorker:
     # --- the forwarding thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._threads.record_current()
+        self._threads.record_current("worker")
         why: str | None = None
         try:
             why = self._serve()

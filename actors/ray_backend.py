@@ -152,6 +152,10 @@ class _RayWorker:
             self.log.debug("service.started", **call_fields(call, self.name))
         return True
 
+    def withdraw(self, call_id: int) -> bool:
+        """Always False: a call submitted to a Ray actor cannot be taken back (the pool keeps its depth small)."""
+        return False
+
     def retire(self) -> None:
         """Kill the actor (interrupting a hung call); its results from now on are dropped."""
         if self.retired:

@@ -6,6 +6,22 @@
 
 It starts the StateActor, the OrchestratorActor and its service pools, and
 stops every one of them in `close()`.
+
+Supervision (pykka has none). Both central actors report when they stop
+(`on_exit`); a stop the runtime did not ask for is handled on the runtime's
+supervisor thread:
+
+- the OrchestratorActor is replaced by a fresh one (new pools), which the
+  StateActor `adopt`s and which resumes every non-terminal task, as recovery
+  does after a restart;
+- the StateActor, with a journal, is rebuilt from the journal, together with a
+  fresh orchestrator (the old one is stopped first);
+- the StateActor without a journal cannot be rebuilt: the runtime *fails*
+  (`Health` "failed"), and every pending `result()` and `join()`, and any
+  later `submit()`, raise `RuntimeFailed`. A journal lost while running fails
+  the runtime the same way.
+
+Milestones (`on_milestone=`) report these and other internal events.
 """
 
 from __future__ import annotations
@@ -14,6 +30,8 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import os
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -24,6 +42,7 @@ import pykka
 
 from actorflow.actors.backends import BackendRequest, make_backend
 from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.health import Health, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
@@ -31,7 +50,15 @@ from actorflow.actors.state import StateActor
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
-from actorflow.core.errors import ConfigError, InvalidPayload, Overloaded, RuntimeStopped, UnknownPipeline
+from actorflow.core.errors import (
+    ConfigError,
+    InvalidPayload,
+    Overloaded,
+    RuntimeFailed,
+    RuntimeStopped,
+    UnknownPipeline,
+    WouldDeadlock,
+)
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEvent, freeze_payload
@@ -40,10 +67,12 @@ from actorflow.services import ResultStore, ServiceSet
 if TYPE_CHECKING:
     from actorflow.core.journal import Journal
 
-__all__ = ["Runtime", "TaskHandle"]
+__all__ = ["Milestone", "Runtime", "TaskHandle"]
 
 _ASK_TIMEOUT_S = 30.0
 """Upper bound on any wait for an actor's answer outside the hot path (pykka's stop race)."""
+_RESTART_WAIT_S = 10.0
+"""How long a submit that met a central actor being restarted waits for the replacement."""
 
 _open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
@@ -55,6 +84,28 @@ def _close_forgotten_runtimes() -> None:
         runtime.close(drain=False)
 
 
+def _forget_runtimes_in_forked_child() -> None:
+    """In a fork() child, the runtimes' actor threads stayed in the parent: mark them unusable here.
+
+    Only plain attributes are set: a lock another thread of the parent held at the
+    fork stays held in the child forever, so nothing here (nor in `close()` after
+    it) may take one. Exit is then immediate instead of waiting on absent threads.
+    """
+    for runtime in list(_open_runtimes):
+        runtime._forked = True
+    _open_runtimes.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
+
+_FORKED = (
+    "this process is a fork() child of the one that started the runtime, and the runtime's actors "
+    "live in the parent; create a new Runtime in the child, or start children with multiprocessing's "
+    "'spawn' or 'forkserver' method"
+)
+
+
 class _Waiter:
     """Completion of one task, settable once from the state actor's thread.
 
@@ -63,7 +114,7 @@ class _Waiter:
     someone waits: a threading.Event costs more to build than the rest of a submit.
     """
 
-    __slots__ = ("_callbacks", "_event", "abandoned", "record")
+    __slots__ = ("_callbacks", "_event", "abandoned", "failure", "record")
 
     _lock = threading.Lock()
     """One lock for all waiters: it guards only the brief hand-over of `record`."""
@@ -74,12 +125,15 @@ class _Waiter:
         self.record: TaskRecord | None = None
         self.abandoned = False
         """The runtime closed before the task finished: waiting is over, with no record."""
+        self.failure: RuntimeFailed | None = None
+        """Set (with `abandoned`) when the runtime failed before the task finished."""
 
-    def set(self, record: TaskRecord | None) -> None:
-        """Settle with the terminal record, or with None when the runtime closed first."""
+    def set(self, record: TaskRecord | None, failure: RuntimeFailed | None = None) -> None:
+        """Settle with the terminal record, or with None when the runtime closed (or failed) first."""
         with _Waiter._lock:
             if self.record is not None or self.abandoned:
                 return
+            self.failure = failure
             self.record = record
             self.abandoned = record is None
             event, callbacks = self._event, self._callbacks
@@ -125,6 +179,7 @@ class _Tracker:
         self._waiters: dict[str, _Waiter] = {}
         self._reserved = 0
         self.submitted = 0
+        self.failure: RuntimeFailed | None = None
 
     @property
     def in_flight(self) -> int:
@@ -148,6 +203,10 @@ class _Tracker:
     def track(self, task_id: str, *, reserved: bool) -> _Waiter:
         """Start tracking a task; `reserved` turns a `reserve()` claim into it (a new submission)."""
         with self._lock:
+            if self.failure is not None:
+                if reserved:
+                    self._reserved -= 1
+                raise self.failure
             waiter = self._waiters.get(task_id)
             if reserved:
                 self._reserved -= 1
@@ -186,8 +245,25 @@ class _Tracker:
             self._idle.notify_all()
 
     def join(self, timeout: float | None) -> bool:
+        """Wait until nothing is in flight; raises RuntimeFailed if the runtime fails first."""
         with self._lock:
-            return self._idle.wait_for(lambda: not self._waiters and not self._reserved, timeout)
+            idle = self._idle.wait_for(
+                lambda: self.failure is not None or (not self._waiters and not self._reserved), timeout
+            )
+            if self.failure is not None:
+                raise self.failure
+            return idle
+
+    def fail(self, failure: RuntimeFailed) -> None:
+        """The runtime failed for good: release every waiter and `join()` with `failure`."""
+        with self._lock:
+            self.failure = failure
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            self._room.notify_all()
+            self._idle.notify_all()
+        for waiter in waiters:
+            waiter.set(None, failure)
 
     def close(self) -> int:
         """The runtime stopped: release every waiter (their tasks will not finish here). Returns how many."""
@@ -243,10 +319,20 @@ class TaskHandle:
         return self._waiter.record is not None
 
     def result(self, timeout: float | None = None) -> TaskRecord:
-        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s."""
+        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s.
+
+        Raises:
+            WouldDeadlock: called inside a subscriber or a service before the task is terminal;
+                wait on another thread instead (or `await handle` in asyncio).
+            RuntimeStopped: the runtime closed before the task finished.
+        """
+        if self._waiter.record is None:
+            self._runtime._refuse_blocking("TaskHandle.result()", waits_for_tasks=True)
         if not self._waiter.wait(timeout):
             raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
         if self._waiter.record is None:
+            if self._waiter.failure is not None:
+                raise self._waiter.failure
             raise RuntimeStopped(_ABANDONED.format(task_id=self.task_id))
         return self._waiter.record
 
@@ -263,7 +349,8 @@ class TaskHandle:
             if future.done():
                 return
             if record is None:
-                future.set_exception(RuntimeStopped(_ABANDONED.format(task_id=self.task_id)))
+                failure = self._waiter.failure
+                future.set_exception(failure or RuntimeStopped(_ABANDONED.format(task_id=self.task_id)))
             else:
                 future.set_result(record)
 
@@ -279,6 +366,16 @@ class TaskHandle:
         return f"<TaskHandle {self.task_id} {state}>"
 
 
+def _check_pipelines(pipelines: object, *, with_services: bool) -> None:
+    if isinstance(pipelines, Pipeline) or not isinstance(pipelines, Sequence):
+        raise ConfigError(f"pipelines must be a list of Pipeline, got {type(pipelines).__name__}")
+    for index, pipeline in enumerate(pipelines):
+        if not isinstance(pipeline, Pipeline):
+            raise ConfigError(f"pipelines[{index}] must be a Pipeline, got {type(pipeline).__name__}")
+    if not pipelines and not with_services:
+        raise ConfigError("pipelines is empty; pass at least one Pipeline (or None for the seed pipeline)")
+
+
 class Runtime:
     """An actorflow runtime: state actor, orchestrator, service pools. A context manager.
 
@@ -288,6 +385,11 @@ class Runtime:
         pipelines: the pipelines to run. None runs the seed pipeline (built by
             `services`); given, only these run, plus the seed's first if
             `services` is given too. `submit` without ``pipeline=`` uses the first.
+        on_milestone: called with a `Milestone` at each internal event (a worker
+            restarted, a retry scheduled, the journal degraded or recovered, a
+            central actor restarted, the runtime failed...; see `Milestone.name`).
+            It runs on actor threads: keep it quick and never block in it (set
+            an Event, put on a queue). What it raises is logged and ignored.
     """
 
     def __init__(
@@ -296,25 +398,23 @@ class Runtime:
         *,
         services: ServiceSet | None = None,
         pipelines: Sequence[Pipeline] | None = None,
+        on_milestone: Callable[[Milestone], None] | None = None,
     ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
         if services is not None and not isinstance(services, ServiceSet):
             raise ConfigError(f"services must be a services.ServiceSet, got {type(services).__name__}")
         if pipelines is not None:
-            if isinstance(pipelines, Pipeline) or not isinstance(pipelines, Sequence):
-                raise ConfigError(f"pipelines must be a list of Pipeline, got {type(pipelines).__name__}")
-            for index, pipeline in enumerate(pipelines):
-                if not isinstance(pipeline, Pipeline):
-                    raise ConfigError(f"pipelines[{index}] must be a Pipeline, got {type(pipeline).__name__}")
-            if not pipelines and services is None:
-                raise ConfigError("pipelines is empty; pass at least one Pipeline (or None for the seed pipeline)")
+            _check_pipelines(pipelines, with_services=services is not None)
         self.config = config or RuntimeConfig()
         with_seed = pipelines is None or services is not None
         services = services or ServiceSet()
         self._log = get_event_logger("runtime")
         self._closed = threading.Event()
         self._close_lock = threading.Lock()
+        self._close_finished = threading.Event()
+        self._forked = False
+        """Set in a fork() child (see `_forget_runtimes_in_forked_child`): nothing here works there."""
         self._dead_letters = DeadLetterOffice()
         self._threads = ThreadBook()
         self._tracker = _Tracker(self.config.max_in_flight)
@@ -324,9 +424,22 @@ class Runtime:
         self.results: ResultStore | None = None
         self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
+        self._milestones = Milestones(on_milestone)
+        self._health = Health()
+        self._health.on_fail(self._on_failed)
         self.pipelines: tuple[Pipeline, ...] = ()
         """The runtime's pipelines; the first is the one `submit` uses by default."""
         self._pipelines_by_name: dict[str, Pipeline] = {}
+        self._exits: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
+        """(actor kind, its generation, why it stopped): reports for the supervisor thread."""
+        self._generation = {"state": 0, "orchestrator": 0}
+        """Which start of each central actor is current; an exit of an older one is expected."""
+        self._supervise_lock = threading.Lock()
+        """Held while central actors are replaced, and while close() stops them."""
+        self._replaced = threading.Condition()
+        self._supervisor: threading.Thread | None = None
+        self._subscriptions: dict[int, tuple[Callable[[TransitionEvent], None], int]] = {}
+        """Runtime token -> (callback, its token at the current StateActor): re-subscribed on a restart."""
         try:
             self._start(services if with_seed else None, tuple(pipelines or ()))
         except BaseException:
@@ -350,37 +463,72 @@ class Runtime:
                 )
             self._pipelines_by_name[pipeline.name] = pipeline
         self.pipelines = tuple(pipelines)
+        self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
+        self._start_state()
+        self._start_orchestrator()
+        recovered = self._resume()
+        self._supervisor = threading.Thread(target=self._supervise, name="actorflow-supervisor", daemon=True)
+        self._supervisor.start()
+        self._log.info(
+            "runtime.started",
+            pools={name: size for name, (_, _, size) in self._pool_plan().items()},
+            backend=config.service_backend,
+            journal=config.journal_path,
+            durability=config.durability if config.journal_path else None,
+            recovered=recovered,
+            transitions={  # so that a log's reader can check each task against its own pipeline
+                p.name: {s.value: sorted(t.value for t in targets) for s, targets in p.transitions.items()}
+                for p in self.pipelines
+            },
+        )
+
+    def _start_state(self) -> None:
+        """Start a StateActor (loading the journal, if any) and make it current."""
         journal = None
-        if config.journal_path is not None:
+        if self.config.journal_path is not None:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
-            journal = Journal(config.journal_path, durability=config.durability, pipelines=self._pipelines_by_name)
-            self._journal = journal
-        self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
+            journal = Journal(
+                self.config.journal_path, durability=self.config.durability, pipelines=self._pipelines_by_name
+            )
+        # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
+        self._journal = journal
+        self._generation["state"] += 1
         try:
             self._state = StateActor.start(
                 journal=journal,
-                retain_terminal=config.retain_terminal,
+                retain_terminal=self.config.retain_terminal,
                 dead_letters=self._dead_letters,
                 threads=self._threads,
                 on_terminal=self._tracker.on_terminal,
                 pipelines=self.pipelines,
+                health=self._health,
+                milestones=self._milestones,
+                on_exit=functools.partial(self._report_exit, "state", self._generation["state"]),
             )
         except BaseException:
             if journal is not None:
                 journal.close()
             raise
         self._state_proxy = self._state.proxy()
+
+    def _start_orchestrator(self) -> None:
+        """Start an OrchestratorActor with fresh pools on the current StateActor, and make it current."""
+        assert self._state is not None
+        assert self._timer is not None
+        self._generation["orchestrator"] += 1
         backends = self._make_backends()
         try:
             self._orchestrator = OrchestratorActor.start(
                 state=self._state,
                 pipelines=self.pipelines,
-                config=config,
+                config=self.config,
                 backends=backends,
                 timer=self._timer,
                 dead_letters=self._dead_letters,
                 threads=self._threads,
+                milestones=self._milestones,
+                on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
             )
         except BaseException:
             for backend in {id(b): b for b in backends.values()}.values():
@@ -388,23 +536,98 @@ class Runtime:
                     backend.close()
             raise
         self._orchestrator_proxy = self._orchestrator.proxy()
-        recovered = tuple(self._state_proxy.non_terminal().get(timeout=_ASK_TIMEOUT_S))
-        for record in recovered:
+
+    def _resume(self) -> int:
+        """Hand the current orchestrator every non-terminal task (one message: no creation falls between)."""
+        assert self._orchestrator is not None
+        records = tuple(_answer(self._state_proxy.adopt(self._orchestrator)))
+        for record in records:
             self._tracker.track(record.task_id, reserved=False)
-        if recovered:
-            self._orchestrator.tell(ResumeTasks(recovered))
-        self._log.info(
-            "runtime.started",
-            pools={name: size for name, (_, _, size) in self._pool_plan().items()},
-            backend=config.service_backend,
-            journal=config.journal_path,
-            durability=config.durability if config.journal_path else None,
-            recovered=len(recovered),
-            transitions={  # so that a log's reader can check each task against its own pipeline
-                p.name: {s.value: sorted(t.value for t in targets) for s, targets in p.transitions.items()}
-                for p in self.pipelines
-            },
-        )
+        if records:
+            self._orchestrator.tell(ResumeTasks(records))
+        return len(records)
+
+    # --- supervision -----------------------------------------------------------------------------
+
+    def _report_exit(self, kind: str, generation: int, why: str) -> None:
+        """A central actor stopped (called on its thread): hand over to the supervisor thread."""
+        self._exits.put((kind, generation, why))
+
+    def _supervise(self) -> None:
+        """The supervisor thread: replace central actors that stopped without being asked."""
+        while (report := self._exits.get()) is not None:
+            kind, generation, why = report
+            with self._supervise_lock:
+                if self._closed.is_set() or self._health.failed or generation != self._generation[kind]:
+                    continue  # closing, failed, or an actor we replaced ourselves
+                try:
+                    if kind == "orchestrator":
+                        self._replace_orchestrator(why)
+                    else:
+                        self._replace_state(why)
+                except Exception as exc:  # noqa: BLE001 - a restart that fails is a failed runtime, loudly
+                    self._health.fail(f"the {kind} actor {why} and could not be restarted: {exc!r}")
+            with self._replaced:
+                self._replaced.notify_all()
+
+    def _replace_orchestrator(self, why: str) -> None:
+        self._log.error("orchestrator.died", why=why)
+        self._start_orchestrator()
+        resumed = self._resume()
+        self._milestones.emit("orchestrator.restarted", why=why, resumed=resumed)
+
+    def _replace_state(self, why: str) -> None:
+        if self.config.journal_path is None:
+            self._health.fail(f"the StateActor {why}; without a journal its tasks cannot be rebuilt")
+            return
+        self._log.error("state.died", why=why)
+        old = self._orchestrator
+        self._generation["orchestrator"] += 1  # its exit, asked for here, is not a death
+        if old is not None:
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                old.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        # A fault the old actor was riding out is forgotten with it; the new one degrades anew on its first refusal.
+        self._health.recover()
+        self._start_state()
+        for token, (callback, _) in list(self._subscriptions.items()):
+            self._subscriptions[token] = (callback, _answer(self._state_proxy.subscribe(callback)))
+        self._start_orchestrator()
+        resumed = self._resume()
+        self._milestones.emit("state.restarted", why=why, resumed=resumed)
+
+    def _on_failed(self, reason: str) -> None:
+        """The runtime failed for good: release every waiter with RuntimeFailed."""
+        self._log.error("runtime.failed", reason=reason)
+        self._milestones.emit("runtime.failed", reason=reason)
+        self._tracker.fail(RuntimeFailed(f"the runtime failed: {reason}"))
+
+    def _await_replacement(self, state: pykka.ActorRef[StateActor] | None) -> bool:
+        """Wait (bounded) until `state` has been replaced; False if the runtime closed or failed instead."""
+        with self._replaced:
+            self._replaced.wait_for(
+                lambda: self._state is not state or self._closed.is_set() or self._health.failed, _RESTART_WAIT_S
+            )
+        return self._state is not state and not self._closed.is_set() and not self._health.failed
+
+    def _unavailable(self) -> RuntimeFailed | RuntimeStopped:
+        failure = self._tracker.failure
+        if failure is not None:
+            return failure
+        return RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+
+    def health(self) -> dict[str, str]:
+        """``{"status": ...}`` with "ok", "degraded", "failed" or "stopped", and a "reason" unless ok.
+
+        "degraded": the journal refuses writes (full or read-only disk);
+        submissions raise JournalError meanwhile, and acknowledged tasks
+        complete once writes succeed again, with no restart. "failed": see
+        `RuntimeFailed`. "stopped": `close()` has begun.
+        """
+        status: str
+        status, reason = self._health.snapshot()
+        if status != "failed" and self._closed.is_set():
+            status, reason = "stopped", "the runtime is closed"
+        return {"status": status} if reason is None else {"status": status, "reason": reason}
 
     def _pool_plan(self) -> dict[str, tuple[str, Callable[..., Any], int]]:
         """Each stage's pool name -> (backend name, function, workers)."""
@@ -460,12 +683,13 @@ class Runtime:
         pipeline: str | None = None,
         idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
-        """Create a task and start it through `pipeline` (default: the first); returns once its creation is committed.
+        """Create a task and start it through `pipeline`; returns once its creation is committed.
 
         Args:
             payload: the task's input, a JSON-serializable mapping.
             task_id: the task's id; a new unique one if None.
             traceparent: a W3C trace context to continue.
+            pipeline: the name of the pipeline to run; the runtime's first one if None.
             idempotency_key: (key, payload fingerprint): with a journal, committed in the same
                 transaction as the task, so that `find_idempotency_key` finds it after a crash
                 if and only if the task exists. Ignored without a journal.
@@ -474,15 +698,27 @@ class Runtime:
             UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
-            RuntimeStopped: the runtime is closed.
+            JournalError: the journal refuses writes (see `health()`); nothing was created.
+            RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
+            RuntimeFailed: the runtime has failed (see `health()`).
+            WouldDeadlock: called inside a subscriber where it would wait (for the commit, with a
+                journal or a task_id; or for room); submit from another thread instead.
         """
         message = self._prepare(payload, task_id, traceparent, pipeline)
         config = self.config
+        central = self._threads.role_of_current() == "central"
+        if central and message.reply is not None:
+            self._refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
         journal = self._journal if idempotency_key is not None else None
         if journal is not None and idempotency_key is not None:
             journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
         try:
-            self._tracker.reserve(wait=config.overload == "wait", timeout=config.submit_timeout_s)
+            try:
+                self._tracker.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
+            except Overloaded as exc:
+                if central and config.overload == "wait":
+                    self._refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
+                raise exc from None
             return self._send_create(message)
         except BaseException:
             if journal is not None:
@@ -519,8 +755,10 @@ class Runtime:
         None without a journal, or if the key is unknown or older than the journal's retention.
 
         Raises:
-            RuntimeStopped: the runtime is closed.
+            RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
         """
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
         if self._closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
         return None if self._journal is None else self._journal.find_key(key)
@@ -542,8 +780,10 @@ class Runtime:
     def _prepare(
         self, payload: Mapping[str, JSONInput], task_id: str | None, traceparent: str | None, pipeline: str | None
     ) -> CreateTask:
-        if self._closed.is_set():
-            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
+        if self._closed.is_set() or self._tracker.failure is not None:
+            raise self._unavailable()
         pipeline_name = self.pipeline(pipeline).name
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
@@ -558,6 +798,14 @@ class Runtime:
             task_id = new_task_id()
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
             raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
+        elif not task_id.isascii():
+            try:
+                task_id.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidPayload(
+                    f"task_id {task_id!r} holds a lone surrogate {task_id[exc.start]!r}; "
+                    "a task id must be valid Unicode text"
+                ) from None
         if traceparent is not None:
             try:
                 trace = parse_traceparent(traceparent)
@@ -566,7 +814,8 @@ class Runtime:
         else:
             trace = new_trace()
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
-        return CreateTask(task_id, frozen, trace, reply=reply, notify=self._orchestrator, pipeline=pipeline_name)
+        # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
+        return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
@@ -581,12 +830,7 @@ class Runtime:
             pipeline=message.pipeline,
         )
         try:
-            self._state.tell(message)
-            if message.reply is not None:
-                _answer(message.reply)
-        except pykka.ActorDeadError:
-            self._tracker.forget(message.task_id)
-            raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks") from None
+            self._deliver_create(message)
         except BaseException as exc:
             self._tracker.forget(message.task_id)
             self._log.warning(
@@ -599,10 +843,28 @@ class Runtime:
             raise
         return TaskHandle(self, message.task_id, waiter)
 
+    def _deliver_create(self, message: CreateTask) -> None:
+        """Tell the StateActor; if it stopped before taking the creation, wait for its replacement once."""
+        for attempt in (1, 2):
+            state = self._state
+            assert state is not None
+            try:
+                state.tell(message)
+                if message.reply is not None:
+                    _answer(message.reply)
+                return
+            except (pykka.ActorDeadError, RuntimeStopped):
+                # Never handled (an actor's leftover asks get RuntimeStopped): nothing was created.
+                if attempt == 2 or not self._await_replacement(state):
+                    raise self._unavailable() from None
+                if message.reply is not None:
+                    message = message._replace(reply=pykka.ThreadingFuture())
+
     # --- reading ---------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskRecord:
         """The task's current record. Raises TaskNotFound."""
+        self._refuse_blocking("Runtime.get()")
         record: TaskRecord = _answer(self._state_proxy.get(task_id))
         return record
 
@@ -610,6 +872,7 @@ class Runtime:
         self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0
     ) -> list[TaskRecord]:
         """Records, oldest first; only those in `state` if given; paged by `limit` and `offset`."""
+        self._refuse_blocking("Runtime.tasks()")
         records: list[TaskRecord] = _answer(self._state_proxy.list(state, limit=limit, offset=offset))
         return records
 
@@ -626,6 +889,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
+        self._refuse_blocking("Runtime.stats()")
         counts: dict[str, int] = _answer(self._state_proxy.counts())
         orchestrator: dict[str, Any] = _answer(self._orchestrator_proxy.stats())
         in_memory: int = _answer(self._state_proxy.memory_size())
@@ -643,19 +907,27 @@ class Runtime:
 
         The callback runs on the state actor's thread: keep it quick and never
         block in it (hand off with a queue or `loop.call_soon_threadsafe`).
-        Exceptions it raises are logged and ignored.
+        Exceptions it raises are logged and ignored. Blocking calls on the runtime raise
+        WouldDeadlock inside it; the returned unsubscribe function may be called there.
         """
-        token: int = _answer(self._state_proxy.subscribe(callback))
+        self._refuse_blocking("Runtime.subscribe()")
+        key = max(self._subscriptions, default=0) + 1
+        self._subscriptions[key] = (callback, _answer(self._state_proxy.subscribe(callback)))
 
         def unsubscribe() -> None:
-            if self._state is not None and self._state.is_alive():
+            entry = self._subscriptions.pop(key, None)
+            if entry is not None and self._state is not None and self._state.is_alive() and not self._forked:
+                answer = self._state_proxy.unsubscribe(entry[1])
+                if self._threads.role_of_current() == "central":
+                    return  # inside a callback: queued ahead of any later event; waiting would deadlock
                 with contextlib.suppress(RuntimeStopped):
-                    _answer(self._state_proxy.unsubscribe(token))
+                    _answer(answer)
 
         return unsubscribe
 
     def cancel(self, task_id: str) -> bool:
         """Cancel a task at any stage. False if it was already terminal; raises TaskNotFound."""
+        self._refuse_blocking("Runtime.cancel()")
         if self._closed.is_set() or self._orchestrator is None:
             raise RuntimeStopped("the runtime is closed")
         reply: pykka.Future[bool] = pykka.ThreadingFuture()
@@ -667,17 +939,55 @@ class Runtime:
 
     @property
     def closed(self) -> bool:
-        """True once `close()` has begun: `submit` raises RuntimeStopped."""
-        return self._closed.is_set()
+        """True once `close()` has begun (or in a fork() child): `submit` raises RuntimeStopped."""
+        return self._forked or self._closed.is_set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no task is in flight. False if `timeout` elapsed first."""
+        """Wait until no task is in flight. False if `timeout` elapsed first.
+
+        Raises:
+            RuntimeFailed: the runtime failed (see `health()`).
+            WouldDeadlock: called inside a subscriber or a service (whose own task is in flight).
+        """
+        self._refuse_blocking("Runtime.join()", waits_for_tasks=True)
         return self._tracker.join(timeout)
+
+    def _refuse_blocking(self, call: str, *, waits_for_tasks: bool = False) -> None:
+        """Raise if the calling thread is one that `call` would wait for: it would deadlock.
+
+        Subscribers run on the state actor's thread, which answers every read: any
+        wait there hangs. Services run on workers: a read there is answered by
+        another thread and is fine, but waiting for tasks to finish is not, as
+        they need the workers (the caller's own task included).
+        """
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
+        role = self._threads.role_of_current()
+        if role is None or (role == "worker" and not waits_for_tasks):
+            return
+        thread = threading.current_thread().name
+        if role == "central":
+            raise WouldDeadlock(
+                f"{call} was called on the runtime's own thread {thread!r}, where subscriber callbacks run; "
+                "it waits for an answer only that thread can give, so it would deadlock. Use what the "
+                "callback receives (event.record), or hand the work to another thread (a queue.Queue "
+                "read by a thread of yours, or loop.call_soon_threadsafe)"
+            )
+        raise WouldDeadlock(
+            f"{call} was called inside a service, on worker thread {thread!r}; it waits for tasks to "
+            "finish, and they need the workers (this task included), so it would deadlock. Return from "
+            "the service and wait outside it, or submit follow-up tasks without waiting for them"
+        )
 
     # --- stopping --------------------------------------------------------------------------------
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop every actor and join their threads. Idempotent.
+
+        A second call returns only once the first has finished (so the journal
+        can be reopened right after). Inside a subscriber or a service, where
+        waiting would deadlock, the close is handed to a thread of its own and
+        this returns at once; `submit` raises RuntimeStopped from then on.
 
         Args:
             drain: first let the tasks in flight finish (up to `timeout`,
@@ -685,22 +995,50 @@ class Runtime:
                 with a journal, unfinished tasks resume on the next start.
             timeout: the drain's bound in seconds.
         """
+        if self._forked:
+            return  # the actors are the parent's; and no lock may be taken here (see _forget_runtimes...)
         with self._close_lock:
-            if self._closed.is_set():
-                return
+            first = not self._closed.is_set()
             self._closed.set()
+        on_our_thread = self._threads.role_of_current() is not None
+        if not first:
+            if not on_our_thread:
+                self._close_finished.wait()
+            return
         _open_runtimes.discard(self)
+        if on_our_thread:
+            closer = threading.Thread(
+                target=self._shutdown,
+                kwargs={"drain": drain, "timeout": timeout},
+                name="actorflow-close",
+                daemon=False,  # the interpreter's exit waits for the drain, as it would for a close in main
+            )
+            closer.start()
+            return
         self._shutdown(drain=drain, timeout=timeout)
 
     def _shutdown(self, *, drain: bool, timeout: float | None = None) -> None:
+        try:
+            self._stop_everything(drain=drain, timeout=timeout)
+        finally:
+            self._close_finished.set()
+
+    def _stop_everything(self, *, drain: bool, timeout: float | None) -> None:
         self._closed.set()
         drained = True
         if drain and self._orchestrator is not None:
-            drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
-        for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
-            if ref is not None:
-                with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-                    ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            try:
+                drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
+            except RuntimeFailed:
+                drained = False
+        with self._supervise_lock:  # a replacement under way finishes first; none starts after this
+            for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
+                if ref is not None:
+                    with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                        ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        self._exits.put(None)
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(_ASK_TIMEOUT_S)
         abandoned = self._tracker.close()
         if self._timer is not None:
             self._timer.stop()

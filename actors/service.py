@@ -29,6 +29,7 @@ from actorflow.services import ResultStore
 from actorflow.services.seed import unwrap
 
 __all__ = [
+    "CallClaims",
     "Deliver",
     "OnDeath",
     "ServiceBackend",
@@ -238,6 +239,9 @@ class WorkerHandle(Protocol):
     def retire(self) -> None:
         """Stop the worker; calls it has not started are dropped (the pool re-sends them)."""
 
+    def withdraw(self, call_id: int) -> bool:
+        """Take back a sent call the worker has not started; True if it never will. May always say False."""
+
     def join(self, timeout: float) -> bool:
         """Wait for the worker to finish stopping. False if it is still busy (e.g. hung)."""
 
@@ -256,12 +260,37 @@ class ServiceBackend(Protocol):
         """Release what the backend holds (called after every worker is retired)."""
 
 
+class CallClaims:
+    """Calls sent to a worker and not started yet. The worker and the pool race for each; one wins.
+
+    `sent` notes a call before it is told to the worker; the worker `take`s
+    it just before running it, the pool takes it back with `withdraw`. Both
+    are one `dict.pop`, atomic under the GIL, so no lock is needed and no call
+    is both run and withdrawn.
+    """
+
+    __slots__ = ("_unclaimed",)
+
+    def __init__(self) -> None:
+        self._unclaimed: dict[int, None] = {}
+
+    def sent(self, call_id: int) -> None:
+        """Note a call as sent and not started."""
+        self._unclaimed[call_id] = None
+
+    def take(self, call_id: int) -> bool:
+        """Claim a call (to run it, or to withdraw it). False if the other side got it first."""
+        return call_id in self._unclaimed and self._unclaimed.pop(call_id, False) is None
+
+
 class ServiceWorker(FastActor):
     """A pykka actor that runs service calls one at a time.
 
     Its thread is a daemon, so a call that hangs forever cannot stop the
     interpreter from exiting once the pool has retired the worker.
     """
+
+    thread_role = "worker"
 
     def __init__(
         self,
@@ -272,8 +301,10 @@ class ServiceWorker(FastActor):
         retired: threading.Event,
         dead_letters: DeadLetterOffice,
         threads: ThreadBook,
+        claims: CallClaims | None = None,
     ) -> None:
         super().__init__(threads=threads)
+        self._claims = claims
         self._name = name
         self._fn = fn
         self._deliver = deliver
@@ -289,6 +320,8 @@ class ServiceWorker(FastActor):
             return
         if self._retired.is_set():
             return  # the pool took this call back when it retired us
+        if self._claims is not None and not self._claims.take(message.call_id):
+            return  # withdrawn (its task was cancelled) before it started
         done = execute(self._fn, message, self._name, log=self._log)
         if done.status == "crashed":
             # Stop here: calls queued behind this one must not run on a worker that is being
@@ -307,14 +340,21 @@ class ServiceWorker(FastActor):
 
 
 class _ThreadWorker:
-    __slots__ = ("_ref", "_retired", "name")
+    __slots__ = ("_claims", "_ref", "_retired", "name")
 
-    def __init__(self, name: str, ref: pykka.ActorRef[ServiceWorker], retired: threading.Event) -> None:
+    def __init__(
+        self, name: str, ref: pykka.ActorRef[ServiceWorker], retired: threading.Event, claims: CallClaims
+    ) -> None:
         self.name = name
         self._ref = ref
         self._retired = retired
+        self._claims = claims
+
+    def withdraw(self, call_id: int) -> bool:
+        return self._claims.take(call_id)
 
     def send(self, call: RunService) -> bool:
+        self._claims.sent(call.call_id)
         try:
             self._ref.tell(call)
         except pykka.ActorDeadError:
@@ -343,8 +383,9 @@ class ThreadBackend:
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
     ) -> WorkerHandle:
         retired = threading.Event()
-        ref = ServiceWorker.start(name, fn, deliver, on_death, retired, self._dead_letters, self._threads)
-        return _ThreadWorker(name, ref, retired)
+        claims = CallClaims()
+        ref = ServiceWorker.start(name, fn, deliver, on_death, retired, self._dead_letters, self._threads, claims)
+        return _ThreadWorker(name, ref, retired, claims)
 
     def close(self) -> None:
         """Threads need no clean-up beyond their actors."""

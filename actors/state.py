@@ -6,6 +6,23 @@ Each request is checked against the transition table of the task's pipeline
 nothing. With a journal, changes are committed in groups: the actor
 applies what waits in its mailbox, then commits once, and only then
 acknowledges, replies and publishes (acknowledge after commit).
+
+Journal faults are an operating state, not a loop. A refused commit rolls its
+changes back and answers every sender: a creation's submitter gets the
+`JournalError`, and each orchestrator gets all its refused transitions in
+*one* `TransitionsApplied`, in order, so that it retries them as one batch
+(VALIDATED and PROCESSING of a task are then committed together again, never
+the second without the first). The actor then enters a capped exponential
+backoff: until the next try is due, batches are refused at once without
+touching the disk (so `submit()` fails fast and the log gets one line per
+backoff step); the first commit that succeeds clears the fault
+(`Health.degraded` -> ok). A journal whose file or lock file was deleted or
+replaced (`Journal.lost`) is a failure for good: the runtime's `Health` fails.
+
+Who drives new tasks: a `CreateTask` without `notify` is announced to the
+current *driver*, set by `adopt()`. Adopting a new orchestrator and reading
+the non-terminal tasks it must resume is one message, so no creation can fall
+between the two (the supervisor restarts a dead orchestrator this way).
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ import pykka
 
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
+from actorflow.actors.health import Backoff, Health, Milestones
 from actorflow.actors.messages import (
     CreateTask,
     TasksCreated,
@@ -57,8 +75,8 @@ _Records = list[TaskRecord]
 
 _MAX_BATCH = 256
 """Commit at least this often even while the mailbox stays busy, to bound latency."""
-_JOURNAL_ATTEMPTS = 3
-"""Write attempts per batch before its changes are rolled back and refused."""
+_JOURNAL_BACKOFF_S = (0.01, 1.0)
+"""First and largest delay between commit attempts while the journal refuses writes."""
 
 _Table = Mapping[TaskState, frozenset[TaskState]]
 _NO_TABLE: _Table = {}
@@ -95,6 +113,9 @@ class StateActor(FastActor):
         on_terminal: Callable[[TaskRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
         pipelines: tuple[Pipeline, ...] | None = None,
+        health: Health | None = None,
+        milestones: Milestones | None = None,
+        on_exit: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(threads=threads)
         self._tables: dict[str, _Table] = (
@@ -108,6 +129,14 @@ class StateActor(FastActor):
             known.update(dict.fromkeys(table))
         self._states: tuple[TaskState, ...] = tuple(known)
         """Every state of every pipeline, in lifecycle order (the seed's first, if it runs)."""
+        self._health = health or Health()
+        self._milestones = milestones or Milestones()
+        self._on_exit = on_exit
+        """Told why this actor stopped (requested or not): the runtime's supervisor decides what to do."""
+        self._driver: pykka.ActorRef[Any] | None = None
+        self._journal_fault: JournalError | None = None
+        self._journal_backoff = Backoff(*_JOURNAL_BACKOFF_S)
+        self._retry_at = 0.0
         self._on_terminal = on_terminal
         self._journal = journal
         self._retain = retain_terminal
@@ -206,6 +235,16 @@ class StateActor(FastActor):
         """Every task not yet terminal (for recovery after a restart)."""
         return [record for record in self._records.values() if record.state not in TERMINAL_STATES]
 
+    def adopt(self, driver: pykka.ActorRef[Any]) -> _Records:
+        """Announce new tasks to `driver` from now on; returns every non-terminal task for it to resume.
+
+        Pending changes are committed first (their announcements go to the
+        previous driver, and the tasks are in the returned list either way).
+        """
+        self._flush()
+        self._driver = driver
+        return self.non_terminal()
+
     def subscribe(self, callback: Subscriber) -> int:
         """Call `callback(event)` after each committed transition, on this actor's thread. Returns a token."""
         self._next_subscriber += 1
@@ -235,9 +274,17 @@ class StateActor(FastActor):
     def _receive(self, message: Any) -> None:
         if isinstance(message, TransitionBatch):
             for request in message.requests:
-                self._apply_transition(request, notify=message.reply_to)
+                try:
+                    self._apply_transition(request, notify=message.reply_to)
+                except Exception as exc:  # noqa: BLE001 - one broken request must not cost the batch the rest
+                    self._refuse_broken(request, message.reply_to, exc)
         elif isinstance(message, CreateTask):
-            self._apply_create(message)
+            try:
+                self._apply_create(message)
+            except Exception as exc:  # noqa: BLE001 - the submitter gets the error; nothing was created
+                self._log.error("state.create_failed", task_id=message.task_id, error=repr(exc))
+                if message.reply is not None:
+                    message.reply.set_exception(exc_info=(type(exc), exc, None))
         else:
             self._dead_letters.post(message, to="state", why="unknown message type")
         # In memory there is nothing to group: acknowledge at once. With a journal, one commit covers
@@ -246,16 +293,29 @@ class StateActor(FastActor):
             self._flush()
 
     def on_stop(self) -> None:
-        """Commit what is pending, then close the journal."""
-        self._dead_letters.drain(self)
-        self._flush()
-        if self._journal is not None:
-            self._journal.close()
+        """Commit what is pending, close the journal, then tell the supervisor."""
+        try:
+            self._dead_letters.drain(self)
+            self._flush()
+        finally:
+            if self._journal is not None:
+                self._journal.close()
+            if self._on_exit is not None:
+                self._on_exit("stopped")
 
-    def on_failure(self, *args: object) -> None:
-        """Never expected: handlers catch everything. Close the journal cleanly anyway."""
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        """Never expected: handlers catch everything. Close the journal cleanly and tell the supervisor."""
         if self._journal is not None:
             self._journal.close()
+        if self._on_exit is not None:
+            self._on_exit(f"failed with {exception_type.__name__}: {exception_value}")
+
+    def _refuse_broken(self, request: TransitionRequest, notify: pykka.ActorRef[Any] | None, exc: Exception) -> None:
+        """A request whose handling raised: refuse it with the reason (its sender then fails the task)."""
+        why = f"internal error applying {request.to_state.value}: {type(exc).__name__}: {exc}"
+        self._log.error("state.transition_failed", task_id=request.task_id, error=why)
+        if notify is not None:
+            self._reply_outcome(notify, TransitionOutcome(request, "rejected", self._records.get(request.task_id), why))
 
     # --- applying --------------------------------------------------------------------------------
 
@@ -373,12 +433,15 @@ class StateActor(FastActor):
             record = change.record
             if change.reply is not None:
                 change.reply.set(record)
-            if change.notify is not None:
+            notify = change.notify
+            if notify is None and change.request is None:
+                notify = self._driver  # a creation from the runtime: announce it to whoever drives tasks now
+            if notify is not None:
                 if change.request is None:
-                    created.setdefault(id(change.notify), (change.notify, []))[1].append(record)
+                    created.setdefault(id(notify), (notify, []))[1].append(record)
                 else:
                     outcome = TransitionOutcome(change.request, "accepted", record)
-                    applied.setdefault(id(change.notify), (change.notify, []))[1].append(outcome)
+                    applied.setdefault(id(notify), (notify, []))[1].append(outcome)
             self._publish(change, verbose=verbose)
         for ref, records in created.values():
             self._tell(ref, TasksCreated(tuple(records)))
@@ -388,22 +451,47 @@ class StateActor(FastActor):
             self._evict(changes)
 
     def _commit(self, changes: _Changes) -> JournalError | None:
-        assert self._journal is not None
+        """Write one batch; None when committed, else the refusal (see the module docstring: backoff)."""
+        journal = self._journal
+        assert journal is not None
+        fault = self._journal_fault
+        if fault is not None and (journal.lost is not None or time.monotonic() < self._retry_at):
+            return fault  # in backoff: refused without touching the disk, and without a log line
         created = [c.record for c in changes if c.before is None]
         changed = [(c.record, c.transition) for c in changes if c.before is not None]
-        failure: JournalError | None = None
-        for attempt in range(1, _JOURNAL_ATTEMPTS + 1):
-            try:
-                self._journal.write_batch(created, changed)
-            except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
-                failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
-                self._log.error("journal.write_failed", attempt=attempt, of=_JOURNAL_ATTEMPTS, error=str(exc))
-                continue
-            return None
-        return failure
+        try:
+            journal.write_batch(created, changed)
+        except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
+            failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
+            self._journal_fault = failure
+            if journal.lost is not None:
+                self._log.error("journal.lost", error=str(failure))
+                self._milestones.emit("journal.lost", reason=journal.lost)
+                self._health.fail(str(failure))
+                return failure
+            delay = self._journal_backoff.failed()
+            self._retry_at = time.monotonic() + delay
+            if self._journal_backoff.steps == 1:
+                self._health.degrade(f"the journal refuses writes: {failure}")
+                self._milestones.emit("journal.degraded", reason=str(failure))
+            self._log.error(
+                "journal.write_failed", step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(exc)
+            )
+            return failure
+        if fault is not None:
+            self._journal_fault = None
+            self._log.info("journal.recovered", failed_steps=self._journal_backoff.steps)
+            self._journal_backoff.reset()
+            self._health.recover()
+            self._milestones.emit("journal.recovered")
+        return None
 
     def _roll_back(self, changes: _Changes, failure: JournalError) -> None:
-        """Undo changes the journal refused, newest first, and tell their senders."""
+        """Undo changes the journal refused, newest first, and tell their senders.
+
+        Each sender of transitions gets all of its refused ones in one message,
+        in order, to retry as one batch.
+        """
         for change in reversed(changes):
             record = change.record
             self._counts[record.state] -= 1
@@ -412,12 +500,15 @@ class StateActor(FastActor):
             else:
                 self._records[record.task_id] = change.before
                 self._counts[change.before.state] += 1
+        refused: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}
         for change in changes:
             if change.reply is not None:
                 change.reply.set_exception(exc_info=(JournalError, failure, None))
             if change.notify is not None and change.request is not None:
                 outcome = TransitionOutcome(change.request, "journal_failed", change.before, str(failure))
-                self._reply_outcome(change.notify, outcome)
+                refused.setdefault(id(change.notify), (change.notify, []))[1].append(outcome)
+        for ref, outcomes in refused.values():
+            self._tell(ref, TransitionsApplied(tuple(outcomes)))
 
     def _publish(self, change: _Change, *, verbose: bool) -> None:
         record, transition = change.record, change.transition

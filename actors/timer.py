@@ -2,6 +2,11 @@
 
 pykka has no timers (its issue #53). Retries' backoff and stage deadlines are
 scheduled here; the callback is a `tell`, which never blocks.
+
+Most deadlines are cancelled (the call finished in time) long before they fall
+due, so cancelled entries are pruned from the heap once they are more than half
+of it: the heap stays within twice the live entries (plus `_PRUNE_AT`), however
+many calls a long-running runtime makes.
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ from collections.abc import Callable
 
 __all__ = ["Timer", "TimerHandle"]
 
+_PRUNE_AT = 64
+"""Cancelled entries the heap may hold before it is worth rebuilding (a rebuild is O(n))."""
+
 
 class TimerHandle:
     """A scheduled callback; `cancel()` makes sure it does not run."""
 
-    __slots__ = ("cancelled",)
+    __slots__ = ("_timer", "cancelled")
 
-    def __init__(self) -> None:
+    def __init__(self, timer: Timer | None = None) -> None:
         self.cancelled = False
+        self._timer = timer
+        """The timer whose heap holds this entry, uncounted as cancelled; None once popped or counted."""
 
     def cancel(self) -> None:
         """Do not run the callback (a no-op if it already ran)."""
         self.cancelled = True
+        timer = self._timer
+        if timer is not None:
+            timer._forget(self)
 
 
 class Timer:
@@ -45,6 +58,8 @@ class Timer:
         self._clock = clock
         self._on_error = on_error
         self._heap: list[tuple[float, int, TimerHandle, Callable[[], None]]] = []
+        self._cancelled = 0
+        """How many entries in the heap are cancelled (pruned once they are the majority)."""
         self._order = itertools.count()
         self._wakeup = threading.Condition()
         self._stopped = False
@@ -53,7 +68,7 @@ class Timer:
 
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
         """Run `callback` on the timer thread after `delay_s` seconds."""
-        handle = TimerHandle()
+        handle = TimerHandle(self)
         with self._wakeup:
             entry = (self._clock() + max(0.0, delay_s), next(self._order), handle, callback)
             heapq.heappush(self._heap, entry)
@@ -61,11 +76,23 @@ class Timer:
                 self._wakeup.notify()
         return handle
 
+    def wake(self) -> None:
+        """Read the clock again now: for an injected clock that jumps (as a test's does)."""
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def __len__(self) -> int:
+        """How many entries the heap holds, cancelled ones not yet pruned included."""
+        return len(self._heap)
+
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the thread; callbacks not yet due never run."""
         with self._wakeup:
             self._stopped = True
+            for _, _, handle, _ in self._heap:
+                handle._timer = None
             self._heap.clear()
+            self._cancelled = 0
             self._wakeup.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -79,6 +106,9 @@ class Timer:
                 if self._stopped:
                     return
                 _, _, handle, callback = heapq.heappop(self._heap)
+                if handle._timer is None:
+                    self._cancelled -= 1  # it was counted when cancelled
+                handle._timer = None
             if handle.cancelled:
                 continue
             try:
@@ -86,3 +116,21 @@ class Timer:
             except BaseException as exc:  # noqa: BLE001 - the timer thread must survive any callback
                 if self._on_error is not None:
                     self._on_error(exc)
+
+    def _forget(self, handle: TimerHandle) -> None:
+        """Count a cancelled entry; rebuild the heap without them once they are the majority."""
+        with self._wakeup:
+            if handle._timer is None:
+                return  # already popped (or counted)
+            handle._timer = None
+            self._cancelled += 1
+            if self._cancelled >= _PRUNE_AT and 2 * self._cancelled > len(self._heap):
+                kept = []
+                for entry in self._heap:
+                    if entry[2].cancelled:
+                        entry[2]._timer = None  # also one whose cancel() has not reached _forget yet
+                    else:
+                        kept.append(entry)
+                heapq.heapify(kept)
+                self._heap = kept
+                self._cancelled = 0

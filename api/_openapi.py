@@ -135,7 +135,10 @@ _SCHEMAS: dict[str, Any] = {
     "Health": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string", "enum": ["ok", "stopped"]}},
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "degraded", "failed", "stopped"]},
+            "reason": {"type": "string", "description": "Why the runtime is not ok."},
+        },
     },
     "TransitionEvent": {
         "type": "object",
@@ -171,8 +174,8 @@ _PATHS: dict[str, Any] = {
             "summary": "Liveness: does the runtime answer? Never needs the token.",
             "security": [],
             "responses": {
-                "200": _json("the runtime answers", "Health"),
-                "503": _json("the runtime is stopped", "Health"),
+                "200": _json("the runtime answers (ok, or degraded: the journal refuses writes for now)", "Health"),
+                "503": _json("the runtime is stopped or has failed", "Health"),
             },
         }
     },

@@ -33,7 +33,6 @@ import threading
 from base64 import b64encode
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from html import escape as html_escape
 from typing import Any
 
 import uvicorn
@@ -77,8 +76,10 @@ from actorflow.api._protocol import (
 from actorflow.core import (
     ConfigError,
     InvalidPayload,
+    JournalError,
     Overloaded,
     RuntimeConfig,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TaskRecord,
@@ -193,6 +194,8 @@ def create_app(
             InvalidPayload: _unprocessable,
             Overloaded: _overloaded,
             RuntimeStopped: _stopped,
+            RuntimeFailed: _failed,
+            JournalError: _journal_refuses,
             TimeoutError: _not_answering,  # the runtime did not answer a read in time
             NotImplementedError: _not_implemented,
         },
@@ -236,15 +239,16 @@ class _Handlers:
         self.keys = keys
         self.openapi_doc = openapi
         self.heartbeat_s = heartbeat_s
-        self.dashboard_html, self.dashboard_headers = _load_dashboard([state.value for state in runtime.states])
+        self.dashboard_html, self.dashboard_headers = _load_dashboard()
 
     async def dashboard(self, request: Request) -> Response:
         return Response(self.dashboard_html, media_type="text/html; charset=utf-8", headers=self.dashboard_headers)
 
     async def health(self, request: Request) -> Response:
-        if self.runtime.closed:
-            return json_response({"status": "stopped"}, 503)
-        return json_response({"status": "ok"})
+        # "degraded" (the journal refuses writes) answers 200: the process is alive and heals by itself
+        # when the disk frees, so a liveness probe must not restart it; "failed" and "stopped" are 503.
+        health = self.runtime.health()
+        return json_response(health, 503 if health["status"] in ("failed", "stopped") else 200)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(self.openapi_doc)
@@ -367,6 +371,16 @@ async def _overloaded(request: Request, exc: Exception) -> Response:
 
 async def _stopped(request: Request, exc: Exception) -> Response:
     return error_response(503, "the runtime is stopped; it accepts no more work")
+
+
+async def _failed(request: Request, exc: Exception) -> Response:
+    return error_response(503, f"the runtime has failed and accepts no more work: {exc}")
+
+
+async def _journal_refuses(request: Request, exc: Exception) -> Response:
+    return error_response(
+        503, f"the journal refuses writes, nothing was created; try again later: {exc}", headers={"Retry-After": "1"}
+    )
 
 
 async def _not_answering(request: Request, exc: Exception) -> Response:
@@ -531,14 +545,8 @@ def _count_param(params: Mapping[str, str], name: str, default: int, lowest: int
     return value
 
 
-def _load_dashboard(states: Sequence[str] = ()) -> tuple[bytes, dict[str, str]]:
+def _load_dashboard() -> tuple[bytes, dict[str, str]]:
     html = importlib.resources.files("api").joinpath("static/dashboard.html").read_bytes()
-    if states:
-        # The page draws a card per state of the runtime's pipelines; it reads them from this tag.
-        names = html_escape(" ".join(states)).encode()
-        html = html.replace(
-            b'<meta charset="utf-8">', b'<meta charset="utf-8">\n<meta name="actorflow-states" content="%s">' % names, 1
-        )
     # The page is self-contained: allow exactly its own inline script and style (by
     # hash) and requests back to this server, nothing else.
     hashes = {

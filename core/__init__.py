@@ -11,11 +11,13 @@ from actorflow.core.errors import (
     InvalidTransition,
     JournalError,
     Overloaded,
+    RuntimeFailed,
     RuntimeStopped,
     TaskNotFound,
     TransientError,
     UnknownPipeline,
     ValidationError,
+    WouldDeadlock,
 )
 from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
@@ -32,6 +34,7 @@ __all__ = [
     "Overloaded",
     "Pipeline",
     "RuntimeConfig",
+    "RuntimeFailed",
     "RuntimeStopped",
     "Stage",
     "Task",
@@ -43,6 +46,7 @@ __all__ = [
     "TransitionEvent",
     "UnknownPipeline",
     "ValidationError",
+    "WouldDeadlock",
     "freeze",
     "is_allowed",
     "is_terminal",

@@ -3,13 +3,18 @@
 The tree::
 
     ActorflowError
-    ├── ConfigError            a RuntimeConfig field or a ServiceSet entry is wrong
+    ├── ConfigError            a RuntimeConfig field, a Stage, a Pipeline or a ServiceSet entry is wrong
     ├── InvalidTransition      the transition table or `expected` forbids the change
     ├── TaskNotFound           no task has that id
     ├── UnknownPipeline        no pipeline of the runtime has that name
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
     │   └── ValidationError    the validator service rejected the payload
-    ├── RuntimeStopped         the runtime was closed
+    ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
+    ├── RuntimeFailed          the runtime lost what it cannot rebuild (its state
+    │                          actor without a journal, or its journal file); it
+    │                          accepts no more work and releases every waiter
+    ├── WouldDeadlock          a blocking call on a thread it would wait for (a subscriber
+    │                          callback, a service): raised at once instead of hanging
     ├── Overloaded             backpressure: too many tasks in flight
     ├── JournalError           the SQLite journal is unusable (not a database, newer
     │                          schema, locked, I/O failure)
@@ -27,11 +32,13 @@ __all__ = [
     "InvalidTransition",
     "JournalError",
     "Overloaded",
+    "RuntimeFailed",
     "RuntimeStopped",
     "TaskNotFound",
     "TransientError",
     "UnknownPipeline",
     "ValidationError",
+    "WouldDeadlock",
 ]
 
 
@@ -79,6 +86,24 @@ class ValidationError(InvalidPayload):
 
 class RuntimeStopped(ActorflowError):
     """The runtime was closed; it accepts no more work."""
+
+
+class RuntimeFailed(ActorflowError):
+    """The runtime failed for good: pending `result()`/`join()` raise it, and so does `submit()`.
+
+    Raised when a central actor dies and cannot be rebuilt (the StateActor of a
+    runtime without a journal), or when the journal file is deleted or replaced
+    while the runtime runs. The message names what was lost.
+    """
+
+
+class WouldDeadlock(ActorflowError):
+    """A blocking call was made on a thread it would have to wait for, so it raised at once.
+
+    Subscriber callbacks run on the state actor's thread, and services on worker
+    threads: a call that waits for an answer only that thread can give, or for
+    tasks that need it, would hang there. The message says what to do instead.
+    """
 
 
 class Overloaded(ActorflowError):

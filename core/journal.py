@@ -64,7 +64,7 @@ from typing import Any, Final, Literal, Self
 
 from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import JournalError
-from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, TaskRecord, TaskState, Transition
+from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, TaskRecord, TaskState, Transition, encode_json
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "Journal", "JournalReader"]
 
@@ -195,8 +195,8 @@ _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
 _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 
-# One encoder, built once: json.dumps with non-default arguments builds a new encoder per call.
-_encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+# The canonical encoder: what `freeze` accepts is exactly what it can encode.
+_encode_json = encode_json
 
 _TaskRow = tuple[str, str, str, str, str | None, str | None, str | None, str, str, str | None, int, int, float, float]
 _LogRow = tuple[str, int, str | None, str, float, str | None]
@@ -501,6 +501,9 @@ class Journal(JournalReader):
             _release_ownership(owner_fd)
             raise
         self._owner_fd = owner_fd
+        self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
+        self.lost: str | None = None
+        """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 2.0) -> JournalReader:
@@ -583,6 +586,7 @@ class Journal(JournalReader):
 
         with self._lock:
             connection = self._require_open()
+            self._check_identity()
             keys = [
                 (*staged, record.task_id, record.created_at)
                 for record in created
@@ -631,6 +635,37 @@ class Journal(JournalReader):
                 "(SELECT key FROM idempotency_keys ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
                 (MAX_KEYS,),
             )
+
+    def _check_identity(self) -> None:
+        """Refuse to commit into a file that is no longer the one on disk (two stats per batch).
+
+        SQLite keeps writing happily into a database file that was deleted or
+        replaced (the open inode lives on), and a deleted lock file lets a
+        second runtime take the same path: either way, what is acknowledged
+        would be lost. Checked on every commit, and sticky (`lost`).
+        """
+        if self.lost is None:
+            device, inode, lock_inode = self._identity
+            lock_path = f"{self.path}.lock"
+            try:
+                found = os.stat(self.path)
+            except OSError as exc:
+                self.lost = f"journal file {self.path!r} is gone ({exc.strerror}); it was deleted while in use"
+            else:
+                if (found.st_dev, found.st_ino) != (device, inode):
+                    self.lost = f"journal file {self.path!r} was replaced by another file while in use"
+            if self.lost is None:
+                try:
+                    lock_found = os.stat(lock_path).st_ino
+                except OSError:
+                    lock_found = None
+                if lock_found != lock_inode:
+                    self.lost = (
+                        f"lock file {lock_path!r} of journal {self.path!r} was deleted or replaced while in use; "
+                        "another runtime could now open the same journal"
+                    )
+        if self.lost is not None:
+            raise JournalError(f"{self.lost}; nothing more is committed (restart on an intact journal)")
 
     @staticmethod
     def _unknown(connection: sqlite3.Connection, task_ids: Iterable[str]) -> list[str]:

@@ -8,8 +8,10 @@ two threads can ever share a mutable object through a message.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, NoReturn, TypeAlias
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "MAX_DEPTH",
     "SEED_STATES",
     "FrozenDict",
     "JSONInput",
@@ -26,6 +29,7 @@ __all__ = [
     "TaskState",
     "Transition",
     "TransitionEvent",
+    "encode_json",
     "evolve",
     "freeze",
     "freeze_payload",
@@ -169,36 +173,67 @@ class FrozenDict(dict[str, "JSONValue"]):
         return self
 
 
+MAX_DEPTH = 128
+"""How deep payloads and results may nest (mappings and lists): deeper ones are refused.
+
+A fixed bound, far from the interpreter's recursion limit, so that `freeze`, `thaw`,
+the journal's encoder and decoder and `to_dict()` never meet a RecursionError
+whatever the caller's stack depth (serde_json's default limit is the same).
+"""
+
+encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""The canonical JSON text of a value, as the journal stores it: what `freeze` accepts always encodes.
+
+One encoder, built once: json.dumps with non-default arguments builds a new encoder per call.
+"""
+
+_ALWAYS_PRINTABLE_BITS = 2100
+"""Ints this short print whatever `sys.set_int_max_str_digits` allows (its least limit is 640 digits)."""
+
+
 def freeze(value: Any, *, where: str = "payload") -> JSONValue:
     """Return an immutable deep copy of a JSON value, or raise TypeError naming the bad part.
 
-    Allowed: None, bool, int, finite float, str, list/tuple of allowed values and
-    mappings with str keys. `where` names the root in error messages
-    (``payload['data'][2]``).
+    Allowed: None, bool, int that prints as JSON (at most `sys.get_int_max_str_digits()`
+    digits), finite float, str of valid Unicode text, list/tuple of allowed values and
+    mappings with str keys, nested at most `MAX_DEPTH` levels. These are exactly the
+    values `encode_json` (the journal) and `TaskRecord.to_dict()` can store. `where`
+    names the root in error messages (``payload['data'][2]``).
     """
+    return _freeze(value, where, 0)
+
+
+def _freeze(value: Any, where: str, depth: int) -> JSONValue:
     if isinstance(value, str):
         if not value.isascii():
             _check_encodable(value, where)
         return value
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if value.bit_length() > _ALWAYS_PRINTABLE_BITS:
+            _check_printable(value, where)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise TypeError(f"{where} is {value!r}; JSON allows only finite numbers")
         return value
     if isinstance(value, Mapping):
-        if isinstance(value, FrozenDict):
-            return value
+        if depth >= MAX_DEPTH:
+            raise _too_deep(where)
         items = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where} has key {key!r} of type {type(key).__name__}; JSON keys must be str")
             if not key.isascii():
                 _check_encodable(key, f"a key of {where}")
-            items[key] = freeze(item, where=f"{where}[{key!r}]")
-        return FrozenDict(items)
+            items[key] = _freeze(item, f"{where}[{key!r}]", depth + 1)
+        # A FrozenDict is immutable already, but anyone can build one: it is checked, and kept as it is.
+        return value if isinstance(value, FrozenDict) else FrozenDict(items)
     if isinstance(value, (list, tuple)):
-        return tuple(freeze(item, where=f"{where}[{index}]") for index, item in enumerate(value))
+        if depth >= MAX_DEPTH:
+            raise _too_deep(where)
+        return tuple(_freeze(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(value))
     raise TypeError(
         f"{where} is of type {type(value).__name__}; allowed are None, bool, int, float, str, list and dict"
     )
@@ -210,6 +245,24 @@ def freeze_payload(payload: Mapping[str, JSONInput], *, where: str = "payload") 
     if not isinstance(frozen, Mapping):
         raise TypeError(f"{where} must be a mapping (a JSON object), got {type(payload).__name__}")
     return frozen
+
+
+def _too_deep(where: str) -> TypeError:
+    return TypeError(
+        f"{where} is nested more than {MAX_DEPTH} levels deep (or contains itself); JSON values "
+        f"here may nest at most {MAX_DEPTH} mappings and lists"
+    )
+
+
+def _check_printable(number: int, where: str) -> None:
+    try:
+        int.__repr__(number)  # what the encoder does; it refuses past the process's digit limit
+    except ValueError:
+        limit = sys.get_int_max_str_digits()
+        raise TypeError(
+            f"{where} is an int of more than {limit} digits; JSON numbers may have at most {limit} digits "
+            "(sys.get_int_max_str_digits()): send a longer one as a str"
+        ) from None
 
 
 def _check_encodable(text: str, where: str) -> None:

@@ -9,7 +9,7 @@ import pykka
 import pytest
 import structlog
 
-from actorflow.actors import Runtime
+from actorflow.actors import Milestone, Runtime
 from actorflow.core import RuntimeConfig
 
 
@@ -45,3 +45,28 @@ def actor_threads() -> list[threading.Thread]:
     """Threads started by pykka actors or actorflow (named ClassName-N or actorflow-*)."""
     names = ("StateActor-", "OrchestratorActor-", "ServiceWorker-", "actorflow-")
     return [t for t in threading.enumerate() if t.name.startswith(names) and t.is_alive()]
+
+
+class MilestoneLog:
+    """A runtime's `on_milestone` callback that records milestones; tests wait on them, never poll."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.seen: list[Milestone] = []
+
+    def __call__(self, milestone: Milestone) -> None:
+        with self._changed:
+            self.seen.append(milestone)
+            self._changed.notify_all()
+
+    def count(self, name: str) -> int:
+        """How many milestones called `name` were reached so far."""
+        with self._changed:
+            return sum(1 for milestone in self.seen if milestone.name == name)
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until `count` milestones called `name` were reached; False after `timeout` s."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: sum(1 for milestone in self.seen if milestone.name == name) >= count, timeout
+            )

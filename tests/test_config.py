@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from actorflow.core import TRANSITIONS, ConfigError, RuntimeConfig, TaskState, is_allowed, is_terminal
+from actorflow.core import TRANSITIONS, ConfigError, RuntimeConfig, TaskState, is_terminal
 from actorflow.core.config import NON_TERMINAL_STATES, TERMINAL_STATES
 
 S = TaskState
@@ -31,11 +29,6 @@ def test_terminal_states_are_completed_failed_and_cancelled() -> None:
     assert {S.COMPLETED, S.FAILED, S.CANCELLED} == TERMINAL_STATES
     assert {S.CREATED, S.VALIDATED, S.PROCESSING} == NON_TERMINAL_STATES
     assert all(is_terminal(state) for state in TERMINAL_STATES)
-
-
-@pytest.mark.parametrize(("source", "target"), list(itertools.product(TaskState, TaskState)))
-def test_is_allowed_agrees_with_the_table_for_every_pair(source: TaskState, target: TaskState) -> None:
-    assert is_allowed(source, target) == ((source, target) in SEED_EDGES | CANCEL_EDGES)
 
 
 def test_the_table_cannot_be_changed_at_run_time() -> None:

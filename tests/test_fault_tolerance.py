@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from actorflow.actors import Runtime
 from actorflow.actors.service import ServiceWorker
 from actorflow.core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
 from actorflow.services import ServiceSet
-from tests.conftest import payload
+from tests.conftest import MilestoneLog, payload
 from tests.faults import ChaosProcessor, Gate, expected_outcome
 
 S = TaskState
@@ -110,17 +109,17 @@ def test_a_service_raising_system_exit_is_contained_its_worker_replaced_and_the_
     assert (pool["workers"], pool["size"], pool["restarts"], pool["failing"]) == (2, 2, 4, None)  # one per task
 
 
-def test_a_worker_actor_that_dies_is_replaced_and_the_pool_keeps_its_size(runtime: Runtime) -> None:
-    runtime.submit(payload()).result(timeout=10)
-    victim = next(ref for ref in pykka.ActorRegistry.get_by_class(ServiceWorker))
-    victim.stop(block=True, timeout=5)
-    deadline = time.monotonic() + 10
-    while runtime.stats()["restarts"] < 1 and time.monotonic() < deadline:
-        threading.Event().wait(0.01)  # polling the runtime's own counter, with a deadline
-    stats = runtime.stats()
+def test_a_worker_actor_that_dies_is_replaced_and_the_pool_keeps_its_size() -> None:
+    milestones = MilestoneLog()
+    with Runtime(on_milestone=milestones) as runtime:
+        runtime.submit(payload()).result(timeout=10)
+        victim = next(ref for ref in pykka.ActorRegistry.get_by_class(ServiceWorker))
+        victim.stop(block=True, timeout=5)
+        assert milestones.wait_for("worker.restarted")
+        stats = runtime.stats()
+        assert runtime.submit(payload(2)).result(timeout=10).state is S.COMPLETED
     assert stats["restarts"] == 1
     assert all(p["workers"] == p["size"] for p in stats["pools"].values())
-    assert runtime.submit(payload(2)).result(timeout=10).state is S.COMPLETED
 
 
 def test_restart_intensity_beyond_max_restarts_marks_the_pool_failing_and_fails_its_tasks() -> None:
@@ -163,15 +162,14 @@ def test_a_call_overrunning_the_stage_timeout_is_retried_on_a_fresh_worker_and_i
         return {"attempt": task.attempt}
 
     config = RuntimeConfig(processor_workers=1, stage_timeout_s=0.2)
-    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+    milestones = MilestoneLog()
+    with Runtime(config, services=ServiceSet(process=process), on_milestone=milestones) as runtime:
         record = runtime.submit(payload()).result(timeout=10)
         assert record.state is S.COMPLETED
         assert record.result == {"attempt": 2}
         release.set()
         assert late.wait(10)
-        deadline = time.monotonic() + 10
-        while runtime.stats()["late_results"] < 1 and time.monotonic() < deadline:
-            threading.Event().wait(0.01)
+        assert milestones.wait_for("service.late_result")
         stats = runtime.stats()
     assert stats["timeouts"] == 1
     assert stats["late_results"] == 1
@@ -216,11 +214,10 @@ def test_cancelling_a_terminal_task_returns_false_and_an_unknown_one_raises(runt
 def test_a_task_waiting_for_a_retry_can_be_cancelled() -> None:
     flaky = FlakyThenFine(100, TransientError("down"))
     config = RuntimeConfig(retry_backoff_s=5, retry_backoff_max_s=5, max_attempts=5)
-    with Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+    milestones = MilestoneLog()
+    with Runtime(config, services=ServiceSet(process=flaky), on_milestone=milestones) as runtime:
         handle = runtime.submit(payload())
-        deadline = time.monotonic() + 10
-        while runtime.stats()["retries"] < 1 and time.monotonic() < deadline:
-            threading.Event().wait(0.01)
+        assert milestones.wait_for("service.retry_scheduled")
         assert handle.cancel() is True
         assert handle.result(timeout=5).state is S.CANCELLED
 
@@ -373,6 +370,7 @@ def test_a_process_with_a_forever_hung_service_still_exits_promptly() -> None:
 # --- chaos -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right() -> None:
     seed, count = 20261125, 5000
@@ -416,16 +414,6 @@ def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right
     assert stats["retries"] > 0
 
 
-def _wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    """Poll a runtime counter with a deadline (the runtime has no event for these internals)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.005)
-    return True
-
-
 def test_a_call_queued_behind_one_that_crashes_its_worker_runs_exactly_once() -> None:
     release = threading.Event()
     runs: dict[int, int] = {}
@@ -444,9 +432,11 @@ def test_a_call_queued_behind_one_that_crashes_its_worker_runs_exactly_once() ->
             raise SystemExit("crash with a call queued behind")
         return {}
 
-    with Runtime(RuntimeConfig(processor_workers=1), services=ServiceSet(process=process)) as runtime:
+    milestones = MilestoneLog()
+    config = RuntimeConfig(processor_workers=1)
+    with Runtime(config, services=ServiceSet(process=process), on_milestone=milestones) as runtime:
         handles = [runtime.submit(payload(0)), runtime.submit(payload(1))]
-        assert _wait_until(lambda: runtime.stats()["pools"]["processor"]["queued"] >= 1)
+        assert milestones.wait_for("call.queued")  # the second call waits behind the first
         release.set()
         assert [h.result(timeout=10).state for h in handles] == [S.COMPLETED, S.COMPLETED]
     other = 1 - crashed[0]

@@ -392,6 +392,7 @@ sys.stdin.read()  # until the test kills us
 """
 
 
+@pytest.mark.slow
 def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_a_call() -> None:
     with ps.rendezvous() as point:
         host = subprocess.Popen(

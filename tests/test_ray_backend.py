@@ -35,7 +35,7 @@ ray = importlib.import_module("ray") if os.environ.get("ACTORFLOW_REQUIRE_RAY") 
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TIMEOUT_S = 60.0
 

@@ -1,0 +1,151 @@
+"""How the runtime is doing, and the internal milestones it reaches: shared by its actors.
+
+Three small pieces, each thread-safe and cheap when nobody listens:
+
+- `Milestone` / `Milestones`: an observable hook for internal events (a worker
+  restarted, a retry scheduled, the journal degraded or recovered, a central
+  actor restarted...). Tests and operators wait on these instead of polling
+  `stats()`. Emitting with no listener costs one attribute test.
+- `Health`: ``ok``, ``degraded`` (a journal fault the runtime rides out, with
+  the reason) or ``failed`` (something it cannot rebuild). Actors report into
+  it; `Runtime.health()` and `/healthz` read it.
+- `Backoff`: capped exponential delays, for every loop that retries a fault.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from actorflow.core.tracing import get_event_logger
+
+__all__ = ["Backoff", "Health", "HealthStatus", "Milestone", "Milestones"]
+
+_log = get_event_logger("runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class Milestone:
+    """One internal event of a runtime.
+
+    Attributes:
+        name: what happened, e.g. ``"worker.restarted"``, ``"service.retry_scheduled"``,
+            ``"service.late_result"``, ``"call.queued"``, ``"call.withdrawn"``,
+            ``"journal.degraded"``, ``"journal.recovered"``, ``"journal.lost"``,
+            ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
+        fields: details (task id, service, reason...), never payloads.
+    """
+
+    name: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Milestones:
+    """Delivers milestones to one callback, on whichever actor thread reaches them.
+
+    The callback must be quick and must not block (hand off with a queue or an
+    Event); what it raises is logged and ignored, so it can never take an actor down.
+    """
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Milestone], None] | None = None) -> None:
+        self._callback = callback
+
+    @property
+    def active(self) -> bool:
+        """True if someone listens (check before building costly fields)."""
+        return self._callback is not None
+
+    def emit(self, name: str, **fields: Any) -> None:
+        """Report a milestone to the callback, if there is one."""
+        callback = self._callback
+        if callback is None:
+            return
+        try:
+            callback(Milestone(name, fields))
+        except Exception as exc:  # noqa: BLE001 - a listener's bug must not break the runtime
+            _log.error("milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=str(exc))
+
+
+HealthStatus = Literal["ok", "degraded", "failed"]
+
+
+class Health:
+    """The runtime's health: ok, degraded (with a reason) or failed (for good, with a reason).
+
+    `degraded` is an operating state (the journal refuses writes: full or
+    read-only disk); it clears by itself when a write succeeds again. `failed`
+    never clears.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._status: HealthStatus = "ok"
+        self._reason: str | None = None
+        self._listeners: list[Callable[[str], None]] = []
+
+    def snapshot(self) -> tuple[HealthStatus, str | None]:
+        """The status and its reason (None when ok)."""
+        with self._lock:
+            return self._status, self._reason
+
+    @property
+    def failed(self) -> bool:
+        """True once the runtime has failed for good."""
+        return self._status == "failed"
+
+    def degrade(self, reason: str) -> None:
+        """Enter (or stay in) the degraded state; ignored once failed."""
+        with self._lock:
+            if self._status != "failed":
+                self._status, self._reason = "degraded", reason
+
+    def recover(self) -> None:
+        """Back to ok after a degradation; ignored once failed."""
+        with self._lock:
+            if self._status == "degraded":
+                self._status, self._reason = "ok", None
+
+    def fail(self, reason: str) -> bool:
+        """Fail for good and call every `on_fail` listener once. False if it had already failed."""
+        with self._lock:
+            if self._status == "failed":
+                return False
+            self._status, self._reason = "failed", reason
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(reason)
+        return True
+
+    def on_fail(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` when the runtime fails (from the thread that detects it)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+
+class Backoff:
+    """Capped exponential delays: `initial_s`, doubling on each `failed()`, never above `cap_s`."""
+
+    __slots__ = ("_cap", "_initial", "_next", "steps")
+
+    def __init__(self, initial_s: float = 0.01, cap_s: float = 1.0) -> None:
+        self._initial = initial_s
+        self._cap = cap_s
+        self._next = initial_s
+        self.steps = 0
+        """Consecutive failures since the last `reset()`."""
+
+    def failed(self) -> float:
+        """Record one more failure; returns the delay to wait before the next try."""
+        delay = self._next
+        self._next = min(self._cap, self._next * 2)
+        self.steps += 1
+        return delay
+
+    def reset(self) -> None:
+        """A try succeeded: the next failure starts from `initial_s` again."""
+        self._next = self._initial
+        self.steps = 0
