@@ -34,6 +34,7 @@ from actorflow import (
 )
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
+from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
 from actorflow.core.traceview import check_transitions, load_trace
@@ -372,6 +373,7 @@ def test_a_schema_1_journal_of_the_previous_release_opens_migrates_in_place_and_
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as old:
         assert old.execute("PRAGMA user_version").fetchone() == (1,)
         before = {row[0]: row for row in old.execute("SELECT task_id, state, payload, result, error FROM tasks")}
+        old_records = {row[0]: row for row in old.execute("SELECT task_id, payload, result, trace_id FROM tasks")}
         log_before = old.execute("SELECT * FROM transitions ORDER BY task_id, seq").fetchall()
     with Runtime(RuntimeConfig(journal_path=str(path))) as runtime:
         assert runtime.join(30)
@@ -383,6 +385,11 @@ def test_a_schema_1_journal_of_the_previous_release_opens_migrates_in_place_and_
         assert (record.task_id, record.state.value) == before[task_id][:2]
         assert record.error == before[task_id][4]
     assert records["retried-0"].calls == 4
+    for task_id, (_, payload_json, result_json, trace_id) in old_records.items():
+        assert thaw(records[task_id].payload) == json.loads(payload_json)
+        assert records[task_id].trace_id == trace_id
+        if result_json is not None:
+            assert thaw(records[task_id].result) == json.loads(result_json)
     for task_id in ("stuck-0", "queued-0", "queued-1", "fresh-0"):  # unfinished: resumed to the end
         assert records[task_id].state is S.COMPLETED, records[task_id]
         assert records[task_id].path()[-1] == "COMPLETED"
@@ -392,6 +399,21 @@ def test_a_schema_1_journal_of_the_previous_release_opens_migrates_in_place_and_
         log_after = new.execute("SELECT * FROM transitions ORDER BY task_id, seq").fetchall()
         assert new.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert set(log_before) <= set(log_after)  # nothing of the old log was lost
+
+
+def test_a_schema_1_journal_can_be_inspected_read_only_without_being_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, path)
+    digest = _sha256(path)
+    assert inspect_main([str(path), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["pipelines"] == {"default": 11}
+    assert document["counts"]["COMPLETED"] == 4
+    assert document["counts"]["PROCESSING"] == 3
+    assert {task["pipeline"] for task in document["tasks"]} == {"default"}
+    assert _sha256(path) == digest
 
 
 def test_a_schema_1_journal_is_refused_untouched_by_a_runtime_without_the_seed_pipeline(tmp_path: Path) -> None:
