@@ -19,7 +19,9 @@ The API, drawn::
                                        the facade; a context manager that closes itself
       .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
+      .metrics_collector()             Prometheus metrics, for the program's own registry
       .health()                        ok, degraded (journal refuses writes), failed or stopped
+    Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
     Milestone                          an internal event (worker restarted, journal degraded...)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
     Pipeline(name, [Stage, ...])       your stages, in order; checked when built; derives the

@@ -184,6 +184,7 @@ class _AsyncWorker:
         verbose = log.enabled("debug")
         if verbose:
             log.debug("service.started", **fields)
+        started_at = time.time()
         started = time.perf_counter()
         result: JSONValue = None
         error: BaseException | None = None
@@ -204,7 +205,17 @@ class _AsyncWorker:
                 log, call, self.name, "", "permanent", "CancelledError", "the call was cancelled", duration_ms
             )
         else:
-            done = report(log, call, self.name, "", result, error, duration_ms, fields=fields if verbose else None)
+            done = report(
+                log,
+                call,
+                self.name,
+                "",
+                result,
+                error,
+                duration_ms,
+                started_at=started_at,
+                fields=fields if verbose else None,
+            )
         if done.status == "crashed":
             self._retired = True  # calls queued behind this one go back to the pool, as on a thread worker
         if self._retired and done.status != "crashed":

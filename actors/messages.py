@@ -70,6 +70,8 @@ class TransitionRequest(NamedTuple):
     retries: int | None = None
     value: JSONValue = None
     """The value the stage entered with this state gets, if not the payload (kept for resuming)."""
+    traceback: str | None = None
+    """The last failed service call's formatted traceback, kept in the record."""
 
 
 class TransitionBatch(NamedTuple):
@@ -119,9 +121,10 @@ class RunService(NamedTuple):
     attempt: int
     value: JSONValue = None
     """The value handed to the stage; None means the payload (the first stage's value)."""
-    pipeline: str = ""
-    """The task's pipeline, for the call's events when the runtime runs several ("" otherwise); `service`
-    names the stage's pool."""
+    pipeline: str = DEFAULT_PIPELINE
+    """The task's pipeline (`service` names the stage's pool)."""
+    dispatched_at: float = 0.0
+    """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
 
 
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]
@@ -141,6 +144,10 @@ class ServiceDone(NamedTuple):
     error: str | None = None
     duration_ms: float = 0.0
     node: str = ""
+    started_at: float = 0.0
+    """Wall-clock time (seconds since the epoch) the call started; 0.0 if unknown."""
+    traceback: str | None = None
+    """A failed call's formatted traceback (bounded: `core.failures.MAX_TRACEBACK_CHARS`)."""
 
 
 class WorkerDied(NamedTuple):

@@ -63,6 +63,7 @@ from actorflow.actors.messages import (
 )
 from actorflow.actors.pool import PoolFailing, ServicePool
 from actorflow.actors.service import ServiceBackend
+from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
@@ -126,6 +127,8 @@ class _Flight:
     value: JSONValue = None
     """The value for the current stage; None for the payload."""
     cancelled: bool = False
+    traceback: str | None = None
+    """The last failed call's traceback, kept in the record."""
     cancel_replies: list[pykka.Future[bool]] = field(default_factory=list)
 
 
@@ -145,8 +148,10 @@ class OrchestratorActor(FastActor):
         rng: random.Random | None = None,
         milestones: Milestones | None = None,
         on_exit: Callable[[str], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         super().__init__(threads=threads)
+        self._telemetry = telemetry
         self._milestones = milestones or Milestones()
         self._on_exit = on_exit
         """Told why this actor stopped (requested or not): the runtime's supervisor decides what to do."""
@@ -433,7 +438,14 @@ class OrchestratorActor(FastActor):
         pool = flight.plan.stages[flight.stage].pool
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
-            call_id, pool.service, task, flight.trace.child(), attempt, flight.value, self._event_pipeline(flight)
+            call_id,
+            pool.service,
+            task,
+            flight.trace.child(),
+            attempt,
+            flight.value,
+            flight.plan.pipeline.name,
+            dispatched_at=time.time(),
         )
         self._calls[call_id] = task.task_id
         try:
@@ -445,11 +457,6 @@ class OrchestratorActor(FastActor):
         if self._milestones.active and not pool.running(call_id):
             self._milestones.emit("call.queued", task_id=task.task_id, service=pool.service, call_id=call_id)
 
-    def _event_pipeline(self, flight: _Flight) -> str:
-        """The pipeline a call's ``service.*`` events name: only when the runtime runs several (a runtime
-        of one pipeline logs exactly what it always did; its pools are named after the stages alone)."""
-        return flight.plan.pipeline.name if len(self._plans) > 1 else ""
-
     def _on_service_done(self, done: ServiceDone) -> None:
         pool = self._pools[done.service]
         call = pool.finished(done.call_id, done.duration_ms)
@@ -459,12 +466,16 @@ class OrchestratorActor(FastActor):
             self._milestones.emit("service.late_result", task_id=done.task_id, service=done.service)
             self._dead_letters.post(done, to="orchestrator", why="late result of a call that was timed out or retired")
             return
+        if self._telemetry is not None:
+            self._telemetry.call_done(call, done)
         if done.status == "crashed":
             self._replace_worker(pool, done.worker, f"{done.error_type}: {done.error}")
         flight = self._flights.get(task_id)
         if flight is None or flight.cancelled or flight.call_id != done.call_id:
             return  # cancelled while running: the result is discarded, never persisted
         flight.call_id = None
+        if done.traceback is not None:
+            flight.traceback = done.traceback
         if done.status == "ok":
             if done.result is not None:
                 flight.value = done.result
@@ -527,10 +538,11 @@ class OrchestratorActor(FastActor):
     ) -> None:
         flight = self._flights.get(task_id)
         calls = retries = None
+        traceback = None
         if flight is not None:
-            calls, retries = flight.calls, flight.retries
+            calls, retries, traceback = flight.calls, flight.retries, flight.traceback
         self._outbox.append(
-            TransitionRequest(task_id, to_state, reason, expected, result, error, calls, retries, value)
+            TransitionRequest(task_id, to_state, reason, expected, result, error, calls, retries, value, traceback)
         )
 
     def _flush(self) -> None:

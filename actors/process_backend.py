@@ -556,7 +556,7 @@ class ProcessWorker:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
         head = self._in_child.popleft()
         call = head.call
-        call_id, status, result, error_type, error, duration_ms = report
+        call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
         if call_id != call.call_id:  # the child answers in order; anything else is our bug
             raise RuntimeError(f"worker process {self.node} answered call {call_id}, not {call.call_id}")
         done = ServiceDone(
@@ -570,6 +570,8 @@ class ProcessWorker:
             error,
             duration_ms,
             self.node,
+            started_at,
+            formatted,
         )
         self._log_and_deliver(head, done)
         if done.status == "crashed":
@@ -702,7 +704,7 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
     Protocol, one pickle per message: the child first sends ``("ready", node)``
     or ``("load_failed", why)``; then it answers each call (`_encode_call`)
     with exactly one report ``(call_id, status, result, error_type, error,
-    duration_ms)``, in order. `_STOP` or end-of-file ends it; so does a
+    duration_ms, started_at, traceback)``, in order. `_STOP` or end-of-file ends it; so does a
     ``crashed`` call, after its report.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
@@ -726,7 +728,16 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
             return
         call = _decode_call(pickle.loads(message))  # noqa: S301 - our own parent pickled it
         done = execute(fn, call, name, log=log, node=node)
-        report = (done.call_id, done.status, done.result, done.error_type, done.error, done.duration_ms)
+        report = (
+            done.call_id,
+            done.status,
+            done.result,
+            done.error_type,
+            done.error,
+            done.duration_ms,
+            done.started_at,
+            done.traceback,
+        )
         try:
             conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:

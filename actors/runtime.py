@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import os
 import queue
@@ -47,6 +48,7 @@ from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
+from actorflow.actors.telemetry import MetricsCollector, Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
@@ -65,6 +67,8 @@ from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEve
 from actorflow.services import ResultStore, ServiceSet
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from actorflow.core.journal import Journal
 
 __all__ = ["Milestone", "Runtime", "TaskHandle"]
@@ -385,6 +389,9 @@ class Runtime:
         pipelines: the pipelines to run. None runs the seed pipeline (built by
             `services`); given, only these run, plus the seed's first if
             `services` is given too. `submit` without ``pipeline=`` uses the first.
+        metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
+        tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
+            host's global one (nothing is recorded while the host has set none).
         on_milestone: called with a `Milestone` at each internal event (a worker
             restarted, a retry scheduled, the journal degraded or recovered, a
             central actor restarted, the runtime failed...; see `Milestone.name`).
@@ -398,6 +405,8 @@ class Runtime:
         *,
         services: ServiceSet | None = None,
         pipelines: Sequence[Pipeline] | None = None,
+        metrics: bool = True,
+        tracer_provider: TracerProvider | None = None,
         on_milestone: Callable[[Milestone], None] | None = None,
     ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
@@ -418,6 +427,8 @@ class Runtime:
         self._dead_letters = DeadLetterOffice()
         self._threads = ThreadBook()
         self._tracker = _Tracker(self.config.max_in_flight)
+        self.telemetry = Telemetry(metrics=metrics, tracer_provider=tracer_provider)
+        """Counters, histograms and spans (read them through `metrics_collector()`)."""
         self._timer: Timer | None = None
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
@@ -482,6 +493,16 @@ class Runtime:
             },
         )
 
+    def _on_terminal(self, record: TaskRecord) -> None:
+        """The state actor's terminal hook: the task's latency and span, then settle its waiter.
+
+        In that order, so that a caller woken by `result()` or `join()` finds them counted.
+        """
+        try:
+            self.telemetry.on_terminal(record)
+        finally:  # whatever telemetry does, the waiter is settled
+            self._tracker.on_terminal(record)
+
     def _start_state(self) -> None:
         """Start a StateActor (loading the journal, if any) and make it current."""
         journal = None
@@ -500,7 +521,8 @@ class Runtime:
                 retain_terminal=self.config.retain_terminal,
                 dead_letters=self._dead_letters,
                 threads=self._threads,
-                on_terminal=self._tracker.on_terminal,
+                on_terminal=self._on_terminal,
+                on_transition=self.telemetry.on_transition if self.telemetry.metrics else None,
                 pipelines=self.pipelines,
                 health=self._health,
                 milestones=self._milestones,
@@ -529,6 +551,7 @@ class Runtime:
                 threads=self._threads,
                 milestones=self._milestones,
                 on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
+                telemetry=self.telemetry,
             )
         except BaseException:
             for backend in {id(b): b for b in backends.values()}.values():
@@ -704,7 +727,15 @@ class Runtime:
             WouldDeadlock: called inside a subscriber where it would wait (for the commit, with a
                 journal or a task_id; or for room); submit from another thread instead.
         """
-        message = self._prepare(payload, task_id, traceparent, pipeline)
+        message: CreateTask | None = None
+        try:
+            message = self._prepare(payload, task_id, traceparent, pipeline)
+            return self._reserve_and_send(message, idempotency_key)
+        except BaseException as exc:
+            self.telemetry.submit_refused(None if message is None else message.task_id, exc)
+            raise
+
+    def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
         config = self.config
         central = self._threads.role_of_current() == "central"
         if central and message.reply is not None:
@@ -747,7 +778,8 @@ class Runtime:
             pipeline=pipeline,
             idempotency_key=idempotency_key,
         )
-        return await loop.run_in_executor(None, submit)
+        # The executor thread runs it in our context, so that the caller's current OTel span is the parent.
+        return await loop.run_in_executor(None, contextvars.copy_context().run, submit)
 
     def find_idempotency_key(self, key: str) -> tuple[str, str] | None:
         """(task id, payload fingerprint) of the task submitted with `key`, from the journal.
@@ -813,6 +845,7 @@ class Runtime:
                 raise InvalidPayload(str(exc)) from None
         else:
             trace = new_trace()
+        trace = self.telemetry.task_submitted(task_id, trace, traceparent)
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
         # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
         return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
@@ -886,6 +919,21 @@ class Runtime:
         if waiter is None and record.state not in TERMINAL_STATES:
             raise RuntimeStopped(f"task {task_id!r} is not terminal but not in flight either: the runtime is closed")
         return TaskHandle(self, task_id, waiter, record)
+
+    def metrics_collector(self) -> MetricsCollector:
+        """A Prometheus collector of this runtime's metrics, for the program to register in its registry.
+
+        Needs `prometheus-client` (the ``metrics`` extra) when scraped. For example::
+
+            from prometheus_client import REGISTRY
+            REGISTRY.register(runtime.metrics_collector())
+
+        Raises:
+            ConfigError: the runtime was made with ``metrics=False``.
+        """
+        if not self.telemetry.metrics:
+            raise ConfigError("this runtime counts no metrics (it was made with metrics=False)")
+        return MetricsCollector(self, self.telemetry)
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
@@ -1040,6 +1088,7 @@ class Runtime:
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(_ASK_TIMEOUT_S)
         abandoned = self._tracker.close()
+        self.telemetry.close()
         if self._timer is not None:
             self._timer.stop()
         # Workers hung in a service call cannot be joined; they are daemons and do not block exit.

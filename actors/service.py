@@ -23,8 +23,9 @@ from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
+from actorflow.core.failures import format_traceback
 from actorflow.core.tracing import EventLogger, get_event_logger
-from actorflow.core.types import JSONValue, freeze
+from actorflow.core.types import DEFAULT_PIPELINE, JSONValue, freeze
 from actorflow.services import ResultStore
 from actorflow.services.seed import unwrap
 
@@ -98,7 +99,7 @@ def call_fields(call: RunService, worker: str, node: str = "") -> dict[str, Any]
         "worker": worker,
         "attempt": call.attempt,
     }
-    if call.pipeline:
+    if call.pipeline != DEFAULT_PIPELINE:  # the seed's events stay as they always were
         fields["pipeline"] = call.pipeline
     if node:
         fields["node"] = node
@@ -125,6 +126,7 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     verbose = log.enabled("debug")  # checked once: the two debug events cost nothing when off
     if verbose:
         log.debug("service.started", **fields)
+    started_at = time.time()
     started = time.perf_counter()
     result: JSONValue = None
     error: BaseException | None = None
@@ -133,7 +135,9 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     except BaseException as exc:  # noqa: BLE001 - classified by `status_of`; SystemExit & co. are contained here
         error = exc
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    return report(log, call, worker, node, result, error, duration_ms, fields=fields if verbose else None)
+    return report(
+        log, call, worker, node, result, error, duration_ms, started_at=started_at, fields=fields if verbose else None
+    )
 
 
 def status_of(error: BaseException | None) -> ServiceStatus:
@@ -156,12 +160,26 @@ def report(
     error: BaseException | None,
     duration_ms: float,
     *,
+    started_at: float = 0.0,
     fields: dict[str, Any] | None = None,
 ) -> ServiceDone:
-    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended."""
+    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended.
+
+    A failed call's traceback is formatted (bounded) here, where the exception is.
+    """
     if error is None:
         done = ServiceDone(
-            call.call_id, call.service, call.task.task_id, worker, "ok", result, None, None, duration_ms, node
+            call.call_id,
+            call.service,
+            call.task.task_id,
+            worker,
+            "ok",
+            result,
+            None,
+            None,
+            duration_ms,
+            node,
+            started_at,
         )
     else:
         done = ServiceDone(
@@ -175,6 +193,8 @@ def report(
             str(error),
             duration_ms,
             node,
+            started_at,
+            format_traceback(error),
         )
     return log_done(log, call, done, fields=fields)
 
@@ -223,6 +243,7 @@ def log_done(
         error_type=done.error_type,
         error=done.error,
         transient=done.status != "permanent",
+        traceback=done.traceback,
         **(fields or call_fields(call, done.worker, done.node)),
     )
     return done

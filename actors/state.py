@@ -111,6 +111,7 @@ class StateActor(FastActor):
         dead_letters: DeadLetterOffice | None = None,
         threads: ThreadBook | None = None,
         on_terminal: Callable[[TaskRecord], None] | None = None,
+        on_transition: Callable[[TaskRecord, Transition], None] | None = None,
         clock: Callable[[], float] = time.time,
         pipelines: tuple[Pipeline, ...] | None = None,
         health: Health | None = None,
@@ -138,6 +139,8 @@ class StateActor(FastActor):
         self._journal_backoff = Backoff(*_JOURNAL_BACKOFF_S)
         self._retry_at = 0.0
         self._on_terminal = on_terminal
+        self._on_transition = on_transition
+        """Called after each committed transition (the runtime's metrics); must be quick and not raise."""
         self._journal = journal
         self._retain = retain_terminal
         self._dead_letters = dead_letters or DeadLetterOffice()
@@ -407,6 +410,7 @@ class StateActor(FastActor):
             value=None
             if request.to_state in TERMINAL_STATES
             else (request.value if request.value is not None else before.value),
+            traceback=request.traceback if request.traceback is not None else before.traceback,
             history=(*before.history, transition),
             updated_at=now,
         )
@@ -512,6 +516,8 @@ class StateActor(FastActor):
 
     def _publish(self, change: _Change, *, verbose: bool) -> None:
         record, transition = change.record, change.transition
+        if self._on_transition is not None:
+            self._on_transition(record, transition)
         if verbose:
             self._log.debug(
                 "task.transition",

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actorflow.api._errors import error_response
 
-__all__ = ["BearerTokenMiddleware"]
+__all__ = ["OPEN_PATHS", "BearerTokenMiddleware"]
 
 OPEN_PATHS = frozenset({"/healthz"})
 QUERY_TOKEN_PATHS = frozenset({"/", "/events"})
@@ -25,14 +25,15 @@ QUERY_TOKEN_PATHS = frozenset({"/", "/events"})
 class BearerTokenMiddleware:
     """Answers 401 (with `WWW-Authenticate`) unless the request carries the token."""
 
-    def __init__(self, app: ASGIApp, *, token: str) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         if not token:
             raise ValueError("the API token must be a non-empty string")
         self.app = app
         self._token = token.encode()
+        self._open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self._open_paths:
             await self.app(scope, receive, send)
             return
         given = self._token_from_header(scope)

@@ -12,6 +12,12 @@ rather than growing the server's memory; it is then sent an `event: lagged` with
 the number lost, so that it can re-read `/stats`. The same happens, for everyone,
 if the loop itself falls behind the runtime by `max_pending` events.
 
+Every frame has an ``id:``, a sequence number. The last `replay_size` frames are
+kept (from the first stream on, whether or not anyone listens), so that a client
+that reconnects with ``Last-Event-ID`` is first sent what it missed; if some of
+that is no longer kept (or the id is not one of this server's), it is sent an
+`event: lagged` first. A client may follow one task only (``?task=ID``).
+
 `close()` ends every stream, so that uvicorn's graceful shutdown does not wait on
 clients that would otherwise listen forever.
 """
@@ -46,13 +52,14 @@ class TooManyStreamsError(Exception):
 
 
 class EventClient:
-    """One listener: a bounded queue of ready-to-send SSE frames."""
+    """One listener: a bounded queue of ready-to-send SSE frames, of one task's events if `task` is set."""
 
-    __slots__ = ("dropped", "queue")
+    __slots__ = ("dropped", "queue", "task")
 
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, task: str | None = None) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
+        self.task = task
 
     def offer(self, frame: bytes) -> None:
         try:
@@ -75,10 +82,17 @@ class EventBroadcaster:
         max_clients: streams served at once; one more gets `TooManyStreamsError`.
         queue_size: frames buffered per client before it starts losing events.
         max_pending: events buffered between the runtime's thread and the loop.
+        replay_size: frames kept for clients that reconnect with ``Last-Event-ID``.
     """
 
     def __init__(
-        self, runtime: _Subscribable, *, max_clients: int = 100, queue_size: int = 1000, max_pending: int = 10_000
+        self,
+        runtime: _Subscribable,
+        *,
+        max_clients: int = 100,
+        queue_size: int = 1000,
+        max_pending: int = 10_000,
+        replay_size: int = 1000,
     ) -> None:
         self._runtime = runtime
         self._max_clients = max_clients
@@ -91,6 +105,10 @@ class EventBroadcaster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._closed = False
+        self._seq = 0
+        """The id of the last frame made (events lost to overflow use up ids too, so gaps show)."""
+        self._replay: collections.deque[tuple[int, str, bytes]] = collections.deque(maxlen=replay_size)
+        """(id, task id, frame) of the newest frames."""
 
     @property
     def client_count(self) -> int:
@@ -102,8 +120,13 @@ class EventBroadcaster:
         """True once `close()` has run: no stream can be opened any more."""
         return self._closed
 
-    def attach(self) -> EventClient:
+    def attach(self, *, last_event_id: int | None = None, task: str | None = None) -> EventClient:
         """A new client, subscribing to the runtime on first use.
+
+        Args:
+            last_event_id: the id of the last frame the client saw (a reconnection): it is first sent
+                the frames after it, preceded by `event: lagged` if some are no longer kept.
+            task: follow only this task's events.
 
         Raises:
             TooManyStreamsError: `max_clients` streams are already open.
@@ -118,9 +141,23 @@ class EventBroadcaster:
         if self._unsubscribe is None:
             self._loop = asyncio.get_running_loop()
             self._unsubscribe = self._runtime.subscribe(self._on_transition)
-        client = EventClient(self._queue_size)
+        client = EventClient(self._queue_size, task)
+        if last_event_id is not None:
+            self._replay_to(client, last_event_id)
         self._clients.add(client)
         return client
+
+    def _replay_to(self, client: EventClient, last_event_id: int) -> None:
+        oldest = self._replay[0][0] if self._replay else self._seq + 1
+        if last_event_id > self._seq or last_event_id < 0:
+            missed: int | None = None  # not an id of this server's (it restarted?): what was missed is unknown
+        else:
+            missed = max(0, oldest - 1 - last_event_id)
+        if missed is None or missed:
+            client.offer(_frame("lagged", {"dropped": missed}))
+        for seq, task_id, frame in self._replay:
+            if seq > last_event_id and (client.task is None or client.task == task_id):
+                client.offer(frame)
 
     def detach(self, client: EventClient) -> None:
         """Forget a client whose stream has ended."""
@@ -141,8 +178,9 @@ class EventBroadcaster:
                 logger.debug("events.unsubscribe_failed", error_type=type(exc).__name__, error=str(exc))
 
     def _on_transition(self, event: TransitionEvent) -> None:
-        # Runs on the state actor's thread: be quick, never block, never raise.
-        if not self._clients or self._closed:
+        # Runs on the state actor's thread: be quick, never block, never raise. Events are kept
+        # even while no client listens, for the replay to a client that reconnects.
+        if self._closed:
             return
         if len(self._pending) >= self._max_pending:
             self._overflow += 1
@@ -161,16 +199,22 @@ class EventBroadcaster:
         overflow, self._overflow = self._overflow, 0
         clients = list(self._clients)
         if overflow:
+            self._seq += overflow
             for client in clients:
                 client.dropped += overflow
         while self._pending:
-            frame = _frame("transition", self._pending.popleft().to_dict())
+            event = self._pending.popleft()
+            self._seq += 1
+            frame = _frame("transition", event.to_dict(), event_id=self._seq)
+            self._replay.append((self._seq, event.task_id, frame))
             for client in clients:
-                client.offer(frame)
+                if client.task is None or client.task == event.task_id:
+                    client.offer(frame)
 
 
-def _frame(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _frame(event: str, data: dict[str, Any], *, event_id: int | None = None) -> bytes:
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 async def _frames(client: EventClient, heartbeat_s: float) -> AsyncIterator[bytes]:

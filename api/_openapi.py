@@ -106,6 +106,10 @@ _SCHEMAS: dict[str, Any] = {
             "calls": {"type": "integer", "minimum": 0, "description": "stage calls made, retries included"},
             "retries": {"type": "integer", "minimum": 0, "description": "calls that retried a stage"},
             "attempts": {"type": "integer", "minimum": 0, "description": "the former name of `calls`"},
+            "traceback": {
+                "type": ["string", "null"],
+                "description": "the last failed service call's traceback (innermost frames, at most 8 KiB)",
+            },
         },
     },
     "TaskList": {
@@ -195,6 +199,20 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json("the counters", "Stats"), "503": _UNAVAILABLE},
         }
     },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "The runtime's metrics in the Prometheus text format.",
+            "responses": {
+                "200": {
+                    "description": "the metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "501": _error("prometheus-client is not installed, or the runtime counts no metrics"),
+                "503": _UNAVAILABLE,
+            },
+        }
+    },
     "/events": {
         "get": {
             "operationId": "events",
@@ -202,13 +220,33 @@ _PATHS: dict[str, Any] = {
             "description": (
                 "A comment line (`: heartbeat`) is sent when idle. A client too slow to keep up loses events and "
                 'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down. '
-                "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers."
+                "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers. "
+                "Every frame has an `id:`; a client reconnecting with `Last-Event-ID` is first sent the frames "
+                'it missed (the last 1000 are kept), after `event: lagged` (`{"dropped": n}`, null if unknown) '
+                "if some are no longer kept."
             ),
+            "parameters": [
+                {
+                    "name": "task",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1},
+                    "description": "follow this task's events only",
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "description": "the id of the last frame received, on reconnection",
+                },
+            ],
             "responses": {
                 "200": {
                     "description": "the stream, until the client leaves or the server stops",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
+                "400": _error("a malformed Last-Event-ID, or an empty or repeated task"),
                 "503": _error("too many streams are open, or the server is shutting down"),
             },
         }
@@ -310,8 +348,18 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "getTask",
             "summary": "One task's record, history included.",
+            "parameters": [
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                    "description": "answer once the task is terminal, or after this many seconds (at most 60)",
+                }
+            ],
             "responses": {
                 "200": _json("the record", "TaskRecord"),
+                "400": _error("wait is not a number of seconds from 0 to 60, or is repeated"),
                 "404": _error("no task has this id"),
                 "503": _UNAVAILABLE,
             },
@@ -346,11 +394,13 @@ def _document_malformed_http(responses: dict[str, Any]) -> None:
         responses["400"] = {"description": _MALFORMED_HTTP, "content": {"text/plain": plain}}
 
 
-def openapi_document(*, token_required: bool, pipelines: Sequence[Pipeline] = ()) -> dict[str, Any]:
+def openapi_document(
+    *, token_required: bool, metrics_public: bool = False, pipelines: Sequence[Pipeline] = ()
+) -> dict[str, Any]:
     """The OpenAPI document; with `token_required`, every operation but `/healthz` lists bearer auth and 401.
 
-    `pipelines` (the runtime's) set the allowed pipeline names of ``POST /tasks``
-    and the task states, and are described under ``x-pipelines``.
+    With `metrics_public`, `/metrics` is open too. `pipelines` (the runtime's) set the allowed
+    pipeline names of ``POST /tasks`` and the task states, and are described under ``x-pipelines``.
     """
     paths = copy.deepcopy(_PATHS)
     schemas = copy.deepcopy(_SCHEMAS)
@@ -388,7 +438,9 @@ def openapi_document(*, token_required: bool, pipelines: Sequence[Pipeline] = ()
         document["security"] = [{"bearer": []}]
         for path, item in paths.items():
             for method, operation in item.items():
-                if method == "parameters" or path == "/healthz":
+                if method == "parameters" or path == "/healthz" or (path == "/metrics" and metrics_public):
+                    if method != "parameters":
+                        operation["security"] = []
                     continue
                 operation["responses"]["401"] = _error("missing or invalid bearer token")
                 if path in ("/", "/events"):

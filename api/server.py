@@ -6,10 +6,11 @@ Routes (the OpenAPI document at `/openapi.json` has every status code)::
     GET    /healthz          liveness, never behind the token
     GET    /openapi.json     the API described
     GET    /stats            the runtime's counters
-    GET    /events           Server-Sent Events, one per transition
+    GET    /metrics          Prometheus text format (open without the token only if metrics_public)
+    GET    /events           Server-Sent Events, one per transition (?task=; Last-Event-ID replays)
     POST   /tasks            submit (Idempotency-Key honoured)
     GET    /tasks            page through tasks (?state=&limit=&offset=)
-    GET    /tasks/{id}       one record, history included
+    GET    /tasks/{id}       one record, history included (?wait=S: once terminal, or after S s)
     DELETE /tasks/{id}       cancel
 
 Handlers never block the event loop: submission goes through
@@ -25,6 +26,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -45,8 +47,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from actorflow.actors import Runtime
-from actorflow.api._auth import BearerTokenMiddleware
+from actorflow.actors import Runtime, TaskHandle
+from actorflow.api._auth import OPEN_PATHS, BearerTokenMiddleware
 from actorflow.api._errors import (
     CatchAllMiddleware,
     echo,
@@ -136,6 +138,7 @@ def create_app(
     max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
+    metrics_public: bool = False,
 ) -> Starlette:
     """The API and dashboard over `runtime`, which the caller keeps owning (and closes).
 
@@ -149,6 +152,7 @@ def create_app(
             503 with Retry-After, except `/healthz`, which is always answered.
         max_payload_bytes: the largest payload stored, in bytes of its canonical JSON; larger ones answer 413.
         max_payload_nodes: the most values (nodes) in a payload; more answer 413.
+        metrics_public: serve `GET /metrics` without the token (for a Prometheus that has none).
     """
     if token is not None and not token:
         raise ValueError("token must be a non-empty string, or None for no authentication")
@@ -160,7 +164,7 @@ def create_app(
         runtime,
         broadcaster,
         idempotency_keys if idempotency_keys is not None else IdempotencyKeys(),
-        openapi_document(token_required=token is not None, pipelines=runtime.pipelines),
+        openapi_document(token_required=token is not None, metrics_public=metrics_public, pipelines=runtime.pipelines),
         heartbeat_s,
         _PayloadCaps(max_payload_bytes, max_payload_nodes),
     )
@@ -175,13 +179,15 @@ def create_app(
         Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests),
     ]
     if token is not None:
-        middleware.append(Middleware(BearerTokenMiddleware, token=token))
+        open_paths = OPEN_PATHS | {"/metrics"} if metrics_public else OPEN_PATHS
+        middleware.append(Middleware(BearerTokenMiddleware, token=token, open_paths=open_paths))
     app = Starlette(
         routes=[
             Route("/", handlers.dashboard, methods=["GET"]),
             Route("/healthz", handlers.health, methods=["GET"]),
             Route("/openapi.json", handlers.openapi, methods=["GET"]),
             Route("/stats", handlers.stats, methods=["GET"]),
+            Route("/metrics", handlers.metrics, methods=["GET"]),
             Route("/events", handlers.events, methods=["GET"]),
             Route("/tasks", handlers.tasks, methods=["GET", "POST"]),
             Route("/tasks/{task_id}", handlers.task, methods=["GET", "DELETE"]),
@@ -240,6 +246,8 @@ class _Handlers:
         self.openapi_doc = openapi
         self.heartbeat_s = heartbeat_s
         self.dashboard_html, self.dashboard_headers = _load_dashboard()
+        self.metrics_registry: Any = None
+        """A CollectorRegistry of the runtime's collector, made on the first scrape."""
 
     async def dashboard(self, request: Request) -> Response:
         return Response(self.dashboard_html, media_type="text/html; charset=utf-8", headers=self.dashboard_headers)
@@ -256,9 +264,29 @@ class _Handlers:
     async def stats(self, request: Request) -> Response:
         return json_response(await run_in_threadpool(self.runtime.stats))
 
+    async def metrics(self, request: Request) -> Response:
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest  # noqa: PLC0415
+        except ModuleNotFoundError:
+            return error_response(501, "GET /metrics needs prometheus-client (the metrics extra), which is missing")
+        if self.metrics_registry is None:
+            try:
+                collector = self.runtime.metrics_collector()
+            except ConfigError as exc:
+                return error_response(501, str(exc))
+            registry = CollectorRegistry(auto_describe=False)  # this app's own: nothing global is touched
+            registry.register(collector)
+            self.metrics_registry = registry
+        body = await run_in_threadpool(generate_latest, self.metrics_registry)
+        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
+
     async def events(self, request: Request) -> ASGIApp:
         try:
-            client = self.broadcaster.attach()
+            last_event_id, task = _event_params(request)
+        except _RequestError as exc:
+            return error_response(exc.status, str(exc))
+        try:
+            client = self.broadcaster.attach(last_event_id=last_event_id, task=task)
         except TooManyStreamsError as exc:
             return error_response(503, str(exc), headers={"Retry-After": "5"})
         except RuntimeError as exc:
@@ -274,6 +302,15 @@ class _Handlers:
         task_id: str = request.path_params["task_id"]
         if request.method == "DELETE":
             return await self._cancel(task_id)
+        try:
+            wait = _wait_param(request)
+        except _RequestError as exc:
+            return error_response(exc.status, str(exc))
+        if wait:
+            handle = await run_in_threadpool(self.runtime.handle, task_id)
+            if not handle.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_settled(handle), timeout=wait)
         record = await run_in_threadpool(self.runtime.get, task_id)
         return json_response(record.to_dict())
 
@@ -355,6 +392,44 @@ class _Handlers:
             )
         status = 200 if record.state is TaskState.CANCELLED else 202
         return json_response(record.to_dict(), status)
+
+
+MAX_WAIT_S = 60.0
+"""The longest `GET /tasks/{id}?wait=` may hold a request."""
+
+
+async def _settled(handle: TaskHandle) -> None:
+    await handle
+
+
+def _wait_param(request: Request) -> float:
+    values = request.query_params.getlist("wait")
+    if not values:
+        return 0.0
+    if len(values) > 1:
+        raise _RequestError(400, "wait is given more than once; give it once")
+    try:
+        wait = float(values[0])
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= MAX_WAIT_S:  # NaN fails both comparisons
+        raise _RequestError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}, got {echo(values[0])}")
+    return wait
+
+
+def _event_params(request: Request) -> tuple[int | None, str | None]:
+    raw = request.headers.get("last-event-id")
+    last_event_id = None
+    if raw is not None and raw.strip():
+        if not raw.strip().isdigit() or len(raw.strip()) > 18:
+            raise _RequestError(400, f"Last-Event-ID must be an id this server sent (a number), got {echo(raw)}")
+        last_event_id = int(raw.strip())
+    tasks = request.query_params.getlist("task")
+    if len(tasks) > 1:
+        raise _RequestError(400, "task is given more than once; an event stream follows one task or all")
+    if tasks and not tasks[0]:
+        raise _RequestError(400, "task must be a task id; leave it out to follow every task")
+    return last_event_id, tasks[0] if tasks else None
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -546,7 +621,7 @@ def _count_param(params: Mapping[str, str], name: str, default: int, lowest: int
 
 
 def _load_dashboard() -> tuple[bytes, dict[str, str]]:
-    html = importlib.resources.files("api").joinpath("static/dashboard.html").read_bytes()
+    html = importlib.resources.files("actorflow.api").joinpath("static/dashboard.html").read_bytes()
     # The page is self-contained: allow exactly its own inline script and style (by
     # hash) and requests back to this server, nothing else.
     hashes = {
@@ -714,6 +789,7 @@ def serve(
     retain_terminal: int = SERVE_RETAIN_TERMINAL,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
+    metrics_public: bool = False,
 ) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
@@ -738,6 +814,7 @@ def serve(
         retain_terminal: finished tasks kept in memory, for the runtime made here.
         max_payload_bytes: the largest payload accepted, in bytes of its canonical JSON.
         max_payload_nodes: the most values (nodes) in an accepted payload.
+        metrics_public: serve `GET /metrics` without the token.
     """
     if runtime is not None and journal is not None:
         raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
@@ -757,7 +834,11 @@ def serve(
             )
         try:
             app = create_app(
-                runtime, token=token, max_payload_bytes=max_payload_bytes, max_payload_nodes=max_payload_nodes
+                runtime,
+                token=token,
+                max_payload_bytes=max_payload_bytes,
+                max_payload_nodes=max_payload_nodes,
+                metrics_public=metrics_public,
             )
             server = make_server(app, host=host, port=port)
             with _stop_signals_absorbed():

@@ -122,7 +122,9 @@ class Completion:
 class RuntimePipeline:
     """actorflow's `Runtime`, configured from `Work`, the loop's concurrency and any other config fields."""
 
-    def __init__(self, work: Work, concurrency: int, *, name: str = "runtime", **config: Any) -> None:
+    def __init__(
+        self, work: Work, concurrency: int, *, name: str = "runtime", metrics: bool = True, **config: Any
+    ) -> None:
         self.name = name
         config.setdefault("max_in_flight", concurrency)
         config.setdefault("submit_timeout_s", 600.0)
@@ -134,6 +136,7 @@ class RuntimePipeline:
                 **config,
             ),
             services=ServiceSet(validate=work.validate, process=work.process, persist=work.persist),
+            metrics=metrics,
         )
 
     def submit(self, payload: Mapping[str, Any]) -> Handle:

@@ -315,6 +315,44 @@ def run_tracing(mode: Mode) -> dict[str, Any]:
     )
 
 
+def run_metrics(mode: Mode) -> dict[str, Any]:
+    """No-op services with the runtime's metrics counted (the default) against metrics off, scraped once a round."""
+    sizes = Sizes(tasks=mode.pick(5000, 600), light=mode.pick(500, 50), warmup=mode.pick(300, 50), timeout_s=300)
+    tally: dict[str, Any] = {}
+
+    class _Scraped(RuntimePipeline):
+        def close(self) -> None:
+            # One scrape of everything counted, as Prometheus would make: it must not be what costs.
+            from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415 - optional extra
+
+            registry = CollectorRegistry()
+            registry.register(self.runtime.metrics_collector())
+            tally["exposition_bytes"] = len(generate_latest(registry))
+            super().close()
+
+    def scraped(concurrency: int) -> Pipeline:
+        return _Scraped(_NOOP, concurrency, name="runtime-metrics-on")
+
+    contenders = [
+        Contender(
+            "runtime-metrics-off", runtime_factory(_NOOP, name="runtime-metrics-off", metrics=False), role="reference"
+        ),
+        Contender("runtime-metrics-on", scraped, role="runtime", report=lambda: dict(tally)),
+    ]
+    _alternate(contenders, workload.payload, sizes, mode.rounds)
+    return _section(
+        "No-op services, Prometheus metrics counted vs off",
+        contenders,
+        sizes,
+        mode,
+        pairs=[("runtime-metrics-on", "runtime-metrics-off")],
+        notes=[
+            "metrics on: per task 5 transition counts, 3 run-time and 3 queue-wait histogram updates and one "
+            "end-to-end latency update, each on the actor thread that owns it (no locks)"
+        ],
+    )
+
+
 def run_io(mode: Mode) -> dict[str, Any]:
     """I/O-bound: the processor sleeps 5 ms, 16 processor workers; efficiency against 16 / 5 ms."""
     workers = 16
@@ -341,6 +379,64 @@ def run_io(mode: Mode) -> dict[str, Any]:
         rounds = [m.load.throughput / ideal for m in next(c for c in contenders if c.name == name).measurements]
         system["efficiency"] = {"median": rounded(median(rounds), 3), "rounds": [rounded(r, 3) for r in rounds]}
     return section
+
+
+def _run_peers(mode: Mode, *, io: bool) -> dict[str, Any]:
+    """actorflow (in memory and journaled) against Celery+Redis, Dask distributed and Ray tasks, alternating."""
+    from benchmarks import peers  # noqa: PLC0415 - the peers' packages are the bench extra's
+
+    job = "I/O job (the middle stage sleeps 5 ms)" if io else "no-op job"
+    title = f"Peers, {job}"
+    if mode.quick:
+        return skipped(title, "peers run in the full run only (python -m benchmarks --only peers)")
+    work = (
+        Work(workload.noop_validate, workload.sleep_process, workload.noop_persist, processor_workers=16)
+        if io
+        else _NOOP
+    )
+    workers = work.validator_workers + work.processor_workers + work.persistence_workers
+    missing = peers.missing_peers()
+    sizes = Sizes(tasks=mode.pick(5000, 400), warmup=mode.pick(300, 30), timeout_s=600)
+    # A closed loop of 64 for the peers: Celery's Redis result backend stalls with hundreds pending (NOTES).
+    peer_sizes = Sizes(tasks=mode.pick(1500, 100), warmup=mode.pick(100, 10), concurrency=64, timeout_s=600)
+    counter = iter(range(1_000_000))
+
+    def journaled(concurrency: int) -> Pipeline:
+        path = os.path.join(mode.workdir, f"peers-journal-{next(counter)}.sqlite")
+        return RuntimePipeline(work, concurrency, name="runtime-journal", journal_path=path)
+
+    with contextlib.ExitStack() as stack:
+        contenders = [
+            Contender("runtime", runtime_factory(work), role="runtime"),
+            Contender("runtime-journal", journaled, role="runtime"),
+        ]
+        if "celery" not in missing:
+            url = stack.enter_context(peers.celery_services(workers))
+            contenders.append(Contender("celery", lambda c: peers.CeleryPipeline(url, c, io=io), sizes=peer_sizes))
+        if "dask" not in missing:
+            client = stack.enter_context(peers.dask_client(workers))
+            contenders.append(Contender("dask", lambda c: peers.DaskPipeline(client, c, io=io), sizes=peer_sizes))
+        if "ray" not in missing:
+            remote = stack.enter_context(peers.ray_session(workers))
+            contenders.append(
+                Contender("ray-tasks", lambda c: peers.RayTasksPipeline(remote, c, io=io), sizes=peer_sizes)
+            )
+        _alternate(contenders, workload.payload, sizes, mode.rounds)
+    notes = [f"{name}: not run: {why}" for name, why in missing.items()]
+    notes.append(
+        f"every system runs the same three stages with {workers} workers in all; the peers admit 64 items in flight"
+    )
+    return _section(title, contenders, sizes, mode, params={"workers": workers, "io": io}, notes=notes)
+
+
+def run_peers(mode: Mode) -> dict[str, Any]:
+    """The no-op job: actorflow against Celery+Redis, Dask distributed and Ray tasks."""
+    return _run_peers(mode, io=False)
+
+
+def run_peers_io(mode: Mode) -> dict[str, Any]:
+    """The I/O job: actorflow against Celery+Redis, Dask distributed and Ray tasks."""
+    return _run_peers(mode, io=True)
 
 
 def run_cpu(mode: Mode) -> dict[str, Any]:
@@ -438,10 +534,13 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("noop", "No-op services, in memory", run_noop),
         Scenario("journal", "No-op services, journal", run_journal),
         Scenario("tracing", "No-op services, JSON tracing", run_tracing),
+        Scenario("metrics", "No-op services, Prometheus metrics on vs off", run_metrics),
         Scenario("io", "I/O-bound, 5 ms sleep, 16 workers", run_io),
         Scenario("cpu", "CPU-bound, 5 ms pure Python, 2 workers", run_cpu),
         Scenario("async_io", "I/O-bound async stage, 20 ms await, 1000 in flight", run_async_io),
         Scenario("memory", "Memory: peak RSS, bytes per retained task", run_memory),
+        Scenario("peers", "Peers (Celery+Redis, Dask, Ray tasks), no-op job", run_peers),
+        Scenario("peers-io", "Peers (Celery+Redis, Dask, Ray tasks), I/O job", run_peers_io),
     )
 }
 

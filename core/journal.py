@@ -129,24 +129,37 @@ _SCHEMA: Final[tuple[str, ...]] = (
 )
 """Run statement by statement inside one transaction (``executescript`` would commit first)."""
 
-_MIGRATE_FROM_1: Final[tuple[str, ...]] = (
-    # SQLite cannot drop a CHECK constraint: both tables are rebuilt without them. DROP TABLE's
-    # implicit delete fires no trigger, so the append-only log's triggers do not refuse it.
-    _TASKS_TABLE.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v2"),
-    f"""INSERT INTO tasks_v2 (id, task_id, pipeline, state, payload, result, value, error, trace_id, span_id,
-        parent_span_id, calls, retries, created_at, updated_at)
-    SELECT id, task_id, '{DEFAULT_PIPELINE}', state, payload, result, NULL, error, trace_id, span_id,
-        parent_span_id, attempts, 0, created_at, updated_at FROM tasks""",
-    "DROP TABLE tasks",
-    "ALTER TABLE tasks_v2 RENAME TO tasks",
-    _TRANSITIONS_TABLE.replace("CREATE TABLE transitions", "CREATE TABLE transitions_v2"),
-    "INSERT INTO transitions_v2 SELECT task_id, seq, from_state, to_state, at, reason FROM transitions",
-    "DROP TABLE transitions",
-    "ALTER TABLE transitions_v2 RENAME TO transitions",
-    *_INDEXES_AND_TRIGGERS,
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-"""Schema 1 (the first release: states pinned by CHECK, one pipeline) to 2, in the open transaction."""
+
+def _migrate_from_1(connection: sqlite3.Connection) -> list[str]:
+    """The statements taking schema 1 (the first release: states pinned by CHECK, one pipeline) to 2.
+
+    Run in the open transaction. SQLite cannot drop a CHECK constraint, so both tables are
+    rebuilt without them; DROP TABLE's implicit delete fires no trigger, so the append-only log's
+    triggers do not refuse it. Columns added to schema 1 later (`_ADDED_COLUMNS`) are carried over.
+    """
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    added = [(column, kind) for column, kind in _ADDED_COLUMNS if column in present]
+    table = _TASKS_TABLE.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v2")
+    if added:
+        table = table.rstrip()[:-1].rstrip() + "".join(f",\n        {c} {k}" for c, k in added) + "\n    )"
+    extra = "".join(f", {column}" for column, _ in added)
+    return [
+        table,
+        f"""INSERT INTO tasks_v2 (id, task_id, pipeline, state, payload, result, value, error, trace_id, span_id,
+            parent_span_id, calls, retries, created_at, updated_at{extra})
+        SELECT id, task_id, '{DEFAULT_PIPELINE}', state, payload, result, NULL, error, trace_id, span_id,
+            parent_span_id, attempts, 0, created_at, updated_at{extra} FROM tasks""",
+        "DROP TABLE tasks",
+        "ALTER TABLE tasks_v2 RENAME TO tasks",
+        _TRANSITIONS_TABLE.replace("CREATE TABLE transitions", "CREATE TABLE transitions_v2"),
+        "INSERT INTO transitions_v2 SELECT task_id, seq, from_state, to_state, at, reason FROM transitions",
+        "DROP TABLE transitions",
+        "ALTER TABLE transitions_v2 RENAME TO transitions",
+        *_INDEXES_AND_TRIGGERS,
+        f"PRAGMA user_version = {SCHEMA_VERSION}",
+    ]
+
+
 _TABLES: Final = frozenset({"tasks", "transitions"})
 
 KEY_RETENTION_S: Final = 24 * 3600.0
@@ -178,8 +191,8 @@ _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_TASK: Final = (
-    "UPDATE tasks SET state = ?, result = ?, value = ?, error = ?, calls = ?, retries = ?, updated_at = ?"
-    " WHERE task_id = ?"
+    "UPDATE tasks SET state = ?, result = ?, value = ?, error = ?, calls = ?, retries = ?, updated_at = ?,"
+    " traceback = ? WHERE task_id = ?"
 )
 
 _TASK_COLUMNS: Final = (
@@ -191,6 +204,9 @@ _TASK_COLUMNS_V1: Final = (
     " attempts, 0, created_at, updated_at"
 )
 """The same columns read from a schema-1 journal (a reader never migrates)."""
+_ADDED_COLUMNS: Final[tuple[tuple[str, str], ...]] = (("traceback", "TEXT"),)
+"""Nullable columns added to `tasks` after schema version 1 was fixed, by ``ALTER TABLE ... ADD COLUMN``
+when a writer opens the journal (additive: older actorflow versions read such a journal unchanged)."""
 _LOG_COLUMNS: Final = "task_id, seq, from_state, to_state, at, reason"
 _ORDER: Final = "ORDER BY created_at, id"
 _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
@@ -249,15 +265,16 @@ class JournalReader:
             connection.close()
             self._release_quiet()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
-        self._task_columns = _TASK_COLUMNS_V1 if version == 1 else _TASK_COLUMNS
+        self._version = version
         self._connection = connection
+        self._columns = _task_columns(connection, version)
 
     # --- reading ---------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The record of `task_id`, history included, exactly as it was written; None if unknown."""
         with self._snapshot("get") as connection:
-            row = connection.execute(f"SELECT {self._task_columns} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = connection.execute(f"SELECT {self._columns} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None:
                 return None
             log = connection.execute(
@@ -354,7 +371,7 @@ class JournalReader:
 
     def pipelines(self) -> dict[str, int]:
         """Tasks per pipeline name."""
-        column = f"'{DEFAULT_PIPELINE}'" if self._task_columns is _TASK_COLUMNS_V1 else "pipeline"
+        column = f"'{DEFAULT_PIPELINE}'" if self._version == 1 else "pipeline"
         with self._snapshot("pipelines") as connection:
             rows = connection.execute(f"SELECT {column}, COUNT(*) FROM tasks GROUP BY 1 ORDER BY 1").fetchall()
         return dict(rows)
@@ -412,7 +429,7 @@ class JournalReader:
     def _read_page(self, operation: str, page: str, params: tuple[Any, ...], *, keep_ids: bool = False) -> list[Any]:
         """Records of one page query (a WHERE/ORDER/LIMIT tail), with their histories, in page order."""
         with self._snapshot(operation) as connection:
-            rows = connection.execute(f"SELECT id, {self._task_columns} FROM tasks {page}", params).fetchall()
+            rows = connection.execute(f"SELECT id, {self._columns} FROM tasks {page}", params).fetchall()
             if not rows:
                 return []
             histories: dict[str, list[Transition]] = {}
@@ -482,7 +499,7 @@ class Journal(JournalReader):
         self._lock = threading.Lock()
         self._connection = None
         self._owner_fd: int | None = None
-        self._task_columns = _TASK_COLUMNS
+        self._version = SCHEMA_VERSION
         self._staged_keys: dict[str, tuple[str, str]] = {}
         self._keys_since_prune = 0
 
@@ -501,6 +518,7 @@ class Journal(JournalReader):
             _release_ownership(owner_fd)
             raise
         self._owner_fd = owner_fd
+        self._columns = _task_columns(self._connection, SCHEMA_VERSION)
         self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
         self.lost: str | None = None
         """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
@@ -579,6 +597,7 @@ class Journal(JournalReader):
                 record.calls,
                 record.retries,
                 record.updated_at,
+                _storable(record.traceback),
                 task_id,
             )
             for task_id, record in latest.items()
@@ -856,8 +875,12 @@ def _open_for_writing(
             if pipelines is not None:
                 _check_pipelines(connection, path, version, pipelines)
             if version == 1:
-                for statement in _MIGRATE_FROM_1:  # inside the open transaction: all of it or nothing
+                for statement in _migrate_from_1(connection):  # inside the open transaction: all or nothing
                     connection.execute(statement)
+        present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in present:
+                connection.execute(f"ALTER TABLE tasks ADD COLUMN {column} {kind}")
         for statement in _KEYS_SCHEMA:
             connection.execute(statement)
         connection.execute("COMMIT")
@@ -976,6 +999,14 @@ _STATE_BY_NAME: dict[str, TaskState] = {state.value: state for state in TaskStat
 """A dict lookup is 10x faster than ``TaskState(name)`` (measured), and reads make one per transition."""
 
 
+def _task_columns(connection: sqlite3.Connection, version: int) -> str:
+    """The columns to select from `tasks`, as schema 2 names them: a schema-1 journal (read, never migrated,
+    by a reader) maps its own; an added column a journal lacks (read-only, older) reads as NULL."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    added = ", ".join(column if column in present else f"NULL AS {column}" for column, _ in _ADDED_COLUMNS)
+    return f"{_TASK_COLUMNS_V1 if version == 1 else _TASK_COLUMNS}, {added}"
+
+
 def _state(name: str) -> TaskState:
     state = _STATE_BY_NAME.get(name)
     if state is None:
@@ -999,6 +1030,7 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         retries,
         created_at,
         updated_at,
+        traceback,
     ) = row
     return TaskRecord(
         task_id=task_id,
@@ -1016,6 +1048,7 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         trace_id=trace_id,
         span_id=span_id,
         parent_span_id=parent_span_id,
+        traceback=traceback,
     )
 
 

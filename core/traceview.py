@@ -11,6 +11,8 @@ each ``task.transition`` line its task's pipeline (the seed's table,
     build_trace / load_trace      a Trace: one TaskTimeline per task, in order of appearance
     check_transitions             every Violation: not in the table, not continuing from the
                                   previous state, or after a terminal state
+    group_failures                FAILED tasks grouped by the stage and error type that failed them
+    latency_summary               end-to-end latency percentiles, split into service and waiting time
 
 A task is identified by ``(task_id, trace_id)``: a log that several runs appended
 to may reuse a task id, and every submission gets a fresh trace id. An event
@@ -42,6 +44,8 @@ from actorflow.core.types import TaskState
 
 __all__ = [
     "BrokenLine",
+    "FailureGroup",
+    "LatencySummary",
     "LogEvent",
     "ParsedLine",
     "RejectedTransition",
@@ -59,6 +63,8 @@ __all__ = [
     "build_trace",
     "check_timeline",
     "check_transitions",
+    "group_failures",
+    "latency_summary",
     "load_trace",
     "parse_lines",
     "read_log",
@@ -241,6 +247,8 @@ class StageRun:
     error_type: str | None = None
     error: str | None = None
     transient: bool | None = None
+    traceback: str | None = None
+    """A failed call's traceback, as logged with ``service.failed``."""
 
     @property
     def lineno(self) -> int:
@@ -553,6 +561,7 @@ class _TraceBuilder:
             error_type=_opt_str(f, "error_type") if failed else None,
             error=_opt_str(f, "error") if failed else None,
             transient=_opt_bool(f, "transient") if failed else None,
+            traceback=_opt_str(f, "traceback") if failed else None,
         )
 
     def freeze(self, source: str) -> Trace:
@@ -754,3 +763,99 @@ def _opt_float(fields: Mapping[str, Any], key: str) -> float | None:
 def _opt_bool(fields: Mapping[str, Any], key: str) -> bool | None:
     value = fields.get(key)
     return value if isinstance(value, bool) else None
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """FAILED tasks that failed in the same stage with the same error type."""
+
+    stage: str
+    """The service whose call failed the task ("?" when the log does not say)."""
+    error_type: str
+    count: int
+    task_ids: tuple[str, ...]
+    """The first few tasks of the group, as examples."""
+    example_error: str | None
+    example_traceback: str | None
+
+
+def group_failures(timelines: Iterable[TaskTimeline], *, examples: int = 3) -> list[FailureGroup]:
+    """Every FAILED task, grouped by (stage, error type), the largest group first."""
+    groups: dict[tuple[str, str], list[tuple[str, str | None, str | None]]] = {}
+    for timeline in timelines:
+        if timeline.final_state != TaskState.FAILED.value:
+            continue
+        failed = [run for run in timeline.stages if run.status == "failed"]
+        outcome = timeline.outcome
+        if failed:
+            run = failed[-1]
+            key = (run.service, run.error_type or "?")
+            error, traceback = run.error, run.traceback
+        else:  # no service.failed line (a failing pool, or an INFO log without it): read the outcome's error
+            error = outcome.error if outcome is not None else None
+            stage, _, rest = (error or "").partition(": ")
+            error_type = rest.partition(": ")[0] if rest else ""
+            key = (stage or "?", error_type if error_type.isidentifier() else "?")
+            traceback = None
+        groups.setdefault(key, []).append((timeline.task_id, error, traceback))
+    result = [
+        FailureGroup(
+            stage=stage,
+            error_type=error_type,
+            count=len(members),
+            task_ids=tuple(task_id for task_id, _, _ in members[:examples]),
+            example_error=members[0][1],
+            example_traceback=members[0][2],
+        )
+        for (stage, error_type), members in groups.items()
+    ]
+    return sorted(result, key=lambda group: (-group.count, group.stage, group.error_type))
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Percentiles (ms) of finished tasks' end-to-end latency, and of its two parts.
+
+    ``service`` is the time inside service calls; ``waiting`` is the rest: queues
+    in front of workers, retry backoff, and the hand-offs between actors.
+    """
+
+    tasks: int
+    end_to_end: dict[str, float]
+    service: dict[str, float]
+    waiting: dict[str, float]
+
+
+_PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+
+
+def latency_summary(timelines: Iterable[TaskTimeline]) -> LatencySummary | None:
+    """Latency percentiles over the terminal tasks whose duration the log gives; None if there are none."""
+    totals: list[float] = []
+    in_service: list[float] = []
+    waiting: list[float] = []
+    for timeline in timelines:
+        if timeline.final_state not in _TERMINAL_NAMES or timeline.duration_ms is None:
+            continue
+        service = sum(run.duration_ms or 0.0 for run in timeline.stages)
+        totals.append(timeline.duration_ms)
+        in_service.append(service)
+        waiting.append(max(0.0, timeline.duration_ms - service))
+    if not totals:
+        return None
+    return LatencySummary(
+        tasks=len(totals),
+        end_to_end=_percentiles(totals),
+        service=_percentiles(in_service),
+        waiting=_percentiles(waiting),
+    )
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    # Nearest rank: exact for small counts, and enough for an operator's summary.
+    return {name: ordered[min(last, max(0, round(q * last)))] for name, q in _PERCENTILES}

@@ -335,6 +335,8 @@ class TaskRecord:
     """The name of the pipeline the task runs through."""
     value: JSONValue = None
     """While the task runs: the value handed to its current stage, if that is not the payload (None)."""
+    traceback: str | None = None
+    """The formatted traceback of the task's last failed service call (bounded in size), if any."""
 
     @property
     def attempts(self) -> int:
@@ -371,6 +373,7 @@ class TaskRecord:
             "calls": self.calls,
             "retries": self.retries,
             "attempts": self.calls,
+            "traceback": self.traceback,
         }
 
 

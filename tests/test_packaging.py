@@ -52,6 +52,7 @@ def test_the_wheel_holds_only_the_actorflow_package_and_its_dist_info(dist: Path
         assert expected in names
     for layer in ("actors", "core", "services", "api"):
         assert f"actorflow/{layer}/__init__.py" in names
+    assert "actorflow/api/static/dashboard.html" in names
     assert not [name for name in names if "__pycache__" in name or name.startswith("actorflow/tests")]
     entry_points = zipfile.ZipFile(wheel_of(dist)).read(f"actorflow-{actorflow.__version__}.dist-info/entry_points.txt")
     assert b"actorflow = actorflow.cli:main" in entry_points
@@ -124,6 +125,19 @@ def test_a_host_app_with_its_own_core_api_services_and_actors_runs_a_task_from_t
         run(python, "-m", "actorflow", "inspect", journal, "--limit", "0", cwd=app, env=clean_env).count("COMPLETED")
         == 1
     )
+    # The dashboard page is read from the installed package.
+    page = run(
+        python,
+        "-c",
+        "import urllib.request\n"
+        "from actorflow import Runtime\n"
+        "from actorflow.api import create_app, serve_in_background\n"
+        "with Runtime() as rt, serve_in_background(create_app(rt)) as server:\n"
+        "    print(urllib.request.urlopen(f'http://127.0.0.1:{server.port}/', timeout=10).read()[:15].decode())",
+        cwd=app,
+        env=clean_env,
+    )
+    assert page.strip().lower().startswith("<!doctype html>"), page
     # The installed package is the wheel's: nothing of this checkout is on the path.
     where = run(python, "-c", "import actorflow, sys; print(actorflow.__file__)", cwd=app, env=clean_env)
     assert str(env_dir) in where

@@ -512,7 +512,17 @@ def field_names(cls: type) -> list[str]:
 def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> None:
     # The backend pickles calls as tuples (3x cheaper than the dataclasses). A new field in any of these
     # must be added to `_encode_call`/`_decode_call` or to the report, or it would silently not cross.
-    assert field_names(RunService) == ["call_id", "service", "task", "trace", "attempt", "value", "pipeline"]
+    # dispatched_at stays in the parent on purpose: the pool keeps the original call, which the report is matched to.
+    assert field_names(RunService) == [
+        "call_id",
+        "service",
+        "task",
+        "trace",
+        "attempt",
+        "value",
+        "pipeline",
+        "dispatched_at",
+    ]
     assert field_names(Task) == ["task_id", "payload", "attempt"]
     assert field_names(TraceContext) == ["trace_id", "span_id", "parent_span_id"]
     assert field_names(ServiceDone) == [
@@ -526,6 +536,8 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
         "error",
         "duration_ms",
         "node",
+        "started_at",
+        "traceback",
     ]
     call = RunService(
         7,

@@ -362,3 +362,34 @@ def test_ray_errors_are_shortened_to_their_root_cause() -> None:
     assert describe_ray_error(creation) == "ModuleNotFoundError: No module named 'app'"
     died = RuntimeError("The actor died unexpectedly before finishing this task.\n\tclass_name: ServiceActor\n")
     assert describe_ray_error(died) == "The actor died unexpectedly before finishing this task."
+
+
+def test_calls_run_on_ray_get_otel_spans_under_their_tasks_span_with_the_retried_calls_error(
+    ray_session: Any,
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - the otel test dependency, here only
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: PLC0415
+    from opentelemetry.trace import StatusCode  # noqa: PLC0415
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    services = ServiceSet(process=flaky_process, persist=discard)
+    with Runtime(ray_config(), services=services, tracer_provider=provider) as runtime:
+        record = runtime.submit({"name": "t", "data": 1}).result(timeout=TIMEOUT_S)
+    provider.shutdown()
+    spans = exporter.get_finished_spans()
+    (task,) = [s for s in spans if s.name == "actorflow.task"]
+    calls = sorted((s for s in spans if s.name != "actorflow.task"), key=lambda s: s.start_time or 0)
+    assert f"{task.get_span_context().trace_id:032x}" == record.trace_id
+    assert [(c.name, (c.attributes or {}).get("actorflow.attempt")) for c in calls] == [
+        ("actorflow.validator", 1),
+        ("actorflow.processor", 1),
+        ("actorflow.processor", 2),
+        ("actorflow.persistence", 1),
+    ]
+    assert all(c.parent is not None and c.parent.span_id == task.get_span_context().span_id for c in calls)
+    assert calls[1].status.status_code is StatusCode.ERROR
+    assert record.traceback is not None
+    assert "TransientError: the upstream is busy" in record.traceback  # the retried call's, kept in the record

@@ -198,6 +198,12 @@ def _print_record(record: TaskRecord) -> None:
         print(f"  result   {_json_summary(record.result)}")
     if record.error is not None:
         print(f"  error    {_one_line(record.error)}")
+    if record.traceback is not None:
+        print("  traceback (last failed call)")
+        for line in record.traceback.rstrip("\n").splitlines():
+            # Escaped, never shortened: a traceback is read whole (it is bounded when it is made).
+            shown = line if line.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+            print(f"    {shown}")
 
 
 def _timestamp(at: float) -> str:

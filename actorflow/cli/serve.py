@@ -40,6 +40,11 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV})",
     )
     parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve GET /metrics (Prometheus) without the token, for a scraper that has none",
+    )
+    parser.add_argument(
         "--max-in-flight",
         type=_positive_int,
         metavar="N",
@@ -157,6 +162,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
             journal=args.journal,
             token=token,
             runtime=runtime,
+            metrics_public=args.metrics_public,
             max_in_flight=SERVE_MAX_IN_FLIGHT if args.max_in_flight is None else args.max_in_flight,
             retain_terminal=SERVE_RETAIN_TERMINAL if args.retain_terminal is None else args.retain_terminal,
             max_payload_bytes=args.max_payload_bytes,

@@ -31,6 +31,8 @@ from actorflow.core.traceview import (
     TransitionEntry,
     Violation,
     check_timeline,
+    group_failures,
+    latency_summary,
     load_trace,
 )
 from actorflow.core.types import TaskState
@@ -52,7 +54,7 @@ class _UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow trace") -> int:
-    """Run ``actorflow trace PATH [--task ID] [--summary] [--json]``; return the exit status.
+    """Run ``actorflow trace PATH [--task ID] [--state STATE] [--summary] [--json]``; return the exit status.
 
     Prints each task's timeline (or only the ``--task`` one), a summary, then
     the transition check. Returns 0 if every checked transition is allowed, 1
@@ -68,6 +70,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow trace") ->
         return _run(
             Path(args.path),
             task=args.task,
+            state=args.state,
             summary_only=args.summary,
             as_json=args.json,
             out=sys.stdout,
@@ -86,6 +89,13 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("path", help="the JSON-lines log written by the runtime")
     parser.add_argument("--task", metavar="ID", help="show only this task (a task id, or a trace id)")
+    parser.add_argument(
+        "--state",
+        type=_state_name,
+        metavar="STATE",
+        help="show only tasks whose last state is STATE (e.g. FAILED); one of "
+        + ", ".join(state.value for state in TaskState),
+    )
     parser.add_argument("--summary", action="store_true", help="print only the totals and the transition check")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON document (tasks, summary, violations) instead of text"
@@ -93,7 +103,24 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(path: Path, *, task: str | None, summary_only: bool, as_json: bool, out: TextIO, err: TextIO) -> int:
+def _state_name(text: str) -> str:
+    name = text.strip().upper()
+    if name not in {state.value for state in TaskState}:
+        allowed = ", ".join(state.value for state in TaskState)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a task state; allowed: {allowed}")
+    return name
+
+
+def _run(
+    path: Path,
+    *,
+    task: str | None,
+    state: str | None = None,
+    summary_only: bool,
+    as_json: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
     if not path.exists():
         raise _UsageError(f"no such file: {path}")
     if path.is_dir():
@@ -109,6 +136,8 @@ def _run(path: Path, *, task: str | None, summary_only: bool, as_json: bool, out
         if not shown:
             examples = ", ".join(t.task_id for t in trace.tasks[:3]) or "none"
             raise _UsageError(f"no task {task!r} in {path} ({len(trace.tasks)} tasks; first ids: {examples})")
+    if state is not None:
+        shown = tuple(timeline for timeline in shown if timeline.final_state == state)
 
     for broken in trace.broken[:_MAX_WARNINGS]:
         print(f"warning: line {broken.lineno}: {broken.why}; skipped: {_clip(broken.raw)}", file=err)
@@ -160,6 +189,8 @@ def _json_document(
             "broken_lines": [{"lineno": b.lineno, "why": b.why} for b in trace.broken],
             "transitions_checked": sum(len(t.transitions) for t in shown),
         },
+        "failures": [_jsonable(dataclasses.asdict(group)) for group in group_failures(shown)],
+        "latency_ms": _jsonable(dataclasses.asdict(latency)) if (latency := latency_summary(shown)) else None,
         "violations": [
             {"lineno": v.lineno, "task_id": v.task_id, "description": v.describe(), "raw": v.raw} for v in violations
         ],
@@ -263,6 +294,8 @@ def _render_summary(trace: Trace, shown: Sequence[TaskTimeline]) -> list[str]:
     of_all = "" if len(shown) == len(trace.tasks) else f" shown of {len(trace.tasks)}"
     rows = ["summary", f"  tasks         {len(shown)}{of_all}" + (f": {counts}" if counts else "")]
     rows.extend(_render_stage_totals(shown))
+    rows.extend(_render_latency(shown))
+    rows.extend(_render_failures(shown))
     rows.append(
         f"  events read   {trace.events_read} of {_count(trace.lines_read, 'line')}, {_count(trace.runs, 'run')}"
     )
@@ -294,6 +327,35 @@ def _render_stage_totals(shown: Sequence[TaskTimeline]) -> list[str]:
                 f" max {_fmt_ms(durations[-1])}"
             )
         rows.append(text)
+    return rows
+
+
+def _render_latency(shown: Sequence[TaskTimeline]) -> list[str]:
+    latency = latency_summary(shown)
+    if latency is None:
+        return []
+    rows = [f"  latency       of {_count(latency.tasks, 'finished task')} (p50 / p90 / p99 / max)"]
+    for label, figures in (
+        ("end to end", latency.end_to_end),
+        ("in services", latency.service),
+        ("waiting", latency.waiting),
+    ):
+        values = " / ".join(_fmt_ms(figures[name]) for name in ("p50", "p90", "p99", "max"))
+        rows.append(f"    {label:<12}{values}")
+    rows.append("    (waiting: queues in front of workers, retry backoff and hand-offs between actors)")
+    return rows
+
+
+def _render_failures(shown: Sequence[TaskTimeline]) -> list[str]:
+    groups = group_failures(shown)
+    if not groups:
+        return []
+    rows = [f"  failures      {_count(sum(g.count for g in groups), 'FAILED task')}, by stage and error type"]
+    for group in groups:
+        examples = ", ".join(group.task_ids) + (", ..." if group.count > len(group.task_ids) else "")
+        rows.append(f"    {group.count:>5}  {group.stage}: {group.error_type}  e.g. {examples}")
+        if group.example_error:
+            rows.append(f"           {_clip(group.example_error.splitlines()[0] if group.example_error else '')}")
     return rows
 
 

@@ -1,0 +1,257 @@
+"""The runtime's telemetry: metrics counted where they arise, and OpenTelemetry spans.
+
+One `Telemetry` per runtime. Its hooks run on the threads that already own the
+values, each structure written by one thread only, so updates take no lock:
+
+    state actor      `on_transition` (every committed transition), `on_terminal` (latency, task span end)
+    orchestrator     `call_done` (run time, queue wait, call span)
+    submitters       `task_submitted` (task span start), `submit_refused` (the one locked counter)
+
+`MetricsCollector` turns them, and the runtime's fault counters and pool
+gauges, into Prometheus metric families when scraped. The library never
+registers it anywhere: the embedding program adds it to its own registry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeStopped
+from actorflow.core.metrics import Histogram, HistogramSnapshot
+from actorflow.core.tracing import TraceContext, get_event_logger
+from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, Transition
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client.metrics_core import Metric
+
+    from actorflow.actors.runtime import Runtime
+    from actorflow.core.otel import SpanRecorder
+
+__all__ = ["DEFAULT_PIPELINE", "MetricsCollector", "Telemetry", "pipeline_of"]
+
+_log = get_event_logger("runtime")
+
+
+def pipeline_of(item: object) -> str:
+    """The `pipeline` label of a task record or a service call: the name of its pipeline."""
+    name = getattr(item, "pipeline", None)
+    return name if isinstance(name, str) and name else DEFAULT_PIPELINE
+
+
+_TransitionKey = tuple[str, TaskState | None, TaskState]
+
+
+class Telemetry:
+    """Counters, histograms and spans of one runtime.
+
+    Args:
+        metrics: count metrics (a few float and int updates per task).
+        tracer_provider: OpenTelemetry provider for spans; None for the host's global one.
+    """
+
+    def __init__(self, *, metrics: bool = True, tracer_provider: TracerProvider | None = None) -> None:
+        self.metrics = metrics
+        self.transitions: dict[_TransitionKey, int] = {}
+        """(pipeline, from, to) -> count; written by the state actor only."""
+        self.stages: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+        """(pipeline, stage) -> (run time, queue wait) in seconds; written by the orchestrator only."""
+        self.latencies: dict[str, Histogram] = {}
+        """pipeline -> submit-to-terminal seconds; written by the state actor only."""
+        self._rejected_lock = threading.Lock()
+        self.rejected = 0
+        """Submissions refused (bad payload or id, overload)."""
+        self.spans: SpanRecorder | None = _span_recorder(tracer_provider)
+
+    # --- submitters ------------------------------------------------------------------------------
+
+    def task_submitted(self, task_id: str, trace: TraceContext, traceparent: str | None) -> TraceContext:
+        """A submission is about to be sent: open its span. Returns the trace context the task carries."""
+        if self.spans is None:
+            return trace
+        try:
+            return self.spans.start_task(task_id, DEFAULT_PIPELINE, trace, traceparent)
+        except Exception as exc:  # noqa: BLE001 - tracing trouble must not refuse a task
+            _log.error("telemetry.span_failed", task_id=task_id, error=repr(exc))
+            return trace
+
+    def submit_refused(self, task_id: str | None, error: BaseException) -> None:
+        """A submission failed: count it (if the caller's fault or overload) and end its span."""
+        if isinstance(error, (InvalidPayload, Overloaded)):
+            with self._rejected_lock:  # submitters are many threads
+                self.rejected += 1
+        if self.spans is not None and task_id is not None:
+            self.spans.refuse_task(task_id, error)
+
+    # --- the state actor's thread ----------------------------------------------------------------
+
+    def on_transition(self, record: TaskRecord, transition: Transition) -> None:
+        """A transition was committed."""
+        key = (pipeline_of(record), transition.from_state, transition.to_state)
+        transitions = self.transitions
+        transitions[key] = transitions.get(key, 0) + 1
+
+    def on_terminal(self, record: TaskRecord) -> None:
+        """A task reached a terminal state: its end-to-end latency, and the end of its span."""
+        if self.metrics:
+            pipeline = pipeline_of(record)
+            histogram = self.latencies.get(pipeline)
+            if histogram is None:
+                histogram = self.latencies[pipeline] = Histogram()
+            histogram.observe(max(0.0, record.updated_at - record.created_at))
+        if self.spans is not None:
+            try:
+                self.spans.end_task(record)
+            except Exception as exc:  # noqa: BLE001 - the host's exporter must never cost a task its outcome
+                _log.error("telemetry.span_failed", task_id=record.task_id, error=repr(exc))
+
+    def close(self) -> None:
+        """The runtime stopped: end the spans of unfinished tasks, so that the host's exporter gets them."""
+        if self.spans is not None:
+            try:
+                self.spans.abandon_all()
+            except Exception as exc:  # noqa: BLE001 - closing must finish whatever the SDK does
+                _log.error("telemetry.span_failed", error=repr(exc))
+
+    # --- the orchestrator's thread ---------------------------------------------------------------
+
+    def call_done(self, call: RunService, done: ServiceDone) -> None:
+        """A service call's report arrived (for a call the pool still knew)."""
+        pipeline = pipeline_of(call)
+        if self.metrics:
+            key = (pipeline, done.service)
+            pair = self.stages.get(key)
+            if pair is None:
+                pair = self.stages[key] = (Histogram(), Histogram())
+            pair[0].observe(done.duration_ms / 1000)
+            if done.started_at > 0 and call.dispatched_at > 0:
+                # Wall clocks of two processes (or nodes): never let skew make a wait negative.
+                pair[1].observe(max(0.0, done.started_at - call.dispatched_at))
+        if self.spans is not None:
+            try:
+                self._record_call_span(call, done, pipeline)
+            except Exception as exc:  # noqa: BLE001 - the orchestrator's handler must go on whatever the SDK does
+                _log.error("telemetry.span_failed", task_id=done.task_id, error=repr(exc))
+
+    def _record_call_span(self, call: RunService, done: ServiceDone, pipeline: str) -> None:
+        assert self.spans is not None
+        failed = done.status != "ok"
+        self.spans.record_call(
+            task_id=done.task_id,
+            pipeline=pipeline,
+            stage=done.service,
+            attempt=call.attempt,
+            log_span_id=call.trace.span_id,
+            worker=done.worker,
+            started_at=done.started_at,
+            duration_ms=done.duration_ms,
+            error_type=(done.error_type or "Error") if failed else None,
+            error=done.error if failed else None,
+            traceback=done.traceback if failed else None,
+        )
+
+
+def _span_recorder(tracer_provider: TracerProvider | None) -> SpanRecorder | None:
+    try:
+        from actorflow.core.otel import SpanRecorder  # noqa: PLC0415 - opentelemetry-api is optional
+    except ImportError:
+        return None  # quiet without the `otel` extra, as a library should be
+    return SpanRecorder(tracer_provider)
+
+
+class MetricsCollector:
+    """A Prometheus collector of one runtime's metrics (needs `prometheus-client`, the ``metrics`` extra).
+
+    Register it in a registry of your own, e.g. ``REGISTRY.register(runtime.metrics_collector())``.
+    Each scrape reads the runtime's counters; a closed runtime yields only what it counted itself.
+    """
+
+    def __init__(self, runtime: Runtime, telemetry: Telemetry) -> None:
+        self._runtime = runtime
+        self._telemetry = telemetry
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, built from copies of the runtime's counters."""
+        from prometheus_client.core import (  # noqa: PLC0415 - prometheus-client is optional
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        telemetry = self._telemetry
+        transitions = CounterMetricFamily(
+            "actorflow_transitions",
+            "Committed task state transitions.",
+            labels=["pipeline", "from_state", "to_state"],
+        )
+        for (pipeline, from_state, to_state), count in list(telemetry.transitions.items()):
+            transitions.add_metric([pipeline, from_state.value if from_state else "", to_state.value], count)
+        yield transitions
+
+        run_time = HistogramMetricFamily(
+            "actorflow_service_run_seconds", "Run time of service calls.", labels=["pipeline", "stage"]
+        )
+        queue_wait = HistogramMetricFamily(
+            "actorflow_queue_wait_seconds",
+            "From a service call's dispatch to its start on a worker.",
+            labels=["pipeline", "stage"],
+        )
+        for (pipeline, stage), (runs, waits) in list(telemetry.stages.items()):
+            run_time.add_metric([pipeline, stage], *_buckets(runs.snapshot()))
+            queue_wait.add_metric([pipeline, stage], *_buckets(waits.snapshot()))
+        yield run_time
+        yield queue_wait
+        latency = HistogramMetricFamily(
+            "actorflow_task_latency_seconds", "From submit to a terminal state.", labels=["pipeline"]
+        )
+        for pipeline, histogram in list(telemetry.latencies.items()):
+            latency.add_metric([pipeline], *_buckets(histogram.snapshot()))
+        yield latency
+        rejected = CounterMetricFamily("actorflow_rejected_submissions", "Submissions refused (bad input, overload).")
+        rejected.add_metric([], telemetry.rejected)
+        yield rejected
+
+        try:
+            stats: dict[str, Any] = self._runtime.stats()
+        except (RuntimeStopped, TimeoutError):
+            return  # the actors are gone: their counters with them
+        for name, help_text in (
+            ("retries", "Service calls retried after a transient failure."),
+            ("timeouts", "Service calls that exceeded the stage timeout."),
+            ("restarts", "Workers replaced after a crash, a death or a timeout."),
+            ("dead_letters", "Messages to stopped actors, and late results."),
+        ):
+            family = CounterMetricFamily(f"actorflow_{name}", help_text)
+            family.add_metric([], stats.get(name, 0))
+            yield family
+        in_flight = GaugeMetricFamily("actorflow_tasks_in_flight", "Tasks submitted and not yet terminal.")
+        in_flight.add_metric([], stats["in_flight"])
+        yield in_flight
+        busy = GaugeMetricFamily("actorflow_pool_busy_workers", "Workers running a call.", labels=["pool"])
+        idle = GaugeMetricFamily("actorflow_pool_idle_workers", "Workers with nothing to run.", labels=["pool"])
+        queued = GaugeMetricFamily(
+            "actorflow_pool_queued_calls", "Calls waiting for a worker, or behind another call.", labels=["pool"]
+        )
+        for pool, figures in stats.get("pools", {}).items():
+            busy.add_metric([pool], figures["busy"])
+            idle.add_metric([pool], max(0, figures["workers"] - figures["busy"]))
+            queued.add_metric([pool], figures["queued"])
+        yield busy
+        yield idle
+        yield queued
+
+
+def _buckets(snapshot: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:
+    """Prometheus' cumulative (le, count) pairs, +Inf last, and the sum."""
+    bounds, counts, total = snapshot
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        cumulative.append((repr(float(bound)), running))
+    running += counts[-1]
+    cumulative.append(("+Inf", running))
+    return cumulative, total

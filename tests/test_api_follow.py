@@ -1,0 +1,187 @@
+"""Following tasks over HTTP without polling: `?wait=` on a task, and `/events` ids, replay and task filter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+import pytest
+
+from actorflow.actors import Runtime
+from actorflow.api import ApiServer, create_app, serve_in_background
+from actorflow.api._events import EventBroadcaster, _frames
+from actorflow.core import RuntimeConfig, Task
+from actorflow.services import ServiceSet
+from actorflow.services import process as default_process
+from tests.conftest import payload
+
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def gate() -> threading.Event:
+    """Tasks whose payload has data.hold wait in the processor until this is set."""
+    return threading.Event()
+
+
+@pytest.fixture
+def held(gate: threading.Event) -> Iterator[Runtime]:
+    def process(task: Task) -> Mapping[str, Any]:
+        data = task.payload.get("data")
+        if isinstance(data, Mapping) and data.get("hold"):
+            gate.wait(WAIT_S)
+        return default_process(task)
+
+    runtime = Runtime(RuntimeConfig(), services=ServiceSet(process=process))
+    yield runtime
+    gate.set()
+    runtime.close(drain=False)
+
+
+@pytest.fixture
+def server(held: Runtime) -> Iterator[ApiServer]:
+    with serve_in_background(create_app(held)) as served:
+        yield served
+
+
+def frames_of(response: httpx.Response) -> Iterator[dict[str, str]]:
+    """The SSE frames of a stream, each as its fields (id, event, data); comments are skipped."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line.startswith((":", "retry:")):
+            continue
+        if not line:
+            if fields:
+                yield fields
+            fields = {}
+            continue
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+
+
+def test_waiting_on_a_task_answers_once_it_is_terminal(held: Runtime, server: ApiServer, gate: threading.Event) -> None:
+    task_id = held.submit(payload(hold=True)).task_id
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(httpx.get(f"{server.url}/tasks/{task_id}?wait=30", timeout=40))
+    )
+    waiting.start()
+    gate.set()  # whether the request is already waiting or not, it must come back with the end state
+    waiting.join(WAIT_S)
+    assert answers[0].status_code == 200
+    assert answers[0].json()["state"] == "COMPLETED"
+
+
+def test_waiting_on_a_task_that_stays_busy_answers_after_the_wait_with_its_state_then(
+    held: Runtime, server: ApiServer
+) -> None:
+    task_id = held.submit(payload(hold=True)).task_id
+    answer = httpx.get(f"{server.url}/tasks/{task_id}?wait=0.2", timeout=10)
+    assert answer.status_code == 200
+    assert answer.json()["state"] == "PROCESSING"
+
+
+@pytest.mark.parametrize("wait", ["61", "-1", "soon", "nan", "inf"])
+def test_a_wait_that_is_not_from_0_to_60_seconds_is_a_400_naming_the_range(
+    held: Runtime, server: ApiServer, wait: str
+) -> None:
+    task_id = held.submit(payload()).task_id
+    answer = httpx.get(f"{server.url}/tasks/{task_id}", params={"wait": wait}, timeout=10)
+    assert answer.status_code == 400
+    assert "from 0 to 60" in answer.json()["error"]
+
+
+def test_waiting_on_an_unknown_task_is_a_404_at_once(server: ApiServer) -> None:
+    answer = httpx.get(f"{server.url}/tasks/nope?wait=30", timeout=10)
+    assert answer.status_code == 404
+
+
+def test_a_client_reconnecting_with_last_event_id_gets_what_it_missed_and_can_follow_one_task(
+    held: Runtime, server: ApiServer
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=WAIT_S) as client:
+        with client.stream("GET", "/events") as stream:
+            first = held.submit(payload(1)).task_id
+            frames = []
+            for frame in frames_of(stream):
+                frames.append(frame)
+                if json.loads(frame["data"])["to_state"] == "COMPLETED":
+                    break
+        assert [int(f["id"]) for f in frames] == [1, 2, 3, 4]
+        assert {json.loads(f["data"])["task_id"] for f in frames} == {first}
+
+        # Disconnected: two more tasks run. A watcher that stays connected shows when they are published.
+        with client.stream("GET", "/events") as watcher:
+            second = held.submit(payload(2)).task_id
+            third = held.submit(payload(3)).task_id
+            done = set()
+            for frame in frames_of(watcher):
+                data = json.loads(frame["data"])
+                if data["to_state"] == "COMPLETED":
+                    done.add(data["task_id"])
+                if done == {second, third}:
+                    break
+
+        headers = {"Last-Event-ID": frames[-1]["id"]}
+        with client.stream("GET", "/events", headers=headers, params={"task": third}) as resumed:
+            replayed = []
+            for frame in frames_of(resumed):
+                replayed.append(frame)
+                if json.loads(frame["data"])["to_state"] == "COMPLETED":
+                    break
+    assert all(int(f["id"]) > 4 for f in replayed)
+    assert [json.loads(f["data"])["task_id"] for f in replayed] == [third] * 4
+    assert [json.loads(f["data"])["to_state"] for f in replayed] == ["CREATED", "VALIDATED", "PROCESSING", "COMPLETED"]
+
+
+def test_a_malformed_last_event_id_is_a_400(server: ApiServer) -> None:
+    answer = httpx.get(f"{server.url}/events", headers={"Last-Event-ID": "yesterday"}, timeout=10)
+    assert answer.status_code == 400
+    assert "Last-Event-ID" in answer.json()["error"]
+
+
+def test_a_reconnection_past_the_replay_buffer_or_from_another_server_is_told_it_lagged(held: Runtime) -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        broadcaster = EventBroadcaster(held, replay_size=2)
+        listener = broadcaster.attach()  # subscribes: from here on, frames are kept for replay
+        held.submit(payload()).result(timeout=WAIT_S)  # 4 transitions; the buffer keeps the last 2
+        while listener.queue.qsize() < 4:  # the flush runs on this loop
+            await asyncio.sleep(0.01)
+        late = broadcaster.attach(last_event_id=1)
+        stranger = broadcaster.attach(last_event_id=99)
+        late_frames = [late.queue.get_nowait() for _ in range(late.queue.qsize())]
+        stranger_frames = [stranger.queue.get_nowait() for _ in range(stranger.queue.qsize())]
+        broadcaster.close()
+        return late_frames, stranger_frames
+
+    late, stranger = asyncio.run(scenario())
+    assert late[0] == b'event: lagged\ndata: {"dropped":1}\n\n'  # frame 2 is gone; 3 and 4 are replayed
+    assert [f.split(b"\n")[0] for f in late[1:]] == [b"id: 3", b"id: 4"]
+    assert stranger == [b'event: lagged\ndata: {"dropped":null}\n\n']
+
+
+def test_a_stream_following_one_task_gets_none_of_the_others(held: Runtime) -> None:
+    async def scenario() -> list[bytes]:
+        broadcaster = EventBroadcaster(held)
+        everyone = broadcaster.attach()
+        one = broadcaster.attach(task="task-b")
+        handles = [held.submit(payload(i), task_id=name) for i, name in enumerate(("task-a", "task-b", "task-c"))]
+        for handle in handles:
+            handle.result(timeout=WAIT_S)
+        while everyone.queue.qsize() < 12:
+            await asyncio.sleep(0.01)
+        broadcaster.close()
+        return [frame async for frame in _frames(one, heartbeat_s=WAIT_S)]
+
+    frames = asyncio.run(scenario())
+    events = [json.loads(f.split(b"data: ")[1]) for f in frames if b"data: " in f]
+    assert [(e["task_id"], e["to_state"]) for e in events] == [
+        ("task-b", "CREATED"),
+        ("task-b", "VALIDATED"),
+        ("task-b", "PROCESSING"),
+        ("task-b", "COMPLETED"),
+    ]
