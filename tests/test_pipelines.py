@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import prometheus_client
 import pytest
 import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
 from actorflow import (
     ActorflowError,
@@ -565,3 +567,22 @@ def test_inspect_shows_each_tasks_pipeline_and_the_states_of_a_custom_pipeline(
     assert inspect_main([path, "--state", "FETCH"]) == 2  # no task of this journal ever was in FETCH
     allowed = "CREATED, VALIDATED, PROCESSING, COMPLETED, FAILED, CANCELLED, ENRICH, GATE, STORE"
     assert f"unknown state 'FETCH'; allowed: {allowed}" in capsys.readouterr().err
+
+
+def test_metrics_are_labelled_with_each_tasks_pipeline() -> None:
+    shouting = Pipeline("shouting", [Stage("shout", _keep)])
+    registry = prometheus_client.CollectorRegistry()
+    with Runtime(RuntimeConfig(), services=ServiceSet(), pipelines=[shouting]) as runtime:
+        registry.register(runtime.metrics_collector())
+        runtime.submit(payload(1), pipeline="shouting").result(timeout=10)
+        runtime.submit(payload(2)).result(timeout=10)
+        text = prometheus_client.generate_latest(registry).decode()
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    shout = (("from_state", "CREATED"), ("pipeline", "shouting"), ("to_state", "SHOUT"))
+    seed = (("from_state", "VALIDATED"), ("pipeline", "default"), ("to_state", "PROCESSING"))
+    assert found[("actorflow_transitions_total", shout)] == 1
+    assert found[("actorflow_transitions_total", seed)] == 1
