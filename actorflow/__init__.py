@@ -34,6 +34,7 @@ The API, drawn::
                                        the seed pipeline's functions (what Runtime() runs);
                                        raise TransientError to be retried
     TaskRecord, TaskState, Task        what a task is and where it stands
+    JSONValue, JSONInput               the JSON a task holds (frozen) and what a program hands in
     TransitionEvent                    what subscribers receive on every state change
     configure_logging(...)             opt in to actorflow's own log output (never done for you)
     StateActor, OrchestratorActor      the two central actors, for programs that wire their own
@@ -77,7 +78,7 @@ from actorflow.core.errors import (
 )
 from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.tracing import configure_logging
-from actorflow.core.types import Task, TaskRecord, TaskState, TransitionEvent
+from actorflow.core.types import JSONInput, JSONValue, Task, TaskRecord, TaskState, TransitionEvent
 from actorflow.core.version import __version__
 from actorflow.services import ServiceSet
 
@@ -86,6 +87,8 @@ __all__ = [
     "ConfigError",
     "InvalidPayload",
     "InvalidTransition",
+    "JSONInput",
+    "JSONValue",
     "JournalError",
     "Milestone",
     "OrchestratorActor",
