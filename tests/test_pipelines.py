@@ -36,6 +36,7 @@ from actorflow import (
 )
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
+from actorflow.cli.trace import main as trace_main
 from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
@@ -520,6 +521,27 @@ def test_the_trace_viewer_checks_each_task_against_the_table_of_its_own_pipeline
     (tmp_path / "forged.jsonl").write_text("\n".join(forged) + "\n")
     kinds = {violation.kind for violation in check_transitions(load_trace(tmp_path / "forged.jsonl"))}
     assert "unknown_state" in kinds
+
+
+def test_the_trace_command_filters_by_a_custom_pipelines_state_and_refuses_a_state_the_log_never_had(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "run.jsonl"
+    close = configure_logging(json=True, level="DEBUG", file=log)
+    try:
+        gate = _Gate()
+        runtime = Runtime(RuntimeConfig(), pipelines=[_custom(gate)])
+        held = runtime.submit(payload(1)).task_id
+        assert gate.entered.wait(10)
+        runtime.close(drain=False)  # the task is left in GATE
+        gate.opened.set()
+    finally:
+        close()
+    assert trace_main([str(log), "--state", "gate", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [task["task_id"] for task in document["tasks"]] == [held]
+    assert trace_main([str(log), "--state", "FETCH"]) == 2
+    assert "'FETCH' is not a task state; allowed: CREATED, VALIDATED" in capsys.readouterr().err
 
 
 # --- the HTTP API and inspect --------------------------------------------------------------------
