@@ -608,3 +608,21 @@ def test_metrics_are_labelled_with_each_tasks_pipeline() -> None:
     seed = (("from_state", "VALIDATED"), ("pipeline", "default"), ("to_state", "PROCESSING"))
     assert found[("actorflow_transitions_total", shout)] == 1
     assert found[("actorflow_transitions_total", seed)] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stage_on_ray_runs_next_to_a_stage_on_threads() -> None:
+    pytest.importorskip("ray")
+
+    def prepare(task: Task, value: Any) -> Any:
+        return {"n": value["data"]["index"]}
+
+    pipeline = Pipeline("mixed", [Stage("prepare", prepare), Stage("square", square_in_child, backend="ray")])
+    with Runtime(RuntimeConfig(), pipelines=[pipeline]) as runtime:
+        record = runtime.submit(payload(7)).result(timeout=120)
+    assert record.state is S.COMPLETED, record.error
+    assert record.result["n"] == 49
+    assert record.result["pid"] != os.getpid()
+    assert record.path() == ["CREATED", "PREPARE", "SQUARE", "COMPLETED"]
