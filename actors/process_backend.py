@@ -85,6 +85,7 @@ from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.service import (
+    CallsInFlight,
     Deliver,
     OnDeath,
     SilentLog,
@@ -341,16 +342,6 @@ _STOP: Final = b"stop"
 """Tells an idle child to exit (a pickle never equals it)."""
 
 
-class _InChild:
-    """A call in the child's pipe, and the time it started running."""
-
-    __slots__ = ("call", "started")
-
-    def __init__(self, call: RunService) -> None:
-        self.call = call
-        self.started = time.perf_counter()
-
-
 class ProcessWorker:
     """One worker: a child process and the forwarding thread that owns its pipe.
 
@@ -379,7 +370,7 @@ class ProcessWorker:
         self._retired = False
         self._closed = False
         """No more calls are taken, and the wake-up pipe is closed."""
-        self._in_child: deque[_InChild] = deque()
+        self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -541,21 +532,19 @@ class ProcessWorker:
                 self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
                 return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
-            self._in_child.append(_InChild(call))
-            if len(self._in_child) == 1:
+            if self._in_child.add(call):
                 self._start_head()
 
     def _start_head(self) -> None:
         """The child starts the call at the head of its pipe now."""
-        head = self._in_child[0]
-        head.started = time.perf_counter()
-        if self._log.enabled("debug"):
-            self._log.debug("service.started", **call_fields(head.call, self.name, self.node))
+        head = self._in_child.head()
+        if head is not None and self._log.enabled("debug"):
+            self._log.debug("service.started", **call_fields(head, self.name, self.node))
 
     def _finish(self, report: tuple[Any, ...]) -> bool:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
-        head = self._in_child.popleft()
-        call = head.call
+        call = self._in_child.head()
+        assert call is not None, "a report with no call in the child"
         call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
         if call_id != call.call_id:  # the child answers in order; anything else is our bug
             raise RuntimeError(f"worker process {self.node} answered call {call_id}, not {call.call_id}")
@@ -573,23 +562,25 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        self._log_and_deliver(head, done)
+        next_started = self._in_child.settle(call_id)
+        self._log_and_deliver(call, done)
         if done.status == "crashed":
             return False
-        if self._in_child:
+        if next_started:
             self._start_head()
         return True
 
     def _report_death_during_call(self) -> None:
         """The child died running the head call: that call crashed. Those behind it never started."""
-        head = self._in_child.popleft()
-        call = head.call
-        duration_ms = round((time.perf_counter() - head.started) * 1000, 3)
+        call = self._in_child.head()
+        assert call is not None, "a death during a call with no call in the child"
+        duration_ms = self._in_child.running_ms()
+        self._in_child.settle(call.call_id)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        self._log_and_deliver(head, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
+        self._log_and_deliver(call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
 
-    def _log_and_deliver(self, entry: _InChild, done: ServiceDone) -> None:
-        self._deliver(log_done(self._log, entry.call, done))
+    def _log_and_deliver(self, call: RunService, done: ServiceDone) -> None:
+        self._deliver(log_done(self._log, call, done))
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving

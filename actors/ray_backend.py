@@ -27,7 +27,6 @@ Ray is imported only when this backend is built; it is the optional extra
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import queue
 import re
@@ -42,6 +41,7 @@ from typing import Any
 from actorflow.actors.backends import BackendRequest
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.service import (
+    CallsInFlight,
     Deliver,
     OnDeath,
     ServiceBackend,
@@ -113,14 +113,24 @@ class ServiceActor:
 class _Pending:
     worker: _RayWorker
     call: RunService
-    seq: int
-    """Submission order: a Ray actor runs its calls in this order, so the lowest is running."""
 
 
 class _RayWorker:
     """A pool's handle on one Ray actor. Used from the orchestrator's thread, read by the waiter."""
 
-    __slots__ = ("_actor", "_backend", "_killed", "dead", "deliver", "log", "name", "node", "on_death", "retired")
+    __slots__ = (
+        "_actor",
+        "_backend",
+        "_killed",
+        "dead",
+        "deliver",
+        "in_flight",
+        "log",
+        "name",
+        "node",
+        "on_death",
+        "retired",
+    )
 
     def __init__(self, name: str, actor: Any, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
         self.name = name
@@ -134,6 +144,8 @@ class _RayWorker:
         """Set by the waiter when the actor is seen dead; its later results are dropped."""
         self.node = ""
         """Where the actor runs, once one of its calls has come back."""
+        self.in_flight = CallsInFlight()
+        """Calls submitted and not yet resolved: a Ray actor runs them in order, so the head is running."""
         self._killed: list[Any] = []
 
     def send(self, call: RunService) -> bool:
@@ -145,7 +157,12 @@ class _RayWorker:
         """
         if self.retired:
             return False
-        ref = self._actor.run.remote(call, self.name)
+        self.in_flight.add(call)  # before the call can resolve, so that its report finds it
+        try:
+            ref = self._actor.run.remote(call, self.name)
+        except BaseException:
+            self.in_flight.settle(call.call_id)
+            raise
         self._backend.waiter.watch(ref, self, call)
         if self.log.enabled("debug"):
             # Logged at submission: the driver cannot see when the actor picks the call up.
@@ -195,7 +212,6 @@ class _RefWaiter:
         self._report = report
         self._pending: dict[Any, _Pending] = {}
         self._lock = threading.Lock()
-        self._seq = itertools.count()
         self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
         self._log = get_event_logger("ray-waiter")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -204,7 +220,7 @@ class _RefWaiter:
     def watch(self, ref: Any, worker: _RayWorker, call: RunService) -> None:
         """Report `ref` when it resolves (as the outcome of `call` on `worker`)."""
         with self._lock:
-            self._pending[ref] = _Pending(worker, call, next(self._seq))
+            self._pending[ref] = _Pending(worker, call)
         future: Future[Any] = ref.future()
         future.add_done_callback(lambda done: self._ready.put((ref, done)))
 
@@ -215,12 +231,6 @@ class _RefWaiter:
             for ref in refs:
                 del self._pending[ref]
         return refs
-
-    def head_of(self, worker: _RayWorker, failed: _Pending) -> _Pending:
-        """The call `worker` was running: its oldest outstanding one (`failed` was just taken out)."""
-        with self._lock:
-            others = [p for p in self._pending.values() if p.worker is worker]
-        return min([failed, *others], key=lambda pending: pending.seq)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drop every outstanding ref and end the thread."""
@@ -429,15 +439,15 @@ class RayBackend:
             return  # late: the pool has taken its calls back
         if error is None:
             assert isinstance(done, ServiceDone)
+            worker.in_flight.settle(pending.call.call_id)
             worker.node = done.node or worker.node
             log_done(worker.log, pending.call, done)
             worker.deliver(done)
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
-        head = self.waiter.head_of(worker, pending)
+        call = worker.in_flight.head() or pending.call
         why = describe_ray_error(error)
-        call = head.call
         worker.deliver(
             log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
         )

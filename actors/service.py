@@ -31,6 +31,7 @@ from actorflow.services.seed import unwrap
 
 __all__ = [
     "CallClaims",
+    "CallsInFlight",
     "Deliver",
     "OnDeath",
     "ServiceBackend",
@@ -247,6 +248,54 @@ def log_done(
         **(fields or call_fields(call, done.worker, done.node)),
     )
     return done
+
+
+class CallsInFlight:
+    """The calls one worker holds, in the order it runs them: the first is running, and since when.
+
+    A backend whose worker queues calls (a child process's pipe, a Ray actor's queue) keeps one, so
+    that a worker that dies is charged with the call it was running, and with no other. Thread-safe:
+    calls are added on the orchestrator's thread and settled on the thread that reads the reports.
+    """
+
+    __slots__ = ("_calls", "_lock", "head_started")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, RunService] = {}
+        """By call id, in the order sent (dicts keep insertion order)."""
+        self.head_started = 0.0
+        """`time.perf_counter()` when the head call started."""
+
+    def add(self, call: RunService) -> bool:
+        """Note a call sent to the worker. True if it is the head now (it starts at once)."""
+        with self._lock:
+            self._calls[call.call_id] = call
+            if len(self._calls) == 1:
+                self.head_started = time.perf_counter()
+                return True
+            return False
+
+    def head(self) -> RunService | None:
+        """The call the worker is running (the oldest it holds), or None."""
+        with self._lock:
+            return next(iter(self._calls.values()), None)
+
+    def settle(self, call_id: int) -> bool:
+        """The worker answered `call_id`: forget it. True if another call is now the head (it starts now)."""
+        with self._lock:
+            was_head = next(iter(self._calls), None) == call_id
+            if self._calls.pop(call_id, None) is None or not was_head or not self._calls:
+                return False
+            self.head_started = time.perf_counter()
+            return True
+
+    def running_ms(self) -> float:
+        """How long the head call has been running, in milliseconds."""
+        return round((time.perf_counter() - self.head_started) * 1000, 3)
+
+    def __len__(self) -> int:
+        return len(self._calls)
 
 
 class WorkerHandle(Protocol):

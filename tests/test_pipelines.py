@@ -34,6 +34,8 @@ from actorflow import (
     UnknownPipeline,
     configure_logging,
 )
+from actorflow.actors.messages import RunService
+from actorflow.actors.service import CallsInFlight
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
 from actorflow.cli.trace import main as trace_main
@@ -41,6 +43,7 @@ from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
 from actorflow.core.traceview import check_transitions, load_trace
+from actorflow.core.tracing import TraceContext
 from tests.conftest import payload
 from tests.pipeline_stages import square_in_child
 
@@ -626,3 +629,19 @@ def test_a_stage_on_ray_runs_next_to_a_stage_on_threads() -> None:
     assert record.result["n"] == 49
     assert record.result["pid"] != os.getpid()
     assert record.path() == ["CREATED", "PREPARE", "SQUARE", "COMPLETED"]
+
+
+def test_calls_in_flight_name_the_running_call_as_the_oldest_one_not_yet_answered() -> None:
+    def call(call_id: int) -> RunService:
+        return RunService(call_id, "stage", Task(f"t-{call_id}", {}), TraceContext("a" * 32, "b" * 16), 1)
+
+    held = CallsInFlight()
+    assert held.head() is None
+    assert held.add(call(1)) is True  # the first call starts at once
+    assert held.add(call(2)) is False  # the next waits behind it
+    assert held.head() == call(1)
+    assert held.settle(1) is True  # answered: call 2 starts now
+    assert held.head() == call(2)
+    assert held.settle(99) is False  # an unknown (late) answer changes nothing
+    assert held.settle(2) is False
+    assert len(held) == 0
