@@ -3,14 +3,22 @@
 The StateActor, the orchestrator, the journal and the result store stay in
 this (the head) process; only the stateless service calls travel::
 
-    orchestrator thread                            Ray actor (any node)
-      pool ─ send(call) ─ actor.run.remote(call) ──► execute(fn, call)   same mapping as threads
-                                 │                         │
-                                 ▼                         ▼ ServiceDone (duration, node measured there)
-    waiter thread:  ref resolved ─► log service.finished / failed ─► deliver(done) ─► orchestrator
+    orchestrator thread     waiter thread (the backend's Ray thread)      Ray actor (any node)
+      pool ─ send(call) ──► actor.run.remote(call) ─────────────────────► execute(fn, call)
+                  queued            │                                       │  same mapping as threads
+                                    ▼                                       ▼
+                            ref resolved ◄──── ServiceDone (duration, node measured there)
+                                    │
+                                    ▼
+                            log service.finished / failed ─► deliver(done) ─► orchestrator
 
-Nothing in a pool blocks: `send` submits and returns, and one waiter thread
-per backend turns resolved object refs into `ServiceDone` messages. Retiring
+Nothing in a pool blocks, and nothing Ray-related runs on the orchestrator's
+thread: `send`, `retire` and `start_worker` only note what is asked and hand
+it to the backend's one Ray thread (the waiter), which submits the call
+(`.remote()`), kills the actor, promotes a spare, and turns resolved object
+refs into `ServiceDone` messages. One thread for all of it keeps the order
+the pool asked for: a worker's spare is promoted before its first call is
+submitted, and its calls are submitted in the order they were sent. Retiring
 a worker (stage timeout, crash, shutdown) is `ray.kill`: Ray cannot
 force-cancel a call running in an actor (`ray.cancel(force=True)` refuses
 actor tasks), and killing the actor is what interrupts a hung call. A worker
@@ -27,6 +35,7 @@ Ray is imported only when this backend is built; it is the optional extra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import re
@@ -56,7 +65,7 @@ from actorflow.actors.service import (
 from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import get_event_logger
 
-__all__ = ["RayBackend", "describe_ray_error", "import_ray"]
+__all__ = ["RayBackend", "describe_ray_error", "import_ray", "node_id_of"]
 
 _INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 
@@ -89,12 +98,16 @@ class ServiceActor:
     the same (TransientError: transient, Exception: permanent, BaseException:
     crashed) and the call's trace is bound in the worker's contextvars for the
     service's own logging. The ServiceDone it returns carries the duration
-    measured here and ``node`` (``host:pid``) naming where the call ran.
+    measured here and ``node`` naming where the call ran: ``host/node:pid``,
+    where ``node`` is the first 12 hex digits of the Ray node id. The node id
+    is there because several Ray nodes can share one host (and one IP): the
+    host alone cannot say which raylet, hence which node, ran the call.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self._fn = fn
-        self._node = f"{socket.gethostname()}:{os.getpid()}"
+        node_id = _ray_node_id()
+        self._node = f"{socket.gethostname()}/{node_id[:_NODE_ID_CHARS]}:{os.getpid()}"
         self._log = SilentLog("ray")
 
     def node(self) -> str:
@@ -106,7 +119,34 @@ class ServiceActor:
         return execute(self._fn, call, worker, log=self._log, node=self._node)
 
 
+_NODE_ID_CHARS = 12
+"""Node id digits in a call's `node`: as many as a Ray node id needs to stay unique in a log (it has 56)."""
+
+
+def _ray_node_id() -> str:
+    """The id of the Ray node this actor runs on (`ray.get_runtime_context()`), "" outside Ray."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        return ""
+    node_id: str = ray.get_runtime_context().get_node_id()
+    return node_id
+
+
+def node_id_of(node: str) -> str:
+    """The Ray node id prefix in a call's `node` (``host/node:pid``); "" if it names none."""
+    return node.rpartition(":")[0].partition("/")[2]
+
+
 # --- in the driver ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Spare:
+    """A started actor not yet given to a pool, with the ref of its readiness probe (`ServiceActor.node`)."""
+
+    actor: Any
+    probe: Any
+    """Resolves to the actor's `node` once it has started, or fails if it died: how a spare is known lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +156,16 @@ class _Pending:
 
 
 class _RayWorker:
-    """A pool's handle on one Ray actor. Used from the orchestrator's thread, read by the waiter."""
+    """A pool's handle on one Ray actor.
+
+    The pool calls `send`, `retire` and `join` from the orchestrator's thread;
+    they touch no Ray API: the Ray work (`_promote`, `_submit`, `_kill`) runs
+    on the backend's waiter thread, queued in the order it was asked for.
+    """
 
     __slots__ = (
         "_actor",
         "_backend",
-        "_killed",
         "dead",
         "deliver",
         "in_flight",
@@ -129,12 +173,18 @@ class _RayWorker:
         "name",
         "node",
         "on_death",
+        "probe",
         "retired",
+        "settled",
+        "unsettled",
     )
 
-    def __init__(self, name: str, actor: Any, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
+    def __init__(self, name: str, backend: RayBackend, deliver: Deliver, on_death: OnDeath) -> None:
         self.name = name
-        self._actor = actor
+        self._actor: Any = None
+        """Set on the waiter thread when a spare is promoted (before any call to this worker is submitted)."""
+        self.probe: Any = None
+        """The actor's readiness probe: says where it runs even if none of its calls ever comes back."""
         self._backend = backend
         self.deliver = deliver
         self.on_death = on_death
@@ -146,10 +196,13 @@ class _RayWorker:
         """Where the actor runs, once one of its calls has come back."""
         self.in_flight = CallsInFlight()
         """Calls submitted and not yet resolved: a Ray actor runs them in order, so the head is running."""
-        self._killed: list[Any] = []
+        self.settled = threading.Event()
+        """Set once the worker is killed and every call it held has resolved (see `join`)."""
+        self.unsettled = 0
+        """Calls of the killed actor not yet resolved; only the waiter thread counts them."""
 
     def send(self, call: RunService) -> bool:
-        """Submit the call to the actor and return at once.
+        """Queue the call for submission to the actor and return at once.
 
         A dead actor is found out by the waiter (the call's ref fails), which
         reports the call it was running as crashed; so only a retired worker
@@ -157,42 +210,50 @@ class _RayWorker:
         """
         if self.retired:
             return False
-        self.in_flight.add(call)  # before the call can resolve, so that its report finds it
-        try:
-            ref = self._actor.run.remote(call, self.name)
-        except BaseException:
-            self.in_flight.settle(call.call_id)
-            raise
-        self._backend.waiter.watch(ref, self, call)
+        self._backend.waiter.run_soon(lambda: self._submit(call))
         if self.log.enabled("debug"):
             # Logged at submission: the driver cannot see when the actor picks the call up.
             self.log.debug("service.started", **call_fields(call, self.name))
         return True
+
+    def _submit(self, call: RunService) -> None:
+        """On the waiter thread: `.remote()` the call; a failure to submit is the actor's death."""
+        if self.retired:
+            return  # retired after `send`: the pool has taken the call back already
+        waiter = self._backend.waiter
+        self.in_flight.add(call)  # before the call can resolve, so that its report finds it
+        try:
+            if self._actor is None:
+                raise RuntimeError("no Ray actor could be started for this worker")
+            ref = self._actor.run.remote(call, self.name)
+        except Exception as exc:  # noqa: BLE001 - the actor or the cluster is gone: report it as a crash
+            waiter.report_now(self, call, exc)
+            return
+        waiter.watch(ref, self, call)
 
     def withdraw(self, call_id: int) -> bool:
         """Always False: a call submitted to a Ray actor cannot be taken back (the pool keeps its depth small)."""
         return False
 
     def retire(self) -> None:
-        """Kill the actor (interrupting a hung call); its results from now on are dropped."""
+        """Have the actor killed (interrupting a hung call); its results from now on are dropped."""
         if self.retired:
             return
-        self.retired = True
-        self._killed = self._backend.waiter.forget_worker(self)
-        with contextlib.suppress(Exception):  # already dead, or the cluster is gone: either way it is over
-            self._backend.ray.kill(self._actor, no_restart=True)
+        self.retired = True  # from now on `_report` drops this worker's results, whatever the waiter is doing
+        self._backend.waiter.run_soon(self._kill)
+
+    def _kill(self) -> None:
+        """On the waiter thread: stop watching the actor's calls, and kill it."""
+        self.unsettled = self._backend.waiter.forget_worker(self)
+        if self.unsettled == 0:
+            self.settled.set()
+        if self._actor is not None:
+            with contextlib.suppress(Exception):  # already dead, or the cluster is gone: either way it is over
+                self._backend.ray.kill(self._actor, no_restart=True)
 
     def join(self, timeout: float) -> bool:
-        """Wait until the calls the actor held have resolved (they fail fast once it is killed)."""
-        if not self._killed:
-            return True
-        try:
-            _, not_ready = self._backend.ray.wait(self._killed, num_returns=len(self._killed), timeout=timeout)
-        except Exception:  # noqa: BLE001 - Ray already shut down: nothing is left to wait for
-            return True
-        if not not_ready:
-            self._killed = []
-        return not not_ready
+        """Wait until the actor is killed and the calls it held have resolved (they fail fast once it is)."""
+        return self.settled.wait(timeout)
 
 
 class _RefWaiter:
@@ -211,8 +272,10 @@ class _RefWaiter:
     ) -> None:
         self._report = report
         self._pending: dict[Any, _Pending] = {}
+        self._forgotten: dict[Any, _RayWorker] = {}
+        """Refs of killed workers, until they resolve: a worker is settled when all of its have."""
         self._lock = threading.Lock()
-        self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | Callable[[], None] | None] = queue.SimpleQueue()
         self._log = get_event_logger("ray-waiter")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -224,13 +287,24 @@ class _RefWaiter:
         future: Future[Any] = ref.future()
         future.add_done_callback(lambda done: self._ready.put((ref, done)))
 
-    def forget_worker(self, worker: _RayWorker) -> list[Any]:
-        """Stop watching a worker's refs (their outcomes will be dropped); returns them."""
+    def run_soon(self, work: Callable[[], None]) -> None:
+        """Run `work` on this thread, after everything queued before it (any thread may call this)."""
+        self._ready.put(work)
+
+    def report_now(self, worker: _RayWorker, call: RunService, error: BaseException) -> None:
+        """Report `call` as failed by `error` without a ref (it could not even be submitted)."""
+        with self._lock:
+            pending = _Pending(worker, call)
+        self._report(pending, None, error)
+
+    def forget_worker(self, worker: _RayWorker) -> int:
+        """Stop watching a worker's refs (their outcomes will be dropped); returns how many are outstanding."""
         with self._lock:
             refs = [ref for ref, pending in self._pending.items() if pending.worker is worker]
             for ref in refs:
                 del self._pending[ref]
-        return refs
+                self._forgotten[ref] = worker
+        return len(refs)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drop every outstanding ref and end the thread."""
@@ -239,14 +313,29 @@ class _RefWaiter:
         self._ready.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        with self._lock:
+            for worker in self._forgotten.values():
+                worker.settled.set()  # nobody is left to see its calls resolve
+            self._forgotten.clear()
 
     def _run(self) -> None:
         while (item := self._ready.get()) is not None:
+            if callable(item):
+                try:
+                    item()
+                except Exception as exc:  # noqa: BLE001 - a dead waiter would strand every call: log, go on
+                    self._log.error("ray.work_failed", error_type=type(exc).__name__, error=str(exc))
+                continue
             ref, future = item
             with self._lock:
                 pending = self._pending.pop(ref, None)
+                killed = self._forgotten.pop(ref, None) if pending is None else None
             if pending is None:
-                continue  # forgotten: its worker was retired
+                if killed is not None:  # a killed worker's call: `join` waits for the last one
+                    killed.unsettled -= 1
+                    if killed.unsettled == 0:
+                        killed.settled.set()
+                continue
             try:
                 outcome, error = future.result(), None
             except Exception as exc:  # noqa: BLE001 - any Ray error means the call did not finish
@@ -307,15 +396,20 @@ class RayBackend:
         self._local = local
         self._spares = spares
         self._log = get_event_logger("ray")
-        self._stock: dict[str, deque[Any]] = {}
+        self._stock: dict[str, deque[_Spare]] = {}
         """Started actors not yet given to a pool, per service."""
+        self._stock_lock = threading.Lock()
+        """The waiter thread promotes, replaces and kills spares; `close` kills any it left (it timed out)."""
         self._owns_session = self._join_session(address)
         self._closed = False
         try:
             self._remote_class = self.ray.remote(scheduling_strategy="SPREAD")(ServiceActor)
             self._shipped = self._ship(functions)
+            self._nodes: list[str] = self._nodes_with_cpus() if self._shipped else []
+            """Node ids over which new actors are dealt (changed under `_stock_lock`)."""
+            self._dealt = {service: itertools.count() for service in self._shipped}
             for service in self._shipped:
-                self._stock[service] = deque(self._new_actor(service) for _ in range(pool_sizes[service] + spares))
+                self._stock[service] = deque(self._new_spare(service) for _ in range(pool_sizes[service] + spares))
             nodes = self._await_ready(ready_timeout_s)
         except BaseException:
             self._kill_stock()
@@ -375,12 +469,35 @@ class RayBackend:
                 ) from exc
         return shipped
 
-    def _new_actor(self, service: str) -> Any:
-        return self._remote_class.remote(self._shipped[service])
+    def _new_spare(self, service: str) -> _Spare:
+        """Start an actor for `service`, on the next node in turn (see `_nodes_with_cpus`)."""
+        remote_class = self._remote_class
+        if self._nodes:
+            node_id = self._nodes[next(self._dealt[service]) % len(self._nodes)]
+            strategy = self.ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id, soft=True)
+            remote_class = remote_class.options(scheduling_strategy=strategy)
+        actor = remote_class.remote(self._shipped[service])
+        return _Spare(actor, actor.node.remote())
+
+    def _nodes_with_cpus(self) -> list[str]:
+        """The alive nodes that can host actors (any CPU), in a stable order, over which each pool is dealt.
+
+        Ray's own SPREAD is best effort: it skips a node whose CPUs are held
+        at that moment, and an actor holds one while it starts, so on small
+        nodes both actors of a pool often landed on one node. Dealing each
+        service's actors round-robin over the nodes, with a *soft* node
+        affinity (a node that is gone, full or unfit makes Ray place the
+        actor elsewhere), puts a pool of N actors on min(N, nodes) nodes.
+        A node with no CPU (a head started with ``--num-cpus=0``) gets none.
+        """
+        try:
+            return _with_cpus(self.ray.nodes())
+        except Exception:  # noqa: BLE001 - no node list (an old Ray, a client quirk): Ray's SPREAD decides
+            return []
 
     def _await_ready(self, timeout: float) -> set[str]:
         """Wait for the started actors; a function that cannot load on a worker is a ConfigError."""
-        probes = {actor.node.remote(): service for service, actors in self._stock.items() for actor in actors}
+        probes = {spare.probe: service for service, spares in self._stock.items() for spare in spares}
         if not probes:
             return set()
         ready, not_ready = self.ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
@@ -399,11 +516,69 @@ class RayBackend:
         return nodes
 
     def _kill_stock(self) -> None:
-        for actors in self._stock.values():
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    self.ray.kill(actor, no_restart=True)
-            actors.clear()
+        with self._stock_lock:
+            for spares in self._stock.values():
+                for spare in spares:
+                    with contextlib.suppress(Exception):
+                        self.ray.kill(spare.actor, no_restart=True)
+                spares.clear()
+
+    def _drop_spares_on_lost_nodes(self) -> None:
+        """Runs on the waiter thread when an actor has died: kill the spares that died with it.
+
+        When a node is lost, the warm spares on it are gone too, but nothing
+        says so until a call is sent to one. Promoted as they are, the call
+        retried after the crash would crash again on the same lost node, and
+        burn a second attempt. So each actor death asks the GCS which nodes
+        are dead (`ray.nodes()`, one RPC: deaths are rare) and replaces the
+        spares that were there, or that failed to start, with new ones, which
+        Ray places on the surviving nodes.
+        """
+        try:
+            nodes = self.ray.nodes()
+        except Exception:  # noqa: BLE001 - the GCS is unreachable: keep the spares, a dead one fails its call
+            return
+        lost = {node["NodeID"][:_NODE_ID_CHARS] for node in nodes if not node["Alive"]}
+        dropped = 0
+        with self._stock_lock:
+            if self._closed:
+                return
+            if self._nodes:
+                self._nodes = _with_cpus(nodes)  # deal new actors over the nodes alive now
+            for service, spares in self._stock.items():
+                alive: deque[_Spare] = deque()
+                for spare in spares:
+                    if not self._spare_lost(spare, lost):
+                        alive.append(spare)
+                        continue
+                    dropped += 1
+                    with contextlib.suppress(Exception):
+                        self.ray.kill(spare.actor, no_restart=True)
+                while len(alive) < len(spares):
+                    alive.append(self._new_spare(service))
+                self._stock[service] = alive
+        if dropped:
+            self._log.warning("ray.spares_replaced", spares=dropped, lost_nodes=sorted(lost))
+
+    def _probed_node(self, probe: Any) -> str:
+        """The `node` an actor's probe answered, or "" if it has not (yet) or failed; never waits."""
+        try:
+            ready, _ = self.ray.wait([probe], num_returns=1, timeout=0)
+            node: str = self.ray.get(ready[0]) if ready else ""
+        except Exception:  # noqa: BLE001 - the actor died before it started: where is unknown
+            return ""
+        return node
+
+    def _spare_lost(self, spare: _Spare, lost: set[str]) -> bool:
+        """True if the spare died, or runs on a lost node; a spare still starting is kept (Ray places it)."""
+        ready, _ = self.ray.wait([spare.probe], num_returns=1, timeout=0)
+        if not ready:
+            return False
+        try:
+            node: str = self.ray.get(spare.probe)
+        except Exception:  # noqa: BLE001 - any error from the probe means the actor is gone
+            return True
+        return node_id_of(node) in lost
 
     # --- ServiceBackend --------------------------------------------------------------------------
 
@@ -411,21 +586,30 @@ class RayBackend:
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
     ) -> WorkerHandle:
         """Give the pool a warm Ray actor for `service` (a local thread worker for a head-bound function)."""
-        stock = self._stock.get(service)
-        if stock is None or self._closed:
+        if service not in self._stock or self._closed:
             return self._local.start_worker(name, service, fn, deliver, on_death)
-        actor = stock.popleft() if stock else self._new_actor(service)
-        while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
-            stock.append(self._new_actor(service))
-        return _RayWorker(name, actor, self, deliver, on_death)
+        worker = _RayWorker(name, self, deliver, on_death)
+        self.waiter.run_soon(lambda: self._promote(worker, service))
+        return worker
+
+    def _promote(self, worker: _RayWorker, service: str) -> None:
+        """On the waiter thread: give `worker` a warm spare (or a new actor), and start a spare in its place."""
+        with self._stock_lock:
+            stock = self._stock[service]
+            spare = stock.popleft() if stock else self._new_spare(service)
+            worker._actor, worker.probe = spare.actor, spare.probe
+            while len(stock) < self._spares:  # replenish in the background: `.remote()` does not wait
+                stock.append(self._new_spare(service))
 
     def close(self) -> None:
         """Kill the spares, stop the waiter, and shut Ray down if this runtime started it."""
         if self._closed:
             return
         self._closed = True
-        self._kill_stock()
+        # Queued behind the kills and promotions the pools asked for, so that no spare starts after it.
+        self.waiter.run_soon(self._kill_stock)
         self.waiter.stop()
+        self._kill_stock()  # no-op, unless the waiter did not finish in time
         self._local.close()
         self._leave_session()
         self._log.info("ray.backend_stopped", stopped_ray=self._owns_session)
@@ -446,13 +630,22 @@ class RayBackend:
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
-        call = worker.in_flight.head() or pending.call
+        # Before the pool hears of it and promotes a spare: that spare must not be on a lost node.
+        self._drop_spares_on_lost_nodes()
+        call = worker.in_flight.head() or pending.call  # the call it was running: its oldest unresolved one
         why = describe_ray_error(error)
+        if not worker.node:  # it died in its first call (a lost node): its probe still says where it was
+            worker.node = self._probed_node(worker.probe)
         worker.deliver(
             log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
         )
         # Idempotent safety net: the pool has normally replaced the worker on the crash report already.
         worker.on_death(worker.name, f"Ray actor died: {why}")
+
+
+def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:
+    """The ids of the alive nodes in `ray.nodes()` that have CPUs, sorted."""
+    return sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
 
 
 def make_backend(request: BackendRequest) -> RayBackend:

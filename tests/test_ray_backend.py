@@ -25,7 +25,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from actorflow.actors import Runtime
-from actorflow.actors.ray_backend import RayBackend, describe_ray_error
+from actorflow.actors.ray_backend import RayBackend, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from actorflow.services import ServiceSet, process
@@ -393,3 +393,8 @@ def test_calls_run_on_ray_get_otel_spans_under_their_tasks_span_with_the_retried
     assert calls[1].status.status_code is StatusCode.ERROR
     assert record.traceback is not None
     assert "TransientError: the upstream is busy" in record.traceback  # the retried call's, kept in the record
+
+
+def test_the_node_of_a_ray_call_carries_the_ray_node_id_between_host_and_pid() -> None:
+    assert node_id_of("worker-7/3f2a9c01bd44:4242") == "3f2a9c01bd44"
+    assert node_id_of("worker-7:4242") == ""  # outside Ray: no node id
