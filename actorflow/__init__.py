@@ -7,28 +7,43 @@ Everything an embedding program needs is here::
     with Runtime(RuntimeConfig(journal_path="tasks.db"), services=ServiceSet(process=my_process)) as runtime:
         record = runtime.submit({"name": "a", "data": 1}).result(timeout=10)   # a TaskRecord
 
+Your own stages, as data::
+
+    ingest = Pipeline("ingest", [Stage("check", check), Stage("fetch", fetch, workers=200)])
+    with Runtime(RuntimeConfig(), pipelines=[ingest]) as runtime:
+        record = runtime.submit({"url": "..."}, pipeline="ingest").result(timeout=10)
+
 The API, drawn::
 
-    Runtime(config, services=..., on_milestone=...)
+    Runtime(config, services=..., pipelines=[...], on_milestone=...)
                                        the facade; a context manager that closes itself
-      .submit(payload) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
+      .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
       .metrics_collector()             Prometheus metrics, for the program's own registry
       .health()                        ok, degraded (journal refuses writes), failed or stopped
     Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
     Milestone                          an internal event (worker restarted, journal degraded...)
     RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
+    Pipeline(name, [Stage, ...])       your stages, in order; checked when built; derives the
+                                       transition table the state actor enforces
+    Stage(name, fn, workers=, backend=, timeout_s=, max_attempts=, retry_backoff_s=, ...)
+                                       fn(task, value) -> next value (None: pass it on);
+                                       async def runs on an event loop; unset settings
+                                       fall back to RuntimeConfig
     ServiceSet(validate, process, persist)
-                                       your functions; raise TransientError to be retried
+                                       the seed pipeline's functions (what Runtime() runs);
+                                       raise TransientError to be retried
     TaskRecord, TaskState, Task        what a task is and where it stands
+    JSONValue, JSONInput               the JSON a task holds (frozen) and what a program hands in
     TransitionEvent                    what subscribers receive on every state change
     configure_logging(...)             opt in to actorflow's own log output (never done for you)
     StateActor, OrchestratorActor      the two central actors, for programs that wire their own
 
     ActorflowError                     every error actorflow raises derives from it
-    ├── ConfigError                    a RuntimeConfig field or a ServiceSet entry is wrong
+    ├── ConfigError                    a RuntimeConfig field, a Stage, a Pipeline or a ServiceSet entry is wrong
     ├── InvalidTransition              the transition table forbids the change
     ├── TaskNotFound                   no task has that id
+    ├── UnknownPipeline                no pipeline of the runtime has that name
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
     │   └── ValidationError            the validator service rejected the payload
     ├── RuntimeStopped                 the runtime was closed
@@ -57,11 +72,13 @@ from actorflow.core.errors import (
     RuntimeStopped,
     TaskNotFound,
     TransientError,
+    UnknownPipeline,
     ValidationError,
     WouldDeadlock,
 )
+from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.tracing import configure_logging
-from actorflow.core.types import Task, TaskRecord, TaskState, TransitionEvent
+from actorflow.core.types import JSONInput, JSONValue, Task, TaskRecord, TaskState, TransitionEvent
 from actorflow.core.version import __version__
 from actorflow.services import ServiceSet
 
@@ -70,15 +87,19 @@ __all__ = [
     "ConfigError",
     "InvalidPayload",
     "InvalidTransition",
+    "JSONInput",
+    "JSONValue",
     "JournalError",
     "Milestone",
     "OrchestratorActor",
     "Overloaded",
+    "Pipeline",
     "Runtime",
     "RuntimeConfig",
     "RuntimeFailed",
     "RuntimeStopped",
     "ServiceSet",
+    "Stage",
     "StateActor",
     "Task",
     "TaskHandle",
@@ -87,6 +108,7 @@ __all__ = [
     "TaskState",
     "TransientError",
     "TransitionEvent",
+    "UnknownPipeline",
     "ValidationError",
     "WouldDeadlock",
     "__version__",

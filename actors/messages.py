@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 import pykka
 
 from actorflow.core.tracing import TraceContext
-from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
+from actorflow.core.types import DEFAULT_PIPELINE, JSONValue, Task, TaskRecord, TaskState
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -53,6 +53,8 @@ class CreateTask(NamedTuple):
     """The task's span: its trace id, its own span id, and the submitter's span as parent."""
     reply: pykka.Future[TaskRecord] | None = None
     notify: pykka.ActorRef[Any] | None = None
+    pipeline: str = DEFAULT_PIPELINE
+    """The name of the pipeline the task runs through (the state actor checks it knows it)."""
 
 
 class TransitionRequest(NamedTuple):
@@ -62,9 +64,12 @@ class TransitionRequest(NamedTuple):
     to_state: TaskState
     reason: str | None = None
     expected: TaskState | None = None
-    result: Mapping[str, JSONValue] | None = None
+    result: JSONValue = None
     error: str | None = None
-    attempts: int | None = None
+    calls: int | None = None
+    retries: int | None = None
+    value: JSONValue = None
+    """The value the stage entered with this state gets, if not the payload (kept for resuming)."""
     traceback: str | None = None
     """The last failed service call's formatted traceback, kept in the record."""
 
@@ -114,8 +119,10 @@ class RunService(NamedTuple):
     task: Task
     trace: TraceContext
     attempt: int
-    result: Mapping[str, JSONValue] | None = None
-    """The processor's result, for the persistence stage."""
+    value: JSONValue = None
+    """The value handed to the stage; None means the payload (the first stage's value)."""
+    pipeline: str = DEFAULT_PIPELINE
+    """The task's pipeline (`service` names the stage's pool)."""
     dispatched_at: float = 0.0
     """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
 
@@ -131,7 +138,8 @@ class ServiceDone(NamedTuple):
     task_id: str
     worker: str
     status: ServiceStatus
-    result: Mapping[str, JSONValue] | None = None
+    result: JSONValue = None
+    """What the stage returned: the next stage's value; None passes the value on."""
     error_type: str | None = None
     error: str | None = None
     duration_ms: float = 0.0

@@ -1,4 +1,8 @@
-"""The OrchestratorActor: sequences every task through the pipeline, and never blocks.
+"""The OrchestratorActor: sequences every task through its pipeline, and never blocks.
+
+It reads the pipeline as data (`core.pipeline`): for each stage, it moves the
+task to the stage's state (unless it is there already), runs the stage, and
+hands its value on; after the last stage, COMPLETED. For the seed pipeline::
 
     CREATED ─validate─► VALIDATED ─► PROCESSING ─process─► persist ─► COMPLETED
        any service error, or attempts used up ─────────────────────► FAILED
@@ -33,7 +37,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,13 +68,40 @@ from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
 from actorflow.core.errors import RuntimeStopped, TaskNotFound
+from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.tracing import TraceContext, get_event_logger, new_span_id
 from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
 
-__all__ = ["OrchestratorActor"]
+__all__ = ["OrchestratorActor", "pool_name"]
 
 _S = TaskState
 _MAX_OUTBOX = 256
+
+
+def pool_name(pipelines: tuple[Pipeline, ...], pipeline: Pipeline, stage: Stage) -> str:
+    """The name of a stage's pool (and of its events' ``service``): the stage's name, or
+    ``pipeline.stage`` when the runtime runs several pipelines."""
+    return stage.name if len(pipelines) == 1 else f"{pipeline.name}.{stage.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class _StagePlan:
+    """One stage with every setting resolved (the stage's own, else the runtime's) and its pool."""
+
+    stage: Stage
+    pool: ServicePool
+    max_attempts: int
+    retry_backoff_s: float
+    retry_backoff_max_s: float
+    timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A pipeline as the orchestrator runs it."""
+
+    pipeline: Pipeline
+    stages: tuple[_StagePlan, ...]
 
 
 @dataclass(slots=True)
@@ -80,11 +111,21 @@ class _Flight:
     task: Task
     trace: TraceContext
     started: float
-    attempts: int = 0
-    """Service calls made for this task so far, across stages."""
+    plan: _Plan
+    state: TaskState
+    """The state the task has once the transitions asked for so far are committed."""
+    stage: int = 0
+    """The index of the stage the task is at."""
+    waiting_for: TaskState | None = None
+    """Run `stage` once the task is committed in this state."""
+    calls: int = 0
+    """Stage calls made for this task so far, across stages."""
+    retries: int = 0
+    """Calls of those that were retries."""
     stage_attempt: int = 0
     call_id: int | None = None
-    result: Any = None
+    value: JSONValue = None
+    """The value for the current stage; None for the payload."""
     cancelled: bool = False
     traceback: str | None = None
     """The last failed call's traceback, kept in the record."""
@@ -98,9 +139,9 @@ class OrchestratorActor(FastActor):
         self,
         *,
         state: pykka.ActorRef[Any],
-        functions: dict[str, Callable[..., Any]],
+        pipelines: tuple[Pipeline, ...],
         config: RuntimeConfig,
-        backend: ServiceBackend,
+        backends: Mapping[str, ServiceBackend],
         timer: Timer,
         dead_letters: DeadLetterOffice,
         threads: ThreadBook | None = None,
@@ -146,22 +187,47 @@ class OrchestratorActor(FastActor):
             ResumeTasks: self._on_resume,
             JournalRetryDue: self._on_journal_retry_due,
         }
-        self._backend = backend
+        self._backends: list[ServiceBackend] = []
         self._pools: dict[str, ServicePool] = {}
-        for service, fn in functions.items():
-            self._pools[service] = ServicePool(
-                service,
-                config.workers_for(service),
-                backend=backend,
-                fn=fn,
-                deliver=lambda done: tell_or_dead_letter(me, done, office),
-                on_death=lambda name, why: tell_or_dead_letter(me, WorkerDied(name, why), office),
-                timer=timer,
-                on_deadline=lambda call_id: tell_or_dead_letter(me, CallDeadline(call_id), office),
-                stage_timeout_s=config.stage_timeout_s,
-                max_restarts=config.max_restarts,
-                restart_window_s=config.restart_window_s,
-            )
+        """Pools by name: the stage's name with one pipeline, ``pipeline.stage`` with several."""
+        self._plans: dict[str, _Plan] = {}
+        for pipeline in pipelines:
+            stages = []
+            for stage in pipeline.stages:
+                name = pool_name(pipelines, pipeline, stage)
+                backend = backends[name]
+                if all(known is not backend for known in self._backends):
+                    self._backends.append(backend)
+                timeout_s = stage.timeout_s if stage.timeout_s is not None else config.stage_timeout_s
+                pool = ServicePool(
+                    name,
+                    stage.workers if stage.workers is not None else config.workers_for(stage.name),
+                    backend=backend,
+                    fn=stage.fn,
+                    deliver=lambda done: tell_or_dead_letter(me, done, office),
+                    on_death=lambda name, why: tell_or_dead_letter(me, WorkerDied(name, why), office),
+                    timer=timer,
+                    on_deadline=lambda call_id: tell_or_dead_letter(me, CallDeadline(call_id), office),
+                    stage_timeout_s=timeout_s,
+                    max_restarts=config.max_restarts,
+                    restart_window_s=config.restart_window_s,
+                )
+                self._pools[name] = pool
+                backoff = stage.retry_backoff_s if stage.retry_backoff_s is not None else config.retry_backoff_s
+                backoff_max = (
+                    stage.retry_backoff_max_s if stage.retry_backoff_max_s is not None else config.retry_backoff_max_s
+                )
+                stages.append(
+                    _StagePlan(
+                        stage,
+                        pool,
+                        max_attempts=stage.max_attempts if stage.max_attempts is not None else config.max_attempts,
+                        retry_backoff_s=backoff,
+                        retry_backoff_max_s=max(backoff, backoff_max),
+                        timeout_s=timeout_s,
+                    )
+                )
+            self._plans[pipeline.name] = _Plan(pipeline, tuple(stages))
 
     # --- inspection (asks from the Runtime; off the hot path) ------------------------------------
 
@@ -269,7 +335,8 @@ class OrchestratorActor(FastActor):
         try:
             for pool in self._pools.values():
                 pool.close(timeout=0.5)
-            self._backend.close()
+            for backend in self._backends:
+                backend.close()
         finally:
             if self._on_exit is not None:
                 self._on_exit(f"failed with {exception_type.__name__}: {exception_value}")
@@ -284,61 +351,111 @@ class OrchestratorActor(FastActor):
             reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
         for pool in self._pools.values():
             pool.close(timeout=2.0)
-        self._backend.close()
+        for backend in self._backends:
+            backend.close()
 
     # --- the pipeline ----------------------------------------------------------------------------
 
     def _begin(self, record: TaskRecord) -> None:
         flight = self._flight_for(record)
-        self._dispatch(flight, "validator")
+        if flight is not None:
+            self._enter(flight, 0)
 
     def _resume(self, record: TaskRecord) -> None:
         """Continue a recovered task from its last committed state (services run at least once)."""
         if record.task_id in self._flights or record.state in TERMINAL_STATES:
             return
         flight = self._flight_for(record)
-        flight.attempts = record.attempts
-        self._log.info("task.recovered", task_id=record.task_id, trace_id=record.trace_id, state=record.state.value)
-        if record.state is _S.CREATED:
-            self._dispatch(flight, "validator")
-        elif record.state is _S.VALIDATED:
-            self._request(record.task_id, _S.PROCESSING, expected=_S.VALIDATED)
-        elif record.state is _S.PROCESSING:
-            self._dispatch(flight, "processor")
+        if flight is None:
+            return
+        flight.calls = record.calls
+        flight.retries = record.retries
+        flight.value = record.value
+        self._log.info(
+            "task.recovered",
+            task_id=record.task_id,
+            trace_id=record.trace_id,
+            state=record.state.value,
+            pipeline=record.pipeline,
+        )
+        pipeline = flight.plan.pipeline
+        running = pipeline.stage_running_in(record.state)
+        if running is not None:
+            flight.stage = running
+            self._dispatch(flight)
+            return
+        done = pipeline.stage_done_in(record.state)
+        if done is not None:
+            flight.stage = done
+            self._after_stage(flight)
+            return
+        self._fail(flight, f"state {record.state.value!r} is not a state of pipeline {pipeline.name!r}")
 
-    def _flight_for(self, record: TaskRecord) -> _Flight:
+    def _flight_for(self, record: TaskRecord) -> _Flight | None:
+        plan = self._plans.get(record.pipeline)
         trace = TraceContext(record.trace_id, record.span_id or new_span_id(), record.parent_span_id)
-        flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic())
+        if plan is None:  # the state actor and the journal refuse these first; never strand one anyway
+            self._log.error("task.unknown_pipeline", task_id=record.task_id, pipeline=record.pipeline)
+            why = f"pipeline {record.pipeline!r} is not defined in this runtime"
+            self._outbox.append(TransitionRequest(record.task_id, _S.FAILED, why, None, None, why))
+            return None
+        flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic(), plan, record.state)
         self._flights[record.task_id] = flight
         return flight
 
-    def _dispatch(self, flight: _Flight, service: str, *, result: Any = None, attempt: int = 1) -> None:
+    def _enter(self, flight: _Flight, index: int) -> None:
+        """Move the task to stage `index`: to its state first if it is not there, then run it."""
+        flight.stage = index
+        target = flight.plan.stages[index].stage.run_state
+        if flight.state is target:
+            self._dispatch(flight)
+            return
+        self._request(flight.task.task_id, target, expected=flight.state, value=flight.value)
+        flight.state = target
+        flight.waiting_for = target
+
+    def _after_stage(self, flight: _Flight) -> None:
+        """The current stage succeeded: record its done state, then on to the next stage or COMPLETED."""
+        index = flight.stage
+        stages = flight.plan.stages
+        done_state = stages[index].stage.done_state
+        task_id = flight.task.task_id
+        if done_state is not None:
+            target = TaskState(done_state)
+            self._request(task_id, target, expected=flight.state, value=flight.value)
+            flight.state = target
+        if index + 1 < len(stages):
+            self._enter(flight, index + 1)
+            return
+        result = flight.task.payload if flight.value is None else flight.value
+        self._request(task_id, _S.COMPLETED, expected=flight.state, result=result)
+
+    def _dispatch(self, flight: _Flight, *, attempt: int = 1) -> None:
         call_id = next(self._call_ids)
         flight.call_id = call_id
         flight.stage_attempt = attempt
-        flight.attempts += 1
-        if result is not None:
-            flight.result = result
+        flight.calls += 1
+        pool = flight.plan.stages[flight.stage].pool
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
             call_id,
-            service,
+            pool.service,
             task,
             flight.trace.child(),
             attempt,
-            result=flight.result if service == "persistence" else None,
+            flight.value,
+            flight.plan.pipeline.name,
             dispatched_at=time.time(),
         )
         self._calls[call_id] = task.task_id
-        pool = self._pools[service]
         try:
             pool.dispatch(call)
         except PoolFailing as exc:
             del self._calls[call_id]
-            self._fail(flight, f"{service}: {exc}")
+            self._fail(flight, f"{pool.service}: {exc}")
             return
         if self._milestones.active and not pool.running(call_id):
-            self._milestones.emit("call.queued", task_id=task.task_id, service=service, call_id=call_id)
+            self._milestones.emit("call.queued", task_id=task.task_id, service=pool.service, call_id=call_id)
 
     def _on_service_done(self, done: ServiceDone) -> None:
         pool = self._pools[done.service]
@@ -360,28 +477,21 @@ class OrchestratorActor(FastActor):
         if done.traceback is not None:
             flight.traceback = done.traceback
         if done.status == "ok":
-            self._advance(flight, done)
+            if done.result is not None:
+                flight.value = done.result
+            self._after_stage(flight)
         elif done.status == "permanent":
             self._fail(flight, f"{done.service}: {done.error_type}: {done.error}")
         else:
             self._retry_or_fail(flight, call, f"{done.error_type}: {done.error}")
 
-    def _advance(self, flight: _Flight, done: ServiceDone) -> None:
-        task_id = flight.task.task_id
-        if done.service == "validator":
-            self._request(task_id, _S.VALIDATED, expected=_S.CREATED)
-            self._request(task_id, _S.PROCESSING, expected=_S.VALIDATED)
-        elif done.service == "processor":
-            self._dispatch(flight, "persistence", result=done.result)
-        else:
-            self._request(task_id, _S.COMPLETED, expected=_S.PROCESSING, result=flight.result)
-
     def _retry_or_fail(self, flight: _Flight, call: RunService, error: str) -> None:
-        if flight.stage_attempt >= self._config.max_attempts:
+        plan = flight.plan.stages[flight.stage]
+        if flight.stage_attempt >= plan.max_attempts:
             self._fail(flight, f"{call.service}: {error} (gave up after {flight.stage_attempt} attempts)")
             return
         attempt = flight.stage_attempt + 1
-        cap = min(self._config.retry_backoff_max_s, self._config.retry_backoff_s * 2 ** (attempt - 2))
+        cap = min(plan.retry_backoff_max_s, plan.retry_backoff_s * 2 ** (attempt - 2))
         delay = self._rng.uniform(0, cap)  # "full jitter": retries of many tasks do not move in lockstep
         call_id = next(self._call_ids)
         flight.call_id = call_id
@@ -389,6 +499,7 @@ class OrchestratorActor(FastActor):
         self._calls[call_id] = flight.task.task_id
         self._retrying[call_id] = call
         self.counters["retries"] += 1
+        flight.retries += 1
         self._milestones.emit("service.retry_scheduled", task_id=flight.task.task_id, service=call.service)
         self._log.info(
             "service.retry_scheduled",
@@ -408,11 +519,11 @@ class OrchestratorActor(FastActor):
         flight = self._flights.get(message.task_id)
         if call is None or flight is None or flight.cancelled or flight.call_id != message.call_id:
             return
-        self._dispatch(flight, call.service, result=call.result, attempt=flight.stage_attempt)
+        self._dispatch(flight, attempt=flight.stage_attempt)
 
     def _fail(self, flight: _Flight, error: str) -> None:
         flight.call_id = None
-        self._request(flight.task.task_id, _S.FAILED, reason=error, error=error, attempts=flight.attempts)
+        self._request(flight.task.task_id, _S.FAILED, reason=error, error=error)
 
     def _request(
         self,
@@ -423,13 +534,16 @@ class OrchestratorActor(FastActor):
         reason: str | None = None,
         result: JSONValue = None,
         error: str | None = None,
-        attempts: int | None = None,
+        value: JSONValue = None,
     ) -> None:
         flight = self._flights.get(task_id)
-        if attempts is None and flight is not None:
-            attempts = flight.attempts
-        traceback = flight.traceback if flight is not None else None
-        self._outbox.append(TransitionRequest(task_id, to_state, reason, expected, result, error, attempts, traceback))
+        calls = retries = None
+        traceback = None
+        if flight is not None:
+            calls, retries, traceback = flight.calls, flight.retries, flight.traceback
+        self._outbox.append(
+            TransitionRequest(task_id, to_state, reason, expected, result, error, calls, retries, value, traceback)
+        )
 
     def _flush(self) -> None:
         batch, self._outbox = tuple(self._outbox), []
@@ -455,10 +569,11 @@ class OrchestratorActor(FastActor):
             return
         record = outcome.record
         assert record is not None
-        if record.state is _S.PROCESSING and not flight.cancelled:
-            self._dispatch(flight, "processor")
-        elif record.state in TERMINAL_STATES:
+        if record.state in TERMINAL_STATES:
             self._finish(flight, record)
+        elif record.state is flight.waiting_for and request.to_state is record.state and not flight.cancelled:
+            flight.waiting_for = None
+            self._dispatch(flight)
 
     def _retry_after_journal_failure(self, requests: tuple[TransitionRequest, ...]) -> None:
         """Nothing was committed: hold the requests and send them again after a capped backoff."""
@@ -493,7 +608,9 @@ class OrchestratorActor(FastActor):
             "trace_id": record.trace_id,
             "state": record.state.value,
             "duration_ms": duration_ms,
-            "attempts": record.attempts,
+            "calls": record.calls,
+            "retries": record.retries,
+            "pipeline": record.pipeline,
         }
         if record.state is _S.COMPLETED:
             self._log.info("task.completed", **fields)
@@ -510,11 +627,12 @@ class OrchestratorActor(FastActor):
             flight.cancelled = True  # from now on its results are discarded
             flight.cancel_replies.append(message.reply)
             if flight.call_id is not None:
-                for pool in self._pools.values():
-                    if pool.withdraw(flight.call_id):  # no worker started it: it will never run
-                        self._calls.pop(flight.call_id, None)
-                        self._milestones.emit("call.withdrawn", task_id=message.task_id, service=pool.service)
-                        break
+                pool = flight.plan.stages[flight.stage].pool
+                if pool.withdraw(flight.call_id):  # no worker started it: it will never run
+                    self._calls.pop(flight.call_id, None)
+                    self._milestones.emit("call.withdrawn", task_id=message.task_id, service=pool.service)
+                else:  # running: on an event loop its coroutine is cancelled (a thread cannot be)
+                    pool.cancel_running(flight.call_id)
         else:
             self._orphan_cancels.setdefault(message.task_id, []).append(message.reply)
         self._request(message.task_id, _S.CANCELLED, reason="cancelled by request")
@@ -557,9 +675,9 @@ class OrchestratorActor(FastActor):
             call_id=call_id,
             service=pool.service,
             worker=worker,
-            timeout_s=self._config.stage_timeout_s,
+            timeout_s=pool.timeout_s,
         )
-        self._replace_worker(pool, worker, f"stage timeout after {self._config.stage_timeout_s}s", timed_out=call_id)
+        self._replace_worker(pool, worker, f"stage timeout after {pool.timeout_s}s", timed_out=call_id)
 
     def _on_worker_died(self, message: WorkerDied) -> None:
         pool = next((p for p in self._pools.values() if p.has_worker(message.worker)), None)
@@ -592,5 +710,5 @@ class OrchestratorActor(FastActor):
             elif call.call_id == timed_out:
                 self._retry_or_fail(flight, call, why)
             else:
-                flight.attempts -= 1
-                self._dispatch(flight, call.service, result=call.result, attempt=flight.stage_attempt)
+                flight.calls -= 1  # it never ran: not a call
+                self._dispatch(flight, attempt=flight.stage_attempt)

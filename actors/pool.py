@@ -35,6 +35,10 @@ class _Slot:
     calls: deque[int] = field(default_factory=deque)
     """Call ids sent to this worker, in the order it runs them; the head is running."""
     deadline: TimerHandle | None = None
+    listed_idle: bool = False
+    """On the pool's idle stack (it may have been given a call since: checked when popped)."""
+    gone: bool = False
+    """Removed from the pool (it turned failing, or closed)."""
 
 
 class ServicePool:
@@ -65,6 +69,8 @@ class ServicePool:
         self._timer = timer
         self._on_deadline = on_deadline
         self._timeout = stage_timeout_s
+        self.timeout_s = stage_timeout_s
+        """The stage timeout of this pool's calls (None for no limit)."""
         self._max_restarts = max_restarts
         self._window = restart_window_s
         self._capacity = _DEPTH_SLOW
@@ -80,6 +86,8 @@ class ServicePool:
         self._where: dict[int, _Slot] = {}
         self._waiting: deque[RunService] = deque()
         self._restart_times: deque[float] = deque()
+        self._idle: list[_Slot] = []
+        """Slots with no call, so that routing need not scan every slot (a pool of 1000 async slots)."""
         self.restarts = 0
         self.failing: str | None = None
         """Why the pool gave up, once it has."""
@@ -87,6 +95,8 @@ class ServicePool:
             slot = _Slot(self._start_worker())
             self._slots.append(slot)
             self._by_name[slot.worker.name] = slot
+        for slot in reversed(self._slots):
+            self._mark_idle(slot)
 
     # --- routing ---------------------------------------------------------------------------------
 
@@ -95,7 +105,7 @@ class ServicePool:
         if self.failing is not None:
             raise PoolFailing(self.failing)
         self._calls[call.call_id] = call
-        slot = min(self._slots, key=_load)
+        slot = self._idle_slot() or min(self._slots, key=_load)
         if len(slot.calls) >= self._capacity:
             self._waiting.append(call)
             return
@@ -110,6 +120,8 @@ class ServicePool:
         self._learn(duration_ms)  # only calls that really ran here teach the depth
         was_head = bool(slot.calls) and slot.calls[0] == call_id
         slot.calls.remove(call_id)
+        if not slot.calls:
+            self._mark_idle(slot)
         if was_head:
             self._start_head(slot)
         self._feed()
@@ -149,9 +161,23 @@ class ServicePool:
         self._calls.pop(call_id, None)
         was_head = slot.calls[0] == call_id
         slot.calls.remove(call_id)
+        if not slot.calls:
+            self._mark_idle(slot)
         if was_head:
             self._start_head(slot)
         self._feed()
+        return True
+
+    def cancel_running(self, call_id: int) -> bool:
+        """Ask the worker running `call_id` to cancel it, if its backend can (an event loop can; a thread cannot).
+
+        The worker still reports the call, so its slot is freed as for any other call.
+        """
+        slot = self._where.get(call_id)
+        cancel = getattr(slot.worker, "cancel", None) if slot is not None else None
+        if cancel is None:
+            return False
+        cancel(call_id)
         return True
 
     def worker_of(self, call_id: int) -> str:
@@ -195,10 +221,12 @@ class ServicePool:
                 f"{self._window:g}s (max_restarts={self._max_restarts})"
             )
             self._slots.remove(slot)
+            slot.gone = True
             stranded.extend(self.drain_waiting())
             return stranded
         slot.worker = self._start_worker()
         self._by_name[slot.worker.name] = slot
+        self._mark_idle(slot)
         self._feed()
         return stranded
 
@@ -226,8 +254,11 @@ class ServicePool:
         for slot in self._slots:
             if not slot.calls:
                 slot.worker.join(max(0.0, deadline - self._clock()))
+        for slot in self._slots:
+            slot.gone = True
         self._slots.clear()
         self._by_name.clear()
+        self._idle.clear()
         return busy
 
     def stats(self) -> dict[str, Any]:
@@ -267,9 +298,24 @@ class ServicePool:
         call_id = slot.calls[0]
         slot.deadline = self._timer.call_later(self._timeout, lambda: self._on_deadline(call_id))
 
+    def _mark_idle(self, slot: _Slot) -> None:
+        if not slot.listed_idle and not slot.gone:
+            slot.listed_idle = True
+            self._idle.append(slot)
+
+    def _idle_slot(self) -> _Slot | None:
+        """A slot with no call (the least busy there can be), or None; stale entries are dropped."""
+        idle = self._idle
+        while idle:
+            slot = idle.pop()
+            slot.listed_idle = False
+            if not slot.calls and not slot.gone:
+                return slot
+        return None
+
     def _feed(self) -> None:
         while self._waiting:
-            slot = min(self._slots, key=_load, default=None)
+            slot = self._idle_slot() or min(self._slots, key=_load, default=None)
             if slot is None or len(slot.calls) >= self._capacity:
                 return
             self._send(slot, self._waiting.popleft())

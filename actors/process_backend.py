@@ -81,21 +81,32 @@ from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any, Final
 
+from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.actors.service import Deliver, OnDeath, SilentLog, ThreadBackend, WorkerHandle, call_fields, execute
+from actorflow.actors.service import (
+    CallsInFlight,
+    Deliver,
+    OnDeath,
+    SilentLog,
+    ThreadBackend,
+    WorkerHandle,
+    call_fields,
+    crashed,
+    execute,
+    log_done,
+    runs_at_home,
+)
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import ConfigError
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
-from actorflow.services import ResultStore
+from actorflow.services.seed import describe_function
 
 __all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
 
 START_METHODS: Final = ("forkserver", "spawn")
 """Start methods the backend accepts; never "fork" (the parent is full of threads)."""
-
-_FIELD_OF_SERVICE: Final = {"validator": "validate", "processor": "process", "persistence": "persist"}
 
 _IDLE_EXIT_S: Final = 0.5
 """How long an idle child asked to exit gets before SIGTERM."""
@@ -168,8 +179,8 @@ def _close_forgotten_runtimes_first() -> None:
 
 
 def runs_in_parent(fn: Callable[..., Any]) -> bool:
-    """True for a service bound to the parent's memory: the default in-memory `ResultStore`."""
-    return isinstance(fn, ResultStore) and fn.path is None
+    """`runs_at_home` for worker processes on this machine: only an in-memory `ResultStore` stays here."""
+    return runs_at_home(fn, same_machine=True)
 
 
 def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
@@ -180,7 +191,7 @@ def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
     A function of an interactive ``__main__`` pickles, but no child could
     import it, so it is refused too.
     """
-    where = f"ServiceSet.{_FIELD_OF_SERVICE.get(service, service)} {fn!r}"
+    where = describe_function(service.rsplit(".", 1)[-1], fn)
     try:
         data = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # pickle raises PicklingError, AttributeError, TypeError...
@@ -311,6 +322,11 @@ class ProcessBackend:
         return [pid for pid in (w.pid for w in workers if not w.finished()) if pid is not None]
 
 
+def make_backend(request: BackendRequest) -> ProcessBackend:
+    """The process backend, for the registry (`actors.backends`)."""
+    return ProcessBackend(request.functions, dead_letters=request.dead_letters, threads=request.threads)
+
+
 # --- one worker, parent side ---------------------------------------------------------------------
 
 
@@ -324,16 +340,6 @@ _REPORT: Final = "report"
 _EXIT: Final = "exit"
 _STOP: Final = b"stop"
 """Tells an idle child to exit (a pickle never equals it)."""
-
-
-class _InChild:
-    """A call in the child's pipe, and the time it started running."""
-
-    __slots__ = ("call", "started")
-
-    def __init__(self, call: RunService) -> None:
-        self.call = call
-        self.started = time.perf_counter()
 
 
 class ProcessWorker:
@@ -364,7 +370,7 @@ class ProcessWorker:
         self._retired = False
         self._closed = False
         """No more calls are taken, and the wake-up pipe is closed."""
-        self._in_child: deque[_InChild] = deque()
+        self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -526,21 +532,19 @@ class ProcessWorker:
                 self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
                 return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
-            self._in_child.append(_InChild(call))
-            if len(self._in_child) == 1:
+            if self._in_child.add(call):
                 self._start_head()
 
     def _start_head(self) -> None:
         """The child starts the call at the head of its pipe now."""
-        head = self._in_child[0]
-        head.started = time.perf_counter()
-        if self._log.enabled("debug"):
-            self._log.debug("service.started", **call_fields(head.call, self.name, self.node))
+        head = self._in_child.head()
+        if head is not None and self._log.enabled("debug"):
+            self._log.debug("service.started", **call_fields(head, self.name, self.node))
 
     def _finish(self, report: tuple[Any, ...]) -> bool:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
-        head = self._in_child.popleft()
-        call = head.call
+        call = self._in_child.head()
+        assert call is not None, "a report with no call in the child"
         call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
         if call_id != call.call_id:  # the child answers in order; anything else is our bug
             raise RuntimeError(f"worker process {self.node} answered call {call_id}, not {call.call_id}")
@@ -558,48 +562,25 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        self._log_and_deliver(head, done)
+        next_started = self._in_child.settle(call_id)
+        self._log_and_deliver(call, done)
         if done.status == "crashed":
             return False
-        if self._in_child:
+        if next_started:
             self._start_head()
         return True
 
     def _report_death_during_call(self) -> None:
         """The child died running the head call: that call crashed. Those behind it never started."""
-        head = self._in_child.popleft()
-        call = head.call
-        duration_ms = round((time.perf_counter() - head.started) * 1000, 3)
+        call = self._in_child.head()
+        assert call is not None, "a death during a call with no call in the child"
+        duration_ms = self._in_child.running_ms()
+        self._in_child.settle(call.call_id)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        done = ServiceDone(
-            call.call_id,
-            call.service,
-            call.task.task_id,
-            self.name,
-            "crashed",
-            None,
-            "WorkerProcessDied",
-            error,
-            duration_ms,
-            self.node,
-        )
-        self._log_and_deliver(head, done)
+        self._log_and_deliver(call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
 
-    def _log_and_deliver(self, entry: _InChild, done: ServiceDone) -> None:
-        if done.status != "ok":
-            self._log.warning(
-                "service.failed",
-                duration_ms=done.duration_ms,
-                error_type=done.error_type,
-                error=done.error,
-                transient=done.status != "permanent",
-                traceback=done.traceback,
-                **call_fields(entry.call, self.name, self.node),
-            )
-        elif self._log.enabled("debug"):
-            fields = call_fields(entry.call, self.name, self.node)
-            self._log.debug("service.finished", duration_ms=done.duration_ms, **fields)
-        self._deliver(done)
+    def _log_and_deliver(self, call: RunService, done: ServiceDone) -> None:
+        self._deliver(log_done(self._log, call, done))
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving
@@ -658,19 +639,21 @@ def _encode_call(call: RunService) -> tuple[Any, ...]:
         trace.span_id,
         trace.parent_span_id,
         call.attempt,
-        call.result,
+        call.value,
+        call.pipeline,
     )
 
 
 def _decode_call(wire: tuple[Any, ...]) -> RunService:
-    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, result = wire
+    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, value, pipeline = wire
     return RunService(
         call_id,
         service,
         Task(task_id, payload, task_attempt),
         TraceContext(trace_id, span_id, parent_span_id),
         attempt,
-        result,
+        value,
+        pipeline,
     )
 
 

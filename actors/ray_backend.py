@@ -47,11 +47,23 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from actorflow.actors.backends import BackendRequest
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, SilentLog, WorkerHandle, call_fields, execute
+from actorflow.actors.service import (
+    CallsInFlight,
+    Deliver,
+    OnDeath,
+    ServiceBackend,
+    SilentLog,
+    WorkerHandle,
+    call_fields,
+    crashed,
+    execute,
+    log_done,
+    runs_at_home,
+)
 from actorflow.core.errors import ConfigError
-from actorflow.core.tracing import EventLogger, get_event_logger
-from actorflow.services import ResultStore
+from actorflow.core.tracing import get_event_logger
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray", "node_id_of"]
 
@@ -141,8 +153,6 @@ class _Spare:
 class _Pending:
     worker: _RayWorker
     call: RunService
-    seq: int
-    """Submission order: a Ray actor runs its calls in this order, so the lowest is running."""
 
 
 class _RayWorker:
@@ -158,6 +168,7 @@ class _RayWorker:
         "_backend",
         "dead",
         "deliver",
+        "in_flight",
         "log",
         "name",
         "node",
@@ -183,6 +194,8 @@ class _RayWorker:
         """Set by the waiter when the actor is seen dead; its later results are dropped."""
         self.node = ""
         """Where the actor runs, once one of its calls has come back."""
+        self.in_flight = CallsInFlight()
+        """Calls submitted and not yet resolved: a Ray actor runs them in order, so the head is running."""
         self.settled = threading.Event()
         """Set once the worker is killed and every call it held has resolved (see `join`)."""
         self.unsettled = 0
@@ -208,6 +221,7 @@ class _RayWorker:
         if self.retired:
             return  # retired after `send`: the pool has taken the call back already
         waiter = self._backend.waiter
+        self.in_flight.add(call)  # before the call can resolve, so that its report finds it
         try:
             if self._actor is None:
                 raise RuntimeError("no Ray actor could be started for this worker")
@@ -261,7 +275,6 @@ class _RefWaiter:
         self._forgotten: dict[Any, _RayWorker] = {}
         """Refs of killed workers, until they resolve: a worker is settled when all of its have."""
         self._lock = threading.Lock()
-        self._seq = itertools.count()
         self._ready: queue.SimpleQueue[tuple[Any, Future[Any]] | Callable[[], None] | None] = queue.SimpleQueue()
         self._log = get_event_logger("ray-waiter")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -270,7 +283,7 @@ class _RefWaiter:
     def watch(self, ref: Any, worker: _RayWorker, call: RunService) -> None:
         """Report `ref` when it resolves (as the outcome of `call` on `worker`)."""
         with self._lock:
-            self._pending[ref] = _Pending(worker, call, next(self._seq))
+            self._pending[ref] = _Pending(worker, call)
         future: Future[Any] = ref.future()
         future.add_done_callback(lambda done: self._ready.put((ref, done)))
 
@@ -281,7 +294,7 @@ class _RefWaiter:
     def report_now(self, worker: _RayWorker, call: RunService, error: BaseException) -> None:
         """Report `call` as failed by `error` without a ref (it could not even be submitted)."""
         with self._lock:
-            pending = _Pending(worker, call, next(self._seq))
+            pending = _Pending(worker, call)
         self._report(pending, None, error)
 
     def forget_worker(self, worker: _RayWorker) -> int:
@@ -292,12 +305,6 @@ class _RefWaiter:
                 del self._pending[ref]
                 self._forgotten[ref] = worker
         return len(refs)
-
-    def head_of(self, worker: _RayWorker, failed: _Pending) -> _Pending:
-        """The call `worker` was running: its oldest outstanding one (`failed` was just taken out)."""
-        with self._lock:
-            others = [p for p in self._pending.values() if p.worker is worker]
-        return min([failed, *others], key=lambda pending: pending.seq)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drop every outstanding ref and end the thread."""
@@ -616,33 +623,22 @@ class RayBackend:
             return  # late: the pool has taken its calls back
         if error is None:
             assert isinstance(done, ServiceDone)
+            worker.in_flight.settle(pending.call.call_id)
             worker.node = done.node or worker.node
-            _log_done(worker.log, pending.call, done)
+            log_done(worker.log, pending.call, done)
             worker.deliver(done)
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
         # Before the pool hears of it and promotes a spare: that spare must not be on a lost node.
         self._drop_spares_on_lost_nodes()
-        head = self.waiter.head_of(worker, pending)
+        call = worker.in_flight.head() or pending.call  # the call it was running: its oldest unresolved one
         why = describe_ray_error(error)
-        call = head.call
         if not worker.node:  # it died in its first call (a lost node): its probe still says where it was
             worker.node = self._probed_node(worker.probe)
-        crashed = ServiceDone(
-            call.call_id,
-            call.service,
-            call.task.task_id,
-            worker.name,
-            "crashed",
-            None,
-            type(error).__name__,
-            why,
-            0.0,
-            worker.node,
+        worker.deliver(
+            log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
         )
-        _log_done(worker.log, call, crashed)
-        worker.deliver(crashed)
         # Idempotent safety net: the pool has normally replaced the worker on the crash report already.
         worker.on_death(worker.name, f"Ray actor died: {why}")
 
@@ -652,25 +648,16 @@ def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:
     return sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
 
 
-def runs_on_head(fn: Callable[..., Any]) -> bool:
-    """True for functions bound to this process: the default persistence's SQLite `ResultStore`."""
-    return isinstance(fn, ResultStore)
-
-
-def _log_done(log: EventLogger, call: RunService, done: ServiceDone) -> None:
-    fields = call_fields(call, done.worker, done.node)
-    if done.status == "ok":
-        log.debug("service.finished", duration_ms=done.duration_ms, **fields)
-        return
-    log.warning(
-        "service.failed",
-        duration_ms=done.duration_ms,
-        error_type=done.error_type,
-        error=done.error,
-        transient=done.status != "permanent",
-        traceback=done.traceback,
-        **fields,
+def make_backend(request: BackendRequest) -> RayBackend:
+    """The Ray backend, for the registry (`actors.backends`)."""
+    return RayBackend(
+        request.config.ray_address, functions=request.functions, pool_sizes=request.sizes, local=request.local()
     )
+
+
+def runs_on_head(fn: Callable[..., Any]) -> bool:
+    """`runs_at_home` for Ray nodes elsewhere: a `ResultStore` stays on the head, in memory or on disk."""
+    return runs_at_home(fn, same_machine=False)
 
 
 def describe_ray_error(error: BaseException) -> str:

@@ -35,16 +35,17 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pykka
 
+from actorflow.actors.backends import BackendRequest, make_backend
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.health import Health, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
-from actorflow.actors.orchestrator import OrchestratorActor
+from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
 from actorflow.actors.telemetry import MetricsCollector, Telemetry
@@ -57,10 +58,12 @@ from actorflow.core.errors import (
     Overloaded,
     RuntimeFailed,
     RuntimeStopped,
+    UnknownPipeline,
     WouldDeadlock,
 )
+from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
-from actorflow.core.types import TaskRecord, TaskState, TransitionEvent, freeze
+from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEvent, freeze_payload
 from actorflow.services import ResultStore, ServiceSet
 
 if TYPE_CHECKING:
@@ -367,12 +370,25 @@ class TaskHandle:
         return f"<TaskHandle {self.task_id} {state}>"
 
 
+def _check_pipelines(pipelines: object, *, with_services: bool) -> None:
+    if isinstance(pipelines, Pipeline) or not isinstance(pipelines, Sequence):
+        raise ConfigError(f"pipelines must be a list of Pipeline, got {type(pipelines).__name__}")
+    for index, pipeline in enumerate(pipelines):
+        if not isinstance(pipeline, Pipeline):
+            raise ConfigError(f"pipelines[{index}] must be a Pipeline, got {type(pipeline).__name__}")
+    if not pipelines and not with_services:
+        raise ConfigError("pipelines is empty; pass at least one Pipeline (or None for the seed pipeline)")
+
+
 class Runtime:
     """An actorflow runtime: state actor, orchestrator, service pools. A context manager.
 
     Args:
         config: every knob; defaults to `RuntimeConfig()`.
-        services: the pipeline's functions; missing ones use the defaults.
+        services: the seed pipeline's functions; missing ones use the defaults.
+        pipelines: the pipelines to run. None runs the seed pipeline (built by
+            `services`); given, only these run, plus the seed's first if
+            `services` is given too. `submit` without ``pipeline=`` uses the first.
         metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
         tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
             host's global one (nothing is recorded while the host has set none).
@@ -388,6 +404,7 @@ class Runtime:
         config: RuntimeConfig | None = None,
         *,
         services: ServiceSet | None = None,
+        pipelines: Sequence[Pipeline] | None = None,
         metrics: bool = True,
         tracer_provider: TracerProvider | None = None,
         on_milestone: Callable[[Milestone], None] | None = None,
@@ -396,7 +413,10 @@ class Runtime:
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
         if services is not None and not isinstance(services, ServiceSet):
             raise ConfigError(f"services must be a services.ServiceSet, got {type(services).__name__}")
+        if pipelines is not None:
+            _check_pipelines(pipelines, with_services=services is not None)
         self.config = config or RuntimeConfig()
+        with_seed = pipelines is None or services is not None
         services = services or ServiceSet()
         self._log = get_event_logger("runtime")
         self._closed = threading.Event()
@@ -418,7 +438,9 @@ class Runtime:
         self._milestones = Milestones(on_milestone)
         self._health = Health()
         self._health.on_fail(self._on_failed)
-        self._functions: dict[str, Callable[..., Any]] = {}
+        self.pipelines: tuple[Pipeline, ...] = ()
+        """The runtime's pipelines; the first is the one `submit` uses by default."""
+        self._pipelines_by_name: dict[str, Pipeline] = {}
         self._exits: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
         """(actor kind, its generation, why it stopped): reports for the supervisor thread."""
         self._generation = {"state": 0, "orchestrator": 0}
@@ -430,17 +452,28 @@ class Runtime:
         self._subscriptions: dict[int, tuple[Callable[[TransitionEvent], None], int]] = {}
         """Runtime token -> (callback, its token at the current StateActor): re-subscribed on a restart."""
         try:
-            self._start(services)
+            self._start(services if with_seed else None, tuple(pipelines or ()))
         except BaseException:
             self._shutdown(drain=False)
             raise
         _open_runtimes.add(self)
 
-    def _start(self, services: ServiceSet) -> None:
+    def _start(self, services: ServiceSet | None, extra: tuple[Pipeline, ...]) -> None:
         config = self.config
-        if services.persist is None:
-            self.results = ResultStore(config.result_store)
-        self._functions = services.functions(result_store=self.results)
+        pipelines: list[Pipeline] = []
+        if services is not None:
+            if services.persist is None:
+                self.results = ResultStore(config.result_store)
+            pipelines.append(services.pipeline(result_store=self.results))
+        pipelines.extend(extra)
+        for pipeline in pipelines:
+            if pipeline.name in self._pipelines_by_name:
+                raise ConfigError(
+                    f"two pipelines are called {pipeline.name!r}; pipeline names are unique in a runtime"
+                    + (" (the seed pipeline, from services=, is called 'default')" if services is not None else "")
+                )
+            self._pipelines_by_name[pipeline.name] = pipeline
+        self.pipelines = tuple(pipelines)
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         self._start_state()
         self._start_orchestrator()
@@ -449,11 +482,15 @@ class Runtime:
         self._supervisor.start()
         self._log.info(
             "runtime.started",
-            pools={name: config.workers_for(name) for name in ("validator", "processor", "persistence")},
+            pools={name: size for name, (_, _, size) in self._pool_plan().items()},
             backend=config.service_backend,
             journal=config.journal_path,
             durability=config.durability if config.journal_path else None,
             recovered=recovered,
+            transitions={  # so that a log's reader can check each task against its own pipeline
+                p.name: {s.value: sorted(t.value for t in targets) for s, targets in p.transitions.items()}
+                for p in self.pipelines
+            },
         )
 
     def _on_terminal(self, record: TaskRecord) -> None:
@@ -472,7 +509,9 @@ class Runtime:
         if self.config.journal_path is not None:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
-            journal = Journal(self.config.journal_path, durability=self.config.durability)
+            journal = Journal(
+                self.config.journal_path, durability=self.config.durability, pipelines=self._pipelines_by_name
+            )
         # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
         self._journal = journal
         self._generation["state"] += 1
@@ -484,6 +523,7 @@ class Runtime:
                 threads=self._threads,
                 on_terminal=self._on_terminal,
                 on_transition=self.telemetry.on_transition if self.telemetry.metrics else None,
+                pipelines=self.pipelines,
                 health=self._health,
                 milestones=self._milestones,
                 on_exit=functools.partial(self._report_exit, "state", self._generation["state"]),
@@ -499,18 +539,25 @@ class Runtime:
         assert self._state is not None
         assert self._timer is not None
         self._generation["orchestrator"] += 1
-        self._orchestrator = OrchestratorActor.start(
-            state=self._state,
-            functions=self._functions,
-            config=self.config,
-            backend=self._make_backend(self._functions),
-            timer=self._timer,
-            dead_letters=self._dead_letters,
-            threads=self._threads,
-            milestones=self._milestones,
-            on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
-            telemetry=self.telemetry,
-        )
+        backends = self._make_backends()
+        try:
+            self._orchestrator = OrchestratorActor.start(
+                state=self._state,
+                pipelines=self.pipelines,
+                config=self.config,
+                backends=backends,
+                timer=self._timer,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+                milestones=self._milestones,
+                on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
+                telemetry=self.telemetry,
+            )
+        except BaseException:
+            for backend in {id(b): b for b in backends.values()}.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            raise
         self._orchestrator_proxy = self._orchestrator.proxy()
 
     def _resume(self) -> int:
@@ -605,45 +652,73 @@ class Runtime:
             status, reason = "stopped", "the runtime is closed"
         return {"status": status} if reason is None else {"status": status, "reason": reason}
 
-    def _make_backend(self, functions: dict[str, Callable[..., Any]]) -> ServiceBackend:
-        backend = self.config.service_backend
-        if backend == "thread":
-            return ThreadBackend(self._dead_letters, self._threads)
-        if backend == "process":
-            from actorflow.actors.process_backend import ProcessBackend  # noqa: PLC0415 - multiprocessing only when asked for
+    def _pool_plan(self) -> dict[str, tuple[str, Callable[..., Any], int]]:
+        """Each stage's pool name -> (backend name, function, workers)."""
+        config = self.config
+        plan: dict[str, tuple[str, Callable[..., Any], int]] = {}
+        for pipeline in self.pipelines:
+            for stage in pipeline.stages:
+                kind = stage.backend or ("async" if stage.is_async else config.service_backend)
+                workers = stage.workers if stage.workers is not None else config.workers_for(stage.name)
+                plan[pool_name(self.pipelines, pipeline, stage)] = (kind, stage.fn, workers)
+        return plan
 
-            return ProcessBackend(functions, dead_letters=self._dead_letters, threads=self._threads)
-        if backend == "ray":
-            from actorflow.actors.ray_backend import RayBackend  # noqa: PLC0415 - Ray is optional: imported only when chosen
+    def _make_backends(self) -> dict[str, ServiceBackend]:
+        """One backend of each kind the stages use (from the registry), by pool name."""
+        plan = self._pool_plan()
+        local: list[ServiceBackend] = []
 
-            sizes = {service: self.config.workers_for(service) for service in functions}
-            local = ThreadBackend(self._dead_letters, self._threads)  # for functions bound to this process
-            return RayBackend(self.config.ray_address, functions=functions, pool_sizes=sizes, local=local)
-        raise ConfigError(
-            f"RuntimeConfig.service_backend {backend!r} is not available; use 'thread', 'process' or 'ray'"
-        )
+        def local_backend() -> ServiceBackend:
+            if not local:
+                local.append(ThreadBackend(self._dead_letters, self._threads))
+            return local[0]
+
+        made: dict[str, ServiceBackend] = {}
+        for kind in dict.fromkeys(kind for kind, _, _ in plan.values()):
+            if kind == "thread":
+                made[kind] = local_backend()
+                continue
+            request = BackendRequest(
+                functions={name: fn for name, (k, fn, _) in plan.items() if k == kind},
+                sizes={name: size for name, (k, _, size) in plan.items() if k == kind},
+                config=self.config,
+                dead_letters=self._dead_letters,
+                threads=self._threads,
+                local=local_backend,
+            )
+            try:
+                made[kind] = make_backend(kind, request)
+            except BaseException:
+                for backend in made.values():
+                    with contextlib.suppress(Exception):
+                        backend.close()
+                raise
+        return {name: made[kind] for name, (kind, _, _) in plan.items()}
 
     # --- submitting ------------------------------------------------------------------------------
 
     def submit(
         self,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, JSONInput],
         *,
         task_id: str | None = None,
         traceparent: str | None = None,
+        pipeline: str | None = None,
         idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
-        """Create a task and start it through the pipeline; returns once its creation is committed.
+        """Create a task and start it through `pipeline`; returns once its creation is committed.
 
         Args:
             payload: the task's input, a JSON-serializable mapping.
             task_id: the task's id; a new unique one if None.
             traceparent: a W3C trace context to continue.
+            pipeline: the name of the pipeline to run; the runtime's first one if None.
             idempotency_key: (key, payload fingerprint): with a journal, committed in the same
                 transaction as the task, so that `find_idempotency_key` finds it after a crash
                 if and only if the task exists. Ignored without a journal.
 
         Raises:
+            UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
             InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             JournalError: the journal refuses writes (see `health()`); nothing was created.
@@ -654,7 +729,7 @@ class Runtime:
         """
         message: CreateTask | None = None
         try:
-            message = self._prepare(payload, task_id, traceparent)
+            message = self._prepare(payload, task_id, traceparent, pipeline)
             return self._reserve_and_send(message, idempotency_key)
         except BaseException as exc:
             self.telemetry.submit_refused(None if message is None else message.task_id, exc)
@@ -683,10 +758,11 @@ class Runtime:
 
     async def submit_async(
         self,
-        payload: Mapping[str, Any],
+        payload: Mapping[str, JSONInput],
         *,
         task_id: str | None = None,
         traceparent: str | None = None,
+        pipeline: str | None = None,
         idempotency_key: tuple[str, str] | None = None,
     ) -> TaskHandle:
         """`submit` for asyncio: waiting for room or for the commit happens off the event loop.
@@ -695,7 +771,12 @@ class Runtime:
         """
         loop = asyncio.get_running_loop()
         submit = functools.partial(
-            self.submit, payload, task_id=task_id, traceparent=traceparent, idempotency_key=idempotency_key
+            self.submit,
+            payload,
+            task_id=task_id,
+            traceparent=traceparent,
+            pipeline=pipeline,
+            idempotency_key=idempotency_key,
         )
         # The executor thread runs it in our context, so that the caller's current OTel span is the parent.
         return await loop.run_in_executor(None, contextvars.copy_context().run, submit)
@@ -714,15 +795,32 @@ class Runtime:
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
         return None if self._journal is None else self._journal.find_key(key)
 
-    def _prepare(self, payload: Mapping[str, Any], task_id: str | None, traceparent: str | None) -> CreateTask:
+    @property
+    def states(self) -> tuple[TaskState, ...]:
+        """Every state of the runtime's pipelines, in lifecycle order (each once)."""
+        return tuple(dict.fromkeys(state for pipeline in self.pipelines for state in pipeline.states))
+
+    def pipeline(self, name: str | None = None) -> Pipeline:
+        """The pipeline called `name` (the first one for None). Raises UnknownPipeline naming the known ones."""
+        if name is None:
+            return self.pipelines[0]
+        found = self._pipelines_by_name.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise UnknownPipeline(name, list(self._pipelines_by_name))
+        return found
+
+    def _prepare(
+        self, payload: Mapping[str, JSONInput], task_id: str | None, traceparent: str | None, pipeline: str | None
+    ) -> CreateTask:
         if self._forked:
             raise RuntimeStopped(_FORKED)
         if self._closed.is_set() or self._tracker.failure is not None:
             raise self._unavailable()
+        pipeline_name = self.pipeline(pipeline).name
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
-            frozen = freeze(payload)
+            frozen = freeze_payload(payload)
         except TypeError as exc:
             raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
         # An acknowledgement costs a round trip to the state actor. It is needed when there is a commit
@@ -750,7 +848,7 @@ class Runtime:
         trace = self.telemetry.task_submitted(task_id, trace, traceparent)
         reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
         # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
-        return CreateTask(task_id, frozen, trace, reply=reply)
+        return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         assert self._state is not None
@@ -762,6 +860,7 @@ class Runtime:
             trace_id=trace.trace_id,
             span_id=trace.span_id,
             parent_span_id=trace.parent_span_id,
+            pipeline=message.pipeline,
         )
         try:
             self._deliver_create(message)

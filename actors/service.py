@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pykka
@@ -25,10 +25,13 @@ from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
 from actorflow.core.failures import format_traceback
 from actorflow.core.tracing import EventLogger, get_event_logger
-from actorflow.core.types import JSONValue, freeze
+from actorflow.core.types import DEFAULT_PIPELINE, JSONValue, freeze
+from actorflow.services import ResultStore
+from actorflow.services.seed import unwrap
 
 __all__ = [
     "CallClaims",
+    "CallsInFlight",
     "Deliver",
     "OnDeath",
     "ServiceBackend",
@@ -37,28 +40,46 @@ __all__ = [
     "ThreadBackend",
     "WorkerHandle",
     "call_fields",
+    "crashed",
     "execute",
     "invoke",
+    "log_done",
+    "make_backend",
+    "report",
+    "report_failure",
+    "runs_at_home",
+    "stage_value",
+    "status_of",
 ]
 
 Deliver = Callable[[ServiceDone], None]
 OnDeath = Callable[[str, str], None]
 
 
-def invoke(fn: Callable[..., Any], call: RunService) -> Mapping[str, JSONValue] | None:
-    """Call a service function with the arguments its stage takes; freeze what it returns."""
-    if call.service == "validator":
-        fn(call.task.payload)
+def runs_at_home(fn: Callable[..., Any], *, same_machine: bool) -> bool:
+    """True for a stage function that must run in the runtime's own process (the "at home" rule).
+
+    Only the default persistence, a `ResultStore`, is bound to where the runtime
+    lives: in memory it is private to this process, so it runs here for every
+    backend; with a file path, workers on the same machine (`same_machine`, the
+    process backend) open the same file, while workers on other nodes (Ray) would
+    each write a file of their own, so it runs here too.
+    """
+    store = unwrap(fn)
+    return isinstance(store, ResultStore) and (store.path is None or not same_machine)
+
+
+def stage_value(call: RunService) -> JSONValue:
+    """The value a call's stage gets: the one handed on, or the payload for the first stage."""
+    return call.task.payload if call.value is None else call.value
+
+
+def invoke(fn: Callable[..., Any], call: RunService) -> JSONValue:
+    """Call a stage function, ``fn(task, value)``; freeze what it returns (None passes the value on)."""
+    returned = fn(call.task, stage_value(call))
+    if returned is None:
         return None
-    if call.service == "processor":
-        result = fn(call.task)
-        if not isinstance(result, Mapping):
-            raise TypeError(f"the processor must return a mapping, got {type(result).__name__}")
-        frozen: Mapping[str, JSONValue] = freeze(result, where="result")
-        return frozen
-    assert call.result is not None, "persistence needs the processor's result"
-    fn(call.task, call.result)
-    return None
+    return freeze(returned, where=f"the value returned by stage {call.service!r}")
 
 
 def execute(fn: Callable[..., Any], call: RunService, worker: str, *, log: EventLogger, node: str = "") -> ServiceDone:
@@ -79,6 +100,8 @@ def call_fields(call: RunService, worker: str, node: str = "") -> dict[str, Any]
         "worker": worker,
         "attempt": call.attempt,
     }
+    if call.pipeline != DEFAULT_PIPELINE:  # the seed's events stay as they always were
+        fields["pipeline"] = call.pipeline
     if node:
         fields["node"] = node
     return fields
@@ -106,57 +129,173 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
         log.debug("service.started", **fields)
     started_at = time.time()
     started = time.perf_counter()
-    result: Mapping[str, JSONValue] | None = None
-    status: ServiceStatus = "ok"
+    result: JSONValue = None
     error: BaseException | None = None
     try:
         result = invoke(fn, call)
-    except TransientError as exc:
-        status, error = "transient", exc
-    except Exception as exc:  # noqa: BLE001 - any other exception is the task's permanent failure
-        status, error = "permanent", exc
-    except BaseException as exc:  # noqa: BLE001 - SystemExit & co.: contained here, the worker is replaced
-        status, error = "crashed", exc
+    except BaseException as exc:  # noqa: BLE001 - classified by `status_of`; SystemExit & co. are contained here
+        error = exc
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    return report(
+        log, call, worker, node, result, error, duration_ms, started_at=started_at, fields=fields if verbose else None
+    )
+
+
+def status_of(error: BaseException | None) -> ServiceStatus:
+    """How a call ended: ok, transient (TransientError), permanent (any other Exception) or crashed (the rest)."""
     if error is None:
-        if verbose:
-            log.debug("service.finished", duration_ms=duration_ms, **fields)
-        return ServiceDone(
+        return "ok"
+    if isinstance(error, TransientError):
+        return "transient"
+    if isinstance(error, Exception):
+        return "permanent"
+    return "crashed"
+
+
+def report(
+    log: EventLogger,
+    call: RunService,
+    worker: str,
+    node: str,
+    result: JSONValue,
+    error: BaseException | None,
+    duration_ms: float,
+    *,
+    started_at: float = 0.0,
+    fields: dict[str, Any] | None = None,
+) -> ServiceDone:
+    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended.
+
+    A failed call's traceback is formatted (bounded) here, where the exception is.
+    """
+    if error is None:
+        done = ServiceDone(
             call.call_id,
             call.service,
             call.task.task_id,
             worker,
             "ok",
             result,
-            duration_ms=duration_ms,
-            node=node,
-            started_at=started_at,
+            None,
+            None,
+            duration_ms,
+            node,
+            started_at,
         )
-    error_type, message = type(error).__name__, str(error)
-    formatted = format_traceback(error)
+    else:
+        done = ServiceDone(
+            call.call_id,
+            call.service,
+            call.task.task_id,
+            worker,
+            status_of(error),
+            None,
+            type(error).__name__,
+            str(error),
+            duration_ms,
+            node,
+            started_at,
+            format_traceback(error),
+        )
+    return log_done(log, call, done, fields=fields)
+
+
+def crashed(call: RunService, worker: str, node: str, error_type: str, error: str, duration_ms: float) -> ServiceDone:
+    """The report of a call whose worker died under it (a process exited, a Ray actor was lost)."""
+    return ServiceDone(
+        call.call_id, call.service, call.task.task_id, worker, "crashed", None, error_type, error, duration_ms, node
+    )
+
+
+def report_failure(
+    log: EventLogger,
+    call: RunService,
+    worker: str,
+    node: str,
+    status: ServiceStatus,
+    error_type: str,
+    error: str,
+    duration_ms: float,
+) -> ServiceDone:
+    """Make and log the ServiceDone of a call that failed without an exception object (e.g. was cancelled)."""
+    done = ServiceDone(
+        call.call_id, call.service, call.task.task_id, worker, status, None, error_type, error, duration_ms, node
+    )
+    return log_done(log, call, done)
+
+
+def log_done(
+    log: EventLogger, call: RunService, done: ServiceDone, *, fields: dict[str, Any] | None = None
+) -> ServiceDone:
+    """Log a call's end in the runtime's process, as every backend does; return `done`.
+
+    ``service.finished`` at debug, ``service.failed`` at warning (with ``transient``
+    false only for a permanent failure). Backends whose calls run elsewhere (a child
+    process, a Ray actor) call this in the parent with the report they got back.
+    """
+    if done.status == "ok":
+        if fields is not None or log.enabled("debug"):
+            fields = fields or call_fields(call, done.worker, done.node)
+            log.debug("service.finished", duration_ms=done.duration_ms, **fields)
+        return done
     log.warning(
         "service.failed",
-        duration_ms=duration_ms,
-        error_type=error_type,
-        error=message,
-        transient=status != "permanent",
-        traceback=formatted,
-        **fields,
+        duration_ms=done.duration_ms,
+        error_type=done.error_type,
+        error=done.error,
+        transient=done.status != "permanent",
+        traceback=done.traceback,
+        **(fields or call_fields(call, done.worker, done.node)),
     )
-    return ServiceDone(
-        call.call_id,
-        call.service,
-        call.task.task_id,
-        worker,
-        status,
-        None,
-        error_type,
-        message,
-        duration_ms,
-        node,
-        started_at,
-        formatted,
-    )
+    return done
+
+
+class CallsInFlight:
+    """The calls one worker holds, in the order it runs them: the first is running, and since when.
+
+    A backend whose worker queues calls (a child process's pipe, a Ray actor's queue) keeps one, so
+    that a worker that dies is charged with the call it was running, and with no other. Thread-safe:
+    calls are added on the orchestrator's thread and settled on the thread that reads the reports.
+    """
+
+    __slots__ = ("_calls", "_lock", "head_started")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, RunService] = {}
+        """By call id, in the order sent (dicts keep insertion order)."""
+        self.head_started = 0.0
+        """`time.perf_counter()` when the head call started."""
+
+    def add(self, call: RunService) -> bool:
+        """Note a call sent to the worker. True if it is the head now (it starts at once)."""
+        with self._lock:
+            self._calls[call.call_id] = call
+            if len(self._calls) == 1:
+                self.head_started = time.perf_counter()
+                return True
+            return False
+
+    def head(self) -> RunService | None:
+        """The call the worker is running (the oldest it holds), or None."""
+        with self._lock:
+            return next(iter(self._calls.values()), None)
+
+    def settle(self, call_id: int) -> bool:
+        """The worker answered `call_id`: forget it. True if another call is now the head (it starts now)."""
+        with self._lock:
+            was_head = next(iter(self._calls), None) == call_id
+            if self._calls.pop(call_id, None) is None or not was_head or not self._calls:
+                return False
+            self.head_started = time.perf_counter()
+            return True
+
+    def running_ms(self) -> float:
+        """How long the head call has been running, in milliseconds."""
+        return round((time.perf_counter() - self.head_started) * 1000, 3)
+
+    def __len__(self) -> int:
+        return len(self._calls)
 
 
 class WorkerHandle(Protocol):
@@ -320,3 +459,8 @@ class ThreadBackend:
 
     def close(self) -> None:
         """Threads need no clean-up beyond their actors."""
+
+
+def make_backend(request: Any) -> ThreadBackend:
+    """The thread backend, for the registry (`actors.backends`)."""
+    return ThreadBackend(request.dead_letters, request.threads)

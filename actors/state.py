@@ -1,8 +1,9 @@
 """The StateActor: the one owner of task state.
 
 Every change is a message through its mailbox, so changes are serialized.
-Each request is checked against `core.config.TRANSITIONS`; a refused one
-changes nothing. With a journal, changes are committed in groups: the actor
+Each request is checked against the transition table of the task's pipeline
+(derived from the pipeline's stages, `core.pipeline`); a refused one changes
+nothing. With a journal, changes are committed in groups: the actor
 applies what waits in its mailbox, then commits once, and only then
 acknowledges, replies and publishes (acknowledge after commit).
 
@@ -46,10 +47,21 @@ from actorflow.actors.messages import (
     TransitionsApplied,
 )
 from actorflow.actors.threads import ThreadBook
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
-from actorflow.core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound
+from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
+from actorflow.core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound, UnknownPipeline
+from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import TraceContext, get_event_logger, new_trace
-from actorflow.core.types import TaskRecord, TaskState, Transition, TransitionEvent, evolve, freeze
+from actorflow.core.types import (
+    DEFAULT_PIPELINE,
+    SEED_STATES,
+    TaskRecord,
+    TaskState,
+    Transition,
+    TransitionEvent,
+    evolve,
+    freeze,
+    freeze_payload,
+)
 
 if TYPE_CHECKING:
     from actorflow.core.journal import Journal
@@ -65,6 +77,10 @@ _MAX_BATCH = 256
 """Commit at least this often even while the mailbox stays busy, to bound latency."""
 _JOURNAL_BACKOFF_S = (0.01, 1.0)
 """First and largest delay between commit attempts while the journal refuses writes."""
+
+_Table = Mapping[TaskState, frozenset[TaskState]]
+_NO_TABLE: _Table = {}
+"""The table of a pipeline the runtime does not define (its finished tasks may still be read): no moves."""
 
 
 @dataclass(slots=True)
@@ -97,11 +113,23 @@ class StateActor(FastActor):
         on_terminal: Callable[[TaskRecord], None] | None = None,
         on_transition: Callable[[TaskRecord, Transition], None] | None = None,
         clock: Callable[[], float] = time.time,
+        pipelines: tuple[Pipeline, ...] | None = None,
         health: Health | None = None,
         milestones: Milestones | None = None,
         on_exit: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(threads=threads)
+        self._tables: dict[str, _Table] = (
+            {DEFAULT_PIPELINE: TRANSITIONS}
+            if pipelines is None
+            else {pipeline.name: pipeline.transitions for pipeline in pipelines}
+        )
+        """The transition table of each pipeline, by name; every request is checked against its task's."""
+        known = dict.fromkeys(SEED_STATES if pipelines is None else ())
+        for table in self._tables.values():
+            known.update(dict.fromkeys(table))
+        self._states: tuple[TaskState, ...] = tuple(known)
+        """Every state of every pipeline, in lifecycle order (the seed's first, if it runs)."""
         self._health = health or Health()
         self._milestones = milestones or Milestones()
         self._on_exit = on_exit
@@ -129,14 +157,25 @@ class StateActor(FastActor):
 
     # --- proxy API -------------------------------------------------------------------------------
 
-    def create(self, task_id: str, payload: Mapping[str, Any], *, trace: TraceContext | None = None) -> TaskRecord:
-        """Create a task in CREATED. Raises InvalidPayload for a duplicate id or a non-JSON payload."""
+    def create(
+        self,
+        task_id: str,
+        payload: Mapping[str, Any],
+        *,
+        trace: TraceContext | None = None,
+        pipeline: str | None = None,
+    ) -> TaskRecord:
+        """Create a task in CREATED, in `pipeline` (the first one known by default).
+
+        Raises InvalidPayload for a duplicate id or a non-JSON payload, UnknownPipeline for an unknown pipeline.
+        """
         try:
-            frozen = freeze(payload)
+            frozen = freeze_payload(payload)
         except TypeError as exc:
             raise InvalidPayload(str(exc)) from None
         future: pykka.Future[TaskRecord] = pykka.ThreadingFuture()
-        self._apply_create(CreateTask(task_id, frozen, trace or new_trace(), reply=future))
+        name = next(iter(self._tables)) if pipeline is None else pipeline
+        self._apply_create(CreateTask(task_id, frozen, trace or new_trace(), reply=future, pipeline=name))
         self._flush()
         return future.get(timeout=0)
 
@@ -153,9 +192,9 @@ class StateActor(FastActor):
         """Move a task to `to_state`; raises InvalidTransition or TaskNotFound and changes nothing."""
         request = TransitionRequest(
             task_id,
-            _as_state(to_state),
+            self._as_state(to_state),
             reason=reason,
-            expected=None if expected is None else _as_state(expected),
+            expected=None if expected is None else self._as_state(expected),
             result=None if result is None else freeze(result, where="result"),
             error=error,
         )
@@ -175,7 +214,7 @@ class StateActor(FastActor):
     def list(self, state: TaskState | str | None = None, *, limit: int | None = None, offset: int = 0) -> _Records:
         """Records, oldest first, optionally only those in `state`, paged by limit/offset."""
         self._flush()
-        wanted = None if state is None else _as_state(state)
+        wanted = None if state is None else self._as_state(state)
         if self._journal is not None and self._retain is not None:
             return self._journal.records(state=wanted, limit=limit, offset=offset)
         records = (r for r in self._records.values() if wanted is None or r.state is wanted)
@@ -185,7 +224,11 @@ class StateActor(FastActor):
     def counts(self) -> dict[str, int]:
         """How many tasks are in each state (every state named, zeros included)."""
         self._flush()
-        return {state.value: self._counts.get(state, 0) for state in TaskState}
+        counts = {state.value: self._counts.get(state, 0) for state in self._states}
+        for state, count in self._counts.items():  # states of pipelines no longer defined, still on record
+            if count and state.value not in counts:
+                counts[state.value] = count
+        return counts
 
     def memory_size(self) -> int:
         """How many records are held in memory (bounded by retain_terminal plus tasks in flight)."""
@@ -280,6 +323,13 @@ class StateActor(FastActor):
     # --- applying --------------------------------------------------------------------------------
 
     def _apply_create(self, message: CreateTask) -> None:
+        if message.pipeline not in self._tables:
+            unknown = UnknownPipeline(message.pipeline, list(self._tables))
+            if message.reply is not None:
+                message.reply.set_exception(exc_info=(UnknownPipeline, unknown, None))
+            else:
+                self._dead_letters.post(message, to="state", why=str(unknown))
+            return
         if message.task_id in self._records or (
             self._journal is not None and self._retain is not None and self._journal.contains(message.task_id)
         ):
@@ -299,6 +349,7 @@ class StateActor(FastActor):
             trace_id=message.trace.trace_id,
             span_id=message.trace.span_id,
             parent_span_id=message.trace.parent_span_id,
+            pipeline=message.pipeline,
         )
         self._records[record.task_id] = record
         self._counts[TaskState.CREATED] += 1
@@ -319,10 +370,10 @@ class StateActor(FastActor):
             why = None
             if request.expected is not None and before.state is not request.expected:
                 why = f"is {before.state.value}, not the expected {request.expected.value}; nothing changed"
-            elif not is_allowed(before.state, request.to_state):
+            elif request.to_state not in self._tables.get(before.pipeline, _NO_TABLE).get(before.state, ()):
                 why = (
                     f"cannot go from {before.state.value} to {request.to_state.value}; "
-                    f"allowed from {before.state.value}: {_allowed_from(before.state)}"
+                    f"allowed from {before.state.value}: {self._allowed_from(before)}"
                 )
             if why is not None:
                 refusal = InvalidTransition(
@@ -354,7 +405,11 @@ class StateActor(FastActor):
             state=request.to_state,
             result=request.result if request.result is not None else before.result,
             error=request.error if request.error is not None else before.error,
-            attempts=request.attempts if request.attempts is not None else before.attempts,
+            calls=request.calls if request.calls is not None else before.calls,
+            retries=request.retries if request.retries is not None else before.retries,
+            value=None
+            if request.to_state in TERMINAL_STATES
+            else (request.value if request.value is not None else before.value),
             traceback=request.traceback if request.traceback is not None else before.traceback,
             history=(*before.history, transition),
             updated_at=now,
@@ -471,7 +526,8 @@ class StateActor(FastActor):
                 from_state=transition.from_state.value if transition.from_state else None,
                 to_state=transition.to_state.value,
                 reason=transition.reason,
-                attempts=record.attempts,
+                calls=record.calls,
+                pipeline=record.pipeline,
             )
         if self._on_terminal is not None and record.state in TERMINAL_STATES:
             try:
@@ -503,6 +559,20 @@ class StateActor(FastActor):
             record = self._journal.get(task_id)
         return record
 
+    def _as_state(self, value: TaskState | str) -> TaskState:
+        """`value` as a state of one of the runtime's pipelines, or InvalidTransition listing them."""
+        if any(value in table for table in self._tables.values()):
+            return TaskState(value)
+        allowed = ", ".join(state.value for state in self._states)
+        raise InvalidTransition(f"{value!r} is not a task state; allowed: {allowed}")
+
+    def _allowed_from(self, record: TaskRecord) -> str:
+        table = self._tables.get(record.pipeline)
+        if table is None:
+            return f"nothing (pipeline {record.pipeline!r} is not defined in this runtime)"
+        targets = sorted(target.value for target in table.get(record.state, ()))
+        return ", ".join(targets) if targets else "nothing (terminal)"
+
     def _evict(self, changes: _Changes) -> None:
         assert self._retain is not None
         for change in changes:
@@ -514,7 +584,7 @@ class StateActor(FastActor):
     def _load(self, journal: Journal) -> None:
         """Rebuild memory from the journal: every non-terminal task, and the newest terminal ones."""
         for state, count in journal.counts().items():
-            self._counts[TaskState(state)] = count
+            self._counts[TaskState(state)] = count  # any pipeline's: names, not a fixed set
         for record in journal.iter_records(terminal=False):
             self._records[record.task_id] = record
         if self._retain is None:
@@ -525,16 +595,3 @@ class StateActor(FastActor):
             for record in reversed(newest):
                 self._records[record.task_id] = record
                 self._terminal_order.append(record.task_id)
-
-
-def _as_state(value: TaskState | str) -> TaskState:
-    try:
-        return TaskState(value)
-    except ValueError:
-        allowed = ", ".join(state.value for state in TaskState)
-        raise InvalidTransition(f"{value!r} is not a task state; allowed: {allowed}") from None
-
-
-def _allowed_from(state: TaskState) -> str:
-    targets = sorted(target.value for target in TRANSITIONS[state])
-    return ", ".join(targets) if targets else "nothing (terminal)"

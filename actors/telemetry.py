@@ -22,7 +22,7 @@ from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeStopped
 from actorflow.core.metrics import Histogram, HistogramSnapshot
 from actorflow.core.tracing import TraceContext, get_event_logger
-from actorflow.core.types import TaskRecord, TaskState, Transition
+from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, Transition
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -35,13 +35,11 @@ __all__ = ["DEFAULT_PIPELINE", "MetricsCollector", "Telemetry", "pipeline_of"]
 
 _log = get_event_logger("runtime")
 
-DEFAULT_PIPELINE = "default"
-"""The one pipeline today (validate -> process -> persist)."""
-
 
 def pipeline_of(item: object) -> str:
-    """The `pipeline` label of a task record or a service call."""
-    return DEFAULT_PIPELINE
+    """The `pipeline` label of a task record or a service call: the name of its pipeline."""
+    name = getattr(item, "pipeline", None)
+    return name if isinstance(name, str) and name else DEFAULT_PIPELINE
 
 
 _TransitionKey = tuple[str, TaskState | None, TaskState]

@@ -9,9 +9,11 @@ checks the server against this document (schemathesis), so the two cannot drift.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from actorflow.core import TaskState
+from actorflow.core.pipeline import Pipeline
 from actorflow.core.version import __version__
 
 __all__ = ["MAX_LIMIT", "MAX_OFFSET", "openapi_document"]
@@ -60,8 +62,8 @@ _SCHEMAS: dict[str, Any] = {
     "TaskState": {"type": "string", "enum": _STATES},
     "TaskCreated": {
         "type": "object",
-        "required": ["task_id", "state"],
-        "properties": {"task_id": {"type": "string"}, "state": _ref("TaskState")},
+        "required": ["task_id", "state", "pipeline"],
+        "properties": {"task_id": {"type": "string"}, "state": _ref("TaskState"), "pipeline": {"type": "string"}},
     },
     "Transition": {
         "type": "object",
@@ -85,19 +87,25 @@ _SCHEMAS: dict[str, Any] = {
             "created_at",
             "updated_at",
             "trace_id",
+            "pipeline",
+            "calls",
+            "retries",
             "attempts",
         ],
         "properties": {
             "task_id": {"type": "string"},
             "state": _ref("TaskState"),
             "payload": {"type": "object"},
-            "result": {"type": ["object", "null"]},
+            "result": {"description": "the last stage's value (any JSON); null until COMPLETED"},
             "error": {"type": ["string", "null"]},
             "history": {"type": "array", "items": _ref("Transition")},
             "created_at": {"type": "number"},
             "updated_at": {"type": "number"},
             "trace_id": {"type": "string"},
-            "attempts": {"type": "integer", "minimum": 0},
+            "pipeline": {"type": "string", "description": "the pipeline the task runs through"},
+            "calls": {"type": "integer", "minimum": 0, "description": "stage calls made, retries included"},
+            "retries": {"type": "integer", "minimum": 0, "description": "calls that retried a stage"},
+            "attempts": {"type": "integer", "minimum": 0, "description": "the former name of `calls`"},
             "traceback": {
                 "type": ["string", "null"],
                 "description": "the last failed service call's traceback (innermost frames, at most 8 KiB)",
@@ -254,6 +262,13 @@ _PATHS: dict[str, Any] = {
             ),
             "parameters": [
                 {
+                    "name": "pipeline",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "the pipeline to run the task through; the runtime's first when left out",
+                },
+                {
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
@@ -287,7 +302,7 @@ _PATHS: dict[str, Any] = {
                         },
                     },
                 ),
-                "400": _error("empty body, malformed JSON, or a malformed Idempotency-Key"),
+                "400": _error("empty body, malformed JSON, a malformed Idempotency-Key, or an unknown pipeline"),
                 "408": _error("the body did not arrive in time"),
                 "413": _error(
                     "the body is over 1 MiB, or the payload over the server's caps (canonical bytes, values)"
@@ -379,12 +394,29 @@ def _document_malformed_http(responses: dict[str, Any]) -> None:
         responses["400"] = {"description": _MALFORMED_HTTP, "content": {"text/plain": plain}}
 
 
-def openapi_document(*, token_required: bool, metrics_public: bool = False) -> dict[str, Any]:
+def openapi_document(
+    *, token_required: bool, metrics_public: bool = False, pipelines: Sequence[Pipeline] = ()
+) -> dict[str, Any]:
     """The OpenAPI document; with `token_required`, every operation but `/healthz` lists bearer auth and 401.
 
-    With `metrics_public`, `/metrics` is open too.
+    With `metrics_public`, `/metrics` is open too. `pipelines` (the runtime's) set the allowed
+    pipeline names of ``POST /tasks`` and the task states, and are described under ``x-pipelines``.
     """
     paths = copy.deepcopy(_PATHS)
+    schemas = copy.deepcopy(_SCHEMAS)
+    if pipelines:
+        states = list(dict.fromkeys(state.value for pipeline in pipelines for state in pipeline.states))
+        schemas["TaskState"]["enum"] = states
+        schemas["Stats"]["properties"] = {
+            **{state: {"type": "integer", "minimum": 0} for state in states},
+            "submitted": {"type": "integer", "minimum": 0},
+            "in_flight": {"type": "integer", "minimum": 0},
+        }
+        names = [pipeline.name for pipeline in pipelines]
+        for parameter in paths["/tasks"]["post"]["parameters"]:
+            if parameter["name"] == "pipeline":
+                parameter["schema"]["enum"] = names
+                parameter["description"] += f" ({names[0]!r})"
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -393,8 +425,10 @@ def openapi_document(*, token_required: bool, metrics_public: bool = False) -> d
             "description": "Submit tasks to an actorflow runtime, follow them, cancel them, watch transitions live.",
         },
         "paths": paths,
-        "components": {"schemas": copy.deepcopy(_SCHEMAS)},
+        "components": {"schemas": schemas},
     }
+    if pipelines:
+        document["x-pipelines"] = [pipeline.describe() for pipeline in pipelines]
     for item in paths.values():
         for method, operation in item.items():
             if method != "parameters":

@@ -86,6 +86,7 @@ from actorflow.core import (
     TaskNotFound,
     TaskRecord,
     TaskState,
+    UnknownPipeline,
 )
 from actorflow.core.tracing import parse_traceparent
 
@@ -163,7 +164,7 @@ def create_app(
         runtime,
         broadcaster,
         idempotency_keys if idempotency_keys is not None else IdempotencyKeys(),
-        openapi_document(token_required=token is not None, metrics_public=metrics_public),
+        openapi_document(token_required=token is not None, metrics_public=metrics_public, pipelines=runtime.pipelines),
         heartbeat_s,
         _PayloadCaps(max_payload_bytes, max_payload_nodes),
     )
@@ -315,6 +316,7 @@ class _Handlers:
 
     async def _submit(self, request: Request) -> Response:
         try:
+            pipeline = _pipeline_param(request, self.runtime)
             body = await _read_body(request)
             async with self.parsers:  # parsing a 1 MiB body takes tens of ms: off the event loop
                 parsed = await run_in_threadpool(_parse_payload, body, self.caps)
@@ -329,12 +331,16 @@ class _Handlers:
                 traceparent = None  # W3C trace context: a malformed parent is ignored, and a new trace starts
 
         key = request.headers.get("idempotency-key")
+        # The pipeline is part of what a key stands for: the same payload sent to another pipeline is another request.
+        default = self.runtime.pipelines[0].name
+        key_fingerprint = parsed.fingerprint if pipeline == default else f"{pipeline}:{parsed.fingerprint}"
 
-        async def current_state(task_id: str) -> str:
+        async def created(task_id: str) -> dict[str, str]:
             try:
-                return (await run_in_threadpool(self.runtime.get, task_id)).state.value
+                record = await run_in_threadpool(self.runtime.get, task_id)
             except TaskNotFound:  # evicted already (retain_terminal): it surely was created
-                return TaskState.CREATED.value
+                return {"task_id": task_id, "state": TaskState.CREATED.value, "pipeline": pipeline}
+            return {"task_id": task_id, "state": record.state.value, "pipeline": record.pipeline}
 
         async def submit() -> StoredAnswer:
             if key is not None:
@@ -342,15 +348,16 @@ class _Handlers:
                 stored = await run_in_threadpool(self.runtime.find_idempotency_key, key)
                 if stored is not None:
                     task_id, stored_fingerprint = stored
-                    if stored_fingerprint != parsed.fingerprint:
+                    if stored_fingerprint != key_fingerprint:
                         raise IdempotencyKeyReusedError(_KEY_REUSED)
-                    return StoredAnswer(201, {"task_id": task_id, "state": await current_state(task_id)}, replayed=True)
+                    return StoredAnswer(201, await created(task_id), replayed=True)
             handle = await self.runtime.submit_async(
                 payload,
                 traceparent=traceparent,
-                idempotency_key=None if key is None else (key, parsed.fingerprint),
+                pipeline=pipeline,
+                idempotency_key=None if key is None else (key, key_fingerprint),
             )
-            return StoredAnswer(201, {"task_id": handle.task_id, "state": await current_state(handle.task_id)})
+            return StoredAnswer(201, await created(handle.task_id))
 
         replayed = False
         if key is None:
@@ -359,7 +366,7 @@ class _Handlers:
             problem = check_key(key)
             if problem is not None:
                 return error_response(400, problem)
-            answer, replayed = await self.keys.answer(key, parsed.fingerprint, submit)
+            answer, replayed = await self.keys.answer(key, key_fingerprint, submit)
         headers = {"Location": f"/tasks/{answer.body['task_id']}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -367,7 +374,7 @@ class _Handlers:
 
     async def _list(self, request: Request) -> Response:
         try:
-            state, limit, offset = _list_params(request)
+            state, limit, offset = _list_params(request, self.runtime)
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
         records = await run_in_threadpool(self.runtime.tasks, state, limit=limit, offset=offset)
@@ -571,7 +578,19 @@ def _payload_problem(payload: dict[str, Any], depth_limit: int, node_limit: int)
     return None
 
 
-def _list_params(request: Request) -> tuple[TaskState | None, int, int]:
+def _pipeline_param(request: Request, runtime: Runtime) -> str:
+    """The ``?pipeline=`` of a submission (the runtime's first pipeline when absent); 400 if unknown."""
+    names = request.query_params.getlist("pipeline")
+    if len(names) > 1:
+        raise _RequestError(400, "give pipeline at most once")
+    try:
+        return runtime.pipeline(names[0] if names else None).name
+    except UnknownPipeline:
+        known = ", ".join(pipeline.name for pipeline in runtime.pipelines)
+        raise _RequestError(400, f"no pipeline {echo(names[0])} in this runtime; its pipelines: {known}") from None
+
+
+def _list_params(request: Request, runtime: Runtime) -> tuple[TaskState | None, int, int]:
     params = request.query_params
     unknown = sorted(set(params) - set(_LIST_PARAMS))
     if unknown:
@@ -581,10 +600,10 @@ def _list_params(request: Request) -> tuple[TaskState | None, int, int]:
             raise _RequestError(400, f"give {name} at most once")
     state: TaskState | None = None
     if "state" in params:
-        try:
-            state = TaskState(params["state"])
-        except ValueError:
-            allowed = ", ".join(s.value for s in TaskState)
+        states = runtime.states
+        state = next((s for s in states if s.value == params["state"]), None)
+        if state is None:
+            allowed = ", ".join(s.value for s in states)
             raise _RequestError(400, f"state must be one of {allowed}; got {echo(params['state'])}") from None
     limit = _count_param(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     offset = _count_param(params, "offset", 0, 0, MAX_OFFSET)

@@ -23,9 +23,20 @@ from typing import Any, Protocol
 
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig
+from actorflow.core import pipeline as stages
 from actorflow.services import ServiceSet
 
-__all__ = ["Completion", "Handle", "Pipeline", "PipelineFactory", "RuntimePipeline", "Work", "runtime_factory"]
+__all__ = [
+    "Completion",
+    "Handle",
+    "Pipeline",
+    "PipelineFactory",
+    "RuntimePipeline",
+    "StagePipeline",
+    "Work",
+    "runtime_factory",
+    "stage_factory",
+]
 
 
 class Handle(Protocol):
@@ -144,6 +155,30 @@ class RuntimePipeline:
     def close(self) -> None:
         """Drain and stop the runtime."""
         self.runtime.close()
+
+
+class StagePipeline(RuntimePipeline):
+    """A Runtime running one pipeline of one stage (the async scenario); counts the threads it started."""
+
+    def __init__(self, stage: stages.Stage, concurrency: int, *, name: str, **config: Any) -> None:
+        self.name = name
+        config.setdefault("max_in_flight", concurrency)
+        config.setdefault("submit_timeout_s", 600.0)
+        before = threading.active_count()
+        self.runtime = Runtime(RuntimeConfig(**config), pipelines=[stages.Pipeline("io", [stage])])
+        self.threads_started = threading.active_count() - before
+        """Threads the runtime started: its actors, the timer, and the stage's workers (or event loop)."""
+
+
+def stage_factory(stage: stages.Stage, *, name: str, threads: list[int], **config: Any) -> PipelineFactory:
+    """A factory of `StagePipeline`s; each one's thread count is appended to `threads`."""
+
+    def build(concurrency: int) -> Pipeline:
+        pipeline = StagePipeline(stage, concurrency, name=name, **config)
+        threads.append(pipeline.threads_started)
+        return pipeline
+
+    return build
 
 
 def runtime_factory(work: Work, *, name: str = "runtime", **config: Any) -> PipelineFactory:

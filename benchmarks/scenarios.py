@@ -21,11 +21,12 @@ from typing import Any
 import structlog
 
 from actorflow.core.errors import ConfigError
+from actorflow.core.pipeline import Stage
 from actorflow.core.tracing import configure_logging
 from benchmarks import workload
 from benchmarks.baselines import baseline_factory
 from benchmarks.load import Measurement, Sizes, measure
-from benchmarks.pipeline import Pipeline, PipelineFactory, RuntimePipeline, Work, runtime_factory
+from benchmarks.pipeline import Pipeline, PipelineFactory, RuntimePipeline, Work, runtime_factory, stage_factory
 from benchmarks.stats import median, percentiles, rounded
 
 __all__ = ["SCENARIOS", "Mode", "Scenario", "journal_available", "process_backend_available"]
@@ -488,6 +489,37 @@ def run_cpu(mode: Mode) -> dict[str, Any]:
     return section
 
 
+def run_async_io(mode: Mode) -> dict[str, Any]:
+    """I/O-bound stage awaiting 20 ms: workers=1000 on one event loop, against 16 and 200 threads."""
+    tasks = mode.pick(10_000, 2_000, 300)
+    contenders: list[Contender] = []
+    threads: dict[str, list[int]] = {}
+    for name, stage in (
+        ("async-1000", Stage("fetch", workload.await_stage, workers=1000)),
+        ("threads-16", Stage("fetch", workload.sleep_stage, workers=16)),
+        ("threads-200", Stage("fetch", workload.sleep_stage, workers=200)),
+    ):
+        threads[name] = []
+        contenders.append(Contender(name, stage_factory(stage, name=name, threads=threads[name]), role="runtime"))
+    sizes = Sizes(tasks=tasks, warmup=mode.pick(500, 200, 50), concurrency=1000, submitters=2, timeout_s=600)
+    _alternate(contenders, workload.payload, sizes, mode.rounds)
+    section = _section(
+        "I/O-bound stage awaiting 20 ms: 1000 calls in flight on one event loop against 16 and 200 threads",
+        contenders,
+        sizes,
+        mode,
+        pairs=[("async-1000", "threads-16"), ("async-1000", "threads-200")],
+        params={"await_ms": workload.AWAIT_S * 1000, "concurrency": 1000},
+        notes=[
+            "ideal = workers / 20 ms: 50,000 tasks/s for 1000 in flight, 800 for 16 threads, 10,000 for 200",
+            "threads = threads the runtime started (state actor, orchestrator, timer, workers or event loop)",
+        ],
+    )
+    for name, system in section["systems"].items():
+        system["threads"] = {"median": median(threads[name]), "rounds": threads[name]}
+    return section
+
+
 def run_memory(mode: Mode) -> dict[str, Any]:
     """Peak RSS and bytes per retained task, each system in its own subprocess."""
     from benchmarks.memory import run_memory_scenario  # noqa: PLC0415 - keeps the subprocess entry point apart
@@ -504,6 +536,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("metrics", "No-op services, Prometheus metrics on vs off", run_metrics),
         Scenario("io", "I/O-bound, 5 ms sleep, 16 workers", run_io),
         Scenario("cpu", "CPU-bound, 5 ms pure Python, 2 workers", run_cpu),
+        Scenario("async_io", "I/O-bound async stage, 20 ms await, 1000 in flight", run_async_io),
         Scenario("memory", "Memory: peak RSS, bytes per retained task", run_memory),
         Scenario("peers", "Peers (Celery+Redis, Dask, Ray tasks), no-op job", run_peers),
         Scenario("peers-io", "Peers (Celery+Redis, Dask, Ray tasks), I/O job", run_peers_io),

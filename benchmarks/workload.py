@@ -7,6 +7,7 @@ compute) travel inside the payload, never in a closure, for the same reason.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 from actorflow.core.types import Task
 
 __all__ = [
+    "AWAIT_S",
     "CPU_TARGET_S",
     "SLEEP_S",
+    "await_stage",
     "calibrate_cpu",
     "cpu_process",
     "noop_persist",
@@ -23,12 +26,15 @@ __all__ = [
     "noop_validate",
     "payload",
     "sleep_process",
+    "sleep_stage",
     "spin",
     "time_cpu",
 ]
 
 SLEEP_S = 0.005
 """The I/O-bound processor's sleep per task (issue 7: 5 ms)."""
+AWAIT_S = 0.020
+"""The I/O stage's wait per task in the async scenario (issue 12: 20 ms)."""
 CPU_TARGET_S = 0.005
 """The CPU-bound processor's pure-Python work per task, when run alone (issue 7: about 5 ms)."""
 
@@ -57,6 +63,16 @@ def sleep_process(task: Task) -> Mapping[str, Any]:
     """Stand in for I/O: sleep `SLEEP_S` (the GIL is released while sleeping)."""
     time.sleep(SLEEP_S)
     return _RESULT
+
+
+async def await_stage(task: Task, value: Any) -> None:
+    """An async stage standing in for I/O: awaits `AWAIT_S` (the event loop runs other calls meanwhile)."""
+    await asyncio.sleep(AWAIT_S)
+
+
+def sleep_stage(task: Task, value: Any) -> None:
+    """The same wait on a thread: sleeps `AWAIT_S` (one thread per call in flight)."""
+    time.sleep(AWAIT_S)
 
 
 def spin(iterations: int) -> int:

@@ -15,9 +15,11 @@ from actorflow.core.errors import (
     RuntimeStopped,
     TaskNotFound,
     TransientError,
+    UnknownPipeline,
     ValidationError,
     WouldDeadlock,
 )
+from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
 
 __all__ = [
@@ -30,9 +32,11 @@ __all__ = [
     "InvalidTransition",
     "JournalError",
     "Overloaded",
+    "Pipeline",
     "RuntimeConfig",
     "RuntimeFailed",
     "RuntimeStopped",
+    "Stage",
     "Task",
     "TaskNotFound",
     "TaskRecord",
@@ -40,6 +44,7 @@ __all__ = [
     "TransientError",
     "Transition",
     "TransitionEvent",
+    "UnknownPipeline",
     "ValidationError",
     "WouldDeadlock",
     "freeze",

@@ -1,6 +1,7 @@
-"""Configuration as data: the transition table and the validated `RuntimeConfig`.
+"""Configuration as data: the seed's transition table and the validated `RuntimeConfig`.
 
-The transition table is the design's lifecycle diagram, plus cancellation::
+Transition tables are derived from pipelines (`core.pipeline`); `TRANSITIONS` is
+the seed pipeline's, its lifecycle diagram plus cancellation::
 
     CREATED ──► VALIDATED ──► PROCESSING ──► COMPLETED
        │            │              │
@@ -15,10 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Literal
 
 from actorflow.core.errors import ConfigError
+from actorflow.core.pipeline import seed_shape
 from actorflow.core.types import TaskState
 
 __all__ = [
@@ -30,18 +31,12 @@ __all__ = [
     "is_terminal",
 ]
 
-_S = TaskState
 
-TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = MappingProxyType(
-    {
-        _S.CREATED: frozenset({_S.VALIDATED, _S.FAILED, _S.CANCELLED}),
-        _S.VALIDATED: frozenset({_S.PROCESSING, _S.FAILED, _S.CANCELLED}),
-        _S.PROCESSING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED}),
-        _S.COMPLETED: frozenset(),
-        _S.FAILED: frozenset(),
-        _S.CANCELLED: frozenset(),
-    }
-)
+def _no_stage(*args: object) -> None:
+    """A placeholder: only the seed pipeline's shape is needed here, not its functions."""
+
+
+TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = seed_shape(_no_stage, _no_stage, _no_stage).transitions
 """For each state, the states it may move to. A state with no way out is terminal."""
 
 TERMINAL_STATES: frozenset[TaskState] = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
@@ -49,12 +44,12 @@ NON_TERMINAL_STATES: frozenset[TaskState] = frozenset(TRANSITIONS) - TERMINAL_ST
 
 
 def is_allowed(from_state: TaskState, to_state: TaskState) -> bool:
-    """True if the table allows moving from `from_state` to `to_state`."""
+    """True if the seed's table allows moving from `from_state` to `to_state` (see `Pipeline.is_allowed`)."""
     return to_state in TRANSITIONS.get(from_state, frozenset())
 
 
 def is_terminal(state: TaskState) -> bool:
-    """True for COMPLETED, FAILED and CANCELLED."""
+    """True for COMPLETED, FAILED and CANCELLED (terminal in every pipeline)."""
     return state in TERMINAL_STATES
 
 
@@ -70,6 +65,8 @@ class RuntimeConfig:
     A bad value raises `ConfigError` naming the field, the value and what is allowed.
     """
 
+    stage_workers: int = 4
+    """Workers of a pipeline stage that sets none (at least 1); the seed's stages use the three below."""
     validator_workers: int = 2
     """Worker actors in the validator pool (at least 1)."""
     processor_workers: int = 4
@@ -110,7 +107,7 @@ class RuntimeConfig:
     """How long `close(drain=True)` waits for tasks in flight."""
 
     def __post_init__(self) -> None:
-        for name in ("validator_workers", "processor_workers", "persistence_workers", "max_attempts"):
+        for name in ("stage_workers", "validator_workers", "processor_workers", "persistence_workers", "max_attempts"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("max_restarts", self.max_restarts, minimum=0)
         for name in ("result_store", "journal_path", "ray_address"):
@@ -140,10 +137,13 @@ class RuntimeConfig:
             )
 
     def workers_for(self, service: str) -> int:
-        """Pool size of "validator", "processor" or "persistence"."""
-        value = getattr(self, f"{service}_workers")
-        assert isinstance(value, int)
-        return value
+        """Pool size of a stage that sets no `workers`: "validator", "processor" and "persistence"
+        have their own fields, any other stage gets `stage_workers`."""
+        if service in ("validator", "processor", "persistence"):
+            value = getattr(self, f"{service}_workers")
+            assert isinstance(value, int)
+            return value
+        return self.stage_workers
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

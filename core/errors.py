@@ -3,9 +3,10 @@
 The tree::
 
     ActorflowError
-    ├── ConfigError            a RuntimeConfig field or a ServiceSet entry is wrong
+    ├── ConfigError            a RuntimeConfig field, a Stage, a Pipeline or a ServiceSet entry is wrong
     ├── InvalidTransition      the transition table or `expected` forbids the change
     ├── TaskNotFound           no task has that id
+    ├── UnknownPipeline        no pipeline of the runtime has that name
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
     │   └── ValidationError    the validator service rejected the payload
     ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
@@ -35,6 +36,7 @@ __all__ = [
     "RuntimeStopped",
     "TaskNotFound",
     "TransientError",
+    "UnknownPipeline",
     "ValidationError",
     "WouldDeadlock",
 ]
@@ -63,6 +65,15 @@ class TaskNotFound(ActorflowError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownPipeline(ActorflowError, LookupError):
+    """A task was submitted to a pipeline the runtime does not define. The message names the known ones."""
+
+    def __init__(self, name: object, known: list[str]) -> None:
+        super().__init__(f"no pipeline {name!r} in this runtime; its pipelines: {', '.join(map(repr, known))}")
+        self.name = name
+        self.known = known
 
 
 class InvalidPayload(ActorflowError, ValueError):

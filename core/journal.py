@@ -7,8 +7,11 @@ another, because the file is kept in WAL mode.
 The schema (version `SCHEMA_VERSION`, kept in ``PRAGMA user_version``; the
 file is marked as ours by ``PRAGMA application_id``)::
 
-    tasks        one row per task: its current state, payload, result, error,
-                 trace id, attempts and times; ``id`` keeps insertion order
+    tasks        one row per task: its pipeline, current state, payload, result,
+                 the value its current stage was given, error, trace id, calls,
+                 retries and times; ``id`` keeps insertion order. States and
+                 pipeline names are plain text: pipelines are data, so no CHECK
+                 pins a set of states (schema 1 did; it is migrated on open)
     transitions  the append-only log, primary key (task_id, seq), where seq is
                  the transition's index in the record's history, so that a
                  transition cannot be written twice; triggers refuse UPDATE
@@ -61,12 +64,13 @@ from typing import Any, Final, Literal, Self
 
 from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import JournalError
-from actorflow.core.types import FrozenDict, TaskRecord, TaskState, Transition, encode_json
+from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, TaskRecord, TaskState, Transition, encode_json
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "Journal", "JournalReader"]
 
-SCHEMA_VERSION: Final[int] = 1
-"""The schema this code writes. A journal with a higher ``user_version`` is refused, never downgraded."""
+SCHEMA_VERSION: Final[int] = 2
+"""The schema this code writes. A journal with a higher ``user_version`` is refused, never downgraded;
+one with schema 1 is migrated in place (in one transaction) when it is opened for writing."""
 
 APPLICATION_ID: Final[int] = 0x41464A31
 """``PRAGMA application_id`` of an actorflow journal ("AFJ1"), so a foreign SQLite file is never mistaken for one."""
@@ -80,48 +84,82 @@ _WAL_SIZE_LIMIT: Final = 32 * 1024 * 1024
 """A checkpoint truncates a WAL grown past this back to it, so one huge batch does not keep a huge file."""
 
 
-def _is_state(column: str) -> str:
-    # An OR chain, not `IN (...)`: SQLite builds a throwaway table for an IN list on every
-    # statement run, and executemany runs the statement once per row (9x slower, measured).
-    return "(" + " OR ".join(f"{column} = '{state.value}'" for state in TaskState) + ")"
-
-
 _TERMINAL_SQL: Final = ", ".join(f"'{state.value}'" for state in sorted(TERMINAL_STATES))
 
-_SCHEMA: Final[tuple[str, ...]] = (
-    f"""CREATE TABLE tasks (
+_TASKS_TABLE: Final = """CREATE TABLE tasks (
         id         INTEGER PRIMARY KEY,
         task_id    TEXT    NOT NULL UNIQUE,
-        state      TEXT    NOT NULL CHECK {_is_state("state")},
+        pipeline   TEXT    NOT NULL,
+        state      TEXT    NOT NULL,
         payload    TEXT    NOT NULL,
         result     TEXT,
+        value      TEXT,
         error      TEXT,
         trace_id   TEXT    NOT NULL,
         span_id    TEXT    NOT NULL,
         parent_span_id TEXT,
-        attempts   INTEGER NOT NULL,
+        calls      INTEGER NOT NULL,
+        retries    INTEGER NOT NULL,
         created_at REAL    NOT NULL,
         updated_at REAL    NOT NULL
-    )""",
-    "CREATE INDEX tasks_by_state ON tasks (state, created_at)",
-    "CREATE INDEX tasks_by_creation ON tasks (created_at)",
-    f"""CREATE TABLE transitions (
+    )"""
+_TRANSITIONS_TABLE: Final = """CREATE TABLE transitions (
         task_id    TEXT    NOT NULL,
         seq        INTEGER NOT NULL CHECK (seq >= 0),
-        from_state TEXT    CHECK (from_state IS NULL OR {_is_state("from_state")}),
-        to_state   TEXT    NOT NULL CHECK {_is_state("to_state")},
+        from_state TEXT,
+        to_state   TEXT    NOT NULL,
         at         REAL    NOT NULL,
         reason     TEXT,
         PRIMARY KEY (task_id, seq)
-    ) WITHOUT ROWID""",
+    ) WITHOUT ROWID"""
+_INDEXES_AND_TRIGGERS: Final[tuple[str, ...]] = (
+    "CREATE INDEX tasks_by_state ON tasks (state, created_at)",
+    "CREATE INDEX tasks_by_creation ON tasks (created_at)",
     """CREATE TRIGGER transitions_refuse_update BEFORE UPDATE ON transitions
     BEGIN SELECT RAISE(ABORT, 'the transitions log is append-only: UPDATE refused'); END""",
     """CREATE TRIGGER transitions_refuse_delete BEFORE DELETE ON transitions
     BEGIN SELECT RAISE(ABORT, 'the transitions log is append-only: DELETE refused'); END""",
+)
+_SCHEMA: Final[tuple[str, ...]] = (
+    _TASKS_TABLE,
+    _TRANSITIONS_TABLE,
+    *_INDEXES_AND_TRIGGERS,
     f"PRAGMA application_id = {APPLICATION_ID}",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 """Run statement by statement inside one transaction (``executescript`` would commit first)."""
+
+
+def _migrate_from_1(connection: sqlite3.Connection) -> list[str]:
+    """The statements taking schema 1 (the first release: states pinned by CHECK, one pipeline) to 2.
+
+    Run in the open transaction. SQLite cannot drop a CHECK constraint, so both tables are
+    rebuilt without them; DROP TABLE's implicit delete fires no trigger, so the append-only log's
+    triggers do not refuse it. Columns added to schema 1 later (`_ADDED_COLUMNS`) are carried over.
+    """
+    present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
+    added = [(column, kind) for column, kind in _ADDED_COLUMNS if column in present]
+    table = _TASKS_TABLE.replace("CREATE TABLE tasks", "CREATE TABLE tasks_v2")
+    if added:
+        table = table.rstrip()[:-1].rstrip() + "".join(f",\n        {c} {k}" for c, k in added) + "\n    )"
+    extra = "".join(f", {column}" for column, _ in added)
+    return [
+        table,
+        f"""INSERT INTO tasks_v2 (id, task_id, pipeline, state, payload, result, value, error, trace_id, span_id,
+            parent_span_id, calls, retries, created_at, updated_at{extra})
+        SELECT id, task_id, '{DEFAULT_PIPELINE}', state, payload, result, NULL, error, trace_id, span_id,
+            parent_span_id, attempts, 0, created_at, updated_at{extra} FROM tasks""",
+        "DROP TABLE tasks",
+        "ALTER TABLE tasks_v2 RENAME TO tasks",
+        _TRANSITIONS_TABLE.replace("CREATE TABLE transitions", "CREATE TABLE transitions_v2"),
+        "INSERT INTO transitions_v2 SELECT task_id, seq, from_state, to_state, at, reason FROM transitions",
+        "DROP TABLE transitions",
+        "ALTER TABLE transitions_v2 RENAME TO transitions",
+        *_INDEXES_AND_TRIGGERS,
+        f"PRAGMA user_version = {SCHEMA_VERSION}",
+    ]
+
+
 _TABLES: Final = frozenset({"tasks", "transitions"})
 
 KEY_RETENTION_S: Final = 24 * 3600.0
@@ -146,19 +184,26 @@ _INSERT_KEY: Final = (
 )
 
 _INSERT_TASK: Final = (
-    "INSERT INTO tasks (task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts,"
-    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO tasks (task_id, pipeline, state, payload, result, value, error, trace_id, span_id, parent_span_id,"
+    " calls, retries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_TRANSITION: Final = (
     "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_TASK: Final = (
-    "UPDATE tasks SET state = ?, result = ?, error = ?, attempts = ?, updated_at = ?, traceback = ? WHERE task_id = ?"
+    "UPDATE tasks SET state = ?, result = ?, value = ?, error = ?, calls = ?, retries = ?, updated_at = ?,"
+    " traceback = ? WHERE task_id = ?"
 )
 
 _TASK_COLUMNS: Final = (
-    "task_id, state, payload, result, error, trace_id, span_id, parent_span_id, attempts, created_at, updated_at"
+    "task_id, pipeline, state, payload, result, value, error, trace_id, span_id, parent_span_id, calls, retries,"
+    " created_at, updated_at"
 )
+_TASK_COLUMNS_V1: Final = (
+    f"task_id, '{DEFAULT_PIPELINE}', state, payload, result, NULL, error, trace_id, span_id, parent_span_id,"
+    " attempts, 0, created_at, updated_at"
+)
+"""The same columns read from a schema-1 journal (a reader never migrates)."""
 _ADDED_COLUMNS: Final[tuple[tuple[str, str], ...]] = (("traceback", "TEXT"),)
 """Nullable columns added to `tasks` after schema version 1 was fixed, by ``ALTER TABLE ... ADD COLUMN``
 when a writer opens the journal (additive: older actorflow versions read such a journal unchanged)."""
@@ -169,7 +214,7 @@ _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 # The canonical encoder: what `freeze` accepts is exactly what it can encode.
 _encode_json = encode_json
 
-_TaskRow = tuple[str, str, str, str | None, str | None, str, str, str | None, int, float, float]
+_TaskRow = tuple[str, str, str, str, str | None, str | None, str | None, str, str, str | None, int, int, float, float]
 _LogRow = tuple[str, int, str | None, str, float, str | None]
 
 
@@ -220,8 +265,9 @@ class JournalReader:
             connection.close()
             self._release_quiet()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
+        self._version = version
         self._connection = connection
-        self._columns = _task_columns(connection)
+        self._columns = _task_columns(connection, version)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -316,6 +362,20 @@ class JournalReader:
         counts.update(rows)
         return counts
 
+    def states(self) -> list[str]:
+        """Every state name the journal knows: the seed's, then any other a task ever reached (sorted)."""
+        with self._snapshot("states") as connection:
+            rows = connection.execute("SELECT DISTINCT to_state FROM transitions").fetchall()
+        seed = [state.value for state in TaskState]
+        return seed + sorted({name for (name,) in rows} - set(seed))
+
+    def pipelines(self) -> dict[str, int]:
+        """Tasks per pipeline name."""
+        column = f"'{DEFAULT_PIPELINE}'" if self._version == 1 else "pipeline"
+        with self._snapshot("pipelines") as connection:
+            rows = connection.execute(f"SELECT {column}, COUNT(*) FROM tasks GROUP BY 1 ORDER BY 1").fetchall()
+        return dict(rows)
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -407,18 +467,26 @@ class Journal(JournalReader):
         *,
         durability: Durability = "normal",
         busy_timeout_s: float = 2.0,
+        pipelines: Iterable[str] | None = None,
     ) -> None:
         """Open `path` for writing, creating the file and the schema if absent.
+
+        A schema-1 journal (the first release's) is migrated in place, in one
+        transaction: its tasks belong to the seed pipeline, ``"default"``.
 
         Args:
             path: the SQLite file.
             durability: "normal" survives process crashes, "full" also power loss.
             busy_timeout_s: how long to wait for a lock another connection holds.
+            pipelines: the names of the pipelines the runtime defines; a journal
+                holding unfinished tasks of any other pipeline is refused. None
+                skips the check.
 
         Raises:
             JournalError: the file is not SQLite, is another application's
                 database, has a newer schema, is in use by another runtime, is
-                locked beyond `busy_timeout_s`, or cannot be created. The file is
+                locked beyond `busy_timeout_s`, cannot be created, or holds
+                unfinished tasks of a pipeline not in `pipelines`. The file is
                 left untouched.
             ValueError: `durability` or `busy_timeout_s` is not allowed.
         """
@@ -431,6 +499,7 @@ class Journal(JournalReader):
         self._lock = threading.Lock()
         self._connection = None
         self._owner_fd: int | None = None
+        self._version = SCHEMA_VERSION
         self._staged_keys: dict[str, tuple[str, str]] = {}
         self._keys_since_prune = 0
 
@@ -443,12 +512,13 @@ class Journal(JournalReader):
                     _classify(probe, self.path, busy_timeout_s)
                 finally:
                     probe.close()
-            self._connection = _open_for_writing(self.path, durability, busy_timeout_s)
+            known = None if pipelines is None else frozenset(pipelines)
+            self._connection = _open_for_writing(self.path, durability, busy_timeout_s, known)
         except BaseException:
             _release_ownership(owner_fd)
             raise
         self._owner_fd = owner_fd
-        self._columns = _task_columns(self._connection)
+        self._columns = _task_columns(self._connection, SCHEMA_VERSION)
         self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
         self.lost: str | None = None
         """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
@@ -495,14 +565,17 @@ class Journal(JournalReader):
         tasks: list[_TaskRow] = [
             (
                 record.task_id,
+                record.pipeline,
                 record.state.value,
                 _encode_json(record.payload),
                 None if record.result is None else _encode_json(record.result),
+                None if record.value is None else _encode_json(record.value),
                 _storable(record.error),
                 record.trace_id,
                 record.span_id,
                 record.parent_span_id,
-                record.attempts,
+                record.calls,
+                record.retries,
                 record.created_at,
                 record.updated_at,
             )
@@ -519,8 +592,10 @@ class Journal(JournalReader):
             (
                 record.state.value,
                 None if record.result is None else _encode_json(record.result),
+                None if record.value is None else _encode_json(record.value),
                 _storable(record.error),
-                record.attempts,
+                record.calls,
+                record.retries,
                 record.updated_at,
                 _storable(record.traceback),
                 task_id,
@@ -777,7 +852,9 @@ def _describe(connection: sqlite3.Connection) -> tuple[int, int, list[tuple[str,
     return application_id, version, objects
 
 
-def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) -> sqlite3.Connection:
+def _open_for_writing(
+    path: str, durability: Durability, busy_timeout_s: float, pipelines: frozenset[str] | None
+) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -790,9 +867,16 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
         connection.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         # Take the write lock now: a journal that cannot be written is refused at open, not at the first batch.
         connection.execute("BEGIN IMMEDIATE")
-        if _classify(connection, path, busy_timeout_s) is None:
+        version = _classify(connection, path, busy_timeout_s)
+        if version is None:
             for statement in _SCHEMA:  # inside the open transaction: all of it or nothing
                 connection.execute(statement)
+        else:
+            if pipelines is not None:
+                _check_pipelines(connection, path, version, pipelines)
+            if version == 1:
+                for statement in _migrate_from_1(connection):  # inside the open transaction: all or nothing
+                    connection.execute(statement)
         present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
         for column, kind in _ADDED_COLUMNS:
             if column not in present:
@@ -811,6 +895,22 @@ def _open_for_writing(path: str, durability: Durability, busy_timeout_s: float) 
         connection.close()
         raise
     return connection
+
+
+def _check_pipelines(connection: sqlite3.Connection, path: str, version: int, known: frozenset[str]) -> None:
+    """Refuse a journal with unfinished tasks of a pipeline the runtime does not define (before any write)."""
+    column = f"'{DEFAULT_PIPELINE}'" if version == 1 else "pipeline"
+    rows = connection.execute(
+        f"SELECT {column}, COUNT(*) FROM tasks WHERE state NOT IN ({_TERMINAL_SQL}) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    missing = [(name, count) for name, count in rows if name not in known]
+    if missing:
+        shown = ", ".join(f"{name!r} ({count} unfinished task{'s' if count != 1 else ''})" for name, count in missing)
+        raise JournalError(
+            f"journal {path!r} holds unfinished tasks of pipeline(s) this runtime does not define: {shown}; "
+            f"the runtime defines {sorted(known)!r}. Pass those pipelines to Runtime(pipelines=[...]) to resume "
+            "them; the journal was left untouched"
+        )
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -837,9 +937,8 @@ def _filter(state: TaskState | str | None, terminal: bool | None) -> tuple[str, 
     if state is not None:
         try:
             state = TaskState(state)
-        except ValueError:
-            allowed = ", ".join(member.value for member in TaskState)
-            raise ValueError(f"state must be a TaskState ({allowed}), got {state!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"state must be a TaskState, such as {', '.join(TaskState)}: {exc}") from None
         clauses.append("state = ?")
         params = (state.value,)
     if terminal is not None:
@@ -896,37 +995,52 @@ def _decode_json(text: str) -> Any:
     return _frozen_array(value) if type(value) is list else value
 
 
-_STATE_BY_NAME: Final[dict[str, TaskState]] = {state.value: state for state in TaskState}
+_STATE_BY_NAME: dict[str, TaskState] = {state.value: state for state in TaskState}
 """A dict lookup is 10x faster than ``TaskState(name)`` (measured), and reads make one per transition."""
 
 
-def _task_columns(connection: sqlite3.Connection) -> str:
-    """The columns to select from `tasks`: an added column a journal lacks (read-only, older) reads as NULL."""
+def _task_columns(connection: sqlite3.Connection, version: int) -> str:
+    """The columns to select from `tasks`, as schema 2 names them: a schema-1 journal (read, never migrated,
+    by a reader) maps its own; an added column a journal lacks (read-only, older) reads as NULL."""
     present = {row[1] for row in connection.execute("PRAGMA table_info(tasks)")}
     added = ", ".join(column if column in present else f"NULL AS {column}" for column, _ in _ADDED_COLUMNS)
-    return f"{_TASK_COLUMNS}, {added}"
+    return f"{_TASK_COLUMNS_V1 if version == 1 else _TASK_COLUMNS}, {added}"
+
+
+def _state(name: str) -> TaskState:
+    state = _STATE_BY_NAME.get(name)
+    if state is None:
+        state = _STATE_BY_NAME[name] = TaskState(name)
+    return state
 
 
 def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> TaskRecord:
     (
         task_id,
+        pipeline,
         state,
         payload,
         result,
+        value,
         error,
         trace_id,
         span_id,
         parent_span_id,
-        attempts,
+        calls,
+        retries,
         created_at,
         updated_at,
         traceback,
     ) = row
     return TaskRecord(
         task_id=task_id,
-        state=_STATE_BY_NAME[state],
+        state=_state(state),
         payload=_decode_json(payload),
         result=None if result is None else _decode_json(result),
+        value=None if value is None else _decode_json(value),
+        pipeline=pipeline,
+        calls=calls,
+        retries=retries,
         error=error,
         history=history,
         created_at=created_at,
@@ -934,7 +1048,6 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         trace_id=trace_id,
         span_id=span_id,
         parent_span_id=parent_span_id,
-        attempts=attempts,
         traceback=traceback,
     )
 
@@ -942,8 +1055,8 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
 def _transition_from_row(row: tuple[Any, ...]) -> Transition:
     _, _, from_state, to_state, at, reason = row
     return Transition(
-        from_state=None if from_state is None else _STATE_BY_NAME[from_state],
-        to_state=_STATE_BY_NAME[to_state],
+        from_state=None if from_state is None else _state(from_state),
+        to_state=_state(to_state),
         at=at,
         reason=reason,
     )

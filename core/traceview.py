@@ -2,7 +2,10 @@
 
 The runtime logs one JSON object per line (structlog's ``JSONRenderer``). This
 module turns such a file back into one timeline per task and checks every
-logged state change against the transition table of `actorflow.core.config`::
+logged state change against the transition table of the task's pipeline: each
+``runtime.started`` line carries the tables of the runtime's pipelines, and
+each ``task.transition`` line its task's pipeline (the seed's table,
+`actorflow.core.config.TRANSITIONS`, serves logs that carry neither)::
 
     parse_lines / read_log        one LogEvent or BrokenLine per line, with its number
     build_trace / load_trace      a Trace: one TaskTimeline per task, in order of appearance
@@ -36,7 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS, is_allowed
+from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
 from actorflow.core.types import TaskState
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "RetryScheduled",
     "StageRun",
     "Submitted",
+    "Table",
     "TaskOutcome",
     "TaskTimeline",
     "TimelineEntry",
@@ -66,7 +70,12 @@ __all__ = [
     "read_log",
 ]
 
-_STATE_NAMES: frozenset[str] = frozenset(state.value for state in TaskState)
+Table = Mapping[str, frozenset[str]]
+"""A transition table by state names: each state -> the states it may move to."""
+
+_SEED_TABLE: Table = MappingProxyType(
+    {state.value: frozenset(target.value for target in targets) for state, targets in TRANSITIONS.items()}
+)
 _TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
 _CREATED = TaskState.CREATED.value
 
@@ -286,6 +295,10 @@ class TaskTimeline:
     last_line: int
     duration_ms: float | None
     """From the outcome event, else the time between the task's first and last lines."""
+    pipeline: str | None = None
+    """The task's pipeline, as its transition lines name it (None if they do not)."""
+    table: Table | None = field(default=None, repr=False, compare=False)
+    """The transition table of that pipeline, from the last ``runtime.started`` line before the task."""
 
     @property
     def transitions(self) -> tuple[TransitionEntry, ...]:
@@ -344,7 +357,18 @@ class Trace:
 class _TaskBuilder:
     """A timeline while the file is read; frozen into a `TaskTimeline` at the end."""
 
-    __slots__ = ("entries", "first_line", "first_ts", "last_line", "last_ts", "open_stages", "task_id", "trace_id")
+    __slots__ = (
+        "entries",
+        "first_line",
+        "first_ts",
+        "last_line",
+        "last_ts",
+        "open_stages",
+        "pipeline",
+        "table",
+        "task_id",
+        "trace_id",
+    )
 
     def __init__(self, task_id: str, trace_id: str | None, lineno: int) -> None:
         self.task_id = task_id
@@ -355,6 +379,8 @@ class _TaskBuilder:
         self.first_line = self.last_line = lineno
         self.first_ts: str | None = None
         self.last_ts: str | None = None
+        self.pipeline: str | None = None
+        self.table: Table | None = None
 
     def touch(self, event: LogEvent) -> None:
         self.last_line = event.lineno
@@ -375,6 +401,8 @@ class _TaskBuilder:
             first_line=self.first_line,
             last_line=self.last_line,
             duration_ms=outcome_ms if outcome_ms is not None else _ms_between(self.first_ts, self.last_ts),
+            pipeline=self.pipeline,
+            table=self.table,
         )
 
 
@@ -388,6 +416,8 @@ class _TraceBuilder:
         self.events_read = 0
         self.unknown: Counter[str] = Counter()
         self.runs = 0
+        self.tables: dict[str, Table] = {}
+        """Pipeline name -> its transition table, as the latest ``runtime.started`` line gave it."""
 
     def task_for(self, event: LogEvent, task_id: str) -> _TaskBuilder:
         trace_id = event.trace_id
@@ -419,6 +449,7 @@ class _TraceBuilder:
             self.events_read += 1
             if event.event == "runtime.started":
                 self.runs += 1
+                self.tables.update(_tables(event.fields.get("transitions")))
             elif event.event not in _RUN_EVENTS:
                 self.unknown[event.event] += 1
             return
@@ -439,6 +470,10 @@ class _TraceBuilder:
         elif name == "task.transition":
             to_state = _opt_str(f, "to_state")
             assert to_state is not None  # checked by _missing_fields
+            pipeline = _opt_str(f, "pipeline")
+            if pipeline is not None and task.pipeline is None:
+                task.pipeline = pipeline
+                task.table = self.tables.get(pipeline)
             task.entries.append(
                 TransitionEntry(
                     lineno=event.lineno,
@@ -600,12 +635,16 @@ class Violation:
         return f"line {self.lineno}: task {self.task_id}: {self.from_state} -> {self.to_state}: {self.why}"
 
 
-def check_timeline(timeline: TaskTimeline) -> list[Violation]:
-    """Check one task's transitions in file order; see `check_transitions`."""
+def check_timeline(timeline: TaskTimeline, *, table: Table | None = None) -> list[Violation]:
+    """Check one task's transitions in file order; see `check_transitions`.
+
+    `table` overrides the timeline's own (its pipeline's, else the seed's).
+    """
     violations: list[Violation] = []
     previous: TransitionEntry | None = None
+    chosen = table or timeline.table or _SEED_TABLE
     for entry in timeline.transitions:
-        problems = _judge(previous, entry)
+        problems = _judge(previous, entry, chosen)
         if problems:
             violations.append(
                 Violation(
@@ -627,19 +666,20 @@ def check_timeline(timeline: TaskTimeline) -> list[Violation]:
 def check_transitions(trace: Trace) -> list[Violation]:
     """Every ``task.transition`` that breaks the lifecycle, in file order.
 
-    A transition must be in `core.config.TRANSITIONS` (creation is
-    None -> CREATED), must start from the state the task's previous transition
-    reached (None before the first), and must not follow a terminal state.
+    A transition must be in its task's pipeline's table (`core.config.TRANSITIONS`
+    for the seed, or when the log does not say; creation is None -> CREATED),
+    must start from the state the task's previous transition reached (None
+    before the first), and must not follow a terminal state.
     """
     violations = [violation for task in trace.tasks for violation in check_timeline(task)]
     violations.sort(key=lambda violation: violation.lineno)
     return violations
 
 
-def _judge(previous: TransitionEntry | None, entry: TransitionEntry) -> list[tuple[ViolationKind, str]]:
-    unknown = [state for state in (entry.from_state, entry.to_state) if state is not None and state not in _STATE_NAMES]
+def _judge(previous: TransitionEntry | None, entry: TransitionEntry, table: Table) -> list[tuple[ViolationKind, str]]:
+    unknown = [state for state in (entry.from_state, entry.to_state) if state is not None and state not in table]
     if unknown:
-        known = ", ".join(state.value for state in TaskState)
+        known = ", ".join(table)
         return [("unknown_state", f"{' and '.join(unknown)} is not a task state (known: {known})")]
     prev_state = previous.to_state if previous else None
     if previous is not None and prev_state in _TERMINAL_NAMES:
@@ -659,11 +699,28 @@ def _judge(previous: TransitionEntry | None, entry: TransitionEntry) -> list[tup
     if entry.from_state is None:
         if entry.to_state != _CREATED:
             problems.append(("not_allowed", f"a task is created in {_CREATED}, not {entry.to_state}"))
-    elif not is_allowed(TaskState(entry.from_state), TaskState(entry.to_state)):
-        targets = sorted(state.value for state in TRANSITIONS[TaskState(entry.from_state)])
+    elif entry.to_state not in table[entry.from_state]:
+        targets = sorted(table[entry.from_state])
         allowed = f"only to {', '.join(targets)}" if targets else f"nowhere ({entry.from_state} is terminal)"
         problems.append(("not_allowed", f"not in the transition table: {entry.from_state} may move {allowed}"))
     return problems
+
+
+def _tables(value: object) -> dict[str, Table]:
+    """The ``transitions`` field of a ``runtime.started`` line: pipeline -> state -> [states]; bad parts are skipped."""
+    tables: dict[str, Table] = {}
+    if not isinstance(value, Mapping):
+        return tables
+    for name, table in value.items():
+        if isinstance(name, str) and isinstance(table, Mapping):
+            tables[name] = MappingProxyType(
+                {
+                    str(state): frozenset(str(target) for target in targets)
+                    for state, targets in table.items()
+                    if isinstance(targets, list)
+                }
+            )
+    return tables
 
 
 def _json_kind(value: object) -> str:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeAlias
 
 __all__ = [
+    "DEFAULT_PIPELINE",
     "MAX_DEPTH",
+    "SEED_STATES",
     "FrozenDict",
+    "JSONInput",
     "JSONValue",
     "Task",
     "TaskRecord",
@@ -28,25 +32,118 @@ __all__ = [
     "encode_json",
     "evolve",
     "freeze",
+    "freeze_payload",
     "thaw",
 ]
 
-JSONValue = Any
-"""A JSON value as actorflow stores it: None, bool, int, float, str, tuple or FrozenDict."""
+DEFAULT_PIPELINE = "default"
+"""The seed pipeline's name (`core.pipeline` re-exports it); a schema-1 journal's tasks belong to it."""
+
+JSONValue: TypeAlias = "bool | int | float | str | tuple[JSONValue, ...] | Mapping[str, JSONValue] | None"
+"""A JSON value as actorflow hands it out (frozen by `freeze`: every mapping a read-only `FrozenDict`,
+every list a tuple): payloads, stage values and results."""
+
+JSONInput: TypeAlias = "bool | int | float | str | Sequence[JSONInput] | Mapping[str, JSONInput] | None"
+"""A JSON value as a program hands it in (payloads): lists and dicts, which `freeze` copies into tuples and
+FrozenDicts."""
 
 
-class TaskState(StrEnum):
-    """The states of a task. The allowed moves between them live in `core.config`."""
+class _TaskStateType(type):
+    """Iterating `TaskState` gives the seed's six states, in lifecycle order (as the enum it replaced did)."""
 
-    CREATED = "CREATED"
-    VALIDATED = "VALIDATED"
-    PROCESSING = "PROCESSING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
+    def __iter__(cls) -> Iterator[TaskState]:
+        return iter(SEED_STATES)
+
+    def __len__(cls) -> int:
+        return len(SEED_STATES)
 
 
-class FrozenDict(dict[str, Any]):
+class TaskState(str, metaclass=_TaskStateType):
+    """A task's state: a name such as ``"CREATED"`` or ``"FETCH"``. The allowed moves live in a `Pipeline`.
+
+    States are data, derived from each pipeline's stages, so this is a string type rather
+    than an enum. Every state of one name is one object (interned), so states can be
+    compared with ``is`` as enum members could; `TaskState.CREATED`, `.COMPLETED`,
+    `.FAILED` and `.CANCELLED` exist in every pipeline, and the seed pipeline adds
+    `.VALIDATED` and `.PROCESSING`.
+    """
+
+    __slots__ = ()
+
+    CREATED: ClassVar[TaskState]
+    VALIDATED: ClassVar[TaskState]
+    PROCESSING: ClassVar[TaskState]
+    COMPLETED: ClassVar[TaskState]
+    FAILED: ClassVar[TaskState]
+    CANCELLED: ClassVar[TaskState]
+
+    def __new__(cls, name: str) -> TaskState:
+        """The one state of this name (made on first use).
+
+        Raises:
+            ValueError: `name` is not a non-empty str of at most 64 letters, digits, ``_`` or ``-``.
+        """
+        known = _STATES.get(name)
+        if known is not None:
+            return known
+        if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r} is not a task state name: use 1 to 64 letters, digits, '_' or '-', starting with a letter"
+            )
+        with _STATES_LOCK:
+            state = _STATES.get(name)
+            if state is None:
+                state = str.__new__(cls, name)
+                _STATES[str(name)] = state
+        return state
+
+    @property
+    def value(self) -> str:
+        """The state's name as a plain str (as an enum member's ``.value``)."""
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        """The state's name (as an enum member's ``.name``)."""
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"TaskState.{str.__str__(self)}"
+
+    def __reduce__(self) -> tuple[type[TaskState], tuple[str]]:
+        # unpickled (in a worker process, say) through __new__, so it is interned there too
+        return (TaskState, (str.__str__(self),))
+
+    def __copy__(self) -> TaskState:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TaskState:
+        return self
+
+
+_STATES: dict[str, TaskState] = {}
+_STATES_LOCK = threading.Lock()
+_STATE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+for _name in ("CREATED", "VALIDATED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"):
+    setattr(TaskState, _name, TaskState(_name))
+del _name
+
+SEED_STATES: tuple[TaskState, ...] = (
+    TaskState.CREATED,
+    TaskState.VALIDATED,
+    TaskState.PROCESSING,
+    TaskState.COMPLETED,
+    TaskState.FAILED,
+    TaskState.CANCELLED,
+)
+"""The seed pipeline's states, in lifecycle order; what iterating `TaskState` gives."""
+
+
+class FrozenDict(dict[str, "JSONValue"]):
     """A read-only dict: JSON- and pickle-friendly, but every mutator raises TypeError.
 
     It subclasses `dict` (rather than wrapping one) so that `json.dumps`, `==`
@@ -142,6 +239,14 @@ def _freeze(value: Any, where: str, depth: int) -> JSONValue:
     )
 
 
+def freeze_payload(payload: Mapping[str, JSONInput], *, where: str = "payload") -> Mapping[str, JSONValue]:
+    """`freeze` for a mapping: its frozen copy, typed as the mapping it is. Raises TypeError as `freeze` does."""
+    frozen = freeze(payload, where=where)
+    if not isinstance(frozen, Mapping):
+        raise TypeError(f"{where} must be a mapping (a JSON object), got {type(payload).__name__}")
+    return frozen
+
+
 def _too_deep(where: str) -> TypeError:
     return TypeError(
         f"{where} is nested more than {MAX_DEPTH} levels deep (or contains itself); JSON values "
@@ -169,7 +274,7 @@ def _check_encodable(text: str, where: str) -> None:
         ) from None
 
 
-def thaw(value: JSONValue) -> Any:
+def thaw(value: object) -> Any:
     """Return a plain, mutable copy (dicts and lists) of a frozen JSON value."""
     if isinstance(value, dict):
         return {key: thaw(item) for key, item in value.items()}
@@ -222,10 +327,21 @@ class TaskRecord:
     """The task's own 16-hex span; every service call is a child span of it."""
     parent_span_id: str | None = None
     """The submitter's span, from its traceparent; None if the task started the trace."""
-    attempts: int = 0
-    """Service calls made for this task that failed and were retried, plus one per stage run."""
+    calls: int = 0
+    """Stage function calls made for this task: one per stage run, plus one per retry."""
+    retries: int = 0
+    """How many of those calls were retries of a stage after a transient failure (or a timeout)."""
+    pipeline: str = DEFAULT_PIPELINE
+    """The name of the pipeline the task runs through."""
+    value: JSONValue = None
+    """While the task runs: the value handed to its current stage, if that is not the payload (None)."""
     traceback: str | None = None
     """The formatted traceback of the task's last failed service call (bounded in size), if any."""
+
+    @property
+    def attempts(self) -> int:
+        """The former name of `calls` (a clean run of three stages shows 3: not two retries; see `retries`)."""
+        return self.calls
 
     def path(self) -> list[str]:
         """The states the task went through, in order (``["CREATED", "VALIDATED", ...]``)."""
@@ -253,7 +369,10 @@ class TaskRecord:
             "trace_id": self.trace_id,
             "span_id": self.span_id,
             "parent_span_id": self.parent_span_id,
-            "attempts": self.attempts,
+            "pipeline": self.pipeline,
+            "calls": self.calls,
+            "retries": self.retries,
+            "attempts": self.calls,
             "traceback": self.traceback,
         }
 
@@ -290,4 +409,5 @@ class TransitionEvent:
             "at": self.at,
             "reason": self.reason,
             "trace_id": self.record.trace_id,
+            "pipeline": self.record.pipeline,
         }

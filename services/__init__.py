@@ -10,24 +10,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from actorflow.core.errors import ConfigError
+from actorflow.core.pipeline import DEFAULT_PIPELINE, Pipeline
 from actorflow.core.types import Task
 from actorflow.services.persistence import ResultStore
 from actorflow.services.processor import process
+from actorflow.services.seed import SEED_STAGES, seed_pipeline
 from actorflow.services.validator import validate
 
-__all__ = ["SERVICE_NAMES", "PersistFn", "ProcessFn", "ResultStore", "ServiceSet", "ValidateFn", "process", "validate"]
+__all__ = [
+    "SERVICE_NAMES",
+    "PersistFn",
+    "ProcessFn",
+    "ResultStore",
+    "ServiceSet",
+    "ValidateFn",
+    "process",
+    "seed_pipeline",
+    "validate",
+]
 
 ValidateFn = Callable[[Mapping[str, Any]], None]
 ProcessFn = Callable[[Task], Mapping[str, Any]]
 PersistFn = Callable[[Task, Mapping[str, Any]], None]
 
-SERVICE_NAMES = ("validator", "processor", "persistence")
-"""The pipeline's stages, in order. Pools and config fields are named after them."""
+SERVICE_NAMES = SEED_STAGES
+"""The seed pipeline's stages, in order. Its pools and config fields are named after them."""
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceSet:
-    """The three functions of the pipeline. Any left as None uses the default.
+    """The three functions of the seed pipeline. Any left as None uses the default.
+
+    `pipeline` builds the seed `Pipeline` from them (a `Runtime` given no
+    pipelines runs it).
 
     Signatures: ``validate(payload) -> None`` (raise to reject),
     ``process(task) -> Mapping`` (the result) and ``persist(task, result) -> None``.
@@ -58,3 +73,11 @@ class ServiceSet:
             "processor": self.process or process,
             "persistence": persist,
         }
+
+    def pipeline(self, *, result_store: ResultStore | None, name: str = DEFAULT_PIPELINE) -> Pipeline:
+        """The seed pipeline, CREATED → VALIDATED → PROCESSING → COMPLETED, around these functions.
+
+        `result_store` backs the default persistence, as in `functions`.
+        """
+        functions = self.functions(result_store=result_store)
+        return seed_pipeline(functions["validator"], functions["processor"], functions["persistence"], name=name)

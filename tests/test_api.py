@@ -170,7 +170,7 @@ def test_posting_a_payload_answers_201_with_the_task_id_its_state_and_its_locati
 
     assert response.status_code == 201
     body = response.json()
-    assert set(body) == {"task_id", "state"}
+    assert set(body) == {"task_id", "state", "pipeline"}
     assert body["state"] in {state.value for state in TaskState}
     assert response.headers["location"] == f"/tasks/{body['task_id']}"
 
@@ -709,7 +709,7 @@ def test_the_event_stream_carries_every_transition_of_a_submitted_task(server: A
         ("VALIDATED", "PROCESSING"),
         ("PROCESSING", "COMPLETED"),
     ]
-    assert set(seen[0]) == {"task_id", "from_state", "to_state", "at", "reason", "trace_id"}
+    assert set(seen[0]) == {"task_id", "from_state", "to_state", "at", "reason", "trace_id", "pipeline"}
 
 
 def test_an_idle_event_stream_gets_heartbeat_comments(server: ApiServer) -> None:

@@ -26,8 +26,11 @@ from actorflow.api import ApiServer, create_app, serve_in_background
 from actorflow.api._idempotency import check_key
 from actorflow.api._openapi import openapi_document
 from actorflow.core import RuntimeConfig
+from actorflow.core.pipeline import seed_shape
 
 TOKEN = "schema-token"
+SEED = (seed_shape(print, print, print),)
+"""The shape of the pipeline the servers below run: the document lists its name and states."""
 
 
 @pytest.fixture
@@ -61,20 +64,22 @@ _SETTINGS = settings(
 # The document is data (`openapi_document`), so the schema is built from it at import
 # time, when pytest collects one test per operation; the test below checks that the
 # server serves exactly this document.
-open_api = schemathesis.openapi.from_dict(openapi_document(token_required=False)).exclude(path="/events")
+open_api = schemathesis.openapi.from_dict(openapi_document(token_required=False, pipelines=SEED)).exclude(
+    path="/events"
+)
 # The token goes in through schemathesis's own auth config (not as a fixed header), so
 # that it knows which requests are meant to lack it and expects 401 for those.
 secured_api = schemathesis.openapi.from_dict(
-    openapi_document(token_required=True),
+    openapi_document(token_required=True, pipelines=SEED),
     config=schemathesis.Config.from_dict({"auth": {"openapi": {"bearer": {"bearer": TOKEN}}}}),
 ).exclude(path="/events")
 
 
 def test_the_server_serves_the_document_that_is_tested(open_server: ApiServer, secured_server: ApiServer) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.get(f"{open_server.url}/openapi.json").json() == openapi_document(token_required=False)
+    assert httpx.get(f"{open_server.url}/openapi.json").json() == openapi_document(token_required=False, pipelines=SEED)
     assert httpx.get(f"{secured_server.url}/openapi.json", headers=headers).json() == openapi_document(
-        token_required=True
+        token_required=True, pipelines=SEED
     )
 
 

@@ -32,7 +32,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
-from actorflow.core import RuntimeConfig, Task
+from actorflow.core import Pipeline, RuntimeConfig, Stage, Task
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
 
@@ -413,3 +413,32 @@ def test_a_realistic_run_is_photographed_for_the_readme(
     target.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
+
+
+def test_a_runtime_with_its_own_pipeline_shows_that_pipelines_states_and_names_it(page: Page) -> None:
+    held = threading.Event()
+
+    def fetch(task: Task, value: Any) -> None:
+        held.wait(30)
+
+    ingest = Pipeline("ingest", [Stage("check", lambda task, value: None), Stage("fetch", fetch)])
+    runtime = Runtime(RuntimeConfig(), services=ServiceSet(), pipelines=[ingest])
+    try:
+        with serve_in_background(create_app(runtime, token=TOKEN)) as running:
+            open_page(page, running)
+            with httpx.Client(base_url=running.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+                ids = [
+                    api.post("/tasks?pipeline=ingest", json={"name": f"page-{i}"}).json()["task_id"] for i in range(2)
+                ]
+                api.post("/tasks", json={"name": "seed", "data": 1})
+            count_is(page, "FETCH", 2)
+            count_is(page, "COMPLETED", 1)
+            select(page, ids[0])
+            steps = page.locator("#timeline .step").evaluate_all("steps => steps.map(s => s.dataset.state)")
+            assert steps == ["CREATED", "CHECK", "FETCH"]
+            assert "ingest" in page.locator("#detail").inner_text()
+            held.set()
+            count_is(page, "COMPLETED", 3)
+    finally:
+        held.set()
+        runtime.close(drain=False)

@@ -59,7 +59,7 @@ def journal(path: Path) -> Iterator[Journal]:
             [
                 (S.VALIDATED, {"reason": "schema ok"}),
                 (S.PROCESSING, {}),
-                (S.COMPLETED, {"result": freeze({"total": 42.5, "currency": "EUR"}), "attempts": 1}),
+                (S.COMPLETED, {"result": freeze({"total": 42.5, "currency": "EUR"}), "calls": 1}),
             ],
         )
         write_path(
@@ -69,7 +69,7 @@ def journal(path: Path) -> Iterator[Journal]:
                 (S.VALIDATED, {}),
                 (
                     S.FAILED,
-                    {"reason": "processor gave up", "error": "TimeoutError: stock service\nline 2", "attempts": 3},
+                    {"reason": "processor gave up", "error": "TimeoutError: stock service\nline 2", "calls": 3},
                 ),
             ],
         )
@@ -117,7 +117,7 @@ def test_inspect_with_state_failed_shows_only_the_failed_tasks(
     code, out, _ = run(capsys, str(path), "--state", "FAILED")
     assert code == 0
     assert "FAILED tasks: 1 of 1 shown, oldest first" in out
-    assert "task order-2  FAILED  attempts 3  trace 4bf92f3577b34da6a3ce929d0e0e4736" in out
+    assert "task order-2  FAILED  pipeline default  calls 3  retries 0  trace 4bf92f3577b34da6a3ce929d0e0e4736" in out
     assert "VALIDATED  -> FAILED      processor gave up" in out
     assert "order-1" not in out
     assert "order-3" not in out
@@ -136,7 +136,7 @@ def test_inspect_with_task_shows_that_task_alone(
 ) -> None:
     code, out, _ = run(capsys, str(path), "--task", "order-1")
     assert code == 0
-    assert out.startswith("task order-1  COMPLETED  attempts 1")
+    assert out.startswith("task order-1  COMPLETED  pipeline default  calls 1  retries 0")
     assert "order-2" not in out
     assert "STATE" not in out
 

@@ -354,14 +354,14 @@ def test_a_stopped_state_actor_without_a_journal_fails_the_runtime_loudly() -> N
 @pytest.fixture
 def broken_advance(monkeypatch: pytest.MonkeyPatch) -> str:
     """The orchestrator's handler raises for the task whose payload is named "broken"."""
-    original = OrchestratorActor._advance
+    original = OrchestratorActor._after_stage  # what a stage's success moves on to
 
-    def advance(self: OrchestratorActor, flight: Any, done: Any) -> None:
+    def after_stage(self: OrchestratorActor, flight: Any) -> None:
         if flight.task.payload["name"] == "broken":
             raise RuntimeError("a bug in a handler")
-        original(self, flight, done)
+        original(self, flight)
 
-    monkeypatch.setattr(OrchestratorActor, "_advance", advance)
+    monkeypatch.setattr(OrchestratorActor, "_after_stage", after_stage)
     return "broken"
 
 

@@ -19,6 +19,7 @@ from actorflow.actors.messages import CreateTask, RunService, ServiceDone
 from actorflow.actors.service import Deliver, OnDeath
 from actorflow.actors.timer import Timer
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent
+from actorflow.core.pipeline import seed_shape
 from actorflow.core.tracing import new_trace
 
 S = TaskState
@@ -90,18 +91,22 @@ class HandAnsweredBackend:
         return sent
 
 
+def _unused(*args: object) -> None:
+    """Never called: the hand-answered backend runs nothing."""
+
+
 class Rig:
     def __init__(self) -> None:
         self.backend = HandAnsweredBackend()
         self.timer = Timer()
         self.terminal: queue.SimpleQueue[TaskRecord] = queue.SimpleQueue()
         self.state = StateActor.start(on_terminal=self.terminal.put)
-        functions = {name: (lambda *args: None) for name in ("validator", "processor", "persistence")}
+        seed = seed_shape(_unused, _unused, _unused)  # the seed's stages; the backend answers their calls
         self.orchestrator = OrchestratorActor.start(
             state=self.state,
-            functions=functions,
+            pipelines=(seed,),
             config=RuntimeConfig(validator_workers=1, processor_workers=1, persistence_workers=1),
-            backend=self.backend,
+            backends=dict.fromkeys(seed.stage_names(), self.backend),
             timer=self.timer,
             dead_letters=DeadLetterOffice(),
         )
@@ -133,7 +138,7 @@ def test_each_stage_starts_only_after_the_previous_one_is_committed(rig: Rig) ->
     assert [events.get(timeout=WAIT_S).to_state for _ in range(3)] == [S.CREATED, S.VALIDATED, S.PROCESSING]
     rig.backend.next_call("processor").answer(result={"rows": 3})
     persist = rig.backend.next_call("persistence")
-    assert persist.call.result == {"rows": 3}
+    assert persist.call.value == {"rows": 3}
     persist.answer()
     record = rig.terminal.get(timeout=WAIT_S)
     assert record.state is S.COMPLETED

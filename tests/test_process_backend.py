@@ -33,6 +33,7 @@ from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskSta
 from actorflow.core.tracing import TraceContext
 from actorflow.core.types import freeze
 from actorflow.services import ServiceSet
+from actorflow.services.seed import ProcessStage
 from tests import process_services as ps
 from tests.conftest import actor_threads, payload
 
@@ -480,10 +481,11 @@ def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None
 def test_the_spawn_start_method_works_too() -> None:
     replies: queue.SimpleQueue[ServiceDone] = queue.SimpleQueue()
     deaths: list[tuple[str, str]] = []
+    describe = ProcessStage(ps.describe)  # backends run stage functions, fn(task, value)
     backend = ProcessBackend(
-        {"processor": ps.describe}, dead_letters=DeadLetterOffice(), threads=ThreadBook(), start_method="spawn"
+        {"processor": describe}, dead_letters=DeadLetterOffice(), threads=ThreadBook(), start_method="spawn"
     )
-    worker = backend.start_worker("processor-1", "processor", ps.describe, replies.put, lambda *d: deaths.append(d))
+    worker = backend.start_worker("processor-1", "processor", describe, replies.put, lambda *d: deaths.append(d))
     assert isinstance(worker, ProcessWorker)
     task = Task("t-1", freeze({"name": "x", "data": {"items": [1]}}))
     for call_id in (1, 2):
@@ -511,7 +513,16 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
     # The backend pickles calls as tuples (3x cheaper than the dataclasses). A new field in any of these
     # must be added to `_encode_call`/`_decode_call` or to the report, or it would silently not cross.
     # dispatched_at stays in the parent on purpose: the pool keeps the original call, which the report is matched to.
-    assert field_names(RunService) == ["call_id", "service", "task", "trace", "attempt", "result", "dispatched_at"]
+    assert field_names(RunService) == [
+        "call_id",
+        "service",
+        "task",
+        "trace",
+        "attempt",
+        "value",
+        "pipeline",
+        "dispatched_at",
+    ]
     assert field_names(Task) == ["task_id", "payload", "attempt"]
     assert field_names(TraceContext) == ["trace_id", "span_id", "parent_span_id"]
     assert field_names(ServiceDone) == [
@@ -535,6 +546,7 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
         TraceContext("a" * 32, "b" * 16, "c" * 16),
         2,
         freeze({"sha256": "0" * 64}),
+        "ingest",
     )
     assert _decode_call(pickle.loads(pickle.dumps(_encode_call(call)))) == call
 

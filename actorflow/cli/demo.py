@@ -21,10 +21,11 @@ from collections.abc import Iterator, Sequence
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent, is_terminal
 from actorflow.core.tracing import configure_logging
+from actorflow.core.types import JSONInput
 
 __all__ = ["build_parser", "clip", "main"]
 
-_INVALID_PAYLOADS: list[dict[str, object]] = [
+_INVALID_PAYLOADS: list[dict[str, JSONInput]] = [
     {"name": "", "data": 1},  # empty name
     {"data": [1, 2, 3]},  # no name
     {"name": "x" * 201, "data": None},  # name too long
@@ -33,9 +34,9 @@ _INVALID_PAYLOADS: list[dict[str, object]] = [
 _DETAIL_WIDTH = 52
 
 
-def _payloads(count: int) -> list[dict[str, object]]:
+def _payloads(count: int) -> list[dict[str, JSONInput]]:
     """`count` tasks, about one in eight of them invalid, so the demo shows both outcomes."""
-    payloads: list[dict[str, object]] = []
+    payloads: list[dict[str, JSONInput]] = []
     for index in range(count):
         if index % 8 == 7:
             payloads.append(_INVALID_PAYLOADS[(index // 8) % len(_INVALID_PAYLOADS)])

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from actorflow.core.errors import JournalError
 from actorflow.core.journal import Journal, JournalReader
-from actorflow.core.types import TaskRecord, TaskState, thaw
+from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, thaw
 
 __all__ = ["main"]
 
@@ -41,6 +41,11 @@ def main(argv: Sequence[str], *, prog: str = "actorflow inspect") -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         with Journal.open_readonly(options.path) as journal:
+            if options.state is not None and options.state.value not in (known := journal.states()):
+                # States are the journal's pipelines' own, so they are checked against what it holds.
+                allowed = ", ".join(known)
+                print(f"{prog}: error: unknown state {options.state.value!r}; allowed: {allowed}", file=sys.stderr)
+                return 2
             if options.json:
                 return _print_json(journal, options.state, options.task, options.limit, prog=prog)
             if options.task is not None:
@@ -89,7 +94,9 @@ def _state(text: str) -> TaskState:
         return TaskState(text.strip().upper())
     except ValueError:
         allowed = ", ".join(state.value for state in TaskState)
-        raise argparse.ArgumentTypeError(f"unknown state {text!r}; allowed: {allowed}") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown state {text!r}; allowed: {allowed}, or a state of one of the journal's pipelines"
+        ) from None
 
 
 def _limit(text: str) -> int:
@@ -115,10 +122,14 @@ def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -
     for name, count in counts.items():
         print(f"{name:<{_STATE_WIDTH}}  {count:>{width}}")
     print(f"{'total':<{_STATE_WIDTH}}  {total:>{width}}")
+    pipelines = journal.pipelines()
+    if set(pipelines) - {DEFAULT_PIPELINE}:
+        print()
+        print("pipelines  " + ", ".join(f"{name} ({count})" for name, count in pipelines.items()))
     if limit == 0:
         return
 
-    matching = total if state is None else counts[state.value]
+    matching = total if state is None else counts.get(state.value, 0)
     what = "tasks" if state is None else f"{state.value} tasks"
     print()
     if matching == 0:
@@ -145,7 +156,12 @@ def _print_json(journal: JournalReader, state: TaskState | None, task_id: str | 
         records = [record]
     else:
         records = journal.records(state=state, limit=limit, newest_first=True)[::-1] if limit else []
-    document = {"journal": journal.path, "counts": journal.counts(), "tasks": [r.to_dict() for r in records]}
+    document = {
+        "journal": journal.path,
+        "counts": journal.counts(),
+        "pipelines": journal.pipelines(),
+        "tasks": [r.to_dict() for r in records],
+    }
     print(json.dumps(document, ensure_ascii=False, indent=2))
     sys.stdout.flush()
     return 0
@@ -162,8 +178,8 @@ def _show_task(journal: JournalReader, task_id: str, *, prog: str) -> int:
 
 def _print_record(record: TaskRecord) -> None:
     print(
-        f"task {_clean(record.task_id)}  {record.state.value}  attempts {record.attempts}  "
-        f"trace {_clean(record.trace_id) or '-'}"
+        f"task {_clean(record.task_id)}  {record.state.value}  pipeline {_clean(record.pipeline)}  "
+        f"calls {record.calls}  retries {record.retries}  trace {_clean(record.trace_id) or '-'}"
     )
     took = record.updated_at - record.created_at
     print(f"  path     {' -> '.join(record.path())}  ({_seconds(took)} from creation to last change)")

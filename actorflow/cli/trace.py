@@ -104,11 +104,23 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _state_name(text: str) -> str:
-    name = text.strip().upper()
-    if name not in {state.value for state in TaskState}:
+    # States are a pipeline's own: the name is checked here, and against the log's states once it is read.
+    try:
+        return TaskState(text.strip().upper()).value
+    except ValueError:
         allowed = ", ".join(state.value for state in TaskState)
-        raise argparse.ArgumentTypeError(f"{text!r} is not a task state; allowed: {allowed}")
-    return name
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a task state; allowed: {allowed}, or a state of one of the log's pipelines"
+        ) from None
+
+
+def _known_states(tasks: Sequence[TaskTimeline]) -> list[str]:
+    """The seed's states, then every other state the log's pipelines define or its tasks reached."""
+    known = dict.fromkeys(state.value for state in TaskState)
+    for timeline in tasks:
+        known.update(dict.fromkeys(timeline.table or ()))
+        known.update(dict.fromkeys(timeline.path))
+    return list(known)
 
 
 def _run(
@@ -137,6 +149,9 @@ def _run(
             examples = ", ".join(t.task_id for t in trace.tasks[:3]) or "none"
             raise _UsageError(f"no task {task!r} in {path} ({len(trace.tasks)} tasks; first ids: {examples})")
     if state is not None:
+        known = _known_states(trace.tasks)
+        if state not in known:
+            raise _UsageError(f"{state!r} is not a task state; allowed: {', '.join(known)}")
         shown = tuple(timeline for timeline in shown if timeline.final_state == state)
 
     for broken in trace.broken[:_MAX_WARNINGS]:

@@ -1,0 +1,228 @@
+"""The async backend: ``async def`` stages run as coroutines on one event-loop thread.
+
+A thread per call would cost a stack and a context switch per call in flight;
+an I/O-bound stage that awaits (HTTP, a database, a sleep) instead runs as many
+coroutines as its `workers` allow on a single loop::
+
+    pool ─ send(call) ─ call_soon_threadsafe ─► loop thread: create_task(run(call)) ─► deliver(ServiceDone)
+
+Each worker of a pool is a slot on the loop that runs one coroutine at a time,
+so a stage's `workers` is the number of its calls in flight. The rules match
+the thread workers':
+
+* the call's trace fields are bound (structlog contextvars) in the context the
+  coroutine's task is created in, so the coroutine's own logging sees them;
+* a timeout retires the worker, which cancels its coroutine (`Task.cancel`);
+* cancelling a task cancels its running coroutine (`cancel`), which then
+  reports ``permanent`` with ``CancelledError`` (a report the orchestrator
+  discards, but that frees the worker's slot);
+* a coroutine raising a `BaseException` that is not an `Exception` is
+  ``crashed``: the worker stops taking calls and the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from actorflow.actors.messages import RunService
+from actorflow.actors.service import Deliver, OnDeath, WorkerHandle, call_fields, report, report_failure, stage_value
+from actorflow.actors.threads import ThreadBook
+from actorflow.core.tracing import get_event_logger
+from actorflow.core.types import JSONValue, freeze
+
+__all__ = ["AsyncBackend", "make_backend"]
+
+_numbers = itertools.count(1)
+
+
+class AsyncBackend:
+    """Workers are slots on one event loop, run by one daemon thread (``actorflow-loop-N``)."""
+
+    name = "async"
+
+    max_queue_depth = 1
+    """One call per slot: `workers` slots are `workers` calls in flight."""
+
+    def __init__(self, threads: ThreadBook | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._arrived: deque[tuple[_AsyncWorker, RunService]] = deque()
+        """Calls sent since the loop last took them; one wake-up takes them all."""
+        self._wake_scheduled = False
+        self.thread = threading.Thread(
+            target=self._run, args=(started,), name=f"actorflow-loop-{next(_numbers)}", daemon=True
+        )
+        self.thread.start()
+        started.wait(10)
+        self._log = get_event_logger("async-backend")
+
+    def _run(self, started: threading.Event) -> None:
+        if self._threads is not None:
+            self._threads.record_current()  # so that Runtime.close() joins it
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    def start_worker(
+        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
+    ) -> WorkerHandle:
+        """A slot on the loop: nothing starts until a call is sent."""
+        return _AsyncWorker(name, fn, deliver, self)
+
+    def schedule(self, worker: _AsyncWorker, call: RunService) -> bool:
+        """Hand a call to the loop (from any thread). One self-pipe write per burst, not per call."""
+        with self._lock:
+            self._arrived.append((worker, call))
+            if self._wake_scheduled:
+                return True
+            self._wake_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._take_arrived)
+        except RuntimeError:  # the loop is closed: the runtime is stopping
+            return False
+        return True
+
+    def _take_arrived(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+            arrived, self._arrived = self._arrived, deque()
+        for worker, call in arrived:
+            worker.start(call)
+
+    def close(self) -> None:
+        """Cancel what still runs and stop the loop's thread."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed meanwhile
+            return
+        self.thread.join(5.0)
+
+
+class _AsyncWorker:
+    """One slot of a pool on the loop. `send`, `retire` and `cancel` are called from the orchestrator's thread."""
+
+    __slots__ = ("_backend", "_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
+
+    def __init__(self, name: str, fn: Callable[..., Any], deliver: Deliver, backend: AsyncBackend) -> None:
+        self.name = name
+        self._fn = fn
+        self._deliver = deliver
+        self._backend = backend
+        self._loop = backend.loop
+        self._retired = False
+        self._running: dict[int, asyncio.Task[None]] = {}
+        """Only touched on the loop's thread."""
+        self._log = get_event_logger(name)
+
+    def send(self, call: RunService) -> bool:
+        if self._retired:
+            return False
+        return self._backend.schedule(self, call)
+
+    def retire(self) -> None:
+        self._retired = True
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._cancel_all)
+
+    def join(self, timeout: float) -> bool:
+        return True  # a slot has no thread of its own
+
+    def withdraw(self, call_id: int) -> bool:
+        return False  # a call sent to a slot starts at once; a running one is cancelled instead (`cancel`)
+
+    def cancel(self, call_id: int) -> None:
+        """Cancel the coroutine of `call_id` if it is running (it still reports, as a CancelledError)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._cancel, call_id)
+
+    # --- on the loop's thread --------------------------------------------------------------------
+
+    def start(self, call: RunService) -> None:
+        """Start the call's coroutine (on the loop's thread)."""
+        if self._retired:
+            return  # the pool took this call back when it retired us
+        fields = call_fields(call, self.name)
+        context = contextvars.copy_context()
+        # The trace reaches the coroutine: its task runs in this context, with the call's fields bound.
+        context.run(structlog.contextvars.bind_contextvars, **fields)
+        task = self._loop.create_task(self._run(call, fields), context=context)
+        self._running[call.call_id] = task
+
+    def _cancel(self, call_id: int) -> None:
+        task = self._running.get(call_id)
+        if task is not None:
+            task.cancel()
+
+    def _cancel_all(self) -> None:
+        for task in self._running.values():
+            task.cancel()
+
+    async def _run(self, call: RunService, fields: dict[str, Any]) -> None:
+        log = self._log
+        verbose = log.enabled("debug")
+        if verbose:
+            log.debug("service.started", **fields)
+        started_at = time.time()
+        started = time.perf_counter()
+        result: JSONValue = None
+        error: BaseException | None = None
+        cancelled = False
+        try:
+            returned = await self._fn(call.task, stage_value(call))
+            if returned is not None:
+                result = freeze(returned, where=f"the value returned by stage {call.service!r}")
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException as exc:  # noqa: BLE001 - classified by `report`; SystemExit & co. are contained here
+            error = exc
+        finally:
+            self._running.pop(call.call_id, None)
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        if cancelled:
+            done = report_failure(
+                log, call, self.name, "", "permanent", "CancelledError", "the call was cancelled", duration_ms
+            )
+        else:
+            done = report(
+                log,
+                call,
+                self.name,
+                "",
+                result,
+                error,
+                duration_ms,
+                started_at=started_at,
+                fields=fields if verbose else None,
+            )
+        if done.status == "crashed":
+            self._retired = True  # calls queued behind this one go back to the pool, as on a thread worker
+        if self._retired and done.status != "crashed":
+            return  # retired (timed out, or the runtime is stopping): the pool re-sent or forgot this call
+        self._deliver(done)
+
+
+def make_backend(request: Any) -> AsyncBackend:
+    """The async backend, for the registry (`actors.backends`)."""
+    return AsyncBackend(request.threads)

@@ -1,0 +1,313 @@
+"""Pipelines as data: a `Pipeline` is a named sequence of `Stage`s, checked when it is built.
+
+A stage function is ``fn(task, value)``. The first stage gets the payload as its
+value; what a stage returns is the next stage's value, and None passes the value
+on unchanged; the last value becomes the record's result. Raising
+`TransientError` asks for a retry; any other exception fails the task.
+
+Each stage runs while the task is in the stage's *state* (derived from its name:
+stage ``"fetch"`` runs in state ``FETCH``, unless the stage names another). The
+transition table is derived from the stages, so it is data the StateActor
+enforces. For stages ``check, fetch, store``::
+
+    CREATED ──► CHECK ──► FETCH ──► STORE ──► COMPLETED
+       │          │         │         │
+       └──────────┴─────────┴─────────┴────► FAILED, CANCELLED
+
+A stage whose state is the previous one's (or ``CREATED`` for the first stage)
+runs without a transition; a stage's ``done_state`` is recorded when it succeeds.
+The seed pipeline (`services.ServiceSet`) uses both, which gives its lifecycle
+``CREATED ─validator─► VALIDATED ──► PROCESSING ─processor, persistence─► COMPLETED``.
+COMPLETED, FAILED and CANCELLED are terminal: nothing leaves them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+from actorflow.core.errors import ConfigError
+from actorflow.core.types import DEFAULT_PIPELINE, TaskState
+
+__all__ = ["BACKENDS", "DEFAULT_PIPELINE", "Pipeline", "Stage", "StageBackend", "seed_shape"]
+
+StageBackend = Literal["thread", "process", "ray", "async"]
+BACKENDS: Final[tuple[str, ...]] = ("thread", "process", "ray", "async")
+"""Where a stage's calls may run; "async" is implied by an ``async def`` function."""
+
+_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_TERMINAL: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+def _is_coroutine_function(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One step of a pipeline: a function and where and how it runs.
+
+    Settings left as None fall back to the runtime's `RuntimeConfig`.
+
+    Args:
+        name: 1-64 letters, digits, ``_`` or ``-``, unique in its pipeline.
+        fn: ``fn(task, value)``; may be ``async def`` (then it runs on an event loop).
+        workers: calls of this stage running at once (for "async", calls in flight).
+        backend: "thread", "process", "ray" or "async"; None means "async" for an
+            ``async def`` function and `RuntimeConfig.service_backend` otherwise.
+        timeout_s: a call running longer is a transient failure (RuntimeConfig.stage_timeout_s).
+        max_attempts: attempts before a transient failure fails the task (RuntimeConfig.max_attempts).
+        retry_backoff_s: first retry delay (RuntimeConfig.retry_backoff_s).
+        retry_backoff_max_s: upper bound of the retry delay (RuntimeConfig.retry_backoff_max_s).
+        state: the state the task is in while this stage runs; derived from `name` if None.
+        done_state: a state recorded when the stage succeeds, before the next stage's.
+
+    Raises:
+        ConfigError: a setting is out of range; the message names the stage and the field.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    workers: int | None = None
+    backend: StageBackend | None = None
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    retry_backoff_s: float | None = None
+    retry_backoff_max_s: float | None = None
+    state: str | None = None
+    done_state: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"Stage name {self.name!r} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
+                "starting with a letter"
+            )
+        where = f"Stage {self.name!r}"
+        if not callable(self.fn):
+            raise ConfigError(f"{where}: fn must be callable, got {self.fn!r}")
+        if self.workers is not None:
+            _check_int(where, "workers", self.workers, minimum=1)
+        if self.max_attempts is not None:
+            _check_int(where, "max_attempts", self.max_attempts, minimum=1)
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(
+                f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {self.backend!r}"
+            )
+        is_async = _is_coroutine_function(self.fn)
+        if self.backend == "async" and not is_async:
+            raise ConfigError(f"{where}: backend 'async' needs an async def function, got {self.fn!r}")
+        if is_async and self.backend not in (None, "async"):
+            raise ConfigError(
+                f"{where}: backend {self.backend!r} cannot run the async def function {self.fn!r}; "
+                "leave backend None (or 'async') to run it on an event loop"
+            )
+        if self.timeout_s is not None:
+            _check_seconds(where, "timeout_s", self.timeout_s, allow_zero=False)
+        for name in ("retry_backoff_s", "retry_backoff_max_s"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_seconds(where, name, value, allow_zero=True)
+        if (
+            self.retry_backoff_s is not None
+            and self.retry_backoff_max_s is not None
+            and self.retry_backoff_max_s < self.retry_backoff_s
+        ):
+            raise ConfigError(
+                f"{where}: retry_backoff_max_s ({self.retry_backoff_max_s}) must be >= "
+                f"retry_backoff_s ({self.retry_backoff_s})"
+            )
+        for name in ("state", "done_state"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                state = TaskState(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {name} {exc}") from None
+            if state in _TERMINAL:
+                raise ConfigError(f"{where}: {name} {value!r} is terminal; a stage's states must not be")
+        if self.done_state == TaskState.CREATED:
+            raise ConfigError(f"{where}: done_state must not be CREATED, the state every task starts in")
+
+    @property
+    def is_async(self) -> bool:
+        """True if `fn` is an ``async def`` function (it runs on an event loop)."""
+        return _is_coroutine_function(self.fn)
+
+    @property
+    def run_state(self) -> TaskState:
+        """The state a task is in while this stage runs."""
+        if self.state is not None:
+            return TaskState(self.state)
+        derived = re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_").upper()
+        return TaskState(derived)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Pipeline:
+    """A named, checked sequence of stages, and the transition table it derives.
+
+    Args:
+        name: 1-64 letters, digits, ``_`` or ``-``; unique in a runtime.
+        stages: at least one `Stage`, with unique names and states.
+
+    Raises:
+        ConfigError: the pipeline is empty, a name or state repeats, or a stage's
+            state is terminal; the message names the stage and the field.
+    """
+
+    name: str
+    stages: tuple[Stage, ...]
+    transitions: Mapping[TaskState, frozenset[TaskState]] = field(repr=False, compare=False)
+    """For each of the pipeline's states, the states it may move to (terminal ones: none)."""
+    states: tuple[TaskState, ...] = field(repr=False, compare=False)
+    """Every state of the pipeline, in lifecycle order, the three terminal ones last."""
+    _stage_at: Mapping[TaskState, int] = field(repr=False, compare=False)
+    _done_at: Mapping[TaskState, int] = field(repr=False, compare=False)
+
+    def __init__(self, name: str, stages: Iterable[Stage]) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"Pipeline name {name!r} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
+                "starting with a letter"
+            )
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Iterable):
+            raise ConfigError(f"Pipeline {name!r}: stages must be a list of Stage, got {type(stages).__name__}")
+        stages = tuple(stages)
+        if not stages:
+            raise ConfigError(f"Pipeline {name!r}: stages is empty; a pipeline needs at least one Stage")
+        for index, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise ConfigError(f"Pipeline {name!r}: stages[{index}] must be a Stage, got {stage!r}")
+        seen_names: set[str] = set()
+        for stage in stages:
+            if stage.name in seen_names:
+                raise ConfigError(f"Pipeline {name!r}: stage name {stage.name!r} is used twice; stage names are unique")
+            seen_names.add(stage.name)
+        table: dict[TaskState, set[TaskState]] = {TaskState.CREATED: set()}
+        stage_at: dict[TaskState, int] = {}
+        done_at: dict[TaskState, int] = {}
+        current = TaskState.CREATED
+        for index, stage in enumerate(stages):
+            for field_name, name_or_none in (("state", stage.run_state), ("done_state", stage.done_state)):
+                if name_or_none is None:
+                    continue
+                state = TaskState(name_or_none)
+                if state in _TERMINAL:
+                    raise ConfigError(
+                        f"Pipeline {name!r}: stage {stage.name!r} has the terminal state {state.value!r} "
+                        f"(derived from its name); give the stage another state= name"
+                    )
+                if field_name == "state" and state is current:
+                    stage_at.setdefault(state, index)  # runs in the state the previous step left
+                    continue
+                if state in table:
+                    raise ConfigError(
+                        f"Pipeline {name!r}: stage {stage.name!r} field {field_name} {state.value!r} is already "
+                        "used by an earlier step; each state may appear once (consecutive stages may share one)"
+                    )
+                table[current].add(state)
+                table[state] = set()
+                current = state
+                if field_name == "state":
+                    stage_at[state] = index
+                else:
+                    done_at[state] = index
+        table[current].add(TaskState.COMPLETED)
+        for targets in table.values():
+            targets.update((TaskState.FAILED, TaskState.CANCELLED))
+        for terminal in (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED):
+            table[terminal] = set()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "stages", stages)
+        object.__setattr__(
+            self, "transitions", MappingProxyType({state: frozenset(targets) for state, targets in table.items()})
+        )
+        object.__setattr__(self, "states", tuple(table))
+        object.__setattr__(self, "_stage_at", MappingProxyType(stage_at))
+        object.__setattr__(self, "_done_at", MappingProxyType(done_at))
+
+    def is_allowed(self, from_state: TaskState, to_state: TaskState) -> bool:
+        """True if this pipeline's table allows moving from `from_state` to `to_state`."""
+        targets = self.transitions.get(from_state)
+        return targets is not None and to_state in targets
+
+    def stage(self, name: str) -> Stage:
+        """The stage called `name`. Raises KeyError naming the stages there are."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"pipeline {self.name!r} has no stage {name!r}; its stages: {self.stage_names()}")
+
+    def stage_names(self) -> list[str]:
+        """The stages' names, in order."""
+        return [stage.name for stage in self.stages]
+
+    def stage_running_in(self, state: TaskState) -> int | None:
+        """The index of the first stage that runs in `state`; None if none does."""
+        return self._stage_at.get(state)
+
+    def stage_done_in(self, state: TaskState) -> int | None:
+        """The index of the stage whose `done_state` is `state`; None if none."""
+        return self._done_at.get(state)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description: name, stages (name, state, backend) and the transition table."""
+        return {
+            "name": self.name,
+            "stages": [
+                {
+                    "name": s.name,
+                    "state": s.run_state.value,
+                    "done_state": None if s.done_state is None else str(s.done_state),
+                    "backend": "async" if s.is_async else s.backend,
+                }
+                for s in self.stages
+            ],
+            "states": [state.value for state in self.states],
+            "transitions": {
+                state.value: sorted(t.value for t in targets) for state, targets in self.transitions.items()
+            },
+        }
+
+
+def _check_int(where: str, name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: {name} must be an int >= {minimum} or None, got {value!r}")
+
+
+def _check_seconds(where: str, name: str, value: object, *, allow_zero: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > 0 or (allow_zero and value == 0)):  # type: ignore[operator]
+        return
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(f"{where}: {name} must be a finite number of seconds {bound} or None, got {value!r}")
+
+
+def seed_shape(
+    validate: Callable[..., Any],
+    process: Callable[..., Any],
+    persist: Callable[..., Any],
+    *,
+    name: str = DEFAULT_PIPELINE,
+) -> Pipeline:
+    """The seed's lifecycle, CREATED → VALIDATED → PROCESSING → COMPLETED, around three stage functions.
+
+    The validator runs in CREATED and records VALIDATED when it succeeds; the
+    processor and the persistence both run in PROCESSING. (`services.ServiceSet`
+    builds it with the seed's functions adapted to ``fn(task, value)``.)
+    """
+    return Pipeline(
+        name,
+        [
+            Stage("validator", validate, state=TaskState.CREATED, done_state=TaskState.VALIDATED),
+            Stage("processor", process, state=TaskState.PROCESSING),
+            Stage("persistence", persist, state=TaskState.PROCESSING),
+        ],
+    )
