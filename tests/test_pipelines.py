@@ -613,24 +613,6 @@ def test_metrics_are_labelled_with_each_tasks_pipeline() -> None:
     assert found[("actorflow_transitions_total", seed)] == 1
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_stage_on_ray_runs_next_to_a_stage_on_threads() -> None:
-    pytest.importorskip("ray")
-
-    def prepare(task: Task, value: Any) -> Any:
-        return {"n": value["data"]["index"]}
-
-    pipeline = Pipeline("mixed", [Stage("prepare", prepare), Stage("square", square_in_child, backend="ray")])
-    with Runtime(RuntimeConfig(), pipelines=[pipeline]) as runtime:
-        record = runtime.submit(payload(7)).result(timeout=120)
-    assert record.state is S.COMPLETED, record.error
-    assert record.result["n"] == 49
-    assert record.result["pid"] != os.getpid()
-    assert record.path() == ["CREATED", "PREPARE", "SQUARE", "COMPLETED"]
-
-
 def test_calls_in_flight_name_the_running_call_as_the_oldest_one_not_yet_answered() -> None:
     def call(call_id: int) -> RunService:
         return RunService(call_id, "stage", Task(f"t-{call_id}", {}), TraceContext("a" * 32, "b" * 16), 1)

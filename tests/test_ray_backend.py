@@ -24,11 +24,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from actorflow import Pipeline, Stage
 from actorflow.actors import Runtime
 from actorflow.actors.ray_backend import RayBackend, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from actorflow.services import ServiceSet, process
+from tests.pipeline_stages import square_in_child
 
 # CI sets ACTORFLOW_REQUIRE_RAY=1, so that a missing Ray fails the run instead of skipping quietly.
 ray = importlib.import_module("ray") if os.environ.get("ACTORFLOW_REQUIRE_RAY") else pytest.importorskip("ray")
@@ -398,3 +400,20 @@ def test_calls_run_on_ray_get_otel_spans_under_their_tasks_span_with_the_retried
 def test_the_node_of_a_ray_call_carries_the_ray_node_id_between_host_and_pid() -> None:
     assert node_id_of("worker-7/3f2a9c01bd44:4242") == "3f2a9c01bd44"
     assert node_id_of("worker-7:4242") == ""  # outside Ray: no node id
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_on_ray_runs_next_to_a_stage_on_threads(ray_session: Any) -> None:
+    # Here, on the module's Ray: a local Ray started and stopped by a runtime in this process before
+    # that session would leave token-auth state behind that breaks it.
+
+    def prepare(task: Task, value: Any) -> Any:
+        return {"n": value["data"]["index"]}
+
+    pipeline = Pipeline("mixed", [Stage("prepare", prepare), Stage("square", square_in_child, backend="ray")])
+    with Runtime(RuntimeConfig(), pipelines=[pipeline]) as runtime:
+        record = runtime.submit({"name": "seven", "data": {"index": 7}}).result(timeout=120)
+    assert record.state is TaskState.COMPLETED, record.error
+    assert record.result["n"] == 49
+    assert record.result["pid"] != os.getpid()
+    assert record.path() == ["CREATED", "PREPARE", "SQUARE", "COMPLETED"]
