@@ -105,6 +105,18 @@ class _ClosedLoop:
             return {task_id: self.finished[task_id] for task_id in task_ids if task_id in self.finished}
 
 
+class _LoopPipeline:
+    """What every peer's pipeline shares: the closed loop behind `join` and `finished_at`."""
+
+    _loop: _ClosedLoop
+
+    def join(self, timeout: float) -> bool:
+        return self._loop.join(timeout)
+
+    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
+        return self._loop.finished_at(task_ids)
+
+
 # --- Celery + Redis -------------------------------------------------------------------------------
 
 
@@ -194,7 +206,7 @@ def _client_app(url: str) -> Any:
     return app
 
 
-class CeleryPipeline:
+class CeleryPipeline(_LoopPipeline):
     """Items as Celery chains of three tasks (sent by name), on `celery_services`' Redis and worker."""
 
     def __init__(self, app: Any, concurrency: int, *, io: bool, name: str = "celery") -> None:
@@ -227,12 +239,6 @@ class CeleryPipeline:
                 state = "FAILED"
             self._loop.done(task_id, handle, state)
 
-    def join(self, timeout: float) -> bool:
-        return self._loop.join(timeout)
-
-    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
-        return self._loop.finished_at(task_ids)
-
     def close(self) -> None:
         self._results.put(None)
         self._waiter.join(_RESULT_TIMEOUT_S)
@@ -253,7 +259,7 @@ def dask_client(workers: int) -> Iterator[Any]:
         client.close()
 
 
-class DaskPipeline:
+class DaskPipeline(_LoopPipeline):
     """Items as three dependent Dask futures."""
 
     def __init__(self, client: Any, concurrency: int, *, io: bool, name: str = "dask") -> None:
@@ -280,12 +286,6 @@ class DaskPipeline:
 
         last.add_done_callback(finished)
         return handle
-
-    def join(self, timeout: float) -> bool:
-        return self._loop.join(timeout)
-
-    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
-        return self._loop.finished_at(task_ids)
 
     def close(self) -> None:
         self._loop.join(_RESULT_TIMEOUT_S)
@@ -316,7 +316,7 @@ def ray_session(workers: int) -> Iterator[dict[str, Any]]:
         os.environ.update(environ)
 
 
-class RayTasksPipeline:
+class RayTasksPipeline(_LoopPipeline):
     """Items as three chained Ray tasks; a waiter thread turns finished refs into completions."""
 
     def __init__(self, remote: dict[str, Any], concurrency: int, *, io: bool, name: str = "ray-tasks") -> None:
@@ -363,12 +363,6 @@ class RayTasksPipeline:
                 except Exception:
                     state = "FAILED"
                 self._loop.done(task_id, handle, state)
-
-    def join(self, timeout: float) -> bool:
-        return self._loop.join(timeout)
-
-    def finished_at(self, task_ids: Iterable[str]) -> dict[str, float]:
-        return self._loop.finished_at(task_ids)
 
     def close(self) -> None:
         self._new.put(None)
