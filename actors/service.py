@@ -230,15 +230,18 @@ def log_done(
     """Log a call's end in the runtime's process, as every backend does; return `done`.
 
     ``service.finished`` at debug, ``service.failed`` at warning (with ``transient``
-    false only for a permanent failure). Backends whose calls run elsewhere (a child
-    process, a Ray actor) call this in the parent with the report they got back.
+    false only for a permanent failure), or at info for a ``ValidationError``: a
+    rejected payload is the task's outcome, not a fault to warn an operator about.
+    Backends whose calls run elsewhere (a child process, a Ray actor) call this in
+    the parent with the report they got back.
     """
     if done.status == "ok":
         if fields is not None or log.enabled("debug"):
             fields = fields or call_fields(call, done.worker, done.node)
             log.debug("service.finished", duration_ms=done.duration_ms, **fields)
         return done
-    log.warning(
+    emit = log.info if done.error_type == "ValidationError" else log.warning
+    emit(
         "service.failed",
         duration_ms=done.duration_ms,
         error_type=done.error_type,

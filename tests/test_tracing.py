@@ -176,9 +176,17 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 _RUN_ONE_TASK = """
 from actorflow.actors import Runtime
-with Runtime() as rt:
+from actorflow.services import ServiceSet
+
+def process(task):
+    if task.payload["data"] == 2:
+        raise KeyError("zzz")
+    return {"ok": True}
+
+with Runtime(services=ServiceSet(process=process)) as rt:
     rt.submit({"name": "a", "data": 1}).result(timeout=10)
     rt.submit({"name": "", "data": 1}).result(timeout=10)
+    rt.submit({"name": "b", "data": 2}).result(timeout=10)
 """
 
 
@@ -203,7 +211,10 @@ def test_a_host_with_stdlib_logging_gets_the_events_in_its_own_format() -> None:
     lines = result.stderr.splitlines()
     assert any(line.startswith("HOST|actorflow|INFO|task.completed ") and "trace_id=" in line for line in lines)
     assert any(line.startswith("HOST|actorflow|DEBUG|task.transition ") for line in lines)
-    assert any(line.startswith("HOST|actorflow|WARNING|service.failed ") for line in lines)
+    # A fault warns; a payload the validator rejects is the task's outcome, logged at INFO.
+    assert any(line.startswith("HOST|actorflow|WARNING|service.failed ") and "KeyError" in line for line in lines)
+    assert any(line.startswith("HOST|actorflow|INFO|service.failed ") and "ValidationError" in line for line in lines)
+    assert not any("WARNING|service.failed" in line and "ValidationError" in line for line in lines)
 
 
 def test_a_host_with_its_own_structlog_configuration_gets_the_events_through_it() -> None:
