@@ -33,7 +33,8 @@ class Milestone:
     Attributes:
         name: what happened, e.g. ``"worker.restarted"``, ``"service.retry_scheduled"``,
             ``"service.late_result"``, ``"call.queued"``, ``"call.withdrawn"``,
-            ``"journal.degraded"``, ``"journal.recovered"``, ``"journal.lost"``,
+            ``"journal.degraded"``, ``"journal.retry_scheduled"`` (one per failed commit, with
+            its backoff ``step`` and ``delay_s``), ``"journal.recovered"``, ``"journal.lost"``,
             ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
         fields: details (task id, service, reason...), never payloads.
     """

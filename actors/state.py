@@ -481,6 +481,7 @@ class StateActor(FastActor):
             self._log.error(
                 "journal.write_failed", step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(exc)
             )
+            self._milestones.emit("journal.retry_scheduled", step=self._journal_backoff.steps, delay_s=delay)
             return failure
         if fault is not None:
             self._journal_fault = None

@@ -164,8 +164,11 @@ with structlog.testing.capture_logs() as logs:
         except JournalError as exc:
             out["submit"] = "JournalError: " + str(exc)
         out["submit_s"] = time.monotonic() - started
-        threading.Event().wait(1.5)  # the disk stays full for a while: the log must stay quiet
+        # The disk stays full for six backoff steps: one log line each, at growing intervals.
+        out["six_steps"] = milestones.wait_for("journal.retry_scheduled", 6, timeout=30)
         out["failed_lines"] = sum(1 for e in logs if e["event"] == "journal.write_failed")
+        out["steps"] = [m.fields["step"] for m in milestones.seen if m.name == "journal.retry_scheduled"]
+        out["delays"] = [m.fields["delay_s"] for m in milestones.seen if m.name == "journal.retry_scheduled"]
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # the disk frees
         out["joined"] = runtime.join(30)
         out["states"] = sorted({h.result(timeout=0).state.value for h in handles})
@@ -194,7 +197,12 @@ def test_on_a_really_full_disk_the_runtime_degrades_quietly_and_completes_everyt
     assert out["health"]["status"] == "degraded", out
     assert out["submit"].startswith("JournalError"), out
     assert out["submit_s"] < 1.0, out
-    assert 1 <= out["failed_lines"] <= 12, out  # one per backoff step, not hundreds a second
+    assert out["six_steps"], out
+    steps = out["steps"]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6], out
+    assert out["failed_lines"] in (len(steps), len(steps) - 1), out  # one line per backoff step, never more
+    delays = out["delays"]
+    assert delays == sorted(delays), out  # backing off: each delay at least the one before
     assert out["joined"], out
     assert out["states"] == ["COMPLETED"], out
     assert out["health_after"] == {"status": "ok"}, out
@@ -410,7 +418,7 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
     before = set(actor_threads())
     acked: list[str] = []
     refused: list[str] = []
-    lock = threading.Lock()
+    progress = threading.Condition()  # notified on every acknowledgement, and when submitting ends
     submitting = threading.Event()
     submitting.set()
     played: Counter[str] = Counter()
@@ -419,30 +427,47 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
 
         def submit(offset: int) -> None:
             for index in range(offset, 4000, 2):
-                while True:  # like a client: a refused submission is tried again after a pause
+                while True:  # like a client: a refused submission is tried again once the runtime healed
+                    recovered = milestones.count("journal.recovered")
+                    restarted = milestones.count("state.restarted")
                     try:
                         # The same id on each try: had a refused one been created after all, the
                         # retry would raise InvalidPayload ("already taken") and fail the test.
                         handle = runtime.submit(payload(index), task_id=f"task-{index}")
-                    except (JournalError, RuntimeStopped) as exc:  # refused: never acknowledged
-                        with lock:
-                            refused.append(f"{type(exc).__name__}: {exc}")
-                        threading.Event().wait(0.005)
+                    except JournalError as exc:  # refused: never acknowledged
+                        refused.append(f"JournalError: {exc}")
+                        milestones.wait_for("journal.recovered", recovered + 1, timeout=10)
+                        continue
+                    except RuntimeStopped as exc:  # met a StateActor being replaced
+                        refused.append(f"RuntimeStopped: {exc}")
+                        milestones.wait_for("state.restarted", restarted + 1, timeout=10)
                         continue
                     break
-                with lock:
+                with progress:
                     acked.append(handle.task_id)
+                    progress.notify_all()
             if offset == 0:
-                submitting.clear()
+                with progress:
+                    submitting.clear()
+                    progress.notify_all()
+
+        def acknowledged_after(count: int) -> bool:
+            """Wait until `count` more tasks were acknowledged; False once submitting has ended."""
+            with progress:
+                target = len(acked) + count
+                progress.wait_for(lambda: len(acked) >= target or not submitting.is_set(), timeout=30)
+                return submitting.is_set()
 
         def play_chaos() -> None:
-            while submitting.is_set() or sum(played.values()) < 30:
-                threading.Event().wait(rng.uniform(0.01, 0.08))  # a random moment for the next fault
+            # Faults strike at moments the runtime's own progress picks: after a random number of
+            # acknowledged tasks; a full disk stays full for a random number of refused commits.
+            while acknowledged_after(rng.randint(20, 120)):
                 fault = rng.choice(["journal", "journal", "orchestrator", "state"])
                 played[fault] += 1
                 if fault == "journal":
+                    steps = milestones.count("journal.retry_scheduled")
                     faults.failing.set()
-                    threading.Event().wait(rng.uniform(0.01, 0.2))  # the disk stays full this long
+                    milestones.wait_for("journal.retry_scheduled", steps + rng.randint(1, 4), timeout=10)
                     faults.failing.clear()
                 else:
                     refs = pykka.ActorRegistry.get_by_class(
