@@ -118,6 +118,11 @@ class ServicePool:
         if slot is None or call is None:
             return None
         self._learn(duration_ms)  # only calls that really ran here teach the depth
+        self._release(slot, call_id)
+        return call
+
+    def _release(self, slot: _Slot, call_id: int) -> None:
+        """`call_id` left `slot` (answered or withdrawn): start the slot's next call and refill from the wait."""
         was_head = bool(slot.calls) and slot.calls[0] == call_id
         slot.calls.remove(call_id)
         if not slot.calls:
@@ -125,7 +130,6 @@ class ServicePool:
         if was_head:
             self._start_head(slot)
         self._feed()
-        return call
 
     def _learn(self, duration_ms: float) -> None:
         # Deep queues only while every recent call was fast: a call queued behind a slow one waits
@@ -159,13 +163,7 @@ class ServicePool:
             return False
         del self._where[call_id]
         self._calls.pop(call_id, None)
-        was_head = slot.calls[0] == call_id
-        slot.calls.remove(call_id)
-        if not slot.calls:
-            self._mark_idle(slot)
-        if was_head:
-            self._start_head(slot)
-        self._feed()
+        self._release(slot, call_id)
         return True
 
     def cancel_running(self, call_id: int) -> bool:
