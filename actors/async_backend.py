@@ -29,7 +29,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -140,6 +140,10 @@ class _AsyncWorker:
         if self._retired:
             return False
         return self._backend.schedule(self, call)
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Queue several calls, in order (one at a time for now)."""
+        return all(self.send(call) for call in calls)
 
     def retire(self) -> None:
         self._retired = True

@@ -32,6 +32,7 @@ __all__ = [
     "RetryDue",
     "RunService",
     "ServiceDone",
+    "ServicesDone",
     "TasksCreated",
     "TransitionBatch",
     "TransitionOutcome",
@@ -148,6 +149,12 @@ class ServiceDone(NamedTuple):
     """Wall-clock time (seconds since the epoch) the call started; 0.0 if unknown."""
     traceback: str | None = None
     """A failed call's formatted traceback (bounded: `core.failures.MAX_TRACEBACK_CHARS`)."""
+
+
+class ServicesDone(NamedTuple):
+    """Several reports in one message: a worker that had more than one result ready sends them together."""
+
+    dones: tuple[ServiceDone, ...]
 
 
 class WorkerDied(NamedTuple):

@@ -54,6 +54,7 @@ from actorflow.actors.messages import (
     RetryDue,
     RunService,
     ServiceDone,
+    ServicesDone,
     TasksCreated,
     TransitionBatch,
     TransitionOutcome,
@@ -178,6 +179,7 @@ class OrchestratorActor(FastActor):
         me, office = self.actor_ref, dead_letters
         self._handlers: dict[type, Callable[[Any], None]] = {
             ServiceDone: self._on_service_done,
+            ServicesDone: self._on_services_done,
             TransitionsApplied: self._on_transitions_applied,
             TasksCreated: self._on_tasks_created,
             RetryDue: self._on_retry_due,
@@ -484,6 +486,10 @@ class OrchestratorActor(FastActor):
             self._fail(flight, f"{done.service}: {done.error_type}: {done.error}")
         else:
             self._retry_or_fail(flight, call, f"{done.error_type}: {done.error}")
+
+    def _on_services_done(self, message: ServicesDone) -> None:
+        for done in message.dones:
+            self._guarded(done.task_id, self._on_service_done, done)
 
     def _retry_or_fail(self, flight: _Flight, call: RunService, error: str) -> None:
         plan = flight.plan.stages[flight.stage]

@@ -75,7 +75,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
 from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
@@ -394,6 +394,10 @@ class ProcessWorker:
             self._calls.append(call)
             self._wake()
         return True
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Queue several calls, in order (one at a time for now)."""
+        return all(self.send(call) for call in calls)
 
     def retire(self) -> None:
         """Stop the worker: queued calls are dropped, a running call is killed with its child."""

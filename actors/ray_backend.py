@@ -42,7 +42,7 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -234,6 +234,10 @@ class _RayWorker:
     def withdraw(self, call_id: int) -> bool:
         """Always False: a call submitted to a Ray actor cannot be taken back (the pool keeps its depth small)."""
         return False
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Queue several calls, in order (one at a time for now)."""
+        return all(self.send(call) for call in calls)
 
     def retire(self) -> None:
         """Have the actor killed (interrupting a hung call); its results from now on are dropped."""

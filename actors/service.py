@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import pykka
@@ -20,7 +20,7 @@ import structlog
 
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone, ServiceStatus
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
 from actorflow.core.failures import format_traceback
@@ -52,7 +52,8 @@ __all__ = [
     "status_of",
 ]
 
-Deliver = Callable[[ServiceDone], None]
+Deliver = Callable[[ServiceDone | ServicesDone], None]
+"""Hands the orchestrator one report, or several at once (`ServicesDone`)."""
 OnDeath = Callable[[str, str], None]
 
 
@@ -309,6 +310,9 @@ class WorkerHandle(Protocol):
     def send(self, call: RunService) -> bool:
         """Queue a call on the worker without blocking. False if the worker is dead."""
 
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Queue several calls, in order, in as few messages as the backend can. False if the worker is dead."""
+
     def retire(self) -> None:
         """Stop the worker; calls it has not started are dropped (the pool re-sends them)."""
 
@@ -433,6 +437,9 @@ class _ThreadWorker:
         except pykka.ActorDeadError:
             return False
         return True
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        return all(self.send(call) for call in calls)
 
     def retire(self) -> None:
         self._retired.set()
