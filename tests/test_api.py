@@ -25,7 +25,7 @@ from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
 from actorflow.api._events import EventBroadcaster, _frames
 from actorflow.api._idempotency import IdempotencyKeys, StoredAnswer
-from actorflow.core import RuntimeConfig, Task, TaskState
+from actorflow.core import RuntimeConfig, Task, TaskState, TransitionEvent
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
 
@@ -759,13 +759,24 @@ def test_stopping_the_server_ends_open_event_streams_so_that_it_exits_promptly(r
 def test_a_client_too_slow_for_the_stream_is_told_how_many_events_it_lost(rt: Runtime) -> None:
     async def scenario() -> list[bytes]:
         broadcaster = EventBroadcaster(rt, queue_size=2)
-        client = broadcaster.attach()
-        handles = [rt.submit(payload(i)) for i in range(3)]  # 3 tasks x 4 transitions, for a queue of 2
-        for handle in handles:
-            handle.result(timeout=WAIT_S)
-        deadline = time.monotonic() + WAIT_S
-        while client.dropped < 10 and time.monotonic() < deadline:  # the flush runs on this loop
-            await asyncio.sleep(0.01)
+        client = broadcaster.attach()  # subscribes first: it sees each event before `count` below
+        seen = 0
+        all_seen = threading.Event()
+
+        def count(event: TransitionEvent) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 12:
+                all_seen.set()
+
+        unsubscribe = rt.subscribe(count)
+        for index in range(3):  # 3 tasks x 4 transitions, for a queue of 2
+            rt.submit(payload(index))
+        # The broadcaster schedules its flush on this loop before `count` sees the last event, so
+        # the flush runs before this wait's own wake-up (the loop runs callbacks in order).
+        assert await asyncio.get_running_loop().run_in_executor(None, all_seen.wait, WAIT_S)
+        unsubscribe()
+        assert client.dropped == 10
         frames = []
         async for frame in _frames(client, heartbeat_s=0.05):
             frames.append(frame)
