@@ -1,4 +1,4 @@
-"""The scenarios of issue 7, each running the runtime and its baselines alternately in one process.
+"""The benchmark scenarios, each running the runtime and its baselines alternately in one process.
 
 A scenario lists its contenders and runs them round-robin (A, B, C, A, B, C,
 ...), a fresh system per round. Throughputs are reported as medians over the
