@@ -428,7 +428,8 @@ class Runtime:
         services: the seed pipeline's functions; missing ones use the defaults.
         pipelines: the pipelines to run. None runs the seed pipeline (built by
             `services`); given, only these run, plus the seed's first if
-            `services` is given too. `submit` without ``pipeline=`` uses the first.
+            `services` is given too. `submit` (one task) and `submit_many` (a batch, in one
+            commit, all or nothing) without ``pipeline=`` use the first.
         metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
         tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
             host's global one (nothing is recorded while the host has set none).
