@@ -183,55 +183,17 @@ _INSERT_KEY: Final = (
     "INSERT OR REPLACE INTO idempotency_keys (key, task_id, fingerprint, created_at) VALUES (?, ?, ?, ?)"
 )
 
-_INSERT_TASKS: Final = (
+_INSERT_TASK: Final = (
     "INSERT INTO tasks (task_id, pipeline, state, payload, result, value, error, trace_id, span_id, parent_span_id,"
-    " calls, retries, created_at, updated_at) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+    " calls, retries, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_TRANSITIONS: Final = (
-    "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason)"
-    " SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+_INSERT_TRANSITION: Final = (
+    "INSERT INTO transitions (task_id, seq, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?, ?)"
 )
-_UPDATE_TASKS: Final = (
-    "UPDATE tasks SET state = v.column1, result = v.column2, value = v.column3, error = v.column4,"
-    " calls = v.column5, retries = v.column6, updated_at = v.column7, traceback = v.column8"
-    " FROM (VALUES {rows}) AS v WHERE tasks.task_id = v.column9"
+_UPDATE_TASK: Final = (
+    "UPDATE tasks SET state = ?, result = ?, value = ?, error = ?, calls = ?, retries = ?, updated_at = ?,"
+    " traceback = ? WHERE task_id = ?"
 )
-"""Every changed task's row set from its new values (the batch's task ids are distinct)."""
-_MAX_ROWS: Final = 256
-"""Rows per statement at most.
-
-A batch writes each table with one multi-row statement (more only past `_MAX_ROWS` rows), not one
-statement per row. Why: the sqlite3 module releases the GIL around every step of a statement, and
-``executemany`` steps once per row; while the runtime's other threads are busy, each step then waits
-to get the GIL back, which cost the state actor's thread far more than the SQL itself (measured: over
-70% of a journaled run's wall time was spent in ``write_batch``, most of it waiting). The rows are
-padded with NULL rows up to a power of two (a task id of NULL matches and inserts nothing), so each
-table needs at most nine statement texts, which the connection keeps prepared in its statement cache."""
-
-_STATEMENTS: dict[tuple[str, int], str] = {}
-"""Multi-row statement texts by (template, rows): built once per shape."""
-
-
-def _statement(template: str, width: int, rows: int) -> str:
-    """`template` with `rows` groups of `width` placeholders in its ``{rows}`` slot."""
-    text = _STATEMENTS.get((template, rows))
-    if text is None:
-        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * rows)
-        text = _STATEMENTS[(template, rows)] = template.format(rows=values)
-    return text
-
-
-def _padded(rows: Sequence[tuple[Any, ...]], width: int) -> Iterator[tuple[int, list[Any]]]:
-    """Per chunk of at most `_MAX_ROWS` rows: its size rounded up to a power of two, and its values
-    flattened, with NULL rows up to that size."""
-    for start in range(0, len(rows), _MAX_ROWS):
-        chunk = rows[start : start + _MAX_ROWS]
-        size = 1 << (len(chunk) - 1).bit_length()
-        values = [value for row in chunk for value in row]
-        if size > len(chunk):
-            values.extend([None] * (width * (size - len(chunk))))
-        yield size, values
-
 
 _TASK_COLUMNS: Final = (
     "task_id, pipeline, state, payload, result, value, error, trace_id, span_id, parent_span_id, calls, retries,"
@@ -651,16 +613,14 @@ class Journal(JournalReader):
             ]
             try:
                 connection.execute("BEGIN IMMEDIATE")
-                for rows, values in _padded(tasks, 14):
-                    connection.execute(_statement(_INSERT_TASKS, 14, rows), values)
+                if tasks:
+                    connection.executemany(_INSERT_TASK, tasks)
                 if keys:
                     self._write_keys(connection, keys)
-                for rows, values in _padded(log, 6):
-                    connection.execute(_statement(_INSERT_TRANSITIONS, 6, rows), values)
-                updated = 0
-                for rows, values in _padded(updates, 9):
-                    updated += connection.execute(_statement(_UPDATE_TASKS, 9, rows), values).rowcount
-                if updated != len(updates):  # fewer rows than updates means a changed task has no row
+                if log:
+                    connection.executemany(_INSERT_TRANSITION, log)
+                # executemany sums rowcount: fewer rows than updates means a changed task has no row
+                if updates and connection.executemany(_UPDATE_TASK, updates).rowcount != len(updates):
                     raise JournalError(
                         f"journal {self.path!r}: batch rolled back: changed task(s) "
                         f"{self._unknown(connection, latest)!r} were never created in the journal"
