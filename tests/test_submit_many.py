@@ -7,7 +7,12 @@ in that trace.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from tests.conftest import MilestoneLog, payload
 from tests.faults import Gate
 
 S = TaskState
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Transactions:
@@ -333,3 +339,58 @@ def test_many_threads_submitting_one_task_at_a_time_share_commits(tmp_path: Path
         transactions.stop()
         assert 1 <= transactions.creating() < threads * each
     assert len(journal_task_ids(tmp_path)) == threads * each
+
+
+# --- crash safety --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_minus_nine_leaves_every_acknowledged_batch_whole_and_no_batch_in_part(tmp_path: Path) -> None:
+    journal, results = tmp_path / "tasks.db", tmp_path / "results.db"
+    rng = random.Random(14)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rounds, batches, batch = 10, 12, 16
+    acked: list[list[str]] = []
+    interrupted = 0  # tasks caught mid-flight by a kill, summed over the rounds
+    for round_index in range(rounds):
+        start = round_index * batches * batch
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.journal_child", *map(str, (journal, results, start, batches * batch, batch))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready", child.stderr.read() if child.stderr else ""
+        kill_after = rng.randrange(1, batches)  # a random moment: after this many acknowledged batches
+        for seen, line in enumerate(child.stdout, start=1):
+            assert line.startswith("acked-batch "), line
+            acked.append(line.split()[1:])
+            if seen == kill_after:
+                break
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        child.stdout.close()
+        if child.stderr is not None:
+            child.stderr.close()
+        assert child.returncode == -signal.SIGKILL
+        with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as check:
+            assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        check.close()
+        with Journal.open_readonly(journal) as reader:
+            records = reader.records()
+        interrupted += sum(1 for record in records if record.state not in (S.COMPLETED, S.FAILED, S.CANCELLED))
+        present = {record.task_id for record in records}
+        for first in range(start, start + batches * batch, batch):  # every batch: all of it or none
+            ids = {f"k-{index}" for index in range(first, first + batch)}
+            assert ids <= present or not ids & present, sorted(ids & present)
+        with Runtime(RuntimeConfig(journal_path=str(journal), result_store=str(results))) as runtime:
+            assert runtime.join(timeout=60)
+            known = {record.task_id: record.state for record in runtime.tasks()}
+            assert all(task_id in known for ids in acked for task_id in ids)
+            assert set(known.values()) == {S.COMPLETED}
+    assert len(acked) >= rounds
+    assert interrupted > 0, "no kill landed while tasks were in flight: the test proved nothing"
