@@ -833,22 +833,28 @@ class Runtime:
             WouldDeadlock: called inside a subscriber where it would wait (for the commit, with a
                 journal or task_ids; or for room); submit from another thread instead.
         """
+        batch: list[Mapping[str, JSONInput]] = []
         messages: list[CreateTask] = []
         try:
-            messages = self._prepare_many(payloads, pipeline, task_ids, traceparent)
+            batch = self._check_batch(payloads, pipeline, task_ids, traceparent)
+            self._prepare_many(batch, self.pipeline(pipeline).name, task_ids, traceparent, into=messages)
             return self._reserve_and_send_many(messages, explicit_ids=task_ids is not None)
         except BaseException as exc:
-            for message in messages or (None,):
-                self.telemetry.submit_refused(None if message is None else message.task_id, exc)
+            # Every payload of the batch was refused: end the spans opened, and count each one.
+            for message in messages:
+                self.telemetry.submit_refused(message.task_id, exc)
+            for _ in range(max(1, len(batch)) - len(messages)):
+                self.telemetry.submit_refused(None, exc)
             raise
 
-    def _prepare_many(
+    def _check_batch(
         self,
         payloads: Iterable[Mapping[str, JSONInput]],
         pipeline: str | None,
         task_ids: Sequence[str] | None,
         traceparent: str | None,
-    ) -> list[CreateTask]:
+    ) -> list[Mapping[str, JSONInput]]:
+        """The batch as a list, once what concerns it as a whole (not one payload) is judged."""
         if self._forked:
             raise RuntimeStopped(_FORKED)
         if self._closed.is_set() or self._tracker.failure is not None:
@@ -872,34 +878,39 @@ class Runtime:
                 f"a batch of {len(batch)} payloads can never be admitted under max_in_flight={limit}; "
                 f"submit batches of at most {limit}"
             )
-        pipeline_name = self.pipeline(pipeline).name  # UnknownPipeline concerns the batch, not one payload
+        self.pipeline(pipeline)  # UnknownPipeline concerns the batch, not one payload
         if traceparent is not None:  # shared by the batch: judged once, not as some payload's fault
             try:
                 parse_traceparent(traceparent)
             except ValueError as exc:
                 raise InvalidPayload(f"{exc}; nothing was created") from None
-        messages: list[CreateTask] = []
+        return batch
+
+    def _prepare_many(
+        self,
+        batch: list[Mapping[str, JSONInput]],
+        pipeline: str,
+        task_ids: Sequence[str] | None,
+        traceparent: str | None,
+        *,
+        into: list[CreateTask],
+    ) -> None:
+        """Prepare each payload as `submit` does, appending to `into`; InvalidPayload names the first bad one."""
         first_index: dict[str, int] = {}
-        try:
-            for index, payload in enumerate(batch):
-                task_id = None if task_ids is None else task_ids[index]
-                try:
-                    message = self._prepare(payload, task_id, traceparent, pipeline_name, single=False)
-                except InvalidPayload as exc:
-                    raise InvalidPayload(f"payloads[{index}]: {exc}; nothing was created") from None
-                messages.append(message)
-                if task_ids is not None:
-                    earlier = first_index.setdefault(message.task_id, index)
-                    if earlier != index:
-                        raise InvalidPayload(
-                            f"payloads[{index}]: task_id {message.task_id!r} is also the id of payloads[{earlier}]; "
-                            "task ids must be unique; nothing was created"
-                        )
-        except BaseException as exc:
-            for message in messages:  # their spans were opened: end them as refused
-                self.telemetry.submit_refused(message.task_id, exc)
-            raise
-        return messages
+        for index, payload in enumerate(batch):
+            task_id = None if task_ids is None else task_ids[index]
+            try:
+                message = self._prepare(payload, task_id, traceparent, pipeline, single=False)
+            except InvalidPayload as exc:
+                raise InvalidPayload(f"payloads[{index}]: {exc}; nothing was created") from None
+            into.append(message)
+            if task_ids is not None:
+                earlier = first_index.setdefault(message.task_id, index)
+                if earlier != index:
+                    raise InvalidPayload(
+                        f"payloads[{index}]: task_id {message.task_id!r} is also the id of payloads[{earlier}]; "
+                        "task ids must be unique; nothing was created"
+                    )
 
     def _reserve_and_send_many(self, messages: list[CreateTask], *, explicit_ids: bool) -> list[TaskHandle]:
         if not messages:

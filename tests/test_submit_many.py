@@ -394,3 +394,13 @@ def test_kill_minus_nine_leaves_every_acknowledged_batch_whole_and_no_batch_in_p
             assert set(known.values()) == {S.COMPLETED}
     assert len(acked) >= rounds
     assert interrupted > 0, "no kill landed while tasks were in flight: the test proved nothing"
+
+
+def test_a_refused_batch_counts_each_of_its_payloads_as_a_rejected_submission(runtime: Runtime) -> None:
+    batch: list[Any] = [payload(i) for i in range(5)]
+    batch[3] = "not a mapping"
+    with pytest.raises(InvalidPayload, match=r"payloads\[3\]"):
+        runtime.submit_many(batch)
+    with pytest.raises(InvalidPayload, match="sequence of mappings"):
+        runtime.submit_many("nope")  # type: ignore[arg-type]
+    assert runtime.telemetry.rejected == 5 + 1
