@@ -26,6 +26,7 @@ __all__ = [
     "CallDeadline",
     "CancelTask",
     "CreateTask",
+    "CreateTasks",
     "JournalRetryDue",
     "Outcome",
     "ResumeTasks",
@@ -56,6 +57,17 @@ class CreateTask(NamedTuple):
     notify: pykka.ActorRef[Any] | None = None
     pipeline: str = DEFAULT_PIPELINE
     """The name of the pipeline the task runs through (the state actor checks it knows it)."""
+
+
+class CreateTasks(NamedTuple):
+    """Create several tasks, all or none, committed in one transaction (`Runtime.submit_many`).
+
+    `reply` gets their committed records, in order, or the error naming the first refused one by
+    its index in `tasks` (nothing is created then). The tasks' own `reply` fields are unused.
+    """
+
+    tasks: tuple[CreateTask, ...]
+    reply: pykka.Future[tuple[TaskRecord, ...]] | None = None
 
 
 class TransitionRequest(NamedTuple):
@@ -199,6 +211,7 @@ class ResumeTasks(NamedTuple):
 MESSAGE_TYPES: frozenset[type] = frozenset(
     {
         CreateTask,
+        CreateTasks,
         TransitionRequest,
         TransitionBatch,
         TasksCreated,

@@ -17,11 +17,11 @@ recorded the terminal state.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from actorflow.actors import Runtime
+from actorflow.actors import Runtime, TaskHandle
 from actorflow.core import RuntimeConfig
 from actorflow.core import pipeline as stages
 from actorflow.services import ServiceSet
@@ -142,6 +142,10 @@ class RuntimePipeline:
     def submit(self, payload: Mapping[str, Any]) -> Handle:
         """`Runtime.submit(payload)`, as an embedding program calls it (the runtime picks the id)."""
         return self.runtime.submit(payload)
+
+    def submit_many(self, payloads: Sequence[Mapping[str, Any]]) -> list[TaskHandle]:
+        """`Runtime.submit_many(payloads)`: one message, and with a journal one commit, for the batch."""
+        return self.runtime.submit_many(payloads)
 
     def join(self, timeout: float) -> bool:
         """`Runtime.join`."""
