@@ -7,7 +7,7 @@ with the `ServiceDone` it chooses, so every step of a task is explicit.
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pykka
@@ -35,7 +35,14 @@ class AnsweredWorker:
         self._deliver = deliver
 
     def send(self, call: RunService) -> bool:
+        self._backend.messages.put([call.call_id])
         self._backend.sent.put(Sent(call, self.name, self._deliver))
+        return True
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        self._backend.messages.put([call.call_id for call in calls])
+        for call in calls:
+            self._backend.sent.put(Sent(call, self.name, self._deliver))
         return True
 
     def withdraw(self, call_id: int) -> bool:
@@ -76,6 +83,8 @@ class HandAnsweredBackend:
 
     def __init__(self) -> None:
         self.sent: queue.SimpleQueue[Sent] = queue.SimpleQueue()
+        self.messages: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
+        """The call ids of each message a worker got (`send` or `send_many`)."""
 
     def start_worker(
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath

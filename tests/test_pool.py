@@ -7,7 +7,7 @@ step at a time, exactly as the orchestrator's thread drives it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -26,12 +26,23 @@ class RecordingWorker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.sent: list[int] = []
+        """Every call id sent, in order."""
+        self.messages: list[list[int]] = []
+        """The call ids of each message the worker got (`send` or `send_many`)."""
         self.retired = False
         self._claims = CallClaims()
 
     def send(self, call: RunService) -> bool:
         self._claims.sent(call.call_id)
         self.sent.append(call.call_id)
+        self.messages.append([call.call_id])
+        return not self.retired
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        for one in calls:
+            self._claims.sent(one.call_id)
+        self.sent.extend(one.call_id for one in calls)
+        self.messages.append([one.call_id for one in calls])
         return not self.retired
 
     def start(self, call_id: int) -> bool:
@@ -102,9 +113,11 @@ def test_calls_go_to_idle_workers_first_and_wait_in_the_pool_when_every_worker_i
     pool, backend = make_pool(timer, size=2)
     for call_id in (1, 2, 3):
         pool.dispatch(call(call_id))
+    pool.flush()
     assert [worker.sent for worker in backend.workers] == [[1], [2]]
     assert pool.stats()["queued"] == 1
     assert pool.finished(1) is not None
+    pool.flush()
     assert backend.workers[0].sent == [1, 3]  # the freed worker gets the waiting call
 
 
@@ -138,6 +151,7 @@ def test_withdrawing_takes_back_waiting_and_unstarted_calls_but_never_a_started_
     worker = backend.workers[0]
     for call_id in (40, 41, 42):
         pool.dispatch(call(call_id))
+    pool.flush()
     assert worker.start(40)  # the worker runs the head
     assert pool.withdraw(40) is False  # started: it runs to the end
     assert pool.withdraw(41) is True  # queued at the worker, never started
@@ -158,6 +172,7 @@ def test_a_replaced_worker_hands_back_its_calls_head_first_and_too_many_restarts
     assert stranded is not None
     assert [c.call_id for c in stranded] == [1]
     assert first.retired
+    pool.flush()
     assert backend.workers[1].sent == [2]  # the fresh worker takes the waiting call
     assert pool.replace("no-such-worker") is None
     stranded = pool.replace(backend.workers[1].name)  # the second restart in the window: over the limit
