@@ -411,41 +411,38 @@ class _ResultSweeper:
     with the first worker that does.
     """
 
-    def __init__(self, threads: ThreadBook) -> None:
+    def __init__(self, threads: ThreadBook, hold_s: float = HOLD_S) -> None:
         self._threads = threads
+        self.hold_s = hold_s
         self._lock = threading.Lock()
         self._watched: set[_HeldResults] = set()
         self._wake = threading.Event()
-        self._closed = False
+        self._closed = threading.Event()
         self._thread: threading.Thread | None = None
 
     def watch(self, held: _HeldResults) -> None:
-        """`held` has started holding results: deliver them if they are still there after `HOLD_S`."""
+        """`held` has started holding results: deliver them if they are still there after `hold_s`."""
         with self._lock:
             self._watched.add(held)
-            if self._thread is None and not self._closed:
+            if self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(target=self._run, name="actorflow-result-sweeper", daemon=True)
                 self._thread.start()
             if not self._wake.is_set():
                 self._wake.set()
 
     def close(self) -> None:
-        """Stop the sweeper's thread."""
-        with self._lock:
-            self._closed = True
+        """Stop the sweeper's thread (workers still holding results deliver them at their batch's end)."""
+        with self._lock:  # not between the sweeper's check of `_closed` and its clearing of `_wake`
+            self._closed.set()
             self._wake.set()
 
     def _run(self) -> None:
         self._threads.record_current("worker")
-        while True:
-            self._wake.wait()
-            if self._closed:
-                return
-            time.sleep(HOLD_S)
+        while self._wake.wait() and not self._closed.wait(self.hold_s):
             # Under the lock: a worker that starts holding again meanwhile is watched again after this.
             with self._lock:
-                self._watched = {held for held in self._watched if held.deliver(older_than=HOLD_S)}
-                if not self._watched:
+                self._watched = {held for held in self._watched if held.deliver(older_than=self.hold_s)}
+                if not self._watched and not self._closed.is_set():
                     self._wake.clear()
 
 
@@ -508,14 +505,14 @@ class ServiceWorker(FastActor):
         self._deliver(done)
 
     def _run_batch(self, calls: tuple[RunService, ...]) -> None:
-        held, claims, retired = self._held, self._claims, self._retired
+        held, claims, retired, hold_s = self._held, self._claims, self._retired, self._sweeper.hold_s
         last = len(calls) - 1
         for index, call in enumerate(calls):
             if retired.is_set():
                 break  # retired (the pool took the rest back), or a call below crashed
             if claims is not None and not claims.take(call.call_id):
                 continue  # withdrawn before it started
-            held.deliver(older_than=HOLD_S)
+            held.deliver(older_than=hold_s)
             done = execute(self._fn, call, self._name, log=self._log)
             if done.status == "crashed":
                 retired.set()  # as for a lone call: nothing queued behind it runs here
@@ -579,10 +576,11 @@ class ThreadBackend:
 
     name = "thread"
 
-    def __init__(self, dead_letters: DeadLetterOffice, threads: ThreadBook) -> None:
+    def __init__(self, dead_letters: DeadLetterOffice, threads: ThreadBook, *, hold_s: float = HOLD_S) -> None:
+        """`hold_s`: how long a worker may hold a finished result while it runs the rest of a batch."""
         self._dead_letters = dead_letters
         self._threads = threads
-        self._sweeper = _ResultSweeper(threads)
+        self._sweeper = _ResultSweeper(threads, hold_s)
 
     def start_worker(
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
