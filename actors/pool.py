@@ -85,8 +85,10 @@ class ServicePool:
         self._capacity = _DEPTH_SLOW
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
-        self._recent: deque[float] = deque(maxlen=_DEPTH_WINDOW)
-        """The last call durations (ms), which set the depth per worker."""
+        self._recent: deque[bool] = deque(maxlen=_DEPTH_WINDOW)
+        """Whether each of the last calls was slow (took `_FAST_MS` or more): they set the depth per worker."""
+        self._slow_recent = 0
+        """How many of `_recent` are slow (kept as they come and go, not counted per call)."""
         self._clock = clock
         self._generation = 0
         self._slots: list[_Slot] = []
@@ -146,8 +148,12 @@ class ServicePool:
         # Deep queues only while every recent call was fast: a call queued behind a slow one waits
         # even if another worker is idle (head-of-line blocking), so one slow call turns it off.
         recent = self._recent
-        recent.append(duration_ms)
-        uniform_fast = len(recent) == _DEPTH_WINDOW and max(recent) < _FAST_MS
+        slow = duration_ms >= _FAST_MS
+        if len(recent) == _DEPTH_WINDOW and recent[0]:
+            self._slow_recent -= 1  # the oldest leaves the window
+        recent.append(slow)
+        self._slow_recent += slow
+        uniform_fast = len(recent) == _DEPTH_WINDOW and not self._slow_recent
         self._capacity = min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth)
 
     def running(self, call_id: int) -> bool:
