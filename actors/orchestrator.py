@@ -10,7 +10,9 @@ hands its value on; after the last stage, COMPLETED. For the seed pipeline::
 It sends a request and handles the answer as a message: service results come
 back as `ServiceDone`, state changes as `TransitionsApplied`. It does not move
 a task to its next stage until the StateActor has committed the current one.
-Transition requests are batched: they leave when the mailbox runs dry.
+Transition requests are batched: they leave when the mailbox runs dry. Service
+calls are batched too, per worker: those one message makes leave together
+(`ServicePool.flush`) when its handler ends, so a lone call is never held.
 
 Liveness rules (every task it drives reaches a terminal state):
 

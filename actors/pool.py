@@ -310,9 +310,13 @@ class ServicePool:
             calls, slot.outgoing = slot.outgoing, []
             if not calls or slot.gone:
                 continue
-            sent = slot.worker.send(calls[0]) if len(calls) == 1 else slot.worker.send_many(calls)
+            why = "dead when sent a call"
+            try:
+                sent = slot.worker.send(calls[0]) if len(calls) == 1 else slot.worker.send_many(calls)
+            except Exception as exc:  # noqa: BLE001 - the calls are the pool's: replacing the worker re-sends them
+                sent, why = False, f"failed to take calls: {type(exc).__name__}: {exc}"
             if not sent:
-                self._on_death(slot.worker.name, "dead when sent a call")
+                self._on_death(slot.worker.name, why)
 
     def _send(self, slot: _Slot, call: RunService) -> None:
         slot.calls.append(call.call_id)

@@ -418,3 +418,34 @@ def test_a_call_queued_behind_others_in_a_batch_gets_its_own_stage_deadline_once
     finally:
         release.set()
         rig.close()
+
+
+def test_a_worker_that_raises_when_sent_its_calls_is_reported_dead_so_that_its_calls_are_re_sent(
+    timer: Timer,
+) -> None:
+    deaths: list[tuple[str, str]] = []
+    backend = RecordingBackend()
+    pool = ServicePool(
+        "processor",
+        1,
+        backend=backend,
+        fn=lambda task: {},
+        deliver=lambda done: None,
+        on_death=lambda name, why: deaths.append((name, why)),
+        timer=timer,
+        on_deadline=lambda call_id: None,
+        stage_timeout_s=None,
+        max_restarts=3,
+        restart_window_s=60,
+    )
+
+    def refuse(call: RunService) -> bool:
+        raise OSError("pipe closed")
+
+    backend.workers[0].send = refuse  # type: ignore[method-assign]
+    pool.dispatch(call(1))
+    pool.flush()  # must not raise in the orchestrator's thread
+    assert deaths == [("processor-1", "failed to take calls: OSError: pipe closed")]
+    stranded = pool.replace("processor-1")
+    assert stranded is not None
+    assert [c.call_id for c in stranded] == [1]
