@@ -392,8 +392,10 @@ def test_a_call_queued_behind_others_in_a_batch_gets_its_own_stage_deadline_once
     timer: Timer,
 ) -> None:
     release = threading.Event()
+    runs: list[str] = []
 
     def stage(task: Task, value: Any) -> None:
+        runs.append(task.task_id)
         if task.task_id == "task-2":
             assert release.wait(WAIT_S)  # hangs until the test is done
 
@@ -415,6 +417,7 @@ def test_a_call_queued_behind_others_in_a_batch_gets_its_own_stage_deadline_once
         assert isinstance(late, ServiceDone)
         assert late.call_id == 2
         assert rig.pool.finished(late.call_id) is None  # no longer the pool's: a late result
+        assert runs[-2:] == ["task-1", "task-2"]  # the retired worker did not go on to the third call
     finally:
         release.set()
         rig.close()
