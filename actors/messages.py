@@ -8,6 +8,7 @@ Flow of one task (→ is a tell; nothing blocks in a handler)::
 
     Runtime.submit ─CreateTask─► StateActor ─TasksCreated─► Orchestrator
     Orchestrator ─RunService─► worker ─ServiceDone─► Orchestrator
+        (or several at once: ─RunServices─► worker ─ServicesDone─►)
     Orchestrator ─TransitionBatch─► StateActor ─TransitionsApplied─► Orchestrator
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "ResumeTasks",
     "RetryDue",
     "RunService",
+    "RunServices",
     "ServiceDone",
     "ServicesDone",
     "TasksCreated",
@@ -140,6 +142,12 @@ class RunService(NamedTuple):
     """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
 
 
+class RunServices(NamedTuple):
+    """Several calls for one thread worker in one message, run in order (each as a `RunService` would be)."""
+
+    calls: tuple[RunService, ...]
+
+
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]
 
 
@@ -218,7 +226,9 @@ MESSAGE_TYPES: frozenset[type] = frozenset(
         TransitionOutcome,
         TransitionsApplied,
         RunService,
+        RunServices,
         ServiceDone,
+        ServicesDone,
         WorkerDied,
         RetryDue,
         JournalRetryDue,
