@@ -83,7 +83,7 @@ from typing import Any, Final
 
 from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import (
     CallsInFlight,
     Deliver,
@@ -257,8 +257,14 @@ class ProcessBackend:
         start_method: "forkserver" (default) or "spawn".
     """
 
-    max_queue_depth = 1
-    """Calls queued per worker at most: one, as for slow thread workers (see ServicePool)."""
+    max_queue_depth = 8
+    """Calls held per worker at most, while calls are uniformly fast (see ServicePool): a batch of them
+    crosses the pipe as one message. Kept small: calls in a child's pipe cannot be taken back."""
+    min_queue_depth = 2
+    """Calls held per worker at least: the running one and the next, which waits in the child's pipe, so
+    a busy child never idles for the round trip through the parent's threads (as a ProcessPoolExecutor's
+    call queue holds one call more than it has workers). A call can then wait behind a slow one while
+    another worker idles; a stage timeout bounds that wait."""
 
     name = "process"
 
@@ -372,6 +378,8 @@ class ProcessWorker:
         """No more calls are taken, and the wake-up pipe is closed."""
         self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
+        self._crashed = False
+        """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -396,8 +404,13 @@ class ProcessWorker:
         return True
 
     def send_many(self, calls: Sequence[RunService]) -> bool:
-        """Queue several calls, in order (one at a time for now)."""
-        return all(self.send(call) for call in calls)
+        """Queue several calls, in order; the forwarding thread writes them to the child in one message."""
+        with self._lock:
+            if self._closed or self._retired:
+                return False
+            self._calls.extend(calls)
+            self._wake()
+        return True
 
     def retire(self) -> None:
         """Stop the worker: queued calls are dropped, a running call is killed with its child."""
@@ -475,17 +488,10 @@ class ProcessWorker:
                 stirred = self._wait(selector)
                 if self._retired:
                     return None
-                if not stirred:
-                    continue
-                report = self._receive(stirred)
-                if isinstance(report, tuple):
-                    if not self._finish(report):
-                        return None  # a crashed call: its report tells the pool to replace us
-                    continue
-                if not self._in_child:
+                if stirred and not self._take_reports(stirred):
+                    if self._crashed:
+                        return None  # the crashed call's report tells the pool to replace us
                     return f"worker process {self.node} exited with code {self._exit_code()} while idle"
-                self._report_death_during_call()
-                return None
 
     def _wait(self, selector: selectors.BaseSelector) -> set[str]:
         """Wait for the wake-up pipe or the child; what the child did: {_REPORT} and/or {_EXIT}, or nothing."""
@@ -524,18 +530,56 @@ class ProcessWorker:
             return _DIED
         return _DIED
 
-    def _feed_child(self) -> None:
-        """Send the child every queued call.
+    def _take_reports(self, stirred: set[str]) -> bool:
+        """Read every report the pipe holds and deliver them in one message. False once the child is gone.
 
-        The pool gives a worker at most a couple of calls, so the next one waits
+        The child writes each report as soon as its call ends (a report it held back would be lost
+        with it, and its call run twice); reports that piled up while this thread waited for the
+        GIL reach the orchestrator together, as one `ServicesDone`.
+        """
+        dones: list[ServiceDone] = []
+        alive = True
+        try:
+            while self._conn.poll():  # end-of-file counts as readable: recv_bytes then raises EOFError
+                done = self._finish(pickle.loads(self._conn.recv_bytes()))  # noqa: S301 - our own child pickled it
+                dones.append(done)
+                if done.status == "crashed":
+                    self._crashed = True  # the child exits after such a report: nothing more will come
+                    alive = False
+                    break
+        except (EOFError, OSError):
+            alive = False
+        if _EXIT in stirred:
+            alive = False  # the child has exited, and what it wrote before has just been read
+        if not alive and self._in_child and not self._crashed:
+            self._crashed = True
+            dones.append(self._death_during_call())
+        if len(dones) == 1:
+            self._deliver(dones[0])
+        elif dones:
+            self._deliver(ServicesDone(tuple(dones)))
+        return alive
+
+    def _feed_child(self) -> None:
+        """Send the child every queued call, in one message.
+
+        The pool gives a worker the call it runs and at least the next, which waits
         in the child's pipe while the current one runs: no round trip between calls.
         """
-        while self._calls and not self._retired:
-            call = self._calls.popleft()
-            try:
-                self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
-            except OSError:
-                return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
+        if not self._calls or self._retired:
+            return
+        calls = []
+        with contextlib.suppress(IndexError):  # `withdraw` may take the last one meanwhile
+            while self._calls:
+                calls.append(self._calls.popleft())
+        if not calls:
+            return
+        message = pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self._conn.send_bytes(message)
+        except OSError:
+            return  # the child is gone; the wait sees it. The pool still holds the calls and re-sends them.
+        for call in calls:
             if self._in_child.add(call):
                 self._start_head()
 
@@ -545,8 +589,8 @@ class ProcessWorker:
         if head is not None and self._log.enabled("debug"):
             self._log.debug("service.started", **call_fields(head, self.name, self.node))
 
-    def _finish(self, report: tuple[Any, ...]) -> bool:
-        """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
+    def _finish(self, report: tuple[Any, ...]) -> ServiceDone:
+        """The head call's report, logged; the next call is the head now."""
         call = self._in_child.head()
         assert call is not None, "a report with no call in the child"
         call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
@@ -566,25 +610,18 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        next_started = self._in_child.settle(call_id)
-        self._log_and_deliver(call, done)
-        if done.status == "crashed":
-            return False
-        if next_started:
+        if self._in_child.settle(call_id) and status != "crashed":
             self._start_head()
-        return True
+        return log_done(self._log, call, done)
 
-    def _report_death_during_call(self) -> None:
+    def _death_during_call(self) -> ServiceDone:
         """The child died running the head call: that call crashed. Those behind it never started."""
         call = self._in_child.head()
         assert call is not None, "a death during a call with no call in the child"
         duration_ms = self._in_child.running_ms()
         self._in_child.settle(call.call_id)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        self._log_and_deliver(call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
-
-    def _log_and_deliver(self, call: RunService, done: ServiceDone) -> None:
-        self._deliver(log_done(self._log, call, done))
+        return log_done(self._log, call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving
@@ -697,10 +734,12 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
     """A worker process: load the function, then run calls one at a time until told to stop.
 
     Protocol, one pickle per message: the child first sends ``("ready", node)``
-    or ``("load_failed", why)``; then it answers each call (`_encode_call`)
-    with exactly one report ``(call_id, status, result, error_type, error,
-    duration_ms, started_at, traceback)``, in order. `_STOP` or end-of-file ends it; so does a
-    ``crashed`` call, after its report.
+    or ``("load_failed", why)``; then each message from the parent is a tuple
+    of one or more calls (`_encode_call`), and the child answers each call,
+    in order, with exactly one report ``(call_id, status, result, error_type,
+    error, duration_ms, started_at, traceback)``, written as soon as the call
+    ends. `_STOP` or end-of-file ends it; so does a ``crashed`` call, after
+    its report (the calls after it in its batch never start).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     if not _die_with_parent():
@@ -721,21 +760,21 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
             return  # the parent is gone
         if message == _STOP:
             return
-        call = _decode_call(pickle.loads(message))  # noqa: S301 - our own parent pickled it
-        done = execute(fn, call, name, log=log, node=node)
-        report = (
-            done.call_id,
-            done.status,
-            done.result,
-            done.error_type,
-            done.error,
-            done.duration_ms,
-            done.started_at,
-            done.traceback,
-        )
-        try:
-            conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            return
-        if done.status == "crashed":
-            return  # after a SystemExit & co. this interpreter is not to be trusted: the pool replaces us
+        for wire in pickle.loads(message):  # noqa: S301 - our own parent pickled it
+            done = execute(fn, _decode_call(wire), name, log=log, node=node)
+            report = (
+                done.call_id,
+                done.status,
+                done.result,
+                done.error_type,
+                done.error,
+                done.duration_ms,
+                done.started_at,
+                done.traceback,
+            )
+            try:
+                conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:
+                return
+            if done.status == "crashed":
+                return  # after a SystemExit & co. this interpreter is not to be trusted: the pool replaces us

@@ -25,7 +25,7 @@ import structlog
 
 from actorflow.actors import Runtime
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.process_backend import ProcessBackend, ProcessWorker, _decode_call, _encode_call
 from actorflow.actors.threads import ThreadBook
 from actorflow.cli.demo import _payloads as demo_payloads
@@ -478,8 +478,34 @@ def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None
 # --- the backend on its own ---------------------------------------------------------------------
 
 
+class Replies:
+    """What a worker delivers, as the orchestrator gets it: single reports and `ServicesDone` batches."""
+
+    def __init__(self) -> None:
+        self._messages: queue.SimpleQueue[ServiceDone | ServicesDone] = queue.SimpleQueue()
+        self.messages = 0
+        """Messages taken so far (a batch counts once)."""
+        self._ready: list[ServiceDone] = []
+
+    def put(self, message: ServiceDone | ServicesDone) -> None:
+        self._messages.put(message)
+
+    def take(self, count: int, timeout: float = 60) -> list[ServiceDone]:
+        """The next `count` reports, in the order delivered, waiting for the messages that carry them."""
+        while len(self._ready) < count:
+            message = self._messages.get(timeout=timeout)
+            self.messages += 1
+            self._ready.extend(message.dones if isinstance(message, ServicesDone) else (message,))
+        taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+    def empty(self) -> bool:
+        """True if nothing more was delivered (and nothing is left over)."""
+        return not self._ready and self._messages.empty()
+
+
 def test_the_spawn_start_method_works_too() -> None:
-    replies: queue.SimpleQueue[ServiceDone] = queue.SimpleQueue()
+    replies = Replies()
     deaths: list[tuple[str, str]] = []
     describe = ProcessStage(ps.describe)  # backends run stage functions, fn(task, value)
     backend = ProcessBackend(
@@ -490,7 +516,7 @@ def test_the_spawn_start_method_works_too() -> None:
     task = Task("t-1", freeze({"name": "x", "data": {"items": [1]}}))
     for call_id in (1, 2):
         assert worker.send(RunService(call_id, "processor", task, TraceContext("a" * 32, "b" * 16), 1))
-    first, second = replies.get(timeout=60), replies.get(timeout=60)
+    first, second = replies.take(2)
     assert (first.call_id, second.call_id) == (1, 2)
     assert first.status == second.status == "ok"
     assert first.result is not None
