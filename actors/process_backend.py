@@ -1,22 +1,31 @@
 """The process backend: service calls run in worker processes, for CPU-bound services.
 
-One child process per worker, no shared memory. A call crosses a
-`multiprocessing` pipe as one pickle (its fields as a tuple, the frozen
-payload inside), the child runs it with `execute` (the very function thread
-workers use) and sends back a report, from which the parent builds the
-`ServiceDone`. In the parent, each worker has one forwarding thread that owns
-the pipe::
+One child process per worker, no shared memory. Calls cross a
+`multiprocessing` pipe as one pickle per batch (each call's fields as a
+tuple, the frozen payload inside: `send_many` sends several in one message),
+the child runs each with `execute` (the very function thread workers use)
+and writes its report as soon as the call ends; the parent builds the
+`ServiceDone` from it. In the parent, each worker has one forwarding thread
+that reads the child's pipe::
 
-    orchestrator ─send()─► deque + wake-up pipe ─► forwarding thread ─pickle─► child: execute(fn, call)
-    orchestrator ◄─deliver(ServiceDone)─ forwarding thread ◄─pickle─ child
+    orchestrator ─send_many()─pickle, non-blocking write─► child: execute(fn, call) for each call
+    orchestrator ◄─deliver(ServiceDone | ServicesDone)─ forwarding thread ◄─pickle─ child
 
-The orchestrator never blocks: `send` and `retire` only append to a deque and
-write one byte to the thread's wake-up pipe. The forwarding thread waits on
-three things at once (the report pipe, the child's exit sentinel and the
-wake-up pipe), so it notices new work, a retirement or a dying child at once.
-It hands the child every call the pool gives it (at most a couple): the next
-call waits in the pipe while the current one runs, so a busy child never
-waits for a round trip.
+The orchestrator never blocks, and touches no other thread to send: once the
+child is ready, `send_many` writes the message to the pipe without blocking;
+whatever does not fit (a large payload, a full pipe), and calls sent before
+the child is ready, wait for the forwarding thread, which writes them. The
+thread waits on three things at once (the report pipe, the child's exit
+sentinel and a wake-up pipe), so it notices reports, a retirement or a dying
+child at once. It reads whatever the pipe holds in one go and delivers the
+reports that piled up as one `ServicesDone`. The child reports each call
+alone, at once: a report held back to make a bigger message would die with a
+killed child, and its call would run twice.
+
+The pool keeps at least two calls at a process worker (`min_queue_depth`):
+the next call waits in the child's pipe while the current one runs, so a busy
+child never waits for a round trip through the parent's threads (as a
+`ProcessPoolExecutor` keeps one call more in its queue than it has workers).
 
 Supervision follows the thread workers' rules (issue 5):
 
@@ -24,8 +33,9 @@ Supervision follows the thread workers' rules (issue 5):
   ``crashed`` by the child, which then exits; the pool replaces the worker
   and the task is retried as a transient failure;
 * a child that dies during a call (``os._exit``, a segfault, ``kill -9``)
-  is seen as end-of-file on its pipe: the call it held is reported
-  ``crashed`` (error type ``WorkerProcessDied``), with the same effect;
+  is seen as end-of-file on its pipe: the call it was running is reported
+  ``crashed`` (error type ``WorkerProcessDied``), with the same effect; the
+  calls queued behind it never started, and the pool re-sends them;
 * a child that dies while idle, or cannot load its function, is reported
   through `on_death`, and the pool replaces it without charging any task;
 * `retire()` really stops the child: an idle one is asked to exit, a busy
@@ -71,11 +81,13 @@ import os
 import pickle
 import selectors
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
 from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
@@ -351,8 +363,9 @@ _STOP: Final = b"stop"
 class ProcessWorker:
     """One worker: a child process and the forwarding thread that owns its pipe.
 
-    `send`, `retire` and `join` may be called from any thread; everything else
-    is the forwarding thread's alone.
+    `send`, `send_many`, `withdraw`, `retire` and `join` may be called from any
+    thread; the lock orders their writes to the pipe with the forwarding thread's.
+    Reading the pipe is the forwarding thread's alone.
     """
 
     def __init__(
@@ -379,12 +392,20 @@ class ProcessWorker:
         self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
         self._crashed = False
+        self._ready = False
+        """The child said it is ready: `send_many` writes to its pipe directly."""
+        self._outbox = b""
+        """Bytes of a message the forwarding thread must write before anything else (`_WRITING` while it does)."""
+        self._inbox = bytearray()
+        """Bytes read from the child and not yet a whole report."""
         """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn, child_conn = context.Pipe()
         self._child_conn: connection.Connection | None = child_conn
+        # The same socket, for non-blocking writes from the caller's thread and buffered reads.
+        self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         self._process = context.Process(  # type: ignore[attr-defined]
             target=_child_main, args=(child_conn, pickled_fn, name), name=f"actorflow-{name}", daemon=True
         )
@@ -395,22 +416,48 @@ class ProcessWorker:
     # --- the WorkerHandle face (any thread) -------------------------------------------------------
 
     def send(self, call: RunService) -> bool:
-        """Queue a call for the child; False if the worker is retired or its child is gone."""
-        with self._lock:
-            if self._closed or self._retired:
-                return False
-            self._calls.append(call)
-            self._wake()
-        return True
+        """Send a call to the child; False if the worker is retired or its child is gone."""
+        return self.send_many((call,))
 
     def send_many(self, calls: Sequence[RunService]) -> bool:
-        """Queue several calls, in order; the forwarding thread writes them to the child in one message."""
+        """Send several calls to the child, in order, in one message; False if the worker is retired or gone.
+
+        Once the child is ready, the calling thread writes the message itself, without blocking
+        (the forwarding thread is not woken). Before that, or when the child's pipe is full, the
+        calls wait in the deque and the forwarding thread writes them.
+        """
         with self._lock:
             if self._closed or self._retired:
                 return False
-            self._calls.extend(calls)
-            self._wake()
+            if self._ready and not self._calls and not self._outbox:
+                self._write_now(calls)
+            else:
+                self._calls.extend(calls)
+                self._wake()
         return True
+
+    def _write_now(self, calls: Sequence[RunService]) -> None:
+        """Write `calls` to the child's pipe without blocking; what does not fit is the forwarding thread's to write.
+
+        Called with the lock held. The calls join `_in_child` first, so that a report that comes back at
+        once finds its call; if nothing could be written (the child is gone), they leave it again, and the
+        pool re-sends them when the worker's death is reported.
+        """
+        frame = _frame(pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL))
+        heads = [self._in_child.add(call) for call in calls]
+        try:
+            sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            for call in calls:
+                self._in_child.settle(call.call_id)
+            return
+        if sent < len(frame):
+            self._outbox = frame[sent:]
+            self._wake()
+        if heads[0]:
+            self._start_head()
 
     def retire(self) -> None:
         """Stop the worker: queued calls are dropped, a running call is killed with its child."""
@@ -421,15 +468,11 @@ class ProcessWorker:
 
     def withdraw(self, call_id: int) -> bool:
         """Take back a call still queued here (not yet written to the child's pipe). True if it was."""
-        # The forwarding thread pops from the deque without the lock: copy it (atomic under the GIL),
-        # and let `remove` decide the race (ValueError: the thread took it first, it is on its way).
-        for call in list(self._calls):
-            if call.call_id == call_id:
-                try:
+        with self._lock:
+            for call in self._calls:
+                if call.call_id == call_id:
                     self._calls.remove(call)
-                except ValueError:
-                    return False
-                return True
+                    return True
         return False
 
     def join(self, timeout: float) -> bool:
@@ -483,6 +526,8 @@ class ProcessWorker:
             why = self._await_ready(selector)
             if why is not None or self._retired:
                 return why
+            with self._lock:
+                self._ready = True
             while True:
                 self._feed_child()
                 stirred = self._wait(selector)
@@ -538,50 +583,82 @@ class ProcessWorker:
         GIL reach the orchestrator together, as one `ServicesDone`.
         """
         dones: list[ServiceDone] = []
-        alive = True
-        try:
-            while self._conn.poll():  # end-of-file counts as readable: recv_bytes then raises EOFError
-                done = self._finish(pickle.loads(self._conn.recv_bytes()))  # noqa: S301 - our own child pickled it
-                dones.append(done)
-                if done.status == "crashed":
-                    self._crashed = True  # the child exits after such a report: nothing more will come
-                    alive = False
-                    break
-        except (EOFError, OSError):
-            alive = False
+        alive = self._read_inbox(max(_READ_SIZE, len(self._inbox)))  # a large report: read it in fewer rounds
+        for report in self._reports():
+            done = self._finish(report)
+            dones.append(done)
+            if done.status == "crashed":
+                self._crashed = True  # the child exits after such a report: nothing more will come
+                alive = False
+                break
         if _EXIT in stirred:
             alive = False  # the child has exited, and what it wrote before has just been read
-        if not alive and self._in_child and not self._crashed:
-            self._crashed = True
-            dones.append(self._death_during_call())
+        if not alive:
+            with self._lock:
+                self._closed = True  # no more writes: `_in_child` holds what the child held
+            if self._in_child and not self._crashed:
+                self._crashed = True
+                dones.append(self._death_during_call())
         if len(dones) == 1:
             self._deliver(dones[0])
         elif dones:
             self._deliver(ServicesDone(tuple(dones)))
         return alive
 
+    def _read_inbox(self, size: int) -> bool:
+        """Append what the child's pipe holds (up to `size` bytes) to the inbox; False at end-of-file."""
+        try:
+            data = self._sock.recv(size, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        self._inbox += data
+        return bool(data)
+
+    def _reports(self) -> Iterator[tuple[Any, ...]]:
+        """The complete reports in the inbox, in order (a partial one stays for the next read)."""
+        inbox = self._inbox
+        start = 0
+        while len(inbox) - start >= 4:
+            (size,) = _HEADER.unpack_from(inbox, start)
+            begin = start + 4
+            if size == -1:  # over 2 GiB: an 8-byte length follows (multiprocessing's framing)
+                if len(inbox) - begin < 8:
+                    break
+                (size,) = _LONG_HEADER.unpack_from(inbox, begin)
+                begin += 8
+            if len(inbox) - begin < size:
+                break
+            start = begin + size
+            yield pickle.loads(inbox[begin:start])  # noqa: S301 - our own child pickled it
+        del inbox[:start]
+
     def _feed_child(self) -> None:
-        """Send the child every queued call, in one message.
+        """Write what waits in the deque and the outbox to the child (a blocking write, off the caller's thread).
 
         The pool gives a worker the call it runs and at least the next, which waits
         in the child's pipe while the current one runs: no round trip between calls.
         """
-        if not self._calls or self._retired:
-            return
-        calls = []
-        with contextlib.suppress(IndexError):  # `withdraw` may take the last one meanwhile
-            while self._calls:
-                calls.append(self._calls.popleft())
-        if not calls:
-            return
-        message = pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            self._conn.send_bytes(message)
-        except OSError:
-            return  # the child is gone; the wait sees it. The pool still holds the calls and re-sends them.
-        for call in calls:
-            if self._in_child.add(call):
+        while not self._retired:
+            with self._lock:
+                calls = list(self._calls)
+                self._calls.clear()
+                frame = self._outbox
+                if calls:
+                    frame += _frame(pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL))
+                if not frame:
+                    return
+                heads = [self._in_child.add(call) for call in calls]
+                self._outbox = _WRITING  # `send_many` queues behind this write, in order
+            if heads and heads[0]:
                 self._start_head()
+            with contextlib.suppress(OSError):  # the child is gone: the wait sees it
+                self._sock.sendall(frame)
+            with self._lock:
+                self._outbox = b""
+                if not self._calls:
+                    return
 
     def _start_head(self) -> None:
         """The child starts the call at the head of its pipe now."""
@@ -647,6 +724,7 @@ class ProcessWorker:
             if self._child_conn is not None:
                 self._child_conn.close()
             self._conn.close()
+            self._sock.close()
             return
         if process.exitcode is None and not self._in_child:
             with contextlib.suppress(OSError, ValueError):
@@ -659,12 +737,28 @@ class ProcessWorker:
             process.kill()
             process.join(_KILL_WAIT_S)
         self._conn.close()
+        self._sock.close()
         if process.exitcode is None:
             self._log.error("worker.unkillable", worker=self.name, node=self.node)
             return
         if process.exitcode != 0 and self._retired:
             self._log.info("worker.killed", worker=self.name, node=self.node, exit_code=self._exit_code())
         process.close()
+
+
+_HEADER: Final = struct.Struct("!i")
+_LONG_HEADER: Final = struct.Struct("!Q")
+_READ_SIZE: Final = 1 << 16
+"""Bytes read from a child's pipe at a time (several reports of ordinary size)."""
+_WRITING: Final = b"\0"
+"""The outbox while the forwarding thread writes: not empty, so `send_many` queues behind it."""
+
+
+def _frame(message: bytes) -> bytes:
+    """A message framed as `multiprocessing.connection.Connection.send_bytes` frames it."""
+    if len(message) > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _LONG_HEADER.pack(len(message)) + message
+    return _HEADER.pack(len(message)) + message
 
 
 def _encode_call(call: RunService) -> tuple[Any, ...]:
