@@ -394,8 +394,10 @@ class ProcessWorker:
         self._crashed = False
         self._ready = False
         """The child said it is ready: `send_many` writes to its pipe directly."""
-        self._outbox = b""
-        """Bytes of a message the forwarding thread must write before anything else (`_WRITING` while it does)."""
+        self._outbox = memoryview(b"")
+        """What is left of a message the child's pipe did not take at once: the forwarding thread writes it."""
+        self._watching = selectors.EVENT_READ
+        """What the selector watches the child's pipe for (and writable, while the outbox is not empty)."""
         self._inbox = bytearray()
         """Bytes read from the child and not yet a whole report."""
         """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
@@ -454,7 +456,7 @@ class ProcessWorker:
                 self._in_child.settle(call.call_id)
             return
         if sent < len(frame):
-            self._outbox = frame[sent:]
+            self._outbox = memoryview(frame)[sent:]
             self._wake()
         if heads[0]:
             self._start_head()
@@ -529,7 +531,7 @@ class ProcessWorker:
             with self._lock:
                 self._ready = True
             while True:
-                self._feed_child()
+                self._feed_child(selector)
                 stirred = self._wait(selector)
                 if self._retired:
                     return None
@@ -541,10 +543,10 @@ class ProcessWorker:
     def _wait(self, selector: selectors.BaseSelector) -> set[str]:
         """Wait for the wake-up pipe or the child; what the child did: {_REPORT} and/or {_EXIT}, or nothing."""
         stirred = set()
-        for key, _ in selector.select():
+        for key, events in selector.select():
             if key.data is _WAKE:
                 self._drain_wake()
-            else:
+            elif events & selectors.EVENT_READ:  # a writable pipe only needs the next `_feed_child`
                 stirred.add(key.data)
         return stirred
 
@@ -634,31 +636,40 @@ class ProcessWorker:
             yield pickle.loads(inbox[begin:start])  # noqa: S301 - our own child pickled it
         del inbox[:start]
 
-    def _feed_child(self) -> None:
-        """Write what waits in the deque and the outbox to the child (a blocking write, off the caller's thread).
+    def _feed_child(self, selector: selectors.BaseSelector) -> None:
+        """Write the outbox, then what waits in the deque, to the child, as far as its pipe takes it now.
 
-        The pool gives a worker the call it runs and at least the next, which waits
-        in the child's pipe while the current one runs: no round trip between calls.
+        Never blocks: a child busy with a hung call may leave its pipe full, and this thread must
+        still see a retirement (to kill it) and the child's reports. What is left waits for the
+        pipe to be writable (the selector watches for it meanwhile).
         """
         while not self._retired:
             with self._lock:
-                calls = list(self._calls)
-                self._calls.clear()
-                frame = self._outbox
-                if calls:
-                    frame += _frame(pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL))
-                if not frame:
-                    return
-                heads = [self._in_child.add(call) for call in calls]
-                self._outbox = _WRITING  # `send_many` queues behind this write, in order
-            if heads and heads[0]:
-                self._start_head()
-            with contextlib.suppress(OSError):  # the child is gone: the wait sees it
-                self._sock.sendall(frame)
+                if not self._outbox:
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    if not calls:
+                        break
+                    message = pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL)
+                    self._outbox = memoryview(_frame(message))
+                    heads = [self._in_child.add(call) for call in calls]
+                    if heads[0]:
+                        self._start_head()
+                outbox = self._outbox
+            try:
+                sent = self._sock.send(outbox, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(outbox)  # the child is gone: the wait sees it, and the pool re-sends what it held
             with self._lock:
-                self._outbox = b""
-                if not self._calls:
-                    return
+                self._outbox = outbox[sent:]  # `send_many` queues calls in the deque while the outbox is not empty
+            if sent < len(outbox):
+                break
+        wants = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbox and not self._retired else 0)
+        if wants != self._watching:
+            selector.modify(self._conn, wants, _REPORT)
+            self._watching = wants
 
     def _start_head(self) -> None:
         """The child starts the call at the head of its pipe now."""
@@ -750,8 +761,6 @@ _HEADER: Final = struct.Struct("!i")
 _LONG_HEADER: Final = struct.Struct("!Q")
 _READ_SIZE: Final = 1 << 16
 """Bytes read from a child's pipe at a time (several reports of ordinary size)."""
-_WRITING: Final = b"\0"
-"""The outbox while the forwarding thread writes: not empty, so `send_many` queues behind it."""
 
 
 def _frame(message: bytes) -> bytes:

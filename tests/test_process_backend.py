@@ -741,3 +741,22 @@ def test_a_process_pool_keeps_the_next_call_waiting_at_its_worker_and_a_thread_p
             assert runtime.submit({"name": "x", "data": {"items": []}}).result(timeout=30).state is S.COMPLETED
             depths[backend] = runtime.stats()["pools"]["processor"]["depth"]
     assert depths == {"process": 2, "thread": 1}
+
+
+def test_a_hung_child_with_a_large_call_queued_behind_it_is_still_killed_at_the_stage_timeout() -> None:
+    # The queued call (8 MB) cannot fit in the child's pipe while the child hangs: writing it must not hold the
+    # forwarding thread, which has to kill the child at the stage timeout.
+    config = process_config(processor_workers=1, stage_timeout_s=1.0, retry_backoff_s=0.0)
+    with (
+        ps.rendezvous() as point,
+        Runtime(config, services=ServiceSet(process=ps.record_and_hold)) as runtime,
+    ):
+        held = runtime.submit({"name": "held", "data": {"hold": True, "rendezvous": point.path}})
+        (hung_pid,) = point.arrivals(1)
+        large = runtime.submit({"name": "large", "data": {"blob": "x" * (8 << 20)}})
+        with watching(hung_pid) as ended:
+            assert ended(30), "the hung child was not killed"
+        records = [held.result(timeout=30), large.result(timeout=30)]
+        stats = runtime.stats()
+    assert [r.state for r in records] == [S.COMPLETED, S.COMPLETED], [r.error for r in records]
+    assert (stats["timeouts"], stats["restarts"]) == (1, 1)
