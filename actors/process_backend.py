@@ -392,6 +392,7 @@ class ProcessWorker:
         self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
         self._crashed = False
+        """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
         self._ready = False
         """The child said it is ready: `send_many` writes to its pipe directly."""
         self._outbox = memoryview(b"")
@@ -400,7 +401,6 @@ class ProcessWorker:
         """What the selector watches the child's pipe for (and writable, while the outbox is not empty)."""
         self._inbox = bytearray()
         """Bytes read from the child and not yet a whole report."""
-        """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -585,7 +585,8 @@ class ProcessWorker:
         GIL reach the orchestrator together, as one `ServicesDone`.
         """
         dones: list[ServiceDone] = []
-        alive = self._read_inbox(max(_READ_SIZE, len(self._inbox)))  # a large report: read it in fewer rounds
+        # Once the child has exited, everything it wrote must be read before its death counts.
+        alive = self._read_inbox(until_empty=_EXIT in stirred)
         for report in self._reports():
             done = self._finish(report)
             dones.append(done)
@@ -607,16 +608,25 @@ class ProcessWorker:
             self._deliver(ServicesDone(tuple(dones)))
         return alive
 
-    def _read_inbox(self, size: int) -> bool:
-        """Append what the child's pipe holds (up to `size` bytes) to the inbox; False at end-of-file."""
-        try:
-            data = self._sock.recv(size, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        self._inbox += data
-        return bool(data)
+    def _read_inbox(self, *, until_empty: bool) -> bool:
+        """Append what the child's pipe holds to the inbox; False at end-of-file.
+
+        One read nearly always takes it all; more follow while reads come back full (a large report,
+        read in growing chunks), or, with `until_empty`, until the pipe is empty.
+        """
+        while True:
+            size = max(_READ_SIZE, len(self._inbox))
+            try:
+                data = self._sock.recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._inbox += data
+            if len(data) < size and not until_empty:
+                return True
 
     def _reports(self) -> Iterator[tuple[Any, ...]]:
         """The complete reports in the inbox, in order (a partial one stays for the next read)."""

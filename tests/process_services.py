@@ -236,3 +236,11 @@ def record_and_hold(task: Task) -> Mapping[str, Any]:
         with _report(data["rendezvous"]) as conn:
             _read_line(conn)  # "go" never comes: the test kills this process here
     return {"pid": os.getpid(), "attempt": task.attempt}
+
+
+def sized_or_exit(task: Task) -> Mapping[str, Any]:
+    """Return ``"size"`` bytes of text, or raise SystemExit when the payload says ``"exit": true``."""
+    data = task.payload["data"]
+    if data.get("exit"):
+        raise SystemExit(5)
+    return {"blob": "x" * data.get("size", 0)}

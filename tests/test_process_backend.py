@@ -760,3 +760,37 @@ def test_a_hung_child_with_a_large_call_queued_behind_it_is_still_killed_at_the_
         stats = runtime.stats()
     assert [r.state for r in records] == [S.COMPLETED, S.COMPLETED], [r.error for r in records]
     assert (stats["timeouts"], stats["restarts"]) == (1, 1)
+
+
+def test_every_report_a_child_wrote_before_it_exited_is_delivered_even_more_than_one_read_takes() -> None:
+    # The forwarding thread is held in its first delivery until the child has exited: it then sees the exit
+    # and 120 KB of reports at once (more than one read takes, less than the pipe holds), and must read
+    # them all before it counts the exit.
+    first_delivery = threading.Event()
+    go_on = threading.Event()
+    replies = Replies()
+
+    def deliver(message: ServiceDone | ServicesDone) -> None:
+        replies.put(message)
+        if not first_delivery.is_set():
+            first_delivery.set()
+            assert go_on.wait(30)
+
+    fn = ProcessStage(ps.sized_or_exit)
+    backend = ProcessBackend({"processor": fn}, dead_letters=DeadLetterOffice(), threads=ThreadBook())
+    try:
+        worker = backend.start_worker("processor-1", "processor", fn, deliver, lambda *d: None)
+        calls = [a_call(i, {"size": 12_000}) for i in range(1, 11)]
+        calls.append(a_call(11, {"exit": True}))
+        assert worker.send_many(calls)
+        assert first_delivery.wait(30)
+        (pid,) = backend.pids()
+        with watching(pid) as ended:
+            assert ended(30)
+        go_on.set()
+        reports = replies.take(len(calls))
+    finally:
+        backend.close()
+    assert [(r.call_id, r.status) for r in reports] == [*((i, "ok") for i in range(1, 11)), (11, "crashed")]
+    assert reports[-1].error_type == "SystemExit"
+    assert all(r.result == {"blob": "x" * 12_000} for r in reports[:-1])
