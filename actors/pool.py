@@ -82,9 +82,11 @@ class ServicePool:
         """The stage timeout of this pool's calls (None for no limit)."""
         self._max_restarts = max_restarts
         self._window = restart_window_s
-        self._capacity = _DEPTH_SLOW
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
+        self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
+        """Process workers raise it: a child whose next call waits in its pipe never idles for a round trip."""
+        self._capacity = self._min_depth
         self._recent: deque[bool] = deque(maxlen=_DEPTH_WINDOW)
         """Whether each of the last calls was slow (took `_FAST_MS` or more): they set the depth per worker."""
         self._slow_recent = 0
@@ -154,7 +156,7 @@ class ServicePool:
         recent.append(slow)
         self._slow_recent += slow
         uniform_fast = len(recent) == _DEPTH_WINDOW and not self._slow_recent
-        self._capacity = min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth)
+        self._capacity = max(self._min_depth, min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth))
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""

@@ -162,19 +162,24 @@ class RuntimePipeline:
 
 
 class StagePipeline(RuntimePipeline):
-    """A Runtime running one pipeline of one stage (the async scenario); counts the threads it started."""
+    """A Runtime running one pipeline of the given stage(s) (async and CPU scenarios); counts the threads it started."""
 
-    def __init__(self, stage: stages.Stage, concurrency: int, *, name: str, **config: Any) -> None:
+    def __init__(
+        self, stage: stages.Stage | Sequence[stages.Stage], concurrency: int, *, name: str, **config: Any
+    ) -> None:
         self.name = name
         config.setdefault("max_in_flight", concurrency)
         config.setdefault("submit_timeout_s", 600.0)
         before = threading.active_count()
-        self.runtime = Runtime(RuntimeConfig(**config), pipelines=[stages.Pipeline("io", [stage])])
+        steps = [stage] if isinstance(stage, stages.Stage) else list(stage)
+        self.runtime = Runtime(RuntimeConfig(**config), pipelines=[stages.Pipeline("io", steps)])
         self.threads_started = threading.active_count() - before
         """Threads the runtime started: its actors, the timer, and the stage's workers (or event loop)."""
 
 
-def stage_factory(stage: stages.Stage, *, name: str, threads: list[int], **config: Any) -> PipelineFactory:
+def stage_factory(
+    stage: stages.Stage | Sequence[stages.Stage], *, name: str, threads: list[int], **config: Any
+) -> PipelineFactory:
     """A factory of `StagePipeline`s; each one's thread count is appended to `threads`."""
 
     def build(concurrency: int) -> Pipeline:

@@ -474,7 +474,26 @@ def run_cpu(mode: Mode) -> dict[str, Any]:
                 role="runtime",
             )
         )
-        pairs = [("runtime-process", "runtime-thread"), ("runtime-process", "processpool"), *pairs]
+        # The same job with only the CPU stage on processes (validate and persist on threads, as in the
+        # hand-written ProcessPoolExecutor pipeline): Stage(..., backend="process").
+        steps = [
+            Stage("validate", workload.validate_stage, workers=work.validator_workers),
+            Stage("process", workload.cpu_stage, workers=workers, backend="process"),
+            Stage("persist", workload.persist_stage, workers=work.persistence_workers),
+        ]
+        contenders.append(
+            Contender(
+                "runtime-process-stage",
+                stage_factory(steps, name="runtime-process-stage", threads=[]),
+                role="runtime",
+            )
+        )
+        pairs = [
+            ("runtime-process", "runtime-thread"),
+            ("runtime-process", "processpool"),
+            ("runtime-process-stage", "processpool"),
+            *pairs,
+        ]
     else:
         notes.append(why + "; runtime-process skipped")
     contenders += [
