@@ -34,10 +34,10 @@ Supervision follows the thread workers' rules (issue 5):
 * a child never outlives its runtime: it watches its parent and exits when
   the parent dies, even by SIGKILL.
 
-Events (``service.started``, ``service.finished``, ``service.failed``) carry
-the thread workers' fields plus ``node`` (``"pid:1234"``). They are emitted
-in the parent, where the host configured logging; the duration is the one
-measured in the child.
+A call's one event (``service.call``, or ``service.failed``) carries the
+thread workers' fields plus ``node`` (``"pid:1234"``). It is emitted in the
+parent, where the host configured logging; its start and duration are the
+ones measured in the child.
 
 Children start with the "forkserver" method by default: a single-threaded
 server process imports actorflow once and forks each worker from it, so a worker starts in
@@ -91,7 +91,6 @@ from actorflow.actors.service import (
     SilentLog,
     ThreadBackend,
     WorkerHandle,
-    call_fields,
     crashed,
     execute,
     log_done,
@@ -536,14 +535,7 @@ class ProcessWorker:
                 self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
                 return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
-            if self._in_child.add(call):
-                self._start_head()
-
-    def _start_head(self) -> None:
-        """The child starts the call at the head of its pipe now."""
-        head = self._in_child.head()
-        if head is not None and self._log.enabled("debug"):
-            self._log.debug("service.started", **call_fields(head, self.name, self.node))
+            self._in_child.add(call)  # the head call's start is kept for a death during it
 
     def _finish(self, report: tuple[Any, ...]) -> bool:
         """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
@@ -566,13 +558,9 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        next_started = self._in_child.settle(call_id)
+        self._in_child.settle(call_id)
         self._log_and_deliver(call, done)
-        if done.status == "crashed":
-            return False
-        if next_started:
-            self._start_head()
-        return True
+        return done.status != "crashed"
 
     def _report_death_during_call(self) -> None:
         """The child died running the head call: that call crashed. Those behind it never started."""
