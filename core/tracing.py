@@ -39,6 +39,7 @@ import structlog
 from structlog import _config as _structlog_config
 
 __all__ = [
+    "ConfiguredLogging",
     "EventLogger",
     "TraceContext",
     "configure_logging",
@@ -143,16 +144,16 @@ class EventLogger:
 
     def enabled(self, level: str) -> bool:
         """Whether an event at `level` would go anywhere; use it to skip building costly fields."""
-        sink = _own_sink
-        if sink is not None and sink.processors is _configured_processors():
+        sink = _sink_in_effect()
+        if sink is not None:
             return _LEVELS[level] >= sink.min_level
         if structlog.is_configured():
             return _structlog_enabled(level)
         return _STDLIB_LOGGER.isEnabledFor(_LEVELS[level])
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
-        sink = _own_sink
-        if sink is not None and sink.processors is _configured_processors():
+        sink = _sink_in_effect()
+        if sink is not None:
             # `configure_logging`'s own JSON sink: no processor chain, no context merge (every field of
             # our events is passed explicitly), no copy: `fields` is this call's own keyword dict.
             if _LEVELS[level] >= sink.min_level:
@@ -177,21 +178,47 @@ def get_event_logger(actor: str) -> EventLogger:
 
 _STRUCTLOG = structlog.get_logger("actorflow")  # a lazy proxy: it follows the host's configuration
 _STRUCTLOG_CONFIG: Any = getattr(_structlog_config, "_CONFIG", None)
-if not all(hasattr(_STRUCTLOG_CONFIG, name) for name in ("default_processors", "default_wrapper_class")):
+if not all(
+    hasattr(_STRUCTLOG_CONFIG, name) for name in ("default_processors", "default_wrapper_class", "logger_factory")
+):
     _STRUCTLOG_CONFIG = None  # a structlog without these private names: use the public get_config()
 _level_cache: dict[str, Any] = {"wrapper": None, "min_level": None}
 
 
-def _configured_processors() -> object:
-    """The processor list structlog is configured with now; only its identity is used.
+def _sink_in_effect() -> _JsonSink | None:
+    """`configure_logging`'s JSON sink, if structlog is still configured as it left it.
+
+    A host may reconfigure structlog afterwards, or `capture_logs` may swap the
+    processors inside the same list: then our events go through structlog as
+    the host wants. Checked per event, so it reads the configuration directly.
+    """
+    sink = _own_sink
+    if sink is None:
+        return None
+    processors = _configured_processors()
+    if processors is sink.processors and processors[-1] is sink.renderer and _configured_factory() is sink.factory:
+        return sink
+    return None
+
+
+def _configured_processors() -> list[Any]:
+    """The processor list structlog is configured with now.
 
     structlog's `get_config()` copies the whole configuration (~1 µs); its
     private `_CONFIG` holds the same list and is read in ~50 ns. Guarded by
-    tests/test_tracing.py, with the public call as the fallback.
+    tests/test_log_sink.py, with the public call as the fallback.
     """
     if _STRUCTLOG_CONFIG is not None:
-        return _STRUCTLOG_CONFIG.default_processors
-    return structlog.get_config()["processors"]
+        processors: list[Any] = _STRUCTLOG_CONFIG.default_processors
+        return processors
+    configured: list[Any] = structlog.get_config()["processors"]
+    return configured
+
+
+def _configured_factory() -> Any:
+    if _STRUCTLOG_CONFIG is not None:
+        return _STRUCTLOG_CONFIG.logger_factory
+    return structlog.get_config()["logger_factory"]
 
 
 def _configured_wrapper() -> Any:
@@ -286,6 +313,10 @@ class _JsonSink:
         self.min_level = min_level
         self.processors = processors
         """The processor list `configure_logging` gave structlog: while it is current, the sink is in effect."""
+        self.renderer = processors[-1]
+        """The last processor of that list (a host's `capture_logs` swaps the list's contents, not the list)."""
+        self.factory: Callable[..., Any] | None = None
+        """The logger factory `configure_logging` gave structlog."""
         self.dropped = 0
         """Events dropped because the queue stayed full (or arrived after `close`)."""
         self._text = stream
@@ -417,14 +448,18 @@ class _JsonSink:
                 fields["event"] = event
                 fields["level"] = level
                 fields["timestamp"] = _iso_utc(at)
-                lines.append(render(fields))
+                try:
+                    lines.append(render(fields))
+                except Exception as exc:  # noqa: BLE001 - e.g. a value whose str() raises: say what was lost
+                    lines.append(_std_json_line(_render_failure(fields, exc)))
             elif isinstance(item, str):
                 lines.append(item.encode("utf-8", "backslashreplace"))
             else:
                 markers.append(item)
                 stop = stop or isinstance(item, _Stop)
         if self._unreported:
-            count, self._unreported = self._unreported, 0
+            with self._room:
+                count, self._unreported = self._unreported, 0
             lines.append(render(_dropped_event(count)))
         if lines:
             self._write_lines(lines)
@@ -443,7 +478,8 @@ class _JsonSink:
                 self._text.write(data.decode("utf-8"))
                 self._text.flush()
         except (OSError, ValueError):  # a full disk, a closed stream: count what was lost, keep the thread
-            self.dropped += len(lines) - 1
+            with self._room:
+                self.dropped += len(lines) - 1
 
 
 def _dropped_event(count: int) -> dict[str, Any]:
@@ -480,19 +516,19 @@ def _json_renderer() -> Callable[[dict[str, Any]], bytes]:
 
 
 def _std_json_line(fields: dict[str, Any]) -> bytes:
-    try:
-        return _dumps(fields).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:  # nothing may stop the sink: say what was lost
-        return _dumps(
-            {
-                "actor": "log-sink",
-                "event": "log.render_failed",
-                "original_event": str(fields.get("event")),
-                "error": f"{type(exc).__name__}: {exc}",
-                "level": "error",
-                "timestamp": fields.get("timestamp"),
-            }
-        ).encode("utf-8")
+    return _dumps(fields).encode("utf-8")
+
+
+def _render_failure(fields: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """The line written instead of an event that could not be rendered."""
+    return {
+        "actor": "log-sink",
+        "event": "log.render_failed",
+        "original_event": str(fields.get("event")),
+        "error": f"{type(exc).__name__}: {exc}"[:500],
+        "level": "error",
+        "timestamp": fields.get("timestamp"),
+    }
 
 
 class _LinesFile:
@@ -545,7 +581,7 @@ def configure_logging(
     file: str | os.PathLike[str] | TextIO | None = None,
     colors: bool | None = None,
     max_pending: int = _MAX_PENDING,
-) -> Callable[[], None]:
+) -> ConfiguredLogging:
     """The application's one-call opt-in: configure structlog for actorflow's events.
 
     Args:
@@ -559,9 +595,9 @@ def configure_logging(
             before logging threads wait for room (see below).
 
     Returns:
-        A function that writes what is pending, flushes and closes what this
-        call opened; call it at exit (what is pending is also written at
-        interpreter exit).
+        A `ConfiguredLogging`: call it (or its `close`) at exit to write what
+        is pending, flush, and close what this call opened (what is pending
+        is also written at interpreter exit).
 
     With `json`, actorflow's own events skip structlog's processor chain: the
     thread that logs one (the StateActor's, the orchestrator's...) only queues
@@ -623,11 +659,17 @@ def configure_logging(
     if previous is not None:
         previous.close()  # its events are written; a new configuration replaces it
     _own_sink = sink if isinstance(sink, _JsonSink) else None
+
+    def factory(*args: Any) -> _JsonSink | _LinesFile:
+        return sink
+
+    if isinstance(sink, _JsonSink):
+        sink.factory = factory
     wrapper = structlog.make_filtering_bound_logger(_LEVELS[name])
     structlog.configure(
         processors=processors,
         wrapper_class=wrapper,
-        logger_factory=lambda *args: sink,
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     _level_cache["wrapper"] = None
@@ -643,7 +685,39 @@ def configure_logging(
         if owned and stream is not None:
             stream.close()
 
-    return close
+    return ConfiguredLogging(close, sink if isinstance(sink, _JsonSink) else None)
+
+
+class ConfiguredLogging:
+    """What `configure_logging` returns: call it (or `close`) at exit.
+
+    Calling it twice is harmless.
+    """
+
+    __slots__ = ("_close", "_sink")
+
+    def __init__(self, close: Callable[[], None], sink: _JsonSink | None) -> None:
+        self._close = close
+        self._sink = sink
+
+    def __call__(self) -> None:
+        """Write what is pending, flush, and close what `configure_logging` opened."""
+        self._close()
+
+    def close(self) -> None:
+        """The same as calling it."""
+        self._close()
+
+    def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every event logged before this call is written; False if `timeout` passed first."""
+        if self._sink is None:
+            return True  # console lines are written as they are logged
+        return self._sink.flush(timeout)
+
+    @property
+    def dropped(self) -> int:
+        """JSON events dropped because the sink's queue stayed full (see `configure_logging`), or logged after close."""
+        return 0 if self._sink is None else self._sink.dropped
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
