@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -207,6 +206,7 @@ class _ThreadNamingStream:
 def test_events_of_the_state_actor_are_rendered_and_written_on_the_sinks_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    orjson = pytest.importorskip("orjson")
     renderers: Counter[tuple[str, str]] = Counter()
 
     def spying_dumps(value: Any, **kwargs: Any) -> bytes:
