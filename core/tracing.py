@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -196,9 +197,10 @@ def _sink_in_effect() -> _JsonSink | None:
     if sink is None:
         return None
     processors = _configured_processors()
-    if processors is sink.processors and processors[-1] is sink.renderer and _configured_factory() is sink.factory:
-        return sink
-    return None
+    if processors is not sink.processors or _configured_factory() is not sink.factory:
+        return None
+    # `capture_logs` clears the list and fills it again, maybe while another thread logs: never index an empty one
+    return sink if processors and processors[-1] is sink.renderer else None
 
 
 def _configured_processors() -> list[Any]:
@@ -403,8 +405,8 @@ class _JsonSink:
         if thread is not None and thread.is_alive():
             stop = _Stop()
             self._queue.put(stop)
-            stop.done.wait(timeout)
-            thread.join(timeout)
+            if stop.done.wait(timeout):  # else the disk is stuck: leave the daemon thread to it
+                thread.join(timeout)
         else:  # never started, or gone with a fork: write what is queued here
             self._write(self._drain_now())
         if self._owned:
@@ -492,9 +494,32 @@ def _dropped_event(count: int) -> dict[str, Any]:
     }
 
 
+_second: list[Any] = [None, ""]
+"""The last whole second `_iso_utc` formatted, and its text (only the sink's thread uses it)."""
+
+
 def _iso_utc(at: float) -> str:
-    """`at` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it."""
-    return datetime.fromtimestamp(at, tz=UTC).isoformat().replace("+00:00", "Z")
+    """`at` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it (``datetime.isoformat``).
+
+    The date and time of day are formatted once per second: formatting a
+    `datetime` for every event was a third of the sink's time. Microseconds are
+    rounded half to even and omitted when zero, as `datetime.fromtimestamp` and
+    `isoformat` do.
+    """
+    fraction, whole = math.modf(at)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    second = int(whole)
+    cached = _second
+    if cached[0] != second:
+        cached[1] = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[0] = second
+    return f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
 
 
 def _json_renderer() -> Callable[[dict[str, Any]], bytes]:
@@ -503,12 +528,12 @@ def _json_renderer() -> Callable[[dict[str, Any]], bytes]:
         import orjson  # noqa: PLC0415 - optional, looked up when a sink is made (tests take it away)
     except ImportError:
         return _std_json_line
-    dumps, options, failed = orjson.dumps, orjson.OPT_NON_STR_KEYS, orjson.JSONEncodeError
+    dumps, failed = orjson.dumps, orjson.JSONEncodeError
 
     def render(fields: dict[str, Any]) -> bytes:
         try:
-            line: bytes = dumps(fields, default=str, option=options)
-        except failed:  # e.g. an int past 64 bits: the standard library writes it
+            line: bytes = dumps(fields, default=str)
+        except failed:  # an int past 64 bits, a key that is not a str (OPT_NON_STR_KEYS costs every event 50%)
             return _std_json_line(fields)
         return line
 

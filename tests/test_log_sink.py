@@ -17,6 +17,7 @@ import threading
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +214,7 @@ def test_events_of_the_state_actor_are_rendered_and_written_on_the_sinks_thread(
         renderers[(threading.current_thread().name, value.get("actor", ""))] += 1
         return orjson.dumps(value, **kwargs)
 
-    spy = types.SimpleNamespace(
-        dumps=spying_dumps, OPT_NON_STR_KEYS=orjson.OPT_NON_STR_KEYS, JSONEncodeError=orjson.JSONEncodeError
-    )
+    spy = types.SimpleNamespace(dumps=spying_dumps, JSONEncodeError=orjson.JSONEncodeError)
     monkeypatch.setitem(sys.modules, "orjson", spy)  # the renderer the sink picks up
     stream = _ThreadNamingStream()
     log = configure_logging(json=True, level="DEBUG", file=stream)  # type: ignore[arg-type]
@@ -322,7 +321,6 @@ _ODD_FIELDS: dict[str, Any] = {
     "none": None,
     "flag": True,
     "nested": {"a": [1, 2.5, "x"]},
-    "big": 2**70,
     "path": Path("/tmp/x"),
 }
 
@@ -346,9 +344,34 @@ def test_without_orjson_the_sink_renders_with_the_standard_library_in_the_same_f
     without = _write_odd_event(tmp_path / "json.jsonl")
     assert list(without) == list(with_orjson)  # same keys, same order
     assert {**without, "timestamp": None} == {**with_orjson, "timestamp": None}
-    assert without["big"] == 2**70
     assert without["path"] == "/tmp/x"
+    assert without["text"] == "déjà vu ✓"
     assert list(without)[-4:] == ["actor", "event", "level", "timestamp"]
+
+
+def test_values_orjson_refuses_are_written_by_the_standard_library_instead(tmp_path: Path) -> None:
+    pytest.importorskip("orjson")
+    path = tmp_path / "refused.jsonl"
+    log = configure_logging(json=True, level="DEBUG", file=path)
+    try:
+        emitter = get_event_logger("state")
+        emitter.debug("test.big", big=2**70)  # past 64 bits
+        emitter.debug("test.keys", by_number={1: "one"})  # a key that is not a str
+        emitter.debug("test.plain", ok=True)
+    finally:
+        log()
+    big, keys, plain = _read(path)
+    assert big["big"] == 2**70
+    assert keys["by_number"] == {"1": "one"}
+    assert plain["ok"] is True
+    assert log.dropped == 0
+
+
+def test_timestamps_are_written_as_datetime_isoformat_writes_them() -> None:
+    seconds = [0.0, 1.0, 0.5, 59.999_999_5, 1_764_490_000.0, 1_764_490_000.000_000_4, 1_764_490_000.999_999_6]
+    seconds += [1_764_490_000 + k / 7 for k in range(2000)]
+    for at in seconds:
+        assert tracing._iso_utc(at) == datetime.fromtimestamp(at, tz=UTC).isoformat().replace("+00:00", "Z"), at
 
 
 def test_our_events_and_the_hosts_own_events_share_one_format_and_one_file_in_order(tmp_path: Path) -> None:
