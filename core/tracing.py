@@ -306,7 +306,7 @@ class _JsonSink:
         self,
         stream: IO[str] | None,
         *,
-        binary: IO[bytes] | None,
+        fd: int | None,
         owned: bool,
         min_level: int,
         processors: list[Any],
@@ -322,7 +322,8 @@ class _JsonSink:
         self.dropped = 0
         """Events dropped because the queue stayed full (or arrived after `close`)."""
         self._text = stream
-        self._binary = binary
+        self._fd = fd
+        """A file `configure_logging` opened for appending: written with `os.write`, no buffer of Python's."""
         self._owned = owned
         self._max_pending = max_pending
         self._render = _json_renderer()
@@ -410,9 +411,10 @@ class _JsonSink:
         else:  # never started, or gone with a fork: write what is queued here
             self._write(self._drain_now())
         if self._owned:
-            for stream in (self._text, self._binary):
-                if stream is not None:
-                    stream.close()
+            if self._fd is not None:
+                os.close(self._fd)
+            if self._text is not None:
+                self._text.close()
 
     def _drain_now(self) -> list[_Item]:
         items: list[_Item] = []
@@ -473,9 +475,14 @@ class _JsonSink:
         lines.append(b"")
         data = b"\n".join(lines)
         try:
-            if self._binary is not None:
-                self._binary.write(data)
-                self._binary.flush()
+            if self._fd is not None:
+                # One write per batch, appended whole (O_APPEND); no buffer a fork child could inherit half-full.
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    if written <= 0:
+                        raise OSError(f"the log file took none of {len(view)} bytes")
+                    view = view[written:]
             elif self._text is not None:
                 self._text.write(data.decode("utf-8"))
                 self._text.flush()
@@ -644,13 +651,13 @@ def configure_logging(
     if max_pending < 1:
         raise ValueError(f"max_pending must be at least 1, not {max_pending!r}")
     stream: IO[str] | None = None
-    binary: IO[bytes] | None = None
+    fd: int | None = None
     owned = False
     if file is None:
         stream = sys.stderr
     elif isinstance(file, (str, os.PathLike)):
-        if json:  # bytes, as orjson renders them, flushed by the sink's thread after each batch
-            binary = open(file, "ab")  # noqa: SIM115 - closed by the returned function
+        if json:  # bytes, as orjson renders them, appended by the sink's thread with one write per batch
+            fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         else:
             stream = open(file, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - closed by the returned function
         owned = True
@@ -669,7 +676,7 @@ def configure_logging(
         ]
         sink: _JsonSink | _LinesFile = _JsonSink(
             stream,
-            binary=binary,
+            fd=fd,
             owned=owned,
             min_level=_LEVELS[name],
             processors=processors,

@@ -442,18 +442,26 @@ def test_the_private_structlog_configuration_the_level_check_reads_is_there() ->
 # --- fork -------------------------------------------------------------------------------------------------
 
 _FORK = """
-import os, sys
+import json, os, sys, threading
 from actorflow.core.tracing import configure_logging, get_event_logger
 
-log = configure_logging(json=True, level="INFO", file=sys.argv[1])
+path = sys.argv[1]
+log = configure_logging(json=True, level="INFO", file=path)
 emitter = get_event_logger("parent")
 emitter.info("parent.before")  # starts the sink's thread
 assert log.flush(10)
+for index in range(1000):  # some of these are still queued when the process forks
+    emitter.info("parent.queued", index=index)
 pid = os.fork()
 if pid == 0:
-    get_event_logger("child").info("child.event")  # the child starts a sink thread of its own
+    get_event_logger("child").info("child.event")
+    flushed = log.flush(10)
+    with open(path) as file:
+        written = [json.loads(line)["event"] for line in file]
+    names = [thread.name for thread in threading.enumerate()]
     log()
-    os._exit(0)
+    ok = flushed and "child.event" in written and names.count("actorflow-log-sink") == 1
+    os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
 emitter.info("parent.after")
 log()
@@ -462,7 +470,7 @@ print(status)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_fork_child_writes_its_events_with_a_sink_thread_of_its_own(tmp_path: Path) -> None:
+def test_a_fork_child_writes_with_a_sink_thread_of_its_own_and_never_rewrites_the_parents_queue(tmp_path: Path) -> None:
     path = tmp_path / "fork.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -475,5 +483,8 @@ def test_a_fork_child_writes_its_events_with_a_sink_thread_of_its_own(tmp_path: 
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0"
-    assert sorted(e["event"] for e in _read(path)) == ["child.event", "parent.after", "parent.before"]
+    assert result.stdout.strip() == "0"  # the child's own sink thread wrote its event before it closed the log
+    events = _read(path)
+    counts = Counter(e["event"] for e in events)
+    assert counts == {"parent.before": 1, "parent.queued": 1000, "child.event": 1, "parent.after": 1}
+    assert [e["index"] for e in events if e["event"] == "parent.queued"] == list(range(1000))  # none twice
