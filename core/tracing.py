@@ -152,6 +152,14 @@ class EventLogger:
             return _structlog_enabled(level)
         return _STDLIB_LOGGER.isEnabledFor(_LEVELS[level])
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every event logged so far is written, if `configure_logging(json=True)` queues them.
+
+        Other outputs write as they are logged. False if `timeout` passed first (a stuck disk).
+        """
+        sink = _sink_in_effect()
+        return True if sink is None else sink.flush(timeout)
+
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         sink = _sink_in_effect()
         if sink is not None:

@@ -76,6 +76,19 @@ def test_the_json_file_holds_every_event_of_a_run_once_the_log_is_closed(tmp_pat
     assert log.dropped == 0
 
 
+def test_the_json_file_holds_every_event_of_a_run_as_soon_as_the_runtime_has_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "stopped.jsonl"
+    log = configure_logging(json=True, level="DEBUG", file=path)
+    try:
+        _run_tasks(100)
+        counts = Counter(e["event"] for e in _read(path))  # read before the log is closed
+    finally:
+        log()
+    assert counts["service.call"] == 300
+    assert counts["task.completed"] == 100
+    assert counts["runtime.stopped"] == 1
+
+
 def test_events_logged_before_a_flush_are_in_the_file_when_it_returns(tmp_path: Path) -> None:
     path = tmp_path / "flush.jsonl"
     log = configure_logging(json=True, level="DEBUG", file=path)
