@@ -211,8 +211,6 @@ class _AsyncWorker:
     async def _run(self, call: RunService, fields: dict[str, Any]) -> None:
         log = self._log
         verbose = log.enabled("debug")
-        if verbose:
-            log.debug("service.started", **fields)
         started_at = time.time()
         started = time.perf_counter()
         result: JSONValue = None

@@ -44,10 +44,10 @@ Supervision follows the thread workers' rules (issue 5):
 * a child never outlives its runtime: it watches its parent and exits when
   the parent dies, even by SIGKILL.
 
-Events (``service.started``, ``service.finished``, ``service.failed``) carry
-the thread workers' fields plus ``node`` (``"pid:1234"``). They are emitted
-in the parent, where the host configured logging; the duration is the one
-measured in the child.
+A call's one event (``service.call``, or ``service.failed``) carries the
+thread workers' fields plus ``node`` (``"pid:1234"``). It is emitted in the
+parent, where the host configured logging; its start and duration are the
+ones measured in the child.
 
 Children start with the "forkserver" method by default: a single-threaded
 server process imports actorflow once and forks each worker from it, so a worker starts in
@@ -103,7 +103,6 @@ from actorflow.actors.service import (
     SilentLog,
     ThreadBackend,
     WorkerHandle,
-    call_fields,
     crashed,
     execute,
     log_done,
@@ -446,7 +445,8 @@ class ProcessWorker:
         pool re-sends them when the worker's death is reported.
         """
         frame = _frame(pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL))
-        heads = [self._in_child.add(call) for call in calls]
+        for call in calls:
+            self._in_child.add(call)
         try:
             sent = self._sock.send(frame, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -458,8 +458,6 @@ class ProcessWorker:
         if sent < len(frame):
             self._outbox = memoryview(frame)[sent:]
             self._wake()
-        if heads[0]:
-            self._start_head()
 
     def retire(self) -> None:
         """Stop the worker: queued calls are dropped, a running call is killed with its child."""
@@ -662,9 +660,8 @@ class ProcessWorker:
                         break
                     message = pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL)
                     self._outbox = memoryview(_frame(message))
-                    heads = [self._in_child.add(call) for call in calls]
-                    if heads[0]:
-                        self._start_head()
+                    for call in calls:
+                        self._in_child.add(call)  # the head call's start is kept for a death during it
                 outbox = self._outbox
             try:
                 sent = self._sock.send(outbox, socket.MSG_DONTWAIT)
@@ -680,12 +677,6 @@ class ProcessWorker:
         if wants != self._watching:
             selector.modify(self._conn, wants, _REPORT)
             self._watching = wants
-
-    def _start_head(self) -> None:
-        """The child starts the call at the head of its pipe now."""
-        head = self._in_child.head()
-        if head is not None and self._log.enabled("debug"):
-            self._log.debug("service.started", **call_fields(head, self.name, self.node))
 
     def _finish(self, report: tuple[Any, ...]) -> ServiceDone:
         """The head call's report, logged; the next call is the head now."""
@@ -708,8 +699,7 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        if self._in_child.settle(call_id) and status != "crashed":
-            self._start_head()
+        self._in_child.settle(call_id)
         return log_done(self._log, call, done)
 
     def _death_during_call(self) -> ServiceDone:

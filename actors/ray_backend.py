@@ -10,7 +10,7 @@ this (the head) process; only the stateless service calls travel::
                             ref resolved ◄──── ServiceDone (duration, node measured there)
                                     │
                                     ▼
-                            log service.finished / failed ─► deliver(done) ─► orchestrator
+                            log service.call / failed ──► deliver(done) ─► orchestrator
 
 Nothing in a pool blocks, and nothing Ray-related runs on the orchestrator's
 thread: `send`, `retire` and `start_worker` only note what is asked and hand
@@ -56,7 +56,6 @@ from actorflow.actors.service import (
     ServiceBackend,
     SilentLog,
     WorkerHandle,
-    call_fields,
     crashed,
     execute,
     log_done,
@@ -211,9 +210,6 @@ class _RayWorker:
         if self.retired:
             return False
         self._backend.waiter.run_soon(lambda: self._submit(call))
-        if self.log.enabled("debug"):
-            # Logged at submission: the driver cannot see when the actor picks the call up.
-            self.log.debug("service.started", **call_fields(call, self.name))
         return True
 
     def _submit(self, call: RunService) -> None:

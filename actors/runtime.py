@@ -1328,6 +1328,7 @@ class Runtime:
             dead_letters=self._dead_letters.count,
             threads_left=still_running,
         )
+        self._log.flush()  # configure_logging's JSON file holds every event of the run once close returns
 
     def __enter__(self) -> Runtime:
         return self

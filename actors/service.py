@@ -125,9 +125,7 @@ def _execute(fn: Callable[..., Any], call: RunService, worker: str, log: EventLo
     fields = call_fields(call, worker, node)
     # Bound for the service's own logging (a host with merge_contextvars sees the trace).
     structlog.contextvars.bind_contextvars(**fields)
-    verbose = log.enabled("debug")  # checked once: the two debug events cost nothing when off
-    if verbose:
-        log.debug("service.started", **fields)
+    verbose = log.enabled("debug")  # checked once: the call's debug event costs nothing when off
     started_at = time.time()
     started = time.perf_counter()
     result: JSONValue = None
@@ -228,30 +226,45 @@ def report_failure(
 def log_done(
     log: EventLogger, call: RunService, done: ServiceDone, *, fields: dict[str, Any] | None = None
 ) -> ServiceDone:
-    """Log a call's end in the runtime's process, as every backend does; return `done`.
+    """Log a call in the runtime's process, as every backend does, in one event; return `done`.
 
-    ``service.finished`` at debug, ``service.failed`` at warning (with ``transient``
-    false only for a permanent failure), or at info for a ``ValidationError``: a
-    rejected payload is the task's outcome, not a fault to warn an operator about.
-    Backends whose calls run elsewhere (a child process, a Ray actor) call this in
-    the parent with the report they got back.
+    One event per call, logged when it ends and carrying when it started
+    (``started_at``, seconds since the epoch), how long it ran (``duration_ms``)
+    and how it ended (``status``): ``service.call`` at debug for a call that
+    succeeded; ``service.failed`` at warning (with ``transient`` false only for a
+    permanent failure), or at info for a ``ValidationError``: a rejected payload
+    is the task's outcome, not a fault to warn an operator about. Backends whose
+    calls run elsewhere (a child process, a Ray actor) call this in the parent
+    with the report they got back.
     """
     if done.status == "ok":
         if fields is not None or log.enabled("debug"):
-            fields = fields or call_fields(call, done.worker, done.node)
-            log.debug("service.finished", duration_ms=done.duration_ms, **fields)
+            log.debug(
+                "service.call",
+                **(fields or call_fields(call, done.worker, done.node)),
+                status="ok",
+                started_at=done.started_at or _started_at(done),
+                duration_ms=done.duration_ms,
+            )
         return done
     emit = log.info if done.error_type == "ValidationError" else log.warning
     emit(
         "service.failed",
+        **(fields or call_fields(call, done.worker, done.node)),
+        status=done.status,
+        started_at=done.started_at or _started_at(done),
         duration_ms=done.duration_ms,
         error_type=done.error_type,
         error=done.error,
         transient=done.status != "permanent",
         traceback=done.traceback,
-        **(fields or call_fields(call, done.worker, done.node)),
     )
     return done
+
+
+def _started_at(done: ServiceDone) -> float:
+    """When a call whose report does not say (its worker died under it) started: now, less its duration."""
+    return round(time.time() - done.duration_ms / 1000, 6)
 
 
 class CallsInFlight:

@@ -267,15 +267,15 @@ def run_journal(mode: Mode) -> dict[str, Any]:
 
 
 class _TracedPipeline(RuntimePipeline):
-    """A runtime with `configure_logging(json=True, level="DEBUG", file=...)` for its lifetime."""
+    """A runtime with `configure_logging(json=True, level=level, file=...)` for its lifetime."""
 
-    def __init__(self, concurrency: int, path: str, tally: dict[str, Any]) -> None:
+    def __init__(self, concurrency: int, path: str, level: str, tally: dict[str, Any]) -> None:
         structlog.reset_defaults()
         self._path = path
         self._tally = tally
-        self._close_log = configure_logging(json=True, level="DEBUG", file=path)
+        self._close_log = configure_logging(json=True, level=level, file=path)
         try:
-            super().__init__(_NOOP, concurrency, name="runtime-tracing-json")
+            super().__init__(_NOOP, concurrency, name=f"runtime-tracing-json-{level.lower()}")
         except BaseException:
             self._close_log()
             structlog.reset_defaults()
@@ -295,31 +295,41 @@ class _TracedPipeline(RuntimePipeline):
 
 
 def run_tracing(mode: Mode) -> dict[str, Any]:
-    """No-op services with JSON tracing at DEBUG to a file, against tracing off."""
+    """No-op services with JSON tracing to a file at INFO and at DEBUG, against tracing off."""
     sizes = Sizes(tasks=mode.pick(4000, 400), light=mode.pick(500, 50), warmup=mode.pick(300, 50), timeout_s=300)
-    tally: dict[str, Any] = {}
     counter = iter(range(1_000_000))
 
-    def traced(concurrency: int) -> Pipeline:
-        return _TracedPipeline(concurrency, os.path.join(mode.workdir, f"trace-{next(counter)}.jsonl"), tally)
+    def traced(level: str) -> Contender:
+        tally: dict[str, Any] = {}
 
-    def report() -> dict[str, Any]:
-        total = sizes.tasks + sizes.light + sizes.warmup
-        return {**tally, "events_per_task": rounded(tally["events"] / total, 3)}
+        def build(concurrency: int) -> Pipeline:
+            path = os.path.join(mode.workdir, f"trace-{level.lower()}-{next(counter)}.jsonl")
+            return _TracedPipeline(concurrency, path, level, tally)
+
+        def report() -> dict[str, Any]:
+            # Every line of the file, the run's few lifecycle events included, over every task submitted.
+            total = sizes.tasks + sizes.light + sizes.warmup
+            return {**tally, "events_per_task": rounded(tally["events"] / total, 3)}
+
+        return Contender(f"runtime-tracing-json-{level.lower()}", build, role="runtime", report=report)
 
     structlog.reset_defaults()
     contenders = [
         Contender("runtime-tracing-off", runtime_factory(_NOOP, name="runtime-tracing-off"), role="reference"),
-        Contender("runtime-tracing-json", traced, role="runtime", report=report),
+        traced("INFO"),
+        traced("DEBUG"),
     ]
     _alternate(contenders, workload.payload, sizes, mode.rounds)
     return _section(
-        "No-op services, JSON tracing at DEBUG to a file",
+        "No-op services, JSON tracing to a file at INFO and at DEBUG",
         contenders,
         sizes,
         mode,
-        pairs=[("runtime-tracing-json", "runtime-tracing-off")],
-        params={"configure_logging": {"json": True, "level": "DEBUG", "file": "<tmp>/trace-N.jsonl"}},
+        pairs=[
+            ("runtime-tracing-json-info", "runtime-tracing-off"),
+            ("runtime-tracing-json-debug", "runtime-tracing-off"),
+        ],
+        params={"configure_logging": {"json": True, "level": ["INFO", "DEBUG"], "file": "<tmp>/trace-LEVEL-N.jsonl"}},
     )
 
 

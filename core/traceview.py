@@ -34,7 +34,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -79,7 +79,9 @@ _SEED_TABLE: Table = MappingProxyType(
 _TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
 _CREATED = TaskState.CREATED.value
 
-_SERVICE_EVENTS = frozenset({"service.started", "service.finished", "service.failed"})
+_SERVICE_EVENTS = frozenset({"service.call", "service.failed", "service.started", "service.finished"})
+"""A call is one event (``service.call`` or ``service.failed``, carrying its ``started_at``); logs of
+versions before it have a ``service.started`` line and a ``service.finished`` line per successful call."""
 _OUTCOME_EVENTS = frozenset({"task.completed", "task.failed", "task.cancelled"})
 _TASK_EVENTS = frozenset(
     {"task.submitted", "task.transition", "task.transition_rejected", "service.retry_scheduled"}
@@ -228,7 +230,11 @@ class RejectedTransition:
 
 @dataclass(frozen=True, slots=True)
 class StageRun:
-    """One service call: ``service.started`` joined with its ``service.finished`` or ``service.failed``."""
+    """One service call: its ``service.call`` or ``service.failed`` line.
+
+    Older logs have a ``service.started`` line as well, joined here with its
+    ``service.finished`` or ``service.failed``.
+    """
 
     service: str
     worker: str | None
@@ -236,9 +242,9 @@ class StageRun:
     span_id: str | None
     node: str | None
     started_line: int | None = None
-    """None when the log holds only the end of the call."""
+    """The ``service.started`` line of an older log; None for a call logged as one event."""
     started_at: str | None = None
-    """The start's timestamp."""
+    """When the call started, in ISO 8601 like ``timestamp`` (the event's ``started_at``, or the start line's)."""
     ended_line: int | None = None
     """None while the call has no end in the log (still running, or the process died)."""
     status: Literal["ok", "failed", "unfinished"] = "unfinished"
@@ -252,7 +258,7 @@ class StageRun:
 
     @property
     def lineno(self) -> int:
-        """The line the call is shown at: its start, or its end if the start is missing."""
+        """The line the call is shown at: its start line if the log has one, else its one event's."""
         line = self.started_line if self.started_line is not None else self.ended_line
         assert line is not None  # a run is made from at least one of the two lines
         return line
@@ -535,7 +541,7 @@ class _TraceBuilder:
             )
             return
         index = task.open_stages.pop(key, None)
-        if index is None:  # the log holds only the end of the call
+        if index is None:  # the call's one event (or an older log that holds only the end of the call)
             index = len(task.entries)
             task.entries.append(
                 StageRun(
@@ -544,6 +550,7 @@ class _TraceBuilder:
                     attempt=attempt,
                     span_id=span_id,
                     node=_opt_str(f, "node"),
+                    started_at=_epoch_iso(f.get("started_at")),
                 )
             )
         run = task.entries[index]
@@ -743,6 +750,16 @@ def _ms_between(start: str | None, end: str | None) -> float | None:
     except (ValueError, TypeError):  # TypeError: one aware and one naive timestamp
         return None
     return delta.total_seconds() * 1000
+
+
+def _epoch_iso(value: object) -> str | None:
+    """Seconds since the epoch as an ISO 8601 UTC timestamp, shaped like the ``timestamp`` field."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(value, tz=UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):  # far outside the dates a log can hold
+        return None
 
 
 def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:

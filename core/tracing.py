@@ -20,19 +20,27 @@ a 16-hex span id per service call.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import math
 import os
+import queue
 import random
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import IO, Any, NamedTuple, TextIO
 
 import structlog
+from structlog import _config as _structlog_config
 
 __all__ = [
+    "ConfiguredLogging",
     "EventLogger",
     "TraceContext",
     "configure_logging",
@@ -107,8 +115,11 @@ def parse_traceparent(value: str) -> TraceContext:
 class EventLogger:
     """Emits actorflow's structured events for one emitter (``actor``).
 
-    Disabled levels cost one attribute check and one `isEnabledFor` call, so
-    hot-path events are cheap when nobody listens.
+    The level is checked first: a disabled event costs a couple of attribute
+    reads. With `configure_logging(json=True)` in effect, an enabled event is
+    handed as it is (its keyword dict, never copied) to the JSON sink's own
+    thread, which renders and writes it; otherwise it goes through the host's
+    structlog chain, or the stdlib logger, on the calling thread.
     """
 
     __slots__ = ("actor",)
@@ -134,11 +145,29 @@ class EventLogger:
 
     def enabled(self, level: str) -> bool:
         """Whether an event at `level` would go anywhere; use it to skip building costly fields."""
+        sink = _sink_in_effect()
+        if sink is not None:
+            return _LEVELS[level] >= sink.min_level
         if structlog.is_configured():
             return _structlog_enabled(level)
         return _STDLIB_LOGGER.isEnabledFor(_LEVELS[level])
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every event logged so far is written, if `configure_logging(json=True)` queues them.
+
+        Other outputs write as they are logged. False if `timeout` passed first (a stuck disk).
+        """
+        sink = _sink_in_effect()
+        return True if sink is None else sink.flush(timeout)
+
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        sink = _sink_in_effect()
+        if sink is not None:
+            # `configure_logging`'s own JSON sink: no processor chain, no context merge (every field of
+            # our events is passed explicitly), no copy: `fields` is this call's own keyword dict.
+            if _LEVELS[level] >= sink.min_level:
+                sink.put((time.time(), level, event, self.actor, fields))
+            return
         fields.setdefault("actor", self.actor)
         if structlog.is_configured():
             if _structlog_enabled(level):
@@ -157,7 +186,55 @@ def get_event_logger(actor: str) -> EventLogger:
 # --- structlog door -------------------------------------------------------------------------------
 
 _STRUCTLOG = structlog.get_logger("actorflow")  # a lazy proxy: it follows the host's configuration
+_STRUCTLOG_CONFIG: Any = getattr(_structlog_config, "_CONFIG", None)
+if not all(
+    hasattr(_STRUCTLOG_CONFIG, name) for name in ("default_processors", "default_wrapper_class", "logger_factory")
+):
+    _STRUCTLOG_CONFIG = None  # a structlog without these private names: use the public get_config()
 _level_cache: dict[str, Any] = {"wrapper": None, "min_level": None}
+
+
+def _sink_in_effect() -> _JsonSink | None:
+    """`configure_logging`'s JSON sink, if structlog is still configured as it left it.
+
+    A host may reconfigure structlog afterwards, or `capture_logs` may swap the
+    processors inside the same list: then our events go through structlog as
+    the host wants. Checked per event, so it reads the configuration directly.
+    """
+    sink = _own_sink
+    if sink is None:
+        return None
+    processors = _configured_processors()
+    if processors is not sink.processors or _configured_factory() is not sink.factory:
+        return None
+    # `capture_logs` clears the list and fills it again, maybe while another thread logs: never index an empty one
+    return sink if processors and processors[-1] is sink.renderer else None
+
+
+def _configured_processors() -> list[Any]:
+    """The processor list structlog is configured with now.
+
+    structlog's `get_config()` copies the whole configuration (~1 µs); its
+    private `_CONFIG` holds the same list and is read in ~50 ns. Guarded by
+    tests/test_log_sink.py, with the public call as the fallback.
+    """
+    if _STRUCTLOG_CONFIG is not None:
+        processors: list[Any] = _STRUCTLOG_CONFIG.default_processors
+        return processors
+    configured: list[Any] = structlog.get_config()["processors"]
+    return configured
+
+
+def _configured_factory() -> Any:
+    if _STRUCTLOG_CONFIG is not None:
+        return _STRUCTLOG_CONFIG.logger_factory
+    return structlog.get_config()["logger_factory"]
+
+
+def _configured_wrapper() -> Any:
+    if _STRUCTLOG_CONFIG is not None:
+        return _STRUCTLOG_CONFIG.default_wrapper_class
+    return structlog.get_config()["wrapper_class"]
 
 
 def _structlog_enabled(level: str) -> bool:
@@ -167,7 +244,7 @@ def _structlog_enabled(level: str) -> bool:
     stdlib-backed BoundLogger defers to the stdlib logger; anything else is
     assumed to take every level.
     """
-    wrapper = structlog.get_config()["wrapper_class"]
+    wrapper = _configured_wrapper()
     if _level_cache["wrapper"] is not wrapper:
         min_level: int | None = 0
         if wrapper.__name__.startswith("BoundLoggerFiltering"):
@@ -183,13 +260,322 @@ def _structlog_enabled(level: str) -> bool:
 
 # --- the application's opt-in ---------------------------------------------------------------------
 
+_MAX_PENDING = 65_536
+"""Events that may wait for the JSON sink's thread (a few tens of MB at most) before loggers wait."""
+_FULL_WAIT_S = 1.0
+"""How long a logging thread waits for room in a full sink before it drops its event."""
+_BATCH = 1024
+"""Events the sink's thread takes, renders and writes at once."""
+_FLUSH_TIMEOUT_S = 10.0
+"""How long `close()` (and exit) wait for the sink's thread to write what is queued."""
 
-class _JsonLinesFile:
-    """A structlog logger that appends lines to a buffered file under a lock.
 
-    structlog's WriteLogger flushes after every line (~11 µs each); buffering
-    and flushing at close or when the buffer fills is what keeps JSON tracing
-    cheap on the hot path.
+class _Flush:
+    """A marker in the sink's queue: `done` is set once every event before it is written."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class _Stop(_Flush):
+    """The last item of the sink's queue: write what came before, flush, and end the thread."""
+
+    __slots__ = ()
+
+
+_Event = tuple[float, str, str, str, dict[str, Any]]
+"""An event of ours as queued: (time.time(), level, event, actor, fields)."""
+_Item = _Event | str | _Flush
+"""What the sink's queue holds: our events, lines structlog already rendered (the host's own events), markers."""
+
+
+class _JsonSink:
+    """actorflow's own JSON-lines sink: logging threads queue events, one thread renders and writes them.
+
+    The StateActor and the orchestrator log from their hot loops; here they
+    only append a tuple to a queue (~0.3 µs). The sink's thread (a daemon named
+    ``actorflow-log-sink``, started on the first event, so a fork child starts
+    its own) takes what is queued in batches, renders each event with `render`
+    and writes the batch with one write and one flush.
+
+    The queue holds at most `max_pending` events. A thread that finds it full
+    waits up to `_FULL_WAIT_S` for room; if none comes (the disk is stuck),
+    the event is dropped and counted, and so is every further event until the
+    sink has written again, so that a stuck disk slows no thread twice. The
+    count is written as a ``log.events_dropped`` event once the sink catches up,
+    and is `dropped`. Lines that structlog rendered (the host's own events,
+    through `configure_logging`'s chain) go through the same queue, so the
+    file keeps the order in which events were logged.
+    """
+
+    def __init__(
+        self,
+        stream: IO[str] | None,
+        *,
+        fd: int | None,
+        owned: bool,
+        min_level: int,
+        processors: list[Any],
+        max_pending: int,
+    ) -> None:
+        self.min_level = min_level
+        self.processors = processors
+        """The processor list `configure_logging` gave structlog: while it is current, the sink is in effect."""
+        self.renderer = processors[-1]
+        """The last processor of that list (a host's `capture_logs` swaps the list's contents, not the list)."""
+        self.factory: Callable[..., Any] | None = None
+        """The logger factory `configure_logging` gave structlog."""
+        self.dropped = 0
+        """Events dropped because the queue stayed full (or arrived after `close`)."""
+        self._text = stream
+        self._fd = fd
+        """A file `configure_logging` opened for appending: written with `os.write`, no buffer of Python's."""
+        self._owned = owned
+        self._max_pending = max_pending
+        self._render = _json_renderer()
+        self._closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh queue, locks and no thread: at start, and in a fork child (its parent's thread is not there)."""
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._room = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._stalled = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._unreported = 0
+
+    # --- logging threads ---------------------------------------------------------------------------
+
+    def put(self, item: _Item) -> None:
+        """Queue an event (or a rendered line) for the sink's thread; never blocks for long."""
+        if self._queue.qsize() >= self._max_pending or self._closed:
+            self._put_when_room(item)
+            return
+        self._queue.put(item)
+        if self._thread is None:
+            self._start()
+
+    def msg(self, message: str) -> None:
+        """The structlog logger interface: a line the host's chain rendered (queued in order with ours)."""
+        self.put(message)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+    def _put_when_room(self, item: _Item) -> None:
+        with self._room:
+            if self._closed:
+                self.dropped += 1
+                return
+            deadline = time.monotonic() + _FULL_WAIT_S
+            self._waiting += 1
+            try:
+                while self._queue.qsize() >= self._max_pending:
+                    remaining = deadline - time.monotonic()
+                    if self._stalled or remaining <= 0:
+                        # The sink has not made room in time: drop rather than hold up the runtime.
+                        self._stalled = True
+                        self.dropped += 1
+                        self._unreported += 1
+                        return
+                    self._room.wait(remaining)
+            finally:
+                self._waiting -= 1
+        self._queue.put(item)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None and not self._closed:
+                thread = threading.Thread(target=self._run, name="actorflow-log-sink", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every event queued before this call is written and flushed. False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            return True  # nothing was ever queued here (or the thread ended at close, having written all)
+        marker = _Flush()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = _FLUSH_TIMEOUT_S) -> None:
+        """Write everything queued, stop the thread, close the file if it was opened here. Idempotent."""
+        with self._room:
+            if self._closed:
+                return
+            self._closed = True  # from now on events are dropped and counted: the file is going away
+            self._room.notify_all()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            stop = _Stop()
+            self._queue.put(stop)
+            if stop.done.wait(timeout):  # else the disk is stuck: leave the daemon thread to it
+                thread.join(timeout)
+        else:  # never started, or gone with a fork: write what is queued here
+            self._write(self._drain_now())
+        if self._owned:
+            if self._fd is not None:
+                os.close(self._fd)
+            if self._text is not None:
+                self._text.close()
+
+    def _drain_now(self) -> list[_Item]:
+        items: list[_Item] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._queue.get_nowait())
+        return items
+
+    # --- the sink's thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            batch = [get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < _BATCH:
+                    batch.append(get_nowait())
+            if self._waiting or self._stalled:
+                with self._room:
+                    self._stalled = False
+                    self._room.notify_all()
+            if self._write(batch):
+                return
+
+    def _write(self, batch: list[_Item]) -> bool:
+        """Render and write one batch; True if it held the stop marker. Never raises."""
+        lines: list[bytes] = []
+        markers: list[_Flush] = []
+        stop = False
+        render = self._render
+        for item in batch:
+            if isinstance(item, tuple):
+                at, level, event, actor, fields = item
+                fields.setdefault("actor", actor)
+                fields["event"] = event
+                fields["level"] = level
+                fields["timestamp"] = _iso_utc(at)
+                try:
+                    lines.append(render(fields))
+                except Exception as exc:  # noqa: BLE001 - e.g. a value whose str() raises: say what was lost
+                    lines.append(_std_json_line(_render_failure(fields, exc)))
+            elif isinstance(item, str):
+                lines.append(item.encode("utf-8", "backslashreplace"))
+            else:
+                markers.append(item)
+                stop = stop or isinstance(item, _Stop)
+        if self._unreported:
+            with self._room:
+                count, self._unreported = self._unreported, 0
+            lines.append(render(_dropped_event(count)))
+        if lines:
+            self._write_lines(lines)
+        for marker in markers:
+            marker.done.set()
+        return stop
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        lines.append(b"")
+        data = b"\n".join(lines)
+        try:
+            if self._fd is not None:
+                # One write per batch, appended whole (O_APPEND); no buffer a fork child could inherit half-full.
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    if written <= 0:
+                        raise OSError(f"the log file took none of {len(view)} bytes")
+                    view = view[written:]
+            elif self._text is not None:
+                self._text.write(data.decode("utf-8"))
+                self._text.flush()
+        except (OSError, ValueError):  # a full disk, a closed stream: count what was lost, keep the thread
+            with self._room:
+                self.dropped += len(lines) - 1
+
+
+def _dropped_event(count: int) -> dict[str, Any]:
+    return {
+        "count": count,
+        "actor": "log-sink",
+        "event": "log.events_dropped",
+        "level": "error",
+        "timestamp": _iso_utc(time.time()),
+    }
+
+
+_second: list[Any] = [None, ""]
+"""The last whole second `_iso_utc` formatted, and its text (only the sink's thread uses it)."""
+
+
+def _iso_utc(at: float) -> str:
+    """`at` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it (``datetime.isoformat``).
+
+    The date and time of day are formatted once per second: formatting a
+    `datetime` for every event was a third of the sink's time. Microseconds are
+    rounded half to even and omitted when zero, as `datetime.fromtimestamp` and
+    `isoformat` do.
+    """
+    fraction, whole = math.modf(at)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    second = int(whole)
+    cached = _second
+    if cached[0] != second:
+        cached[1] = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[0] = second
+    return f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
+
+
+def _json_renderer() -> Callable[[dict[str, Any]], bytes]:
+    """One event dict -> one JSON line (bytes): `orjson` when it is installed, else the standard library."""
+    try:
+        import orjson  # noqa: PLC0415 - optional, looked up when a sink is made (tests take it away)
+    except ImportError:
+        return _std_json_line
+    dumps, failed = orjson.dumps, orjson.JSONEncodeError
+
+    def render(fields: dict[str, Any]) -> bytes:
+        try:
+            line: bytes = dumps(fields, default=str)
+        except failed:  # an int past 64 bits, a key that is not a str (OPT_NON_STR_KEYS costs every event 50%)
+            return _std_json_line(fields)
+        return line
+
+    return render
+
+
+def _std_json_line(fields: dict[str, Any]) -> bytes:
+    return _dumps(fields).encode("utf-8")
+
+
+def _render_failure(fields: dict[str, Any], exc: Exception) -> dict[str, Any]:
+    """The line written instead of an event that could not be rendered."""
+    return {
+        "actor": "log-sink",
+        "event": "log.render_failed",
+        "original_event": str(fields.get("event")),
+        "error": f"{type(exc).__name__}: {exc}"[:500],
+        "level": "error",
+        "timestamp": fields.get("timestamp"),
+    }
+
+
+class _LinesFile:
+    """A structlog logger that appends lines to a stream under a lock (the console format).
+
+    Lines are buffered and flushed at close: structlog's WriteLogger flushes
+    after every line (~11 µs each).
     """
 
     def __init__(self, stream: IO[str]) -> None:
@@ -207,7 +593,25 @@ class _JsonLinesFile:
             self._stream.flush()
 
 
-_opened_files: list[IO[str]] = []
+_own_sink: _JsonSink | None = None
+"""The JSON sink of the latest `configure_logging(json=True)`, while not closed."""
+
+
+def _after_fork_in_child() -> None:
+    sink = _own_sink
+    if sink is not None:
+        sink._reset()
+
+
+def _flush_at_exit() -> None:
+    sink = _own_sink
+    if sink is not None:
+        sink.flush()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_flush_at_exit)
 
 
 def configure_logging(
@@ -216,7 +620,8 @@ def configure_logging(
     level: str = "INFO",
     file: str | os.PathLike[str] | TextIO | None = None,
     colors: bool | None = None,
-) -> Callable[[], None]:
+    max_pending: int = _MAX_PENDING,
+) -> ConfiguredLogging:
     """The application's one-call opt-in: configure structlog for actorflow's events.
 
     Args:
@@ -226,22 +631,43 @@ def configure_logging(
             "INFO" (task outcomes and lifecycle), "WARNING" or "ERROR".
         file: a path to append to, or an open text stream; defaults to stderr.
         colors: colour console output; defaults to whether the stream is a tty.
+        max_pending: with `json`, how many events may wait to be written
+            before logging threads wait for room (see below).
 
     Returns:
-        A function that flushes and closes what this call opened; call it at exit.
+        A `ConfiguredLogging`: call it (or its `close`) at exit to write what
+        is pending, flush, and close what this call opened (what is pending
+        is also written at interpreter exit).
+
+    With `json`, actorflow's own events skip structlog's processor chain: the
+    thread that logs one (the StateActor's, the orchestrator's...) only queues
+    it, and the sink's own thread renders it (with `orjson` when it is
+    installed, else the standard `json`) and writes it, in batches. If
+    `max_pending` events are waiting (the disk is slow), a logging thread waits
+    up to a second for room, then drops its event, and so do the threads after
+    it until the sink has written again; the number dropped is then written as
+    a ``log.events_dropped`` event. Other structlog events (the host's own)
+    still go through the processors below, and are written in order with ours.
 
     This configures structlog globally, which is the application's right, not
     a library's: actorflow itself never calls it.
     """
+    global _own_sink
     name = level.lower()
     if name not in _LEVELS:
         raise ValueError(f"level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    stream: IO[str]
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be at least 1, not {max_pending!r}")
+    stream: IO[str] | None = None
+    fd: int | None = None
     owned = False
     if file is None:
         stream = sys.stderr
     elif isinstance(file, (str, os.PathLike)):
-        stream = open(file, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - closed by the returned function
+        if json:  # bytes, as orjson renders them, appended by the sink's thread with one write per batch
+            fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        else:
+            stream = open(file, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115 - closed by the returned function
         owned = True
     else:
         stream = file
@@ -256,25 +682,82 @@ def configure_logging(
             structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
             structlog.processors.JSONRenderer(serializer=_dumps),
         ]
+        sink: _JsonSink | _LinesFile = _JsonSink(
+            stream,
+            fd=fd,
+            owned=owned,
+            min_level=_LEVELS[name],
+            processors=processors,
+            max_pending=max_pending,
+        )
     else:
+        assert stream is not None  # a path is opened as text when not `json`
         use_colors = stream.isatty() if colors is None else colors
         processors.append(structlog.dev.ConsoleRenderer(colors=use_colors))
-    sink = _JsonLinesFile(stream)
+        sink = _LinesFile(stream)
+    previous = _own_sink
+    if previous is not None:
+        previous.close()  # its events are written; a new configuration replaces it
+    _own_sink = sink if isinstance(sink, _JsonSink) else None
+
+    def factory(*args: Any) -> _JsonSink | _LinesFile:
+        return sink
+
+    if isinstance(sink, _JsonSink):
+        sink.factory = factory
     wrapper = structlog.make_filtering_bound_logger(_LEVELS[name])
     structlog.configure(
         processors=processors,
         wrapper_class=wrapper,
-        logger_factory=lambda *args: sink,
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     _level_cache["wrapper"] = None
 
     def close() -> None:
+        global _own_sink
+        if isinstance(sink, _JsonSink):
+            sink.close()
+            if _own_sink is sink:
+                _own_sink = None
+            return
         sink.flush()
-        if owned:
+        if owned and stream is not None:
             stream.close()
 
-    return close
+    return ConfiguredLogging(close, sink if isinstance(sink, _JsonSink) else None)
+
+
+class ConfiguredLogging:
+    """What `configure_logging` returns: call it (or `close`) at exit.
+
+    Calling it twice is harmless.
+    """
+
+    __slots__ = ("_close", "_sink")
+
+    def __init__(self, close: Callable[[], None], sink: _JsonSink | None) -> None:
+        self._close = close
+        self._sink = sink
+
+    def __call__(self) -> None:
+        """Write what is pending, flush, and close what `configure_logging` opened."""
+        self._close()
+
+    def close(self) -> None:
+        """The same as calling it."""
+        self._close()
+
+    def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every event logged before this call is written; False if `timeout` passed first."""
+        if self._sink is None:
+            return True  # console lines are written as they are logged
+        return self._sink.flush(timeout)
+
+    @property
+    def dropped(self) -> int:
+        """JSON events dropped because the sink's queue stayed full (see `configure_logging`), or logged after close."""
+        return 0 if self._sink is None else self._sink.dropped
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:

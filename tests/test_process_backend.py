@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,20 +178,23 @@ def test_service_events_carry_the_thread_backends_fields_plus_the_node_that_ran_
     assert failed.error is not None
     assert "ValueError: cannot compute" in failed.error
 
-    for event in ("service.started", "service.finished"):
-        (on_thread,) = service_events(logs["thread"], event, "processor")
-        (on_process,) = service_events(logs["process"], event, "processor")
-        assert set(on_process) == set(on_thread) | {"node"}, event
-        assert on_process["node"] == f"pid:{results['process']['pid']}"
-        assert "node" not in on_thread
-    (finished,) = service_events(logs["process"], "service.finished", "processor")
+    (on_thread,) = service_events(logs["thread"], "service.call", "processor")
+    (on_process,) = service_events(logs["process"], "service.call", "processor")
+    assert set(on_process) == set(on_thread) | {"node"}
+    assert on_process["node"] == f"pid:{results['process']['pid']}"
+    assert "node" not in on_thread
+    (finished,) = service_events(logs["process"], "service.call", "processor")
     assert finished["duration_ms"] > 0
+    assert finished["status"] == "ok"
+    assert 0 < finished["started_at"] <= time.time()  # measured in the child
     assert finished["trace_id"] == ok.trace_id  # `ok` is the task that ran on processes
     (failure,) = service_events(failing_logs, "service.failed", "processor")
     assert failure["error_type"] == "ValueError"
     assert failure["transient"] is False
     assert failure["node"].startswith("pid:")
     assert {"task_id", "trace_id", "span_id", "parent_span_id", "worker", "attempt", "duration_ms"} <= set(failure)
+    assert failure["status"] == "permanent"
+    assert failure["started_at"] > 0
 
 
 @pytest.mark.parametrize("field", ["validate", "process", "persist"])
@@ -391,6 +395,7 @@ def test_close_without_draining_kills_calls_still_running() -> None:
 
 _HOST_PROGRAM = """
 import sys
+import time
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig
 from actorflow.services import ServiceSet
@@ -424,6 +429,7 @@ def test_a_runtime_killed_with_sigkill_leaves_no_worker_behind_even_one_hung_in_
 
 _FORGETFUL_PROGRAM = """
 import sys
+import time
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig
 from actorflow.core.tracing import configure_logging
@@ -467,7 +473,7 @@ def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path
         records = run_all(runtime, [payload(i) for i in range(6)])
         assert runtime.results is not None
         assert all(runtime.results.get(r.task_id) == r.result for r in records)
-    persisted = service_events(logs, "service.finished", "persistence")
+    persisted = service_events(logs, "service.call", "persistence")
     assert len(persisted) == 6
     assert all(e["node"].startswith("pid:") for e in persisted)
 
@@ -478,10 +484,10 @@ def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None
         assert runtime.results is not None
         assert runtime.results.count() == 6
         assert all(runtime.results.get(r.task_id) == r.result for r in records)
-    persisted = service_events(logs, "service.finished", "persistence")
+    persisted = service_events(logs, "service.call", "persistence")
     assert len(persisted) == 6
     assert not any("node" in e for e in persisted)
-    processed = service_events(logs, "service.finished", "processor")
+    processed = service_events(logs, "service.call", "processor")
     assert all(e["node"].startswith("pid:") for e in processed)
 
 

@@ -223,7 +223,7 @@ def test_service_events_carry_the_tasks_trace_and_the_node_the_call_ran_on(ray_s
     with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
         records = [runtime.submit({"name": f"t{i}", "data": i}).result(timeout=TIMEOUT_S) for i in range(4)]
     for record in records:
-        finished = [e for e in logs if e["event"] == "service.finished" and e["task_id"] == record.task_id]
+        finished = [e for e in logs if e["event"] == "service.call" and e["task_id"] == record.task_id]
         assert [e["service"] for e in finished] == ["validator", "processor", "persistence"]
         for event in finished:
             assert event["trace_id"] == record.trace_id
@@ -232,8 +232,9 @@ def test_service_events_carry_the_tasks_trace_and_the_node_the_call_ran_on(ray_s
             assert host
             assert int(pid) != os.getpid()
             assert event["duration_ms"] >= 0
-        started = [e for e in logs if e["event"] == "service.started" and e["task_id"] == record.task_id]
-        assert [e["span_id"] for e in started] == [e["span_id"] for e in finished]
+            assert event["status"] == "ok"
+            assert event["started_at"] > 0  # measured where the call ran
+        assert len({e["span_id"] for e in finished}) == 3
 
 
 @pytest.mark.timeout(120)

@@ -240,7 +240,7 @@ def test_pool_actors_spread_over_the_worker_nodes_and_every_call_names_the_node_
     workers = {driver.node_ids["node_a"], driver.node_ids["node_b"]}
     assert workers <= alive
 
-    finished = {e["task_id"]: e for e in _events(logs, "service.finished", "processor")}
+    finished = {e["task_id"]: e for e in _events(logs, "service.call", "processor")}
     for record in records:
         assert record.result is not None
         event = finished[record.task_id]
@@ -248,7 +248,7 @@ def test_pool_actors_spread_over_the_worker_nodes_and_every_call_names_the_node_
         assert record.result["node_id"].startswith(node_id_of(event["node"]))
         assert event["node"].endswith(f":{record.result['pid']}")
     assert {r.result["node_id"] for r in records if r.result is not None} == workers, "both worker nodes ran calls"
-    for event in _events(logs, "service.finished", "validator"):
+    for event in _events(logs, "service.call", "validator"):
         assert any(node.startswith(node_id_of(event["node"])) for node in workers)
 
 

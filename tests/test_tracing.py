@@ -45,14 +45,11 @@ def test_one_task_emits_the_exact_event_sequence_through_the_pipeline() -> None:
     assert [_step(e) for e in _events_of(logs, record.task_id)] == [
         "task.submitted",
         "task.transition CREATED",
-        "service.started validator",
-        "service.finished validator",
+        "service.call validator",
         "task.transition VALIDATED",
         "task.transition PROCESSING",
-        "service.started processor",
-        "service.finished processor",
-        "service.started persistence",
-        "service.finished persistence",
+        "service.call processor",
+        "service.call persistence",
         "task.transition COMPLETED",
         "task.completed",
     ]
@@ -74,9 +71,11 @@ def test_every_event_of_a_task_carries_its_trace_id_and_emitter_and_tasks_differ
             assert len(event["span_id"]) == 16
             assert event["parent_span_id"] == record.span_id
             assert event["attempt"] == 1
-        finished = [e for e in services if e["event"] == "service.finished"]
-        assert all(e["duration_ms"] >= 0 for e in finished)
-        assert len({e["span_id"] for e in finished}) == 3  # one span per service call
+        calls = [e for e in services if e["event"] == "service.call"]
+        assert len(calls) == len(services) == 3  # one event per call
+        assert all(e["duration_ms"] >= 0 and e["status"] == "ok" for e in calls)
+        assert all(record.created_at <= e["started_at"] <= record.updated_at for e in calls)
+        assert len({e["span_id"] for e in calls}) == 3  # one span per service call
         transitions = [e for e in events if e["event"] == "task.transition"]
         assert [(e["from_state"], e["to_state"]) for e in transitions][:2] == [
             (None, "CREATED"),
@@ -245,8 +244,7 @@ def test_the_demo_log_file_is_json_lines_that_the_viewer_checks_clean(
         "runtime.started",
         "task.submitted",
         "task.transition",
-        "service.started",
-        "service.finished",
+        "service.call",
         "service.failed",
         "task.completed",
         "task.failed",
