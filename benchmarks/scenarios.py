@@ -269,13 +269,15 @@ def run_journal(mode: Mode) -> dict[str, Any]:
 class _TracedPipeline(RuntimePipeline):
     """A runtime with `configure_logging(json=True, level=level, file=...)` for its lifetime."""
 
-    def __init__(self, concurrency: int, path: str, level: str, tally: dict[str, Any]) -> None:
+    def __init__(
+        self, concurrency: int, path: str, level: str, tally: dict[str, Any], *, name: str = "", **config: Any
+    ) -> None:
         structlog.reset_defaults()
         self._path = path
         self._tally = tally
         self._close_log = configure_logging(json=True, level=level, file=path)
         try:
-            super().__init__(_NOOP, concurrency, name=f"runtime-tracing-json-{level.lower()}")
+            super().__init__(_NOOP, concurrency, name=name or f"runtime-tracing-json-{level.lower()}", **config)
         except BaseException:
             self._close_log()
             structlog.reset_defaults()
@@ -330,6 +332,54 @@ def run_tracing(mode: Mode) -> dict[str, Any]:
             ("runtime-tracing-json-debug", "runtime-tracing-off"),
         ],
         params={"configure_logging": {"json": True, "level": ["INFO", "DEBUG"], "file": "<tmp>/trace-LEVEL-N.jsonl"}},
+    )
+
+
+def run_production(mode: Mode) -> dict[str, Any]:
+    """The production profile (journal "normal", JSON tracing at INFO, metrics on) against no-op in memory."""
+    title = "Production profile: journal, JSON tracing at INFO, metrics on"
+    why = journal_available()
+    if why is not None:
+        return skipped(title, why)
+    batch = 64
+    sizes = Sizes(tasks=mode.pick(4000, 400), light=mode.pick(500, 50), warmup=mode.pick(300, 50), timeout_s=600)
+    tally: dict[str, Any] = {}
+    counter = iter(range(1_000_000))
+
+    def production(concurrency: int) -> Pipeline:
+        round_ = next(counter)
+        return _TracedPipeline(
+            concurrency,
+            os.path.join(mode.workdir, f"production-{round_}.jsonl"),
+            "INFO",
+            tally,
+            name="runtime-production",
+            journal_path=os.path.join(mode.workdir, f"production-{round_}.sqlite"),
+            durability="normal",
+        )
+
+    structlog.reset_defaults()
+    contenders = [
+        Contender("runtime-memory", runtime_factory(_NOOP, name="runtime-memory"), role="reference"),
+        Contender("runtime-production", production, role="runtime", sizes=replace(sizes, batch=batch)),
+    ]
+    _alternate(contenders, workload.payload, sizes, mode.rounds)
+    return _section(
+        title,
+        contenders,
+        sizes,
+        mode,
+        pairs=[("runtime-production", "runtime-memory")],
+        params={
+            "journal": {"durability": "normal"},
+            "configure_logging": {"json": True, "level": "INFO", "file": "<tmp>/production-N.jsonl"},
+            "metrics": True,
+            "submit_many_batch": batch,
+        },
+        notes=[
+            f"the production runtime submits in batches of {batch} with Runtime.submit_many (one commit each); "
+            "the in-memory reference submits one task at a time, as in the other scenarios"
+        ],
     )
 
 
@@ -571,6 +621,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("journal", "No-op services, journal", run_journal),
         Scenario("tracing", "No-op services, JSON tracing", run_tracing),
         Scenario("metrics", "No-op services, Prometheus metrics on vs off", run_metrics),
+        Scenario("production", "Production profile: journal, JSON tracing at INFO, metrics on", run_production),
         Scenario("io", "I/O-bound, 5 ms sleep, 16 workers", run_io),
         Scenario("cpu", "CPU-bound, 5 ms pure Python, 2 workers", run_cpu),
         Scenario("async_io", "I/O-bound async stage, 20 ms await, 1000 in flight", run_async_io),
