@@ -946,7 +946,7 @@ class Runtime:
                     pipeline=message.pipeline,
                 )
         try:
-            self._deliver_creates(CreateTasks(tuple(messages), reply))
+            self._deliver_create(CreateTasks(tuple(messages), reply))
         except BaseException as exc:
             self._tracker.forget_many(task_ids)
             self._log.warning(
@@ -958,22 +958,6 @@ class Runtime:
             )
             raise
         return [TaskHandle(self, task_id, waiter) for task_id, waiter in zip(task_ids, waiters, strict=True)]
-
-    def _deliver_creates(self, message: CreateTasks) -> None:
-        """`_deliver_create` for a batch: one message, one answer for all of it."""
-        for attempt in (1, 2):
-            state = self._state
-            assert state is not None
-            try:
-                state.tell(message)
-                if message.reply is not None:
-                    _answer(message.reply)
-                return
-            except (pykka.ActorDeadError, RuntimeStopped):
-                if attempt == 2 or not self._await_replacement(state):
-                    raise self._unavailable() from None
-                if message.reply is not None:
-                    message = message._replace(reply=pykka.ThreadingFuture())
 
     async def submit_async(
         self,
@@ -1102,8 +1086,8 @@ class Runtime:
             raise
         return TaskHandle(self, message.task_id, waiter)
 
-    def _deliver_create(self, message: CreateTask) -> None:
-        """Tell the StateActor; if it stopped before taking the creation, wait for its replacement once."""
+    def _deliver_create(self, message: CreateTask | CreateTasks) -> None:
+        """Tell the StateActor a creation or a batch; if it stopped before taking it, wait for its replacement once."""
         for attempt in (1, 2):
             state = self._state
             assert state is not None
