@@ -73,9 +73,13 @@ class ServicePool:
         """The stage timeout of this pool's calls (None for no limit)."""
         self._max_restarts = max_restarts
         self._window = restart_window_s
-        self._capacity = _DEPTH_SLOW
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
+        self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
+        """Ray raises it: a call on its way while another runs hides a round trip that costs more than a call."""
+        self._capacity = self._min_depth
+        self._fast_ms: float = getattr(backend, "fast_call_ms", _FAST_MS)
+        """Calls shorter than this are fast: Ray's is its round trip's order, far above a thread's wake-up."""
         self._recent: deque[float] = deque(maxlen=_DEPTH_WINDOW)
         """The last call durations (ms), which set the depth per worker."""
         self._clock = clock
@@ -136,13 +140,24 @@ class ServicePool:
         # even if another worker is idle (head-of-line blocking), so one slow call turns it off.
         recent = self._recent
         recent.append(duration_ms)
-        uniform_fast = len(recent) == _DEPTH_WINDOW and max(recent) < _FAST_MS
-        self._capacity = min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth)
+        uniform_fast = len(recent) == _DEPTH_WINDOW and max(recent) < self._fast_ms
+        self._capacity = min(max(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._min_depth), self._max_depth)
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""
         slot = self._where.get(call_id)
         return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
+
+    def surely_running(self, call_id: int) -> bool:
+        """True if `call_id` is running and its worker can tell it apart from the calls queued with it.
+
+        A Ray worker running a batch cannot: its calls' reports come back
+        together, so a hang in the batch is not known to be the head's.
+        """
+        if not self.running(call_id):
+            return False
+        vouch = getattr(self._where[call_id].worker, "vouches_running", None)
+        return vouch is None or bool(vouch(call_id))
 
     def withdraw(self, call_id: int) -> bool:
         """Take back a call no worker has started. True if it will never run.
