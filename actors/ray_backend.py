@@ -527,7 +527,8 @@ class RayBackend:
         self._closed = False
         self.suspects: dict[SuspectKey, None] = {}
         """Calls of a batch whose actor died or hung, each run alone from now on (waiter thread only)."""
-        self._calls_done = 0
+        self.calls_done = 0
+        """Calls answered by Ray actors."""
         self._invocations_done: dict[str, int] = {}
         """Per worker, the actor's own count of its invocations, as it last reported it."""
         try:
@@ -744,9 +745,14 @@ class RayBackend:
         self._log.info(
             "ray.backend_stopped",
             stopped_ray=self._owns_session,
-            calls=self._calls_done,
-            invocations=sum(self._invocations_done.values()),
+            calls=self.calls_done,
+            invocations=self.invocations_done,
         )
+
+    @property
+    def invocations_done(self) -> int:
+        """Remote invocations the actors ran, by their own count (`calls_done` over this is the batch size)."""
+        return sum(self._invocations_done.values())
 
     def suspect(self, calls: Sequence[RunService]) -> None:
         """On the waiter thread: run each of these calls alone from now on (one of them killed or hung its actor)."""
@@ -784,7 +790,14 @@ class RayBackend:
         else:
             # Which call of the batch killed it is unknown: none is charged, each runs alone next time.
             self.suspect(running)
-            self._log.warning("ray.batch_lost", worker=worker.name, calls=len(running), node=worker.node, error=why)
+            self._log.warning(
+                "ray.batch_lost",
+                worker=worker.name,
+                calls=len(running),
+                task_ids=[call.task.task_id for call in running],
+                node=worker.node,
+                error=why,
+            )
         # Replaces the worker and runs its other calls again (or is an idempotent safety net, after a crash report).
         worker.on_death(worker.name, f"Ray actor died: {why}")
 
@@ -794,7 +807,7 @@ class RayBackend:
         """One invocation answered: its calls' reports go to the pool in one message."""
         with contextlib.suppress(ValueError):  # answered in order; `remove` in case a callback overtook another
             worker.invocations.remove(calls)
-        self._calls_done += len(dones)
+        self.calls_done += len(dones)
         self._invocations_done[worker.name] = invocations
         suspects, recent, log = self.suspects, worker.recent, worker.log
         for call, done in zip(calls, dones, strict=True):
