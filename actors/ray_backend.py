@@ -39,15 +39,17 @@ a lost node) reports the call it was running as ``crashed``, exactly as a
 thread worker reports a `BaseException`: the pool replaces it, and the call
 counts as an attempt, so a call that kills every worker it touches fails its
 task after `max_attempts` instead of exhausting the pool's restart budget for
-everyone. The running call is the first of the oldest unanswered invocation;
-when that invocation held several calls, which of them killed the actor is
-unknown (their reports die with it), so none is charged: the worker is
-replaced, all of them run again, and each of those *suspects* then runs in
-an invocation of its own, where a crash or a hang is its own. A stage
+everyone. Only a call the actor held alone is surely the one that killed
+it: with several unanswered (a batch, or a second invocation on its way),
+which one did is unknown (their reports die with the process, even one that
+had returned but whose reply was not yet sent), so none is charged: the
+worker is replaced, all of them run again, and each of those *suspects* then
+runs alone, with nothing else in flight on its actor, where a crash or a hang
+is its own. A stage
 timeout is the same: the worker does not vouch for its head call while that
 call shares its invocation (`vouches_running`), so the timeout charges none
-and the batch's calls become suspects. A lost node charges the running call,
-as before: the node failed, not a call.
+and the batch's calls become suspects. A lost node charges the oldest call it
+held, as before: the node failed, not a call.
 
 Ray is imported only when this backend is built; it is the optional extra
 ``actorflow[ray]``, never a core dependency.
@@ -300,7 +302,15 @@ class _RayWorker:
         if self.retired or self.dead:
             self.queued.clear()  # the pool has taken (or will take) these calls back
             return
-        while self.queued and len(self.invocations) < _IN_FLIGHT:
+        queued, invocations, suspects = self.queued, self.invocations, self._backend.suspects
+        while queued and len(invocations) < _IN_FLIGHT:
+            if suspects:
+                # A suspect runs with nothing else in flight: if the actor dies then, the call is known.
+                last = invocations[-1] if invocations else None
+                if last is not None and len(last) == 1 and _suspect_key(last[0]) in suspects:
+                    return
+                if _suspect_key(queued[0]) in suspects and invocations:
+                    return
             self._submit(self._take_batch())
 
     def _take_batch(self) -> tuple[RunService, ...]:
@@ -778,23 +788,26 @@ class RayBackend:
         worker.dead = True
         # Before the pool hears of it and promotes a spare: that spare must not be on a lost node.
         lost = self._drop_spares_on_lost_nodes()
-        running = worker.invocations[0] if worker.invocations else pending.calls
+        # Every call it held unanswered: the first was running, unless its answer died with the process
+        # (a reply is sent after the call returns, and a call behind it that kills the process at once
+        # can leave it unsent). So only a lone call is surely the one that killed it.
+        held = [call for calls in worker.invocations for call in calls] or list(pending.calls)
         why = describe_ray_error(error)
         if not worker.node:  # it died in its first call (a lost node): its probe still says where it was
             worker.node = self._probed_node(worker.probe)
-        if len(running) == 1 or node_id_of(worker.node) in lost:
-            call = running[0]  # the first call of the oldest unanswered invocation: the one it was running
+        if len(held) == 1 or node_id_of(worker.node) in lost:
+            call = held[0]  # the oldest call it held: the one it was running, as far as the head can know
             worker.deliver(
                 log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
             )
         else:
-            # Which call of the batch killed it is unknown: none is charged, each runs alone next time.
-            self.suspect(running)
+            # Which of its calls killed it is unknown: none is charged, each runs alone next time.
+            self.suspect(held)
             self._log.warning(
                 "ray.batch_lost",
                 worker=worker.name,
-                calls=len(running),
-                task_ids=[call.task.task_id for call in running],
+                calls=len(held),
+                task_ids=[call.task.task_id for call in held],
                 node=worker.node,
                 error=why,
             )

@@ -490,18 +490,22 @@ class Burst:
     """What a burst left: its records in order, the runs per task index, and the logged events."""
 
     records: list[TaskRecord]
+    held: TaskRecord
+    """The gate call's task (index -100): its call may share an invocation with the burst's."""
     runs: dict[int, list[int]]
     """Task index -> the attempts its processor calls ran, in order."""
     logs: list[dict[str, Any]]
     stats: dict[str, Any]
 
     def index_of(self, task_id: str) -> int:
-        return next(i for i, record in enumerate(self.records) if record.task_id == task_id)
+        if task_id == self.held.task_id:
+            return -100
+        return next((i for i, record in enumerate(self.records) if record.task_id == task_id), -1)  # -1: warm-up
 
     def invocations(self) -> list[list[int]]:
-        """The task indexes of each answered processor invocation that held a burst task."""
+        """The task indexes of each answered processor invocation (-1 for a warm-up task, -100 for the gate's)."""
         return [
-            [self.index_of(t) for t in e["task_ids"] if any(r.task_id == t for r in self.records)]
+            [self.index_of(t) for t in e["task_ids"]]
             for e in self.logs
             if e["event"] == "ray.invocation_done" and e["actor"].startswith("processor-")
         ]
@@ -528,7 +532,8 @@ def run_burst(kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             handles = [runtime.submit(payload(i, kind)) for i, kind in enumerate(kinds)]
             assert queued.wait_for(queued_before + len(kinds)), "every call of the burst waits behind the gate"
             ray.get(gate.open.remote(), timeout=TIMEOUT_S)
-            assert held.result(timeout=TIMEOUT_S).state is TaskState.COMPLETED
+            held_record = held.result(timeout=TIMEOUT_S)
+            assert held_record.state is TaskState.COMPLETED
             records = [handle.result(timeout=TIMEOUT_S) for handle in handles]
             stats = runtime.stats()
     finally:
@@ -538,7 +543,7 @@ def run_burst(kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         index, attempt = map(int, line.split())
         if index >= 0:
             runs.setdefault(index, []).append(attempt)
-    return Burst(records, runs, logs, stats)
+    return Burst(records, held_record, runs, logs, stats)
 
 
 def _results(burst: Burst) -> list[tuple[TaskState, int | None]]:
