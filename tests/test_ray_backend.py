@@ -511,7 +511,9 @@ class Burst:
         ]
 
 
-def run_burst(kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **config: Any) -> Burst:
+def run_burst(
+    kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracer_provider: Any = None, **config: Any
+) -> Burst:
     """Warm up, then hold the processor with a gate call while `kinds` queue behind it; open; wait for all."""
     monkeypatch.setattr(RayBackend, "fast_call_ms", 1e6)
     runs_file = tmp_path / "runs.txt"
@@ -524,7 +526,12 @@ def run_burst(kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     queued = QueuedCalls()
     services = ServiceSet(process=batch_process, persist=discard)
     try:
-        with capture_logs() as logs, Runtime(ray_config(**config), services=services, on_milestone=queued) as runtime:
+        with (
+            capture_logs() as logs,
+            Runtime(
+                ray_config(**config), services=services, on_milestone=queued, tracer_provider=tracer_provider
+            ) as runtime,
+        ):
             warm = [runtime.submit(payload(-1 - i, "ok")) for i in range(40)]
             assert {h.result(timeout=TIMEOUT_S).state for h in warm} == {TaskState.COMPLETED}
             queued_before = queued.queued
@@ -575,8 +582,17 @@ def test_calls_in_one_invocation_each_get_their_own_result_and_one_raising_mid_b
 def test_a_transient_error_in_a_batch_retries_only_that_call(
     ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - the otel test dependency, here only
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: PLC0415
+    from opentelemetry.trace import StatusCode  # noqa: PLC0415
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     kinds = ["ok", "flaky", "ok", "ok", "flaky", "ok"]
-    burst = run_burst(kinds, tmp_path, monkeypatch)
+    burst = run_burst(kinds, tmp_path, monkeypatch, tracer_provider=provider)
+    provider.shutdown()
 
     assert _results(burst) == [(TaskState.COMPLETED, 2 if kind == "flaky" else 1) for kind in kinds]
     assert burst.runs == {index: [1, 2] if kind == "flaky" else [1] for index, kind in enumerate(kinds)}
@@ -584,6 +600,20 @@ def test_a_transient_error_in_a_batch_retries_only_that_call(
     assert burst.stats["pools"]["processor"]["restarts"] == 0
     flaky = {index for index, kind in enumerate(kinds) if kind == "flaky"}
     assert any(len(calls) > 1 and flaky & set(calls) for calls in burst.invocations())
+    # Each call of the batch has its own span, under its own task's span, with its own status.
+    spans = exporter.get_finished_spans()
+
+    def of(name: str, task_id: str) -> list[Any]:
+        return [s for s in spans if s.name == name and (s.attributes or {}).get("actorflow.task_id") == task_id]
+
+    for index, record in enumerate(burst.records):
+        (task,) = of("actorflow.task", record.task_id)
+        calls = sorted(
+            of("actorflow.processor", record.task_id), key=lambda s: (s.attributes or {})["actorflow.attempt"]
+        )
+        assert all(c.parent is not None and c.parent.span_id == task.get_span_context().span_id for c in calls)
+        expected = [StatusCode.ERROR, StatusCode.UNSET] if index in flaky else [StatusCode.UNSET]
+        assert [c.status.status_code for c in calls] == expected, index
 
 
 @pytest.mark.timeout(240)
