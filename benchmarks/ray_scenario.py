@@ -7,6 +7,9 @@ All run the same functions, in the same run:
 * ``actorpool``: plain Ray, an `ActorPool` of as many actors as the processor
   pool, each call running validate, process and persist in one go: the
   lower bound of what Ray costs, with no state machine, journal or trace;
+* ``ray_stage``: actorflow with only the processor stage on Ray
+  (``Stage(..., backend="ray")``), validation and persistence on threads in
+  the head: what a CPU-bound pipeline would do;
 * ``ray_tasks``: plain Ray tasks, one remote function call per task running
   the same three steps, as many at once as the processor pool
   (``num_cpus`` set so).
@@ -44,6 +47,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from actorflow import Pipeline, Stage
 from actorflow.actors import Runtime
 from actorflow.actors.ray_backend import RayBackend
 from actorflow.core import RuntimeConfig, Task, TaskState
@@ -84,6 +88,31 @@ def _burn(spins: int) -> int:
     for i in range(spins):
         total += i * i % 7
     return total
+
+
+def stage_validate(task: Task, value: Any) -> None:
+    """The validator as a pipeline stage (on the head's threads)."""
+    validate(task.payload)
+
+
+def stage_process(task: Task, value: Any) -> Mapping[str, Any]:
+    """The processor as a pipeline stage (the one on Ray)."""
+    return mixed_process(task)
+
+
+def stage_discard(task: Task, value: Any) -> None:
+    """Persistence that keeps nothing, as a pipeline stage."""
+
+
+def _one_stage_on_ray() -> Pipeline:
+    return Pipeline(
+        "cpu_on_ray",
+        [
+            Stage("validate", stage_validate, workers=VALIDATORS),
+            Stage("process", stage_process, workers=PROCESSORS, backend="ray"),
+            Stage("persist", stage_discard, workers=PERSISTERS),
+        ],
+    )
 
 
 def fused_pipeline(payload: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -255,6 +284,10 @@ def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
                 # The runtime keeps its backends to itself; the meter reads the one it just started.
                 meter = _DriverMeter(next(o for o in gc.get_objects() if isinstance(o, RayBackend)))
         started = time.perf_counter()
+        runtime = stack.enter_context(Runtime(RuntimeConfig(), pipelines=[_one_stage_on_ray()]))
+        startup["ray_stage_runtime_s"] = round(time.perf_counter() - started, 2)
+        runners["ray_stage"] = _runtime_runner(runtime)
+        started = time.perf_counter()
         pipeline_actor = ray.remote(PipelineActor)
         actors = [pipeline_actor.remote() for _ in range(PROCESSORS)]
         stack.callback(lambda: [ray.kill(actor) for actor in actors])
@@ -283,6 +316,9 @@ def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
             "ray_vs_actorpool_throughput": _ratio(setups["ray"]["tasks_per_s"], setups["actorpool"]["tasks_per_s"]),
             "ray_vs_ray_tasks_throughput": _ratio(setups["ray"]["tasks_per_s"], setups["ray_tasks"]["tasks_per_s"]),
             "ray_vs_actorpool_p50": _ratio(setups["ray"]["p50_ms"], setups["actorpool"]["p50_ms"]),
+            "ray_stage_vs_actorpool_throughput": _ratio(
+                setups["ray_stage"]["tasks_per_s"], setups["actorpool"]["tasks_per_s"]
+            ),
         }
         for kind, setups in figures.items()
     }
@@ -296,6 +332,7 @@ def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
         "targets": {
             "tiny_vs_actorpool_ge_1": ratios["tiny"]["ray_vs_actorpool_throughput"] >= 1.0,
             "cpu_vs_actorpool_ge_1": ratios["cpu"]["ray_vs_actorpool_throughput"] >= 1.0,
+            "cpu_one_stage_on_ray_vs_actorpool_ge_1": ratios["cpu"]["ray_stage_vs_actorpool_throughput"] >= 1.0,
         },
     }
 
