@@ -282,7 +282,8 @@ def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
             runners[backend] = _runtime_runner(runtime)
             if backend == "ray":
                 # The runtime keeps its backends to itself; the meter reads the one it just started.
-                meter = _DriverMeter(next(o for o in gc.get_objects() if isinstance(o, RayBackend)))
+                # (the open one: a closed runtime's backend may not be collected yet)
+                meter = _DriverMeter(next(o for o in gc.get_objects() if isinstance(o, RayBackend) and not o._closed))
         started = time.perf_counter()
         runtime = stack.enter_context(Runtime(RuntimeConfig(), pipelines=[_one_stage_on_ray()]))
         startup["ray_stage_runtime_s"] = round(time.perf_counter() - started, 2)
