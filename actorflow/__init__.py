@@ -18,6 +18,7 @@ The API, drawn::
     Runtime(config, services=..., pipelines=[...], on_milestone=...)
                                        the facade; a context manager that closes itself
       .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
+      .submit_many(payloads, pipeline=) -> [TaskHandle]   a batch in one commit, all or nothing
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
       .metrics_collector()             Prometheus metrics, for the program's own registry
       .health()                        ok, degraded (journal refuses writes), failed or stopped

@@ -4,7 +4,8 @@ A thread per call would cost a stack and a context switch per call in flight;
 an I/O-bound stage that awaits (HTTP, a database, a sleep) instead runs as many
 coroutines as its `workers` allow on a single loop::
 
-    pool ─ send(call) ─ call_soon_threadsafe ─► loop thread: create_task(run(call)) ─► deliver(ServiceDone)
+    pool ─ send_many(calls) ─ call_soon_threadsafe ─► loop thread: create_task(run(call)) per call
+         ─► deliver(ServiceDone), or ServicesDone for the calls that finished in the same loop iteration
 
 Each worker of a pool is a slot on the loop that runs one coroutine at a time,
 so a stage's `workers` is the number of its calls in flight. The rules match
@@ -34,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from actorflow.actors.messages import RunService
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import Deliver, OnDeath, WorkerHandle, call_fields, report, report_failure, stage_value
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.tracing import get_event_logger
@@ -61,6 +62,8 @@ class AsyncBackend:
         self._arrived: deque[tuple[_AsyncWorker, RunService]] = deque()
         """Calls sent since the loop last took them; one wake-up takes them all."""
         self._wake_scheduled = False
+        self._finished: dict[Deliver, list[ServiceDone]] = {}
+        """Reports of this loop iteration, per pool (only touched on the loop's thread)."""
         self.thread = threading.Thread(
             target=self._run, args=(started,), name=f"actorflow-loop-{next(_numbers)}", daemon=True
         )
@@ -89,10 +92,10 @@ class AsyncBackend:
         """A slot on the loop: nothing starts until a call is sent."""
         return _AsyncWorker(name, fn, deliver, self)
 
-    def schedule(self, worker: _AsyncWorker, call: RunService) -> bool:
-        """Hand a call to the loop (from any thread). One self-pipe write per burst, not per call."""
+    def schedule(self, worker: _AsyncWorker, calls: Sequence[RunService]) -> bool:
+        """Hand calls to the loop (from any thread). One self-pipe write per burst, not per call."""
         with self._lock:
-            self._arrived.append((worker, call))
+            self._arrived.extend((worker, call) for call in calls)
             if self._wake_scheduled:
                 return True
             self._wake_scheduled = True
@@ -108,6 +111,26 @@ class AsyncBackend:
             arrived, self._arrived = self._arrived, deque()
         for worker, call in arrived:
             worker.start(call)
+
+    def deliver_soon(self, deliver: Deliver, done: ServiceDone) -> None:
+        """Deliver a report at the end of this loop iteration, with the others finished in it (on the loop's thread).
+
+        Coroutines that finish in the same iteration (a burst of timers, a
+        gather) report in one message per pool, one wake-up of the orchestrator;
+        a lone report goes as itself, one iteration later: microseconds.
+        """
+        pending = self._finished.get(deliver)
+        if pending is not None:
+            pending.append(done)
+            return
+        if not self._finished:
+            self.loop.call_soon(self._deliver_finished)
+        self._finished[deliver] = [done]
+
+    def _deliver_finished(self) -> None:
+        finished, self._finished = self._finished, {}
+        for deliver, dones in finished.items():
+            deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
 
     def close(self) -> None:
         """Cancel what still runs and stop the loop's thread."""
@@ -139,11 +162,13 @@ class _AsyncWorker:
     def send(self, call: RunService) -> bool:
         if self._retired:
             return False
-        return self._backend.schedule(self, call)
+        return self._backend.schedule(self, (call,))
 
     def send_many(self, calls: Sequence[RunService]) -> bool:
-        """Queue several calls, in order (one at a time for now)."""
-        return all(self.send(call) for call in calls)
+        """Queue several calls, in order, with one wake-up of the loop."""
+        if self._retired:
+            return False
+        return self._backend.schedule(self, calls)
 
     def retire(self) -> None:
         self._retired = True
@@ -224,7 +249,7 @@ class _AsyncWorker:
             self._retired = True  # calls queued behind this one go back to the pool, as on a thread worker
         if self._retired and done.status != "crashed":
             return  # retired (timed out, or the runtime is stopping): the pool re-sent or forgot this call
-        self._deliver(done)
+        self._backend.deliver_soon(self._deliver, done)
 
 
 def make_backend(request: Any) -> AsyncBackend:

@@ -8,6 +8,7 @@ Flow of one task (→ is a tell; nothing blocks in a handler)::
 
     Runtime.submit ─CreateTask─► StateActor ─TasksCreated─► Orchestrator
     Orchestrator ─RunService─► worker ─ServiceDone─► Orchestrator
+        (or several at once: ─RunServices─► worker ─ServicesDone─►)
     Orchestrator ─TransitionBatch─► StateActor ─TransitionsApplied─► Orchestrator
 """
 
@@ -26,11 +27,13 @@ __all__ = [
     "CallDeadline",
     "CancelTask",
     "CreateTask",
+    "CreateTasks",
     "JournalRetryDue",
     "Outcome",
     "ResumeTasks",
     "RetryDue",
     "RunService",
+    "RunServices",
     "ServiceDone",
     "ServicesDone",
     "TasksCreated",
@@ -56,6 +59,17 @@ class CreateTask(NamedTuple):
     notify: pykka.ActorRef[Any] | None = None
     pipeline: str = DEFAULT_PIPELINE
     """The name of the pipeline the task runs through (the state actor checks it knows it)."""
+
+
+class CreateTasks(NamedTuple):
+    """Create several tasks, all or none, committed in one transaction (`Runtime.submit_many`).
+
+    `reply` gets their committed records, in order, or the error naming the first refused one by
+    its index in `tasks` (nothing is created then). The tasks' own `reply` fields are unused.
+    """
+
+    tasks: tuple[CreateTask, ...]
+    reply: pykka.Future[tuple[TaskRecord, ...]] | None = None
 
 
 class TransitionRequest(NamedTuple):
@@ -126,6 +140,12 @@ class RunService(NamedTuple):
     """The task's pipeline (`service` names the stage's pool)."""
     dispatched_at: float = 0.0
     """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
+
+
+class RunServices(NamedTuple):
+    """Several calls for one thread worker in one message, run in order (each as a `RunService` would be)."""
+
+    calls: tuple[RunService, ...]
 
 
 ServiceStatus = Literal["ok", "permanent", "transient", "crashed"]
@@ -199,13 +219,16 @@ class ResumeTasks(NamedTuple):
 MESSAGE_TYPES: frozenset[type] = frozenset(
     {
         CreateTask,
+        CreateTasks,
         TransitionRequest,
         TransitionBatch,
         TasksCreated,
         TransitionOutcome,
         TransitionsApplied,
         RunService,
+        RunServices,
         ServiceDone,
+        ServicesDone,
         WorkerDied,
         RetryDue,
         JournalRetryDue,

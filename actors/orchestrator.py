@@ -10,7 +10,9 @@ hands its value on; after the last stage, COMPLETED. For the seed pipeline::
 It sends a request and handles the answer as a message: service results come
 back as `ServiceDone`, state changes as `TransitionsApplied`. It does not move
 a task to its next stage until the StateActor has committed the current one.
-Transition requests are batched: they leave when the mailbox runs dry.
+Transition requests are batched: they leave when the mailbox runs dry. Service
+calls are batched too, per worker: those one message makes leave together
+(`ServicePool.flush`) when its handler ends, so a lone call is never held.
 
 Liveness rules (every task it drives reaches a terminal state):
 
@@ -230,6 +232,7 @@ class OrchestratorActor(FastActor):
                     )
                 )
             self._plans[pipeline.name] = _Plan(pipeline, tuple(stages))
+        self._pool_list = tuple(self._pools.values())
 
     # --- inspection (asks from the Runtime; off the hot path) ------------------------------------
 
@@ -244,11 +247,15 @@ class OrchestratorActor(FastActor):
     # --- message loop ----------------------------------------------------------------------------
 
     def on_receive(self, message: Any) -> None:
-        """Dispatch on the message type; flush transition requests when the mailbox is empty."""
+        """Dispatch on the message type; send the calls it made; flush transition requests when the mailbox is empty."""
         try:
             self._handle(message)
         except Exception as exc:  # noqa: BLE001 - an orchestrator that dies strands every task: fail the one
             self._on_handler_error(message, exc)
+        # The calls this message made go now, one message per worker: a lone call never waits.
+        for pool in self._pool_list:
+            if pool.unsent:
+                pool.flush()
         if self._outbox and (len(self._outbox) >= _MAX_OUTBOX or self.actor_inbox.empty()):
             self._flush()
 

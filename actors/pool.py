@@ -8,6 +8,13 @@ wake-up (measured: the largest cost of no-op tasks at a depth of 2). It
 times the call running at the head of each worker, and replaces workers
 that crash, die or hang, within a restart intensity limit as in Erlang/OTP
 supervisors.
+
+Calls routed to a worker are not sent at once: they collect per worker until
+the owner calls `flush` (the orchestrator does at the end of every message it
+handles), and then go as one `send_many`. The calls one message makes (the
+outcomes of a committed batch, a `ServicesDone`) thus reach each worker in one
+message, while a lone call still leaves as soon as its handler ends: nothing
+ever waits for a batch to fill.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class _Slot:
     """On the pool's idle stack (it may have been given a call since: checked when popped)."""
     gone: bool = False
     """Removed from the pool (it turned failing, or closed)."""
+    outgoing: list[RunService] = field(default_factory=list)
+    """Calls routed here (already in `calls`) and not yet sent: `flush` sends them in one message."""
 
 
 class ServicePool:
@@ -76,12 +85,15 @@ class ServicePool:
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
         self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
-        """Ray raises it: a call on its way while another runs hides a round trip that costs more than a call."""
+        """Process and Ray workers raise it: a worker whose next call is already on its way never idles for a
+        round trip."""
         self._capacity = self._min_depth
         self._fast_ms: float = getattr(backend, "fast_call_ms", _FAST_MS)
         """Calls shorter than this are fast: Ray's is its round trip's order, far above a thread's wake-up."""
-        self._recent: deque[float] = deque(maxlen=_DEPTH_WINDOW)
-        """The last call durations (ms), which set the depth per worker."""
+        self._recent: deque[bool] = deque(maxlen=_DEPTH_WINDOW)
+        """Whether each of the last calls was slow (took `_fast_ms` or more): they set the depth per worker."""
+        self._slow_recent = 0
+        """How many of `_recent` are slow (kept as they come and go, not counted per call)."""
         self._clock = clock
         self._generation = 0
         self._slots: list[_Slot] = []
@@ -92,6 +104,8 @@ class ServicePool:
         self._restart_times: deque[float] = deque()
         self._idle: list[_Slot] = []
         """Slots with no call, so that routing need not scan every slot (a pool of 1000 async slots)."""
+        self._unsent: list[_Slot] = []
+        """Slots with calls in `outgoing`, in the order they got their first."""
         self.restarts = 0
         self.failing: str | None = None
         """Why the pool gave up, once it has."""
@@ -139,9 +153,13 @@ class ServicePool:
         # Deep queues only while every recent call was fast: a call queued behind a slow one waits
         # even if another worker is idle (head-of-line blocking), so one slow call turns it off.
         recent = self._recent
-        recent.append(duration_ms)
-        uniform_fast = len(recent) == _DEPTH_WINDOW and max(recent) < self._fast_ms
-        self._capacity = min(max(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._min_depth), self._max_depth)
+        slow = duration_ms >= self._fast_ms
+        if len(recent) == _DEPTH_WINDOW and recent[0]:
+            self._slow_recent -= 1  # the oldest leaves the window
+        recent.append(slow)
+        self._slow_recent += slow
+        uniform_fast = len(recent) == _DEPTH_WINDOW and not self._slow_recent
+        self._capacity = max(self._min_depth, min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth))
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""
@@ -174,7 +192,7 @@ class ServicePool:
                 self._calls.pop(call_id, None)
                 return True
         slot = self._where.get(call_id)
-        if slot is None or not slot.worker.withdraw(call_id):
+        if slot is None or not (_take_unsent(slot, call_id) or slot.worker.withdraw(call_id)):
             return False
         del self._where[call_id]
         self._calls.pop(call_id, None)
@@ -223,6 +241,7 @@ class ServicePool:
         for call_id in slot.calls:
             self._where.pop(call_id, None)
         slot.calls.clear()
+        slot.outgoing.clear()  # never sent to the old worker: they are among the stranded
         now = self._clock()
         self._restart_times.append(now)
         while self._restart_times and now - self._restart_times[0] > self._window:
@@ -269,6 +288,8 @@ class ServicePool:
                 slot.worker.join(max(0.0, deadline - self._clock()))
         for slot in self._slots:
             slot.gone = True
+            slot.outgoing.clear()
+        self._unsent.clear()
         self._slots.clear()
         self._by_name.clear()
         self._idle.clear()
@@ -293,13 +314,34 @@ class ServicePool:
         name = f"{self.service}-{self._generation}"
         return self._backend.start_worker(name, self.service, self._fn, self._deliver, self._on_death)
 
+    @property
+    def unsent(self) -> bool:
+        """True if calls are waiting for `flush`."""
+        return bool(self._unsent)
+
+    def flush(self) -> None:
+        """Send each worker the calls routed to it since the last flush, in one message per worker."""
+        unsent, self._unsent = self._unsent, []
+        for slot in unsent:
+            calls, slot.outgoing = slot.outgoing, []
+            if not calls or slot.gone:
+                continue
+            why = "dead when sent a call"
+            try:
+                sent = slot.worker.send(calls[0]) if len(calls) == 1 else slot.worker.send_many(calls)
+            except Exception as exc:  # noqa: BLE001 - the calls are the pool's: replacing the worker re-sends them
+                sent, why = False, f"failed to take calls: {type(exc).__name__}: {exc}"
+            if not sent:
+                self._on_death(slot.worker.name, why)
+
     def _send(self, slot: _Slot, call: RunService) -> None:
         slot.calls.append(call.call_id)
         self._where[call.call_id] = slot
         if len(slot.calls) == 1:
             self._start_head(slot)
-        if not slot.worker.send(call):
-            self._on_death(slot.worker.name, "dead when sent a call")
+        if not slot.outgoing:
+            self._unsent.append(slot)
+        slot.outgoing.append(call)
 
     def _start_head(self, slot: _Slot) -> None:
         """The head call of a worker starts now: arm its stage deadline."""
@@ -342,6 +384,15 @@ behind a slow one while another worker idles (the pool's load figures lag by a m
 even two per worker two calls that must run together could land on the same worker)."""
 _DEPTH_WINDOW = 32
 _FAST_MS = 0.2
+
+
+def _take_unsent(slot: _Slot, call_id: int) -> bool:
+    """Take a call back from the slot's unsent calls. True if it was there (the worker never saw it)."""
+    for index, call in enumerate(slot.outgoing):
+        if call.call_id == call_id:
+            del slot.outgoing[index]
+            return True
+    return False
 
 
 def _load(slot: _Slot) -> int:

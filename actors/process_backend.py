@@ -1,22 +1,31 @@
 """The process backend: service calls run in worker processes, for CPU-bound services.
 
-One child process per worker, no shared memory. A call crosses a
-`multiprocessing` pipe as one pickle (its fields as a tuple, the frozen
-payload inside), the child runs it with `execute` (the very function thread
-workers use) and sends back a report, from which the parent builds the
-`ServiceDone`. In the parent, each worker has one forwarding thread that owns
-the pipe::
+One child process per worker, no shared memory. Calls cross a
+`multiprocessing` pipe as one pickle per batch (each call's fields as a
+tuple, the frozen payload inside: `send_many` sends several in one message),
+the child runs each with `execute` (the very function thread workers use)
+and writes its report as soon as the call ends; the parent builds the
+`ServiceDone` from it. In the parent, each worker has one forwarding thread
+that reads the child's pipe::
 
-    orchestrator ─send()─► deque + wake-up pipe ─► forwarding thread ─pickle─► child: execute(fn, call)
-    orchestrator ◄─deliver(ServiceDone)─ forwarding thread ◄─pickle─ child
+    orchestrator ─send_many()─pickle, non-blocking write─► child: execute(fn, call) for each call
+    orchestrator ◄─deliver(ServiceDone | ServicesDone)─ forwarding thread ◄─pickle─ child
 
-The orchestrator never blocks: `send` and `retire` only append to a deque and
-write one byte to the thread's wake-up pipe. The forwarding thread waits on
-three things at once (the report pipe, the child's exit sentinel and the
-wake-up pipe), so it notices new work, a retirement or a dying child at once.
-It hands the child every call the pool gives it (at most a couple): the next
-call waits in the pipe while the current one runs, so a busy child never
-waits for a round trip.
+The orchestrator never blocks, and touches no other thread to send: once the
+child is ready, `send_many` writes the message to the pipe without blocking;
+whatever does not fit (a large payload, a full pipe), and calls sent before
+the child is ready, wait for the forwarding thread, which writes them. The
+thread waits on three things at once (the report pipe, the child's exit
+sentinel and a wake-up pipe), so it notices reports, a retirement or a dying
+child at once. It reads whatever the pipe holds in one go and delivers the
+reports that piled up as one `ServicesDone`. The child reports each call
+alone, at once: a report held back to make a bigger message would die with a
+killed child, and its call would run twice.
+
+The pool keeps at least two calls at a process worker (`min_queue_depth`):
+the next call waits in the child's pipe while the current one runs, so a busy
+child never waits for a round trip through the parent's threads (as a
+`ProcessPoolExecutor` keeps one call more in its queue than it has workers).
 
 Supervision follows the thread workers' rules (issue 5):
 
@@ -24,8 +33,9 @@ Supervision follows the thread workers' rules (issue 5):
   ``crashed`` by the child, which then exits; the pool replaces the worker
   and the task is retried as a transient failure;
 * a child that dies during a call (``os._exit``, a segfault, ``kill -9``)
-  is seen as end-of-file on its pipe: the call it held is reported
-  ``crashed`` (error type ``WorkerProcessDied``), with the same effect;
+  is seen as end-of-file on its pipe: the call it was running is reported
+  ``crashed`` (error type ``WorkerProcessDied``), with the same effect; the
+  calls queued behind it never started, and the pool re-sends them;
 * a child that dies while idle, or cannot load its function, is reported
   through `on_death`, and the pool replaces it without charging any task;
 * `retire()` really stops the child: an idle one is asked to exit, a busy
@@ -71,11 +81,13 @@ import os
 import pickle
 import selectors
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
 from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
@@ -83,7 +95,7 @@ from typing import Any, Final
 
 from actorflow.actors.backends import BackendRequest
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import (
     CallsInFlight,
     Deliver,
@@ -257,8 +269,14 @@ class ProcessBackend:
         start_method: "forkserver" (default) or "spawn".
     """
 
-    max_queue_depth = 1
-    """Calls queued per worker at most: one, as for slow thread workers (see ServicePool)."""
+    max_queue_depth = 8
+    """Calls held per worker at most, while calls are uniformly fast (see ServicePool): a batch of them
+    crosses the pipe as one message. Kept small: calls in a child's pipe cannot be taken back."""
+    min_queue_depth = 2
+    """Calls held per worker at least: the running one and the next, which waits in the child's pipe, so
+    a busy child never idles for the round trip through the parent's threads (as a ProcessPoolExecutor's
+    call queue holds one call more than it has workers). A call can then wait behind a slow one while
+    another worker idles; a stage timeout bounds that wait."""
 
     name = "process"
 
@@ -345,8 +363,9 @@ _STOP: Final = b"stop"
 class ProcessWorker:
     """One worker: a child process and the forwarding thread that owns its pipe.
 
-    `send`, `retire` and `join` may be called from any thread; everything else
-    is the forwarding thread's alone.
+    `send`, `send_many`, `withdraw`, `retire` and `join` may be called from any
+    thread; the lock orders their writes to the pipe with the forwarding thread's.
+    Reading the pipe is the forwarding thread's alone.
     """
 
     def __init__(
@@ -372,11 +391,23 @@ class ProcessWorker:
         """No more calls are taken, and the wake-up pipe is closed."""
         self._in_child = CallsInFlight()
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
+        self._crashed = False
+        """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
+        self._ready = False
+        """The child said it is ready: `send_many` writes to its pipe directly."""
+        self._outbox = memoryview(b"")
+        """What is left of a message the child's pipe did not take at once: the forwarding thread writes it."""
+        self._watching = selectors.EVENT_READ
+        """What the selector watches the child's pipe for (and writable, while the outbox is not empty)."""
+        self._inbox = bytearray()
+        """Bytes read from the child and not yet a whole report."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._conn, child_conn = context.Pipe()
         self._child_conn: connection.Connection | None = child_conn
+        # The same socket, for non-blocking writes from the caller's thread and buffered reads.
+        self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         self._process = context.Process(  # type: ignore[attr-defined]
             target=_child_main, args=(child_conn, pickled_fn, name), name=f"actorflow-{name}", daemon=True
         )
@@ -387,17 +418,48 @@ class ProcessWorker:
     # --- the WorkerHandle face (any thread) -------------------------------------------------------
 
     def send(self, call: RunService) -> bool:
-        """Queue a call for the child; False if the worker is retired or its child is gone."""
+        """Send a call to the child; False if the worker is retired or its child is gone."""
+        return self.send_many((call,))
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Send several calls to the child, in order, in one message; False if the worker is retired or gone.
+
+        Once the child is ready, the calling thread writes the message itself, without blocking
+        (the forwarding thread is not woken). Before that, or when the child's pipe is full, the
+        calls wait in the deque and the forwarding thread writes them.
+        """
         with self._lock:
             if self._closed or self._retired:
                 return False
-            self._calls.append(call)
-            self._wake()
+            if self._ready and not self._calls and not self._outbox:
+                self._write_now(calls)
+            else:
+                self._calls.extend(calls)
+                self._wake()
         return True
 
-    def send_many(self, calls: Sequence[RunService]) -> bool:
-        """Queue several calls, in order (one at a time for now)."""
-        return all(self.send(call) for call in calls)
+    def _write_now(self, calls: Sequence[RunService]) -> None:
+        """Write `calls` to the child's pipe without blocking; what does not fit is the forwarding thread's to write.
+
+        Called with the lock held. The calls join `_in_child` first, so that a report that comes back at
+        once finds its call; if nothing could be written (the child is gone), they leave it again, and the
+        pool re-sends them when the worker's death is reported.
+        """
+        frame = _frame(pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL))
+        heads = [self._in_child.add(call) for call in calls]
+        try:
+            sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            for call in calls:
+                self._in_child.settle(call.call_id)
+            return
+        if sent < len(frame):
+            self._outbox = memoryview(frame)[sent:]
+            self._wake()
+        if heads[0]:
+            self._start_head()
 
     def retire(self) -> None:
         """Stop the worker: queued calls are dropped, a running call is killed with its child."""
@@ -408,15 +470,11 @@ class ProcessWorker:
 
     def withdraw(self, call_id: int) -> bool:
         """Take back a call still queued here (not yet written to the child's pipe). True if it was."""
-        # The forwarding thread pops from the deque without the lock: copy it (atomic under the GIL),
-        # and let `remove` decide the race (ValueError: the thread took it first, it is on its way).
-        for call in list(self._calls):
-            if call.call_id == call_id:
-                try:
+        with self._lock:
+            for call in self._calls:
+                if call.call_id == call_id:
                     self._calls.remove(call)
-                except ValueError:
-                    return False
-                return True
+                    return True
         return False
 
     def join(self, timeout: float) -> bool:
@@ -470,30 +528,25 @@ class ProcessWorker:
             why = self._await_ready(selector)
             if why is not None or self._retired:
                 return why
+            with self._lock:
+                self._ready = True
             while True:
-                self._feed_child()
+                self._feed_child(selector)
                 stirred = self._wait(selector)
                 if self._retired:
                     return None
-                if not stirred:
-                    continue
-                report = self._receive(stirred)
-                if isinstance(report, tuple):
-                    if not self._finish(report):
-                        return None  # a crashed call: its report tells the pool to replace us
-                    continue
-                if not self._in_child:
+                if stirred and not self._take_reports(stirred):
+                    if self._crashed:
+                        return None  # the crashed call's report tells the pool to replace us
                     return f"worker process {self.node} exited with code {self._exit_code()} while idle"
-                self._report_death_during_call()
-                return None
 
     def _wait(self, selector: selectors.BaseSelector) -> set[str]:
         """Wait for the wake-up pipe or the child; what the child did: {_REPORT} and/or {_EXIT}, or nothing."""
         stirred = set()
-        for key, _ in selector.select():
+        for key, events in selector.select():
             if key.data is _WAKE:
                 self._drain_wake()
-            else:
+            elif events & selectors.EVENT_READ:  # a writable pipe only needs the next `_feed_child`
                 stirred.add(key.data)
         return stirred
 
@@ -524,20 +577,109 @@ class ProcessWorker:
             return _DIED
         return _DIED
 
-    def _feed_child(self) -> None:
-        """Send the child every queued call.
+    def _take_reports(self, stirred: set[str]) -> bool:
+        """Read every report the pipe holds and deliver them in one message. False once the child is gone.
 
-        The pool gives a worker at most a couple of calls, so the next one waits
-        in the child's pipe while the current one runs: no round trip between calls.
+        The child writes each report as soon as its call ends (a report it held back would be lost
+        with it, and its call run twice); reports that piled up while this thread waited for the
+        GIL reach the orchestrator together, as one `ServicesDone`.
         """
-        while self._calls and not self._retired:
-            call = self._calls.popleft()
+        dones: list[ServiceDone] = []
+        # Once the child has exited, everything it wrote must be read before its death counts.
+        alive = self._read_inbox(until_empty=_EXIT in stirred)
+        for report in self._reports():
+            done = self._finish(report)
+            dones.append(done)
+            if done.status == "crashed":
+                self._crashed = True  # the child exits after such a report: nothing more will come
+                alive = False
+                break
+        if _EXIT in stirred:
+            alive = False  # the child has exited, and what it wrote before has just been read
+        if not alive:
+            with self._lock:
+                self._closed = True  # no more writes: `_in_child` holds what the child held
+            if self._in_child and not self._crashed:
+                self._crashed = True
+                dones.append(self._death_during_call())
+        if len(dones) == 1:
+            self._deliver(dones[0])
+        elif dones:
+            self._deliver(ServicesDone(tuple(dones)))
+        return alive
+
+    def _read_inbox(self, *, until_empty: bool) -> bool:
+        """Append what the child's pipe holds to the inbox; False at end-of-file.
+
+        One read nearly always takes it all; more follow while reads come back full (a large report,
+        read in growing chunks), or, with `until_empty`, until the pipe is empty.
+        """
+        while True:
+            size = max(_READ_SIZE, len(self._inbox))
             try:
-                self._conn.send_bytes(pickle.dumps(_encode_call(call), protocol=pickle.HIGHEST_PROTOCOL))
+                data = self._sock.recv(size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
             except OSError:
-                return  # the child is gone; the wait sees it. The pool still holds the call and re-sends it.
-            if self._in_child.add(call):
-                self._start_head()
+                return False
+            if not data:
+                return False
+            self._inbox += data
+            if len(data) < size and not until_empty:
+                return True
+
+    def _reports(self) -> Iterator[tuple[Any, ...]]:
+        """The complete reports in the inbox, in order (a partial one stays for the next read)."""
+        inbox = self._inbox
+        start = 0
+        while len(inbox) - start >= 4:
+            (size,) = _HEADER.unpack_from(inbox, start)
+            begin = start + 4
+            if size == -1:  # over 2 GiB: an 8-byte length follows (multiprocessing's framing)
+                if len(inbox) - begin < 8:
+                    break
+                (size,) = _LONG_HEADER.unpack_from(inbox, begin)
+                begin += 8
+            if len(inbox) - begin < size:
+                break
+            start = begin + size
+            yield pickle.loads(inbox[begin:start])  # noqa: S301 - our own child pickled it
+        del inbox[:start]
+
+    def _feed_child(self, selector: selectors.BaseSelector) -> None:
+        """Write the outbox, then what waits in the deque, to the child, as far as its pipe takes it now.
+
+        Never blocks: a child busy with a hung call may leave its pipe full, and this thread must
+        still see a retirement (to kill it) and the child's reports. What is left waits for the
+        pipe to be writable (the selector watches for it meanwhile).
+        """
+        while not self._retired:
+            with self._lock:
+                if not self._outbox:
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    if not calls:
+                        break
+                    message = pickle.dumps(tuple(map(_encode_call, calls)), protocol=pickle.HIGHEST_PROTOCOL)
+                    self._outbox = memoryview(_frame(message))
+                    heads = [self._in_child.add(call) for call in calls]
+                    if heads[0]:
+                        self._start_head()
+                outbox = self._outbox
+            try:
+                sent = self._sock.send(outbox, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = len(outbox)  # the child is gone: the wait sees it, and the pool re-sends what it held
+            with self._lock:
+                self._outbox = outbox[sent:]  # `send_many` queues calls in the deque while the outbox is not empty
+            if sent < len(outbox):
+                break
+        wants = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._outbox and not self._retired else 0)
+        if wants != self._watching:
+            selector.modify(self._conn, wants, _REPORT)
+            self._watching = wants
 
     def _start_head(self) -> None:
         """The child starts the call at the head of its pipe now."""
@@ -545,8 +687,8 @@ class ProcessWorker:
         if head is not None and self._log.enabled("debug"):
             self._log.debug("service.started", **call_fields(head, self.name, self.node))
 
-    def _finish(self, report: tuple[Any, ...]) -> bool:
-        """Log and deliver the head call's report. False if the child is ending (a crashed call)."""
+    def _finish(self, report: tuple[Any, ...]) -> ServiceDone:
+        """The head call's report, logged; the next call is the head now."""
         call = self._in_child.head()
         assert call is not None, "a report with no call in the child"
         call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
@@ -566,25 +708,18 @@ class ProcessWorker:
             started_at,
             formatted,
         )
-        next_started = self._in_child.settle(call_id)
-        self._log_and_deliver(call, done)
-        if done.status == "crashed":
-            return False
-        if next_started:
+        if self._in_child.settle(call_id) and status != "crashed":
             self._start_head()
-        return True
+        return log_done(self._log, call, done)
 
-    def _report_death_during_call(self) -> None:
+    def _death_during_call(self) -> ServiceDone:
         """The child died running the head call: that call crashed. Those behind it never started."""
         call = self._in_child.head()
         assert call is not None, "a death during a call with no call in the child"
         duration_ms = self._in_child.running_ms()
         self._in_child.settle(call.call_id)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        self._log_and_deliver(call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
-
-    def _log_and_deliver(self, call: RunService, done: ServiceDone) -> None:
-        self._deliver(log_done(self._log, call, done))
+        return log_done(self._log, call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving
@@ -610,6 +745,7 @@ class ProcessWorker:
             if self._child_conn is not None:
                 self._child_conn.close()
             self._conn.close()
+            self._sock.close()
             return
         if process.exitcode is None and not self._in_child:
             with contextlib.suppress(OSError, ValueError):
@@ -622,12 +758,26 @@ class ProcessWorker:
             process.kill()
             process.join(_KILL_WAIT_S)
         self._conn.close()
+        self._sock.close()
         if process.exitcode is None:
             self._log.error("worker.unkillable", worker=self.name, node=self.node)
             return
         if process.exitcode != 0 and self._retired:
             self._log.info("worker.killed", worker=self.name, node=self.node, exit_code=self._exit_code())
         process.close()
+
+
+_HEADER: Final = struct.Struct("!i")
+_LONG_HEADER: Final = struct.Struct("!Q")
+_READ_SIZE: Final = 1 << 16
+"""Bytes read from a child's pipe at a time (several reports of ordinary size)."""
+
+
+def _frame(message: bytes) -> bytes:
+    """A message framed as `multiprocessing.connection.Connection.send_bytes` frames it."""
+    if len(message) > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _LONG_HEADER.pack(len(message)) + message
+    return _HEADER.pack(len(message)) + message
 
 
 def _encode_call(call: RunService) -> tuple[Any, ...]:
@@ -697,10 +847,12 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
     """A worker process: load the function, then run calls one at a time until told to stop.
 
     Protocol, one pickle per message: the child first sends ``("ready", node)``
-    or ``("load_failed", why)``; then it answers each call (`_encode_call`)
-    with exactly one report ``(call_id, status, result, error_type, error,
-    duration_ms, started_at, traceback)``, in order. `_STOP` or end-of-file ends it; so does a
-    ``crashed`` call, after its report.
+    or ``("load_failed", why)``; then each message from the parent is a tuple
+    of one or more calls (`_encode_call`), and the child answers each call,
+    in order, with exactly one report ``(call_id, status, result, error_type,
+    error, duration_ms, started_at, traceback)``, written as soon as the call
+    ends. `_STOP` or end-of-file ends it; so does a ``crashed`` call, after
+    its report (the calls after it in its batch never start).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     if not _die_with_parent():
@@ -721,21 +873,21 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
             return  # the parent is gone
         if message == _STOP:
             return
-        call = _decode_call(pickle.loads(message))  # noqa: S301 - our own parent pickled it
-        done = execute(fn, call, name, log=log, node=node)
-        report = (
-            done.call_id,
-            done.status,
-            done.result,
-            done.error_type,
-            done.error,
-            done.duration_ms,
-            done.started_at,
-            done.traceback,
-        )
-        try:
-            conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            return
-        if done.status == "crashed":
-            return  # after a SystemExit & co. this interpreter is not to be trusted: the pool replaces us
+        for wire in pickle.loads(message):  # noqa: S301 - our own parent pickled it
+            done = execute(fn, _decode_call(wire), name, log=log, node=node)
+            report = (
+                done.call_id,
+                done.status,
+                done.result,
+                done.error_type,
+                done.error,
+                done.duration_ms,
+                done.started_at,
+                done.traceback,
+            )
+            try:
+                conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+            except OSError:
+                return
+            if done.status == "crashed":
+                return  # after a SystemExit & co. this interpreter is not to be trusted: the pool replaces us

@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ import pykka
 from actorflow.actors.backends import BackendRequest, make_backend
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.health import Health, Milestone, Milestones
-from actorflow.actors.messages import CancelTask, CreateTask, ResumeTasks
+from actorflow.actors.messages import CancelTask, CreateTask, CreateTasks, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
@@ -182,6 +182,8 @@ class _Tracker:
         self._idle = threading.Condition(self._lock)
         self._waiters: dict[str, _Waiter] = {}
         self._reserved = 0
+        self._batches_waiting = 0
+        """Batches waiting for room for several tasks: while any waits, a freed slot wakes every waiter."""
         self.submitted = 0
         self.failure: RuntimeFailed | None = None
 
@@ -189,20 +191,25 @@ class _Tracker:
     def in_flight(self) -> int:
         return len(self._waiters) + self._reserved
 
-    def reserve(self, *, wait: bool, timeout: float) -> None:
-        """Claim room for one more task, or raise Overloaded."""
+    def reserve(self, *, wait: bool, timeout: float, count: int = 1) -> None:
+        """Claim room for `count` more tasks (all of it, or none), or raise Overloaded."""
         with self._lock:
             limit = self._limit
-            if (
-                limit is not None
-                and self.in_flight >= limit
-                and (not wait or not self._room.wait_for(lambda: self.in_flight < limit, timeout))
-            ):
-                raise Overloaded(
-                    f"{self.in_flight} tasks in flight, the max_in_flight limit of {limit}; "
-                    + (f"waited {timeout:g}s for room" if wait else "overload='reject' refuses at once")
-                )
-            self._reserved += 1
+            if limit is not None and self.in_flight + count > limit:
+                if count > 1:
+                    self._batches_waiting += 1
+                try:
+                    room = wait and self._room.wait_for(lambda: self.in_flight + count <= limit, timeout)
+                finally:
+                    if count > 1:
+                        self._batches_waiting -= 1
+                if not room:
+                    wanted = "" if count == 1 else f" (a batch of {count} needs room for all of them)"
+                    raise Overloaded(
+                        f"{self.in_flight} tasks in flight, the max_in_flight limit of {limit}{wanted}; "
+                        + (f"waited {timeout:g}s for room" if wait else "overload='reject' refuses at once")
+                    )
+            self._reserved += count
 
     def track(self, task_id: str, *, reserved: bool) -> _Waiter:
         """Start tracking a task; `reserved` turns a `reserve()` claim into it (a new submission)."""
@@ -222,12 +229,40 @@ class _Tracker:
                 waiter = self._waiters[task_id] = _Waiter()
             return waiter
 
+    def track_many(self, task_ids: Sequence[str]) -> list[_Waiter]:
+        """Turn a `reserve(count=len(task_ids))` claim into tracked tasks: all of them, or none.
+
+        Raises InvalidPayload naming the first id already in flight, by its index; the claim is released.
+        """
+        with self._lock:
+            self._reserved -= len(task_ids)
+            if self.failure is not None:
+                self._freed(len(task_ids))
+                raise self.failure
+            waiters = self._waiters
+            for index, task_id in enumerate(task_ids):
+                if task_id in waiters:
+                    self._freed(len(task_ids))
+                    raise InvalidPayload(
+                        f"payloads[{index}]: task_id {task_id!r} is already taken; task ids must be unique; "
+                        "nothing was created"
+                    )
+            made = [_Waiter() for _ in task_ids]
+            waiters.update(zip(task_ids, made, strict=True))
+            self.submitted += len(task_ids)
+            return made
+
     def forget(self, task_id: str) -> None:
         """Stop tracking a submission whose creation failed."""
+        self.forget_many((task_id,))
+
+    def forget_many(self, task_ids: Sequence[str]) -> None:
+        """Stop tracking submissions whose creation failed."""
         with self._lock:
-            self._waiters.pop(task_id, None)
-            self.submitted -= 1
-            self._freed()
+            for task_id in task_ids:
+                self._waiters.pop(task_id, None)
+            self.submitted -= len(task_ids)
+            self._freed(len(task_ids))
 
     def waiter(self, task_id: str) -> _Waiter | None:
         with self._lock:
@@ -241,10 +276,15 @@ class _Tracker:
         if waiter is not None:
             waiter.set(record)
 
-    def _freed(self) -> None:
-        """One slot was freed (call with the lock held)."""
+    def _freed(self, count: int = 1) -> None:
+        """`count` slots were freed (call with the lock held)."""
         if self._limit is not None:
-            self._room.notify()
+            # One waiter per slot, unless a batch waits: it may need more than was freed, and a
+            # wake-up it consumes without proceeding must not leave a single submitter asleep.
+            if self._batches_waiting:
+                self._room.notify_all()
+            else:
+                self._room.notify(count)
         if not self._waiters and not self._reserved:
             self._idle.notify_all()
 
@@ -388,7 +428,8 @@ class Runtime:
         services: the seed pipeline's functions; missing ones use the defaults.
         pipelines: the pipelines to run. None runs the seed pipeline (built by
             `services`); given, only these run, plus the seed's first if
-            `services` is given too. `submit` without ``pipeline=`` uses the first.
+            `services` is given too. `submit` (one task) and `submit_many` (a batch, in one
+            commit, all or nothing) without ``pipeline=`` use the first.
         metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).
         tracer_provider: the OpenTelemetry tracer provider for task and call spans; None means the
             host's global one (nothing is recorded while the host has set none).
@@ -756,6 +797,184 @@ class Runtime:
                 journal.unstage_key(message.task_id)
             raise
 
+    def submit_many(
+        self,
+        payloads: Iterable[Mapping[str, JSONInput]],
+        *,
+        pipeline: str | None = None,
+        task_ids: Sequence[str] | None = None,
+        traceparent: str | None = None,
+    ) -> list[TaskHandle]:
+        """Create several tasks at once, all or none, in one message and (with a journal) one commit.
+
+        The cheap way to submit many tasks: with a journal, `submit` waits for a commit per call,
+        while this waits for one commit for the whole batch. Each payload is checked as `submit`
+        checks it, before anything is sent; one bad payload refuses the whole batch.
+
+        Args:
+            payloads: the tasks' inputs, each a JSON-serializable mapping.
+            pipeline: the name of the pipeline every task runs through; the runtime's first if None.
+            task_ids: the tasks' ids, one per payload, in order; new unique ones if None.
+            traceparent: a W3C trace context every task continues (each gets a span of its own).
+
+        Returns:
+            One handle per payload, in order (an empty list for no payloads).
+
+        Raises:
+            UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
+            InvalidPayload: a payload is not a JSON-serializable mapping, or a task id is malformed, repeated
+                in the batch or taken; the message names it by its index (``payloads[i]``). Also raised for a
+                batch larger than `max_in_flight`, which could never be admitted. Nothing is created.
+            Overloaded: there is no room for the whole batch under `max_in_flight` (after waiting,
+                with overload="wait"); nothing is created.
+            JournalError: the journal refuses writes (see `health()`); nothing was created.
+            RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
+            RuntimeFailed: the runtime has failed (see `health()`).
+            WouldDeadlock: called inside a subscriber where it would wait (for the commit, with a
+                journal or task_ids; or for room); submit from another thread instead.
+        """
+        batch: list[Mapping[str, JSONInput]] = []
+        messages: list[CreateTask] = []
+        try:
+            batch = self._check_batch(payloads, pipeline, task_ids, traceparent)
+            self._prepare_many(batch, self.pipeline(pipeline).name, task_ids, traceparent, into=messages)
+            return self._reserve_and_send_many(messages, explicit_ids=task_ids is not None)
+        except BaseException as exc:
+            # Every payload of the batch was refused: end the spans opened, and count each one.
+            for message in messages:
+                self.telemetry.submit_refused(message.task_id, exc)
+            for _ in range(max(1, len(batch)) - len(messages)):
+                self.telemetry.submit_refused(None, exc)
+            raise
+
+    def _check_batch(
+        self,
+        payloads: Iterable[Mapping[str, JSONInput]],
+        pipeline: str | None,
+        task_ids: Sequence[str] | None,
+        traceparent: str | None,
+    ) -> list[Mapping[str, JSONInput]]:
+        """The batch as a list, once what concerns it as a whole (not one payload) is judged."""
+        if self._forked:
+            raise RuntimeStopped(_FORKED)
+        if self._closed.is_set() or self._tracker.failure is not None:
+            raise self._unavailable()
+        if isinstance(payloads, (Mapping, str, bytes)) or not isinstance(payloads, Iterable):
+            raise InvalidPayload(
+                f"payloads must be a sequence of mappings (JSON objects), got {type(payloads).__name__}; "
+                "to submit one payload, call submit()"
+            )
+        batch = list(payloads)
+        if task_ids is not None:
+            if isinstance(task_ids, (str, bytes)) or not isinstance(task_ids, Sequence):
+                raise InvalidPayload(f"task_ids must be a sequence of str, got {type(task_ids).__name__}")
+            if len(task_ids) != len(batch):
+                raise InvalidPayload(
+                    f"task_ids has {len(task_ids)} id(s) for {len(batch)} payload(s); give one id per payload"
+                )
+        limit = self.config.max_in_flight
+        if limit is not None and len(batch) > limit:
+            raise InvalidPayload(
+                f"a batch of {len(batch)} payloads can never be admitted under max_in_flight={limit}; "
+                f"submit batches of at most {limit}"
+            )
+        self.pipeline(pipeline)  # UnknownPipeline concerns the batch, not one payload
+        if traceparent is not None:  # shared by the batch: judged once, not as some payload's fault
+            try:
+                parse_traceparent(traceparent)
+            except ValueError as exc:
+                raise InvalidPayload(f"{exc}; nothing was created") from None
+        return batch
+
+    def _prepare_many(
+        self,
+        batch: list[Mapping[str, JSONInput]],
+        pipeline: str,
+        task_ids: Sequence[str] | None,
+        traceparent: str | None,
+        *,
+        into: list[CreateTask],
+    ) -> None:
+        """Prepare each payload as `submit` does, appending to `into`; InvalidPayload names the first bad one."""
+        first_index: dict[str, int] = {}
+        for index, payload in enumerate(batch):
+            task_id = None if task_ids is None else task_ids[index]
+            try:
+                message = self._prepare(payload, task_id, traceparent, pipeline, single=False)
+            except InvalidPayload as exc:
+                raise InvalidPayload(f"payloads[{index}]: {exc}; nothing was created") from None
+            into.append(message)
+            if task_ids is not None:
+                earlier = first_index.setdefault(message.task_id, index)
+                if earlier != index:
+                    raise InvalidPayload(
+                        f"payloads[{index}]: task_id {message.task_id!r} is also the id of payloads[{earlier}]; "
+                        "task ids must be unique; nothing was created"
+                    )
+
+    def _reserve_and_send_many(self, messages: list[CreateTask], *, explicit_ids: bool) -> list[TaskHandle]:
+        if not messages:
+            return []
+        config = self.config
+        central = self._threads.role_of_current() == "central"
+        reply: pykka.Future[tuple[TaskRecord, ...]] | None = None
+        # As for submit: wait for an answer when there is a commit to wait for, or ids that may be taken.
+        if config.journal_path is not None or explicit_ids:
+            if central:
+                self._refuse_blocking("Runtime.submit_many() with a journal or task_ids (it waits for the commit)")
+            reply = pykka.ThreadingFuture()
+        count = len(messages)
+        try:
+            self._tracker.reserve(
+                wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s, count=count
+            )
+        except Overloaded as exc:
+            if central and config.overload == "wait":
+                self._refuse_blocking("Runtime.submit_many() at max_in_flight (it waits for room)")
+            raise exc from None
+        task_ids = [message.task_id for message in messages]
+        waiters = self._tracker.track_many(task_ids)
+        if self._log.enabled("debug"):
+            for message in messages:
+                trace = message.trace
+                self._log.debug(
+                    "task.submitted",
+                    task_id=message.task_id,
+                    trace_id=trace.trace_id,
+                    span_id=trace.span_id,
+                    parent_span_id=trace.parent_span_id,
+                    pipeline=message.pipeline,
+                )
+        try:
+            self._deliver_creates(CreateTasks(tuple(messages), reply))
+        except BaseException as exc:
+            self._tracker.forget_many(task_ids)
+            self._log.warning(
+                "tasks.submit_refused",
+                tasks=count,
+                first_task_id=task_ids[0],
+                error_type=type(exc).__name__,
+                error=str(exc),
+            )
+            raise
+        return [TaskHandle(self, task_id, waiter) for task_id, waiter in zip(task_ids, waiters, strict=True)]
+
+    def _deliver_creates(self, message: CreateTasks) -> None:
+        """`_deliver_create` for a batch: one message, one answer for all of it."""
+        for attempt in (1, 2):
+            state = self._state
+            assert state is not None
+            try:
+                state.tell(message)
+                if message.reply is not None:
+                    _answer(message.reply)
+                return
+            except (pykka.ActorDeadError, RuntimeStopped):
+                if attempt == 2 or not self._await_replacement(state):
+                    raise self._unavailable() from None
+                if message.reply is not None:
+                    message = message._replace(reply=pykka.ThreadingFuture())
+
     async def submit_async(
         self,
         payload: Mapping[str, JSONInput],
@@ -810,7 +1029,13 @@ class Runtime:
         return found
 
     def _prepare(
-        self, payload: Mapping[str, JSONInput], task_id: str | None, traceparent: str | None, pipeline: str | None
+        self,
+        payload: Mapping[str, JSONInput],
+        task_id: str | None,
+        traceparent: str | None,
+        pipeline: str | None,
+        *,
+        single: bool = True,
     ) -> CreateTask:
         if self._forked:
             raise RuntimeStopped(_FORKED)
@@ -846,7 +1071,8 @@ class Runtime:
         else:
             trace = new_trace()
         trace = self.telemetry.task_submitted(task_id, trace, traceparent)
-        reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack else None
+        # A batch (not `single`) is acknowledged as a whole, by its CreateTasks message.
+        reply: pykka.Future[TaskRecord] | None = pykka.ThreadingFuture() if needs_ack and single else None
         # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
         return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
 

@@ -20,7 +20,7 @@ import structlog
 
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone, ServicesDone, ServiceStatus
+from actorflow.actors.messages import RunService, RunServices, ServiceDone, ServicesDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
 from actorflow.core.failures import format_traceback
@@ -360,8 +360,100 @@ class CallClaims:
         return call_id in self._unclaimed and self._unclaimed.pop(call_id, False) is None
 
 
+HOLD_S = 0.001
+"""How long a thread worker may hold a finished result back while it runs more calls of a batch."""
+
+
+class _HeldResults:
+    """Results a thread worker has finished and not delivered yet; its backend's sweeper may deliver them too.
+
+    Delivery happens under the lock, so results leave in the order they were
+    made whichever thread sends them.
+    """
+
+    __slots__ = ("_deliver", "_dones", "_lock", "_since")
+
+    def __init__(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._dones: list[ServiceDone] = []
+        self._since = 0.0
+
+    def add(self, done: ServiceDone) -> bool:
+        """Hold a result. True if it is the only one held (the caller then has the sweeper watch)."""
+        with self._lock:
+            self._dones.append(done)
+            if len(self._dones) == 1:
+                self._since = time.perf_counter()
+                return True
+            return False
+
+    def deliver(self, older_than: float | None = None) -> bool:
+        """Deliver every held result (or only if the oldest was held `older_than` s or more). True if some are left."""
+        with self._lock:
+            dones = self._dones
+            if not dones:
+                return False
+            if older_than is not None and time.perf_counter() - self._since < older_than:
+                return True
+            self._dones = []
+            # A lone result goes as itself, so the light-load path is unchanged.
+            self._deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
+            return False
+
+
+class _ResultSweeper:
+    """Delivers results that thread workers have held for `HOLD_S` while running the rest of a batch.
+
+    A worker runs its calls one after the other, so a slow call would hold the
+    results finished before it for its whole duration; this thread sends them
+    on instead. It sleeps on an event while no worker holds anything, and starts
+    with the first worker that does.
+    """
+
+    def __init__(self, threads: ThreadBook, hold_s: float = HOLD_S) -> None:
+        self._threads = threads
+        self.hold_s = hold_s
+        self._lock = threading.Lock()
+        self._watched: set[_HeldResults] = set()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, held: _HeldResults) -> None:
+        """`held` has started holding results: deliver them if they are still there after `hold_s`."""
+        with self._lock:
+            self._watched.add(held)
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(target=self._run, name="actorflow-result-sweeper", daemon=True)
+                self._thread.start()
+            if not self._wake.is_set():
+                self._wake.set()
+
+    def close(self) -> None:
+        """Stop the sweeper's thread (workers still holding results deliver them at their batch's end)."""
+        with self._lock:  # not between the sweeper's check of `_closed` and its clearing of `_wake`
+            self._closed.set()
+            self._wake.set()
+
+    def _run(self) -> None:
+        self._threads.record_current("worker")
+        while self._wake.wait() and not self._closed.wait(self.hold_s):
+            # Under the lock: a worker that starts holding again meanwhile is watched again after this.
+            with self._lock:
+                self._watched = {held for held in self._watched if held.deliver(older_than=self.hold_s)}
+                if not self._watched and not self._closed.is_set():
+                    self._wake.clear()
+
+
 class ServiceWorker(FastActor):
     """A pykka actor that runs service calls one at a time.
+
+    A `RunServices` batch runs in order, each call as a lone `RunService`
+    would: its claim is taken first (a withdrawn call is skipped), and a crash
+    stops the batch, so calls queued behind it never run here (the pool re-sends
+    them). The batch's results are delivered together (`ServicesDone`) when it
+    ends, or sooner once the oldest has been held for `HOLD_S`.
 
     Its thread is a daemon, so a call that hangs forever cannot stop the
     interpreter from exiting once the pool has retired the worker.
@@ -379,9 +471,12 @@ class ServiceWorker(FastActor):
         dead_letters: DeadLetterOffice,
         threads: ThreadBook,
         claims: CallClaims | None = None,
+        sweeper: _ResultSweeper | None = None,
     ) -> None:
         super().__init__(threads=threads)
         self._claims = claims
+        self._held = _HeldResults(deliver)
+        self._sweeper = sweeper or _ResultSweeper(threads)
         self._name = name
         self._fn = fn
         self._deliver = deliver
@@ -391,7 +486,10 @@ class ServiceWorker(FastActor):
         self._log = get_event_logger(name)
 
     def on_receive(self, message: Any) -> None:
-        """Run a RunService call and deliver its ServiceDone."""
+        """Run a RunService call and deliver its ServiceDone, or the calls of a RunServices batch."""
+        if type(message) is RunServices:
+            self._run_batch(message.calls)
+            return
         if not isinstance(message, RunService):
             self._dead_letters.post(message, to=self._name, why="unknown message type")
             return
@@ -405,6 +503,22 @@ class ServiceWorker(FastActor):
             # replaced (the pool re-sends them, and would otherwise run them twice).
             self._retired.set()
         self._deliver(done)
+
+    def _run_batch(self, calls: tuple[RunService, ...]) -> None:
+        held, claims, retired, hold_s = self._held, self._claims, self._retired, self._sweeper.hold_s
+        last = len(calls) - 1
+        for index, call in enumerate(calls):
+            if retired.is_set():
+                break  # retired (the pool took the rest back), or a call below crashed
+            if claims is not None and not claims.take(call.call_id):
+                continue  # withdrawn before it started
+            held.deliver(older_than=hold_s)
+            done = execute(self._fn, call, self._name, log=self._log)
+            if done.status == "crashed":
+                retired.set()  # as for a lone call: nothing queued behind it runs here
+            if held.add(done) and index < last:
+                self._sweeper.watch(held)
+        held.deliver()
 
     def on_stop(self) -> None:
         """Report an unrequested stop to the pool's owner."""
@@ -439,7 +553,14 @@ class _ThreadWorker:
         return True
 
     def send_many(self, calls: Sequence[RunService]) -> bool:
-        return all(self.send(call) for call in calls)
+        claims = self._claims
+        for call in calls:
+            claims.sent(call.call_id)
+        try:
+            self._ref.tell(RunServices(tuple(calls)))
+        except pykka.ActorDeadError:
+            return False
+        return True
 
     def retire(self) -> None:
         self._retired.set()
@@ -455,20 +576,25 @@ class ThreadBackend:
 
     name = "thread"
 
-    def __init__(self, dead_letters: DeadLetterOffice, threads: ThreadBook) -> None:
+    def __init__(self, dead_letters: DeadLetterOffice, threads: ThreadBook, *, hold_s: float = HOLD_S) -> None:
+        """`hold_s`: how long a worker may hold a finished result while it runs the rest of a batch."""
         self._dead_letters = dead_letters
         self._threads = threads
+        self._sweeper = _ResultSweeper(threads, hold_s)
 
     def start_worker(
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
     ) -> WorkerHandle:
         retired = threading.Event()
         claims = CallClaims()
-        ref = ServiceWorker.start(name, fn, deliver, on_death, retired, self._dead_letters, self._threads, claims)
+        ref = ServiceWorker.start(
+            name, fn, deliver, on_death, retired, self._dead_letters, self._threads, claims, self._sweeper
+        )
         return _ThreadWorker(name, ref, retired, claims)
 
     def close(self) -> None:
-        """Threads need no clean-up beyond their actors."""
+        """Stop the thread that delivers results held back by workers (the workers are retired by now)."""
+        self._sweeper.close()
 
 
 def make_backend(request: Any) -> ThreadBackend:

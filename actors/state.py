@@ -40,6 +40,7 @@ from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
 from actorflow.actors.health import Backoff, Health, Milestones
 from actorflow.actors.messages import (
     CreateTask,
+    CreateTasks,
     TasksCreated,
     TransitionBatch,
     TransitionOutcome,
@@ -71,6 +72,8 @@ __all__ = ["StateActor", "Subscriber"]
 Subscriber = Callable[[TransitionEvent], None]
 
 _Changes = list["_Change"]
+_Group = tuple["pykka.Future[tuple[TaskRecord, ...]]", int, int]
+"""A `CreateTasks` reply waiting for the commit, with the slice of the pending changes it answers with."""
 _Records = list[TaskRecord]
 
 _MAX_BATCH = 256
@@ -151,6 +154,7 @@ class StateActor(FastActor):
         self._subscribers: dict[int, Subscriber] = {}
         self._next_subscriber = 0
         self._pending: _Changes = []
+        self._groups: list[_Group] = []
         self._log = get_event_logger("state")
         if journal is not None:
             self._load(journal)
@@ -281,6 +285,13 @@ class StateActor(FastActor):
                     self._apply_transition(request, notify=message.reply_to)
                 except Exception as exc:  # noqa: BLE001 - one broken request must not cost the batch the rest
                     self._refuse_broken(request, message.reply_to, exc)
+        elif isinstance(message, CreateTasks):
+            try:
+                self._apply_creates(message)
+            except Exception as exc:  # noqa: BLE001 - the submitter gets the error; nothing was created
+                self._log.error("state.create_failed", tasks=len(message.tasks), error=repr(exc))
+                if message.reply is not None:
+                    message.reply.set_exception(exc_info=(type(exc), exc, None))
         elif isinstance(message, CreateTask):
             try:
                 self._apply_create(message)
@@ -290,9 +301,11 @@ class StateActor(FastActor):
                     message.reply.set_exception(exc_info=(type(exc), exc, None))
         else:
             self._dead_letters.post(message, to="state", why="unknown message type")
-        # In memory there is nothing to group: acknowledge at once. With a journal, one commit covers
-        # everything that was waiting in the mailbox (group commit), up to _MAX_BATCH changes.
-        if self._journal is None or len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
+        # One commit covers everything that was waiting in the mailbox (group commit), up to _MAX_BATCH
+        # changes. In memory too: the tasks created meanwhile then reach the orchestrator in one
+        # TasksCreated, and their first calls each worker in one message. An empty mailbox (light load)
+        # still acknowledges at once.
+        if len(self._pending) >= _MAX_BATCH or self.actor_inbox.empty():
             self._flush()
 
     def on_stop(self) -> None:
@@ -337,6 +350,55 @@ class StateActor(FastActor):
             if message.reply is not None:
                 message.reply.set_exception(exc_info=(InvalidPayload, error, None))
             return
+        self._add_created(message)
+
+    def _apply_creates(self, message: CreateTasks) -> None:
+        """Create every task of `message` or, if any one is refused, none (its error names its index)."""
+        refusal = self._refuse_creates(message.tasks)
+        if refusal is not None:
+            if message.reply is not None:
+                message.reply.set_exception(exc_info=(type(refusal), refusal, None))
+            else:
+                self._dead_letters.post(message, to="state", why=str(refusal))
+            return
+        start = len(self._pending)
+        try:
+            for task in message.tasks:
+                self._add_created(task)
+        except BaseException:
+            # Never expected after the checks; undo the part applied, so that the batch stays all or nothing.
+            for change in self._pending[start:]:
+                del self._records[change.record.task_id]
+                self._counts[TaskState.CREATED] -= 1
+            del self._pending[start:]
+            raise
+        if message.reply is not None:
+            self._groups.append((message.reply, start, len(self._pending)))
+
+    def _refuse_creates(self, tasks: tuple[CreateTask, ...]) -> Exception | None:
+        """Why the batch `tasks` cannot be created (naming the first bad task by index), or None."""
+        seen: dict[str, int] = {}
+        check_journal = self._journal is not None and self._retain is not None
+        for index, task in enumerate(tasks):
+            if task.pipeline not in self._tables:
+                return UnknownPipeline(task.pipeline, list(self._tables))
+            earlier = seen.setdefault(task.task_id, index)
+            if earlier != index:
+                return InvalidPayload(
+                    f"payloads[{index}]: task_id {task.task_id!r} is also the id of payloads[{earlier}]; "
+                    "task ids must be unique; nothing was created"
+                )
+            if task.task_id in self._records or (
+                check_journal and self._journal is not None and self._journal.contains(task.task_id)
+            ):
+                return InvalidPayload(
+                    f"payloads[{index}]: task_id {task.task_id!r} is already taken; task ids must be unique; "
+                    "nothing was created"
+                )
+        return None
+
+    def _add_created(self, message: CreateTask) -> None:
+        """Apply a creation that passed its checks (held for the next commit)."""
         now = self._clock()
         transition = Transition(None, TaskState.CREATED, now, None)
         record = TaskRecord(
@@ -426,10 +488,15 @@ class StateActor(FastActor):
         if not self._pending:
             return
         changes, self._pending = self._pending, []
+        groups, self._groups = self._groups, []
         failure = self._commit(changes) if self._journal is not None else None
         if failure is not None:
             self._roll_back(changes, failure)
+            for reply, _, _ in groups:
+                reply.set_exception(exc_info=(JournalError, failure, None))
             return
+        for reply, start, end in groups:
+            reply.set(tuple(change.record for change in changes[start:end]))
         verbose = self._log.enabled("debug")  # once per batch, not once per transition
         created: dict[int, tuple[pykka.ActorRef[Any], list[TaskRecord]]] = {}
         applied: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -99,6 +100,8 @@ class EventBroadcaster:
         self._queue_size = queue_size
         self._max_pending = max_pending
         self._clients: set[EventClient] = set()
+        self._clients_changed = threading.Condition()
+        """Notified whenever a stream opens or ends (see `wait_for_clients`)."""
         self._pending: collections.deque[TransitionEvent] = collections.deque()
         self._overflow = 0
         self._flush_scheduled = False
@@ -114,6 +117,20 @@ class EventBroadcaster:
     def client_count(self) -> int:
         """How many streams are open."""
         return len(self._clients)
+
+    def wait_for_clients(self, count: int, timeout: float) -> bool:
+        """Block until exactly `count` streams are open; False if that did not happen within `timeout` s.
+
+        For a host (or a test) on another thread than the server's event loop: e.g. to know that
+        a client that disconnected has been dropped. Never call it on the event loop's thread.
+        """
+        with self._clients_changed:
+            return self._clients_changed.wait_for(lambda: len(self._clients) == count, timeout)
+
+    def _set_clients(self, change: Callable[[EventClient], None], client: EventClient) -> None:
+        with self._clients_changed:
+            change(client)
+            self._clients_changed.notify_all()
 
     @property
     def closed(self) -> bool:
@@ -144,7 +161,7 @@ class EventBroadcaster:
         client = EventClient(self._queue_size, task)
         if last_event_id is not None:
             self._replay_to(client, last_event_id)
-        self._clients.add(client)
+        self._set_clients(self._clients.add, client)
         return client
 
     def _replay_to(self, client: EventClient, last_event_id: int) -> None:
@@ -161,7 +178,7 @@ class EventBroadcaster:
 
     def detach(self, client: EventClient) -> None:
         """Forget a client whose stream has ended."""
-        self._clients.discard(client)
+        self._set_clients(self._clients.discard, client)
 
     def close(self) -> None:
         """End every stream and drop the runtime subscription. Idempotent."""

@@ -18,7 +18,7 @@ Modules, one concept each:
 * `load` - how one system is driven: light load, saturating load, latency;
 * `scenarios` - the scenarios, each alternating the runtime with its baselines;
 * `memory` - peak RSS and bytes per retained task, measured in a subprocess;
-* `targets` - issue 7's targets, judged against the measured figures;
+* `targets` - the performance targets, judged against the measured figures;
 * `machine`, `stats`, `report` - the machine, the arithmetic, the Markdown.
 """
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.reset_defaults()  # tracing stays off unless a scenario turns it on
     results: dict[str, Any] = {
         "schema": SCHEMA,
-        "suite": "actorflow benchmarks (issue 7)",
+        "suite": "actorflow benchmarks",
         "mode": size,
         "rounds": rounds,
         "machine": describe_machine(),

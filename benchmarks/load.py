@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.pipeline import Pipeline, PipelineFactory
+from benchmarks.pipeline import Pipeline, PipelineFactory, RuntimePipeline
 
 __all__ = ["LoadRun", "Measurement", "Sizes", "measure", "one_at_a_time", "saturate"]
 
@@ -46,6 +46,8 @@ class Sizes:
     """Tasks admitted in flight at saturating load."""
     submitters: int = 2
     """Threads submitting at saturating load."""
+    batch: int = 1
+    """Tasks per `submit_many` call at saturating load (1: one `submit` per task)."""
     timeout_s: float = 600.0
     """Give up (and fail the scenario) if a phase takes longer than this."""
 
@@ -97,6 +99,9 @@ def saturate(pipeline: Pipeline, payloads: Payloads, *, count: int, sizes: Sizes
         mine = submitted[offset]
         wall = time.time
         try:
+            if sizes.batch > 1:
+                submit_batches(offset, mine)
+                return
             for index in range(offset, count, sizes.submitters):
                 body = payloads(index)
                 began = wall()
@@ -105,6 +110,17 @@ def saturate(pipeline: Pipeline, payloads: Payloads, *, count: int, sizes: Sizes
                     mine.append((handle.task_id, began))
         except BaseException as exc:
             errors.append(exc)
+
+    def submit_batches(offset: int, mine: list[tuple[str, float]]) -> None:
+        if not isinstance(pipeline, RuntimePipeline):
+            raise TypeError(f"{pipeline.name}: batches of {sizes.batch} need Runtime.submit_many")
+        indexes = range(offset, count, sizes.submitters)
+        for first in range(0, len(indexes), sizes.batch):
+            bodies = [payloads(index) for index in indexes[first : first + sizes.batch]]
+            began = time.time()
+            handles = pipeline.submit_many(bodies)
+            if record:
+                mine.extend((handle.task_id, began) for handle in handles)
 
     threads = [
         threading.Thread(target=submit_every, args=(offset,), name=f"bench-submit-{offset}")

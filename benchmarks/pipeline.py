@@ -17,11 +17,11 @@ recorded the terminal state.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from actorflow.actors import Runtime
+from actorflow.actors import Runtime, TaskHandle
 from actorflow.core import RuntimeConfig
 from actorflow.core import pipeline as stages
 from actorflow.services import ServiceSet
@@ -143,6 +143,10 @@ class RuntimePipeline:
         """`Runtime.submit(payload)`, as an embedding program calls it (the runtime picks the id)."""
         return self.runtime.submit(payload)
 
+    def submit_many(self, payloads: Sequence[Mapping[str, Any]]) -> list[TaskHandle]:
+        """`Runtime.submit_many(payloads)`: one message, and with a journal one commit, for the batch."""
+        return self.runtime.submit_many(payloads)
+
     def join(self, timeout: float) -> bool:
         """`Runtime.join`."""
         return self.runtime.join(timeout)
@@ -158,19 +162,24 @@ class RuntimePipeline:
 
 
 class StagePipeline(RuntimePipeline):
-    """A Runtime running one pipeline of one stage (the async scenario); counts the threads it started."""
+    """A Runtime running one pipeline of the given stage(s) (async and CPU scenarios); counts the threads it started."""
 
-    def __init__(self, stage: stages.Stage, concurrency: int, *, name: str, **config: Any) -> None:
+    def __init__(
+        self, stage: stages.Stage | Sequence[stages.Stage], concurrency: int, *, name: str, **config: Any
+    ) -> None:
         self.name = name
         config.setdefault("max_in_flight", concurrency)
         config.setdefault("submit_timeout_s", 600.0)
         before = threading.active_count()
-        self.runtime = Runtime(RuntimeConfig(**config), pipelines=[stages.Pipeline("io", [stage])])
+        steps = [stage] if isinstance(stage, stages.Stage) else list(stage)
+        self.runtime = Runtime(RuntimeConfig(**config), pipelines=[stages.Pipeline("io", steps)])
         self.threads_started = threading.active_count() - before
         """Threads the runtime started: its actors, the timer, and the stage's workers (or event loop)."""
 
 
-def stage_factory(stage: stages.Stage, *, name: str, threads: list[int], **config: Any) -> PipelineFactory:
+def stage_factory(
+    stage: stages.Stage | Sequence[stages.Stage], *, name: str, threads: list[int], **config: Any
+) -> PipelineFactory:
     """A factory of `StagePipeline`s; each one's thread count is appended to `threads`."""
 
     def build(concurrency: int) -> Pipeline:

@@ -111,7 +111,7 @@ def render(results: dict[str, Any]) -> str:
         if journal and journal.get("rss_timeline_mb"):
             steps = ", ".join(f"{at:g}s {mb:g}" for at, mb in journal["rss_timeline_mb"])
             out += [f"RSS (MB) during the {journal['tasks']:,}-task journal run: {steps}.", ""]
-    out += ["Targets (issue 7, item 4):", "", *_targets_table(results["targets"]), ""]
+    out += ["Targets:", "", *_targets_table(results["targets"]), ""]
     notes = [f"- {key}: {note}" for key, section in scenarios.items() for note in section.get("notes", []) if note]
     if notes:
         out += ["Notes:", "", *notes, ""]

@@ -1,4 +1,4 @@
-"""The scenarios of issue 7, each running the runtime and its baselines alternately in one process.
+"""The benchmark scenarios, each running the runtime and its baselines alternately in one process.
 
 A scenario lists its contenders and runs them round-robin (A, B, C, A, B, C,
 ...), a fresh system per round. Throughputs are reported as medians over the
@@ -226,10 +226,14 @@ def run_journal(mode: Mode) -> dict[str, Any]:
         return build
 
     many = 16
+    batch = 64
+    batched = replace(sizes, batch=batch)
     contenders = [
         Contender("runtime-memory", runtime_factory(_NOOP, name="runtime-memory"), role="reference"),
         Contender("runtime-journal-normal", journaled("normal"), role="runtime"),
         Contender("runtime-journal-full", journaled("full"), role="runtime"),
+        Contender("runtime-journal-normal-submit-many", journaled("normal"), role="runtime", sizes=batched),
+        Contender("runtime-journal-full-submit-many", journaled("full"), role="runtime", sizes=batched),
         Contender(
             f"runtime-journal-normal-{many}-submitters",
             journaled("normal"),
@@ -247,6 +251,8 @@ def run_journal(mode: Mode) -> dict[str, Any]:
         pairs=[
             ("runtime-journal-normal", "runtime-memory"),
             ("runtime-journal-full", "runtime-memory"),
+            ("runtime-journal-normal-submit-many", "runtime-memory"),
+            ("runtime-journal-full-submit-many", "runtime-memory"),
             (f"runtime-journal-normal-{many}-submitters", "runtime-memory"),
             ("runtime-journal-normal", "bare-pykka"),
         ],
@@ -254,6 +260,8 @@ def run_journal(mode: Mode) -> dict[str, Any]:
             "with a journal, submit() returns once the creation is committed, so each submitting thread waits "
             f"for a commit per task; the {many}-submitter row shows how much group commit recovers with more "
             "producers (the in-memory runtime does not wait: it has nothing to commit)",
+            f"the submit-many rows submit in batches of {batch} with Runtime.submit_many: one message and one "
+            "commit per batch; the light-load phase still submits one task at a time",
         ],
     )
 
@@ -466,7 +474,26 @@ def run_cpu(mode: Mode) -> dict[str, Any]:
                 role="runtime",
             )
         )
-        pairs = [("runtime-process", "runtime-thread"), ("runtime-process", "processpool"), *pairs]
+        # The same job with only the CPU stage on processes (validate and persist on threads, as in the
+        # hand-written ProcessPoolExecutor pipeline): Stage(..., backend="process").
+        steps = [
+            Stage("validate", workload.validate_stage, workers=work.validator_workers),
+            Stage("process", workload.cpu_stage, workers=workers, backend="process"),
+            Stage("persist", workload.persist_stage, workers=work.persistence_workers),
+        ]
+        contenders.append(
+            Contender(
+                "runtime-process-stage",
+                stage_factory(steps, name="runtime-process-stage", threads=[]),
+                role="runtime",
+            )
+        )
+        pairs = [
+            ("runtime-process", "runtime-thread"),
+            ("runtime-process", "processpool"),
+            ("runtime-process-stage", "processpool"),
+            *pairs,
+        ]
     else:
         notes.append(why + "; runtime-process skipped")
     contenders += [

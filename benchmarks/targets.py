@@ -1,4 +1,4 @@
-"""Issue 7's targets (item 4), judged against a run's figures: met, not met, or not measured."""
+"""The performance targets, judged against a run's figures: met, not met, or not measured."""
 
 from __future__ import annotations
 

@@ -21,14 +21,17 @@ __all__ = [
     "await_stage",
     "calibrate_cpu",
     "cpu_process",
+    "cpu_stage",
     "noop_persist",
     "noop_process",
     "noop_validate",
     "payload",
+    "persist_stage",
     "sleep_process",
     "sleep_stage",
     "spin",
     "time_cpu",
+    "validate_stage",
 ]
 
 SLEEP_S = 0.005
@@ -86,6 +89,19 @@ def spin(iterations: int) -> int:
 def cpu_process(task: Task) -> Mapping[str, Any]:
     """About `CPU_TARGET_S` of pure-Python work; the loop count is in ``payload["data"]["spin"]``."""
     return {"spin": spin(int(task.payload["data"]["spin"]))}
+
+
+def validate_stage(task: Task, value: Any) -> None:
+    """`noop_validate` as a pipeline stage, ``fn(task, value)``."""
+
+
+def cpu_stage(task: Task, value: Any) -> Mapping[str, Any]:
+    """`cpu_process` as a pipeline stage, ``fn(task, value)``."""
+    return cpu_process(task)
+
+
+def persist_stage(task: Task, value: Any) -> None:
+    """`noop_persist` as a pipeline stage, ``fn(task, value)``."""
 
 
 def calibrate_cpu(target_s: float = CPU_TARGET_S) -> int:

@@ -207,3 +207,40 @@ def chaos_expected(task_id: str, max_attempts: int) -> str:
         if draw >= 0.15:
             return "COMPLETED"
     return "FAILED"
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def fail_if_asked(task: Task) -> Mapping[str, Any]:
+    """Raise ValueError when the payload says ``"fail": true``; otherwise say which call this was."""
+    data = task.payload["data"]
+    if data.get("fail"):
+        raise ValueError(f"asked to fail {task.task_id}")
+    return {"pid": os.getpid(), "task_id": task.task_id}
+
+
+def record_and_hold(task: Task) -> Mapping[str, Any]:
+    """Append ``task_id attempt`` to the runs file, if any; then a ``"hold"`` payload waits at the rendezvous.
+
+    The runs file (O_APPEND, one short write per run) counts how many times each call really started.
+    """
+    data = task.payload["data"]
+    if "runs" in data:
+        fd = os.open(data["runs"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{task.task_id} {task.attempt}\n".encode())
+        finally:
+            os.close(fd)
+    if data.get("hold") and task.attempt == 1:
+        with _report(data["rendezvous"]) as conn:
+            _read_line(conn)  # "go" never comes: the test kills this process here
+    return {"pid": os.getpid(), "attempt": task.attempt}
+
+
+def sized_or_exit(task: Task) -> Mapping[str, Any]:
+    """Return ``"size"`` bytes of text, or raise SystemExit when the payload says ``"exit": true``."""
+    data = task.payload["data"]
+    if data.get("exit"):
+        raise SystemExit(5)
+    return {"blob": "x" * data.get("size", 0)}

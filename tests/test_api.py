@@ -25,7 +25,7 @@ from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
 from actorflow.api._events import EventBroadcaster, _frames
 from actorflow.api._idempotency import IdempotencyKeys, StoredAnswer
-from actorflow.core import RuntimeConfig, Task, TaskState
+from actorflow.core import RuntimeConfig, Task, TaskState, TransitionEvent
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
 
@@ -37,26 +37,11 @@ WAIT_S = 10.0
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float = WAIT_S, what: str = "the condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()  # never set: its wait() is an interruptible pause between polls
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
-
-
 def wait_for_terminal(client: httpx.Client, task_id: str) -> dict[str, Any]:
-    def terminal_record() -> dict[str, Any] | None:
-        record: dict[str, Any] = client.get(f"/tasks/{task_id}").json()
-        return record if record["state"] in TERMINAL else None
-
-    result: dict[str, Any] = wait_until(terminal_record, what=f"task {task_id} to finish")
-    return result
+    """The task's record once it is terminal: the server holds the request until then (`?wait=`)."""
+    record: dict[str, Any] = client.get(f"/tasks/{task_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 5).json()
+    assert record["state"] in TERMINAL, f"task {task_id} still {record['state']} after {WAIT_S} s"
+    return record
 
 
 def assert_json_error(response: httpx.Response, status: int) -> str:
@@ -102,13 +87,20 @@ def gate() -> threading.Event:
 
 
 @pytest.fixture
-def runtime_factory(gate: threading.Event) -> Iterator[Callable[..., Runtime]]:
+def held() -> threading.Event:
+    """Set once a `data.hold` task is in the processor, waiting for `gate`."""
+    return threading.Event()
+
+
+@pytest.fixture
+def runtime_factory(gate: threading.Event, held: threading.Event) -> Iterator[Callable[..., Runtime]]:
     """Builds runtimes whose processor holds `data.hold` tasks until `gate` opens; closes them all."""
     made: list[Runtime] = []
 
     def process(task: Task) -> Mapping[str, Any]:
         data = task.payload.get("data")
         if isinstance(data, Mapping) and data.get("hold"):
+            held.set()
             gate.wait(WAIT_S)
         return default_process(task)
 
@@ -294,10 +286,11 @@ def test_listing_tasks_with_a_bad_parameter_answers_400_saying_what_is_allowed(
 
 
 def test_cancelling_a_task_in_flight_answers_with_its_record_and_it_ends_cancelled(
-    client: httpx.Client, rt: Runtime
+    client: httpx.Client, rt: Runtime, held: threading.Event
 ) -> None:
     task_id = client.post("/tasks", json=payload(hold=True)).json()["task_id"]
-    wait_until(lambda: rt.get(task_id).state is TaskState.PROCESSING, what="the task to reach the processor")
+    assert held.wait(WAIT_S), "the task never reached the processor"
+    assert rt.get(task_id).state is TaskState.PROCESSING
 
     response = client.delete(f"/tasks/{task_id}")
 
@@ -726,7 +719,7 @@ def test_a_client_that_disconnects_is_dropped_by_the_broadcaster(server: ApiServ
             events = sse_events(stream)  # kept: dropping the generator would close the response
             next(events)
             assert broadcaster.client_count == 1
-        wait_until(lambda: broadcaster.client_count == 0, what="the disconnected client to be dropped")
+        assert broadcaster.wait_for_clients(0, WAIT_S), "the disconnected client was never dropped"
 
 
 def test_more_event_streams_than_allowed_answer_503(rt: Runtime) -> None:
@@ -735,7 +728,7 @@ def test_more_event_streams_than_allowed_answer_503(rt: Runtime) -> None:
         with http.stream("GET", "/events") as first:
             assert first.status_code == 200
             assert_json_error(http.get("/events"), 503)
-        wait_until(lambda: app.state.broadcaster.client_count == 0, what="the stream to close")
+        assert app.state.broadcaster.wait_for_clients(0, WAIT_S), "the stream never closed"
         with http.stream("GET", "/events") as again:
             assert again.status_code == 200
 
@@ -766,13 +759,24 @@ def test_stopping_the_server_ends_open_event_streams_so_that_it_exits_promptly(r
 def test_a_client_too_slow_for_the_stream_is_told_how_many_events_it_lost(rt: Runtime) -> None:
     async def scenario() -> list[bytes]:
         broadcaster = EventBroadcaster(rt, queue_size=2)
-        client = broadcaster.attach()
-        handles = [rt.submit(payload(i)) for i in range(3)]  # 3 tasks x 4 transitions, for a queue of 2
-        for handle in handles:
-            handle.result(timeout=WAIT_S)
-        deadline = time.monotonic() + WAIT_S
-        while client.dropped < 10 and time.monotonic() < deadline:  # the flush runs on this loop
-            await asyncio.sleep(0.01)
+        client = broadcaster.attach()  # subscribes first: it sees each event before `count` below
+        seen = 0
+        all_seen = threading.Event()
+
+        def count(event: TransitionEvent) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 12:
+                all_seen.set()
+
+        unsubscribe = rt.subscribe(count)
+        for index in range(3):  # 3 tasks x 4 transitions, for a queue of 2
+            rt.submit(payload(index))
+        # The broadcaster schedules its flush on this loop before `count` sees the last event, so
+        # the flush runs before this wait's own wake-up (the loop runs callbacks in order).
+        assert await asyncio.get_running_loop().run_in_executor(None, all_seen.wait, WAIT_S)
+        unsubscribe()
+        assert client.dropped == 10
         frames = []
         async for frame in _frames(client, heartbeat_s=0.05):
             frames.append(frame)

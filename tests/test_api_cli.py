@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,45 +30,59 @@ def free_port() -> int:
         return port
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float = WAIT_S, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.05)
+_LISTENING = re.compile(rb"running on http://127\.0\.0\.1:(\d+)")
 
 
 class Served:
-    """A `run_demo.py serve` process and a client for it."""
+    """A `run_demo.py serve` process on a port of the system's choosing, and a client for it.
+
+    The server's output is copied to `log` by a reader thread, which also reads the port from
+    the server's "running on http://127.0.0.1:PORT" line: that line is printed once the server
+    listens, so waiting for it is all the start-up synchronisation needed.
+    """
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        with log.open("ab") as sink:
-            self.process = subprocess.Popen(  # the interpreter running the tests, on the repo's run_demo.py
-                [sys.executable, str(ROOT / "run_demo.py"), "serve", "--port", str(self.port), *args],
-                cwd=ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-            )
-        wait_until(self.healthy, what=f"the server on port {self.port} (log: {log})")
+        self._listening = threading.Event()
+        self._port = 0
+        self.process = subprocess.Popen(  # the interpreter running the tests, on the repo's run_demo.py
+            [sys.executable, str(ROOT / "run_demo.py"), "serve", "--port", "0", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._copy_output, name="served-output", daemon=True)
+        self._reader.start()
+        if not self._listening.wait(WAIT_S) or not self._port:
+            self.close()
+            pytest.fail(f"the server did not start listening within {WAIT_S} s:\n{log.read_text()}")
+        self.port = self._port
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def healthy(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
+    def _copy_output(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout, self.log.open("ab") as sink:
+            for line in self.process.stdout:
+                sink.write(line)
+                sink.flush()
+                if not self._listening.is_set() and (found := _LISTENING.search(line)):
+                    self._port = int(found.group(1))
+                    self._listening.set()
+        self._listening.set()  # the output ended (the process exited): stop waiting for the line
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
         self.process.send_signal(sig)
-        return self.process.wait(timeout=WAIT_S)
+        code = self.process.wait(timeout=WAIT_S)
+        self._reader.join(WAIT_S)  # every line is in the log once the process has exited
+        return code
+
+    def close(self) -> None:
+        """Kill the server if it still runs, and reap it and its reader."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=WAIT_S)
+        self._reader.join(WAIT_S)
 
 
 @pytest.fixture
@@ -82,9 +96,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
 
     yield start
     for served in started:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait(timeout=WAIT_S)
+        served.close()
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,23 +121,24 @@ def test_a_posted_task_completes_and_sigint_stops_the_server_cleanly_with_an_eve
 ) -> None:
     served = serve()
     lines: list[str] = []
+    stream_opened = threading.Event()
     stream_ended = threading.Event()
 
     def listen() -> None:
         with httpx.stream("GET", f"{served.url}/events", timeout=WAIT_S) as stream:
-            lines.extend(stream.iter_lines())
+            for line in stream.iter_lines():
+                lines.append(line)
+                stream_opened.set()  # the server's first frame: the stream is attached
         stream_ended.set()
 
     listener = threading.Thread(target=listen)
     listener.start()
-    wait_until(lambda: lines, what="the event stream to open")
+    assert stream_opened.wait(WAIT_S), "the event stream never opened"
     created = httpx.post(f"{served.url}/tasks", content=b'{"name":"a","data":1}')  # as curl -d sends it
     assert created.status_code == 201
     task_id = created.json()["task_id"]
-    wait_until(
-        lambda: httpx.get(f"{served.url}/tasks/{task_id}").json()["state"] == "COMPLETED",
-        what="the task to complete",
-    )
+    record = httpx.get(f"{served.url}/tasks/{task_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 5).json()
+    assert record["state"] == "COMPLETED", record
 
     assert served.stop(signal.SIGINT) == 0
     listener.join(WAIT_S)

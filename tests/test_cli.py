@@ -215,9 +215,7 @@ def test_serve_app_serves_the_apps_own_runtime_over_http(app_dir: Path, tmp_path
         assert record["result"] == {"shout": "QUIET"}
         assert served.stop() == 0
     finally:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait(30)
+        served.close()
 
 
 def test_serve_refuses_app_and_journal_together(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import shutil
 import sqlite3
 import threading
@@ -34,7 +35,8 @@ from actorflow import (
     UnknownPipeline,
     configure_logging,
 )
-from actorflow.actors.messages import RunService
+from actorflow.actors.async_backend import AsyncBackend
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import CallsInFlight
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
@@ -43,7 +45,7 @@ from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
 from actorflow.core.traceview import check_transitions, load_trace
-from actorflow.core.tracing import TraceContext
+from actorflow.core.tracing import TraceContext, new_trace
 from tests.conftest import payload
 from tests.pipeline_stages import square_in_child
 
@@ -627,3 +629,39 @@ def test_calls_in_flight_name_the_running_call_as_the_oldest_one_not_yet_answere
     assert held.settle(99) is False  # an unknown (late) answer changes nothing
     assert held.settle(2) is False
     assert len(held) == 0
+
+
+def test_the_async_backend_takes_a_batch_with_one_wake_up_and_reports_calls_finished_together_in_one_message() -> None:
+    backend = AsyncBackend()
+    reports: queue.SimpleQueue[ServiceDone | ServicesDone] = queue.SimpleQueue()
+    wake_ups = 0
+    call_soon_threadsafe = backend.loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any) -> Any:
+        nonlocal wake_ups
+        wake_ups += 1
+        return call_soon_threadsafe(callback, *args)
+
+    async def echo(task: Task, value: Any) -> Any:
+        return {"echo": task.task_id}  # no await: the three finish in the loop iteration they start in
+
+    try:
+        backend.loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        worker = backend.start_worker("fetch-1", "fetch", echo, reports.put, lambda name, why: None)
+        calls = [RunService(n, "fetch", Task(f"t{n}", {"n": n}), new_trace(), 1) for n in (1, 2, 3)]
+        assert worker.send_many(calls)
+        assert wake_ups == 1
+        report = reports.get(timeout=10)
+        assert isinstance(report, ServicesDone)
+        assert [(done.call_id, done.status, done.result) for done in report.dones] == [
+            (1, "ok", {"echo": "t1"}),
+            (2, "ok", {"echo": "t2"}),
+            (3, "ok", {"echo": "t3"}),
+        ]
+        assert worker.send(RunService(4, "fetch", Task("t4", {"n": 4}), new_trace(), 1))
+        alone = reports.get(timeout=10)  # a lone report goes as itself
+        assert isinstance(alone, ServiceDone)
+        assert alone.call_id == 4
+    finally:
+        worker.retire()
+        backend.close()

@@ -7,14 +7,18 @@ step at a time, exactly as the orchestrator's thread drives it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from actorflow.actors.messages import RunService
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.pool import PoolFailing, ServicePool
-from actorflow.actors.service import CallClaims
+from actorflow.actors.service import CallClaims, ThreadBackend
+from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core import Task
 from actorflow.core.tracing import new_trace
@@ -26,12 +30,23 @@ class RecordingWorker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.sent: list[int] = []
+        """Every call id sent, in order."""
+        self.messages: list[list[int]] = []
+        """The call ids of each message the worker got (`send` or `send_many`)."""
         self.retired = False
         self._claims = CallClaims()
 
     def send(self, call: RunService) -> bool:
         self._claims.sent(call.call_id)
         self.sent.append(call.call_id)
+        self.messages.append([call.call_id])
+        return not self.retired
+
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        for one in calls:
+            self._claims.sent(one.call_id)
+        self.sent.extend(one.call_id for one in calls)
+        self.messages.append([one.call_id for one in calls])
         return not self.retired
 
     def start(self, call_id: int) -> bool:
@@ -102,9 +117,11 @@ def test_calls_go_to_idle_workers_first_and_wait_in_the_pool_when_every_worker_i
     pool, backend = make_pool(timer, size=2)
     for call_id in (1, 2, 3):
         pool.dispatch(call(call_id))
+    pool.flush()
     assert [worker.sent for worker in backend.workers] == [[1], [2]]
     assert pool.stats()["queued"] == 1
     assert pool.finished(1) is not None
+    pool.flush()
     assert backend.workers[0].sent == [1, 3]  # the freed worker gets the waiting call
 
 
@@ -138,6 +155,7 @@ def test_withdrawing_takes_back_waiting_and_unstarted_calls_but_never_a_started_
     worker = backend.workers[0]
     for call_id in (40, 41, 42):
         pool.dispatch(call(call_id))
+    pool.flush()
     assert worker.start(40)  # the worker runs the head
     assert pool.withdraw(40) is False  # started: it runs to the end
     assert pool.withdraw(41) is True  # queued at the worker, never started
@@ -158,6 +176,7 @@ def test_a_replaced_worker_hands_back_its_calls_head_first_and_too_many_restarts
     assert stranded is not None
     assert [c.call_id for c in stranded] == [1]
     assert first.retired
+    pool.flush()
     assert backend.workers[1].sent == [2]  # the fresh worker takes the waiting call
     assert pool.replace("no-such-worker") is None
     stranded = pool.replace(backend.workers[1].name)  # the second restart in the window: over the limit
@@ -167,3 +186,269 @@ def test_a_replaced_worker_hands_back_its_calls_head_first_and_too_many_restarts
     assert "max_restarts=1" in pool.failing
     with pytest.raises(PoolFailing):
         pool.dispatch(call(3))
+
+
+# --- batching: routed calls leave on flush, one message per worker -----------------------------------
+
+
+def teach_fast_calls(pool: ServicePool) -> None:
+    """Answer enough fast calls for the pool to queue several calls per worker."""
+    for call_id in range(1001, 1033):
+        pool.dispatch(call(call_id))
+        pool.finished(call_id, duration_ms=0.05)
+    pool.flush()
+
+
+def test_calls_routed_to_a_worker_before_a_flush_reach_it_in_one_send_many_and_a_lone_call_in_a_plain_send(
+    timer: Timer,
+) -> None:
+    pool, backend = make_pool(timer, size=1)
+    teach_fast_calls(pool)
+    worker = backend.workers[0]
+    worker.messages.clear()
+    for call_id in (1, 2, 3):
+        pool.dispatch(call(call_id))
+    assert worker.messages == []  # nothing leaves before the owner's handler ends
+    assert pool.unsent
+    pool.flush()
+    assert worker.messages == [[1, 2, 3]]
+    assert not pool.unsent
+    pool.dispatch(call(4))
+    pool.flush()
+    assert worker.messages == [[1, 2, 3], [4]]
+    pool.flush()  # nothing left: nothing sent
+    assert worker.messages == [[1, 2, 3], [4]]
+
+
+def test_a_call_withdrawn_before_the_flush_is_never_sent_and_the_rest_of_its_batch_is(timer: Timer) -> None:
+    pool, backend = make_pool(timer, size=1)
+    teach_fast_calls(pool)
+    worker = backend.workers[0]
+    worker.messages.clear()
+    for call_id in (1, 2, 3):
+        pool.dispatch(call(call_id))
+    assert pool.withdraw(2) is True
+    pool.flush()
+    assert worker.messages == [[1, 3]]
+    assert pool.finished(2) is None
+    assert pool.finished(1) is not None
+    assert pool.finished(3) is not None
+
+
+def test_a_worker_replaced_before_the_flush_never_gets_its_calls_and_they_come_back_to_the_caller(
+    timer: Timer,
+) -> None:
+    pool, backend = make_pool(timer, size=1)
+    teach_fast_calls(pool)
+    pool.dispatch(call(1))
+    pool.dispatch(call(2))
+    old = backend.workers[0]
+    old.messages.clear()
+    stranded = pool.replace(old.name)
+    assert stranded is not None
+    assert [c.call_id for c in stranded] == [1, 2]
+    pool.flush()
+    assert old.messages == []
+    assert backend.workers[1].messages == []
+
+
+# --- batching on real thread workers -----------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """A BaseException that is not an Exception: the call crashes its worker."""
+
+
+class ThreadRig:
+    """A pool of real thread workers, driven from the test's thread as the orchestrator drives it."""
+
+    def __init__(self, timer: Timer, fn: Callable[..., Any], *, hold_s: float = 0.001, timeout_s: float | None = None):
+        self.reports: queue.SimpleQueue[ServiceDone | ServicesDone] = queue.SimpleQueue()
+        self.deadlines: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.threads = ThreadBook()
+        self.backend = ThreadBackend(DeadLetterOffice(), self.threads, hold_s=hold_s)
+        self.pool = ServicePool(
+            "processor",
+            1,
+            backend=self.backend,
+            fn=fn,
+            deliver=self.reports.put,
+            on_death=lambda name, why: None,
+            timer=timer,
+            on_deadline=self.deadlines.put,
+            stage_timeout_s=timeout_s,
+            max_restarts=10,
+            restart_window_s=60,
+        )
+
+    def teach_fast_calls(self) -> None:
+        for call_id in range(1001, 1033):
+            self.pool.dispatch(call(call_id))
+            self.pool.flush()
+            report = self.reports.get(timeout=WAIT_S)
+            assert isinstance(report, ServiceDone)
+            self.pool.finished(report.call_id, duration_ms=0.05)
+
+    def next_dones(self) -> list[ServiceDone]:
+        """The reports of the next message, and tell the pool of each, as the orchestrator does."""
+        report = self.reports.get(timeout=WAIT_S)
+        dones = list(report.dones) if isinstance(report, ServicesDone) else [report]
+        for done in dones:
+            self.pool.finished(done.call_id, done.duration_ms)
+        return dones
+
+    def close(self) -> None:
+        self.pool.close(timeout=WAIT_S)
+        self.backend.close()
+        self.threads.join(WAIT_S)
+
+
+WAIT_S = 10
+
+
+def test_a_thread_worker_returns_the_results_of_a_batch_in_one_services_done(timer: Timer) -> None:
+    rig = ThreadRig(timer, lambda task, value: {"seen": task.task_id}, hold_s=60.0)
+    try:
+        rig.teach_fast_calls()
+        for call_id in (1, 2, 3):
+            rig.pool.dispatch(call(call_id))
+        rig.pool.flush()
+        report = rig.reports.get(timeout=WAIT_S)
+        assert isinstance(report, ServicesDone)
+        assert [(done.call_id, done.status, done.result) for done in report.dones] == [
+            (1, "ok", {"seen": "task-1"}),
+            (2, "ok", {"seen": "task-2"}),
+            (3, "ok", {"seen": "task-3"}),
+        ]
+    finally:
+        rig.close()
+
+
+def test_the_result_of_a_fast_call_is_not_held_back_while_a_slow_call_behind_it_in_the_batch_runs(
+    timer: Timer,
+) -> None:
+    slow_started, release = threading.Event(), threading.Event()
+
+    def stage(task: Task, value: Any) -> None:
+        if task.task_id == "task-2":
+            slow_started.set()
+            assert release.wait(WAIT_S)
+
+    rig = ThreadRig(timer, stage)
+    try:
+        rig.teach_fast_calls()
+        rig.pool.dispatch(call(1))
+        rig.pool.dispatch(call(2))
+        rig.pool.flush()
+        assert [done.call_id for done in rig.next_dones()] == [1]  # while the slow call still runs
+        assert slow_started.is_set()
+        assert not release.is_set()
+        release.set()
+        assert [done.call_id for done in rig.next_dones()] == [2]
+    finally:
+        release.set()
+        rig.close()
+
+
+def test_a_crash_in_the_middle_of_a_batch_stops_the_worker_and_the_calls_behind_it_run_once_elsewhere(
+    timer: Timer,
+) -> None:
+    runs: list[tuple[str, str]] = []
+
+    def stage(task: Task, value: Any) -> None:
+        runs.append((task.task_id, threading.current_thread().name))
+        if task.task_id == "task-2":
+            raise Crash("the worker dies")
+
+    rig = ThreadRig(timer, stage, hold_s=60.0)
+    try:
+        rig.teach_fast_calls()
+        runs.clear()
+        for call_id in (1, 2, 3, 4):
+            rig.pool.dispatch(call(call_id))
+        rig.pool.flush()
+        dones = rig.next_dones()
+        assert [(done.call_id, done.status) for done in dones] == [(1, "ok"), (2, "crashed")]
+        stranded = rig.pool.replace(dones[1].worker)  # as the orchestrator does on a crash
+        assert stranded is not None
+        assert [c.call_id for c in stranded] == [3, 4]
+        for stranded_call in stranded:
+            rig.pool.dispatch(stranded_call)
+        rig.pool.flush()
+        rerun = []
+        while len(rerun) < 2:
+            rerun += rig.next_dones()
+        assert [(done.call_id, done.status, done.worker) for done in rerun] == [
+            (3, "ok", "processor-2"),
+            (4, "ok", "processor-2"),
+        ]
+        assert [task_id for task_id, _ in runs] == ["task-1", "task-2", "task-3", "task-4"]  # each exactly once
+        assert runs[2][1] != runs[1][1]  # on the fresh worker's thread
+    finally:
+        rig.close()
+
+
+def test_a_call_queued_behind_others_in_a_batch_gets_its_own_stage_deadline_once_it_is_the_head(
+    timer: Timer,
+) -> None:
+    release = threading.Event()
+    runs: list[str] = []
+
+    def stage(task: Task, value: Any) -> None:
+        runs.append(task.task_id)
+        if task.task_id == "task-2":
+            assert release.wait(WAIT_S)  # hangs until the test is done
+
+    rig = ThreadRig(timer, stage, timeout_s=0.2)
+    try:
+        rig.teach_fast_calls()
+        for call_id in (1, 2, 3):
+            rig.pool.dispatch(call(call_id))
+        rig.pool.flush()
+        assert [done.call_id for done in rig.next_dones()] == [1]
+        assert rig.pool.running(2)
+        assert rig.deadlines.get(timeout=WAIT_S) == 2  # the second call's own deadline, armed when it became the head
+        worker = rig.pool.worker_of(2)
+        stranded = rig.pool.replace(worker)  # as the orchestrator does on a timeout
+        assert stranded is not None
+        assert [c.call_id for c in stranded] == [2, 3]
+        release.set()
+        late = rig.reports.get(timeout=WAIT_S)  # the hung call's result, once it returns, comes alone
+        assert isinstance(late, ServiceDone)
+        assert late.call_id == 2
+        assert rig.pool.finished(late.call_id) is None  # no longer the pool's: a late result
+        assert runs[-2:] == ["task-1", "task-2"]  # the retired worker did not go on to the third call
+    finally:
+        release.set()
+        rig.close()
+
+
+def test_a_worker_that_raises_when_sent_its_calls_is_reported_dead_so_that_its_calls_are_re_sent(
+    timer: Timer,
+) -> None:
+    deaths: list[tuple[str, str]] = []
+    backend = RecordingBackend()
+    pool = ServicePool(
+        "processor",
+        1,
+        backend=backend,
+        fn=lambda task: {},
+        deliver=lambda done: None,
+        on_death=lambda name, why: deaths.append((name, why)),
+        timer=timer,
+        on_deadline=lambda call_id: None,
+        stage_timeout_s=None,
+        max_restarts=3,
+        restart_window_s=60,
+    )
+
+    def refuse(call: RunService) -> bool:
+        raise OSError("pipe closed")
+
+    backend.workers[0].send = refuse  # type: ignore[method-assign]
+    pool.dispatch(call(1))
+    pool.flush()  # must not raise in the orchestrator's thread
+    assert deaths == [("processor-1", "failed to take calls: OSError: pipe closed")]
+    stranded = pool.replace("processor-1")
+    assert stranded is not None
+    assert [c.call_id for c in stranded] == [1]

@@ -14,8 +14,10 @@ import os
 import pickle
 import queue
 import select
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,16 @@ import structlog
 
 from actorflow.actors import Runtime
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.actors.process_backend import ProcessBackend, ProcessWorker, _decode_call, _encode_call
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
+from actorflow.actors.process_backend import (
+    _STOP,
+    ProcessBackend,
+    ProcessWorker,
+    _child_main,
+    _context,
+    _decode_call,
+    _encode_call,
+)
 from actorflow.actors.threads import ThreadBook
 from actorflow.cli.demo import _payloads as demo_payloads
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState
@@ -478,8 +488,34 @@ def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None
 # --- the backend on its own ---------------------------------------------------------------------
 
 
+class Replies:
+    """What a worker delivers, as the orchestrator gets it: single reports and `ServicesDone` batches."""
+
+    def __init__(self) -> None:
+        self._messages: queue.SimpleQueue[ServiceDone | ServicesDone] = queue.SimpleQueue()
+        self.messages = 0
+        """Messages taken so far (a batch counts once)."""
+        self._ready: list[ServiceDone] = []
+
+    def put(self, message: ServiceDone | ServicesDone) -> None:
+        self._messages.put(message)
+
+    def take(self, count: int, timeout: float = 60) -> list[ServiceDone]:
+        """The next `count` reports, in the order delivered, waiting for the messages that carry them."""
+        while len(self._ready) < count:
+            message = self._messages.get(timeout=timeout)
+            self.messages += 1
+            self._ready.extend(message.dones if isinstance(message, ServicesDone) else (message,))
+        taken, self._ready = self._ready[:count], self._ready[count:]
+        return taken
+
+    def empty(self) -> bool:
+        """True if nothing more was delivered (and nothing is left over)."""
+        return not self._ready and self._messages.empty()
+
+
 def test_the_spawn_start_method_works_too() -> None:
-    replies: queue.SimpleQueue[ServiceDone] = queue.SimpleQueue()
+    replies = Replies()
     deaths: list[tuple[str, str]] = []
     describe = ProcessStage(ps.describe)  # backends run stage functions, fn(task, value)
     backend = ProcessBackend(
@@ -490,7 +526,7 @@ def test_the_spawn_start_method_works_too() -> None:
     task = Task("t-1", freeze({"name": "x", "data": {"items": [1]}}))
     for call_id in (1, 2):
         assert worker.send(RunService(call_id, "processor", task, TraceContext("a" * 32, "b" * 16), 1))
-    first, second = replies.get(timeout=60), replies.get(timeout=60)
+    first, second = replies.take(2)
     assert (first.call_id, second.call_id) == (1, 2)
     assert first.status == second.status == "ok"
     assert first.result is not None
@@ -554,3 +590,207 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
 def test_the_fork_start_method_is_refused() -> None:
     with pytest.raises(ConfigError, match="start_method 'fork' is not allowed"):
         ProcessBackend({}, dead_letters=DeadLetterOffice(), threads=ThreadBook(), start_method="fork")
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def a_call(call_id: int, data: Mapping[str, Any], service: str = "processor") -> RunService:
+    task = Task(f"t-{call_id}", freeze({"name": "x", "data": data}))
+    return RunService(call_id, service, task, TraceContext("a" * 32, f"{call_id:016x}"), 1)
+
+
+def test_several_calls_in_one_message_to_a_child_each_get_their_own_report_in_order() -> None:
+    # The child's side of the protocol, on a real child: one message carrying three calls, the middle one raising.
+    context = _context("forkserver")
+    ours, theirs = context.Pipe()
+    fn = ProcessStage(ps.fail_if_asked)
+    child = context.Process(target=_child_main, args=(theirs, pickle.dumps(fn), "processor-1"), daemon=True)  # type: ignore[attr-defined]
+    child.start()
+    theirs.close()
+    try:
+        assert pickle.loads(ours.recv_bytes())[0] == "ready"
+        calls = [a_call(1, {}), a_call(2, {"fail": True}), a_call(3, {})]
+        ours.send_bytes(pickle.dumps(tuple(_encode_call(c) for c in calls)))
+        reports = [pickle.loads(ours.recv_bytes()) for _ in calls]
+        ours.send_bytes(_STOP)
+        child.join(30)
+    finally:
+        if child.exitcode is None:
+            child.kill()
+            child.join(30)
+    assert child.exitcode == 0
+    assert [r[:2] for r in reports] == [(1, "ok"), (2, "permanent"), (3, "ok")]
+    assert [r[2]["task_id"] if r[2] else None for r in reports] == ["t-1", None, "t-3"]
+    assert (reports[1][3], reports[1][4]) == ("ValueError", "asked to fail t-2")
+    assert reports[0][3:5] == reports[2][3:5] == (None, None)
+
+
+def test_send_many_gives_each_call_its_own_result_and_a_call_raising_in_the_middle_fails_only_itself() -> None:
+    replies = Replies()
+    deaths: list[tuple[str, str]] = []
+    fn = ProcessStage(ps.fail_if_asked)
+    backend = ProcessBackend({"processor": fn}, dead_letters=DeadLetterOffice(), threads=ThreadBook())
+    try:
+        worker = backend.start_worker("processor-1", "processor", fn, replies.put, lambda *d: deaths.append(d))
+        calls = [a_call(i, {"fail": i == 3}) for i in range(1, 6)]
+        assert worker.send_many(calls)
+        reports = replies.take(len(calls))
+    finally:
+        backend.close()
+    assert [(r.call_id, r.task_id, r.status) for r in reports] == [
+        (1, "t-1", "ok"),
+        (2, "t-2", "ok"),
+        (3, "t-3", "permanent"),
+        (4, "t-4", "ok"),
+        (5, "t-5", "ok"),
+    ]
+    assert [r.result["task_id"] if r.result else None for r in reports] == ["t-1", "t-2", None, "t-4", "t-5"]
+    assert reports[2].error == "asked to fail t-3"
+    assert reports[2].traceback is not None
+    assert {r.node for r in reports} == {f"pid:{reports[0].result['pid'] if reports[0].result else 0}"}
+    assert deaths == []
+
+
+def test_a_child_killed_while_it_holds_a_batch_reports_only_the_running_call_as_crashed() -> None:
+    replies = Replies()
+    deaths: list[tuple[str, str]] = []
+    fn = ProcessStage(ps.record_and_hold)
+    backend = ProcessBackend({"processor": fn}, dead_letters=DeadLetterOffice(), threads=ThreadBook())
+    try:
+        with ps.rendezvous() as point:
+            worker = backend.start_worker("processor-1", "processor", fn, replies.put, lambda *d: deaths.append(d))
+            calls = [a_call(1, {"hold": True, "rendezvous": point.path}), a_call(2, {}), a_call(3, {})]
+            assert worker.send_many(calls)  # one message: once call 1 runs, the child holds all three
+            (pid,) = point.arrivals(1)
+            with watching(pid) as ended:
+                os.kill(pid, signal.SIGKILL)
+                assert ended(10)
+            (report,) = replies.take(1)
+            assert worker.join(10), "the forwarding thread outlived its child"
+    finally:
+        backend.close()
+    assert (report.call_id, report.status, report.error_type) == (1, "crashed", "WorkerProcessDied")
+    assert "SIGKILL" in (report.error or "")
+    assert replies.empty()  # calls 2 and 3 never started: no report, the pool re-sends them
+    assert deaths == []  # the crashed call's report is what has the pool replace the worker
+
+
+def test_a_child_killed_mid_batch_in_a_runtime_has_its_running_task_retried_and_the_rest_run_exactly_once(
+    tmp_path: Path,
+) -> None:
+    runs = str(tmp_path / "runs.txt")
+    config = process_config(processor_workers=1, retry_backoff_s=0.0)
+    with (
+        ps.rendezvous() as point,
+        Runtime(config, services=ServiceSet(process=ps.record_and_hold)) as runtime,
+    ):
+        held = runtime.submit({"name": "held", "data": {"hold": True, "rendezvous": point.path, "runs": runs}})
+        others = [runtime.submit({"name": f"other-{i}", "data": {"runs": runs}}) for i in range(6)]
+        (pid,) = point.arrivals(1)
+        with watching(pid) as ended:
+            os.kill(pid, signal.SIGKILL)
+            assert ended(10)
+        records = [h.result(timeout=30) for h in [held, *others]]
+        stats = runtime.stats()
+    assert [r.state for r in records] == [S.COMPLETED] * 7, [r.error for r in records]
+    started = Path(runs).read_text().splitlines()
+    assert sorted(started) == sorted([f"{held.task_id} 1", f"{held.task_id} 2", *(f"{h.task_id} 1" for h in others)])
+    assert (stats["restarts"], stats["retries"]) == (1, 1)
+
+
+def test_reports_that_pile_up_while_the_parent_is_busy_reach_it_in_fewer_messages_than_calls() -> None:
+    # "Busy" is the forwarding thread held inside its first delivery (as when the orchestrator or the GIL
+    # is slow); meanwhile the child runs the batch on and writes each report as its call ends.
+    first_delivery = threading.Event()
+    go_on = threading.Event()
+    replies = Replies()
+
+    def deliver(message: ServiceDone | ServicesDone) -> None:
+        replies.put(message)
+        if not first_delivery.is_set():
+            first_delivery.set()
+            assert go_on.wait(30)
+
+    fn = ProcessStage(ps.record_and_hold)
+    backend = ProcessBackend({"processor": fn}, dead_letters=DeadLetterOffice(), threads=ThreadBook())
+    try:
+        with ps.rendezvous() as point:
+            worker = backend.start_worker("processor-1", "processor", fn, deliver, lambda *d: None)
+            calls = [a_call(i, {}) for i in range(1, 8)]
+            calls.append(a_call(8, {"hold": True, "rendezvous": point.path}))
+            assert worker.send_many(calls)
+            point.arrivals(1)  # call 8 runs: the child wrote the reports of calls 1-7 before starting it
+            assert first_delivery.wait(30)
+            go_on.set()
+            reports = replies.take(7)
+            point.release_all()
+            reports += replies.take(1)
+    finally:
+        backend.close()
+    assert [(r.call_id, r.status) for r in reports] == [(i, "ok") for i in range(1, 9)]
+    # The first delivery, then everything the pipe held when the thread came back, then call 8's own.
+    assert replies.messages <= 3 < len(calls)
+
+
+def test_a_process_pool_keeps_the_next_call_waiting_at_its_worker_and_a_thread_pool_does_not() -> None:
+    # Depth 2 for slow calls on processes: the child never idles for a round trip through the parent.
+    depths = {}
+    for backend in ("process", "thread"):
+        with Runtime(process_config(service_backend=backend), services=ServiceSet(process=ps.describe)) as runtime:
+            assert runtime.submit({"name": "x", "data": {"items": []}}).result(timeout=30).state is S.COMPLETED
+            depths[backend] = runtime.stats()["pools"]["processor"]["depth"]
+    assert depths == {"process": 2, "thread": 1}
+
+
+def test_a_hung_child_with_a_large_call_queued_behind_it_is_still_killed_at_the_stage_timeout() -> None:
+    # The queued call (8 MB) cannot fit in the child's pipe while the child hangs: writing it must not hold the
+    # forwarding thread, which has to kill the child at the stage timeout.
+    config = process_config(processor_workers=1, stage_timeout_s=1.0, retry_backoff_s=0.0)
+    with (
+        ps.rendezvous() as point,
+        Runtime(config, services=ServiceSet(process=ps.record_and_hold)) as runtime,
+    ):
+        held = runtime.submit({"name": "held", "data": {"hold": True, "rendezvous": point.path}})
+        (hung_pid,) = point.arrivals(1)
+        large = runtime.submit({"name": "large", "data": {"blob": "x" * (8 << 20)}})
+        with watching(hung_pid) as ended:
+            assert ended(30), "the hung child was not killed"
+        records = [held.result(timeout=30), large.result(timeout=30)]
+        stats = runtime.stats()
+    assert [r.state for r in records] == [S.COMPLETED, S.COMPLETED], [r.error for r in records]
+    assert (stats["timeouts"], stats["restarts"]) == (1, 1)
+
+
+def test_every_report_a_child_wrote_before_it_exited_is_delivered_even_more_than_one_read_takes() -> None:
+    # The forwarding thread is held in its first delivery until the child has exited: it then sees the exit
+    # and 120 KB of reports at once (more than one read takes, less than the pipe holds), and must read
+    # them all before it counts the exit.
+    first_delivery = threading.Event()
+    go_on = threading.Event()
+    replies = Replies()
+
+    def deliver(message: ServiceDone | ServicesDone) -> None:
+        replies.put(message)
+        if not first_delivery.is_set():
+            first_delivery.set()
+            assert go_on.wait(30)
+
+    fn = ProcessStage(ps.sized_or_exit)
+    backend = ProcessBackend({"processor": fn}, dead_letters=DeadLetterOffice(), threads=ThreadBook())
+    try:
+        worker = backend.start_worker("processor-1", "processor", fn, deliver, lambda *d: None)
+        calls = [a_call(i, {"size": 12_000}) for i in range(1, 11)]
+        calls.append(a_call(11, {"exit": True}))
+        assert worker.send_many(calls)
+        assert first_delivery.wait(30)
+        (pid,) = backend.pids()
+        with watching(pid) as ended:
+            assert ended(30)
+        go_on.set()
+        reports = replies.take(len(calls))
+    finally:
+        backend.close()
+    assert [(r.call_id, r.status) for r in reports] == [*((i, "ok") for i in range(1, 11)), (11, "crashed")]
+    assert reports[-1].error_type == "SystemExit"
+    assert all(r.result == {"blob": "x" * 12_000} for r in reports[:-1])
