@@ -264,7 +264,7 @@ class _DriverMeter:
 
 def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
     """Every setup and workload on the Ray session this process is connected to."""
-    counts = {"tiny": 1000, "io": 100, "cpu": 40} if quick else {"tiny": 3000, "io": 600, "cpu": 200}
+    counts = {"tiny": 1000, "io": 200, "cpu": 100} if quick else {"tiny": 3000, "io": 600, "cpu": 200}
     samples = {"tiny": 30, "io": 20, "cpu": 10} if quick else {"tiny": 300, "io": 100, "cpu": 40}
     spins = _spins_for(CPU_MS)
     figures: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in counts}
