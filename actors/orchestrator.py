@@ -682,6 +682,8 @@ class OrchestratorActor(FastActor):
             return
         self.counters["timeouts"] += 1
         worker = pool.worker_of(call_id)
+        # A call in a batch that hung may not be the one at fault: then none is charged, and all run again.
+        charged = pool.surely_running(call_id)
         self._log.warning(
             "service.timeout",
             task_id=task_id,
@@ -689,8 +691,10 @@ class OrchestratorActor(FastActor):
             service=pool.service,
             worker=worker,
             timeout_s=pool.timeout_s,
+            **({} if charged else {"charged": False}),
         )
-        self._replace_worker(pool, worker, f"stage timeout after {pool.timeout_s}s", timed_out=call_id)
+        why = f"stage timeout after {pool.timeout_s}s"
+        self._replace_worker(pool, worker, why, timed_out=call_id if charged else None)
 
     def _on_worker_died(self, message: WorkerDied) -> None:
         pool = next((p for p in self._pools.values() if p.has_worker(message.worker)), None)

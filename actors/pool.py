@@ -85,10 +85,13 @@ class ServicePool:
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
         self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
-        """Process workers raise it: a child whose next call waits in its pipe never idles for a round trip."""
+        """Process and Ray workers raise it: a worker whose next call is already on its way never idles for a
+        round trip."""
         self._capacity = self._min_depth
+        self._fast_ms: float = getattr(backend, "fast_call_ms", _FAST_MS)
+        """Calls shorter than this are fast: Ray's is its round trip's order, far above a thread's wake-up."""
         self._recent: deque[bool] = deque(maxlen=_DEPTH_WINDOW)
-        """Whether each of the last calls was slow (took `_FAST_MS` or more): they set the depth per worker."""
+        """Whether each of the last calls was slow (took `_fast_ms` or more): they set the depth per worker."""
         self._slow_recent = 0
         """How many of `_recent` are slow (kept as they come and go, not counted per call)."""
         self._clock = clock
@@ -150,7 +153,7 @@ class ServicePool:
         # Deep queues only while every recent call was fast: a call queued behind a slow one waits
         # even if another worker is idle (head-of-line blocking), so one slow call turns it off.
         recent = self._recent
-        slow = duration_ms >= _FAST_MS
+        slow = duration_ms >= self._fast_ms
         if len(recent) == _DEPTH_WINDOW and recent[0]:
             self._slow_recent -= 1  # the oldest leaves the window
         recent.append(slow)
@@ -162,6 +165,17 @@ class ServicePool:
         """True if `call_id` is the call its worker is running now."""
         slot = self._where.get(call_id)
         return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
+
+    def surely_running(self, call_id: int) -> bool:
+        """True if `call_id` is running and its worker can tell it apart from the calls queued with it.
+
+        A Ray worker running a batch cannot: its calls' reports come back
+        together, so a hang in the batch is not known to be the head's.
+        """
+        if not self.running(call_id):
+            return False
+        vouch = getattr(self._where[call_id].worker, "vouches_running", None)
+        return vouch is None or bool(vouch(call_id))
 
     def withdraw(self, call_id: int) -> bool:
         """Take back a call no worker has started. True if it will never run.

@@ -3,30 +3,53 @@
 The StateActor, the orchestrator, the journal and the result store stay in
 this (the head) process; only the stateless service calls travel::
 
-    orchestrator thread     waiter thread (the backend's Ray thread)      Ray actor (any node)
-      pool ─ send(call) ──► actor.run.remote(call) ─────────────────────► execute(fn, call)
-                  queued            │                                       │  same mapping as threads
-                                    ▼                                       ▼
-                            ref resolved ◄──── ServiceDone (duration, node measured there)
-                                    │
-                                    ▼
-                            log service.call / failed ──► deliver(done) ─► orchestrator
+    orchestrator thread       waiter thread (the backend's Ray thread)          Ray actor (any node)
+      pool ─ send(call) ──► queued ─► actor.run_many.remote([calls]) ───────► execute(fn, call) for each
+                                  │     (at most two invocations out per actor)   │  same mapping as threads
+                                  ▼                                               ▼
+                          ref resolved ◄──── [ServiceDone, ...] (durations, node measured there)
+                                  │
+                                  ▼
+                          log service.call / failed     ─► deliver(ServicesDone) ─► orchestrator
 
 Nothing in a pool blocks, and nothing Ray-related runs on the orchestrator's
 thread: `send`, `retire` and `start_worker` only note what is asked and hand
-it to the backend's one Ray thread (the waiter), which submits the call
+it to the backend's one Ray thread (the waiter), which submits the calls
 (`.remote()`), kills the actor, promotes a spare, and turns resolved object
 refs into `ServiceDone` messages. One thread for all of it keeps the order
 the pool asked for: a worker's spare is promoted before its first call is
-submitted, and its calls are submitted in the order they were sent. Retiring
-a worker (stage timeout, crash, shutdown) is `ray.kill`: Ray cannot
-force-cancel a call running in an actor (`ray.cancel(force=True)` refuses
-actor tasks), and killing the actor is what interrupts a hung call. A worker
-whose actor dies mid-call (``os._exit``, OOM, a lost node) reports that call
-as ``crashed``, exactly as a thread worker reports a `BaseException`: the
-pool replaces it, and the call counts as an attempt, so a call that kills
-every worker it touches fails its task after `max_attempts` instead of
-exhausting the pool's restart budget for everyone.
+submitted, and its calls are submitted in the order they were sent.
+
+**Batches.** A Ray round trip costs about 3 ms, far more than a small call.
+So the waiter keeps up to two invocations in flight per actor (one running,
+one on its way: the round trip is hidden) and, when more calls are queued for
+an actor than that, sends them all in one invocation (`ServiceActor.run_many`),
+whose reports come back together as one `ServicesDone`. It never waits to
+fill a batch: whatever is queued when an invocation may go, goes. Calls are
+batched only while most of the actor's recent calls were fast
+(`RayBackend.fast_call_ms`): a slow call gains nothing from sharing a round
+trip, and one call per invocation keeps crashes and hangs charged to the
+call that caused them.
+
+**Failures.** Retiring a worker (stage timeout, crash, shutdown) is
+`ray.kill`: Ray cannot force-cancel a call running in an actor
+(`ray.cancel(force=True)` refuses actor tasks), and killing the actor is what
+interrupts a hung call. A worker whose actor dies mid-call (``os._exit``, OOM,
+a lost node) reports the call it was running as ``crashed``, exactly as a
+thread worker reports a `BaseException`: the pool replaces it, and the call
+counts as an attempt, so a call that kills every worker it touches fails its
+task after `max_attempts` instead of exhausting the pool's restart budget for
+everyone. Only a call the actor held alone is surely the one that killed
+it: with several unanswered (a batch, or a second invocation on its way),
+which one did is unknown (their reports die with the process, even one that
+had returned but whose reply was not yet sent), so none is charged: the
+worker is replaced, all of them run again, and each of those *suspects* then
+runs alone, with nothing else in flight on its actor, where a crash or a hang
+is its own. A stage
+timeout is the same: the worker does not vouch for its head call while that
+call shares its invocation (`vouches_running`), so the timeout charges none
+and the batch's calls become suspects. A lost node charges the oldest call it
+held, as before: the node failed, not a call.
 
 Ray is imported only when this backend is built; it is the optional extra
 ``actorflow[ray]``, never a core dependency.
@@ -48,9 +71,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from actorflow.actors.backends import BackendRequest
-from actorflow.actors.messages import RunService, ServiceDone
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import (
-    CallsInFlight,
     Deliver,
     OnDeath,
     ServiceBackend,
@@ -108,6 +130,7 @@ class ServiceActor:
         node_id = _ray_node_id()
         self._node = f"{socket.gethostname()}/{node_id[:_NODE_ID_CHARS]}:{os.getpid()}"
         self._log = SilentLog("ray")
+        self._invocations = 0
 
     def node(self) -> str:
         """Where this actor runs; answering also proves it has started (its function unpickled)."""
@@ -116,6 +139,16 @@ class ServiceActor:
     def run(self, call: RunService, worker: str) -> ServiceDone:
         """Run one call as `worker`; never raises (a dying process is seen by the driver as an actor error)."""
         return execute(self._fn, call, worker, log=self._log, node=self._node)
+
+    def run_many(self, calls: Sequence[RunService], worker: str) -> tuple[list[ServiceDone], int]:
+        """Run calls in order, each with its own report; and how many invocations this actor has had.
+
+        The count is the actor's own, so that the driver can say how many
+        round trips its calls really took.
+        """
+        self._invocations += 1
+        log, node, fn = self._log, self._node, self._fn
+        return [execute(fn, call, worker, log=log, node=node) for call in calls], self._invocations
 
 
 _NODE_ID_CHARS = 12
@@ -151,28 +184,50 @@ class _Spare:
 @dataclass(frozen=True, slots=True)
 class _Pending:
     worker: _RayWorker
-    call: RunService
+    calls: tuple[RunService, ...]
+    """The calls of one invocation, in the order the actor runs them."""
+
+
+_IN_FLIGHT = 2
+"""Invocations out per actor at most: one running, one on its way, so the actor never waits a round trip."""
+_BATCH_MAX = 32
+"""Calls per invocation at most (the pool queues at most `RayBackend.max_queue_depth` per worker anyway)."""
+_BATCH_WINDOW = 16
+"""Calls are batched only while most of an actor's last this many calls were fast (`RayBackend.fast_call_ms`)."""
+_SUSPECTS_MAX = 4096
+"""Suspect calls remembered at most (a suspect whose task was cancelled is never seen again)."""
+
+SuspectKey = tuple[str, str, int]
+"""A call across re-runs: (task id, pool, attempt); a re-run of the same attempt gets a new call id."""
+
+
+def _suspect_key(call: RunService) -> SuspectKey:
+    return call.task.task_id, call.service, call.attempt
 
 
 class _RayWorker:
     """A pool's handle on one Ray actor.
 
-    The pool calls `send`, `retire` and `join` from the orchestrator's thread;
-    they touch no Ray API: the Ray work (`_promote`, `_submit`, `_kill`) runs
-    on the backend's waiter thread, queued in the order it was asked for.
+    The pool calls `send`, `send_many`, `retire` and `join` from the
+    orchestrator's thread; they touch no Ray API: the Ray work (`_promote`,
+    `_pump`, `_kill`) runs on the backend's waiter thread, queued in the order
+    it was asked for.
     """
 
     __slots__ = (
         "_actor",
         "_backend",
+        "_pump_due",
         "dead",
         "deliver",
-        "in_flight",
+        "invocations",
         "log",
         "name",
         "node",
         "on_death",
         "probe",
+        "queued",
+        "recent",
         "retired",
         "settled",
         "unsettled",
@@ -193,12 +248,18 @@ class _RayWorker:
         """Set by the waiter when the actor is seen dead; its later results are dropped."""
         self.node = ""
         """Where the actor runs, once one of its calls has come back."""
-        self.in_flight = CallsInFlight()
-        """Calls submitted and not yet resolved: a Ray actor runs them in order, so the head is running."""
+        self.queued: deque[RunService] = deque()
+        """Calls sent by the pool, not yet submitted: appended on the orchestrator's thread, taken on the waiter's."""
+        self._pump_due = False
+        """A `_pump` is queued on the waiter, which will take whatever `queued` holds by then."""
+        self.invocations: deque[tuple[RunService, ...]] = deque()
+        """Invocations submitted and not yet answered, in order: the actor runs the first (waiter thread only)."""
+        self.recent: deque[float] = deque(maxlen=_BATCH_WINDOW)
+        """The durations (ms) of the actor's last calls, which decide whether its calls are batched."""
         self.settled = threading.Event()
         """Set once the worker is killed and every call it held has resolved (see `join`)."""
         self.unsettled = 0
-        """Calls of the killed actor not yet resolved; only the waiter thread counts them."""
+        """Invocations of the killed actor not yet resolved; only the waiter thread counts them."""
 
     def send(self, call: RunService) -> bool:
         """Queue the call for submission to the actor and return at once.
@@ -209,31 +270,87 @@ class _RayWorker:
         """
         if self.retired:
             return False
-        self._backend.waiter.run_soon(lambda: self._submit(call))
+        self.queued.append(call)
+        self._wake()
         return True
 
-    def _submit(self, call: RunService) -> None:
-        """On the waiter thread: `.remote()` the call; a failure to submit is the actor's death."""
+    def send_many(self, calls: Sequence[RunService]) -> bool:
+        """Queue several calls, in order: the waiter submits them in as few invocations as it may."""
         if self.retired:
-            return  # retired after `send`: the pool has taken the call back already
+            return False
+        self.queued.extend(calls)
+        self._wake()
+        return True
+
+    def _wake(self) -> None:
+        # One `_pump` queued at a time: it clears the flag before it takes the calls, so a call
+        # appended after that either is taken by it or queues the next one.
+        if not self._pump_due:
+            self._pump_due = True
+            self._backend.waiter.run_soon(self._pump)
+
+    def _pump(self) -> None:
+        """On the waiter thread: submit what is queued, while fewer than `_IN_FLIGHT` invocations are out."""
+        self._pump_due = False
+        if self.retired or self.dead:
+            self.queued.clear()  # the pool has taken (or will take) these calls back
+            return
+        queued, invocations, suspects = self.queued, self.invocations, self._backend.suspects
+        while queued and len(invocations) < _IN_FLIGHT:
+            if suspects:
+                # A suspect runs with nothing else in flight: if the actor dies then, the call is known.
+                last = invocations[-1] if invocations else None
+                if last is not None and len(last) == 1 and _suspect_key(last[0]) in suspects:
+                    return
+                if _suspect_key(queued[0]) in suspects and invocations:
+                    return
+            self._submit(self._take_batch())
+
+    def _take_batch(self) -> tuple[RunService, ...]:
+        """The next calls for one invocation: one, unless the actor is fast; a suspect always alone."""
+        queued, suspects = self.queued, self._backend.suspects
+        first = queued.popleft()
+        recent = self.recent
+        # Most recent calls fast (the median): one slow call does not turn batching off.
+        fast = len(recent) == _BATCH_WINDOW and sorted(recent)[_BATCH_WINDOW // 2] < self._backend.fast_call_ms
+        if not fast or (suspects and _suspect_key(first) in suspects):
+            return (first,)
+        batch = [first]
+        while queued and len(batch) < _BATCH_MAX:
+            if suspects and _suspect_key(queued[0]) in suspects:
+                break
+            batch.append(queued.popleft())
+        return tuple(batch)
+
+    def _submit(self, calls: tuple[RunService, ...]) -> None:
+        """On the waiter thread: `.remote()` one invocation; a failure to submit is the actor's death."""
         waiter = self._backend.waiter
-        self.in_flight.add(call)  # before the call can resolve, so that its report finds it
+        self.invocations.append(calls)  # before it can resolve, so that its report finds it
         try:
             if self._actor is None:
                 raise RuntimeError("no Ray actor could be started for this worker")
-            ref = self._actor.run.remote(call, self.name)
+            ref = self._actor.run_many.remote(calls, self.name)
         except Exception as exc:  # noqa: BLE001 - the actor or the cluster is gone: report it as a crash
-            waiter.report_now(self, call, exc)
+            waiter.report_now(self, calls, exc)
             return
-        waiter.watch(ref, self, call)
+        waiter.watch(ref, self, calls)
 
     def withdraw(self, call_id: int) -> bool:
-        """Always False: a call submitted to a Ray actor cannot be taken back (the pool keeps its depth small)."""
+        """Always False: a call sent to a Ray actor cannot be taken back (the pool keeps its depth small)."""
         return False
 
-    def send_many(self, calls: Sequence[RunService]) -> bool:
-        """Queue several calls, in order (one at a time for now)."""
-        return all(self.send(call) for call in calls)
+    def vouches_running(self, call_id: int) -> bool:
+        """False if `call_id` shares its invocation with other calls: which of them hangs is unknown.
+
+        Read on the orchestrator's thread while the waiter changes `invocations`: a
+        stale answer only errs on one side (a batch just answered is still taken
+        as a batch), and the calls it spares are run again, not lost.
+        """
+        try:
+            running = self.invocations[0]
+        except IndexError:
+            return True
+        return len(running) == 1 or all(call.call_id != call_id for call in running)
 
     def retire(self) -> None:
         """Have the actor killed (interrupting a hung call); its results from now on are dropped."""
@@ -243,7 +360,14 @@ class _RayWorker:
         self._backend.waiter.run_soon(self._kill)
 
     def _kill(self) -> None:
-        """On the waiter thread: stop watching the actor's calls, and kill it."""
+        """On the waiter thread: stop watching the actor's calls, and kill it.
+
+        If it was running a batch (a stage timeout), which call hung is not
+        known: its calls become suspects, each run alone from now on.
+        """
+        self.queued.clear()
+        if self.invocations and len(self.invocations[0]) > 1 and not self.dead:
+            self._backend.suspect(self.invocations[0])
         self.unsettled = self._backend.waiter.forget_worker(self)
         if self.unsettled == 0:
             self.settled.set()
@@ -280,10 +404,10 @@ class _RefWaiter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def watch(self, ref: Any, worker: _RayWorker, call: RunService) -> None:
-        """Report `ref` when it resolves (as the outcome of `call` on `worker`)."""
+    def watch(self, ref: Any, worker: _RayWorker, calls: tuple[RunService, ...]) -> None:
+        """Report `ref` when it resolves (as the outcome of the invocation of `calls` on `worker`)."""
         with self._lock:
-            self._pending[ref] = _Pending(worker, call)
+            self._pending[ref] = _Pending(worker, calls)
         future: Future[Any] = ref.future()
         future.add_done_callback(lambda done: self._ready.put((ref, done)))
 
@@ -291,11 +415,9 @@ class _RefWaiter:
         """Run `work` on this thread, after everything queued before it (any thread may call this)."""
         self._ready.put(work)
 
-    def report_now(self, worker: _RayWorker, call: RunService, error: BaseException) -> None:
-        """Report `call` as failed by `error` without a ref (it could not even be submitted)."""
-        with self._lock:
-            pending = _Pending(worker, call)
-        self._report(pending, None, error)
+    def report_now(self, worker: _RayWorker, calls: tuple[RunService, ...], error: BaseException) -> None:
+        """Report an invocation as failed by `error` without a ref (it could not even be submitted)."""
+        self._report(_Pending(worker, calls), None, error)
 
     def forget_worker(self, worker: _RayWorker) -> int:
         """Stop watching a worker's refs (their outcomes will be dropped); returns how many are outstanding."""
@@ -376,8 +498,12 @@ class RayBackend:
             service function cannot be sent to, or loaded on, Ray workers.
     """
 
-    max_queue_depth = 1
-    """Calls queued per worker at most: one, as for slow thread workers (see ServicePool)."""
+    max_queue_depth = 16
+    """Calls queued per worker at most, while its calls are fast (see ServicePool): what a batch can hold."""
+    min_queue_depth = 2
+    """Calls queued per worker at least, even slow ones: the second is on its way while the first runs."""
+    fast_call_ms = 5.0
+    """A call shorter than this is fast, next to a round trip of about 3 ms: such calls are queued deep and batched."""
 
     name = "ray"
 
@@ -402,6 +528,12 @@ class RayBackend:
         """The waiter thread promotes, replaces and kills spares; `close` kills any it left (it timed out)."""
         self._owns_session = self._join_session(address)
         self._closed = False
+        self.suspects: dict[SuspectKey, None] = {}
+        """Calls of a batch whose actor died or hung, each run alone from now on (waiter thread only)."""
+        self.calls_done = 0
+        """Calls answered by Ray actors."""
+        self._invocations_done: dict[str, int] = {}
+        """Per worker, the actor's own count of its invocations, as it last reported it."""
         try:
             self._remote_class = self.ray.remote(scheduling_strategy="SPREAD")(ServiceActor)
             self._shipped = self._ship(functions)
@@ -523,7 +655,7 @@ class RayBackend:
                         self.ray.kill(spare.actor, no_restart=True)
                 spares.clear()
 
-    def _drop_spares_on_lost_nodes(self) -> None:
+    def _drop_spares_on_lost_nodes(self) -> set[str]:
         """Runs on the waiter thread when an actor has died: kill the spares that died with it.
 
         When a node is lost, the warm spares on it are gone too, but nothing
@@ -532,17 +664,17 @@ class RayBackend:
         burn a second attempt. So each actor death asks the GCS which nodes
         are dead (`ray.nodes()`, one RPC: deaths are rare) and replaces the
         spares that were there, or that failed to start, with new ones, which
-        Ray places on the surviving nodes.
+        Ray places on the surviving nodes. Returns the lost nodes (node id prefixes).
         """
         try:
             nodes = self.ray.nodes()
         except Exception:  # noqa: BLE001 - the GCS is unreachable: keep the spares, a dead one fails its call
-            return
+            return set()
         lost = {node["NodeID"][:_NODE_ID_CHARS] for node in nodes if not node["Alive"]}
         dropped = 0
         with self._stock_lock:
             if self._closed:
-                return
+                return lost
             if self._nodes:
                 self._nodes = _with_cpus(nodes)  # deal new actors over the nodes alive now
             for service, spares in self._stock.items():
@@ -559,6 +691,7 @@ class RayBackend:
                 self._stock[service] = alive
         if dropped:
             self._log.warning("ray.spares_replaced", spares=dropped, lost_nodes=sorted(lost))
+        return lost
 
     def _probed_node(self, probe: Any) -> str:
         """The `node` an actor's probe answered, or "" if it has not (yet) or failed; never waits."""
@@ -612,35 +745,86 @@ class RayBackend:
         self._kill_stock()  # no-op, unless the waiter did not finish in time
         self._local.close()
         self._leave_session()
-        self._log.info("ray.backend_stopped", stopped_ray=self._owns_session)
+        self._log.info(
+            "ray.backend_stopped",
+            stopped_ray=self._owns_session,
+            calls=self.calls_done,
+            invocations=self.invocations_done,
+        )
+
+    @property
+    def invocations_done(self) -> int:
+        """Remote invocations the actors ran, by their own count (`calls_done` over this is the batch size)."""
+        return sum(self._invocations_done.values())
+
+    def suspect(self, calls: Sequence[RunService]) -> None:
+        """On the waiter thread: run each of these calls alone from now on (one of them killed or hung its actor)."""
+        suspects = self.suspects
+        for call in calls:
+            suspects[_suspect_key(call)] = None
+        while len(suspects) > _SUSPECTS_MAX:
+            del suspects[next(iter(suspects))]
 
     # --- the waiter's reports --------------------------------------------------------------------
 
-    def _report(self, pending: _Pending, done: Any, error: BaseException | None) -> None:
-        """Runs on the waiter thread: log the call's end in this process and tell its pool."""
+    def _report(self, pending: _Pending, outcome: Any, error: BaseException | None) -> None:
+        """Runs on the waiter thread: log each call's end in this process and tell its pool, in one message."""
         worker = pending.worker
         if worker.retired or worker.dead:
             return  # late: the pool has taken its calls back
         if error is None:
-            assert isinstance(done, ServiceDone)
-            worker.in_flight.settle(pending.call.call_id)
-            worker.node = done.node or worker.node
-            log_done(worker.log, pending.call, done)
-            worker.deliver(done)
+            dones, invocations = outcome
+            self._finished(worker, pending.calls, dones, invocations)
+            worker._pump()  # an invocation's slot is free: send what queued up meanwhile
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
         # Before the pool hears of it and promotes a spare: that spare must not be on a lost node.
-        self._drop_spares_on_lost_nodes()
-        call = worker.in_flight.head() or pending.call  # the call it was running: its oldest unresolved one
+        lost = self._drop_spares_on_lost_nodes()
+        # Every call it held unanswered: the first was running, unless its answer died with the process
+        # (a reply is sent after the call returns, and a call behind it that kills the process at once
+        # can leave it unsent). So only a lone call is surely the one that killed it.
+        held = [call for calls in worker.invocations for call in calls] or list(pending.calls)
         why = describe_ray_error(error)
         if not worker.node:  # it died in its first call (a lost node): its probe still says where it was
             worker.node = self._probed_node(worker.probe)
-        worker.deliver(
-            log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
-        )
-        # Idempotent safety net: the pool has normally replaced the worker on the crash report already.
+        if len(held) == 1 or node_id_of(worker.node) in lost:
+            call = held[0]  # the oldest call it held: the one it was running, as far as the head can know
+            worker.deliver(
+                log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
+            )
+        else:
+            # Which of its calls killed it is unknown: none is charged, each runs alone next time.
+            self.suspect(held)
+            self._log.warning(
+                "ray.batch_lost",
+                worker=worker.name,
+                calls=len(held),
+                task_ids=[call.task.task_id for call in held],
+                node=worker.node,
+                error=why,
+            )
+        # Replaces the worker and runs its other calls again (or is an idempotent safety net, after a crash report).
         worker.on_death(worker.name, f"Ray actor died: {why}")
+
+    def _finished(
+        self, worker: _RayWorker, calls: tuple[RunService, ...], dones: list[ServiceDone], invocations: int
+    ) -> None:
+        """One invocation answered: its calls' reports go to the pool in one message."""
+        with contextlib.suppress(ValueError):  # answered in order; `remove` in case a callback overtook another
+            worker.invocations.remove(calls)
+        self.calls_done += len(dones)
+        self._invocations_done[worker.name] = invocations
+        suspects, recent, log = self.suspects, worker.recent, worker.log
+        for call, done in zip(calls, dones, strict=True):
+            if suspects:
+                suspects.pop(_suspect_key(call), None)
+            recent.append(done.duration_ms)
+            log_done(log, call, done)
+        worker.node = dones[-1].node or worker.node
+        if log.enabled("debug"):
+            log.debug("ray.invocation_done", invocation=invocations, task_ids=[call.task.task_id for call in calls])
+        worker.deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
 
 
 def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:

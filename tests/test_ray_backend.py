@@ -11,13 +11,16 @@ so, unless ACTORFLOW_REQUIRE_RAY is set (as in CI), where it fails instead.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from actorflow import Pipeline, Stage
-from actorflow.actors import Runtime
+from actorflow.actors import Milestone, Runtime
 from actorflow.actors.ray_backend import RayBackend, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
@@ -418,3 +421,260 @@ def test_a_stage_on_ray_runs_next_to_a_stage_on_threads(ray_session: Any) -> Non
     assert record.result["n"] == 49
     assert record.result["pid"] != os.getpid()
     assert record.path() == ["CREATED", "PREPARE", "SQUARE", "COMPLETED"]
+
+
+# --- several calls in one invocation ------------------------------------------------------------------
+#
+# The backend batches a worker's queued calls while its calls are fast. These tests make every call count
+# as fast (`fast_call_ms`): on this loaded machine a 50 us call now and then takes over 5 ms, and whether
+# calls batch must not depend on that. Each builds a batch for certain: after a warm-up (the pool learns
+# that calls are fast, and queues deep), a gate call holds the one processor actor until the calls of a
+# burst are all queued at the worker (the `call.queued` milestones); then the gate opens, and what is
+# queued goes in one invocation. Every processor run is written to a file (a line survives the process's
+# own death), and `ray.invocation_done`/`ray.batch_lost` name the tasks of each invocation.
+
+
+@ray.remote(num_cpus=0)
+class OpenGate:
+    """A named gate: calls of `batch_process` of kind "gate" wait in `wait` until the test calls `open`."""
+
+    def __init__(self) -> None:
+        self._opened = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._opened.wait()
+
+    async def open(self) -> None:
+        self._opened.set()
+
+
+def batch_process(task: Task) -> Mapping[str, Any]:
+    """A processor that does, on attempt 1, what the payload's ``kind`` asks; every run noted in ``runs``."""
+    data = task.payload["data"]
+    assert isinstance(data, Mapping)
+    with open(str(data["runs"]), "a", encoding="utf-8") as runs:
+        runs.write(f"{data['i']} {task.attempt}\n")
+    kind = data["kind"] if task.attempt == 1 else "ok"
+    if kind == "gate":
+        ray.get(ray.get_actor(str(data["gate"])).wait.remote())
+    elif kind == "raise":
+        raise ValueError(f"task {data['i']} is refused")
+    elif kind == "flaky":
+        raise TransientError("the upstream is busy")
+    elif kind == "die":
+        os._exit(1)
+    elif kind == "hang":
+        time.sleep(600)  # ok-sleep: this IS the hang, in a Ray worker process; only killing the actor ends it
+    return {"i": data["i"], "attempt": task.attempt}
+
+
+class QueuedCalls:
+    """An `on_milestone` callback: waits until `count` processor calls were queued behind another."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.queued = 0
+
+    def __call__(self, milestone: Milestone) -> None:
+        if milestone.name == "call.queued" and milestone.fields.get("service") == "processor":
+            with self._changed:
+                self.queued += 1
+                self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = TIMEOUT_S) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.queued >= count, timeout)
+
+
+@dataclass
+class Burst:
+    """What a burst left: its records in order, the runs per task index, and the logged events."""
+
+    records: list[TaskRecord]
+    held: TaskRecord
+    """The gate call's task (index -100): its call may share an invocation with the burst's."""
+    runs: dict[int, list[int]]
+    """Task index -> the attempts its processor calls ran, in order."""
+    logs: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+    def index_of(self, task_id: str) -> int:
+        if task_id == self.held.task_id:
+            return -100
+        return next((i for i, record in enumerate(self.records) if record.task_id == task_id), -1)  # -1: warm-up
+
+    def invocations(self) -> list[list[int]]:
+        """The task indexes of each answered processor invocation (-1 for a warm-up task, -100 for the gate's)."""
+        return [
+            [self.index_of(t) for t in e["task_ids"]]
+            for e in self.logs
+            if e["event"] == "ray.invocation_done" and e["actor"].startswith("processor-")
+        ]
+
+
+def run_burst(
+    kinds: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracer_provider: Any = None, **config: Any
+) -> Burst:
+    """Warm up, then hold the processor with a gate call while `kinds` queue behind it; open; wait for all."""
+    monkeypatch.setattr(RayBackend, "fast_call_ms", 1e6)
+    runs_file = tmp_path / "runs.txt"
+    gate_name = f"gate-{uuid.uuid4().hex}"
+    gate = OpenGate.options(name=gate_name).remote()  # type: ignore[attr-defined]
+
+    def payload(i: int, kind: str) -> dict[str, object]:
+        return {"name": f"t{i}", "data": {"i": i, "kind": kind, "runs": str(runs_file), "gate": gate_name}}
+
+    queued = QueuedCalls()
+    services = ServiceSet(process=batch_process, persist=discard)
+    try:
+        with (
+            capture_logs() as logs,
+            Runtime(
+                ray_config(**config), services=services, on_milestone=queued, tracer_provider=tracer_provider
+            ) as runtime,
+        ):
+            warm = [runtime.submit(payload(-1 - i, "ok")) for i in range(40)]
+            assert {h.result(timeout=TIMEOUT_S).state for h in warm} == {TaskState.COMPLETED}
+            queued_before = queued.queued
+            held = runtime.submit(payload(-100, "gate"))
+            handles = [runtime.submit(payload(i, kind)) for i, kind in enumerate(kinds)]
+            assert queued.wait_for(queued_before + len(kinds)), "every call of the burst waits behind the gate"
+            ray.get(gate.open.remote(), timeout=TIMEOUT_S)
+            held_record = held.result(timeout=TIMEOUT_S)
+            assert held_record.state is TaskState.COMPLETED
+            records = [handle.result(timeout=TIMEOUT_S) for handle in handles]
+            stats = runtime.stats()
+    finally:
+        ray.kill(gate)
+    runs: dict[int, list[int]] = {}
+    for line in runs_file.read_text(encoding="utf-8").splitlines():
+        index, attempt = map(int, line.split())
+        if index >= 0:
+            runs.setdefault(index, []).append(attempt)
+    return Burst(records, held_record, runs, logs, stats)
+
+
+def _results(burst: Burst) -> list[tuple[TaskState, int | None]]:
+    return [(r.state, r.result["attempt"] if r.result is not None else None) for r in burst.records]
+
+
+@pytest.mark.timeout(180)
+def test_calls_in_one_invocation_each_get_their_own_result_and_one_raising_mid_batch_fails_only_its_task(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["ok", "raise", "ok", "raise", "ok", "ok", "raise", "ok"]
+    burst = run_burst(kinds, tmp_path, monkeypatch)
+
+    for index, (kind, record) in enumerate(zip(kinds, burst.records, strict=True)):
+        if kind == "raise":
+            assert record.state is TaskState.FAILED
+            assert record.error == f"processor: ValueError: task {index} is refused"
+        else:
+            assert record.state is TaskState.COMPLETED
+            assert record.result == {"i": index, "attempt": 1}
+    assert burst.runs == {index: [1] for index in range(len(kinds))}, "each call ran once"
+    assert burst.stats["retries"] == 0
+    raisers = {index for index, kind in enumerate(kinds) if kind == "raise"}
+    in_the_middle = [calls for calls in burst.invocations() if any(index in raisers for index in calls[1:-1])]
+    assert in_the_middle, f"a raising call ran between others in one invocation: {burst.invocations()}"
+
+
+@pytest.mark.timeout(180)
+def test_a_transient_error_in_a_batch_retries_only_that_call(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - the otel test dependency, here only
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: PLC0415
+    from opentelemetry.trace import StatusCode  # noqa: PLC0415
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    kinds = ["ok", "flaky", "ok", "ok", "flaky", "ok"]
+    burst = run_burst(kinds, tmp_path, monkeypatch, tracer_provider=provider)
+    provider.shutdown()
+
+    assert _results(burst) == [(TaskState.COMPLETED, 2 if kind == "flaky" else 1) for kind in kinds]
+    assert burst.runs == {index: [1, 2] if kind == "flaky" else [1] for index, kind in enumerate(kinds)}
+    assert burst.stats["retries"] == kinds.count("flaky")
+    assert burst.stats["pools"]["processor"]["restarts"] == 0
+    flaky = {index for index, kind in enumerate(kinds) if kind == "flaky"}
+    assert any(len(calls) > 1 and flaky & set(calls) for calls in burst.invocations())
+    # Each call of the batch has its own span, under its own task's span, with its own status.
+    spans = exporter.get_finished_spans()
+
+    def of(name: str, task_id: str) -> list[Any]:
+        return [s for s in spans if s.name == name and (s.attributes or {}).get("actorflow.task_id") == task_id]
+
+    for index, record in enumerate(burst.records):
+        (task,) = of("actorflow.task", record.task_id)
+        calls = sorted(
+            of("actorflow.processor", record.task_id), key=lambda s: (s.attributes or {})["actorflow.attempt"]
+        )
+        assert all(c.parent is not None and c.parent.span_id == task.get_span_context().span_id for c in calls)
+        expected = [StatusCode.ERROR, StatusCode.UNSET] if index in flaky else [StatusCode.UNSET]
+        assert [c.status.status_code for c in calls] == expected, index
+
+
+@pytest.mark.timeout(240)
+def test_an_actor_killed_mid_batch_charges_only_the_call_that_killed_it_and_the_others_run_again_once(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["ok", "ok", "ok", "die", "ok", "ok"]
+    killer = kinds.index("die")
+    burst = run_burst(kinds, tmp_path, monkeypatch)
+
+    assert _results(burst) == [(TaskState.COMPLETED, 2 if kind == "die" else 1) for kind in kinds]
+    (lost,) = [e for e in burst.logs if e["event"] == "ray.batch_lost"]
+    batch = [burst.index_of(task_id) for task_id in lost["task_ids"]]
+    assert killer in batch
+    assert lost["calls"] == len(batch) > 1, "the actor died in a batch"
+    # Which call killed it is unknown: none is charged, and each call of that batch runs again, alone; the
+    # killer then kills its actor alone, and is charged (attempt 2 completes). Calls that had run before
+    # it in the batch ran again once; calls behind it in the batch, or in later invocations, ran once.
+    ran_before = batch[: batch.index(killer)]
+    for index in range(len(kinds)):
+        if index == killer:
+            assert burst.runs[index] == [1, 1, 2]
+        else:
+            assert burst.runs[index] == ([1, 1] if index in ran_before else [1]), index
+    failed = [e for e in burst.logs if e["event"] == "service.failed" and e["service"] == "processor"]
+    assert [(burst.index_of(e["task_id"]), e["attempt"]) for e in failed] == [(killer, 1)]
+    assert failed[0]["error_type"] == "ActorDiedError"
+    pool = burst.stats["pools"]["processor"]
+    assert (pool["restarts"], pool["workers"], pool["failing"]) == (2, 1, None)
+
+
+@pytest.mark.timeout(240)
+def test_a_call_that_hangs_in_a_batch_times_out_alone_and_only_it_is_charged(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["ok", "ok", "hang", "ok", "ok"]
+    hung = kinds.index("hang")
+    burst = run_burst(kinds, tmp_path, monkeypatch, stage_timeout_s=4.0)
+
+    assert _results(burst) == [(TaskState.COMPLETED, 2 if kind == "hang" else 1) for kind in kinds]
+    timeouts = [e for e in burst.logs if e["event"] == "service.timeout"]
+    # The batch's timeout is charged to none of its calls (its head may not be the one that hangs); run
+    # alone, the hung call times out again, and that timeout is its own.
+    assert [e.get("charged", True) for e in timeouts] == [False, True]
+    assert burst.index_of(timeouts[1]["task_id"]) == hung
+    assert burst.runs[hung] == [1, 1, 2]
+    assert all(burst.runs[i] in ([1], [1, 1]) for i in range(len(kinds)) if i != hung)
+    assert burst.stats["timeouts"] == 2
+    assert burst.stats["retries"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_under_load_calls_share_invocations_by_the_actors_own_count(
+    ray_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(RayBackend, "fast_call_ms", 1e6)
+    services = ServiceSet(persist=discard)
+    with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
+        handles = [runtime.submit({"name": f"t{i}", "data": i}) for i in range(300)]
+        assert {h.result(timeout=TIMEOUT_S).state for h in handles} == {TaskState.COMPLETED}
+    (stopped,) = [e for e in logs if e["event"] == "ray.backend_stopped"]
+    assert stopped["calls"] == 3 * 300
+    assert 0 < stopped["invocations"] < stopped["calls"] / 2, stopped

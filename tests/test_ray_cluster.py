@@ -455,7 +455,7 @@ def test_no_ray_call_is_made_on_the_orchestrators_thread_not_even_to_kill_or_rep
     assert stats["timeouts"] == 1
     assert stats["pools"]["processor"]["restarts"] == 1
     made = spy.calls[started:]
-    assert {"submit run", "kill", "start actor"} <= {what for what, _ in made}, "a call, a kill, a new spare"
+    assert {"submit run_many", "kill", "start actor"} <= {what for what, _ in made}, "a call, a kill, a new spare"
     on_orchestrator = [(what, thread) for what, thread in made if thread.startswith("OrchestratorActor")]
     assert on_orchestrator == []
 
