@@ -678,8 +678,8 @@ class OrchestratorActor(FastActor):
         if task_id is None:
             return
         pool = next((p for p in self._pools.values() if p.running(call_id)), None)
-        if pool is None:
-            return
+        if pool is None or pool.answered(call_id):
+            return  # answered: its report, held back with a batch's, is on its way (sent now)
         self.counters["timeouts"] += 1
         worker = pool.worker_of(call_id)
         # A call in a batch that hung may not be the one at fault: then none is charged, and all run again.

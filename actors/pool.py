@@ -166,6 +166,16 @@ class ServicePool:
         slot = self._where.get(call_id)
         return slot is not None and bool(slot.calls) and slot.calls[0] == call_id
 
+    def answered(self, call_id: int) -> bool:
+        """True if the worker has finished `call_id` and held its report back with a batch's (it is sent now).
+
+        A stage deadline that fires then is no timeout: the report is on its way, and the next
+        call's deadline is armed when it arrives. Only thread workers hold reports this way.
+        """
+        slot = self._where.get(call_id)
+        release = getattr(slot.worker, "release_result", None) if slot is not None else None
+        return release is not None and bool(release(call_id))
+
     def surely_running(self, call_id: int) -> bool:
         """True if `call_id` is running and its worker can tell it apart from the calls queued with it.
 

@@ -401,6 +401,15 @@ class _HeldResults:
                 return True
             return False
 
+    def release(self, call_id: int) -> bool:
+        """If `call_id`'s result is held here, deliver every held result now and return True."""
+        with self._lock:
+            if all(done.call_id != call_id for done in self._dones):
+                return False
+            dones, self._dones = self._dones, []
+            self._deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
+            return True
+
     def deliver(self, older_than: float | None = None) -> bool:
         """Deliver every held result (or only if the oldest was held `older_than` s or more). True if some are left."""
         with self._lock:
@@ -485,10 +494,11 @@ class ServiceWorker(FastActor):
         threads: ThreadBook,
         claims: CallClaims | None = None,
         sweeper: _ResultSweeper | None = None,
+        held: _HeldResults | None = None,
     ) -> None:
         super().__init__(threads=threads)
         self._claims = claims
-        self._held = _HeldResults(deliver)
+        self._held = held or _HeldResults(deliver)
         self._sweeper = sweeper or _ResultSweeper(threads)
         self._name = name
         self._fn = fn
@@ -544,15 +554,25 @@ class ServiceWorker(FastActor):
 
 
 class _ThreadWorker:
-    __slots__ = ("_claims", "_ref", "_retired", "name")
+    __slots__ = ("_claims", "_held", "_ref", "_retired", "name")
 
     def __init__(
-        self, name: str, ref: pykka.ActorRef[ServiceWorker], retired: threading.Event, claims: CallClaims
+        self,
+        name: str,
+        ref: pykka.ActorRef[ServiceWorker],
+        retired: threading.Event,
+        claims: CallClaims,
+        held: _HeldResults,
     ) -> None:
         self.name = name
         self._ref = ref
         self._retired = retired
         self._claims = claims
+        self._held = held
+
+    def release_result(self, call_id: int) -> bool:
+        """True if `call_id` has finished and its report was held with a batch's: it is sent now."""
+        return self._held.release(call_id)
 
     def withdraw(self, call_id: int) -> bool:
         return self._claims.take(call_id)
@@ -600,10 +620,11 @@ class ThreadBackend:
     ) -> WorkerHandle:
         retired = threading.Event()
         claims = CallClaims()
+        held = _HeldResults(deliver)
         ref = ServiceWorker.start(
-            name, fn, deliver, on_death, retired, self._dead_letters, self._threads, claims, self._sweeper
+            name, fn, deliver, on_death, retired, self._dead_letters, self._threads, claims, self._sweeper, held
         )
-        return _ThreadWorker(name, ref, retired, claims)
+        return _ThreadWorker(name, ref, retired, claims, held)
 
     def close(self) -> None:
         """Stop the thread that delivers results held back by workers (the workers are retired by now)."""

@@ -423,6 +423,38 @@ def test_a_call_queued_behind_others_in_a_batch_gets_its_own_stage_deadline_once
         rig.close()
 
 
+def test_a_deadline_that_fires_while_the_calls_report_is_held_back_with_a_batch_sends_it_and_charges_nothing(
+    timer: Timer,
+) -> None:
+    release = threading.Event()
+    runs: list[str] = []
+
+    def stage(task: Task, value: Any) -> None:
+        runs.append(task.task_id)
+        if task.task_id == "task-2":
+            assert release.wait(WAIT_S)  # runs on while the first call's report is held
+
+    rig = ThreadRig(timer, stage, hold_s=60.0, timeout_s=0.2)  # held until the batch ends
+    try:
+        rig.teach_fast_calls()
+        for call_id in (1, 2):
+            rig.pool.dispatch(call(call_id))
+        rig.pool.flush()
+        assert rig.deadlines.get(timeout=WAIT_S) == 1  # the finished first call still looks like the head
+        assert rig.pool.running(1)
+        assert rig.pool.answered(1)  # as the orchestrator asks before charging a timeout
+        assert [done.call_id for done in rig.next_dones()] == [1]  # sent at once, while the second call runs
+        assert rig.pool.running(2)
+        assert not rig.pool.answered(2)  # running, not answered: its deadline would be a real timeout
+        release.set()
+        assert [done.call_id for done in rig.next_dones()] == [2]
+        assert runs[-2:] == ["task-1", "task-2"]  # each ran once, on the same worker: nobody was replaced
+        assert rig.pool.stats()["restarts"] == 0
+    finally:
+        release.set()
+        rig.close()
+
+
 def test_a_worker_that_raises_when_sent_its_calls_is_reported_dead_so_that_its_calls_are_re_sent(
     timer: Timer,
 ) -> None:
