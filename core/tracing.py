@@ -166,7 +166,7 @@ class EventLogger:
             # `configure_logging`'s own JSON sink: no processor chain, no context merge (every field of
             # our events is passed explicitly), no copy: `fields` is this call's own keyword dict.
             if _LEVELS[level] >= sink.min_level:
-                sink.put((time.time(), level, event, self.actor, fields))
+                sink.put_event(time.time(), level, event, self.actor, fields)
             return
         fields.setdefault("actor", self.actor)
         if structlog.is_configured():
@@ -261,9 +261,13 @@ def _structlog_enabled(level: str) -> bool:
 # --- the application's opt-in ---------------------------------------------------------------------
 
 _MAX_PENDING = 65_536
-"""Events that may wait for the JSON sink's thread (a few tens of MB at most) before loggers wait."""
-_FULL_WAIT_S = 1.0
-"""How long a logging thread waits for room in a full sink before it drops its event."""
+"""Events that may wait for the JSON sink's thread before further events are dropped."""
+_MAX_PENDING_BYTES = 64 << 20
+"""Approximate bytes of events that may wait for the JSON sink's thread (see `_approx_size`)."""
+_EVENT_BYTES = 512
+"""What a queued event is taken to cost besides its text: the tuple, the dict, its keys and small values."""
+_ITEM_BYTES = 64
+"""What one element of a list, tuple or dict field is taken to cost."""
 _BATCH = 1024
 """Events the sink's thread takes, renders and writes at once."""
 _FLUSH_TIMEOUT_S = 10.0
@@ -285,8 +289,8 @@ class _Stop(_Flush):
     __slots__ = ()
 
 
-_Event = tuple[float, str, str, str, dict[str, Any]]
-"""An event of ours as queued: (time.time(), level, event, actor, fields)."""
+_Event = tuple[float, str, str, str, dict[str, Any], int]
+"""An event of ours as queued: (time.time(), level, event, actor, fields, approximate size in bytes)."""
 _Item = _Event | str | _Flush
 """What the sink's queue holds: our events, lines structlog already rendered (the host's own events), markers."""
 
@@ -295,19 +299,31 @@ class _JsonSink:
     """actorflow's own JSON-lines sink: logging threads queue events, one thread renders and writes them.
 
     The StateActor and the orchestrator log from their hot loops; here they
-    only append a tuple to a queue (~0.3 µs). The sink's thread (a daemon named
-    ``actorflow-log-sink``, started on the first event, so a fork child starts
-    its own) takes what is queued in batches, renders each event with `render`
-    and writes the batch with one write and one flush.
+    only append a tuple to a queue (about a microsecond). The sink's thread (a
+    daemon named ``actorflow-log-sink``, started on the first event, so a fork
+    child starts its own) takes what is queued in batches, renders each event
+    with `render` and writes the batch with one write and one flush.
 
-    The queue holds at most `max_pending` events. A thread that finds it full
-    waits up to `_FULL_WAIT_S` for room; if none comes (the disk is stuck),
-    the event is dropped and counted, and so is every further event until the
-    sink has written again, so that a stuck disk slows no thread twice. The
-    count is written as a ``log.events_dropped`` event once the sink catches up,
-    and is `dropped`. Lines that structlog rendered (the host's own events,
-    through `configure_logging`'s chain) go through the same queue, so the
-    file keeps the order in which events were logged.
+    Logging never waits for the sink, on any thread: the runtime's central
+    threads (the StateActor, whose stall would delay every commit, the
+    orchestrator, the async loop, the Ray waiter) and its workers (whose reports
+    would be late) must not, and a host's own thread gains nothing from a wait
+    that a slow disk can repeat for every write. The queue holds at most
+    `max_pending` events and about `max_pending_bytes` (`_approx_size`; an
+    event larger than that is still taken into an empty queue); an event that
+    finds it full is dropped at once and counted, and so is one logged after
+    `close`. The count is `dropped`, and is written as a ``log.events_dropped``
+    event once a write succeeds again (events lost to a failed write are counted
+    and reported the same way). Lines that structlog rendered (the host's own
+    events, through `configure_logging`'s chain) go through the same queue, so
+    the file keeps the order in which events were logged.
+
+    A file the sink opened (`owned`) is closed by whoever writes last: the
+    sink's thread once it reaches the stop marker `close` queued, or `close`
+    itself when no thread runs. If the disk is stuck past `close`'s timeout the
+    thread keeps the file open until it has written what it holds: closing the
+    descriptor under it would let its later writes land in whatever file is
+    opened next with the same number.
     """
 
     def __init__(
@@ -319,7 +335,9 @@ class _JsonSink:
         min_level: int,
         processors: list[Any],
         max_pending: int,
+        max_pending_bytes: int = _MAX_PENDING_BYTES,
     ) -> None:
+        _register_process_hooks()
         self.min_level = min_level
         self.processors = processors
         """The processor list `configure_logging` gave structlog: while it is current, the sink is in effect."""
@@ -328,12 +346,13 @@ class _JsonSink:
         self.factory: Callable[..., Any] | None = None
         """The logger factory `configure_logging` gave structlog."""
         self.dropped = 0
-        """Events dropped because the queue stayed full (or arrived after `close`)."""
+        """Events dropped because the queue was full, arrived after `close`, or were lost to a failed write."""
         self._text = stream
         self._fd = fd
         """A file `configure_logging` opened for appending: written with `os.write`, no buffer of Python's."""
         self._owned = owned
         self._max_pending = max_pending
+        self._max_bytes = max_pending_bytes
         self._render = _json_renderer()
         self._closed = False
         self._reset()
@@ -341,50 +360,42 @@ class _JsonSink:
     def _reset(self) -> None:
         """Fresh queue, locks and no thread: at start, and in a fork child (its parent's thread is not there)."""
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._room = threading.Condition(threading.Lock())
-        self._waiting = 0
-        self._stalled = False
+        self._lock = threading.Lock()
+        """Guards the counts below and `_closed`, and orders every queued event before the stop marker."""
+        self._pending = 0
+        self._pending_bytes = 0
+        self._unreported = 0
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._unreported = 0
 
     # --- logging threads ---------------------------------------------------------------------------
 
-    def put(self, item: _Item) -> None:
-        """Queue an event (or a rendered line) for the sink's thread; never blocks for long."""
-        if self._queue.qsize() >= self._max_pending or self._closed:
-            self._put_when_room(item)
-            return
-        self._queue.put(item)
-        if self._thread is None:
-            self._start()
+    def put_event(self, at: float, level: str, event: str, actor: str, fields: dict[str, Any]) -> None:
+        """Queue one of our events for the sink's thread, or drop and count it if the queue is full. Never waits."""
+        self._put((at, level, event, actor, fields, _approx_size(fields)))
 
     def msg(self, message: str) -> None:
         """The structlog logger interface: a line the host's chain rendered (queued in order with ours)."""
-        self.put(message)
+        self._put(message)
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
-    def _put_when_room(self, item: _Item) -> None:
-        with self._room:
-            if self._closed:
+    def _put(self, item: _Event | str) -> None:
+        size = item[5] if isinstance(item, tuple) else _line_size(item)
+        with self._lock:
+            if (
+                self._closed
+                or self._pending >= self._max_pending
+                or (self._pending and self._pending_bytes + size > self._max_bytes)
+            ):
+                # Full (a slow or stuck disk) or closed: drop at once rather than hold up the thread that logs.
                 self.dropped += 1
+                if not self._closed:
+                    self._unreported += 1
                 return
-            deadline = time.monotonic() + _FULL_WAIT_S
-            self._waiting += 1
-            try:
-                while self._queue.qsize() >= self._max_pending:
-                    remaining = deadline - time.monotonic()
-                    if self._stalled or remaining <= 0:
-                        # The sink has not made room in time: drop rather than hold up the runtime.
-                        self._stalled = True
-                        self.dropped += 1
-                        self._unreported += 1
-                        return
-                    self._room.wait(remaining)
-            finally:
-                self._waiting -= 1
-        self._queue.put(item)
+            self._pending += 1
+            self._pending_bytes += size
+            self._queue.put(item)  # under the lock: nothing gets behind the stop marker `close` queues
         if self._thread is None:
             self._start()
 
@@ -397,39 +408,73 @@ class _JsonSink:
 
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         """Wait until every event queued before this call is written and flushed. False on timeout."""
-        if self._thread is None or not self._thread.is_alive():
+        thread = self._thread
+        if thread is None or not thread.is_alive():
             return True  # nothing was ever queued here (or the thread ended at close, having written all)
         marker = _Flush()
-        self._queue.put(marker)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._queue.put(marker)
+        if closed:  # the stop marker is queued and nothing after it is served: wait for the thread to end
+            thread.join(timeout)
+            return not thread.is_alive()
         return marker.done.wait(timeout)
 
-    def close(self, timeout: float = _FLUSH_TIMEOUT_S) -> None:
-        """Write everything queued, stop the thread, close the file if it was opened here. Idempotent."""
-        with self._room:
+    def close(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
+        """Write everything queued, stop the thread, close the file if it was opened here. Idempotent.
+
+        Returns False if `timeout` passed first (a stuck disk): the thread then
+        writes the rest, and closes the file, if the disk recovers.
+        """
+        with self._lock:
             if self._closed:
-                return
+                return True
             self._closed = True  # from now on events are dropped and counted: the file is going away
-            self._room.notify_all()
-        thread = self._thread
+        with self._start_lock:
+            thread = self._thread  # and no thread can start from now on
         if thread is not None and thread.is_alive():
             stop = _Stop()
             self._queue.put(stop)
-            if stop.done.wait(timeout):  # else the disk is stuck: leave the daemon thread to it
-                thread.join(timeout)
-        else:  # never started, or gone with a fork: write what is queued here
-            self._write(self._drain_now())
-        if self._owned:
-            if self._fd is not None:
-                os.close(self._fd)
-            if self._text is not None:
-                self._text.close()
+            if not stop.done.wait(timeout):
+                return False  # the disk is stuck: the file stays the thread's, which closes it after the stop
+            thread.join(timeout)
+            return True
+        # Never started, or gone with a fork: nobody else writes, so write what is queued and close here.
+        self._write(self._drain_now())
+        self._close_file()
+        return True
 
     def _drain_now(self) -> list[_Item]:
         items: list[_Item] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 items.append(self._queue.get_nowait())
+        self._taken(items)
         return items
+
+    def _taken(self, batch: list[_Item]) -> None:
+        """Free the room `batch`'s events held in the queue."""
+        count = size = 0
+        for item in batch:
+            if isinstance(item, tuple):
+                count += 1
+                size += item[5]
+            elif isinstance(item, str):
+                count += 1
+                size += _line_size(item)
+        if count:
+            with self._lock:
+                self._pending -= count
+                self._pending_bytes -= size
+
+    def _close_file(self) -> None:
+        if not self._owned:
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._text is not None:
+            self._text.close()
 
     # --- the sink's thread ---------------------------------------------------------------------------
 
@@ -440,22 +485,19 @@ class _JsonSink:
             with contextlib.suppress(queue.Empty):
                 while len(batch) < _BATCH:
                     batch.append(get_nowait())
-            if self._waiting or self._stalled:
-                with self._room:
-                    self._stalled = False
-                    self._room.notify_all()
+            self._taken(batch)
             if self._write(batch):
                 return
 
     def _write(self, batch: list[_Item]) -> bool:
-        """Render and write one batch; True if it held the stop marker. Never raises."""
+        """Render and write one batch; True if it held the stop marker (the file is closed then). Never raises."""
         lines: list[bytes] = []
         markers: list[_Flush] = []
         stop = False
         render = self._render
         for item in batch:
             if isinstance(item, tuple):
-                at, level, event, actor, fields = item
+                at, level, event, actor, fields, _ = item
                 fields.setdefault("actor", actor)
                 fields["event"] = event
                 fields["level"] = level
@@ -469,17 +511,25 @@ class _JsonSink:
             else:
                 markers.append(item)
                 stop = stop or isinstance(item, _Stop)
+        events = len(lines)
+        unreported = 0
         if self._unreported:
-            with self._room:
-                count, self._unreported = self._unreported, 0
-            lines.append(render(_dropped_event(count)))
-        if lines:
-            self._write_lines(lines)
+            with self._lock:
+                unreported, self._unreported = self._unreported, 0
+            lines.append(render(_dropped_event(unreported)))
+        if lines and not self._write_lines(lines):
+            # Lost to a failed write, the drop report too: report them all once a write succeeds.
+            with self._lock:
+                self.dropped += events
+                self._unreported += unreported + events
+        if stop:
+            self._close_file()  # before the marker is set: when `close` returns, the file is closed
         for marker in markers:
             marker.done.set()
         return stop
 
-    def _write_lines(self, lines: list[bytes]) -> None:
+    def _write_lines(self, lines: list[bytes]) -> bool:
+        """Write the lines with one write; False if they could not be (a full disk, a closed stream)."""
         lines.append(b"")
         data = b"\n".join(lines)
         try:
@@ -494,9 +544,29 @@ class _JsonSink:
             elif self._text is not None:
                 self._text.write(data.decode("utf-8"))
                 self._text.flush()
-        except (OSError, ValueError):  # a full disk, a closed stream: count what was lost, keep the thread
-            with self._room:
-                self.dropped += len(lines) - 1
+        except (OSError, ValueError):  # keep the thread: the disk may come back
+            return False
+        return True
+
+
+def _approx_size(fields: dict[str, Any]) -> int:
+    """What an event holds in memory, roughly: a fixed cost, its text fields, and a fixed cost per container element.
+
+    Cheap enough for the logging thread (a pass over the values, no rendering);
+    it sees the large fields that matter, such as a failed call's traceback.
+    """
+    size = _EVENT_BYTES
+    for value in fields.values():
+        kind = type(value)
+        if kind is str:
+            size += len(value)
+        elif kind is list or kind is tuple or kind is dict:
+            size += _ITEM_BYTES * len(value)
+    return size
+
+
+def _line_size(line: str) -> int:
+    return len(line) + _ITEM_BYTES
 
 
 def _dropped_event(count: int) -> dict[str, Any]:
@@ -609,9 +679,23 @@ def _flush_at_exit() -> None:
         sink.flush()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_flush_at_exit)
+_hooks_registered = False
+_hooks_lock = threading.Lock()
+
+
+def _register_process_hooks() -> None:
+    """Flush at exit, and forget the parent's sink thread in a fork child: once per process, at the first sink.
+
+    Not at import: a host that never asks for our sink gets nothing registered.
+    """
+    global _hooks_registered
+    with _hooks_lock:
+        if _hooks_registered:
+            return
+        _hooks_registered = True
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    atexit.register(_flush_at_exit)
 
 
 def configure_logging(
@@ -621,6 +705,7 @@ def configure_logging(
     file: str | os.PathLike[str] | TextIO | None = None,
     colors: bool | None = None,
     max_pending: int = _MAX_PENDING,
+    max_pending_bytes: int = _MAX_PENDING_BYTES,
 ) -> ConfiguredLogging:
     """The application's one-call opt-in: configure structlog for actorflow's events.
 
@@ -632,7 +717,12 @@ def configure_logging(
         file: a path to append to, or an open text stream; defaults to stderr.
         colors: colour console output; defaults to whether the stream is a tty.
         max_pending: with `json`, how many events may wait to be written
-            before logging threads wait for room (see below).
+            before further events are dropped (see below).
+        max_pending_bytes: with `json`, about how many bytes of events may
+            wait to be written before further events are dropped: an event is
+            taken to cost 512 bytes plus the length of its text fields (a
+            failed call's traceback is up to 8 KiB) plus 64 bytes per element
+            of a list, tuple or dict field.
 
     Returns:
         A `ConfiguredLogging`: call it (or its `close`) at exit to write what
@@ -642,12 +732,13 @@ def configure_logging(
     With `json`, actorflow's own events skip structlog's processor chain: the
     thread that logs one (the StateActor's, the orchestrator's...) only queues
     it, and the sink's own thread renders it (with `orjson` when it is
-    installed, else the standard `json`) and writes it, in batches. If
-    `max_pending` events are waiting (the disk is slow), a logging thread waits
-    up to a second for room, then drops its event, and so do the threads after
-    it until the sink has written again; the number dropped is then written as
-    a ``log.events_dropped`` event. Other structlog events (the host's own)
-    still go through the processors below, and are written in order with ours.
+    installed, else the standard `json`) and writes it, in batches. Logging
+    never waits for the disk: if `max_pending` events, or `max_pending_bytes`,
+    are waiting (the disk is slow or stuck), an event is dropped at once, on
+    whichever thread logs it, and counted (`dropped`); the number dropped is
+    written as a ``log.events_dropped`` event once a write succeeds again.
+    Other structlog events (the host's own) still go through the processors
+    below, and are written in order with ours.
 
     This configures structlog globally, which is the application's right, not
     a library's: actorflow itself never calls it.
@@ -658,6 +749,8 @@ def configure_logging(
         raise ValueError(f"level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     if max_pending < 1:
         raise ValueError(f"max_pending must be at least 1, not {max_pending!r}")
+    if max_pending_bytes < 1:
+        raise ValueError(f"max_pending_bytes must be at least 1, not {max_pending_bytes!r}")
     stream: IO[str] | None = None
     fd: int | None = None
     owned = False
@@ -689,6 +782,7 @@ def configure_logging(
             min_level=_LEVELS[name],
             processors=processors,
             max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
         )
     else:
         assert stream is not None  # a path is opened as text when not `json`
@@ -714,16 +808,17 @@ def configure_logging(
     )
     _level_cache["wrapper"] = None
 
-    def close() -> None:
+    def close(timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         global _own_sink
         if isinstance(sink, _JsonSink):
-            sink.close()
+            written = sink.close(timeout)
             if _own_sink is sink:
                 _own_sink = None
-            return
+            return written
         sink.flush()
         if owned and stream is not None:
             stream.close()
+        return True
 
     return ConfiguredLogging(close, sink if isinstance(sink, _JsonSink) else None)
 
@@ -736,17 +831,22 @@ class ConfiguredLogging:
 
     __slots__ = ("_close", "_sink")
 
-    def __init__(self, close: Callable[[], None], sink: _JsonSink | None) -> None:
+    def __init__(self, close: Callable[[float], bool], sink: _JsonSink | None) -> None:
         self._close = close
         self._sink = sink
 
     def __call__(self) -> None:
         """Write what is pending, flush, and close what `configure_logging` opened."""
-        self._close()
+        self._close(_FLUSH_TIMEOUT_S)
 
-    def close(self) -> None:
-        """The same as calling it."""
-        self._close()
+    def close(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
+        """The same as calling it, waiting at most `timeout` seconds for what is pending to be written.
+
+        Returns:
+            False if `timeout` passed first (a stuck disk): the sink's thread
+            then writes the rest, and closes the file, if the disk recovers.
+        """
+        return self._close(timeout)
 
     def flush(self, timeout: float = _FLUSH_TIMEOUT_S) -> bool:
         """Wait until every event logged before this call is written; False if `timeout` passed first."""
@@ -756,7 +856,7 @@ class ConfiguredLogging:
 
     @property
     def dropped(self) -> int:
-        """JSON events dropped because the sink's queue stayed full (see `configure_logging`), or logged after close."""
+        """JSON events dropped: the sink's queue was full (see `configure_logging`), a write failed, or after close."""
         return 0 if self._sink is None else self._sink.dropped
 
 

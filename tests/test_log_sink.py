@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -266,42 +267,14 @@ def _emit(log_events: Iterator[int]) -> None:
         emitter.info("test.event", index=index)
 
 
-def test_a_full_queue_holds_the_logging_thread_until_the_sink_makes_room_and_loses_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(tracing, "_FULL_WAIT_S", 30.0)
-    stream = _StuckStream()
-    log = configure_logging(json=True, level="INFO", file=stream, max_pending=4)  # type: ignore[arg-type]
-    try:
-        _emit(iter([0]))
-        assert stream.entered.wait(10)  # the sink's thread holds event 0 and is stuck writing it
-        done = threading.Event()
-        producer = threading.Thread(target=lambda: (_emit(iter(range(1, 9))), done.set()))
-        producer.start()
-        # Events 1-4 fill the queue; event 5 must wait for room while the disk is stuck.
-        assert not done.wait(0.3)
-        stream.release.set()
-        producer.join(10)
-        assert done.is_set()
-    finally:
-        stream.release.set()
-        log()
-    indexes = [json.loads(line)["index"] for line in "".join(stream.parts).splitlines()]
-    assert indexes == list(range(9))
-    assert log.dropped == 0
-
-
-def test_a_sink_that_stays_stuck_costs_events_not_liveness_and_says_how_many_it_dropped(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(tracing, "_FULL_WAIT_S", 0.05)
+def test_a_sink_that_stays_stuck_costs_events_not_liveness_and_says_how_many_it_dropped() -> None:
     stream = _StuckStream()
     log = configure_logging(json=True, level="INFO", file=stream, max_pending=4)  # type: ignore[arg-type]
     try:
         _emit(iter([0]))
         assert stream.entered.wait(10)
         _emit(iter(range(1, 5)))  # the queue is full now
-        _emit(iter(range(5, 105)))  # the first waits 50 ms for room, then it and the rest are dropped at once
+        _emit(iter(range(5, 105)))  # dropped at once: logging never waits for the disk
         assert log.dropped == 100
         stream.release.set()
         assert log.flush(10)
@@ -313,6 +286,218 @@ def test_a_sink_that_stays_stuck_costs_events_not_liveness_and_says_how_many_it_
     (dropped,) = [e for e in events if e["event"] == "log.events_dropped"]
     assert dropped["count"] == 100
     assert dropped["level"] == "error"
+
+
+class _Fifo:
+    """A named pipe as the log file: a real file descriptor whose writes block once the pipe is full.
+
+    The sink's `os.write` of an event larger than the pipe's buffer (64 KiB)
+    stays inside the system call, as on a stuck disk, until the test reads.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "log.fifo"
+        os.mkfifo(self.path)
+        # A reader first, so that the sink's open for writing does not wait for one; then reads that block.
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(self.fd, True)
+        self.data = bytearray()
+        self._reader: threading.Thread | None = None
+
+    def read_one_byte(self) -> None:
+        """Return once the sink's thread has started writing (and, for a large batch, is stuck in the write)."""
+        self.data += os.read(self.fd, 1)
+
+    def start_reading(self) -> None:
+        """The disk recovers: read everything, until every writer has closed the pipe (once)."""
+        if self._reader is not None:
+            return
+
+        def read() -> None:
+            while chunk := os.read(self.fd, 1 << 16):
+                self.data += chunk
+
+        self._reader = threading.Thread(target=read, name="test-fifo-reader")
+        self._reader.start()
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every line read, once the writer has closed the pipe."""
+        if self._reader is not None:
+            self._reader.join(30)
+            assert not self._reader.is_alive(), "the sink never closed the pipe"
+        return [json.loads(line) for line in self.data.decode("utf-8").splitlines()]
+
+    def reopen(self) -> None:
+        """A new reader on the same pipe (after `close_reader`): writes succeed again."""
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(self.fd, True)
+
+    def close_reader(self) -> None:
+        os.close(self.fd)
+
+
+_STUCK_PAD = "x" * 200_000
+"""A field larger than a pipe holds: the sink's write of it blocks until the test reads."""
+
+
+def _stick(fifo: _Fifo, emitter: tracing.EventLogger) -> threading.Thread:
+    """Log one large event and return the sink's thread once it is stuck writing it."""
+    before = set(threading.enumerate())
+    emitter.info("test.stuck", pad=_STUCK_PAD)
+    fifo.read_one_byte()
+    (sink,) = [t for t in threading.enumerate() if t.name == SINK_THREAD and t not in before]
+    return sink
+
+
+def test_a_logging_thread_never_waits_for_a_stuck_disk_it_drops_at_once_and_the_count_is_written_later(
+    tmp_path: Path,
+) -> None:
+    fifo = _Fifo(tmp_path)
+    log = configure_logging(json=True, level="INFO", file=fifo.path, max_pending=4)
+    emitter = get_event_logger("state")  # the StateActor's name: a wait here would delay every commit
+    try:
+        _stick(fifo, emitter)
+        started = time.monotonic()
+        _emit(iter(range(104)))  # 0-3 fill the queue; 4-103 find it full
+        elapsed = time.monotonic() - started
+        assert log.dropped == 100
+        # Waiting for room held a logging thread a full second per stall; dropping at once takes microseconds.
+        assert elapsed < 0.5, f"logging waited {elapsed:.2f}s for a stuck disk"
+    finally:
+        fifo.start_reading()
+        assert log.close(timeout=30)
+    events = fifo.events()
+    assert [e["event"] for e in events] == ["test.stuck"] + ["test.event"] * 4 + ["log.events_dropped"]
+    assert [e["index"] for e in events[1:5]] == [0, 1, 2, 3]
+    assert events[-1]["count"] == 100
+    assert events[-1]["level"] == "error"
+
+
+def test_events_lost_to_a_failed_write_are_counted_and_reported_once_a_write_succeeds_again(tmp_path: Path) -> None:
+    fifo = _Fifo(tmp_path)
+    log = configure_logging(json=True, level="INFO", file=fifo.path)
+    emitter = get_event_logger("state")
+    try:
+        emitter.info("test.before")
+        assert log.flush(10)
+        fifo.close_reader()  # nobody reads: the sink's writes fail (EPIPE), as on a disk that refuses them
+        emitter.info("test.lost", index=0)
+        assert log.flush(10)
+        emitter.info("test.lost", index=1)
+        assert log.flush(10)
+        assert log.dropped == 2
+        fifo.reopen()  # the disk is back
+        fifo.start_reading()
+        emitter.info("test.after")
+    finally:
+        assert log.close(timeout=30)
+    events = fifo.events()
+    # The pipe kept what was written before its reader left; what came while nobody read is lost, and said so.
+    assert [e["event"] for e in events] == ["test.before", "test.after", "log.events_dropped"]
+    assert events[-1]["count"] == 2
+    assert log.dropped == 2
+
+
+def test_a_close_that_times_out_on_a_stuck_disk_leaves_the_file_to_the_sink_which_never_writes_into_another_file(
+    tmp_path: Path,
+) -> None:
+    fifo = _Fifo(tmp_path)
+    log = configure_logging(json=True, level="INFO", file=fifo.path)
+    emitter = get_event_logger("state")
+    victims: list[int] = []
+    try:
+        sink = _stick(fifo, emitter)
+        _emit(iter(range(10)))
+        assert log.close(timeout=0.2) is False  # the disk is stuck: close gives up waiting
+        # Files opened after the close: one would get the log's descriptor number, had close freed it.
+        victims = [os.open(tmp_path / f"victim-{n}", os.O_WRONLY | os.O_CREAT | os.O_APPEND) for n in range(8)]
+        fifo.start_reading()  # the disk recovers: the sink writes what it holds, then closes its file
+        events = fifo.events()
+        sink.join(10)
+        assert not sink.is_alive()
+    finally:
+        fifo.start_reading()
+        for fd in victims:
+            os.close(fd)
+    assert [(tmp_path / f"victim-{n}").read_bytes() for n in range(8)] == [b""] * 8
+    assert [e["event"] for e in events] == ["test.stuck"] + ["test.event"] * 10
+    assert log.dropped == 0
+
+
+def test_the_queue_is_bounded_by_bytes_too_so_large_events_cannot_pile_up_behind_a_stuck_disk(tmp_path: Path) -> None:
+    fifo = _Fifo(tmp_path)
+    log = configure_logging(json=True, level="INFO", file=fifo.path, max_pending_bytes=100_000)
+    emitter = get_event_logger("processor-1")
+    traceback = "T" * 8192  # a failed call's traceback is cut to 8 KiB
+    try:
+        _stick(fifo, emitter)  # 200 KB, more than the bound: an event is still taken into an empty queue
+        for index in range(100):
+            emitter.warning("service.failed", index=index, traceback=traceback)
+        kept = 100 - log.dropped
+        assert kept >= 1
+        assert kept * len(traceback) <= 100_000
+    finally:
+        fifo.start_reading()
+        assert log.close(timeout=30)
+    events = fifo.events()
+    assert events[0]["event"] == "test.stuck"
+    assert [e["index"] for e in events if e["event"] == "service.failed"] == list(range(kept))
+    assert events[-1]["event"] == "log.events_dropped"
+    assert events[-1]["count"] == 100 - kept
+
+
+def test_configure_logging_refuses_a_byte_bound_below_one() -> None:
+    with pytest.raises(ValueError, match="max_pending_bytes must be at least 1, not 0"):
+        configure_logging(json=True, max_pending_bytes=0)
+
+
+_HOOKS = """
+import atexit, json, os, sys
+
+registered = []
+real_atexit, real_fork = atexit.register, os.register_at_fork
+
+
+def spy_atexit(fn, *args, **kwargs):
+    registered.append(["atexit", fn.__module__])
+    return real_atexit(fn, *args, **kwargs)
+
+
+def spy_fork(**hooks):
+    registered.extend(["fork", hook.__module__] for hook in hooks.values())
+    return real_fork(**hooks)
+
+
+atexit.register, os.register_at_fork = spy_atexit, spy_fork
+import actorflow
+from actorflow.core.tracing import configure_logging
+
+ours = lambda: [entry for entry in registered if entry[1] == "actorflow.core.tracing"]
+at_import = ours()
+configure_logging(json=True, file=sys.argv[1])()
+configure_logging(json=True, file=sys.argv[1])()
+print(json.dumps({"import": at_import, "configured": ours()}))
+"""
+
+
+def test_importing_actorflow_registers_no_exit_or_fork_hook_of_the_log_sink_until_a_sink_is_made(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", _HOOKS, str(tmp_path / "hooks.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    hooks = json.loads(result.stdout)
+    assert hooks["import"] == []
+    # Once per process, however many sinks are made.
+    assert sorted(hooks["configured"]) == [["atexit", "actorflow.core.tracing"], ["fork", "actorflow.core.tracing"]]
 
 
 def test_events_logged_after_close_are_counted_as_dropped_and_raise_nothing(tmp_path: Path) -> None:
