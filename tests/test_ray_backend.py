@@ -751,7 +751,7 @@ def _settle(backend: RayBackend) -> None:
 def test_an_actor_runs_nothing_after_a_crashed_call_and_the_calls_it_skipped_are_left_to_the_pool(first: str) -> None:
     ran: list[str] = []
 
-    def exits_on_x(task: Task) -> Mapping[str, Any]:
+    def exits_on_x(task: Task, value: Any) -> Mapping[str, Any]:
         ran.append(task.task_id)
         if task.task_id == "X":
             raise SystemExit("X exits")
