@@ -39,12 +39,17 @@ a lost node) reports the call it was running as ``crashed``, exactly as a
 thread worker reports a `BaseException`: the pool replaces it, and the call
 counts as an attempt, so a call that kills every worker it touches fails its
 task after `max_attempts` instead of exhausting the pool's restart budget for
-everyone. Only a call the actor held alone is surely the one that killed
-it: with several unanswered (a batch, or a second invocation on its way),
-which one did is unknown (their reports die with the process, even one that
-had returned but whose reply was not yet sent), so none is charged: the
-worker is replaced, all of them run again, and each of those *suspects* then
-runs alone, with nothing else in flight on its actor, where a crash or a hang
+everyone. A call that raises a `BaseException` (``SystemExit``: the process
+lives on) is ``crashed`` too, and its own: the actor's reports stop at it, and
+the actor runs nothing more (a later invocation answers at once, with no
+report); calls left without a report never ran, and the pool, replacing the
+worker on the crash report, sends them to the new actor, once. Only a call
+the actor held alone is surely the one that killed it: with several
+unanswered (a batch, or a second invocation on its way), which one did is
+unknown (their reports die with the process, even one that had returned but
+whose reply was not yet sent), so none is charged: the worker is replaced,
+all of them run again, and each of those *suspects* then runs alone, with
+nothing else in flight on its actor, where a crash or a hang
 is its own. A stage
 timeout is the same: the worker does not vouch for its head call while that
 call shares its invocation (`vouches_running`), so the timeout charges none
@@ -131,6 +136,8 @@ class ServiceActor:
         self._node = f"{socket.gethostname()}/{node_id[:_NODE_ID_CHARS]}:{os.getpid()}"
         self._log = SilentLog("ray")
         self._invocations = 0
+        self._poisoned = False
+        """A call crashed here: the pool is replacing this actor, which runs nothing more."""
 
     def node(self) -> str:
         """Where this actor runs; answering also proves it has started (its function unpickled)."""
@@ -143,12 +150,26 @@ class ServiceActor:
     def run_many(self, calls: Sequence[RunService], worker: str) -> tuple[list[ServiceDone], int]:
         """Run calls in order, each with its own report; and how many invocations this actor has had.
 
-        The count is the actor's own, so that the driver can say how many
-        round trips its calls really took.
+        A ``crashed`` call (a `BaseException` such as `SystemExit`) stops it, as
+        it stops a thread worker: the reports end with that call's, and the
+        actor is poisoned, so that every later invocation returns no report at
+        once. The pool replaces the worker on the crash report and sends the
+        calls left without one to the new actor; run here as well, they would
+        run twice. The count is the actor's own, so that the driver can say
+        how many round trips its calls really took.
         """
         self._invocations += 1
+        dones: list[ServiceDone] = []
+        if self._poisoned:
+            return dones, self._invocations
         log, node, fn = self._log, self._node, self._fn
-        return [execute(fn, call, worker, log=log, node=node) for call in calls], self._invocations
+        for call in calls:
+            done = execute(fn, call, worker, log=log, node=node)
+            dones.append(done)
+            if done.status == "crashed":
+                self._poisoned = True
+                break
+        return dones, self._invocations
 
 
 _NODE_ID_CHARS = 12
@@ -775,7 +796,8 @@ class RayBackend:
         if error is None:
             dones, invocations = outcome
             self._finished(worker, pending.calls, dones, invocations)
-            worker._pump()  # an invocation's slot is free: send what queued up meanwhile
+            if len(dones) == len(pending.calls):  # else the actor is poisoned: a crash report replaces it
+                worker._pump()  # an invocation's slot is free: send what queued up meanwhile
             return
         # The actor is gone (or Ray could not run the call): blame the call it was running.
         worker.dead = True
@@ -810,20 +832,34 @@ class RayBackend:
     def _finished(
         self, worker: _RayWorker, calls: tuple[RunService, ...], dones: list[ServiceDone], invocations: int
     ) -> None:
-        """One invocation answered: its calls' reports go to the pool in one message."""
+        """One invocation answered: its calls' reports go to the pool in one message.
+
+        Calls without a report (those behind a crashed call, or all of them
+        once the actor is poisoned) never ran: nothing is said of them, and they
+        stay with the pool, which re-sends them once it replaces the worker on
+        the crash report. The crash report itself marks the worker dead, so that
+        nothing more is sent to the actor, and what it answers later, or its
+        death when it is killed, is dropped instead of blamed on calls it never ran.
+        """
         with contextlib.suppress(ValueError):  # answered in order; `remove` in case a callback overtook another
             worker.invocations.remove(calls)
         self.calls_done += len(dones)
         self._invocations_done[worker.name] = invocations
         suspects, recent, log = self.suspects, worker.recent, worker.log
-        for call, done in zip(calls, dones, strict=True):
+        for call, done in zip(calls[: len(dones)], dones, strict=True):
             if suspects:
                 suspects.pop(_suspect_key(call), None)
             recent.append(done.duration_ms)
             log_done(log, call, done)
-        worker.node = dones[-1].node or worker.node
         if log.enabled("debug"):
-            log.debug("ray.invocation_done", invocation=invocations, task_ids=[call.task.task_id for call in calls])
+            task_ids = [call.task.task_id for call in calls]
+            not_run = {"not_run": task_ids[len(dones) :]} if len(dones) < len(calls) else {}
+            log.debug("ray.invocation_done", invocation=invocations, task_ids=task_ids, **not_run)
+        if not dones:
+            return
+        worker.node = dones[-1].node or worker.node
+        if dones[-1].status == "crashed":
+            worker.dead = True
         worker.deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
 
 

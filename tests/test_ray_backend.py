@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from structlog.testing import capture_logs
 
 from actorflow import Pipeline, Stage
 from actorflow.actors import Milestone, Runtime
-from actorflow.actors.ray_backend import RayBackend, describe_ray_error, node_id_of
+from actorflow.actors.messages import RunService, ServicesDone
+from actorflow.actors.ray_backend import RayBackend, ServiceActor, _RayWorker, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
+from actorflow.core.tracing import new_trace
 from actorflow.services import ServiceSet, process
 from tests.pipeline_stages import square_in_child
 
@@ -465,6 +468,8 @@ def batch_process(task: Task) -> Mapping[str, Any]:
         os._exit(1)
     elif kind == "hang":
         time.sleep(600)  # ok-sleep: this IS the hang, in a Ray worker process; only killing the actor ends it
+    elif kind == "exit":
+        raise SystemExit(f"task {data['i']} exits")  # a BaseException: the call crashed, the process lives on
     return {"i": data["i"], "attempt": task.attempt}
 
 
@@ -647,6 +652,32 @@ def test_an_actor_killed_mid_batch_charges_only_the_call_that_killed_it_and_the_
 
 
 @pytest.mark.timeout(240)
+def test_a_call_that_crashes_mid_batch_stops_its_actor_so_the_calls_behind_it_run_once_on_the_new_one(
+    ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kinds = ["ok", "ok", "ok", "exit", "ok", "ok", "ok", "ok"]
+    crasher = kinds.index("exit")
+    burst = run_burst(kinds, tmp_path, monkeypatch)
+
+    assert any(crasher in calls[:-1] for calls in burst.invocations()), (
+        f"the crashing call ran with calls behind it in one invocation: {burst.invocations()}"
+    )
+    # The crash is the call's own (SystemExit, reported by the actor): it is charged and retried, and the
+    # actor is replaced. The calls behind it never ran on that actor: each ran once, on its replacement.
+    assert _results(burst) == [(TaskState.COMPLETED, 2 if kind == "exit" else 1) for kind in kinds]
+    assert burst.runs == {index: [1, 2] if kind == "exit" else [1] for index, kind in enumerate(kinds)}
+    failed = [e for e in burst.logs if e["event"] == "service.failed" and e["service"] == "processor"]
+    assert [(burst.index_of(e["task_id"]), e["attempt"], e["error_type"]) for e in failed] == [
+        (crasher, 1, "SystemExit")
+    ]
+    assert not [e for e in burst.logs if e["event"] == "ray.batch_lost"]
+    assert burst.stats["retries"] == 1
+    assert burst.stats["late_results"] == 0, "no call of the crashed actor came back after the crash"
+    pool = burst.stats["pools"]["processor"]
+    assert (pool["restarts"], pool["workers"], pool["failing"]) == (1, 1, None)
+
+
+@pytest.mark.timeout(240)
 def test_a_call_that_hangs_in_a_batch_times_out_alone_and_only_it_is_charged(
     ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -678,3 +709,89 @@ def test_under_load_calls_share_invocations_by_the_actors_own_count(
     (stopped,) = [e for e in logs if e["event"] == "ray.backend_stopped"]
     assert stopped["calls"] == 3 * 300
     assert 0 < stopped["invocations"] < stopped["calls"] / 2, stopped
+
+
+# --- a crashed call poisons its actor: the driver's side, with the actor's answers held back ------------
+
+
+class _HeldActor:
+    """A Ray actor handle played in this process, so that its answers can come back in any order.
+
+    Each invocation (`actor.run_many.remote(calls, worker)`) runs at once, in order, in a real
+    `ServiceActor`, as a Ray actor would run it; its answer is held until the test releases it.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.body = ServiceActor(fn)
+        self.run_many = self
+        self.answers: list[tuple[list[str], Future[Any], Any]] = []
+        """Per invocation: its calls' task ids, its ref's future, and what the actor answered."""
+
+    def remote(self, calls: Sequence[RunService], worker: str) -> _HeldActor.Ref:
+        ref = _HeldActor.Ref()
+        self.answers.append(([call.task.task_id for call in calls], ref.answer, self.body.run_many(calls, worker)))
+        return ref
+
+    class Ref:
+        def __init__(self) -> None:
+            self.answer: Future[Any] = Future()
+
+        def future(self) -> Future[Any]:
+            return self.answer
+
+
+def _settle(backend: RayBackend) -> None:
+    """Wait until the backend's Ray thread has done all that was queued on it so far."""
+    done = threading.Event()
+    backend.waiter.run_soon(done.set)
+    assert done.wait(10)
+
+
+@pytest.mark.parametrize("first", ["the crash report", "the empty answer"])
+def test_an_actor_runs_nothing_after_a_crashed_call_and_the_calls_it_skipped_are_left_to_the_pool(first: str) -> None:
+    ran: list[str] = []
+
+    def exits_on_x(task: Task, value: Any) -> Mapping[str, Any]:
+        ran.append(task.task_id)
+        if task.task_id == "X":
+            raise SystemExit("X exits")
+        return {"id": task.task_id}
+
+    backend = _backend(_FakeRay())
+    delivered: list[Any] = []
+    deaths: list[str] = []
+    actor = _HeldActor(exits_on_x)
+    worker = _RayWorker("processor-1", backend, delivered.append, lambda name, why: deaths.append(why))
+    worker._actor = actor
+    worker.recent.extend([0.1] * 16)  # its calls are fast: the queued ones share an invocation
+    calls = {name: RunService(n, "processor", Task(name, {}), new_trace(), 1) for n, name in enumerate("AXBCD", 1)}
+    try:
+        assert worker.send_many([calls["A"], calls["X"], calls["B"]])
+        _settle(backend)
+        assert worker.send(calls["C"])  # a second invocation, on its way while the first runs
+        _settle(backend)
+        (batch, crash_ref, crash_answer), (second, empty_ref, empty_answer) = actor.answers
+        assert (batch, second) == (["A", "X", "B"], ["C"])
+        assert ran == ["A", "X"], "the actor stopped at the crash, and ran nothing after it"
+        assert [(done.task_id, done.status) for done in crash_answer[0]] == [("A", "ok"), ("X", "crashed")]
+        assert empty_answer == ([], 2)
+
+        # Ray may resolve the two refs' callbacks in either order: the pool hears the same either way.
+        answers = [(crash_ref, crash_answer), (empty_ref, empty_answer)]
+        for ref, answer in answers if first == "the crash report" else reversed(answers):
+            ref.set_result(answer)
+        _settle(backend)
+        (message,) = delivered
+        assert isinstance(message, ServicesDone)
+        assert [(done.task_id, done.status) for done in message.dones] == [("A", "ok"), ("X", "crashed")]
+        assert deaths == [], "the crash report alone has the pool replace the worker"
+
+        assert worker.send(calls["D"])  # sent before the pool has replaced the worker: it never reaches the actor
+        _settle(backend)
+        assert len(actor.answers) == 2
+        worker.retire()
+        _settle(backend)
+        assert backend.suspects == {}, "B and C never ran: nothing to suspect them of"
+        assert ran == ["A", "X"]
+    finally:
+        backend.close()
