@@ -936,15 +936,7 @@ class Runtime:
         waiters = self._tracker.track_many(task_ids)
         if self._log.enabled("debug"):
             for message in messages:
-                trace = message.trace
-                self._log.debug(
-                    "task.submitted",
-                    task_id=message.task_id,
-                    trace_id=trace.trace_id,
-                    span_id=trace.span_id,
-                    parent_span_id=trace.parent_span_id,
-                    pipeline=message.pipeline,
-                )
+                self._log_submitted(message)
         try:
             self._deliver_create(CreateTasks(tuple(messages), reply))
         except BaseException as exc:
@@ -1060,9 +1052,8 @@ class Runtime:
         # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
         return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
 
-    def _send_create(self, message: CreateTask) -> TaskHandle:
-        assert self._state is not None
-        waiter = self._tracker.track(message.task_id, reserved=True)
+    def _log_submitted(self, message: CreateTask) -> None:
+        """The task's ``task.submitted`` event (debug): when `submit()` was called, before the commit."""
         trace = message.trace
         self._log.debug(
             "task.submitted",
@@ -1072,6 +1063,11 @@ class Runtime:
             parent_span_id=trace.parent_span_id,
             pipeline=message.pipeline,
         )
+
+    def _send_create(self, message: CreateTask) -> TaskHandle:
+        assert self._state is not None
+        waiter = self._tracker.track(message.task_id, reserved=True)
+        self._log_submitted(message)
         try:
             self._deliver_create(message)
         except BaseException as exc:
@@ -1079,7 +1075,7 @@ class Runtime:
             self._log.warning(
                 "task.submit_refused",
                 task_id=message.task_id,
-                trace_id=trace.trace_id,
+                trace_id=message.trace.trace_id,
                 error_type=type(exc).__name__,
                 error=str(exc),
             )
