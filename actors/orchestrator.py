@@ -352,7 +352,8 @@ class OrchestratorActor(FastActor):
 
     def _retire_everything(self) -> None:
         self._dead_letters.drain(self)
-        self._flush()
+        if self._outbox:  # an empty batch to a state actor that may be stopping would only be a dead letter
+            self._flush()
         stopped = RuntimeStopped("the orchestrator stopped before the cancellation was settled")
         pending = [reply for flight in self._flights.values() for reply in flight.cancel_replies]
         pending += [reply for replies in self._orphan_cancels.values() for reply in replies]

@@ -463,3 +463,11 @@ def test_closing_without_drain_releases_every_waiter_with_runtime_stopped() -> N
     assert outcome, "result() must not wait forever once the runtime is closed"
     assert "closed before task" in str(outcome[0])
     assert runtime.join(timeout=1) is True
+
+
+def test_a_runtime_that_closes_cleanly_posts_no_dead_letters() -> None:
+    with capture_logs() as logs:
+        with Runtime(RuntimeConfig()) as rt:
+            assert rt.submit({"name": "a", "data": 1}).result(timeout=10).state is TaskState.COMPLETED
+    dead = [entry for entry in logs if entry["event"] == "dead_letter"]
+    assert dead == []  # e.g. no empty TransitionBatch sent to a stopped state actor at shutdown
