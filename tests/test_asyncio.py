@@ -15,36 +15,37 @@ from actorflow.services import ServiceSet
 from tests.conftest import payload
 
 
-def _sleepy(task: Task) -> Mapping[str, Any]:
-    threading.Event().wait(0.05)  # 50 ms of "I/O" in the processor
-    return {"slept": True}
-
-
 def test_the_loop_keeps_ticking_while_a_hundred_slow_tasks_are_awaited() -> None:
+    release = threading.Event()
+
+    def held(task: Task) -> Mapping[str, Any]:
+        # The tasks can finish only once the loop has ticked while they were awaited.
+        assert release.wait(10), "the event loop never ticked while the handles were awaited"
+        return {"held": True}
+
     async def main() -> tuple[list[TaskState], int]:
         ticks = 0
-        stop = asyncio.Event()
+        awaiting = asyncio.Event()
 
         async def ticker() -> None:
             nonlocal ticks
-            while not stop.is_set():
+            await awaiting.wait()
+            while ticks < 10:  # each tick is one pass of the loop while `main` awaits the handles
                 ticks += 1
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0)
+            release.set()
 
-        ticking = asyncio.create_task(ticker())
-        with Runtime(RuntimeConfig(processor_workers=16), services=ServiceSet(process=_sleepy)) as runtime:
+        with Runtime(RuntimeConfig(processor_workers=16), services=ServiceSet(process=held)) as runtime:
             handles = [await runtime.submit_async(payload(i)) for i in range(100)]
-            before = ticks
+            ticking = asyncio.create_task(ticker())
+            awaiting.set()  # the ticker first runs when `main` yields: inside the gather below
             records = await asyncio.wait_for(asyncio.gather(*(h for h in handles)), timeout=30)
-            during = ticks - before
-        stop.set()
-        await ticking
-        return [r.state for r in records], during
+            await ticking
+        return [r.state for r in records], ticks
 
-    states, ticks_during = asyncio.run(main())
+    states, ticks = asyncio.run(main())
     assert states == [TaskState.COMPLETED] * 100
-    # 100 tasks x 50 ms over 16 workers take >= 300 ms: a blocked loop would tick about once.
-    assert ticks_during >= 10
+    assert ticks == 10  # a loop blocked by the awaits would never have ticked, and every task would fail
 
 
 def test_awaiting_a_handle_that_is_already_done_returns_its_record() -> None:
