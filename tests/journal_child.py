@@ -8,9 +8,13 @@ batch is printed as one line: ``acked-batch ID ID ...``.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from actorflow.actors import Runtime
@@ -45,6 +49,43 @@ def main(argv: list[str]) -> int:
         runtime.join()
         print("done", flush=True)
     return 0
+
+
+def run_then_kill(args: list[object], *, prefix: str, kill_after: int) -> list[list[str]]:
+    """Run this child with `args` (JOURNAL RESULTS START COUNT [BATCH]) and SIGKILL it after `kill_after` acks.
+
+    An ack is an output line starting with `prefix` (``"acked "`` or ``"acked-batch "``); returns the
+    words after the prefix of each ack read before the kill. The kill is checked to have landed.
+    """
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.journal_child", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+    )
+    assert child.stdout is not None
+    assert child.stderr is not None
+    acks: list[list[str]] = []
+    try:
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()
+        for line in child.stdout:
+            if line.startswith(prefix):
+                acks.append(line.split()[1:])
+                if len(acks) == kill_after:
+                    break
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        child.stdout.close()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    return acks
 
 
 if __name__ == "__main__":

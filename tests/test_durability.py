@@ -5,12 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +23,7 @@ from actorflow.core.journal import Journal
 from actorflow.services import ResultStore, ServiceSet
 from tests.conftest import payload
 from tests.faults import Gate
+from tests.journal_child import run_then_kill
 
 S = TaskState
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,42 +121,14 @@ def test_kill_minus_nine_at_random_moments_never_loses_an_acknowledged_task(tmp_
     journal, results = tmp_path / "tasks.db", tmp_path / "results.db"
     rng = random.Random(7)
     acked: set[str] = set()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rounds, per_round = 20, 60
     interrupted = 0  # tasks caught mid-flight by a kill, summed over the rounds
     for round_index in range(rounds):
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.journal_child",
-                str(journal),
-                str(results),
-                str(round_index * per_round),
-                str(per_round),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready", child.stderr.read() if child.stderr else ""
         kill_after = rng.randrange(1, per_round)  # a random moment: after this many acknowledgements
-        seen = 0
-        for line in child.stdout:
-            if line.startswith("acked "):
-                acked.add(line.split()[1])
-                seen += 1
-                if seen == kill_after:
-                    break
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-        child.stdout.close()
-        if child.stderr is not None:
-            child.stderr.close()
-        assert child.returncode == -signal.SIGKILL
+        acks = run_then_kill(
+            [journal, results, round_index * per_round, per_round], prefix="acked ", kill_after=kill_after
+        )
+        acked.update(task_id for (task_id,) in acks)
         assert _integrity_ok(journal)
         with Journal.open_readonly(str(journal)) as reader:
             interrupted += sum(1 for r in reader.records() if r.state not in TERMINAL_STATES)

@@ -7,12 +7,8 @@ in that trace.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,7 @@ from actorflow import (
 from actorflow.core.journal import Journal
 from tests.conftest import MilestoneLog, payload
 from tests.faults import Gate
+from tests.journal_child import run_then_kill
 
 S = TaskState
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,34 +346,15 @@ def test_many_threads_submitting_one_task_at_a_time_share_commits(tmp_path: Path
 def test_kill_minus_nine_leaves_every_acknowledged_batch_whole_and_no_batch_in_part(tmp_path: Path) -> None:
     journal, results = tmp_path / "tasks.db", tmp_path / "results.db"
     rng = random.Random(14)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rounds, batches, batch = 10, 12, 16
     acked: list[list[str]] = []
     interrupted = 0  # tasks caught mid-flight by a kill, summed over the rounds
     for round_index in range(rounds):
         start = round_index * batches * batch
-        child = subprocess.Popen(
-            [sys.executable, "-m", "tests.journal_child", *map(str, (journal, results, start, batches * batch, batch))],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready", child.stderr.read() if child.stderr else ""
         kill_after = rng.randrange(1, batches)  # a random moment: after this many acknowledged batches
-        for seen, line in enumerate(child.stdout, start=1):
-            assert line.startswith("acked-batch "), line
-            acked.append(line.split()[1:])
-            if seen == kill_after:
-                break
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-        child.stdout.close()
-        if child.stderr is not None:
-            child.stderr.close()
-        assert child.returncode == -signal.SIGKILL
+        acked += run_then_kill(
+            [journal, results, start, batches * batch, batch], prefix="acked-batch ", kill_after=kill_after
+        )
         with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as check:
             assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         check.close()
