@@ -26,7 +26,6 @@ from tests.faults import Gate
 from tests.journal_child import run_then_kill
 
 S = TaskState
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _assert_histories_are_legal(records: list[Any]) -> None:

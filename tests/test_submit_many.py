@@ -34,7 +34,6 @@ from tests.faults import Gate
 from tests.journal_child import run_then_kill
 
 S = TaskState
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Transactions:
