@@ -389,6 +389,11 @@ class OrchestratorActor(FastActor):
             pipeline=record.pipeline,
         )
         pipeline = flight.plan.pipeline
+        if record.state is _S.CREATED:
+            # Committed, and no step of it since: it starts as a new task does (`_begin`). Its first
+            # stage may run in a state of its own, which this task has not reached yet.
+            self._enter(flight, 0)
+            return
         running = pipeline.stage_running_in(record.state)
         if running is not None:
             flight.stage = running

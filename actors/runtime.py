@@ -551,7 +551,9 @@ class Runtime:
             from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
 
             journal = Journal(
-                self.config.journal_path, durability=self.config.durability, pipelines=self._pipelines_by_name
+                self.config.journal_path,
+                durability=self.config.durability,
+                pipelines={name: [state.value for state in p.states] for name, p in self._pipelines_by_name.items()},
             )
         # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
         self._journal = journal

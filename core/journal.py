@@ -58,7 +58,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 
@@ -467,7 +467,7 @@ class Journal(JournalReader):
         *,
         durability: Durability = "normal",
         busy_timeout_s: float = 2.0,
-        pipelines: Iterable[str] | None = None,
+        pipelines: Iterable[str] | Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         """Open `path` for writing, creating the file and the schema if absent.
 
@@ -479,14 +479,16 @@ class Journal(JournalReader):
             durability: "normal" survives process crashes, "full" also power loss.
             busy_timeout_s: how long to wait for a lock another connection holds.
             pipelines: the names of the pipelines the runtime defines; a journal
-                holding unfinished tasks of any other pipeline is refused. None
-                skips the check.
+                holding unfinished tasks of any other pipeline is refused. Given as a
+                mapping of each name to its states, an unfinished task in a state
+                its pipeline no longer has (a stage renamed since) is refused too.
+                None skips the check.
 
         Raises:
             JournalError: the file is not SQLite, is another application's
                 database, has a newer schema, is in use by another runtime, is
                 locked beyond `busy_timeout_s`, cannot be created, or holds
-                unfinished tasks of a pipeline not in `pipelines`. The file is
+                unfinished tasks of a pipeline (or a state) not in `pipelines`. The file is
                 left untouched.
             ValueError: `durability` or `busy_timeout_s` is not allowed.
         """
@@ -512,7 +514,11 @@ class Journal(JournalReader):
                     _classify(probe, self.path, busy_timeout_s)
                 finally:
                     probe.close()
-            known = None if pipelines is None else frozenset(pipelines)
+            known: dict[str, frozenset[str] | None] | None = None
+            if isinstance(pipelines, Mapping):
+                known = {name: frozenset(states) for name, states in pipelines.items()}
+            elif pipelines is not None:
+                known = dict.fromkeys(pipelines)
             self._connection = _open_for_writing(self.path, durability, busy_timeout_s, known)
         except BaseException:
             _release_ownership(owner_fd)
@@ -853,7 +859,7 @@ def _describe(connection: sqlite3.Connection) -> tuple[int, int, list[tuple[str,
 
 
 def _open_for_writing(
-    path: str, durability: Durability, busy_timeout_s: float, pipelines: frozenset[str] | None
+    path: str, durability: Durability, busy_timeout_s: float, pipelines: Mapping[str, frozenset[str] | None] | None
 ) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -897,19 +903,44 @@ def _open_for_writing(
     return connection
 
 
-def _check_pipelines(connection: sqlite3.Connection, path: str, version: int, known: frozenset[str]) -> None:
-    """Refuse a journal with unfinished tasks of a pipeline the runtime does not define (before any write)."""
+def _check_pipelines(
+    connection: sqlite3.Connection, path: str, version: int, known: Mapping[str, frozenset[str] | None]
+) -> None:
+    """Refuse a journal with unfinished tasks of a pipeline (or in a state) the runtime does not define.
+
+    Checked before any write: resuming such a task could only fail it, and a crash must never fail a task.
+    """
     column = f"'{DEFAULT_PIPELINE}'" if version == 1 else "pipeline"
     rows = connection.execute(
-        f"SELECT {column}, COUNT(*) FROM tasks WHERE state NOT IN ({_TERMINAL_SQL}) GROUP BY 1 ORDER BY 1"
+        f"SELECT {column}, state, COUNT(*) FROM tasks WHERE state NOT IN ({_TERMINAL_SQL}) GROUP BY 1, 2 ORDER BY 1, 2"
     ).fetchall()
-    missing = [(name, count) for name, count in rows if name not in known]
+    missing: dict[str, int] = {}
+    for name, _, count in rows:
+        if name not in known:
+            missing[name] = missing.get(name, 0) + count
     if missing:
-        shown = ", ".join(f"{name!r} ({count} unfinished task{'s' if count != 1 else ''})" for name, count in missing)
+        shown = ", ".join(
+            f"{name!r} ({count} unfinished task{'s' if count != 1 else ''})" for name, count in missing.items()
+        )
         raise JournalError(
             f"journal {path!r} holds unfinished tasks of pipeline(s) this runtime does not define: {shown}; "
             f"the runtime defines {sorted(known)!r}. Pass those pipelines to Runtime(pipelines=[...]) to resume "
             "them; the journal was left untouched"
+        )
+    strays = [
+        (name, state, count)
+        for name, state, count in rows
+        if (states := known.get(name)) is not None and state not in states
+    ]
+    if strays:
+        shown = ", ".join(
+            f"{count} in {state!r} (pipeline {name!r}, whose states are {', '.join(sorted(known[name] or ()))})"
+            for name, state, count in strays
+        )
+        raise JournalError(
+            f"journal {path!r} holds unfinished tasks in states their pipelines no longer have: {shown}. "
+            "A stage was renamed or removed since they were committed: restore it to resume them, or finish "
+            "them with the version of the pipeline that made them; the journal was left untouched"
         )
 
 

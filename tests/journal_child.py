@@ -51,15 +51,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run_then_kill(args: list[object], *, prefix: str, kill_after: int) -> list[list[str]]:
-    """Run this child with `args` (JOURNAL RESULTS START COUNT [BATCH]) and SIGKILL it after `kill_after` acks.
+def run_then_kill(
+    args: list[object], *, prefix: str, kill_after: int, module: str = "tests.journal_child"
+) -> list[list[str]]:
+    """Run a child (this one: JOURNAL RESULTS START COUNT [BATCH]) with `args`; SIGKILL it after `kill_after` acks.
 
     An ack is an output line starting with `prefix` (``"acked "`` or ``"acked-batch "``); returns the
     words after the prefix of each ack read before the kill. The kill is checked to have landed.
+    `module` names another child that prints ``ready`` and then its acks the same way.
     """
     root = Path(__file__).resolve().parent.parent
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.journal_child", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
