@@ -39,6 +39,19 @@ at `close` while a reader in this process is still open) would silently strip
 SQLite's own locks. The sidecar lock is left in place when the journal closes
 (deleting lock files races with the next opener); it holds no data.
 
+Refusals. `write_batch` raises `UnstorableValue` (a `JournalError`) when the batch
+holds a change no retry can store: a value the encoder cannot encode or a JSON
+column over SQLite's length limit (both found in Python, before SQLite is asked,
+and named with their task), or what SQLite refuses for the data it is given (a
+row too big, a broken constraint); `check_batch` runs a batch and rolls it back,
+so that the state actor can find the task at fault by halving. Every other
+SQLite error (I/O, full disk, locks) is a `JournalError` that may pass.
+
+Reading. A row is checked as it is decoded: a column that does not hold what the
+schema says (text that is not JSON, JSON nested deeper than `MAX_DEPTH`, a state
+that is no state name, a NULL or a text where a number belongs, ...) raises
+`JournalError` naming the task and the column, never a raw decoding error.
+
 Bad files are never repaired or replaced: a file that is not SQLite, carries a
 newer schema, belongs to another application, is locked, or is owned by a
 running journal raises `JournalError` naming the path and the fault, and the
@@ -54,17 +67,29 @@ import fcntl
 import json
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Literal, NoReturn, Self
 
 from actorflow.core.config import TERMINAL_STATES
-from actorflow.core.errors import JournalError
-from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, TaskRecord, TaskState, Transition, encode_json
+from actorflow.core.errors import JournalError, UnstorableValue
+from actorflow.core.failures import bound_message
+from actorflow.core.types import (
+    _STATE_NAME,
+    DEFAULT_PIPELINE,
+    MAX_DEPTH,
+    FrozenDict,
+    TaskRecord,
+    TaskState,
+    Transition,
+    _frozen_dict,
+    encode_json,
+)
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "Journal", "JournalReader"]
 
@@ -214,6 +239,11 @@ _ORDER_NEWEST_FIRST: Final = "ORDER BY created_at DESC, id DESC"
 # The canonical encoder: what `freeze` accepts is exactly what it can encode.
 _encode_json = encode_json
 
+_REFUSED_FOR_GOOD: Final = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
+"""What SQLite raises for the data it is given (a string or row too big, a broken constraint, a value it cannot
+bind), as opposed to the state of the file or the system (OperationalError: I/O, full disk, locks): retrying
+the same batch cannot help."""
+
 _TaskRow = tuple[str, str, str, str, str | None, str | None, str | None, str, str, str | None, int, int, float, float]
 _LogRow = tuple[str, int, str | None, str, float, str | None]
 
@@ -280,7 +310,7 @@ class JournalReader:
             log = connection.execute(
                 f"SELECT {_LOG_COLUMNS} FROM transitions WHERE task_id = ? ORDER BY seq", (task_id,)
             ).fetchall()
-        return _record_from_row(row, tuple(_transition_from_row(entry) for entry in log))
+        return _record_from_row(row, tuple(_transition_from_row(entry, self.path) for entry in log), self.path)
 
     def contains(self, task_id: str) -> bool:
         """True if the journal has a task with this id."""
@@ -355,9 +385,17 @@ class JournalReader:
         return None if row is None else (row[0], row[1])
 
     def counts(self) -> dict[str, int]:
-        """Tasks per state name, every state present (0 when none)."""
+        """Tasks per state name, every state present (0 when none).
+
+        Raises:
+            JournalError: a task's state is not a state name (the journal is damaged); the message names it.
+        """
         with self._snapshot("counts") as connection:
             rows = connection.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()
+            bad = [name for name, _ in rows if not (type(name) is str and _STATE_NAME.fullmatch(name))]
+            if bad:
+                (task_id,) = connection.execute("SELECT task_id FROM tasks WHERE state IS ?", bad[:1]).fetchone()
+                raise _damaged(self.path, task_id, "state", bad[0], "a task state name")
         counts = dict.fromkeys((state.value for state in TaskState), 0)
         counts.update(rows)
         return counts
@@ -366,6 +404,12 @@ class JournalReader:
         """Every state name the journal knows: the seed's, then any other a task ever reached (sorted)."""
         with self._snapshot("states") as connection:
             rows = connection.execute("SELECT DISTINCT to_state FROM transitions").fetchall()
+            bad = [name for (name,) in rows if not (type(name) is str and _STATE_NAME.fullmatch(name))]
+            if bad:
+                (task_id,) = connection.execute(
+                    "SELECT task_id FROM transitions WHERE to_state IS ?", bad[:1]
+                ).fetchone()
+                raise _damaged(self.path, task_id, "to_state", bad[0], "a task state name")
         seed = [state.value for state in TaskState]
         return seed + sorted({name for (name,) in rows} - set(seed))
 
@@ -439,8 +483,8 @@ class JournalReader:
                 " ORDER BY task_id, seq",
                 params,
             ):
-                histories.setdefault(entry[0], []).append(_transition_from_row(entry))
-        records = [(row[0], _record_from_row(row[1:], tuple(histories.get(row[1], ())))) for row in rows]
+                histories.setdefault(entry[0], []).append(_transition_from_row(entry, self.path))
+        records = [(row[0], _record_from_row(row[1:], tuple(histories.get(row[1], ())), self.path)) for row in rows]
         return records if keep_ids else [record for _, record in records]
 
     def _require_open(self) -> sqlite3.Connection:
@@ -559,23 +603,41 @@ class Journal(JournalReader):
         same batch; pass it to `created` as it was when created.
 
         Raises:
-            JournalError: SQLite refused the batch (I/O error, lock held beyond
-                the busy timeout, a transition already logged, a changed task
-                that was never created, ...). Nothing of the batch was written,
-                and the journal can be used again (e.g. to retry).
+            UnstorableValue: the batch holds a change no retry can store: a value
+                that cannot be encoded as JSON or is over SQLite's length limit
+                (both named with their task, `UnstorableValue.task_id`), a row SQLite
+                refuses as too big, a constraint it breaks (a transition already
+                logged, a task created twice, a changed task that was never created),
+                a text that is not valid UTF-8. Nothing of the batch was written.
+            JournalError: SQLite refused the batch for a reason that may pass (I/O
+                error, full disk, lock held beyond the busy timeout, ...). Nothing
+                of the batch was written, and the journal can be used again (e.g. to retry).
             ValueError: a transition is not in its record's history.
         """
+        self._write(created, changed, commit=True)
+
+    def check_batch(self, created: Sequence[TaskRecord], changed: Sequence[tuple[TaskRecord, Transition]]) -> None:
+        """Whether `write_batch` would take this batch: the same statements, rolled back instead of committed.
+
+        Raises what `write_batch` raises; writes nothing either way. The state actor uses it to find,
+        by halving a batch, the task whose change the journal refuses for good.
+        """
+        self._write(created, changed, commit=False)
+
+    def _write(
+        self, created: Sequence[TaskRecord], changed: Sequence[tuple[TaskRecord, Transition]], *, commit: bool
+    ) -> None:
         if not created and not changed:
             return
-        # Everything that can fail in Python runs before the transaction opens.
+        # Everything that can fail in Python runs before the transaction opens, and names its task.
         tasks: list[_TaskRow] = [
             (
                 record.task_id,
                 record.pipeline,
                 record.state.value,
-                _encode_json(record.payload),
-                None if record.result is None else _encode_json(record.result),
-                None if record.value is None else _encode_json(record.value),
+                self._json_text(record, "payload", record.payload),
+                self._json_column(record, "result", record.result),
+                self._json_column(record, "value", record.value),
                 _storable(record.error),
                 record.trace_id,
                 record.span_id,
@@ -597,8 +659,8 @@ class Journal(JournalReader):
         updates = [
             (
                 record.state.value,
-                None if record.result is None else _encode_json(record.result),
-                None if record.value is None else _encode_json(record.value),
+                self._json_column(record, "result", record.result),
+                self._json_column(record, "value", record.value),
                 _storable(record.error),
                 record.calls,
                 record.retries,
@@ -612,6 +674,7 @@ class Journal(JournalReader):
         with self._lock:
             connection = self._require_open()
             self._check_identity()
+            self._check_lengths(connection, tasks, updates)
             keys = [
                 (*staged, record.task_id, record.created_at)
                 for record in created
@@ -627,13 +690,26 @@ class Journal(JournalReader):
                     connection.executemany(_INSERT_TRANSITION, log)
                 # executemany sums rowcount: fewer rows than updates means a changed task has no row
                 if updates and connection.executemany(_UPDATE_TASK, updates).rowcount != len(updates):
-                    raise JournalError(
-                        f"journal {self.path!r}: batch rolled back: changed task(s) "
-                        f"{self._unknown(connection, latest)!r} were never created in the journal"
+                    unknown = self._unknown(connection, latest)
+                    raise UnstorableValue(
+                        f"journal {self.path!r}: batch rolled back: changed task(s) {unknown!r} were never "
+                        "created in the journal",
+                        task_id=unknown[0] if unknown else None,
+                        fault="the task has no row in the journal (was it deleted behind the runtime's back?)",
                     )
+                if not commit:
+                    connection.execute("ROLLBACK")
+                    return
                 connection.execute("COMMIT")
                 for _, _, task_id, _ in keys:
                     del self._staged_keys[task_id]
+            except _REFUSED_FOR_GOOD as exc:
+                _rollback(connection)
+                raise UnstorableValue(
+                    f"journal {self.path!r}: batch of {len(tasks)} new task(s) and {len(log)} transition(s) "
+                    f"rolled back: {exc}; the same batch would be refused again",
+                    fault=str(exc),
+                ) from exc
             except sqlite3.Error as exc:
                 _rollback(connection)
                 raise JournalError(
@@ -642,12 +718,56 @@ class Journal(JournalReader):
                 ) from exc
             except UnicodeEncodeError as exc:
                 _rollback(connection)
-                raise JournalError(
-                    f"journal {self.path!r}: batch rolled back: a task id or trace id is not valid UTF-8 text: {exc}"
+                raise UnstorableValue(
+                    f"journal {self.path!r}: batch rolled back: a task id or trace id is not valid UTF-8 text: {exc}",
+                    fault=f"a task id or trace id is not valid UTF-8 text: {exc}",
                 ) from exc
             except BaseException:
                 _rollback(connection)
                 raise
+
+    def _json_column(self, record: TaskRecord, column: str, value: Any) -> str | None:
+        """`_json_text` of a nullable column."""
+        return None if value is None else self._json_text(record, column, value)
+
+    def _json_text(self, record: TaskRecord, column: str, value: Any) -> str:
+        """`value` as the canonical JSON text the column stores; UnstorableValue naming the task if it has none."""
+        try:
+            return _encode_json(value)
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+            # Only a value that bypassed `freeze` (which refuses all of these) can get here.
+            fault = f"column {column!r} cannot be encoded as JSON: {type(exc).__name__}: {bound_message(str(exc))}"
+            raise UnstorableValue(
+                f"journal {self.path!r}: task {record.task_id!r}: {fault}; nothing of the batch was written",
+                task_id=record.task_id,
+                fault=fault,
+            ) from None
+
+    def _check_lengths(
+        self, connection: sqlite3.Connection, tasks: list[_TaskRow], updates: list[tuple[Any, ...]]
+    ) -> None:
+        """Name a task whose JSON column is over SQLite's length limit, before SQLite refuses the whole batch.
+
+        The JSON text is ASCII, so its length is its size in bytes. (A row whose columns are each
+        within the limit but too long together is refused by SQLite; the state actor splits the batch.)
+        """
+        limit = connection.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        for row in tasks:
+            for column, text in (("payload", row[3]), ("result", row[4]), ("value", row[5])):
+                if text is not None and len(text) > limit:
+                    self._refuse_length(row[0], column, len(text), limit)
+        for update in updates:
+            for column, text in (("result", update[1]), ("value", update[2])):
+                if text is not None and len(text) > limit:
+                    self._refuse_length(update[-1], column, len(text), limit)
+
+    def _refuse_length(self, task_id: str, column: str, length: int, limit: int) -> NoReturn:
+        fault = f"column {column!r} is {length} bytes as JSON, over SQLite's limit of {limit} bytes per value"
+        raise UnstorableValue(
+            f"journal {self.path!r}: task {task_id!r}: {fault}; nothing of the batch was written",
+            task_id=task_id,
+            fault=fault,
+        )
 
     def _write_keys(self, connection: sqlite3.Connection, keys: list[tuple[str, str, str, float]]) -> None:
         connection.executemany(_INSERT_KEY, [(key, task_id, fp, at) for key, fp, task_id, at in keys])
@@ -1010,20 +1130,72 @@ def _storable(text: str | None) -> str | None:
 
 def _frozen_object(pairs: list[tuple[str, Any]]) -> FrozenDict:
     # json calls this innermost first, so nested objects arrive frozen; only lists need converting.
-    return FrozenDict([(key, _frozen_array(value) if type(value) is list else value) for key, value in pairs])
+    # Trusted (not frozen again): what JSON gives is plain str, int, float, bool and None.
+    items = {key: _frozen_array(value) if type(value) is list else value for key, value in pairs}
+    return _frozen_dict(items, -1)  # its size is not counted: a freeze that meets it copies it once
 
 
 def _frozen_array(items: list[Any]) -> tuple[Any, ...]:
     return tuple(_frozen_array(item) if type(item) is list else item for item in items)
 
 
-_parse_json = json.JSONDecoder(object_pairs_hook=_frozen_object).decode
+def _not_json_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
 
 
-def _decode_json(text: str) -> Any:
-    """What ``freeze(json.loads(text))`` gives, 2.5x faster (measured): recovery decodes every live record."""
-    value = _parse_json(text)
+_parse_json = json.JSONDecoder(object_pairs_hook=_frozen_object, parse_constant=_not_json_constant).decode
+_JSON_STRINGS: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS: Final = re.compile(r"[^\[\]{}]+")
+_INNERMOST: Final = re.compile(r"\[\]|\{\}")
+
+
+def _nested_too_deep(text: str) -> bool:
+    """True if JSON `text` nests more than `MAX_DEPTH` arrays and objects (or its brackets do not pair up).
+
+    Without recursion, and without a loop per character: strings and everything but brackets are
+    removed (regular expressions, in C), then the innermost pairs, one level per pass.
+    """
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRINGS.sub("", text))
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return False
+        brackets = _INNERMOST.sub("", brackets)
+    return bool(brackets)
+
+
+def _decode_json(text: object, column: str, task_id: object, path: str) -> Any:
+    """What ``freeze(json.loads(text))`` gives, 2.5x faster (measured): recovery decodes every live record.
+
+    Raises JournalError naming the task and the column for anything but JSON nested at most `MAX_DEPTH` deep.
+    """
+    if type(text) is not str:
+        raise _damaged(path, task_id, column, text, "JSON text")
+    if _nested_too_deep(text):
+        raise _damaged(path, task_id, column, f"JSON nested more than {MAX_DEPTH} levels deep", "JSON text", raw=True)
+    try:
+        value = _parse_json(text)
+    except (ValueError, RecursionError) as exc:
+        found = f"text that is not JSON ({bound_message(str(exc), limit=120)})"
+        raise _damaged(path, task_id, column, found, "JSON text", raw=True) from None
     return _frozen_array(value) if type(value) is list else value
+
+
+def _damaged(
+    path: str, task_id: object, column: str, found: object, expected: str, *, raw: bool = False
+) -> JournalError:
+    """The error for a row a reader cannot take: what was found where, and what was expected."""
+    shown = found if raw else ("NULL" if found is None else _shown(found))
+    return JournalError(
+        f"journal {path!r}: task {_shown(task_id)}: column {column!r} holds {shown}, expected {expected}; "
+        "the journal is damaged (or was changed by hand), so it was not used"
+    )
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 _STATE_BY_NAME: dict[str, TaskState] = {state.value: state for state in TaskState}
@@ -1038,14 +1210,37 @@ def _task_columns(connection: sqlite3.Connection, version: int) -> str:
     return f"{_TASK_COLUMNS_V1 if version == 1 else _TASK_COLUMNS}, {added}"
 
 
-def _state(name: str) -> TaskState:
-    state = _STATE_BY_NAME.get(name)
+def _state(name: object, column: str, task_id: object, path: str) -> TaskState:
+    state = _STATE_BY_NAME.get(name) if type(name) is str else None
     if state is None:
-        state = _STATE_BY_NAME[name] = TaskState(name)
+        try:
+            state = TaskState(name)  # type: ignore[arg-type]  # checked there, with the reason
+        except ValueError:
+            raise _damaged(path, task_id, column, name, "a task state name") from None
+        _STATE_BY_NAME[state.value] = state
     return state
 
 
-def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> TaskRecord:
+def _text(value: object, column: str, task_id: object, path: str, *, null: bool = True) -> Any:
+    if type(value) is str or (null and value is None):
+        return value
+    raise _damaged(path, task_id, column, value, "text" + (" or NULL" if null else ""))
+
+
+def _count(value: object, column: str, task_id: object, path: str) -> Any:
+    if type(value) is int and value >= 0:
+        return value
+    raise _damaged(path, task_id, column, value, "an int >= 0")
+
+
+def _time(value: object, column: str, task_id: object, path: str) -> Any:
+    if (type(value) is float or type(value) is int) and math.isfinite(value):
+        return value
+    raise _damaged(path, task_id, column, value, "a time in seconds since the epoch")
+
+
+def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...], path: str) -> TaskRecord:
+    """A record from its row; JournalError naming the task and the column for a value that cannot be one."""
     (
         task_id,
         pipeline,
@@ -1063,31 +1258,37 @@ def _record_from_row(row: tuple[Any, ...], history: tuple[Transition, ...]) -> T
         updated_at,
         traceback,
     ) = row
+    _text(task_id, "task_id", task_id, path, null=False)
+    decoded = _decode_json(payload, "payload", task_id, path)
+    if type(decoded) is not FrozenDict:
+        kind = "an array" if type(decoded) is tuple else "a scalar"
+        raise _damaged(path, task_id, "payload", f"JSON {kind}", "a JSON object", raw=True)
     return TaskRecord(
         task_id=task_id,
-        state=_state(state),
-        payload=_decode_json(payload),
-        result=None if result is None else _decode_json(result),
-        value=None if value is None else _decode_json(value),
-        pipeline=pipeline,
-        calls=calls,
-        retries=retries,
-        error=error,
+        state=_state(state, "state", task_id, path),
+        payload=decoded,
+        result=None if result is None else _decode_json(result, "result", task_id, path),
+        value=None if value is None else _decode_json(value, "value", task_id, path),
+        pipeline=_text(pipeline, "pipeline", task_id, path, null=False),
+        calls=_count(calls, "calls", task_id, path),
+        retries=_count(retries, "retries", task_id, path),
+        error=_text(error, "error", task_id, path),
         history=history,
-        created_at=created_at,
-        updated_at=updated_at,
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent_span_id,
-        traceback=traceback,
+        created_at=_time(created_at, "created_at", task_id, path),
+        updated_at=_time(updated_at, "updated_at", task_id, path),
+        trace_id=_text(trace_id, "trace_id", task_id, path, null=False),
+        span_id=_text(span_id, "span_id", task_id, path, null=False),
+        parent_span_id=_text(parent_span_id, "parent_span_id", task_id, path),
+        traceback=_text(traceback, "traceback", task_id, path),
     )
 
 
-def _transition_from_row(row: tuple[Any, ...]) -> Transition:
-    _, _, from_state, to_state, at, reason = row
+def _transition_from_row(row: tuple[Any, ...], path: str) -> Transition:
+    """A transition from its log row; JournalError naming the task and the column, as `_record_from_row`."""
+    task_id, _, from_state, to_state, at, reason = row
     return Transition(
-        from_state=None if from_state is None else _state(from_state),
-        to_state=_state(to_state),
-        at=at,
-        reason=reason,
+        from_state=None if from_state is None else _state(from_state, "from_state", task_id, path),
+        to_state=_state(to_state, "to_state", task_id, path),
+        at=_time(at, "at", task_id, path),
+        reason=_text(reason, "reason", task_id, path),
     )
