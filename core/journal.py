@@ -30,14 +30,26 @@ corrupting the file); ``synchronous=FULL`` ("full") fsyncs the WAL on every
 commit, so committed batches also survive power loss.
 
 Ownership. Two runtimes writing one journal would interleave two views of the
-same tasks, so a `Journal` takes an exclusive `flock` on a sidecar file,
-``<path>.lock``, for its whole life. The lock lives on a separate file on
-purpose: SQLite guards the database with POSIX (fcntl) locks, which the kernel
-drops for the whole process as soon as *any* descriptor of that file is closed.
-Closing a descriptor we opened on the database itself (after a failed open, or
-at `close` while a reader in this process is still open) would silently strip
-SQLite's own locks. The sidecar lock is left in place when the journal closes
-(deleting lock files races with the next opener); it holds no data.
+same tasks, so a `Journal` owns its database *file* (not a path to it) for its
+whole life. On Linux it holds an open-file-description (OFD) lock on one byte of
+the database itself, far above the bytes SQLite locks (at 1 GiB): a symlink or a
+hard link reaches the same file and is refused too; the lock conflicts between
+processes and within one; and unlike SQLite's POSIX locks, it is not dropped
+when some other descriptor of the file is closed. Nothing is left on disk by a
+clean `close`. Where OFD locks are missing, a flock on a sidecar named after the
+resolved path, ``<realpath>.lock``, opened with O_NOFOLLOW (a symlink there is
+refused) and left in place when the journal closes.
+
+The reverse matters too: closing *any* descriptor of the database drops every
+POSIX lock this process holds on it, SQLite's own included. So the descriptors
+this module opens on a database (the lock's, a header's) are closed only once no
+SQLite connection of ours to the same file is open, and reused meanwhile
+(`_OpenFiles`).
+
+Permissions. A journal's files hold payloads and results: a missing database is
+created owner-only (0o600, less the umask) before SQLite opens it, and SQLite
+gives its ``-wal`` and ``-shm`` files the database's mode. An existing file keeps
+its mode.
 
 Refusals. `write_batch` raises `UnstorableValue` (a `JournalError`) when the batch
 holds a change no retry can store: a value the encoder cannot encode or a JSON
@@ -69,6 +81,8 @@ import math
 import os
 import re
 import sqlite3
+import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -257,10 +271,10 @@ class JournalReader:
 
     It also leaves no file behind. A ``mode=ro`` connection to a WAL database
     creates ``-wal`` and ``-shm`` files that only a writer may delete. So when
-    no runtime owns the journal (its ``.lock`` sidecar can be locked shared)
-    and no WAL is left over, the reader holds that shared lock while it is open,
-    which keeps any runtime from writing, and reads the file as immutable,
-    which creates nothing. Otherwise the files it would create exist already.
+    no runtime owns the journal (its ownership lock can be taken shared) and no
+    WAL is left over, the reader holds that shared lock while it is open, which
+    keeps any runtime from writing, and reads the file as immutable, which
+    creates nothing. Otherwise the files it would create exist already.
     """
 
     path: str
@@ -280,20 +294,23 @@ class JournalReader:
         self._connection: sqlite3.Connection | None = None
         if _read_header(self.path) is None:
             raise JournalError(f"journal {self.path!r} cannot be read: no such file")
-        self._quiet_fd = _hold_quiet(self.path)
+        self._quiet = _hold_quiet(self.path)
+        self._file = _file_id(self.path)
+        """The database file our connection reads (see `_OpenFiles`)."""
+        _FILES.connected(self._file)
         try:
-            connection = _connect_readonly(self.path, busy_timeout_s, immutable=self._quiet_fd is not None)
+            connection = _connect_readonly(self.path, busy_timeout_s, immutable=self._quiet is not None)
             try:
                 version = _classify(connection, self.path, busy_timeout_s)
             except BaseException:
                 connection.close()
                 raise
         except BaseException:
-            self._release_quiet()
+            self._let_go()
             raise
         if version is None:
             connection.close()
-            self._release_quiet()
+            self._let_go()
             raise JournalError(f"journal {self.path!r} cannot be read: it is an empty database, not yet a journal")
         self._version = version
         self._connection = connection
@@ -428,12 +445,15 @@ class JournalReader:
             connection, self._connection = self._connection, None
             if connection is not None:
                 connection.close()
-            self._release_quiet()
+                self._let_go()
 
-    def _release_quiet(self) -> None:
-        fd, self._quiet_fd = self._quiet_fd, None
-        if fd is not None:
-            _release_ownership(fd)
+    def _let_go(self) -> None:
+        """After our connection is closed: untrack it, then release the quiet lock (in that order, see `_OpenFiles`)."""
+        file, self._file = self._file, None
+        _FILES.disconnected(file)
+        quiet, self._quiet = self._quiet, None
+        if quiet is not None:
+            quiet.release()
 
     @property
     def closed(self) -> bool:
@@ -544,32 +564,44 @@ class Journal(JournalReader):
         self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._connection = None
-        self._owner_fd: int | None = None
+        self._owner: _Ownership | None = None
+        self._quiet = None
+        self._file = None
         self._version = SCHEMA_VERSION
         self._staged_keys: dict[str, tuple[str, str]] = {}
         self._keys_since_prune = 0
 
         header = _read_header(self.path)  # refuses a non-SQLite file before SQLite ever opens it
-        owner_fd = _acquire_ownership(self.path)
+        owner = _Ownership.acquire(self.path)  # creates a missing file, owner-only, before SQLite does
+        file = owner.file
         try:
             if header:  # an existing, non-empty file: judge it through a connection that cannot write
-                probe = _connect_readonly(self.path, busy_timeout_s)
+                _FILES.connected(file)
                 try:
-                    _classify(probe, self.path, busy_timeout_s)
+                    probe = _connect_readonly(self.path, busy_timeout_s)
+                    try:
+                        _classify(probe, self.path, busy_timeout_s)
+                    finally:
+                        probe.close()
                 finally:
-                    probe.close()
+                    _FILES.disconnected(file)
             known: dict[str, frozenset[str] | None] | None = None
             if isinstance(pipelines, Mapping):
                 known = {name: frozenset(states) for name, states in pipelines.items()}
             elif pipelines is not None:
                 known = dict.fromkeys(pipelines)
-            self._connection = _open_for_writing(self.path, durability, busy_timeout_s, known)
+            _FILES.connected(file)
+            try:
+                self._connection = _open_for_writing(self.path, durability, busy_timeout_s, known)
+            except BaseException:
+                _FILES.disconnected(file)
+                raise
         except BaseException:
-            _release_ownership(owner_fd)
+            owner.release()
             raise
-        self._owner_fd = owner_fd
+        self._owner = owner
+        self._file = file
         self._columns = _task_columns(self._connection, SCHEMA_VERSION)
-        self._identity = (os.stat(self.path).st_dev, os.stat(self.path).st_ino, os.fstat(owner_fd).st_ino)
         self.lost: str | None = None
         """Why the files this journal owns are gone (deleted or replaced while open); None while they are not."""
 
@@ -785,30 +817,21 @@ class Journal(JournalReader):
         """Refuse to commit into a file that is no longer the one on disk (two stats per batch).
 
         SQLite keeps writing happily into a database file that was deleted or
-        replaced (the open inode lives on), and a deleted lock file lets a
-        second runtime take the same path: either way, what is acknowledged
-        would be lost. Checked on every commit, and sticky (`lost`).
+        replaced (the open inode lives on), and a deleted sidecar lock file (the
+        fallback where the database itself cannot be locked) lets a second
+        runtime take the same path: either way, what is acknowledged would be
+        lost. Checked on every commit, and sticky (`lost`).
         """
-        if self.lost is None:
-            device, inode, lock_inode = self._identity
-            lock_path = f"{self.path}.lock"
+        if self.lost is None and self._owner is not None:
             try:
                 found = os.stat(self.path)
             except OSError as exc:
                 self.lost = f"journal file {self.path!r} is gone ({exc.strerror}); it was deleted while in use"
             else:
-                if (found.st_dev, found.st_ino) != (device, inode):
+                if (found.st_dev, found.st_ino) != self._owner.file:
                     self.lost = f"journal file {self.path!r} was replaced by another file while in use"
             if self.lost is None:
-                try:
-                    lock_found = os.stat(lock_path).st_ino
-                except OSError:
-                    lock_found = None
-                if lock_found != lock_inode:
-                    self.lost = (
-                        f"lock file {lock_path!r} of journal {self.path!r} was deleted or replaced while in use; "
-                        "another runtime could now open the same journal"
-                    )
+                self.lost = self._owner.check(self.path)
         if self.lost is not None:
             raise JournalError(f"{self.lost}; nothing more is committed (restart on an intact journal)")
 
@@ -822,17 +845,18 @@ class Journal(JournalReader):
         """Checkpoint the WAL into the database, close it, then give up ownership. Idempotent."""
         with self._lock:
             connection, self._connection = self._connection, None
-            owner_fd, self._owner_fd = self._owner_fd, None
+            owner, self._owner = self._owner, None
             try:
                 if connection is not None:
                     # Best effort: a reader still open may keep part of the WAL; it is replayed on next open.
                     with contextlib.suppress(sqlite3.Error):
                         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                     connection.close()
+                    self._let_go()
             finally:
                 # Only after SQLite has let go of the file may another runtime take it over.
-                if owner_fd is not None:
-                    _release_ownership(owner_fd)
+                if owner is not None:
+                    owner.release()
 
 
 # --- opening -------------------------------------------------------------------------------------
@@ -854,12 +878,17 @@ def _read_header(path: str) -> bytes | None:
     Raises JournalError if the file cannot be read or does not start like SQLite.
     """
     try:
-        with open(path, "rb") as file:
-            header = file.read(_SQLITE_HEADER_SIZE)
+        handle = _FILES.open(path, writable=False)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise JournalError(f"journal {path!r} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        header = os.pread(handle.fd, _SQLITE_HEADER_SIZE, 0)
+    except OSError as exc:
+        raise JournalError(f"journal {path!r} cannot be read: {exc.strerror or exc}") from exc
+    finally:
+        _FILES.close(handle)
     if header and (len(header) < _SQLITE_HEADER_SIZE or not header.startswith(_SQLITE_MAGIC)):
         raise JournalError(
             f"journal {path!r} cannot be used: file is not a database (no SQLite header); "
@@ -868,14 +897,244 @@ def _read_header(path: str) -> bytes | None:
     return header
 
 
-def _acquire_ownership(path: str) -> int:
-    """Take the exclusive, non-blocking flock on ``<path>.lock``; return its descriptor."""
-    lock_path = f"{path}.lock"
+# --- the files of one database, in this process ---------------------------------------------------
+
+_FileId = tuple[int, int]
+"""A file's identity: (st_dev, st_ino). Every path to it (a symlink, a hard link) has the same."""
+
+
+class _Handle:
+    """A descriptor of ours on a database file, and which file it is."""
+
+    __slots__ = ("fd", "file", "writable")
+
+    def __init__(self, fd: int, file: _FileId, writable: bool) -> None:
+        self.fd = fd
+        self.file = file
+        self.writable = writable
+
+
+class _OpenFiles:
+    """Descriptors this process opened on journal databases, and the SQLite connections of ours to each.
+
+    Closing *any* descriptor of a file drops every POSIX (fcntl) lock this process holds on that
+    file, and SQLite keeps its own locks on the database that way: a reader's SHARED lock, which
+    tells another process's connection, when it closes, that the WAL is still in use. So a
+    descriptor of ours (the ownership lock's, or one that read a header) is closed only once no
+    connection of ours to the same file is open; until then it is kept, and the next one needed
+    reuses it, so that they never pile up. (SQLite does the same with its own descriptors.)
+    Connections to the file made by other code in this process are out of our sight.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: dict[_FileId, int] = {}
+        self._kept: dict[tuple[_FileId, bool], list[int]] = {}
+
+    def open(self, path: str, *, writable: bool, create: bool = False) -> _Handle:
+        """A descriptor on `path`: one kept for the same file if there is one, else a new one.
+
+        `create` makes a missing file, owner-only (0o600 less the umask): SQLite gives the
+        ``-wal`` and ``-shm`` files it makes the mode of the database. Raises OSError.
+        """
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            if not create:
+                raise
+        else:
+            with self._lock:
+                kept = self._kept.get(((found.st_dev, found.st_ino), writable))
+                if kept:
+                    return _Handle(kept.pop(), (found.st_dev, found.st_ino), writable)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o600)
+        info = os.fstat(fd)
+        return _Handle(fd, (info.st_dev, info.st_ino), writable)
+
+    def close(self, handle: _Handle) -> None:
+        """Close `handle`'s descriptor, or keep it while a connection of ours to its file is open."""
+        with self._lock:
+            if self._connections.get(handle.file, 0) > 0:
+                self._kept.setdefault((handle.file, handle.writable), []).append(handle.fd)
+                return
+        os.close(handle.fd)
+
+    def connected(self, file: _FileId | None) -> None:
+        """A connection of ours to `file` was opened (None: a file that is gone, nothing to track)."""
+        if file is not None:
+            with self._lock:
+                self._connections[file] = self._connections.get(file, 0) + 1
+
+    def disconnected(self, file: _FileId | None) -> None:
+        """A connection of ours to `file` was closed: if it was the last, close the descriptors kept for it."""
+        if file is None:
+            return
+        with self._lock:
+            left = self._connections.get(file, 0) - 1
+            if left > 0:
+                self._connections[file] = left
+                return
+            self._connections.pop(file, None)
+            fds = [fd for writable in (False, True) for fd in self._kept.pop((file, writable), ())]
+        for fd in fds:
+            os.close(fd)
+
+
+_FILES: Final = _OpenFiles()
+
+
+def _file_id(path: str) -> _FileId | None:
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
+# --- ownership -----------------------------------------------------------------------------------
+
+_OFD_LOCKS = sys.platform == "linux" and hasattr(fcntl, "F_OFD_SETLK") and struct.calcsize("l") == 8
+"""Whether ownership is an open-file-description lock on the database itself (64-bit Linux: the
+`struct flock` below is packed by hand for its layout); elsewhere, a flock on a sidecar file."""
+_LOCK_BYTE: Final = 2**62
+"""The byte of the database the ownership lock covers: far above every byte SQLite locks (at 1 GiB)."""
+_FLOCK: Final = struct.Struct("hhxxxxqqixxxx")
+"""``struct flock`` on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)."""
+
+
+def _ofd_lock(fd: int, kind: int) -> None:
+    """Take (F_WRLCK, F_RDLCK) or release (F_UNLCK) the lock byte, without waiting. Raises OSError."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, _LOCK_BYTE, 1, 0))
+
+
+def _ofd_holder(fd: int) -> int | None:
+    """The kind of lock another open file description holds on the lock byte (F_RDLCK, F_WRLCK), or None."""
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BYTE, 1, 0))
+    except OSError:
+        return None
+    kind: int = _FLOCK.unpack(answer)[0]
+    return None if kind == fcntl.F_UNLCK else kind
+
+
+_BUSY: Final = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+"""What a lock someone else holds gives."""
+
+
+class _Ownership:
+    """How a `Journal` holds its database for writing, for its whole life.
+
+    On Linux, an open-file-description (OFD) lock on one byte of the database file
+    itself: it belongs to the file, not to a path, so a symlink or a hard link to an
+    owned journal is refused too; it conflicts between processes and within one; and
+    being a lock of an open file description, it is not dropped when some other
+    descriptor of the file is closed (which drops POSIX locks, SQLite's own). Nothing is
+    left on disk. Where OFD locks are missing, a flock on a sidecar named after the
+    resolved path (``<realpath>.lock``, opened with O_NOFOLLOW, never deleted).
+    """
+
+    def __init__(self, handle: _Handle | None, sidecar: tuple[int, str] | None, file: _FileId) -> None:
+        self._handle = handle
+        self._sidecar = sidecar
+        self.file = file
+        """The identity of the database file owned."""
+        self.sidecar_path = None if sidecar is None else sidecar[1]
+        """The sidecar lock file, if ownership is held through one."""
+
+    @classmethod
+    def acquire(cls, path: str) -> _Ownership:
+        """Own `path`'s database file, creating it (owner-only) if it is missing. Raises JournalError."""
+        try:
+            handle = _FILES.open(path, writable=True, create=True)
+        except OSError as exc:
+            raise JournalError(f"journal {path!r} cannot be opened for writing: {exc.strerror or exc}") from exc
+        if _OFD_LOCKS:
+            try:
+                _ofd_lock(handle.fd, fcntl.F_WRLCK)
+            except OSError as exc:
+                if exc.errno in _BUSY:
+                    holder = _ofd_holder(handle.fd)
+                    _FILES.close(handle)
+                    raise JournalError(_in_use(path, reader=holder == fcntl.F_RDLCK)) from exc
+                # The file system cannot lock this way (some network file systems): the sidecar, then.
+            else:
+                return cls(handle, None, handle.file)
+        file = handle.file
+        _FILES.close(handle)
+        return cls(None, _acquire_sidecar(path), file)
+
+    def release(self) -> None:
+        """Give up ownership. Unlocked explicitly: a child forked meanwhile shares the open file description."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                _ofd_lock(handle.fd, fcntl.F_UNLCK)
+            finally:
+                _FILES.close(handle)
+        sidecar, self._sidecar = self._sidecar, None
+        if sidecar is not None:
+            _release_flock(sidecar[0])
+
+    def check(self, path: str) -> str | None:
+        """Why ownership may no longer hold (its sidecar was deleted or replaced), or None."""
+        if self._sidecar is None:
+            return None  # the lock is on the database file itself, which the caller checks
+        fd, lock_path = self._sidecar
+        try:
+            found = os.lstat(lock_path)
+        except OSError:
+            found = None
+        if found is None or (found.st_dev, found.st_ino) != _fd_id(fd):
+            return (
+                f"lock file {lock_path!r} of journal {path!r} was deleted or replaced while in use; "
+                "another runtime could now open the same journal"
+            )
+        return None
+
+
+def _fd_id(fd: int) -> _FileId:
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino)
+
+
+def _in_use(path: str, *, reader: bool) -> str:
+    if reader:
+        return (
+            f"journal {path!r} is in use by a reader that keeps it unchanged while it reads "
+            "(Journal.open_readonly, actorflow inspect); open it again once that reader is closed"
+        )
+    return (
+        f"journal {path!r} is in use by another runtime (through this path or another to the same file); "
+        "close that runtime first, or read the journal with Journal.open_readonly()"
+    )
+
+
+def _sidecar_path(path: str) -> str:
+    """The sidecar lock of the fallback: named after the resolved path, so a symlink finds the same one."""
+    return f"{os.path.realpath(path)}.lock"
+
+
+def _open_sidecar(path: str, lock_path: str, flags: int) -> int:
+    try:
+        return os.open(lock_path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JournalError(
+                f"journal {path!r} cannot be locked: lock file {lock_path!r} is a symbolic link, which is never "
+                "followed; remove it"
+            ) from exc
+        raise
+
+
+def _acquire_sidecar(path: str) -> tuple[int, str]:
+    """Take the exclusive, non-blocking flock on the sidecar lock file; its descriptor and path."""
+    lock_path = _sidecar_path(path)
+    try:
+        fd = _open_sidecar(path, lock_path, os.O_RDWR | os.O_CREAT)
     except PermissionError:
         try:  # flock works on a read-only descriptor too, e.g. a lock file another user created
-            fd = os.open(lock_path, os.O_RDONLY)
+            fd = _open_sidecar(path, lock_path, os.O_RDONLY)
         except OSError as exc:
             raise JournalError(f"journal {path!r} cannot be opened: lock file {lock_path!r}: {exc.strerror}") from exc
     except OSError as exc:
@@ -884,16 +1143,13 @@ def _acquire_ownership(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise JournalError(
-                f"journal {path!r} is in use by another runtime (it holds {lock_path!r}); close that runtime "
-                "first, or read the journal with Journal.open_readonly()"
-            ) from exc
+        if exc.errno in _BUSY:
+            raise JournalError(_in_use(path, reader=False)) from exc
         raise JournalError(f"journal {path!r} cannot be locked ({lock_path!r}): {exc.strerror}") from exc
-    return fd
+    return fd, lock_path
 
 
-def _release_ownership(fd: int) -> None:
+def _release_flock(fd: int) -> None:
     # Unlock explicitly before closing: a child forked meanwhile shares this open file
     # description, and closing our descriptor alone would leave the lock held by the child.
     try:
@@ -902,16 +1158,60 @@ def _release_ownership(fd: int) -> None:
         os.close(fd)
 
 
-def _hold_quiet(path: str) -> int | None:
-    """A shared flock on ``<path>.lock`` if no runtime owns `path` and no WAL is left over; else None.
+class _Quiet:
+    """A reader's shared lock while no runtime owns the journal: no `Journal` can take it meanwhile."""
+
+    def __init__(self, handle: _Handle | None, sidecar_fd: int | None) -> None:
+        self._handle = handle
+        self._sidecar_fd = sidecar_fd
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                _ofd_lock(handle.fd, fcntl.F_UNLCK)
+            finally:
+                _FILES.close(handle)
+        fd, self._sidecar_fd = self._sidecar_fd, None
+        if fd is not None:
+            _release_flock(fd)
+
+
+def _hold_quiet(path: str) -> _Quiet | None:
+    """A shared lock on the journal if no runtime owns `path` and no WAL is left over; else None.
 
     While it is held, no `Journal` can take its exclusive lock, so the file cannot change and may be
-    read as immutable. The lock file is never created here: without one, the reader falls back to ``mode=ro``.
+    read as immutable. Nothing is created here: with the sidecar fallback, a reader without a lock
+    file falls back to ``mode=ro``.
     """
-    if os.path.exists(f"{path}-wal") or os.path.exists(f"{path}-shm"):
+    real = os.path.realpath(path)
+    if os.path.exists(f"{real}-wal") or os.path.exists(f"{real}-shm"):
+        return None
+    quiet = _quiet_ofd(path) if _OFD_LOCKS else None
+    if quiet is None and not _OFD_LOCKS:
+        quiet = _quiet_sidecar(path)
+    if quiet is not None and os.path.exists(f"{real}-wal"):  # a runtime opened it between the check and the lock
+        quiet.release()
+        return None
+    return quiet
+
+
+def _quiet_ofd(path: str) -> _Quiet | None:
+    try:
+        handle = _FILES.open(path, writable=False)
+    except OSError:
         return None
     try:
-        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        _ofd_lock(handle.fd, fcntl.F_RDLCK)
+    except OSError:
+        _FILES.close(handle)
+        return None
+    return _Quiet(handle, None)
+
+
+def _quiet_sidecar(path: str) -> _Quiet | None:
+    try:
+        fd = os.open(_sidecar_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -919,10 +1219,7 @@ def _hold_quiet(path: str) -> int | None:
     except OSError:
         os.close(fd)
         return None
-    if os.path.exists(f"{path}-wal"):  # a runtime opened it between the check and the lock
-        _release_ownership(fd)
-        return None
-    return fd
+    return _Quiet(None, fd)
 
 
 def _connect_readonly(path: str, busy_timeout_s: float, *, immutable: bool = False) -> sqlite3.Connection:
