@@ -613,12 +613,12 @@ class StateActor(FastActor):
             units = _units(changes, groups)
             try:
                 culprits = _named_unit(units, failure) or self._refused_units(units, failure)
-            except UnstorableValue as exc:  # not expected: a trial refused for good is split, never raised
-                return changes, self._fault(exc)
             except JournalError as exc:  # the journal failed while the batch was split: its fault, not a task's
                 return changes, self._fault(exc)
-            if not culprits:  # refused whole, but no part of it alone: not a task's fault after all
-                return changes, self._fault(failure)
+            if not culprits:
+                # Refused whole, but no part of it alone: not one task's fault after all. Backed off and
+                # retried as any fault (as a plain JournalError: the backoff must not split it again).
+                return changes, self._fault(JournalError(str(failure)))
             changes = self._set_aside(changes, groups, culprits)
         return changes, None
 
@@ -657,19 +657,19 @@ class StateActor(FastActor):
         for unit, failure in culprits:
             first = unit[0]
             task_id = failure.task_id or first.record.task_id
-            self._log.error("journal.unstorable", task_id=task_id, fault=bound_message(failure.fault))
-            self._milestones.emit("journal.unstorable", task_id=task_id)
             if first.stands_for is not None:
                 # Even the FAILED change made for it is refused (its row is gone, say): the task stays FAILED
                 # here, and a restart resumes it from the journal. Every sender still gets its answer.
-                self._log.error("journal.failed_in_memory_only", task_id=task_id, fault=failure.fault)
+                self._log.error("journal.failed_in_memory_only", task_id=task_id, fault=bound_message(failure.fault))
                 self._answer_stood_for(first, None)
                 continue
             self._undo(unit)
             if any(change.before is None for change in unit):
-                self._refuse_creation(unit, groups, failure)
+                task_id = self._refuse_creation(unit, groups, failure)
             else:
                 kept.append(self._stand_in(unit, failure))
+            self._log.error("journal.unstorable", task_id=task_id, fault=bound_message(failure.fault))
+            self._milestones.emit("journal.unstorable", task_id=task_id)
         return kept
 
     def _undo(self, changes: _Changes) -> None:
@@ -683,14 +683,20 @@ class StateActor(FastActor):
                 self._records[record.task_id] = change.before
                 self._counts[change.before.state] += 1
 
-    def _refuse_creation(self, unit: _Changes, groups: _Groups, failure: UnstorableValue) -> None:
-        """Refuse a creation the journal cannot store (all of its `submit_many` batch, if it has one)."""
-        group = next(((reply, members) for reply, members in groups if unit[0] in members), None)
+    def _refuse_creation(self, unit: _Changes, groups: _Groups, failure: UnstorableValue) -> str:
+        """Refuse a creation the journal cannot store (all of its `submit_many` batch, if it has one).
+
+        Returns the id of the task at fault (named by the journal, or found by splitting the batch).
+        """
+        group = next(
+            (index for index, (_, members) in enumerate(groups) if any(member is unit[0] for member in members)), None
+        )
         task_id = failure.task_id
         if task_id is None and group is not None and len(unit) > 1:
             # Name the task in the batch, by splitting it too (trials only, on this rare path).
             with contextlib.suppress(JournalError):
-                task_id = self._refused_units([[change] for change in unit], failure)[0][0][0].record.task_id
+                found = self._refused_units([[change] for change in unit], failure)
+                task_id = found[0][0][0].record.task_id if found else None
         task_id = task_id or unit[0].record.task_id
         what = "nothing of the batch was created" if group is not None else "it was not created"
         error = UnstorableValue(
@@ -699,14 +705,15 @@ class StateActor(FastActor):
             fault=failure.fault,
         )
         if group is not None:
-            groups.remove(group)
-            group[0].set_exception(exc_info=(UnstorableValue, error, None))
+            reply, _ = groups.pop(group)
+            reply.set_exception(exc_info=(UnstorableValue, error, None))
         for change in unit:
             if change.reply is not None:
                 change.reply.set_exception(exc_info=(UnstorableValue, error, None))
             if change.notify is not None and change.request is not None:  # a change of the refused task
                 outcome = TransitionOutcome(change.request, "rejected", None, str(error))
                 self._reply_outcome(change.notify, outcome)
+        return task_id
 
     def _stand_in(self, unit: _Changes, failure: UnstorableValue) -> _Change:
         """The FAILED change that takes the place of a task's refused changes (already undone)."""

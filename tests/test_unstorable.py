@@ -21,6 +21,7 @@ import pykka
 import pytest
 
 from actorflow.actors import Runtime, StateActor
+from actorflow.actors import state as state_module
 from actorflow.actors.messages import TransitionBatch, TransitionOutcome, TransitionRequest, TransitionsApplied
 from actorflow.core import (
     FrozenDict,
@@ -116,6 +117,12 @@ def test_a_creation_sqlite_refuses_is_refused_to_its_submitter_naming_it_and_not
         for task_id in ("a", "big-2", "b"):
             with pytest.raises(TaskNotFound):
                 runtime.get(task_id)
+        # A payload within SQLite's limit whose row is not: SQLite refuses the batch, which is split to name it.
+        edge = {"name": "edge", "pad": "x" * (SQLITE_LIMIT - 30)}
+        with pytest.raises(JournalError, match=r"cannot store task 'edge'.*string or blob too big.*nothing of the"):
+            runtime.submit_many([{"name": "c"}, {"name": "d"}, edge, {"name": "e"}], task_ids=["c", "d", "edge", "e"])
+        with pytest.raises(JournalError, match=r"cannot store task 'edge-2'.*string or blob too big.*not created"):
+            runtime.submit(edge, task_id="edge-2")
         assert runtime.submit({"name": "after"}).result(timeout=30).state is S.COMPLETED
         assert runtime.health()["status"] == "ok"
 
@@ -240,6 +247,64 @@ def test_a_value_poisoned_behind_freezes_back_is_named_by_the_journal_and_fails_
         assert "column 'value'" in why
         assert "cannot be encoded" in why
         assert state.get("b").get(timeout=5).state is S.FAILED
+    finally:
+        state_ref.stop()
+        receiver.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_transient_fault_after_a_culprit_is_set_aside_refuses_the_batch_whole_and_its_retry_fails_only_the_culprit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path / "t.db")
+    _lower_sqlite_limit(journal)
+    monkeypatch.setattr(state_module, "_JOURNAL_BACKOFF_S", (0.0, 0.0))  # the retry below may write at once
+    writes = 0
+    armed = False
+    original = Journal.write_batch
+
+    def write_batch(self: Journal, created: Any, changed: Any) -> None:
+        nonlocal writes
+        writes += armed
+        connection = self._connection
+        assert connection is not None
+        if writes == 2:  # the commit of the rest, once the culprit is set aside: interrupted (OperationalError)
+            connection.set_progress_handler(lambda: 1, 1)
+        try:
+            original(self, created, changed)
+        finally:
+            connection.set_progress_handler(None, 0)
+
+    monkeypatch.setattr(Journal, "write_batch", write_batch)
+    state_ref = StateActor.start(journal=journal)
+    collected = _Collected()
+    receiver = _Outcomes.start(collected)
+    try:
+        state = state_ref.proxy()
+        for task_id in ("a", "b", "c"):
+            state.create(task_id, {"name": task_id}).get(timeout=5)
+        armed = True
+        requests = (
+            TransitionRequest("a", S.VALIDATED),
+            TransitionRequest("b", S.VALIDATED, value={"v": "x" * BIG_CHARS}),
+            TransitionRequest("c", S.VALIDATED),
+        )
+        state_ref.tell(TransitionBatch(requests, reply_to=receiver))
+        first = collected.wait_for(3)
+        assert {o.request.task_id: o.outcome for o in first} == dict.fromkeys("abc", "journal_failed")
+        assert all(o.record is not None and o.record.state is S.CREATED for o in first), "nothing was kept"
+        assert [state.get(task_id).get(timeout=5).state for task_id in "abc"] == [S.CREATED] * 3
+        state_ref.tell(TransitionBatch(requests, reply_to=receiver))  # sent again, as the orchestrator does
+        again = {o.request.task_id: o for o in collected.wait_for(6)[3:]}
+        assert {task_id: o.outcome for task_id, o in again.items()} == {
+            "a": "accepted",
+            "b": "rejected",
+            "c": "accepted",
+        }
+        record = again["b"].record
+        assert record is not None
+        assert record.state is S.FAILED
+        assert record.path() == ["CREATED", "FAILED"]
     finally:
         state_ref.stop()
         receiver.stop()
