@@ -45,9 +45,10 @@ def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) 
         limit: the most characters to return; the innermost frames are kept.
     """
     parts = traceback.format_exception(error)
-    text = "".join(parts)
-    if len(text) <= limit:
-        return text
+    total = sum(map(len, parts))
+    if total <= limit:
+        return "".join(parts)
+    # Never joined whole: with a message of a gigabyte, that would be one more gigabyte.
     head = parts[0] if parts[0].startswith("Traceback") else ""
     kept: list[str] = []
     size = len(head)
@@ -57,9 +58,9 @@ def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) 
             break
         kept.append(part)
         size += len(part)
-    omitted = len(text) - size
+    omitted = total - size
     marker = f"  ... {omitted} characters of outer frames omitted ...\n"
-    if not kept:  # one part (a huge message) larger than the limit: keep its end
-        tail = text[-(limit - len(head) - len(marker)) :]
+    if not kept:  # the last part (a huge message) is larger than the limit: keep its end
+        tail = parts[-1][-(limit - len(head) - len(marker)) :]
         return head + marker + tail
     return head + marker + "".join(reversed(kept))

@@ -661,15 +661,17 @@ class Journal(JournalReader):
     ) -> None:
         if not created and not changed:
             return
+        with self._lock:
+            limit = self._require_open().getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         # Everything that can fail in Python runs before the transaction opens, and names its task.
         tasks: list[_TaskRow] = [
             (
                 record.task_id,
                 record.pipeline,
                 record.state.value,
-                self._json_text(record, "payload", record.payload),
-                self._json_column(record, "result", record.result),
-                self._json_column(record, "value", record.value),
+                self._json_text(record, "payload", record.payload, limit),
+                self._json_column(record, "result", record.result, limit),
+                self._json_column(record, "value", record.value, limit),
                 _storable(record.error),
                 record.trace_id,
                 record.span_id,
@@ -691,8 +693,8 @@ class Journal(JournalReader):
         updates = [
             (
                 record.state.value,
-                self._json_column(record, "result", record.result),
-                self._json_column(record, "value", record.value),
+                self._json_column(record, "result", record.result, limit),
+                self._json_column(record, "value", record.value, limit),
                 _storable(record.error),
                 record.calls,
                 record.retries,
@@ -706,7 +708,6 @@ class Journal(JournalReader):
         with self._lock:
             connection = self._require_open()
             self._check_identity()
-            self._check_lengths(connection, tasks, updates)
             keys = [
                 (*staged, record.task_id, record.created_at)
                 for record in created
@@ -758,48 +759,35 @@ class Journal(JournalReader):
                 _rollback(connection)
                 raise
 
-    def _json_column(self, record: TaskRecord, column: str, value: Any) -> str | None:
+    def _json_column(self, record: TaskRecord, column: str, value: Any, limit: int) -> str | None:
         """`_json_text` of a nullable column."""
-        return None if value is None else self._json_text(record, column, value)
+        return None if value is None else self._json_text(record, column, value, limit)
 
-    def _json_text(self, record: TaskRecord, column: str, value: Any) -> str:
-        """`value` as the canonical JSON text the column stores; UnstorableValue naming the task if it has none."""
+    def _json_text(self, record: TaskRecord, column: str, value: Any, limit: int) -> str:
+        """`value` as the JSON text its column stores; UnstorableValue naming the task if it cannot be stored.
+
+        Refused: a value that cannot be encoded (only one that bypassed `freeze`, which refuses those),
+        and a text longer than SQLite's length limit (`limit`; the text is ASCII, so its length is its
+        size), which SQLite would refuse with the whole batch. (A row whose columns are each within the
+        limit but too long together is refused by SQLite: the state actor splits the batch.)
+        """
         try:
-            return _encode_json(value)
+            text = _encode_json(value)
         except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-            # Only a value that bypassed `freeze` (which refuses all of these) can get here.
             fault = f"column {column!r} cannot be encoded as JSON: {type(exc).__name__}: {bound_message(str(exc))}"
             raise UnstorableValue(
                 f"journal {self.path!r}: task {record.task_id!r}: {fault}; nothing of the batch was written",
                 task_id=record.task_id,
                 fault=fault,
             ) from None
-
-    def _check_lengths(
-        self, connection: sqlite3.Connection, tasks: list[_TaskRow], updates: list[tuple[Any, ...]]
-    ) -> None:
-        """Name a task whose JSON column is over SQLite's length limit, before SQLite refuses the whole batch.
-
-        The JSON text is ASCII, so its length is its size in bytes. (A row whose columns are each
-        within the limit but too long together is refused by SQLite; the state actor splits the batch.)
-        """
-        limit = connection.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
-        for row in tasks:
-            for column, text in (("payload", row[3]), ("result", row[4]), ("value", row[5])):
-                if text is not None and len(text) > limit:
-                    self._refuse_length(row[0], column, len(text), limit)
-        for update in updates:
-            for column, text in (("result", update[1]), ("value", update[2])):
-                if text is not None and len(text) > limit:
-                    self._refuse_length(update[-1], column, len(text), limit)
-
-    def _refuse_length(self, task_id: str, column: str, length: int, limit: int) -> NoReturn:
-        fault = f"column {column!r} is {length} bytes as JSON, over SQLite's limit of {limit} bytes per value"
-        raise UnstorableValue(
-            f"journal {self.path!r}: task {task_id!r}: {fault}; nothing of the batch was written",
-            task_id=task_id,
-            fault=fault,
-        )
+        if len(text) > limit:
+            fault = f"column {column!r} is {len(text)} bytes as JSON, over SQLite's limit of {limit} bytes per value"
+            raise UnstorableValue(
+                f"journal {self.path!r}: task {record.task_id!r}: {fault}; nothing of the batch was written",
+                task_id=record.task_id,
+                fault=fault,
+            )
+        return text
 
     def _write_keys(self, connection: sqlite3.Connection, keys: list[tuple[str, str, str, float]]) -> None:
         connection.executemany(_INSERT_KEY, [(key, task_id, fp, at) for key, fp, task_id, at in keys])
