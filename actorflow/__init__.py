@@ -46,13 +46,15 @@ The API, drawn::
     ├── TaskNotFound                   no task has that id
     ├── UnknownPipeline                no pipeline of the runtime has that name
     ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
-    │   └── ValidationError            the validator service rejected the payload
+    │   ├── ValidationError            the validator service rejected the payload
+    │   └── ValueTooLarge              a payload or a stage's value is over max_value_bytes
     ├── RuntimeStopped                 the runtime was closed
     ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
     ├── WouldDeadlock                  a blocking call from a subscriber or a service, where
     │                                  it would hang: raised at once
     ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
+    │   └── UnstorableValue            it refuses one task's change for good: that task alone fails
     └── TransientError                 raised by a service to ask for a retry
 
 Internals (messages, pools, backends) stay importable from their modules
@@ -74,7 +76,9 @@ from actorflow.core.errors import (
     TaskNotFound,
     TransientError,
     UnknownPipeline,
+    UnstorableValue,
     ValidationError,
+    ValueTooLarge,
     WouldDeadlock,
 )
 from actorflow.core.pipeline import Pipeline, Stage
@@ -110,7 +114,9 @@ __all__ = [
     "TransientError",
     "TransitionEvent",
     "UnknownPipeline",
+    "UnstorableValue",
     "ValidationError",
+    "ValueTooLarge",
     "WouldDeadlock",
     "__version__",
     "configure_logging",

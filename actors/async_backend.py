@@ -219,7 +219,9 @@ class _AsyncWorker:
         try:
             returned = await self._fn(call.task, stage_value(call))
             if returned is not None:
-                result = freeze(returned, where=f"the value returned by stage {call.service!r}")
+                result = freeze(
+                    returned, where=f"the value returned by stage {call.service!r}", max_bytes=call.max_value_bytes
+                )
         except asyncio.CancelledError:
             cancelled = True
         except BaseException as exc:  # noqa: BLE001 - classified by `report`; SystemExit & co. are contained here

@@ -35,6 +35,8 @@ class Milestone:
             ``"service.late_result"``, ``"call.queued"``, ``"call.withdrawn"``,
             ``"journal.degraded"``, ``"journal.retry_scheduled"`` (one per failed commit, with
             its backoff ``step`` and ``delay_s``), ``"journal.recovered"``, ``"journal.lost"``,
+            ``"journal.unstorable"`` (the journal refused one task's change for good: the task
+            failed, or its creation was refused; with its ``task_id``),
             ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
         fields: details (task id, service, reason...), never payloads.
     """

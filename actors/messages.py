@@ -140,6 +140,12 @@ class RunService(NamedTuple):
     """The task's pipeline (`service` names the stage's pool)."""
     dispatched_at: float = 0.0
     """Wall-clock time the orchestrator dispatched the call (for queue-wait metrics; stays in this process)."""
+    max_value_bytes: int | None = None
+    """The most the stage's value may take as JSON (`RuntimeConfig.max_value_bytes`); None for no limit.
+
+    It travels with the call, so that the worker, wherever it runs, refuses a larger value where it is
+    made: such a value never crosses a pipe or Ray's object store, and fails its task as any exception
+    of the stage would (permanently, charged once)."""
 
 
 class RunServices(NamedTuple):

@@ -461,6 +461,7 @@ class OrchestratorActor(FastActor):
             flight.value,
             flight.plan.pipeline.name,
             dispatched_at=time.time(),
+            max_value_bytes=self._config.max_value_bytes,
         )
         self._calls[call_id] = task.task_id
         try:

@@ -785,11 +785,25 @@ def _encode_call(call: RunService) -> tuple[Any, ...]:
         call.attempt,
         call.value,
         call.pipeline,
+        call.max_value_bytes,
     )
 
 
 def _decode_call(wire: tuple[Any, ...]) -> RunService:
-    call_id, service, task_id, payload, task_attempt, trace_id, span_id, parent_span_id, attempt, value, pipeline = wire
+    (
+        call_id,
+        service,
+        task_id,
+        payload,
+        task_attempt,
+        trace_id,
+        span_id,
+        parent_span_id,
+        attempt,
+        value,
+        pipeline,
+        max_value_bytes,
+    ) = wire
     return RunService(
         call_id,
         service,
@@ -798,6 +812,7 @@ def _decode_call(wire: tuple[Any, ...]) -> RunService:
         attempt,
         value,
         pipeline,
+        max_value_bytes=max_value_bytes,
     )
 
 

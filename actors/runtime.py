@@ -1023,7 +1023,7 @@ class Runtime:
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
-            frozen = freeze_payload(payload)
+            frozen = freeze_payload(payload, max_bytes=self.config.max_value_bytes)
         except TypeError as exc:
             raise InvalidPayload(f"payload is not JSON-serializable: {exc}") from None
         # An acknowledgement costs a round trip to the state actor. It is needed when there is a commit

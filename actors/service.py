@@ -23,7 +23,7 @@ from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, RunServices, ServiceDone, ServicesDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
-from actorflow.core.failures import format_traceback
+from actorflow.core.failures import bound_message, format_traceback
 from actorflow.core.tracing import EventLogger, get_event_logger
 from actorflow.core.types import DEFAULT_PIPELINE, JSONValue, freeze
 from actorflow.services import ResultStore
@@ -76,11 +76,15 @@ def stage_value(call: RunService) -> JSONValue:
 
 
 def invoke(fn: Callable[..., Any], call: RunService) -> JSONValue:
-    """Call a stage function, ``fn(task, value)``; freeze what it returns (None passes the value on)."""
+    """Call a stage function, ``fn(task, value)``; freeze what it returns (None passes the value on).
+
+    Raises `ValueTooLarge` for a value over the call's `max_value_bytes`: the size is measured here,
+    in the worker, while the value is frozen, so that no backend sends a value on that would be refused.
+    """
     returned = fn(call.task, stage_value(call))
     if returned is None:
         return None
-    return freeze(returned, where=f"the value returned by stage {call.service!r}")
+    return freeze(returned, where=f"the value returned by stage {call.service!r}", max_bytes=call.max_value_bytes)
 
 
 def execute(fn: Callable[..., Any], call: RunService, worker: str, *, log: EventLogger, node: str = "") -> ServiceDone:
@@ -190,7 +194,7 @@ def report(
             status_of(error),
             None,
             type(error).__name__,
-            str(error),
+            bound_message(str(error)),  # an exception's message may be of any length; what travels is not
             duration_ms,
             node,
             started_at,

@@ -19,6 +19,18 @@ backoff step); the first commit that succeeds clears the fault
 (`Health.degraded` -> ok). A journal whose file or lock file was deleted or
 replaced (`Journal.lost`) is a failure for good: the runtime's `Health` fails.
 
+A refusal that no retry can cure is not a journal fault, and it never stops the
+journal: a value SQLite cannot store (a row over its length limit, a broken
+constraint) or the encoder cannot encode (`UnstorableValue`). The task at fault
+is found (the journal names it when it can, else the batch is halved in trial
+transactions that are rolled back), set aside, and the rest of the batch is
+committed. A task changed at fault FAILS instead, through a FAILED change made
+from its last committed record and a bounded reason (so it can be stored); the
+senders of its refused changes get a "rejected" outcome carrying that FAILED
+record, which ends the orchestrator's flight. A creation at fault is refused to
+its submitter (a `submit_many` batch as a whole), naming the task. Errors and
+reasons a record keeps are cut to `core.failures.MAX_MESSAGE_CHARS`.
+
 Who drives new tasks: a `CreateTask` without `notify` is announced to the
 current *driver*, set by `adopt()`. Adopting a new orchestrator and reading
 the non-terminal tasks it must resume is one message, so no creation can fall
@@ -27,6 +39,7 @@ between the two (the supervisor restarts a dead orchestrator this way).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -49,7 +62,15 @@ from actorflow.actors.messages import (
 )
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
-from actorflow.core.errors import InvalidPayload, InvalidTransition, JournalError, TaskNotFound, UnknownPipeline
+from actorflow.core.errors import (
+    InvalidPayload,
+    InvalidTransition,
+    JournalError,
+    TaskNotFound,
+    UnknownPipeline,
+    UnstorableValue,
+)
+from actorflow.core.failures import MAX_MESSAGE_CHARS, bound_message
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import TraceContext, get_event_logger, new_trace
 from actorflow.core.types import (
@@ -74,6 +95,14 @@ Subscriber = Callable[[TransitionEvent], None]
 _Changes = list["_Change"]
 _Group = tuple["pykka.Future[tuple[TaskRecord, ...]]", int, int]
 """A `CreateTasks` reply waiting for the commit, with the slice of the pending changes it answers with."""
+_Groups = list[tuple["pykka.Future[tuple[TaskRecord, ...]]", _Changes]]
+"""The `CreateTasks` replies of a batch being committed, each with its changes."""
+_Culprit = tuple[_Changes, "UnstorableValue"]
+"""Changes the journal refuses for good, and its refusal."""
+_Culprits = list[_Culprit]
+_Units = list[_Changes]
+_Outcomes = dict[int, tuple["pykka.ActorRef[Any]", list[TransitionOutcome]]]
+"""Transition outcomes to send, by recipient: one `TransitionsApplied` each."""
 _Records = list[TaskRecord]
 
 _MAX_BATCH = 256
@@ -96,6 +125,39 @@ class _Change:
     reply: pykka.Future[Any] | None = None
     notify: pykka.ActorRef[Any] | None = None
     request: TransitionRequest | None = None
+    stands_for: _Changes | None = None
+    """Set on a FAILED change the actor made for a task whose own changes the journal refused for good:
+    those changes (undone already), whose senders it answers once committed."""
+    why: str | None = None
+    """The reason of such a FAILED change."""
+
+
+def _rows(changes: _Changes) -> tuple[_Records, list[tuple[TaskRecord, Transition]]]:
+    """The arguments of `Journal.write_batch` for `changes`."""
+    created = [change.record for change in changes if change.before is None]
+    changed = [(change.record, change.transition) for change in changes if change.before is not None]
+    return created, changed
+
+
+def _units(changes: _Changes, groups: _Groups) -> _Units:
+    """`changes` in the parts a refusal for good is settled by: each `submit_many` batch whole (all or
+    none of it is created), and every other task's changes together, in order (a task fails as a whole)."""
+    group_of = {id(change): index for index, (_, members) in enumerate(groups) for change in members}
+    units: dict[object, _Changes] = {}
+    for change in changes:
+        group = group_of.get(id(change))
+        key: object = change.record.task_id if group is None else ("group", group)
+        units.setdefault(key, []).append(change)
+    return list(units.values())
+
+
+def _named_unit(units: _Units, failure: UnstorableValue) -> _Culprits:
+    """The unit holding the task the journal named, if it named one in `units`."""
+    if failure.task_id is not None:
+        for unit in units:
+            if any(change.record.task_id == failure.task_id for change in unit):
+                return [(unit, failure)]
+    return []
 
 
 class StateActor(FastActor):
@@ -328,7 +390,7 @@ class StateActor(FastActor):
 
     def _refuse_broken(self, request: TransitionRequest, notify: pykka.ActorRef[Any] | None, exc: Exception) -> None:
         """A request whose handling raised: refuse it with the reason (its sender then fails the task)."""
-        why = f"internal error applying {request.to_state.value}: {type(exc).__name__}: {exc}"
+        why = bound_message(f"internal error applying {request.to_state.value}: {type(exc).__name__}: {exc}")
         self._log.error("state.transition_failed", task_id=request.task_id, error=why)
         if notify is not None:
             self._reply_outcome(notify, TransitionOutcome(request, "rejected", self._records.get(request.task_id), why))
@@ -461,12 +523,20 @@ class StateActor(FastActor):
             return
         assert before is not None
         now = self._clock()
-        transition = Transition(before.state, request.to_state, now, request.reason)
+        # What a record keeps of an error or a reason is bounded, whoever sent it (an exception's message
+        # may be of any length): cut with a marker saying how much, never refused.
+        reason = request.reason
+        if reason is not None and len(reason) > MAX_MESSAGE_CHARS:
+            reason = bound_message(reason)
+        error = request.error
+        if error is not None and len(error) > MAX_MESSAGE_CHARS:
+            error = bound_message(error)
+        transition = Transition(before.state, request.to_state, now, reason)
         record = evolve(
             before,
             state=request.to_state,
             result=request.result if request.result is not None else before.result,
-            error=request.error if request.error is not None else before.error,
+            error=error if error is not None else before.error,
             calls=request.calls if request.calls is not None else before.calls,
             retries=request.retries if request.retries is not None else before.retries,
             value=None
@@ -488,20 +558,26 @@ class StateActor(FastActor):
         if not self._pending:
             return
         changes, self._pending = self._pending, []
-        groups, self._groups = self._groups, []
-        failure = self._commit(changes) if self._journal is not None else None
-        if failure is not None:
-            self._roll_back(changes, failure)
-            for reply, _, _ in groups:
-                reply.set_exception(exc_info=(JournalError, failure, None))
-            return
-        for reply, start, end in groups:
-            reply.set(tuple(change.record for change in changes[start:end]))
+        groups: _Groups = [(reply, changes[start:end]) for reply, start, end in self._groups]
+        self._groups = []
+        if self._journal is not None:
+            changes, failure = self._store(changes, groups)
+            if failure is not None:
+                self._roll_back(changes, failure)
+                for reply, _ in groups:
+                    reply.set_exception(exc_info=(JournalError, failure, None))
+                return
+        for reply, members in groups:
+            reply.set(tuple(change.record for change in members))
         verbose = self._log.enabled("debug")  # once per batch, not once per transition
         created: dict[int, tuple[pykka.ActorRef[Any], list[TaskRecord]]] = {}
         applied: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}
         for change in changes:
             record = change.record
+            if change.stands_for is not None:
+                self._answer_stood_for(change, applied)
+                self._publish(change, verbose=verbose)
+                continue
             if change.reply is not None:
                 change.reply.set(record)
             notify = change.notify
@@ -521,49 +597,83 @@ class StateActor(FastActor):
         if self._retain is not None:
             self._evict(changes)
 
-    def _commit(self, changes: _Changes) -> JournalError | None:
-        """Write one batch; None when committed, else the refusal (see the module docstring: backoff)."""
+    def _store(self, changes: _Changes, groups: _Groups) -> tuple[_Changes, JournalError | None]:
+        """Commit `changes`: the changes committed (or to roll back), and None or the refusal.
+
+        A refusal for good (`UnstorableValue`) names its task, or the batch is halved
+        until the parts it refuses are found (`_refused_units`); each of those is set
+        aside (`_set_aside`: its task fails, or its creation is refused) and the rest
+        is committed. Any other refusal is the journal's fault: the batch is refused
+        whole, and the journal backs off.
+        """
+        while changes:
+            failure = self._commit(changes)
+            if not isinstance(failure, UnstorableValue):
+                return changes, failure
+            units = _units(changes, groups)
+            try:
+                culprits = _named_unit(units, failure) or self._refused_units(units, failure)
+            except JournalError as exc:  # the journal failed while the batch was split: its fault, not a task's
+                return changes, self._fault(exc)
+            if not culprits:
+                # Refused whole, but no part of it alone: not one task's fault after all. Backed off and
+                # retried as any fault (as a plain JournalError: the backoff must not split it again).
+                return changes, self._fault(JournalError(str(failure)))
+            changes = self._set_aside(changes, groups, culprits)
+        return changes, None
+
+    def _refused_units(self, units: _Units, failure: UnstorableValue) -> _Culprits:
+        """The units that `failure` refused, found by halving: a half that passes a trial holds none.
+
+        Each trial is a transaction that is rolled back (`Journal.check_batch`), at most about
+        2·log2(units) of them per culprit; it happens only when a batch is refused for good.
+        Raises JournalError if the journal fails otherwise meanwhile.
+        """
+        if len(units) == 1:
+            return [(units[0], failure)]
         journal = self._journal
         assert journal is not None
-        fault = self._journal_fault
-        if fault is not None and (journal.lost is not None or time.monotonic() < self._retry_at):
-            return fault  # in backoff: refused without touching the disk, and without a log line
-        created = [c.record for c in changes if c.before is None]
-        changed = [(c.record, c.transition) for c in changes if c.before is not None]
-        try:
-            journal.write_batch(created, changed)
-        except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
-            failure = exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}")
-            self._journal_fault = failure
-            if journal.lost is not None:
-                self._log.error("journal.lost", error=str(failure))
-                self._milestones.emit("journal.lost", reason=journal.lost)
-                self._health.fail(str(failure))
-                return failure
-            delay = self._journal_backoff.failed()
-            self._retry_at = time.monotonic() + delay
-            if self._journal_backoff.steps == 1:
-                self._health.degrade(f"the journal refuses writes: {failure}")
-                self._milestones.emit("journal.degraded", reason=str(failure))
-            self._log.error(
-                "journal.write_failed", step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(exc)
-            )
-            self._milestones.emit("journal.retry_scheduled", step=self._journal_backoff.steps, delay_s=delay)
-            return failure
-        if fault is not None:
-            self._journal_fault = None
-            self._log.info("journal.recovered", failed_steps=self._journal_backoff.steps)
-            self._journal_backoff.reset()
-            self._health.recover()
-            self._milestones.emit("journal.recovered")
-        return None
+        middle = len(units) // 2
+        found: _Culprits = []
+        for half in (units[:middle], units[middle:]):
+            try:
+                journal.check_batch(*_rows([change for unit in half for change in unit]))
+            except UnstorableValue as refused:
+                # One named by the journal is enough for now: the commit that follows finds any other.
+                found += _named_unit(half, refused) or self._refused_units(half, refused)
+        return found
 
-    def _roll_back(self, changes: _Changes, failure: JournalError) -> None:
-        """Undo changes the journal refused, newest first, and tell their senders.
+    def _set_aside(self, changes: _Changes, groups: _Groups, culprits: _Culprits) -> _Changes:
+        """Take the culprits' changes out of the batch; return what is left to commit.
 
-        Each sender of transitions gets all of its refused ones in one message,
-        in order, to retry as one batch.
+        A culprit's changes are undone. A task created in it is refused to its submitter
+        (a `submit_many` batch as a whole), with the journal's reason and the task's id.
+        A task changed in it FAILS instead: a FAILED change made from its last committed
+        record and a bounded reason, so storable, takes the changes' place and answers their
+        senders once committed. If even that change is refused, the task fails in memory only.
         """
+        refused = {id(change) for unit, _ in culprits for change in unit}
+        kept = [change for change in changes if id(change) not in refused]
+        for unit, failure in culprits:
+            first = unit[0]
+            task_id = failure.task_id or first.record.task_id
+            if first.stands_for is not None:
+                # Even the FAILED change made for it is refused (its row is gone, say): the task stays FAILED
+                # here, and a restart resumes it from the journal. Every sender still gets its answer.
+                self._log.error("journal.failed_in_memory_only", task_id=task_id, fault=bound_message(failure.fault))
+                self._answer_stood_for(first, None)
+                continue
+            self._undo(unit)
+            if any(change.before is None for change in unit):
+                task_id = self._refuse_creation(unit, groups, failure)
+            else:
+                kept.append(self._stand_in(unit, failure))
+            self._log.error("journal.unstorable", task_id=task_id, fault=bound_message(failure.fault))
+            self._milestones.emit("journal.unstorable", task_id=task_id)
+        return kept
+
+    def _undo(self, changes: _Changes) -> None:
+        """Restore memory to what it was before `changes` (newest first); tells nobody."""
         for change in reversed(changes):
             record = change.record
             self._counts[record.state] -= 1
@@ -572,13 +682,141 @@ class StateActor(FastActor):
             else:
                 self._records[record.task_id] = change.before
                 self._counts[change.before.state] += 1
+
+    def _refuse_creation(self, unit: _Changes, groups: _Groups, failure: UnstorableValue) -> str:
+        """Refuse a creation the journal cannot store (all of its `submit_many` batch, if it has one).
+
+        Returns the id of the task at fault (named by the journal, or found by splitting the batch).
+        """
+        group = next(
+            (index for index, (_, members) in enumerate(groups) if any(member is unit[0] for member in members)), None
+        )
+        task_id = failure.task_id
+        if task_id is None and group is not None and len(unit) > 1:
+            # Name the task in the batch, by splitting it too (trials only, on this rare path).
+            with contextlib.suppress(JournalError):
+                found = self._refused_units([[change] for change in unit], failure)
+                task_id = found[0][0][0].record.task_id if found else None
+        task_id = task_id or unit[0].record.task_id
+        what = "nothing of the batch was created" if group is not None else "it was not created"
+        error = UnstorableValue(
+            f"the journal cannot store task {task_id!r}: {bound_message(failure.fault)}; {what}",
+            task_id=task_id,
+            fault=failure.fault,
+        )
+        if group is not None:
+            reply, _ = groups.pop(group)
+            reply.set_exception(exc_info=(UnstorableValue, error, None))
+        for change in unit:
+            if change.reply is not None:
+                change.reply.set_exception(exc_info=(UnstorableValue, error, None))
+            if change.notify is not None and change.request is not None:  # a change of the refused task
+                outcome = TransitionOutcome(change.request, "rejected", None, str(error))
+                self._reply_outcome(change.notify, outcome)
+        return task_id
+
+    def _stand_in(self, unit: _Changes, failure: UnstorableValue) -> _Change:
+        """The FAILED change that takes the place of a task's refused changes (already undone)."""
+        before = unit[0].before
+        assert before is not None
+        why = bound_message(
+            f"the journal cannot store the task's change to {unit[0].record.state.value}: {failure.fault}"
+        )
+        last = unit[-1].record
+        now = self._clock()
+        transition = Transition(before.state, TaskState.FAILED, now, why)
+        record = evolve(
+            before,
+            state=TaskState.FAILED,
+            error=why,
+            value=None,
+            calls=last.calls,
+            retries=last.retries,
+            history=(*before.history, transition),
+            updated_at=now,
+        )
+        self._records[record.task_id] = record
+        self._counts[before.state] -= 1
+        self._counts[TaskState.FAILED] += 1
+        return _Change(record, before, transition, stands_for=unit, why=why)
+
+    def _answer_stood_for(self, change: _Change, applied: _Outcomes | None) -> None:
+        """Answer the senders of the changes a FAILED stand-in replaced: refused, the task failed."""
+        assert change.stands_for is not None
+        record = change.record
+        error = UnstorableValue(
+            f"task {record.task_id!r} failed: {change.why}", task_id=record.task_id, fault=change.why or ""
+        )
+        for original in change.stands_for:
+            if original.reply is not None:
+                original.reply.set_exception(exc_info=(UnstorableValue, error, None))
+            if original.notify is not None and original.request is not None:
+                outcome = TransitionOutcome(original.request, "rejected", record, change.why)
+                if applied is None:
+                    self._reply_outcome(original.notify, outcome)
+                else:
+                    applied.setdefault(id(original.notify), (original.notify, []))[1].append(outcome)
+
+    def _commit(self, changes: _Changes) -> JournalError | None:
+        """Write one batch; None when committed, else the refusal (see the module docstring: backoff).
+
+        A refusal for good (`UnstorableValue`) is returned as it is, with no backoff: `_store` deals with it.
+        """
+        journal = self._journal
+        assert journal is not None
+        fault = self._journal_fault
+        if fault is not None and (journal.lost is not None or time.monotonic() < self._retry_at):
+            return fault  # in backoff: refused without touching the disk, and without a log line
+        try:
+            journal.write_batch(*_rows(changes))
+        except UnstorableValue as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - whatever the journal raises, the batch is refused
+            return self._fault(exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}"))
+        if fault is not None:
+            self._journal_fault = None
+            self._log.info("journal.recovered", failed_steps=self._journal_backoff.steps)
+            self._journal_backoff.reset()
+            self._health.recover()
+            self._milestones.emit("journal.recovered")
+        return None
+
+    def _fault(self, failure: JournalError) -> JournalError:
+        """The journal refused a batch for a reason that may pass: back off (or fail the runtime if it is lost)."""
+        journal = self._journal
+        assert journal is not None
+        self._journal_fault = failure
+        if journal.lost is not None:
+            self._log.error("journal.lost", error=str(failure))
+            self._milestones.emit("journal.lost", reason=journal.lost)
+            self._health.fail(str(failure))
+            return failure
+        delay = self._journal_backoff.failed()
+        self._retry_at = time.monotonic() + delay
+        if self._journal_backoff.steps == 1:
+            self._health.degrade(f"the journal refuses writes: {failure}")
+            self._milestones.emit("journal.degraded", reason=str(failure))
+        self._log.error(
+            "journal.write_failed", step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(failure)
+        )
+        self._milestones.emit("journal.retry_scheduled", step=self._journal_backoff.steps, delay_s=delay)
+        return failure
+
+    def _roll_back(self, changes: _Changes, failure: JournalError) -> None:
+        """Undo changes the journal refused, newest first, and tell their senders.
+
+        Each sender of transitions gets all of its refused ones in one message,
+        in order, to retry as one batch.
+        """
+        self._undo(changes)
         refused: dict[int, tuple[pykka.ActorRef[Any], list[TransitionOutcome]]] = {}
         for change in changes:
-            if change.reply is not None:
-                change.reply.set_exception(exc_info=(JournalError, failure, None))
-            if change.notify is not None and change.request is not None:
-                outcome = TransitionOutcome(change.request, "journal_failed", change.before, str(failure))
-                refused.setdefault(id(change.notify), (change.notify, []))[1].append(outcome)
+            for original in change.stands_for or (change,):
+                if original.reply is not None:
+                    original.reply.set_exception(exc_info=(JournalError, failure, None))
+                if original.notify is not None and original.request is not None:
+                    outcome = TransitionOutcome(original.request, "journal_failed", change.before, str(failure))
+                    refused.setdefault(id(original.notify), (original.notify, []))[1].append(outcome)
         for ref, outcomes in refused.values():
             self._tell(ref, TransitionsApplied(tuple(outcomes)))
 

@@ -16,7 +16,9 @@ from actorflow.core.errors import (
     TaskNotFound,
     TransientError,
     UnknownPipeline,
+    UnstorableValue,
     ValidationError,
+    ValueTooLarge,
     WouldDeadlock,
 )
 from actorflow.core.pipeline import Pipeline, Stage
@@ -45,7 +47,9 @@ __all__ = [
     "Transition",
     "TransitionEvent",
     "UnknownPipeline",
+    "UnstorableValue",
     "ValidationError",
+    "ValueTooLarge",
     "WouldDeadlock",
     "freeze",
     "is_allowed",

@@ -23,6 +23,9 @@ from actorflow.core.pipeline import seed_shape
 from actorflow.core.types import TaskState
 
 __all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_VALUE_BYTES",
+    "MIN_VALUE_BYTES",
     "NON_TERMINAL_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
@@ -52,6 +55,14 @@ def is_terminal(state: TaskState) -> bool:
     """True for COMPLETED, FAILED and CANCELLED (terminal in every pipeline)."""
     return state in TERMINAL_STATES
 
+
+DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
+"""`RuntimeConfig.max_value_bytes` by default: 64 MiB per value, as JSON."""
+MIN_VALUE_BYTES = 1024
+"""The least `RuntimeConfig.max_value_bytes` allowed: room for any ordinary payload."""
+MAX_VALUE_BYTES = 256 * 1024 * 1024
+"""The most `RuntimeConfig.max_value_bytes` allowed: a row with a payload and a value of this size each
+stays well below SQLite's limit of 1e9 bytes per row."""
 
 Durability = Literal["normal", "full"]
 Backend = Literal["thread", "process", "ray"]
@@ -105,11 +116,27 @@ class RuntimeConfig:
     """Ray cluster address with service_backend="ray"; None starts a local Ray."""
     drain_timeout_s: float = 30.0
     """How long `close(drain=True)` waits for tasks in flight."""
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    """The most a task may store per value, as JSON: its payload (a larger one is refused by `submit`
+    with `ValueTooLarge`, an `InvalidPayload`) and each value a stage returns (a larger one fails the
+    task, charged once: the value handed to the next stage, and the result, are such values). At most
+    `MAX_VALUE_BYTES`: a journal row holds a payload and a value, and SQLite refuses rows of 1e9 bytes."""
 
     def __post_init__(self) -> None:
         for name in ("stage_workers", "validator_workers", "processor_workers", "persistence_workers", "max_attempts"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("max_restarts", self.max_restarts, minimum=0)
+        value_bytes = self.max_value_bytes
+        if (
+            isinstance(value_bytes, bool)
+            or not isinstance(value_bytes, int)
+            or not MIN_VALUE_BYTES <= value_bytes <= MAX_VALUE_BYTES
+        ):
+            raise ConfigError(
+                f"RuntimeConfig.max_value_bytes must be an int from {MIN_VALUE_BYTES} to {MAX_VALUE_BYTES} "
+                f"(256 MiB: a journal row holds a payload and a value, and SQLite refuses a row of 1e9 bytes), "
+                f"got {value_bytes!r}"
+            )
         for name in ("result_store", "journal_path", "ray_address"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

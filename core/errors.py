@@ -8,7 +8,9 @@ The tree::
     ├── TaskNotFound           no task has that id
     ├── UnknownPipeline        no pipeline of the runtime has that name
     ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
-    │   └── ValidationError    the validator service rejected the payload
+    │   ├── ValidationError    the validator service rejected the payload
+    │   └── ValueTooLarge      a payload, or a value a stage returned, is over
+    │                          `RuntimeConfig.max_value_bytes`
     ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
     ├── RuntimeFailed          the runtime lost what it cannot rebuild (its state
     │                          actor without a journal, or its journal file); it
@@ -17,7 +19,9 @@ The tree::
     │                          callback, a service): raised at once instead of hanging
     ├── Overloaded             backpressure: too many tasks in flight
     ├── JournalError           the SQLite journal is unusable (not a database, newer
-    │                          schema, locked, I/O failure)
+    │   │                      schema, locked, I/O failure)
+    │   └── UnstorableValue    the journal refuses one task's change for good (a value it
+    │                          cannot encode or store): that task alone fails, or is not created
     └── TransientError         raised by a service to ask for a retry
 
 Every message names what was wrong, with the value, and what is allowed.
@@ -37,7 +41,9 @@ __all__ = [
     "TaskNotFound",
     "TransientError",
     "UnknownPipeline",
+    "UnstorableValue",
     "ValidationError",
+    "ValueTooLarge",
     "WouldDeadlock",
 ]
 
@@ -84,6 +90,14 @@ class ValidationError(InvalidPayload):
     """The validator service rejected a payload. The message names the field."""
 
 
+class ValueTooLarge(InvalidPayload):
+    """A value is larger, encoded as JSON, than a task may store (`RuntimeConfig.max_value_bytes`).
+
+    Raised by `submit` for a payload (nothing is created); a stage that returns such a value
+    fails its task with this error's name and message (charged once: a retry would return it again).
+    """
+
+
 class RuntimeStopped(ActorflowError):
     """The runtime was closed; it accepts no more work."""
 
@@ -112,6 +126,24 @@ class Overloaded(ActorflowError):
 
 class JournalError(ActorflowError):
     """The journal database cannot be used. The message names the path and the fault."""
+
+
+class UnstorableValue(JournalError):
+    """The journal refused a change for a reason in its data, which no retry can cure.
+
+    A value that cannot be encoded, a row over SQLite's length limit, a broken
+    constraint: unlike a full disk or a lock, the same batch would be refused
+    again. The state actor finds the task at fault (`task_id`, when the journal
+    could name it), fails it alone, and commits the rest of the batch; a
+    creation at fault is refused to its submitter with this error.
+    """
+
+    def __init__(self, message: str, *, task_id: str | None = None, fault: str = "") -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        """The task whose change was refused, when the journal could tell (else None: the batch is split)."""
+        self.fault = fault or message
+        """What was wrong, without the path: fit for a task's error."""
 
 
 class TransientError(ActorflowError):

@@ -1,20 +1,40 @@
-"""Tracebacks of failed service calls, formatted once and bounded in size.
+"""Tracebacks and error messages of failed service calls, bounded in size.
 
 A traceback travels in a `ServiceDone` (across a pipe or Ray's object store),
 into a `service.failed` event and into the task record and journal, so it is
 kept as text, never as a traceback object, and cut to `MAX_TRACEBACK_CHARS`.
 When it must be cut, the innermost frames and the exception line are kept:
 that is where the error was raised; the outer frames are the runtime's own.
+
+An error message (``str(exception)``, and the error and reason a task's record
+keeps) is cut to `MAX_MESSAGE_CHARS` by `bound_message`: its start is kept,
+and a marker says how much was cut. An exception may carry a message of any
+length; what is stored and logged of it must not.
 """
 
 from __future__ import annotations
 
 import traceback
 
-__all__ = ["MAX_TRACEBACK_CHARS", "format_traceback"]
+__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "bound_message", "format_traceback"]
 
 MAX_TRACEBACK_CHARS = 8192
 """The most characters of a formatted traceback kept (8 KiB of ASCII)."""
+
+MAX_MESSAGE_CHARS = 4096
+"""The most characters of an error message (or a transition's reason) kept, marker included."""
+
+
+def bound_message(text: str, *, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` if it has at most `limit` characters, else its start and a marker saying how much was cut.
+
+    The result never has more than `limit` characters (`limit` must leave the marker room: >= 64).
+    """
+    if len(text) <= limit:
+        return text
+    # The marker's length depends on the count it states; 48 characters always hold it.
+    kept = limit - 48
+    return f"{text[:kept]} ... [{len(text) - kept} characters cut]"
 
 
 def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) -> str:
@@ -25,9 +45,10 @@ def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) 
         limit: the most characters to return; the innermost frames are kept.
     """
     parts = traceback.format_exception(error)
-    text = "".join(parts)
-    if len(text) <= limit:
-        return text
+    total = sum(map(len, parts))
+    if total <= limit:
+        return "".join(parts)
+    # Never joined whole: with a message of a gigabyte, that would be one more gigabyte.
     head = parts[0] if parts[0].startswith("Traceback") else ""
     kept: list[str] = []
     size = len(head)
@@ -37,9 +58,9 @@ def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) 
             break
         kept.append(part)
         size += len(part)
-    omitted = len(text) - size
+    omitted = total - size
     marker = f"  ... {omitted} characters of outer frames omitted ...\n"
-    if not kept:  # one part (a huge message) larger than the limit: keep its end
-        tail = text[-(limit - len(head) - len(marker)) :]
+    if not kept:  # the last part (a huge message) is larger than the limit: keep its end
+        tail = parts[-1][-(limit - len(head) - len(marker)) :]
         return head + marker + tail
     return head + marker + "".join(reversed(kept))

@@ -13,9 +13,11 @@ import math
 import re
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeAlias
+
+from actorflow.core.errors import ValueTooLarge
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -144,13 +146,37 @@ SEED_STATES: tuple[TaskState, ...] = (
 
 
 class FrozenDict(dict[str, "JSONValue"]):
-    """A read-only dict: JSON- and pickle-friendly, but every mutator raises TypeError.
+    """A read-only dict of frozen JSON values: JSON- and pickle-friendly, but every mutator raises TypeError.
 
     It subclasses `dict` (rather than wrapping one) so that `json.dumps`, `==`
     and `isinstance(x, dict)` keep working in user code that receives it.
+
+    It is deeply immutable: building one freezes what it is given, as `freeze`
+    does (lists become tuples, mappings FrozenDicts, a str, int or float
+    subclass its plain type), so no list its builder keeps can change it later.
+    Building one raises TypeError for whatever `freeze` refuses. It also
+    remembers its size as JSON (a lower bound), so that `freeze` can keep it as
+    it is, and still count it against `RuntimeConfig.max_value_bytes`.
     """
 
-    __slots__ = ()
+    __slots__ = ("_size",)
+
+    _size: int
+    """A lower bound of its length as canonical JSON (`encode_json`); -1 if not known (then freeze copies it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            self._size  # noqa: B018 - set once built: a second __init__ would change it
+        except AttributeError:
+            pass
+        else:
+            self._readonly()
+        try:
+            items, size = _freeze_items(dict(*args, **kwargs), 0, _UNLIMITED)
+        except _Refused as exc:
+            raise TypeError(exc.message("FrozenDict")) from None
+        dict.update(self, items)
+        self._size = size
 
     def _readonly(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("FrozenDict is read-only: payloads and results are immutable once submitted")
@@ -162,15 +188,36 @@ class FrozenDict(dict[str, "JSONValue"]):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
 
-    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
-        # pickle would otherwise rebuild the dict through the blocked __setitem__
-        return (FrozenDict, (dict(self),))
+    def __reduce__(self) -> tuple[Callable[[dict[str, Any], int], FrozenDict], tuple[dict[str, Any], int]]:
+        # Rebuilt as it is, not frozen again: its values are frozen (and pickle would otherwise
+        # rebuild the dict through the blocked __setitem__).
+        return (_rebuild_frozen_dict, (dict(self), getattr(self, "_size", -1)))
 
     def __copy__(self) -> FrozenDict:
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
         return self
+
+
+_new_dict = dict.__new__
+_fill_dict = dict.update
+
+
+def _frozen_dict(items: dict[str, Any], size: int) -> FrozenDict:
+    """A FrozenDict of `items`, whose values are frozen already (trusted: not checked, not copied).
+
+    For `freeze` and the journal's decoder only: what they pass is frozen by construction.
+    """
+    frozen = _new_dict(FrozenDict)
+    _fill_dict(frozen, items)
+    frozen._size = size
+    return frozen
+
+
+def _rebuild_frozen_dict(items: dict[str, Any], size: int) -> FrozenDict:
+    """Unpickling: the items were frozen when the FrozenDict was pickled."""
+    return _frozen_dict(items, size)
 
 
 MAX_DEPTH = 128
@@ -190,87 +237,229 @@ One encoder, built once: json.dumps with non-default arguments builds a new enco
 _ALWAYS_PRINTABLE_BITS = 2100
 """Ints this short print whatever `sys.set_int_max_str_digits` allows (its least limit is 640 digits)."""
 
+_UNLIMITED = sys.maxsize
 
-def freeze(value: Any, *, where: str = "payload") -> JSONValue:
+_SIZE_SPREAD = 20
+"""How many times its counted size a value's JSON text may be, at most.
+
+`freeze` counts a lower bound of each value's length as JSON, cheaply: a str's
+length plus its quotes (escapes only lengthen it: 12 characters at most per
+character, for a character outside the BMP), 1 for an int of up to 64 bits (at
+most 20 digits), 3 for a float (at most 24 characters), the exact punctuation of
+mappings and lists. A value whose count is over the limit is refused while it is
+walked; one whose count is within 1/20 of the limit is accepted; only one in
+between is encoded once, to be measured exactly.
+"""
+
+
+class _Refused(Exception):
+    """Raised inside the walk, where the bad part is; `freeze` turns it into a TypeError naming where."""
+
+    def __init__(self, what: str, step: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        """What is wrong, after the place: ``is nan; JSON allows ...``."""
+        self.steps: list[str] = [] if step is None else [step]
+        """The way from the root to the bad part, innermost first (``['k']``, ``[2]``)."""
+
+    def message(self, where: str) -> str:
+        return f"{where}{''.join(reversed(self.steps))} {self.what}"
+
+
+class _TooLarge(Exception):
+    """Raised inside the walk once the count passes the limit."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def freeze(value: Any, *, where: str = "payload", max_bytes: int | None = None) -> JSONValue:
     """Return an immutable deep copy of a JSON value, or raise TypeError naming the bad part.
 
     Allowed: None, bool, int that prints as JSON (at most `sys.get_int_max_str_digits()`
     digits), finite float, str of valid Unicode text, list/tuple of allowed values and
     mappings with str keys, nested at most `MAX_DEPTH` levels. These are exactly the
-    values `encode_json` (the journal) and `TaskRecord.to_dict()` can store. `where`
-    names the root in error messages (``payload['data'][2]``).
+    values `encode_json` (the journal) and `TaskRecord.to_dict()` can store. A subclass
+    of str, int or float is handed on as the plain type (it may not pickle, or print,
+    as its class pleases). `where` names the root in error messages (``payload['data'][2]``).
+
+    A `FrozenDict` is kept as it is: it is deeply frozen already.
+
+    Args:
+        value: the value to freeze.
+        where: the name of the value, for error messages.
+        max_bytes: refuse a value longer than this as canonical JSON (`encode_json`); None
+            for no limit. The length is counted while the value is walked: a value far over
+            the limit is refused without being walked to its end, and none is encoded twice.
+
+    Raises:
+        TypeError: a part of the value is not allowed (the message names where it is).
+        ValueTooLarge: the value is longer than `max_bytes` as JSON (an `InvalidPayload`).
     """
-    return _freeze(value, where, 0)
+    limit = _UNLIMITED if max_bytes is None else max_bytes
+    try:
+        frozen, size = _freeze_value(value, 0, limit)
+    except _Refused as exc:
+        raise TypeError(exc.message(where)) from None
+    except _TooLarge as exc:
+        raise _too_large(where, exc.size, limit, exact=False) from None
+    if max_bytes is not None and size * _SIZE_SPREAD > max_bytes:
+        if size <= max_bytes:
+            size = len(encode_json(frozen))  # the count cannot tell: measure it
+            exact = True
+        else:
+            exact = False
+        if size > max_bytes:
+            raise _too_large(where, size, max_bytes, exact=exact)
+    return frozen
 
 
-def _freeze(value: Any, where: str, depth: int) -> JSONValue:
-    if isinstance(value, str):
+def _freeze_value(value: Any, depth: int, budget: int) -> tuple[JSONValue, int]:
+    """`value` frozen, and a lower bound of its length as JSON. Mappings and lists stop past `budget`."""
+    kind = type(value)
+    if kind is str:
         if not value.isascii():
-            _check_encodable(value, where)
-        return value
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        if value.bit_length() > _ALWAYS_PRINTABLE_BITS:
-            _check_printable(value, where)
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise TypeError(f"{where} is {value!r}; JSON allows only finite numbers")
-        return value
-    if isinstance(value, Mapping):
-        if depth >= MAX_DEPTH:
-            raise _too_deep(where)
-        items = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where} has key {key!r} of type {type(key).__name__}; JSON keys must be str")
-            if not key.isascii():
-                _check_encodable(key, f"a key of {where}")
-            items[key] = _freeze(item, f"{where}[{key!r}]", depth + 1)
-        # A FrozenDict is immutable already, but anyone can build one: it is checked, and kept as it is.
-        return value if isinstance(value, FrozenDict) else FrozenDict(items)
-    if isinstance(value, (list, tuple)):
-        if depth >= MAX_DEPTH:
-            raise _too_deep(where)
-        return tuple(_freeze(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(value))
-    raise TypeError(
-        f"{where} is of type {type(value).__name__}; allowed are None, bool, int, float, str, list and dict"
-    )
+            _check_encodable(value, "holds")
+        return value, len(value) + 2
+    if kind is int:
+        bits = value.bit_length()
+        if bits <= 64:
+            return value, 1
+        if bits > _ALWAYS_PRINTABLE_BITS:
+            _check_printable(value)
+        return value, bits // 4  # a number of b bits has more than b/4 digits (log10(2) > 1/4)
+    if kind is float:
+        if not _isfinite(value):
+            raise _Refused(f"is {value!r}; JSON allows only finite numbers")
+        return value, 3
+    if value is None or kind is bool:
+        return value, 4
+    if kind is FrozenDict:
+        size = getattr(value, "_size", -1)
+        if size >= 0:
+            return value, size  # deeply frozen when it was built: kept, and counted
+        items, size = _freeze_items(value, depth, budget)
+        return _frozen_dict(items, size), size
+    if kind is dict or kind is list or kind is tuple:
+        pass
+    elif isinstance(value, str):  # a subclass: handed on as the plain type, which always pickles
+        return _freeze_value(str.__str__(value), depth, budget)
+    elif isinstance(value, bool):  # pragma: no cover - bool cannot be subclassed
+        return bool(value), 4
+    elif isinstance(value, int):
+        return _freeze_value(int.__int__(value), depth, budget)
+    elif isinstance(value, float):
+        return _freeze_value(float.__float__(value), depth, budget)
+    if kind is dict or (kind is not list and kind is not tuple and isinstance(value, Mapping)):
+        items, size = _freeze_items(value, depth, budget)
+        return _frozen_dict(items, size), size
+    if kind is list or kind is tuple or isinstance(value, (list, tuple)):
+        return _freeze_sequence(value, depth, budget)
+    raise _Refused(f"is of type {type(value).__name__}; allowed are None, bool, int, float, str, list and dict")
 
 
-def freeze_payload(payload: Mapping[str, JSONInput], *, where: str = "payload") -> Mapping[str, JSONValue]:
-    """`freeze` for a mapping: its frozen copy, typed as the mapping it is. Raises TypeError as `freeze` does."""
-    frozen = freeze(payload, where=where)
+def _freeze_items(value: Mapping[Any, Any], depth: int, budget: int) -> tuple[dict[str, JSONValue], int]:
+    """A mapping's items frozen (keys plain str), and their count as a JSON object."""
+    if depth >= MAX_DEPTH:
+        raise _Refused(_TOO_DEEP)
+    items: dict[str, JSONValue] = {}
+    size = 1  # "{", then "key":value, per item, the last comma being the "}"
+    for name, item in value.items():
+        key = name if type(name) is str else _plain_key(name)
+        if not key.isascii():
+            _check_encodable(key, "has a key that holds")
+        try:
+            frozen, counted = _freeze_value(item, depth + 1, budget - size)
+        except _Refused as exc:
+            exc.steps.append(f"[{_shown(key)}]")
+            raise
+        except _TooLarge as exc:
+            exc.size += size + len(key) + 4
+            raise
+        items[key] = frozen
+        size += len(key) + 4 + counted
+        if size > budget:
+            raise _TooLarge(size)
+    return items, size if items else 2
+
+
+def _freeze_sequence(value: Sequence[Any], depth: int, budget: int) -> tuple[tuple[JSONValue, ...], int]:
+    """A list's items frozen into a tuple, and their count as a JSON array."""
+    if depth >= MAX_DEPTH:
+        raise _Refused(_TOO_DEEP)
+    items: list[JSONValue] = []
+    size = 1  # "[", then value, per item, the last comma being the "]"
+    for item in value:
+        try:
+            frozen, counted = _freeze_value(item, depth + 1, budget - size)
+        except _Refused as exc:
+            exc.steps.append(f"[{len(items)}]")
+            raise
+        except _TooLarge as exc:
+            exc.size += size
+            raise
+        items.append(frozen)
+        size += counted + 1
+        if size > budget:
+            raise _TooLarge(size)
+    return tuple(items), size if items else 2
+
+
+def _plain_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise _Refused(f"has key {_shown(key)} of type {type(key).__name__}; JSON keys must be str")
+    return str.__str__(key)  # a subclass: handed on as a plain str
+
+
+def freeze_payload(
+    payload: Mapping[str, JSONInput], *, where: str = "payload", max_bytes: int | None = None
+) -> Mapping[str, JSONValue]:
+    """`freeze` for a mapping: its frozen copy, typed as the mapping it is. Raises as `freeze` does."""
+    frozen = freeze(payload, where=where, max_bytes=max_bytes)
     if not isinstance(frozen, Mapping):
         raise TypeError(f"{where} must be a mapping (a JSON object), got {type(payload).__name__}")
     return frozen
 
 
-def _too_deep(where: str) -> TypeError:
-    return TypeError(
-        f"{where} is nested more than {MAX_DEPTH} levels deep (or contains itself); JSON values "
-        f"here may nest at most {MAX_DEPTH} mappings and lists"
+_TOO_DEEP = (
+    f"is nested more than {MAX_DEPTH} levels deep (or contains itself); JSON values "
+    f"here may nest at most {MAX_DEPTH} mappings and lists"
+)
+
+_isfinite = math.isfinite
+
+
+def _too_large(where: str, size: int, limit: int, *, exact: bool) -> ValueTooLarge:
+    measured = f"is {size} bytes" if exact else f"is at least {size} bytes"
+    return ValueTooLarge(
+        f"{where} {measured} as JSON; a task may store at most {limit} bytes per value (RuntimeConfig.max_value_bytes)"
     )
 
 
-def _check_printable(number: int, where: str) -> None:
+def _shown(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: an error message quotes what was wrong, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _check_printable(number: int) -> None:
     try:
         int.__repr__(number)  # what the encoder does; it refuses past the process's digit limit
     except ValueError:
         limit = sys.get_int_max_str_digits()
-        raise TypeError(
-            f"{where} is an int of more than {limit} digits; JSON numbers may have at most {limit} digits "
+        raise _Refused(
+            f"is an int of more than {limit} digits; JSON numbers may have at most {limit} digits "
             "(sys.get_int_max_str_digits()): send a longer one as a str"
         ) from None
 
 
-def _check_encodable(text: str, where: str) -> None:
+def _check_encodable(text: str, verb: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise TypeError(
-            f"{where} holds a lone surrogate {text[exc.start]!r}; JSON strings must be valid Unicode text"
+        raise _Refused(
+            f"{verb} a lone surrogate {text[exc.start]!r}; JSON strings must be valid Unicode text"
         ) from None
 
 

@@ -27,6 +27,7 @@ import structlog
 from actorflow.actors import OrchestratorActor, Runtime, StateActor
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
+from actorflow.core import journal as journal_module
 from actorflow.core.journal import Journal
 from actorflow.services import ServiceSet
 from tests.conftest import MilestoneLog, actor_threads, payload
@@ -232,7 +233,11 @@ def test_a_journal_file_deleted_while_running_stops_the_runtime_with_a_clear_err
         runtime.close(drain=False)
 
 
-def test_a_deleted_lock_file_is_detected_before_anything_more_is_acknowledged(tmp_path: Path) -> None:
+def test_a_deleted_lock_file_is_detected_before_anything_more_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sidecar lock file exists only where the database itself cannot be locked (no OFD locks).
+    monkeypatch.setattr(journal_module, "_OFD_LOCKS", False)
     path = tmp_path / "t.db"
     with Runtime(RuntimeConfig(journal_path=str(path))) as runtime:
         runtime.submit(payload(0)).result(timeout=10)

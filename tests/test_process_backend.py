@@ -564,6 +564,7 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
         "value",
         "pipeline",
         "dispatched_at",
+        "max_value_bytes",
     ]
     assert field_names(Task) == ["task_id", "payload", "attempt"]
     assert field_names(TraceContext) == ["trace_id", "span_id", "parent_span_id"]
@@ -589,6 +590,7 @@ def test_the_wire_format_carries_every_field_of_a_call_and_of_its_report() -> No
         2,
         freeze({"sha256": "0" * 64}),
         "ingest",
+        max_value_bytes=4096,
     )
     assert _decode_call(pickle.loads(pickle.dumps(_encode_call(call)))) == call
 

@@ -186,6 +186,33 @@ def test_a_transient_error_on_attempt_one_is_retried_in_another_call_and_succeed
     assert failed[0]["node"].endswith(f":{record.result['pid']}")  # one processor actor ran both attempts
 
 
+def too_big_process(task: Task) -> Mapping[str, Any]:
+    """A result of 200,000 characters for the task named "big"; a small one for the others."""
+    if task.payload["name"] == "big":
+        return {"v": "x" * 200_000}
+    return {"name": task.payload["name"]}
+
+
+@pytest.mark.timeout(120)
+def test_a_result_over_max_value_bytes_fails_its_task_once_in_the_ray_worker_and_the_others_complete(
+    ray_session: Any,
+) -> None:
+    config = ray_config(max_value_bytes=100_000)
+    services = ServiceSet(process=too_big_process, persist=discard)
+    with Runtime(config, services=services) as runtime:
+        big = runtime.submit({"name": "big", "data": 1})
+        small = runtime.submit({"name": "small", "data": 2})
+        record = big.result(timeout=TIMEOUT_S)
+        assert small.result(timeout=TIMEOUT_S).state is TaskState.COMPLETED
+        stats = runtime.stats()
+    assert record.state is TaskState.FAILED
+    assert record.error is not None
+    assert record.error.startswith("processor: ValueTooLarge: the value returned by stage 'processor' is at least")
+    assert "at most 100000 bytes per value (RuntimeConfig.max_value_bytes)" in record.error
+    assert (record.calls, record.retries) == (2, 0), "the validator's call and the processor's, charged once"
+    assert stats["pools"]["processor"]["restarts"] == 0
+
+
 @pytest.mark.timeout(120)
 def test_a_hung_call_is_killed_at_the_stage_timeout_and_the_retry_completes_the_task(ray_session: Any) -> None:
     config = ray_config(stage_timeout_s=3.0)
