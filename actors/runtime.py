@@ -103,6 +103,27 @@ def _forget_runtimes_in_forked_child() -> None:
 if hasattr(os, "register_at_fork"):  # POSIX only
     os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
 
+_NEVER_WAITS = ("central", "loop")
+"""Thread roles where `submit` must not wait (for a commit, or for room): nothing else would run meanwhile."""
+
+
+def _on_the_loop(call: str, thread: str, *, waits_for_tasks: bool) -> str:
+    """Why `call` is refused inside an async stage, on the async backend's event loop `thread`, and what to do."""
+    if waits_for_tasks:
+        return (
+            f"{call} was called inside an async stage, on the event loop thread {thread!r} that runs the "
+            "runtime's async stages; it waits for a task to finish, and tasks need those stages' slots (this "
+            "call's included), so it would deadlock. Return from the stage and wait outside it, or submit "
+            "follow-up tasks without waiting for them"
+        )
+    return (
+        f"{call} was called inside an async stage, on the event loop thread {thread!r} that runs the "
+        "runtime's async stages; it blocks until another thread answers, stalling every coroutine of that "
+        "loop meanwhile. Use the async form where there is one (await runtime.submit_async(...)), or run the "
+        "call in a thread: await asyncio.to_thread(...)"
+    )
+
+
 _FORKED = (
     "this process is a fork() child of the one that started the runtime, and the runtime's actors "
     "live in the parent; create a new Runtime in the child, or start children with multiprocessing's "
@@ -402,6 +423,8 @@ class TaskHandle:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(settle, record)
 
+        if self._waiter.record is None:
+            self._runtime._refuse_blocking("await TaskHandle", waits_for_tasks=True)  # inside an async stage
         self._waiter.add_callback(on_done)
         return (yield from future.__await__())
 
@@ -595,6 +618,7 @@ class Runtime:
                 milestones=self._milestones,
                 on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
                 telemetry=self.telemetry,
+                health=self._health,
             )
         except BaseException:
             for backend in {id(b): b for b in backends.values()}.values():
@@ -686,7 +710,10 @@ class Runtime:
 
         "degraded": the journal refuses writes (full or read-only disk);
         submissions raise JournalError meanwhile, and acknowledged tasks
-        complete once writes succeed again, with no restart. "failed": see
+        complete once writes succeed again, with no restart. Or a stage's pool
+        is failing (it restarted its workers more than `max_restarts` times
+        within `restart_window_s`): its calls wait for the pool's cool-down,
+        then run. The reason names each cause. "failed": see
         `RuntimeFailed`. "stopped": `close()` has begun.
         """
         status: str
@@ -780,7 +807,7 @@ class Runtime:
 
     def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
         config = self.config
-        central = self._threads.role_of_current() == "central"
+        central = self._threads.role_of_current() in _NEVER_WAITS
         if central and message.reply is not None:
             self._refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
         journal = self._journal if idempotency_key is not None else None
@@ -918,7 +945,7 @@ class Runtime:
         if not messages:
             return []
         config = self.config
-        central = self._threads.role_of_current() == "central"
+        central = self._threads.role_of_current() in _NEVER_WAITS
         reply: pykka.Future[tuple[TaskRecord, ...]] | None = None
         # As for submit: wait for an answer when there is a commit to wait for, or ids that may be taken.
         if config.journal_path is not None or explicit_ids:
@@ -1222,6 +1249,8 @@ class Runtime:
         if role is None or (role == "worker" and not waits_for_tasks):
             return
         thread = threading.current_thread().name
+        if role == "loop":
+            raise WouldDeadlock(_on_the_loop(call, thread, waits_for_tasks=waits_for_tasks))
         if role == "central":
             raise WouldDeadlock(
                 f"{call} was called on the runtime's own thread {thread!r}, where subscriber callbacks run; "
