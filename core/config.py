@@ -103,6 +103,8 @@ class RuntimeConfig:
     """Where service calls run: "thread" (default), "process" or "ray"."""
     ray_address: str | None = None
     """Ray cluster address with service_backend="ray"; None starts a local Ray."""
+    ray_connect_timeout_s: float = 30.0
+    """How long the Ray cluster at `ray_address` may take to answer before `Runtime()` raises ConfigError."""
     drain_timeout_s: float = 30.0
     """How long `close(drain=True)` waits for tasks in flight."""
 
@@ -128,6 +130,7 @@ class RuntimeConfig:
         for name in ("retry_backoff_s", "retry_backoff_max_s", "submit_timeout_s", "drain_timeout_s"):
             _check_seconds(name, getattr(self, name), allow_zero=True)
         _check_seconds("restart_window_s", self.restart_window_s, allow_zero=False)
+        _check_seconds("ray_connect_timeout_s", self.ray_connect_timeout_s, allow_zero=False)
         if self.stage_timeout_s is not None:
             _check_seconds("stage_timeout_s", self.stage_timeout_s, allow_zero=False)
         if self.retry_backoff_max_s < self.retry_backoff_s:
