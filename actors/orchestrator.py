@@ -197,7 +197,6 @@ class OrchestratorActor(FastActor):
             JournalRetryDue: self._on_journal_retry_due,
             PoolCoolDownOver: self._on_pool_cool_down_over,
         }
-        self._backends: list[ServiceBackend] = []
         self._pools: dict[str, ServicePool] = {}
         """Pools by name: the stage's name with one pipeline, ``pipeline.stage`` with several."""
         self._plans: dict[str, _Plan] = {}
@@ -206,8 +205,6 @@ class OrchestratorActor(FastActor):
             for stage in pipeline.stages:
                 name = pool_name(pipelines, pipeline, stage)
                 backend = backends[name]
-                if all(known is not backend for known in self._backends):
-                    self._backends.append(backend)
                 timeout_s = stage.timeout_s if stage.timeout_s is not None else config.stage_timeout_s
                 pool = ServicePool(
                     name,
@@ -352,8 +349,6 @@ class OrchestratorActor(FastActor):
         try:
             for pool in self._pools.values():
                 pool.close(timeout=0.5)
-            for backend in self._backends:
-                backend.close()
         finally:
             if self._on_exit is not None:
                 self._on_exit(f"failed with {exception_type.__name__}: {exception_value}")
@@ -369,8 +364,8 @@ class OrchestratorActor(FastActor):
             reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
         for pool in self._pools.values():
             pool.close(timeout=2.0)
-        for backend in self._backends:
-            backend.close()
+        # The backends are the runtime's, which closes them once this actor has stopped: off this thread,
+        # since closing one can take seconds (Ray shuts down), and a replacement may share their session.
 
     # --- the pipeline ----------------------------------------------------------------------------
 

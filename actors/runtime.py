@@ -496,6 +496,8 @@ class Runtime:
         self._timer: Timer | None = None
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
+        self._backends: list[ServiceBackend] = []
+        """The current orchestrator's backends: made here, so closed here (off the central threads)."""
         self.results: ResultStore | None = None
         self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
@@ -606,6 +608,7 @@ class Runtime:
         assert self._timer is not None
         self._generation["orchestrator"] += 1
         backends = self._make_backends()
+        old, self._backends = self._backends, list({id(b): b for b in backends.values()}.values())
         try:
             self._orchestrator = OrchestratorActor.start(
                 state=self._state,
@@ -621,11 +624,21 @@ class Runtime:
                 health=self._health,
             )
         except BaseException:
-            for backend in {id(b): b for b in backends.values()}.values():
+            self._close_backends()
+            raise
+        finally:
+            # A replaced orchestrator's backends are closed here, after the new ones exist: a Ray session
+            # they share stays up. Closing can take seconds (Ray), so it never runs on a central thread.
+            for backend in old:
                 with contextlib.suppress(Exception):
                     backend.close()
-            raise
         self._orchestrator_proxy = self._orchestrator.proxy()
+
+    def _close_backends(self) -> None:
+        backends, self._backends = self._backends, []
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                backend.close()
 
     def _resume(self) -> int:
         """Hand the current orchestrator every non-terminal task (one message: no creation falls between)."""
@@ -1321,6 +1334,7 @@ class Runtime:
                 if ref is not None:
                     with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                         ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            self._close_backends()  # its workers are retired: release what the backends hold (Ray: shut down)
         self._exits.put(None)
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(_ASK_TIMEOUT_S)

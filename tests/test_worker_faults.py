@@ -19,6 +19,7 @@ from actorflow import Pipeline, Stage
 from actorflow.actors import Milestone, Runtime
 from actorflow.actors.health import Health
 from actorflow.actors.messages import ServiceDone
+from actorflow.actors.process_backend import ProcessBackend
 from actorflow.core import RuntimeConfig, Task, TaskState, WouldDeadlock
 from tests import pipeline_stages as stages
 from tests.conftest import MilestoneLog
@@ -262,3 +263,23 @@ def test_waiting_or_blocking_inside_an_async_stage_raises_would_deadlock_at_once
     else:
         assert "it waits for a task to finish" in text
         assert "would deadlock" in text
+
+
+# --- closing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_the_runtime_closes_its_backends_on_the_thread_that_closes_it_never_on_a_central_actors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    closed_on: list[str] = []
+    close = ProcessBackend.close
+
+    def noting_where(backend: ProcessBackend, timeout: float = 2.5) -> None:
+        closed_on.append(threading.current_thread().name)
+        close(backend, timeout)
+
+    monkeypatch.setattr(ProcessBackend, "close", noting_where)
+    with Runtime(RuntimeConfig(), pipelines=one_stage(stages.crash_if_asked, "process", workers=1)) as runtime:
+        assert runtime.submit({"n": 1}).result(timeout=30).state is S.COMPLETED
+    assert closed_on == [threading.current_thread().name]
