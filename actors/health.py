@@ -35,6 +35,8 @@ class Milestone:
             ``"service.late_result"``, ``"call.queued"``, ``"call.withdrawn"``,
             ``"journal.degraded"``, ``"journal.retry_scheduled"`` (one per failed commit, with
             its backoff ``step`` and ``delay_s``), ``"journal.recovered"``, ``"journal.lost"``,
+            ``"pool.failing"`` (a pool's circuit breaker opened: ``service``, ``reason``),
+            ``"pool.recovered"`` (its cool-down passed and its workers restarted),
             ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
         fields: details (task id, service, reason...), never payloads.
     """

@@ -36,8 +36,14 @@ Supervision follows the thread workers' rules (issue 5):
   is seen as end-of-file on its pipe: the call it was running is reported
   ``crashed`` (error type ``WorkerProcessDied``), with the same effect; the
   calls queued behind it never started, and the pool re-sends them;
-* a child that dies while idle, or cannot load its function, is reported
-  through `on_death`, and the pool replaces it without charging any task;
+* a child that dies while idle is reported through `on_death`, and the pool
+  replaces it without charging any task;
+* a child that cannot load its function, or the main module it comes from
+  (a script that starts its runtime outside ``if __name__ == "__main__":``),
+  says why, in its own words (``worker.load_failed``); the calls it held fail
+  at once with that reason, since no worker would run them;
+* a result that cannot be pickled in the child (or unpickled here) fails its
+  own call, permanently, with the reason; the child lives on;
 * `retire()` really stops the child: an idle one is asked to exit, a busy
   one (say, hung past `stage_timeout_s`) gets SIGTERM, then SIGKILL. Its
   forwarding thread delivers nothing after retirement;
@@ -54,8 +60,10 @@ server process imports actorflow once and forks each worker from it, so a worker
 a few milliseconds instead of the ~300 ms a "spawn" child needs to import
 actorflow. "spawn" is available too; "fork" is refused, since forking a
 process full of threads can deadlock the child. As with any multiprocessing
-program, the host's main script is imported in the fork server (or in each
-spawned child): it must keep its work under ``if __name__ == "__main__":``.
+program, the host's main script is imported in each worker (a stage may be
+defined there): it must keep its work under ``if __name__ == "__main__":``.
+A forked worker imports it itself (`_import_main`), not while multiprocessing
+prepares it, so that a script that does not is reported with its own error.
 
 The fork server is actorflow's own, not multiprocessing's process-wide one:
 a library must not change its host's settings, and multiprocessing's

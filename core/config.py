@@ -90,9 +90,10 @@ class RuntimeConfig:
     stage_timeout_s: float | None = None
     """A service call running longer than this is a transient failure; None for no limit."""
     max_restarts: int = 10
-    """More worker restarts than this within `restart_window_s` marks a pool as failing."""
+    """More worker restarts than this within `restart_window_s` turn a pool failing: dead workers are not
+    replaced and its calls wait (uncharged) until the window has passed again, when it restarts them."""
     restart_window_s: float = 10.0
-    """The window of `max_restarts`."""
+    """The window of `max_restarts`, and a failing pool's cool-down."""
     max_in_flight: int | None = None
     """Bound on non-terminal tasks; None for no bound."""
     submit_timeout_s: float = 5.0
