@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
 __all__ = ["Backoff", "Health", "HealthStatus", "Milestone", "Milestones"]
@@ -70,7 +71,9 @@ class Milestones:
         try:
             callback(Milestone(name, fields))
         except Exception as exc:  # noqa: BLE001 - a listener's bug must not break the runtime
-            _log.error("milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=str(exc))
+            _log.error(
+                "milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=describe_error(exc)
+            )
 
 
 HealthStatus = Literal["ok", "degraded", "failed"]

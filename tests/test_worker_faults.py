@@ -283,3 +283,15 @@ def test_the_runtime_closes_its_backends_on_the_thread_that_closes_it_never_on_a
     with Runtime(RuntimeConfig(), pipelines=one_stage(stages.crash_if_asked, "process", workers=1)) as runtime:
         assert runtime.submit({"n": 1}).result(timeout=30).state is S.COMPLETED
     assert closed_on == [threading.current_thread().name]
+
+
+def test_a_milestone_listener_raising_an_exception_whose_str_raises_harms_no_task() -> None:
+    def listener(milestone: Milestone) -> None:
+        raise stages.Unprintable("the listener's bug")
+
+    config = RuntimeConfig(retry_backoff_s=0.0)
+    with Runtime(config, pipelines=one_stage(stages.crash_if_asked, "thread"), on_milestone=listener) as runtime:
+        crashed = runtime.submit({"crash": "exit"}).result(timeout=10)  # restarts and retries: milestones
+        record = runtime.submit({"n": 5}).result(timeout=10)
+    assert (crashed.state, crashed.error) == (S.FAILED, "s: SystemExit: boom (gave up after 3 attempts)")
+    assert (record.state, record.result) == (S.COMPLETED, {"n": 5})
