@@ -54,7 +54,7 @@ def test_tasks_that_crash_their_workers_past_max_restarts_fail_alone_and_the_sta
 ) -> None:
     milestones = HealthAtMilestones()
     config = RuntimeConfig(
-        max_restarts=3, restart_window_s=0.5, max_attempts=3, retry_backoff_s=0.0, retry_backoff_max_s=0.0
+        max_restarts=3, restart_window_s=1.0, max_attempts=3, retry_backoff_s=0.0, retry_backoff_max_s=0.0
     )
     with Runtime(config, pipelines=one_stage(CRASHERS[backend], backend), on_milestone=milestones) as runtime:
         milestones.runtime = runtime
