@@ -17,8 +17,23 @@ the thread workers':
 * cancelling a task cancels its running coroutine (`cancel`), which then
   reports ``permanent`` with ``CancelledError`` (a report the orchestrator
   discards, but that frees the worker's slot);
-* a coroutine raising a `BaseException` that is not an `Exception` is
-  ``crashed``: the worker stops taking calls and the pool replaces it.
+* a coroutine that ignores its cancellation cannot be stopped: after
+  `cancel_grace_s` it is abandoned (logged as ``async.call_abandoned``; it
+  runs on, and whatever it returns is dropped). A cancelled task's call is
+  then reported as cancelled, freeing its slot; a timed-out call was already
+  retried. `close()` waits for such coroutines only `cancel_grace_s`;
+* a coroutine raising `CancelledError` of its own (not cancelled by us:
+  its task has no cancellation pending) fails its call ``permanent``, with
+  its message, as an `Exception` would: it is the coroutine's failure, not a
+  broken loop;
+* a coroutine raising any other `BaseException` that is not an `Exception`
+  is ``crashed``: the worker stops taking calls and the pool replaces it.
+
+The loop's thread has a role of its own in the runtime's `ThreadBook`
+(``"loop"``): a blocking call of the runtime made there would stall every
+coroutine of the loop, and waiting there for a task (``handle.result()``,
+``await handle``) would deadlock when that task needs the loop's stages, so
+the runtime refuses them at once with `WouldDeadlock`, saying what to do instead.
 """
 
 from __future__ import annotations
@@ -38,24 +53,35 @@ import structlog
 from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.service import Deliver, OnDeath, WorkerHandle, call_fields, report, report_failure, stage_value
 from actorflow.actors.threads import ThreadBook
+from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 from actorflow.core.types import JSONValue, freeze
 
-__all__ = ["AsyncBackend", "make_backend"]
+__all__ = ["CANCEL_GRACE_S", "AsyncBackend", "make_backend"]
 
 _numbers = itertools.count(1)
 
+CANCEL_GRACE_S = 1.0
+"""How long a cancelled coroutine may take to end before it is abandoned (and `close()` stops waiting for it)."""
+
 
 class AsyncBackend:
-    """Workers are slots on one event loop, run by one daemon thread (``actorflow-loop-N``)."""
+    """Workers are slots on one event loop, run by one daemon thread (``actorflow-loop-N``).
+
+    Args:
+        threads: the runtime's thread book; the loop's thread is written down in it, as a ``"loop"``.
+        cancel_grace_s: how long a cancelled coroutine may take to end before it is abandoned.
+    """
 
     name = "async"
 
     max_queue_depth = 1
     """One call per slot: `workers` slots are `workers` calls in flight."""
 
-    def __init__(self, threads: ThreadBook | None = None) -> None:
+    def __init__(self, threads: ThreadBook | None = None, *, cancel_grace_s: float = CANCEL_GRACE_S) -> None:
+        self.cancel_grace_s = cancel_grace_s
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._on_loop_error)
         started = threading.Event()
         self._threads = threads
         self._lock = threading.Lock()
@@ -64,16 +90,16 @@ class AsyncBackend:
         self._wake_scheduled = False
         self._finished: dict[Deliver, list[ServiceDone]] = {}
         """Reports of this loop iteration, per pool (only touched on the loop's thread)."""
+        self._log = get_event_logger("async-backend")
         self.thread = threading.Thread(
             target=self._run, args=(started,), name=f"actorflow-loop-{next(_numbers)}", daemon=True
         )
         self.thread.start()
         started.wait(10)
-        self._log = get_event_logger("async-backend")
 
     def _run(self, started: threading.Event) -> None:
         if self._threads is not None:
-            self._threads.record_current()  # so that Runtime.close() joins it
+            self._threads.record_current("loop")  # so that Runtime.close() joins it, and refuses to block it
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         try:
@@ -83,8 +109,21 @@ class AsyncBackend:
             for task in pending:
                 task.cancel()
             if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                # Bounded: a coroutine that ignores its cancellation must not hold the runtime's close forever.
+                _, stuck = self.loop.run_until_complete(asyncio.wait(pending, timeout=self.cancel_grace_s))
+                if stuck:
+                    self._log.warning("async.calls_abandoned", calls=len(stuck), grace_s=self.cancel_grace_s)
             self.loop.close()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Our loop's errors go to our log, not to the host's ``asyncio`` logger (e.g. an abandoned task destroyed)."""
+        error = context.get("exception")
+        self._log.warning(
+            "async.loop_error",
+            message=context.get("message", ""),
+            error_type=type(error).__name__ if error is not None else None,
+            error=describe_error(error) if error is not None else None,
+        )
 
     def start_worker(
         self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
@@ -146,7 +185,7 @@ class AsyncBackend:
 class _AsyncWorker:
     """One slot of a pool on the loop. `send`, `retire` and `cancel` are called from the orchestrator's thread."""
 
-    __slots__ = ("_backend", "_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
+    __slots__ = ("_abandoned", "_backend", "_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
 
     def __init__(self, name: str, fn: Callable[..., Any], deliver: Deliver, backend: AsyncBackend) -> None:
         self.name = name
@@ -155,8 +194,10 @@ class _AsyncWorker:
         self._backend = backend
         self._loop = backend.loop
         self._retired = False
-        self._running: dict[int, asyncio.Task[None]] = {}
-        """Only touched on the loop's thread."""
+        self._running: dict[int, tuple[asyncio.Task[None], RunService]] = {}
+        """Each running call's task, and the call (only touched on the loop's thread)."""
+        self._abandoned: set[int] = set()
+        """Calls whose coroutine ignored its cancellation past the grace: it runs on, unreported (loop's thread)."""
         self._log = get_event_logger(name)
 
     def send(self, call: RunService) -> bool:
@@ -197,16 +238,41 @@ class _AsyncWorker:
         # The trace reaches the coroutine: its task runs in this context, with the call's fields bound.
         context.run(structlog.contextvars.bind_contextvars, **fields)
         task = self._loop.create_task(self._run(call, fields), context=context)
-        self._running[call.call_id] = task
+        self._running[call.call_id] = (task, call)
 
     def _cancel(self, call_id: int) -> None:
-        task = self._running.get(call_id)
-        if task is not None:
-            task.cancel()
+        running = self._running.get(call_id)
+        if running is not None:
+            self._cancel_task(call_id, running[0])
 
     def _cancel_all(self) -> None:
-        for task in self._running.values():
-            task.cancel()
+        for call_id, (task, _) in list(self._running.items()):
+            self._cancel_task(call_id, task)
+
+    def _cancel_task(self, call_id: int, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        self._loop.call_later(self._backend.cancel_grace_s, self._abandon, call_id, task)
+
+    def _abandon(self, call_id: int, task: asyncio.Task[None]) -> None:
+        """The grace after a cancel has passed: a coroutine still running ignored it, and is left to itself.
+
+        Its slot is freed: a retired worker's pool has moved on already; a
+        live worker reports the call as cancelled, so that its pool can give
+        the slot another call. What the coroutine returns later is dropped.
+        """
+        running = self._running.get(call_id)
+        if task.done() or running is None or running[0] is not task:
+            return
+        del self._running[call_id]
+        self._abandoned.add(call_id)
+        grace = self._backend.cancel_grace_s
+        call = running[1]
+        self._log.warning("async.call_abandoned", **call_fields(call, self.name), grace_s=grace, retired=self._retired)
+        if self._retired:
+            return
+        why = f"the call was cancelled, and its coroutine ignored the cancellation for {grace:g}s: abandoned"
+        done = report_failure(self._log, call, self.name, "", "permanent", "CancelledError", why, grace * 1000)
+        self._backend.deliver_soon(self._deliver, done)
 
     async def _run(self, call: RunService, fields: dict[str, Any]) -> None:
         log = self._log
@@ -215,19 +281,28 @@ class _AsyncWorker:
         started = time.perf_counter()
         result: JSONValue = None
         error: BaseException | None = None
-        cancelled = False
+        cancelled = own_cancellation = False
         try:
             returned = await self._fn(call.task, stage_value(call))
             if returned is not None:
                 result = freeze(
                     returned, where=f"the value returned by stage {call.service!r}", max_bytes=call.max_value_bytes
                 )
-        except asyncio.CancelledError:
-            cancelled = True
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                cancelled = True  # ours: a timeout, a cancelled task, or the runtime stopping
+            else:
+                error, own_cancellation = exc, True  # the coroutine's own: a failure of its call, with its message
         except BaseException as exc:  # noqa: BLE001 - classified by `report`; SystemExit & co. are contained here
             error = exc
         finally:
-            self._running.pop(call.call_id, None)
+            running = self._running.get(call.call_id)
+            if running is not None and running[0] is asyncio.current_task():
+                del self._running[call.call_id]
+        if call.call_id in self._abandoned:
+            self._abandoned.discard(call.call_id)
+            return  # reported (or retried) when it was abandoned
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         if cancelled:
             done = report_failure(
@@ -244,6 +319,7 @@ class _AsyncWorker:
                 duration_ms,
                 started_at=started_at,
                 fields=fields if verbose else None,
+                status="permanent" if own_cancellation else None,
             )
         if done.status == "crashed":
             self._retired = True  # calls queued behind this one go back to the pool, as on a thread worker

@@ -6,9 +6,9 @@ Three small pieces, each thread-safe and cheap when nobody listens:
   restarted, a retry scheduled, the journal degraded or recovered, a central
   actor restarted...). Tests and operators wait on these instead of polling
   `stats()`. Emitting with no listener costs one attribute test.
-- `Health`: ``ok``, ``degraded`` (a journal fault the runtime rides out, with
-  the reason) or ``failed`` (something it cannot rebuild). Actors report into
-  it; `Runtime.health()` and `/healthz` read it.
+- `Health`: ``ok``, ``degraded`` (a journal fault or a failing pool the
+  runtime rides out, each with its reason) or ``failed`` (something it cannot
+  rebuild). Actors report into it; `Runtime.health()` and `/healthz` read it.
 - `Backoff`: capped exponential delays, for every loop that retries a fault.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
 __all__ = ["Backoff", "Health", "HealthStatus", "Milestone", "Milestones"]
@@ -37,6 +38,8 @@ class Milestone:
             its backoff ``step`` and ``delay_s``), ``"journal.recovered"``, ``"journal.lost"``,
             ``"journal.unstorable"`` (the journal refused one task's change for good: the task
             failed, or its creation was refused; with its ``task_id``),
+            ``"pool.failing"`` (a pool's circuit breaker opened: ``service``, ``reason``),
+            ``"pool.recovered"`` (its cool-down passed and its workers restarted),
             ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
         fields: details (task id, service, reason...), never payloads.
     """
@@ -70,54 +73,70 @@ class Milestones:
         try:
             callback(Milestone(name, fields))
         except Exception as exc:  # noqa: BLE001 - a listener's bug must not break the runtime
-            _log.error("milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=str(exc))
+            _log.error(
+                "milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=describe_error(exc)
+            )
 
 
 HealthStatus = Literal["ok", "degraded", "failed"]
 
 
 class Health:
-    """The runtime's health: ok, degraded (with a reason) or failed (for good, with a reason).
+    """The runtime's health: ok, degraded (with a reason per source) or failed (for good, with a reason).
 
-    `degraded` is an operating state (the journal refuses writes: full or
-    read-only disk); it clears by itself when a write succeeds again. `failed`
-    never clears.
+    `degraded` is an operating state, reported by a *source* and cleared by
+    it alone: the journal (``"journal"``: it refuses writes, on a full or
+    read-only disk; it clears when a write succeeds again) and each failing
+    pool (``"pool 'name'"``: it restarted its workers too often and waits for
+    its cool-down). Several sources can be degraded at once; the reason
+    reported joins theirs, in the order they began. `failed` never clears.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._status: HealthStatus = "ok"
-        self._reason: str | None = None
+        self._failed: str | None = None
+        self._degraded: dict[str, str] = {}
+        """Source -> its reason, in the order the sources degraded."""
         self._listeners: list[Callable[[str], None]] = []
 
     def snapshot(self) -> tuple[HealthStatus, str | None]:
-        """The status and its reason (None when ok)."""
+        """The status and its reason (None when ok); a degraded one joins every source's reason."""
         with self._lock:
-            return self._status, self._reason
+            if self._failed is not None:
+                return "failed", self._failed
+            if self._degraded:
+                return "degraded", "; ".join(self._degraded.values())
+            return "ok", None
+
+    def degraded_sources(self) -> dict[str, str]:
+        """Each degraded source with its reason (empty when none is)."""
+        with self._lock:
+            return dict(self._degraded)
 
     @property
     def failed(self) -> bool:
         """True once the runtime has failed for good."""
-        return self._status == "failed"
+        return self._failed is not None
 
-    def degrade(self, reason: str) -> None:
-        """Enter (or stay in) the degraded state; ignored once failed."""
+    def degrade(self, reason: str, *, source: str = "journal") -> None:
+        """`source` enters (or stays in) the degraded state with `reason`; ignored once failed."""
         with self._lock:
-            if self._status != "failed":
-                self._status, self._reason = "degraded", reason
+            if self._failed is None:
+                self._degraded[source] = reason
 
-    def recover(self) -> None:
-        """Back to ok after a degradation; ignored once failed."""
+    def recover(self, *, source: str = "journal") -> None:
+        """`source` is back to normal; the others stay as they are. Ignored once failed."""
         with self._lock:
-            if self._status == "degraded":
-                self._status, self._reason = "ok", None
+            if self._failed is None:
+                self._degraded.pop(source, None)
 
     def fail(self, reason: str) -> bool:
         """Fail for good and call every `on_fail` listener once. False if it had already failed."""
         with self._lock:
-            if self._status == "failed":
+            if self._failed is not None:
                 return False
-            self._status, self._reason = "failed", reason
+            self._failed = reason
+            self._degraded.clear()
             listeners = list(self._listeners)
         for listener in listeners:
             listener(reason)

@@ -30,6 +30,7 @@ __all__ = [
     "CreateTasks",
     "JournalRetryDue",
     "Outcome",
+    "PoolCoolDownOver",
     "ResumeTasks",
     "RetryDue",
     "RunService",
@@ -184,10 +185,12 @@ class ServicesDone(NamedTuple):
 
 
 class WorkerDied(NamedTuple):
-    """A worker actor stopped without being asked to."""
+    """A worker stopped without being asked to."""
 
     worker: str
     why: str
+    cannot_load: bool = False
+    """It could not load the stage's function (`why` says why): its calls fail at once, with `why`."""
 
 
 class RetryDue(NamedTuple):
@@ -201,6 +204,12 @@ class JournalRetryDue(NamedTuple):
     """The orchestrator's backoff after a journal refusal has elapsed: send the held transitions again."""
 
     step: int
+
+
+class PoolCoolDownOver(NamedTuple):
+    """A failing pool's cool-down has passed: it may start workers again."""
+
+    service: str
 
 
 class CallDeadline(NamedTuple):
@@ -239,6 +248,7 @@ MESSAGE_TYPES: frozenset[type] = frozenset(
         RetryDue,
         JournalRetryDue,
         CallDeadline,
+        PoolCoolDownOver,
         CancelTask,
         ResumeTasks,
     }

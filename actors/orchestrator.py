@@ -36,6 +36,7 @@ Liveness rules (every task it drives reaches a terminal state):
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import random
 import time
@@ -47,11 +48,12 @@ import pykka
 
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
-from actorflow.actors.health import Backoff, Milestones
+from actorflow.actors.health import Backoff, Health, Milestones
 from actorflow.actors.messages import (
     CallDeadline,
     CancelTask,
     JournalRetryDue,
+    PoolCoolDownOver,
     ResumeTasks,
     RetryDue,
     RunService,
@@ -64,8 +66,8 @@ from actorflow.actors.messages import (
     TransitionsApplied,
     WorkerDied,
 )
-from actorflow.actors.pool import PoolFailing, ServicePool
-from actorflow.actors.service import ServiceBackend
+from actorflow.actors.pool import PoolCannotStart, ServicePool
+from actorflow.actors.service import OnDeath, ServiceBackend
 from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
@@ -152,10 +154,13 @@ class OrchestratorActor(FastActor):
         milestones: Milestones | None = None,
         on_exit: Callable[[str], None] | None = None,
         telemetry: Telemetry | None = None,
+        health: Health | None = None,
     ) -> None:
         super().__init__(threads=threads)
         self._telemetry = telemetry
         self._milestones = milestones or Milestones()
+        self._health = health or Health()
+        """Where a failing pool is reported (degraded, with the pool and the reason) until it recovers."""
         self._on_exit = on_exit
         """Told why this actor stopped (requested or not): the runtime's supervisor decides what to do."""
         self._held: list[TransitionRequest] = []
@@ -190,8 +195,8 @@ class OrchestratorActor(FastActor):
             CancelTask: self._on_cancel,
             ResumeTasks: self._on_resume,
             JournalRetryDue: self._on_journal_retry_due,
+            PoolCoolDownOver: self._on_pool_cool_down_over,
         }
-        self._backends: list[ServiceBackend] = []
         self._pools: dict[str, ServicePool] = {}
         """Pools by name: the stage's name with one pipeline, ``pipeline.stage`` with several."""
         self._plans: dict[str, _Plan] = {}
@@ -200,8 +205,6 @@ class OrchestratorActor(FastActor):
             for stage in pipeline.stages:
                 name = pool_name(pipelines, pipeline, stage)
                 backend = backends[name]
-                if all(known is not backend for known in self._backends):
-                    self._backends.append(backend)
                 timeout_s = stage.timeout_s if stage.timeout_s is not None else config.stage_timeout_s
                 pool = ServicePool(
                     name,
@@ -209,14 +212,16 @@ class OrchestratorActor(FastActor):
                     backend=backend,
                     fn=stage.fn,
                     deliver=lambda done: tell_or_dead_letter(me, done, office),
-                    on_death=lambda name, why: tell_or_dead_letter(me, WorkerDied(name, why), office),
+                    on_death=_report_deaths(me, office),
                     timer=timer,
                     on_deadline=lambda call_id: tell_or_dead_letter(me, CallDeadline(call_id), office),
                     stage_timeout_s=timeout_s,
                     max_restarts=config.max_restarts,
                     restart_window_s=config.restart_window_s,
+                    on_cool_down=functools.partial(tell_or_dead_letter, me, PoolCoolDownOver(name), office),
                 )
                 self._pools[name] = pool
+                self._health.recover(source=_pool_source(name))  # a pool of an orchestrator replaced starts afresh
                 backoff = stage.retry_backoff_s if stage.retry_backoff_s is not None else config.retry_backoff_s
                 backoff_max = (
                     stage.retry_backoff_max_s if stage.retry_backoff_max_s is not None else config.retry_backoff_max_s
@@ -344,8 +349,6 @@ class OrchestratorActor(FastActor):
         try:
             for pool in self._pools.values():
                 pool.close(timeout=0.5)
-            for backend in self._backends:
-                backend.close()
         finally:
             if self._on_exit is not None:
                 self._on_exit(f"failed with {exception_type.__name__}: {exception_value}")
@@ -361,8 +364,8 @@ class OrchestratorActor(FastActor):
             reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
         for pool in self._pools.values():
             pool.close(timeout=2.0)
-        for backend in self._backends:
-            backend.close()
+        # The backends are the runtime's, which closes them once this actor has stopped: off this thread,
+        # since closing one can take seconds (Ray shuts down), and a replacement may share their session.
 
     # --- the pipeline ----------------------------------------------------------------------------
 
@@ -449,7 +452,6 @@ class OrchestratorActor(FastActor):
         call_id = next(self._call_ids)
         flight.call_id = call_id
         flight.stage_attempt = attempt
-        flight.calls += 1
         pool = flight.plan.stages[flight.stage].pool
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
@@ -466,10 +468,11 @@ class OrchestratorActor(FastActor):
         self._calls[call_id] = task.task_id
         try:
             pool.dispatch(call)
-        except PoolFailing as exc:
+        except PoolCannotStart as exc:
             del self._calls[call_id]
-            self._fail(flight, f"{pool.service}: {exc}")
+            self._fail(flight, f"{pool.service}: {exc}")  # never ran: not a call
             return
+        flight.calls += 1
         if self._milestones.active and not pool.running(call_id):
             self._milestones.emit("call.queued", task_id=task.task_id, service=pool.service, call_id=call_id)
 
@@ -706,16 +709,22 @@ class OrchestratorActor(FastActor):
     def _on_worker_died(self, message: WorkerDied) -> None:
         pool = next((p for p in self._pools.values() if p.has_worker(message.worker)), None)
         if pool is not None:
-            self._replace_worker(pool, message.worker, message.why)
+            self._replace_worker(pool, message.worker, message.why, cannot_load=message.cannot_load)
 
-    def _replace_worker(self, pool: ServicePool, worker: str, why: str, *, timed_out: int | None = None) -> None:
-        """Retire `worker`, start a fresh one, and re-run what it held.
+    def _replace_worker(
+        self, pool: ServicePool, worker: str, why: str, *, timed_out: int | None = None, cannot_load: bool = False
+    ) -> None:
+        """Retire `worker`, start a fresh one (unless the pool is failing), and re-run what it held.
 
         A timed-out call is a transient failure of its task; calls queued
-        behind it were never started and are simply dispatched again. (A call
-        that crashed its worker was already reported, and is retried by the caller.)
+        behind it were never started and are simply dispatched again (to wait
+        in the pool, uncharged, if it is failing). (A call that crashed its
+        worker was already reported, and is retried by the caller.) A worker
+        that could not load its function (`cannot_load`) ran none of its
+        calls, and no worker would: they fail at once, with `why`.
         """
-        stranded = pool.replace(worker)
+        was_failing = pool.failing is not None
+        stranded = pool.replace(worker, cannot_load=why if cannot_load else None)
         if stranded is None:
             return
         self.counters["restarts"] += 1
@@ -723,16 +732,43 @@ class OrchestratorActor(FastActor):
         self._log.warning(
             "worker.restarted", worker=worker, service=pool.service, why=why, failing=pool.failing is not None
         )
+        if pool.failing is not None and not was_failing:
+            self._health.degrade(pool.failing, source=_pool_source(pool.service))
+            self._milestones.emit("pool.failing", service=pool.service, reason=pool.failing)
+            self._log.error("pool.failing", service=pool.service, reason=pool.failing, cool_down_s=pool.window_s)
         for call in stranded:
             task_id = self._calls.pop(call.call_id, None)
             flight = self._flights.get(task_id) if task_id is not None else None
             if flight is None or flight.cancelled or flight.call_id != call.call_id:
                 continue
             flight.call_id = None
-            if pool.failing is not None:
-                self._fail(flight, f"{call.service}: {pool.failing}")
-            elif call.call_id == timed_out:
+            if call.call_id == timed_out:
                 self._retry_or_fail(flight, call, why)
+                continue
+            flight.calls -= 1  # it never ran: not a call
+            if cannot_load:
+                self._fail(flight, f"{call.service}: {why}")
             else:
-                flight.calls -= 1  # it never ran: not a call
                 self._dispatch(flight, attempt=flight.stage_attempt)
+
+    def _on_pool_cool_down_over(self, message: PoolCoolDownOver) -> None:
+        pool = self._pools.get(message.service)
+        if pool is None or not pool.reopen():
+            return
+        self._health.recover(source=_pool_source(pool.service))
+        self._milestones.emit("pool.recovered", service=pool.service)
+        self._log.info("pool.recovered", service=pool.service, workers=pool.stats()["workers"])
+
+
+def _pool_source(service: str) -> str:
+    """The name under which a pool reports into `Health`."""
+    return f"pool {service!r}"
+
+
+def _report_deaths(me: pykka.ActorRef[Any], office: DeadLetterOffice) -> OnDeath:
+    """The `on_death` of a pool: each death becomes a `WorkerDied` message to the orchestrator."""
+
+    def on_death(worker: str, why: str, /, *, cannot_load: bool = False) -> None:
+        tell_or_dead_letter(me, WorkerDied(worker, why, cannot_load), office)
+
+    return on_death

@@ -9,6 +9,22 @@ times the call running at the head of each worker, and replaces workers
 that crash, die or hang, within a restart intensity limit as in Erlang/OTP
 supervisors.
 
+Past that limit (more than `max_restarts` restarts within `restart_window_s`)
+the pool is *failing*: a circuit breaker opens. A worker that dies meanwhile is
+not replaced, and calls the pool cannot give a live worker wait in it,
+uncharged; once the window has passed again (the cool-down), the pool starts
+workers in every empty slot and sends them what waited. Calls wait rather than
+fail because every acknowledged task must reach an outcome of its own: a task
+must never fail because *other* tasks crashed the workers. The calls that do
+crash workers are charged an attempt each, like any failure, so a poisonous
+task fails after its own `max_attempts`, alone.
+
+One case fails calls at once instead: a worker that cannot load the stage's
+function (a process worker whose function, or the main script it comes from,
+fails to import). Its calls fail with the worker's own error, and while the
+pool has no live worker and the last one could not load, so does every call
+(`PoolCannotStart`): waiting for a function that cannot load would be a hang.
+
 Calls routed to a worker are not sent at once: they collect per worker until
 the owner calls `flush` (the orchestrator does at the end of every message it
 handles), and then go as one `send_many`. The calls one message makes (the
@@ -29,11 +45,11 @@ from actorflow.actors.messages import RunService
 from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle
 from actorflow.actors.timer import Timer, TimerHandle
 
-__all__ = ["PoolFailing", "ServicePool"]
+__all__ = ["PoolCannotStart", "ServicePool"]
 
 
-class PoolFailing(Exception):
-    """The pool exceeded its restart intensity; it takes no more calls."""
+class PoolCannotStart(Exception):
+    """The pool has no live worker and its last one could not load the stage's function; the message says why."""
 
 
 @dataclass(slots=True)
@@ -67,8 +83,14 @@ class ServicePool:
         stage_timeout_s: float | None,
         max_restarts: int,
         restart_window_s: float,
+        on_cool_down: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Start `size` workers on `backend`.
+
+        `on_cool_down` is told (on the timer's thread) when a failing pool's
+        cool-down has passed; its owner then calls `reopen` on its own thread.
+        """
         self.service = service
         self.size = size
         self._backend = backend
@@ -77,11 +99,13 @@ class ServicePool:
         self._on_death = on_death
         self._timer = timer
         self._on_deadline = on_deadline
-        self._timeout = stage_timeout_s
         self.timeout_s = stage_timeout_s
         """The stage timeout of this pool's calls (None for no limit)."""
         self._max_restarts = max_restarts
-        self._window = restart_window_s
+        self.window_s = restart_window_s
+        """The restart window, which is also a failing pool's cool-down."""
+        self._on_cool_down = on_cool_down
+        self._cool_down: TimerHandle | None = None
         self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
         self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
@@ -108,7 +132,10 @@ class ServicePool:
         """Slots with calls in `outgoing`, in the order they got their first."""
         self.restarts = 0
         self.failing: str | None = None
-        """Why the pool gave up, once it has."""
+        """Why the pool's circuit breaker is open (it restarted workers too often), until its cool-down ends."""
+        self.cannot_load: str | None = None
+        """Why the last worker retired could not load the function (None if it could, or a call was answered since)."""
+        self._closed = False
         for _ in range(size):
             slot = _Slot(self._start_worker())
             self._slots.append(slot)
@@ -119,12 +146,16 @@ class ServicePool:
     # --- routing ---------------------------------------------------------------------------------
 
     def dispatch(self, call: RunService) -> None:
-        """Send a call to the least-busy worker, or hold it until one has room."""
-        if self.failing is not None:
-            raise PoolFailing(self.failing)
+        """Send a call to the least-busy worker, or hold it until one has room (or the pool has a worker again).
+
+        Raises:
+            PoolCannotStart: no worker is live and the last one could not load the function.
+        """
+        if not self._slots and self.cannot_load is not None:
+            raise PoolCannotStart(self.cannot_load)
         self._calls[call.call_id] = call
-        slot = self._idle_slot() or min(self._slots, key=_load)
-        if len(slot.calls) >= self._capacity:
+        slot = self._idle_slot() or min(self._slots, key=_load, default=None)
+        if slot is None or len(slot.calls) >= self._capacity:
             self._waiting.append(call)
             return
         self._send(slot, call)
@@ -136,6 +167,7 @@ class ServicePool:
         if slot is None or call is None:
             return None
         self._learn(duration_ms)  # only calls that really ran here teach the depth
+        self.cannot_load = None  # a worker answered: the function loads
         self._release(slot, call_id)
         return call
 
@@ -232,13 +264,19 @@ class ServicePool:
 
     # --- supervision -----------------------------------------------------------------------------
 
-    def replace(self, worker_name: str) -> list[RunService] | None:
-        """Retire a worker and start a fresh one in its place.
+    def replace(self, worker_name: str, *, cannot_load: str | None = None) -> list[RunService] | None:
+        """Retire a worker and start a fresh one in its place (unless the pool is failing).
 
         Returns the calls the old worker held, head (the one it was running)
         first, for the caller to re-run; None if the worker is not (or no
-        longer) in this pool. When the restart intensity is exceeded the pool
-        turns failing and starts no new worker.
+        longer) in this pool. `cannot_load` says the worker could not load
+        the function, and why: then, once no worker is left, the calls
+        waiting in the pool are returned too (nothing here can run them).
+
+        When the restart intensity is exceeded the pool turns failing: its
+        circuit breaker opens, the slot stays empty, and so does every slot
+        whose worker dies until the cool-down (`restart_window_s`) has passed
+        and the owner calls `reopen`.
         """
         slot = self._by_name.pop(worker_name, None)
         if slot is None:
@@ -252,19 +290,20 @@ class ServicePool:
             self._where.pop(call_id, None)
         slot.calls.clear()
         slot.outgoing.clear()  # never sent to the old worker: they are among the stranded
-        now = self._clock()
-        self._restart_times.append(now)
-        while self._restart_times and now - self._restart_times[0] > self._window:
-            self._restart_times.popleft()
         self.restarts += 1
-        if len(self._restart_times) > self._max_restarts:
-            self.failing = (
-                f"pool {self.service!r} is failing: {len(self._restart_times)} worker restarts within "
-                f"{self._window:g}s (max_restarts={self._max_restarts})"
-            )
+        self.cannot_load = cannot_load  # the latest death says whether the function loads
+        if self.failing is None:
+            now = self._clock()
+            self._restart_times.append(now)
+            while self._restart_times and now - self._restart_times[0] > self.window_s:
+                self._restart_times.popleft()
+            if len(self._restart_times) > self._max_restarts:
+                self._open_breaker()
+        if self.failing is not None:
             self._slots.remove(slot)
             slot.gone = True
-            stranded.extend(self.drain_waiting())
+            if not self._slots and self.cannot_load is not None:
+                stranded.extend(self.drain_waiting())
             return stranded
         slot.worker = self._start_worker()
         self._by_name[slot.worker.name] = slot
@@ -272,8 +311,38 @@ class ServicePool:
         self._feed()
         return stranded
 
+    def _open_breaker(self) -> None:
+        self.failing = (
+            f"pool {self.service!r} is failing: {len(self._restart_times)} worker restarts within "
+            f"{self.window_s:g}s (max_restarts={self._max_restarts}); its calls wait for the cool-down of "
+            f"{self.window_s:g}s"
+        )
+        if self.cannot_load is not None:
+            self.failing += f"; the last worker could not start: {self.cannot_load}"
+        if self._on_cool_down is not None:
+            self._cool_down = self._timer.call_later(self.window_s, self._on_cool_down)
+
+    def reopen(self) -> bool:
+        """End a failing pool's cool-down: start a worker in every empty slot and send them what waited.
+
+        False if the pool was not failing (or is closed). Restarts before the
+        cool-down no longer count against `max_restarts`.
+        """
+        self._cool_down = None
+        if self.failing is None or self._closed:
+            return False
+        self.failing = None
+        self._restart_times.clear()
+        while len(self._slots) < self.size:
+            slot = _Slot(self._start_worker())
+            self._slots.append(slot)
+            self._by_name[slot.worker.name] = slot
+            self._mark_idle(slot)
+        self._feed()
+        return True
+
     def drain_waiting(self) -> list[RunService]:
-        """Take back every call not yet sent to a worker (used when the pool turns failing)."""
+        """Take back every call not yet sent to a worker (when no worker is left that could run them)."""
         calls = list(self._waiting)
         self._waiting.clear()
         for call in calls:
@@ -287,6 +356,10 @@ class ServicePool:
         be killed); it is abandoned as a daemon and its result, if any, becomes
         a dead letter.
         """
+        self._closed = True
+        if self._cool_down is not None:
+            self._cool_down.cancel()
+            self._cool_down = None
         for slot in self._slots:
             slot.worker.retire()
             if slot.deadline is not None:
@@ -306,7 +379,7 @@ class ServicePool:
         return busy
 
     def stats(self) -> dict[str, Any]:
-        """Size, live workers, calls running or queued, restarts, and whether the pool is failing."""
+        """Size, live workers, calls running or queued, restarts, and why the pool is failing (None if it is not)."""
         return {
             "size": self.size,
             "workers": len(self._slots),
@@ -358,10 +431,10 @@ class ServicePool:
         if slot.deadline is not None:
             slot.deadline.cancel()
             slot.deadline = None
-        if self._timeout is None or not slot.calls:
+        if self.timeout_s is None or not slot.calls:
             return
         call_id = slot.calls[0]
-        slot.deadline = self._timer.call_later(self._timeout, lambda: self._on_deadline(call_id))
+        slot.deadline = self._timer.call_later(self.timeout_s, lambda: self._on_deadline(call_id))
 
     def _mark_idle(self, slot: _Slot) -> None:
         if not slot.listed_idle and not slot.gone:

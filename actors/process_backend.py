@@ -36,8 +36,14 @@ Supervision follows the thread workers' rules (issue 5):
   is seen as end-of-file on its pipe: the call it was running is reported
   ``crashed`` (error type ``WorkerProcessDied``), with the same effect; the
   calls queued behind it never started, and the pool re-sends them;
-* a child that dies while idle, or cannot load its function, is reported
-  through `on_death`, and the pool replaces it without charging any task;
+* a child that dies while idle is reported through `on_death`, and the pool
+  replaces it without charging any task;
+* a child that cannot load its function, or the main module it comes from
+  (a script that starts its runtime outside ``if __name__ == "__main__":``),
+  says why, in its own words (``worker.load_failed``); the calls it held fail
+  at once with that reason, since no worker would run them;
+* a result that cannot be pickled in the child (or unpickled here) fails its
+  own call, permanently, with the reason; the child lives on;
 * `retire()` really stops the child: an idle one is asked to exit, a busy
   one (say, hung past `stage_timeout_s`) gets SIGTERM, then SIGKILL. Its
   forwarding thread delivers nothing after retirement;
@@ -54,8 +60,10 @@ server process imports actorflow once and forks each worker from it, so a worker
 a few milliseconds instead of the ~300 ms a "spawn" child needs to import
 actorflow. "spawn" is available too; "fork" is refused, since forking a
 process full of threads can deadlock the child. As with any multiprocessing
-program, the host's main script is imported in the fork server (or in each
-spawned child): it must keep its work under ``if __name__ == "__main__":``.
+program, the host's main script is imported in each worker (a stage may be
+defined there): it must keep its work under ``if __name__ == "__main__":``.
+A forked worker imports it itself (`_import_main`), not while multiprocessing
+prepares it, so that a script that does not is reported with its own error.
 
 The fork server is actorflow's own, not multiprocessing's process-wide one:
 a library must not change its host's settings, and multiprocessing's
@@ -86,6 +94,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
@@ -106,10 +115,13 @@ from actorflow.actors.service import (
     crashed,
     execute,
     log_done,
+    report_failure,
     runs_at_home,
+    unsendable,
 )
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import ConfigError
+from actorflow.core.failures import describe_error
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
 from actorflow.services.seed import describe_function
@@ -144,6 +156,11 @@ class _PrivatePopen(popen_forkserver.Popen):
     def _launch(self, process_obj: Any) -> None:
         # The body of popen_forkserver.Popen._launch (CPython 3.11-3.13), but for the server it talks to.
         prep_data = spawn.get_preparation_data(process_obj._name)
+        # The child imports the main module itself (`_import_main`, told where by `_main_module`), where it
+        # can catch and report a failure: imported while multiprocessing prepares the child, a failure
+        # would only be a traceback on stderr and an exit code.
+        for key in _MAIN_KEYS:
+            prep_data.pop(key, None)
         buf = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -170,7 +187,25 @@ class _PrivateForkServerContext(ForkServerContext):
     Process = _PrivateProcess
 
 
-@atexit.register
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Register `_close_forgotten_runtimes_first` at exit, once, when the first backend is made.
+
+    Not at import: importing a module must not change what the host's
+    interpreter does at exit. Registered after multiprocessing's own handler
+    (which `multiprocessing.util` registers at import, before this module
+    could be made), it runs before that one.
+    """
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_close_forgotten_runtimes_first)
+            _exit_hook_registered = True
+
+
 def _close_forgotten_runtimes_first() -> None:
     """Close runtimes left open at exit before multiprocessing's own exit handler runs.
 
@@ -252,6 +287,21 @@ def _probe() -> None:
     """A no-op child: starting one starts the fork server."""
 
 
+_MAIN_KEYS: Final = ("init_main_from_name", "init_main_from_path")
+"""How multiprocessing's preparation data tells a child to import the parent's main module."""
+
+
+def _main_module() -> tuple[str, str] | None:
+    """Where a child finds this process's main module, as multiprocessing's spawn says: ("name", module) or
+    ("path", file); None if it has none to import (an interactive session)."""
+    data = spawn.get_preparation_data("actorflow-worker")
+    if "init_main_from_name" in data:
+        return ("name", data["init_main_from_name"])
+    if "init_main_from_path" in data:
+        return ("path", data["init_main_from_path"])
+    return None
+
+
 # --- the backend ---------------------------------------------------------------------------------
 
 
@@ -291,6 +341,7 @@ class ProcessBackend:
             service: (fn, check_picklable(service, fn)) for service, fn in functions.items() if not runs_in_parent(fn)
         }
         self._context = _context(start_method)
+        _register_exit_hook()
         self.start_method = start_method
         self._threads = threads
         self._in_parent = ThreadBackend(dead_letters, threads)
@@ -392,6 +443,8 @@ class ProcessWorker:
         """Calls sent down the pipe and not yet answered, in order: the head is running."""
         self._crashed = False
         """A call crashed the child (its report was delivered): the pool replaces the worker on that report."""
+        self._cannot_load = False
+        """The child said it cannot load the function (or the main module): its calls fail with its reason."""
         self._ready = False
         """The child said it is ready: `send_many` writes to its pipe directly."""
         self._outbox = memoryview(b"")
@@ -408,7 +461,10 @@ class ProcessWorker:
         # The same socket, for non-blocking writes from the caller's thread and buffered reads.
         self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
         self._process = context.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_conn, pickled_fn, name), name=f"actorflow-{name}", daemon=True
+            target=_child_main,
+            args=(child_conn, pickled_fn, name, _main_module()),
+            name=f"actorflow-{name}",
+            daemon=True,
         )
         # Started by the forwarding thread: every worker of a runtime boots at the same time.
         self._thread = threading.Thread(target=self._run, name=f"actorflow-proc-{name}", daemon=True)
@@ -502,7 +558,7 @@ class ProcessWorker:
             with self._lock:
                 self._closed = True
             if why is not None and not self._retired:
-                self._on_death(self.name, why)
+                self._on_death(self.name, why, cannot_load=self._cannot_load)
             self._stop_child()
             with self._lock:
                 os.close(self._wake_r)
@@ -559,8 +615,12 @@ class ProcessWorker:
                 return None
             if isinstance(hello, tuple) and hello[:1] == ("load_failed",):
                 self._log.error("worker.load_failed", worker=self.name, node=self.node, error=hello[1])
+                self._cannot_load = True
                 return f"worker process {self.node} cannot load its service function: {hello[1]}"
-            return f"worker process {self.node} exited with code {self._exit_code()} before it was ready"
+            return (
+                f"worker process {self.node} exited with code {self._exit_code()} before it was ready (its own "
+                "error output, on this process's stderr, says why)"
+            )
         return None
 
     def _receive(self, stirred: set[str]) -> Any:
@@ -626,8 +686,12 @@ class ProcessWorker:
             if len(data) < size and not until_empty:
                 return True
 
-    def _reports(self) -> Iterator[tuple[Any, ...]]:
-        """The complete reports in the inbox, in order (a partial one stays for the next read)."""
+    def _reports(self) -> Iterator[tuple[Any, ...] | BaseException]:
+        """The complete reports in the inbox, in order (a partial one stays for the next read).
+
+        A report that cannot be unpickled here is given as the exception that says why: the child
+        pickled it, but its value needs something this process lacks. It is its call's alone.
+        """
         inbox = self._inbox
         start = 0
         while len(inbox) - start >= 4:
@@ -641,7 +705,11 @@ class ProcessWorker:
             if len(inbox) - begin < size:
                 break
             start = begin + size
-            yield pickle.loads(inbox[begin:start])  # noqa: S301 - our own child pickled it
+            try:
+                report = pickle.loads(inbox[begin:start])  # noqa: S301 - our own child pickled it
+            except Exception as exc:  # noqa: BLE001 - the user's value: any failure to rebuild it is its call's
+                report = exc
+            yield report
         del inbox[:start]
 
     def _feed_child(self, selector: selectors.BaseSelector) -> None:
@@ -678,10 +746,17 @@ class ProcessWorker:
             selector.modify(self._conn, wants, _REPORT)
             self._watching = wants
 
-    def _finish(self, report: tuple[Any, ...]) -> ServiceDone:
+    def _finish(self, report: tuple[Any, ...] | BaseException) -> ServiceDone:
         """The head call's report, logged; the next call is the head now."""
         call = self._in_child.head()
         assert call is not None, "a report with no call in the child"
+        if isinstance(report, BaseException):  # its value could not be rebuilt here: its call fails, alone
+            duration_ms = self._in_child.running_ms()
+            self._in_child.settle(call.call_id)
+            why = f"the value returned by stage {call.service!r} cannot be read in the runtime's process: "
+            error_type = type(report).__name__
+            why += describe_error(report)
+            return report_failure(self._log, call, self.name, self.node, "permanent", error_type, why, duration_ms)
         call_id, status, result, error_type, error, duration_ms, started_at, formatted = report
         if call_id != call.call_id:  # the child answers in order; anything else is our bug
             raise RuntimeError(f"worker process {self.node} answered call {call_id}, not {call.call_id}")
@@ -789,6 +864,33 @@ def _encode_call(call: RunService) -> tuple[Any, ...]:
     )
 
 
+def _encode_report(done: ServiceDone) -> bytes:
+    """A call's report as the child sends it; never raises.
+
+    A result that cannot be pickled (user code: a `__reduce__` may raise)
+    becomes a permanent failure of its own call, saying so: the child lives
+    on, and no other call is charged.
+    """
+    try:
+        return pickle.dumps(_report_fields(done), protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:  # noqa: BLE001 - whatever pickling the user's value raises, it cannot cross
+        failed = unsendable(done, exc, "from the worker process to the runtime")
+        return pickle.dumps(_report_fields(failed), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _report_fields(done: ServiceDone) -> tuple[Any, ...]:
+    return (
+        done.call_id,
+        done.status,
+        done.result,
+        done.error_type,
+        done.error,
+        done.duration_ms,
+        done.started_at,
+        done.traceback,
+    )
+
+
 def _decode_call(wire: tuple[Any, ...]) -> RunService:
     (
         call_id,
@@ -848,8 +950,53 @@ def _exit_when_ready(sentinel: int) -> None:
     os._exit(1)
 
 
-def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> None:
-    """A worker process: load the function, then run calls one at a time until told to stop.
+def _import_main(main: tuple[str, str] | None) -> str | None:
+    """Import the parent's main module, as multiprocessing's spawn does (a stage may live there); why not, if it fails.
+
+    As during spawn's own import, the process is marked as still starting:
+    a script that starts a runtime (or any process) at import, instead of
+    under ``if __name__ == "__main__":``, then raises at once, here, rather
+    than starting a runtime of its own inside the worker.
+    """
+    if main is None:
+        return None
+    kind, where = main
+    process: Any = multiprocessing.current_process()
+    process._inheriting = True
+    try:
+        if kind == "name":
+            spawn._fixup_main_from_name(where)  # type: ignore[attr-defined]
+        else:
+            spawn._fixup_main_from_path(where)  # type: ignore[attr-defined]
+    except BaseException as exc:  # noqa: BLE001 - whatever the script raises is the reason the worker cannot start
+        return _main_failure(where, exc)
+    finally:
+        del process._inheriting
+    return None
+
+
+def _main_failure(where: str, exc: BaseException) -> str:
+    """Why importing the main module `where` failed, in one line, with the script's own line that raised."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == where]
+    at = f" (line {frames[-1].lineno}: {frames[-1].line})" if frames and frames[-1].line else ""
+    text = " ".join(describe_error(exc).split())
+    # multiprocessing refuses to start a process there: a daemonic worker may have no children, and a
+    # process still starting may not start any (the two texts of CPython 3.11-3.13).
+    if isinstance(exc, (AssertionError, RuntimeError)) and any(sign in text for sign in _STARTS_A_PROCESS):
+        return (
+            f"importing the main module {where!r} starts a runtime or a process{at}; every worker process "
+            'imports that module, so it must keep such work under `if __name__ == "__main__":`'
+        )
+    return f"importing the main module {where!r} failed{at}: {type(exc).__name__}: {text[:_REASON_CHARS]}"
+
+
+_STARTS_A_PROCESS: Final = ("daemonic processes are not allowed to have children", "bootstrapping phase")
+_REASON_CHARS: Final = 1000
+"""The most characters of a child's own error quoted in the reason a worker could not start."""
+
+
+def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str, main: tuple[str, str] | None = None) -> None:
+    """A worker process: import the parent's main module, load the function, then run calls one at a time.
 
     Protocol, one pickle per message: the child first sends ``("ready", node)``
     or ``("load_failed", why)``; then each message from the parent is a tuple
@@ -863,11 +1010,15 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
     if not _die_with_parent():
         return
     node = f"pid:{os.getpid()}"
-    try:
-        fn = pickle.loads(pickled_fn)  # noqa: S301 - our own parent pickled it
-    except BaseException as exc:  # noqa: BLE001 - report any failure to load, then end
+    failure = _import_main(main)
+    if failure is None:
+        try:
+            fn = pickle.loads(pickled_fn)  # noqa: S301 - our own parent pickled it
+        except BaseException as exc:  # noqa: BLE001 - report any failure to load, then end
+            failure = f"{type(exc).__name__}: {describe_error(exc)[:_REASON_CHARS]}"
+    if failure is not None:
         with contextlib.suppress(OSError):
-            conn.send_bytes(pickle.dumps(("load_failed", f"{type(exc).__name__}: {exc}")))
+            conn.send_bytes(pickle.dumps(("load_failed", failure)))
         return
     conn.send_bytes(pickle.dumps(("ready", node)))
     log = SilentLog(name)
@@ -880,18 +1031,8 @@ def _child_main(conn: connection.Connection, pickled_fn: bytes, name: str) -> No
             return
         for wire in pickle.loads(message):  # noqa: S301 - our own parent pickled it
             done = execute(fn, _decode_call(wire), name, log=log, node=node)
-            report = (
-                done.call_id,
-                done.status,
-                done.result,
-                done.error_type,
-                done.error,
-                done.duration_ms,
-                done.started_at,
-                done.traceback,
-            )
             try:
-                conn.send_bytes(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL))
+                conn.send_bytes(_encode_report(done))
             except OSError:
                 return
             if done.status == "crashed":

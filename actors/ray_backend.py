@@ -65,10 +65,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import queue
 import re
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -85,32 +87,36 @@ from actorflow.actors.service import (
     WorkerHandle,
     crashed,
     execute,
+    is_plain,
     log_done,
     runs_at_home,
+    unsendable,
 )
 from actorflow.core.errors import ConfigError
+from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
 __all__ = ["RayBackend", "describe_ray_error", "import_ray", "node_id_of"]
 
 _INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 
+CONNECT_TIMEOUT_S = 30.0
+"""The default bound on reaching a Ray cluster at an address (`RuntimeConfig.ray_connect_timeout_s`)."""
+
 _session_lock = threading.Lock()
 _session_users = 0
 """Backends using a Ray session that actorflow started; the last one to close shuts it down."""
 
 
-def import_ray() -> Any:
-    """Import Ray, or raise ConfigError saying how to install it.
+def import_ray(wanted_by: str = "RuntimeConfig.service_backend='ray'") -> Any:
+    """Import Ray, or raise ConfigError saying who wants it (`wanted_by`) and how to install it.
 
     Ray ships no complete type information, so it stays behind `Any`.
     """
     try:
         import ray  # noqa: PLC0415 - Ray is optional: imported only when the Ray backend is chosen
     except ImportError as exc:
-        raise ConfigError(
-            f"RuntimeConfig.service_backend='ray' needs Ray, which is not installed: {_INSTALL_HINT}"
-        ) from exc
+        raise ConfigError(f"{wanted_by} needs Ray, which is not installed: {_INSTALL_HINT}") from exc
     return ray
 
 
@@ -145,7 +151,7 @@ class ServiceActor:
 
     def run(self, call: RunService, worker: str) -> ServiceDone:
         """Run one call as `worker`; never raises (a dying process is seen by the driver as an actor error)."""
-        return execute(self._fn, call, worker, log=self._log, node=self._node)
+        return _crossable(execute(self._fn, call, worker, log=self._log, node=self._node))
 
     def run_many(self, calls: Sequence[RunService], worker: str) -> tuple[list[ServiceDone], int]:
         """Run calls in order, each with its own report; and how many invocations this actor has had.
@@ -164,12 +170,29 @@ class ServiceActor:
             return dones, self._invocations
         log, node, fn = self._log, self._node, self._fn
         for call in calls:
-            done = execute(fn, call, worker, log=log, node=node)
+            done = _crossable(execute(fn, call, worker, log=log, node=node))
             dones.append(done)
             if done.status == "crashed":
                 self._poisoned = True
                 break
         return dones, self._invocations
+
+
+def _crossable(done: ServiceDone) -> ServiceDone:
+    """`done`, or a permanent failure of its call if its result cannot be sent to the driver.
+
+    Ray pickles what an actor method returns after it has returned: a value
+    that cannot be pickled would fail the whole invocation, which the driver
+    cannot tell from the actor's death. So a result that is not made of plain
+    builtins (`is_plain`, a cheap test) is pickled here first, to learn.
+    """
+    if done.result is None or is_plain(done.result):
+        return done
+    try:
+        pickle.dumps(done.result, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:  # noqa: BLE001 - whatever pickling the user's value raises, it cannot cross
+        return unsendable(done, exc, "from the Ray actor to the runtime")
+    return done
 
 
 _NODE_ID_CHARS = 12
@@ -512,6 +535,13 @@ class RayBackend:
         ready_timeout_s: how long to wait for the first actors; past it the
             runtime starts anyway (a cluster may still be scaling up) and logs
             `ray.workers_not_ready`.
+        connect_timeout_s: how long a cluster at `address` (``host:port`` or
+            ``ray://host:port``) may take to answer before `ConfigError`. It
+            bounds the check made before `ray.init` (connect, then wait for
+            the first bytes of the cluster's gRPC greeting), so that an
+            unreachable or silent address fails fast instead of inside Ray's
+            own minutes of retries; an endpoint that answers is left to Ray.
+        wanted_by: who asked for this backend, for the error when Ray is not installed.
         ray_module: Ray itself, for tests; imported lazily by default.
 
     Raises:
@@ -537,9 +567,12 @@ class RayBackend:
         local: ServiceBackend,
         spares: int = 1,
         ready_timeout_s: float = 60.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        wanted_by: str = "RuntimeConfig.service_backend='ray'",
         ray_module: Any = None,
     ) -> None:
-        self.ray: Any = ray_module if ray_module is not None else import_ray()
+        self.ray: Any = ray_module if ray_module is not None else import_ray(wanted_by)
+        self._connect_timeout_s = connect_timeout_s
         self._local = local
         self._spares = spares
         self._log = get_event_logger("ray")
@@ -588,6 +621,8 @@ class RayBackend:
                 if _session_users == 0:
                     return False  # the program's own session: never ours to shut down
             else:
+                if address is not None:
+                    _check_reachable(address, self._connect_timeout_s)
                 try:
                     # Local Ray without the dashboard: the runtime needs none, and it starts faster.
                     options: dict[str, Any] = {"include_dashboard": False} if address is None else {}
@@ -870,9 +905,56 @@ def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:
 
 def make_backend(request: BackendRequest) -> RayBackend:
     """The Ray backend, for the registry (`actors.backends`)."""
+    config = request.config
+    if config.service_backend == "ray":
+        wanted_by = "RuntimeConfig.service_backend='ray'"
+    else:
+        wanted_by = f"Stage {', '.join(map(repr, request.functions))} (backend='ray')"
     return RayBackend(
-        request.config.ray_address, functions=request.functions, pool_sizes=request.sizes, local=request.local()
+        config.ray_address,
+        functions=request.functions,
+        pool_sizes=request.sizes,
+        local=request.local(),
+        connect_timeout_s=config.ray_connect_timeout_s,
+        wanted_by=wanted_by,
     )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+"""The client's HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server answers it at once."""
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raise ConfigError unless something at `address` answers within `timeout` seconds.
+
+    ``ray.init`` retries an address that does not answer for minutes (a
+    refused port, a dropped packet, a server that accepts and says nothing).
+    A Ray cluster's GCS (and a Ray Client server) speaks gRPC, whose server
+    answers a client's HTTP/2 preface at once: any answer will do (a TLS
+    cluster answers with an alert), Ray then takes over. An address that is
+    not ``host:port`` (``"auto"``) is Ray's to resolve.
+    """
+    target = address.removeprefix("ray://")
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():
+        return
+    host = host.strip("[]") or "127.0.0.1"
+    deadline = time.monotonic() + timeout
+    where = f"RuntimeConfig.ray_address={address!r}: cannot connect to Ray at {address!r}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            conn.sendall(_HTTP2_PREFACE)
+            answer = conn.recv(1)
+    except TimeoutError:
+        raise ConfigError(
+            f"{where}: no answer within {timeout:g}s (RuntimeConfig.ray_connect_timeout_s); is the cluster up "
+            "and the address right?"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {describe_error(exc)}; is the cluster up and the address right?") from exc
+    if not answer:
+        raise ConfigError(f"{where}: it closed the connection without answering; is this a Ray cluster's address?")
 
 
 def runs_on_head(fn: Callable[..., Any]) -> bool:

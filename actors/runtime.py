@@ -103,6 +103,27 @@ def _forget_runtimes_in_forked_child() -> None:
 if hasattr(os, "register_at_fork"):  # POSIX only
     os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
 
+_NEVER_WAITS = ("central", "loop")
+"""Thread roles where `submit` must not wait (for a commit, or for room): nothing else would run meanwhile."""
+
+
+def _on_the_loop(call: str, thread: str, *, waits_for_tasks: bool) -> str:
+    """Why `call` is refused inside an async stage, on the async backend's event loop `thread`, and what to do."""
+    if waits_for_tasks:
+        return (
+            f"{call} was called inside an async stage, on the event loop thread {thread!r} that runs the "
+            "runtime's async stages; it waits for a task to finish, and tasks need those stages' slots (this "
+            "call's included), so it would deadlock. Return from the stage and wait outside it, or submit "
+            "follow-up tasks without waiting for them"
+        )
+    return (
+        f"{call} was called inside an async stage, on the event loop thread {thread!r} that runs the "
+        "runtime's async stages; it blocks until another thread answers, stalling every coroutine of that "
+        "loop meanwhile. Use the async form where there is one (await runtime.submit_async(...)), or run the "
+        "call in a thread: await asyncio.to_thread(...)"
+    )
+
+
 _FORKED = (
     "this process is a fork() child of the one that started the runtime, and the runtime's actors "
     "live in the parent; create a new Runtime in the child, or start children with multiprocessing's "
@@ -402,6 +423,8 @@ class TaskHandle:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(settle, record)
 
+        if self._waiter.record is None:
+            self._runtime._refuse_blocking("await TaskHandle", waits_for_tasks=True)  # inside an async stage
         self._waiter.add_callback(on_done)
         return (yield from future.__await__())
 
@@ -473,6 +496,8 @@ class Runtime:
         self._timer: Timer | None = None
         self._state: pykka.ActorRef[StateActor] | None = None
         self._orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
+        self._backends: list[ServiceBackend] = []
+        """The current orchestrator's backends: made here, so closed here (off the central threads)."""
         self.results: ResultStore | None = None
         self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
@@ -583,6 +608,7 @@ class Runtime:
         assert self._timer is not None
         self._generation["orchestrator"] += 1
         backends = self._make_backends()
+        old, self._backends = self._backends, list({id(b): b for b in backends.values()}.values())
         try:
             self._orchestrator = OrchestratorActor.start(
                 state=self._state,
@@ -595,13 +621,24 @@ class Runtime:
                 milestones=self._milestones,
                 on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
                 telemetry=self.telemetry,
+                health=self._health,
             )
         except BaseException:
-            for backend in {id(b): b for b in backends.values()}.values():
+            self._close_backends()
+            raise
+        finally:
+            # A replaced orchestrator's backends are closed here, after the new ones exist: a Ray session
+            # they share stays up. Closing can take seconds (Ray), so it never runs on a central thread.
+            for backend in old:
                 with contextlib.suppress(Exception):
                     backend.close()
-            raise
         self._orchestrator_proxy = self._orchestrator.proxy()
+
+    def _close_backends(self) -> None:
+        backends, self._backends = self._backends, []
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                backend.close()
 
     def _resume(self) -> int:
         """Hand the current orchestrator every non-terminal task (one message: no creation falls between)."""
@@ -686,7 +723,10 @@ class Runtime:
 
         "degraded": the journal refuses writes (full or read-only disk);
         submissions raise JournalError meanwhile, and acknowledged tasks
-        complete once writes succeed again, with no restart. "failed": see
+        complete once writes succeed again, with no restart. Or a stage's pool
+        is failing (it restarted its workers more than `max_restarts` times
+        within `restart_window_s`): its calls wait for the pool's cool-down,
+        then run. The reason names each cause. "failed": see
         `RuntimeFailed`. "stopped": `close()` has begun.
         """
         status: str
@@ -780,7 +820,7 @@ class Runtime:
 
     def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
         config = self.config
-        central = self._threads.role_of_current() == "central"
+        central = self._threads.role_of_current() in _NEVER_WAITS
         if central and message.reply is not None:
             self._refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
         journal = self._journal if idempotency_key is not None else None
@@ -918,7 +958,7 @@ class Runtime:
         if not messages:
             return []
         config = self.config
-        central = self._threads.role_of_current() == "central"
+        central = self._threads.role_of_current() in _NEVER_WAITS
         reply: pykka.Future[tuple[TaskRecord, ...]] | None = None
         # As for submit: wait for an answer when there is a commit to wait for, or ids that may be taken.
         if config.journal_path is not None or explicit_ids:
@@ -1222,6 +1262,8 @@ class Runtime:
         if role is None or (role == "worker" and not waits_for_tasks):
             return
         thread = threading.current_thread().name
+        if role == "loop":
+            raise WouldDeadlock(_on_the_loop(call, thread, waits_for_tasks=waits_for_tasks))
         if role == "central":
             raise WouldDeadlock(
                 f"{call} was called on the runtime's own thread {thread!r}, where subscriber callbacks run; "
@@ -1292,6 +1334,7 @@ class Runtime:
                 if ref is not None:
                     with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                         ref.stop(block=True, timeout=_ASK_TIMEOUT_S)
+            self._close_backends()  # its workers are retired: release what the backends hold (Ray: shut down)
         self._exits.put(None)
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(_ASK_TIMEOUT_S)

@@ -23,9 +23,9 @@ from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, RunServices, ServiceDone, ServicesDone, ServiceStatus
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import TransientError
-from actorflow.core.failures import bound_message, format_traceback
+from actorflow.core.failures import bound_message, describe_error, format_traceback
 from actorflow.core.tracing import EventLogger, get_event_logger
-from actorflow.core.types import DEFAULT_PIPELINE, JSONValue, freeze
+from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, JSONValue, freeze
 from actorflow.services import ResultStore
 from actorflow.services.seed import unwrap
 
@@ -43,6 +43,7 @@ __all__ = [
     "crashed",
     "execute",
     "invoke",
+    "is_plain",
     "log_done",
     "make_backend",
     "report",
@@ -50,11 +51,22 @@ __all__ = [
     "runs_at_home",
     "stage_value",
     "status_of",
+    "unsendable",
 ]
 
 Deliver = Callable[[ServiceDone | ServicesDone], None]
 """Hands the orchestrator one report, or several at once (`ServicesDone`)."""
-OnDeath = Callable[[str, str], None]
+
+
+class OnDeath(Protocol):
+    """Tells a pool's owner that a worker died unasked: its name, why, and whether it could not load its function.
+
+    A worker that cannot load the stage's function (`cannot_load`) will never
+    run a call: the calls it held fail at once, with `why`.
+    """
+
+    def __call__(self, worker: str, why: str, /, *, cannot_load: bool = False) -> None:
+        """Report the death."""
 
 
 def runs_at_home(fn: Callable[..., Any], *, same_machine: bool) -> bool:
@@ -166,10 +178,16 @@ def report(
     *,
     started_at: float = 0.0,
     fields: dict[str, Any] | None = None,
+    status: ServiceStatus | None = None,
 ) -> ServiceDone:
-    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended.
+    """Make the ServiceDone of a call that ran here (or on an event loop), and log how it ended. Never raises.
 
-    A failed call's traceback is formatted (bounded) here, where the exception is.
+    `status` overrides how `error` is classified (`status_of`).
+
+    A failed call's traceback is formatted (bounded) here, where the exception
+    is. The exception is user code: its text is taken with `describe_error`,
+    which never raises and always gives a plain `str`, so that a hostile
+    ``__str__`` cannot kill the worker or stop its report crossing to the runtime.
     """
     if error is None:
         done = ServiceDone(
@@ -191,16 +209,45 @@ def report(
             call.service,
             call.task.task_id,
             worker,
-            status_of(error),
+            status or status_of(error),
             None,
             type(error).__name__,
-            bound_message(str(error)),  # an exception's message may be of any length; what travels is not
+            bound_message(describe_error(error)),  # an exception's message may be of any length; what travels is not
             duration_ms,
             node,
             started_at,
             format_traceback(error),
         )
     return log_done(log, call, done, fields=fields)
+
+
+def unsendable(done: ServiceDone, error: BaseException, where: str) -> ServiceDone:
+    """The report of a call whose result cannot be sent `where` (`error` says why): a permanent failure of its own.
+
+    Retrying would make the same value again, and the worker is not at fault:
+    the call fails once, with a reason naming the stage, and the worker lives on.
+    """
+    why = f"the value returned by stage {done.service!r} cannot be sent {where}: {describe_error(error)}"
+    return done._replace(status="permanent", result=None, error_type=type(error).__name__, error=why, traceback=None)
+
+
+def is_plain(value: object) -> bool:
+    """True if `value` is made of plain JSON builtins only (no subclass), which any pickler can send.
+
+    A cheap test (one look per node, none per byte) before pickling a value
+    to learn whether it crosses: only a value that fails it is pickled.
+    """
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if kind is tuple or kind is list:
+        return all(is_plain(item) for item in value)  # type: ignore[attr-defined]
+    if kind is FrozenDict or kind is dict:
+        return all(type(key) is str and is_plain(item) for key, item in value.items())  # type: ignore[attr-defined]
+    return False
+
+
+_PLAIN_LEAVES: frozenset[type] = frozenset({str, int, float, bool, type(None)})
 
 
 def crashed(call: RunService, worker: str, node: str, error_type: str, error: str, duration_ms: float) -> ServiceDone:

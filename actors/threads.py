@@ -13,8 +13,9 @@ from typing import Literal
 
 __all__ = ["ThreadBook", "ThreadRole"]
 
-ThreadRole = Literal["central", "worker"]
-"""central: a thread that answers the runtime's requests (state actor, orchestrator). worker: runs services."""
+ThreadRole = Literal["central", "worker", "loop"]
+"""central: a thread that answers the runtime's requests (state actor, orchestrator). worker: runs services.
+loop: the event loop that runs every async stage's coroutines (a blocking call there stalls all of them)."""
 
 
 class ThreadBook:

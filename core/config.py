@@ -101,9 +101,10 @@ class RuntimeConfig:
     stage_timeout_s: float | None = None
     """A service call running longer than this is a transient failure; None for no limit."""
     max_restarts: int = 10
-    """More worker restarts than this within `restart_window_s` marks a pool as failing."""
+    """More worker restarts than this within `restart_window_s` turn a pool failing: dead workers are not
+    replaced and its calls wait (uncharged) until the window has passed again, when it restarts them."""
     restart_window_s: float = 10.0
-    """The window of `max_restarts`."""
+    """The window of `max_restarts`, and a failing pool's cool-down."""
     max_in_flight: int | None = None
     """Bound on non-terminal tasks; None for no bound."""
     submit_timeout_s: float = 5.0
@@ -114,6 +115,8 @@ class RuntimeConfig:
     """Where service calls run: "thread" (default), "process" or "ray"."""
     ray_address: str | None = None
     """Ray cluster address with service_backend="ray"; None starts a local Ray."""
+    ray_connect_timeout_s: float = 30.0
+    """How long the Ray cluster at `ray_address` may take to answer before `Runtime()` raises ConfigError."""
     drain_timeout_s: float = 30.0
     """How long `close(drain=True)` waits for tasks in flight."""
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
@@ -155,6 +158,7 @@ class RuntimeConfig:
         for name in ("retry_backoff_s", "retry_backoff_max_s", "submit_timeout_s", "drain_timeout_s"):
             _check_seconds(name, getattr(self, name), allow_zero=True)
         _check_seconds("restart_window_s", self.restart_window_s, allow_zero=False)
+        _check_seconds("ray_connect_timeout_s", self.ray_connect_timeout_s, allow_zero=False)
         if self.stage_timeout_s is not None:
             _check_seconds("stage_timeout_s", self.stage_timeout_s, allow_zero=False)
         if self.retry_backoff_max_s < self.retry_backoff_s:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import traceback
 
-__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "bound_message", "format_traceback"]
+__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "bound_message", "describe_error", "format_traceback"]
 
 MAX_TRACEBACK_CHARS = 8192
 """The most characters of a formatted traceback kept (8 KiB of ASCII)."""
@@ -37,14 +37,39 @@ def bound_message(text: str, *, limit: int = MAX_MESSAGE_CHARS) -> str:
     return f"{text[:kept]} ... [{len(text) - kept} characters cut]"
 
 
+def describe_error(error: BaseException) -> str:
+    """``str(error)`` as a plain `str`, whatever the exception does; never raises.
+
+    A service's exception is user code: its ``__str__`` may raise, or return a
+    `str` subclass that cannot be pickled to the runtime's process. Then its
+    ``repr`` is tried, and last a line naming its type and what went wrong.
+    """
+    for render in (str, repr):
+        try:
+            text = render(error)
+            # A plain str, even if __str__ returned a subclass (join copies one into a plain str).
+            return text if type(text) is str else "".join((str.__str__(text),))
+        except BaseException:  # noqa: BLE001, S112 - user code: any failure means "try the next form"
+            continue
+    return f"<{_type_name(error)} whose str() and repr() raised>"
+
+
+def _type_name(error: BaseException) -> str:
+    name = type(error).__name__
+    return name if type(name) is str else "exception"
+
+
 def format_traceback(error: BaseException, *, limit: int = MAX_TRACEBACK_CHARS) -> str:
-    """`error`'s formatted traceback (chained causes included), at most `limit` characters long.
+    """`error`'s formatted traceback (chained causes included), at most `limit` characters long; never raises.
 
     Args:
         error: an exception that was raised (with its ``__traceback__``).
         limit: the most characters to return; the innermost frames are kept.
     """
-    parts = traceback.format_exception(error)
+    try:
+        parts = traceback.format_exception(error)
+    except BaseException:  # noqa: BLE001 - a hostile exception (its notes, its cause) must not cost the report
+        parts = [f"{_type_name(error)}: {describe_error(error)} (its traceback could not be formatted)\n"]
     total = sum(map(len, parts))
     if total <= limit:
         return "".join(parts)

@@ -122,22 +122,24 @@ def test_a_worker_actor_that_dies_is_replaced_and_the_pool_keeps_its_size() -> N
     assert all(p["workers"] == p["size"] for p in stats["pools"].values())
 
 
-def test_restart_intensity_beyond_max_restarts_marks_the_pool_failing_and_fails_its_tasks() -> None:
+def test_a_task_that_crashes_every_worker_it_touches_fails_after_its_own_attempts_through_the_pools_cool_downs() -> (
+    None
+):
     def always_exits(task: Task) -> Mapping[str, Any]:
         raise SystemExit("crash loop")
 
-    config = RuntimeConfig(processor_workers=1, max_restarts=2, restart_window_s=60, max_attempts=10)
-    with Runtime(config, services=ServiceSet(process=always_exits)) as runtime:
-        record = runtime.submit(payload()).result(timeout=10)
-        later = runtime.submit(payload(2)).result(timeout=10)
+    milestones = MilestoneLog()
+    config = RuntimeConfig(
+        processor_workers=1, max_restarts=2, restart_window_s=0.2, max_attempts=5, retry_backoff_s=0.0
+    )
+    with Runtime(config, services=ServiceSet(process=always_exits), on_milestone=milestones) as runtime:
+        record = runtime.submit(payload()).result(timeout=30)
         stats = runtime.stats()
     assert record.state is S.FAILED
-    assert record.error is not None
-    assert "pool 'processor' is failing: 3 worker restarts within 60s (max_restarts=2)" in record.error
-    assert later.state is S.FAILED
-    assert "is failing" in (later.error or "")
-    assert stats["pools"]["processor"]["failing"] is not None
-    assert stats["restarts"] == 3
+    assert record.error == "processor: SystemExit: crash loop (gave up after 5 attempts)"
+    assert record.attempts == 6  # validate, then five processor calls: each crash was charged, none was free
+    assert milestones.count("pool.failing") >= 1  # past max_restarts, its retries waited for a cool-down
+    assert stats["restarts"] == 5
 
 
 # --- timeouts --------------------------------------------------------------------------------------

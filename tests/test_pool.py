@@ -16,7 +16,7 @@ import pytest
 
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.pool import PoolFailing, ServicePool
+from actorflow.actors.pool import PoolCannotStart, ServicePool
 from actorflow.actors.service import CallClaims, ThreadBackend
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
@@ -184,8 +184,64 @@ def test_a_replaced_worker_hands_back_its_calls_head_first_and_too_many_restarts
     assert [c.call_id for c in stranded] == [2]
     assert pool.failing is not None
     assert "max_restarts=1" in pool.failing
-    with pytest.raises(PoolFailing):
+    assert len(backend.workers) == 2  # failing: the empty slot gets no worker
+
+
+def test_a_failing_pool_holds_new_calls_uncharged_and_its_cool_down_starts_workers_that_take_them(
+    timer: Timer,
+) -> None:
+    cooled: queue.SimpleQueue[str] = queue.SimpleQueue()
+    backend = RecordingBackend()
+    pool = ServicePool(
+        "processor",
+        2,
+        backend=backend,
+        fn=lambda task: {},
+        deliver=lambda done: None,
+        on_death=lambda name, why: None,
+        timer=timer,
+        on_deadline=lambda call_id: None,
+        stage_timeout_s=None,
+        max_restarts=1,
+        restart_window_s=0.05,
+        on_cool_down=lambda: cooled.put("over"),
+    )
+    pool.replace(backend.workers[0].name)
+    assert pool.failing is None
+    pool.replace(backend.workers[2].name)  # the second restart within the window opens the breaker
+    assert pool.failing is not None
+    assert pool.stats()["workers"] == 1  # the worker that never crashed keeps working
+    pool.dispatch(call(1))
+    pool.dispatch(call(2))  # no room at the live worker (depth 1): it waits, uncharged
+    pool.flush()
+    assert backend.workers[1].sent == [1]
+    pool.replace(backend.workers[1].name)  # its last worker dies while failing: not replaced
+    assert pool.stats()["workers"] == 0
+    pool.dispatch(call(3))  # with no worker at all, calls still wait
+    assert pool.stats()["queued"] == 2
+    assert cooled.get(timeout=10) == "over"  # told on the timer's thread; the owner reopens on its own
+    assert pool.reopen()
+    assert pool.reopen() is False  # already open
+    pool.flush()
+    assert pool.failing is None
+    assert pool.stats()["workers"] == 2
+    assert sorted(call_id for worker in backend.workers[3:] for call_id in worker.sent) == [2, 3]
+
+
+def test_a_worker_that_cannot_load_its_function_fails_its_calls_and_with_none_left_every_call_at_once(
+    timer: Timer,
+) -> None:
+    pool, backend = make_pool(timer, size=1, max_restarts=0)
+    pool.dispatch(call(1))
+    pool.dispatch(call(2))
+    why = "worker process pid:7 cannot load its service function: ImportError: no module named 'app'"
+    stranded = pool.replace(backend.workers[0].name, cannot_load=why)
+    assert stranded is not None
+    assert [c.call_id for c in stranded] == [1, 2]  # the one it held, and the one waiting: no worker is left
+    assert pool.cannot_load == why
+    with pytest.raises(PoolCannotStart, match="no module named 'app'"):
         pool.dispatch(call(3))
+    assert pool.stats()["queued"] == 0
 
 
 # --- batching: routed calls leave on flush, one message per worker -----------------------------------

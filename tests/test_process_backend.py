@@ -308,7 +308,7 @@ def test_a_hung_call_is_killed_at_the_stage_timeout_and_retried_on_a_fresh_child
     assert not exists(hung_pid)
 
 
-def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_once_the_pool_gives_up() -> None:
+def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_at_once_with_the_childs_own_error() -> None:
     with (
         structlog.testing.capture_logs() as logs,
         Runtime(
@@ -316,15 +316,47 @@ def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_once_the_
             services=ServiceSet(process=ps.LoadsOnlyInTheParent()),
         ) as runtime,
     ):
-        record = runtime.submit({"name": "x", "data": {"items": []}}).result(timeout=30)
-    assert record.state is S.FAILED
-    assert record.error is not None
-    assert "pool 'processor' is failing" in record.error
+        records = run_all(runtime, [{"name": f"x{i}", "data": {"items": []}} for i in range(3)], timeout=30)
+    for record in records:
+        assert record.state is S.FAILED
+        assert record.error is not None
+        assert record.error.startswith("processor: worker process pid:")
+        assert "cannot load its service function: ImportError: this function cannot be loaded" in record.error
+        assert record.attempts == 1  # the validator's call; the processor's never ran, so it is not counted
     load_failures = [e for e in logs if e["event"] == "worker.load_failed"]
     assert load_failures
     assert "ImportError: this function cannot be loaded in a worker process" in load_failures[0]["error"]
     restarted = [e for e in logs if e["event"] == "worker.restarted" and e["service"] == "processor"]
     assert "cannot load its service function" in restarted[0]["why"]
+
+
+@pytest.mark.timeout(60)
+def test_a_script_that_starts_its_runtime_outside_the_main_guard_fails_its_tasks_at_once_saying_so(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from actorflow import Pipeline, Runtime, Stage\n"
+        "def square(task, value):\n"
+        "    return {'n': value['n'] ** 2}\n"
+        "runtime = Runtime(pipelines=[Pipeline('p', [Stage('square', square, backend='process')])])\n"
+        "record = runtime.submit({'n': 3}).result(timeout=30)\n"
+        "print(record.state.value, record.calls)\n"
+        "print(record.error)\n"
+        "runtime.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=50, env=env, cwd=tmp_path, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    state, error = done.stdout.splitlines()[:2]
+    assert state == "FAILED 0"
+    assert error.startswith("square: worker process pid:")
+    assert f"importing the main module {str(script)!r} starts a runtime or a process" in error
+    assert "(line 4: runtime = Runtime(" in error
+    assert 'under `if __name__ == "__main__":`' in error
+    assert "is failing" not in error  # at once: the first worker's own error, not a restart count
 
 
 @pytest.mark.slow
@@ -802,3 +834,28 @@ def test_every_report_a_child_wrote_before_it_exited_is_delivered_even_more_than
     assert [(r.call_id, r.status) for r in reports] == [*((i, "ok") for i in range(1, 11)), (11, "crashed")]
     assert reports[-1].error_type == "SystemExit"
     assert all(r.result == {"blob": "x" * 12_000} for r in reports[:-1])
+
+
+def test_importing_the_process_backend_registers_nothing_at_exit_until_a_backend_is_made() -> None:
+    code = (
+        "import atexit\n"
+        "import multiprocessing.forkserver, multiprocessing.popen_forkserver, multiprocessing.util\n"
+        "import actorflow.actors\n"
+        "before = atexit._ncallbacks()  # multiprocessing registers its own exit handler when imported\n"
+        "from actorflow.actors import process_backend\n"
+        "from actorflow.actors.deadletters import DeadLetterOffice\n"
+        "from actorflow.actors.threads import ThreadBook\n"
+        "imported = atexit._ncallbacks() - before\n"
+        "backends = [process_backend.ProcessBackend({}, dead_letters=DeadLetterOffice(), threads=ThreadBook())\n"
+        "            for _ in range(2)]\n"
+        "made = atexit._ncallbacks() - before\n"
+        "for backend in backends:\n"
+        "    backend.close()\n"
+        "print(imported, made)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["0", "1"]  # nothing at import; one hook for any number of backends

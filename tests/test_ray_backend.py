@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,13 +31,13 @@ from structlog.testing import capture_logs
 
 from actorflow import Pipeline, Stage
 from actorflow.actors import Milestone, Runtime
-from actorflow.actors.messages import RunService, ServicesDone
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.ray_backend import RayBackend, ServiceActor, _RayWorker, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from actorflow.core.tracing import new_trace
 from actorflow.services import ServiceSet, process
-from tests.pipeline_stages import square_in_child
+from tests.pipeline_stages import Unpicklable, return_unpicklable, square_in_child
 
 # CI sets ACTORFLOW_REQUIRE_RAY=1, so that a missing Ray fails the run instead of skipping quietly.
 ray = importlib.import_module("ray") if os.environ.get("ACTORFLOW_REQUIRE_RAY") else pytest.importorskip("ray")
@@ -383,8 +384,102 @@ def test_an_unreachable_cluster_is_a_config_error_naming_the_address() -> None:
         raise ConnectionError("could not reach the GCS")
 
     fake.init = refuse  # type: ignore[method-assign]
-    with pytest.raises(ConfigError, match=r"ray_address='ray://nowhere:10001': cannot connect to Ray at .*GCS"):
-        _backend(fake, "ray://nowhere:10001")
+    with pytest.raises(ConfigError, match=r"ray_address='auto': cannot connect to Ray at .*GCS"):
+        _backend(fake, "auto")  # an address Ray resolves itself: only ray.init can tell
+    with pytest.raises(ConfigError, match=r"ray_address='ray://nowhere.invalid:10001': cannot connect to Ray at "):
+        _backend(fake, "ray://nowhere.invalid:10001")  # no such host: refused before ray.init
+
+
+@pytest.mark.timeout(60)
+def test_a_cluster_address_where_nothing_listens_is_a_config_error_within_the_connect_timeout() -> None:
+    # A real Ray in a fresh process (this module's own session would be used as it is): ray.init on
+    # such an address retried for minutes.
+    code = (
+        "import time\n"
+        "from actorflow.actors import Runtime\n"
+        "from actorflow.core import ConfigError, RuntimeConfig\n"
+        "started = time.monotonic()\n"
+        "try:\n"
+        "    Runtime(RuntimeConfig(service_backend='ray', ray_address='127.0.0.1:1', ray_connect_timeout_s=5))\n"
+        "except ConfigError as exc:\n"
+        "    print(round(time.monotonic() - started, 1))\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=50, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seconds, error = done.stdout.splitlines()[:2]
+    assert float(seconds) < 5
+    assert error.startswith("RuntimeConfig.ray_address='127.0.0.1:1': cannot connect to Ray at '127.0.0.1:1': ")
+    assert "Connection refused" in error
+
+
+def test_a_cluster_address_that_accepts_but_never_answers_is_a_config_error_after_the_connect_timeout() -> None:
+    fake = _FakeRay()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts connections; nobody ever answers them
+        address = f"ray://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=r"no answer within 0\.2s \(RuntimeConfig\.ray_connect_timeout_s\)"):
+            RayBackend(
+                address,
+                functions={},
+                pool_sizes={},
+                local=_NoLocalWorkers(),  # type: ignore[arg-type]
+                connect_timeout_s=0.2,
+                ray_module=fake,
+            )
+    assert fake.inits == []  # refused before Ray would have retried it for minutes
+
+
+def test_a_stage_asking_for_ray_without_ray_installed_is_a_config_error_naming_the_stage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    pipeline = Pipeline("p", [Stage("prepare", process), Stage("square", square_in_child, backend="ray")])
+    with pytest.raises(ConfigError, match=r"^Stage 'square' \(backend='ray'\) needs Ray, which is not installed"):
+        Runtime(pipelines=[pipeline])
+
+
+def test_a_result_that_cannot_be_pickled_fails_its_own_call_in_the_actor_instead_of_its_invocation() -> None:
+    from actorflow.actors.ray_backend import _crossable  # noqa: PLC0415 - the actor's side
+
+    call = RunService(1, "processor", Task("t-1", {}), new_trace(), 1)
+    done = ServiceDone(1, "processor", "t-1", "processor-1", "ok", {"v": Unpicklable("stuck")}, None, None, 2.0)  # type: ignore[dict-item]
+    failed = _crossable(done)
+    assert (failed.status, failed.result, failed.error_type) == ("permanent", None, "TypeError")
+    assert failed.error == (
+        "the value returned by stage 'processor' cannot be sent from the Ray actor to the runtime: "
+        "Unpicklable values stay where they are"
+    )
+    assert _crossable(done._replace(result={"v": "fine"})).status == "ok"
+
+    # Through the actor's own method: whatever freeze hands on, what it returns always pickles.
+    dones, _ = ServiceActor(return_unpicklable).run_many([call], "processor-1")
+    (answer,) = dones
+    assert ray.cloudpickle.loads(ray.cloudpickle.dumps(answer)) == answer
+    assert answer.status == "permanent" or answer.result == {"v": "stuck"}
+
+
+@pytest.mark.timeout(120)
+def test_the_ray_backend_is_closed_on_the_thread_that_closes_the_runtime_not_on_the_orchestrators(
+    ray_session: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed_on: list[str] = []
+    close = RayBackend.close
+
+    def noting_where(backend: RayBackend) -> None:
+        closed_on.append(threading.current_thread().name)
+        close(backend)
+
+    monkeypatch.setattr(RayBackend, "close", noting_where)
+    pipeline = Pipeline("p", [Stage("square", square_in_child, backend="ray", workers=1)])
+    with Runtime(pipelines=[pipeline]) as runtime:
+        assert runtime.submit({"n": 3}).result(timeout=TIMEOUT_S).result["n"] == 9  # type: ignore[index]
+    assert closed_on == [threading.current_thread().name]
+    assert ray_session.is_initialized()  # the module's own session: used, never shut down
 
 
 def test_ray_errors_are_shortened_to_their_root_cause() -> None:
