@@ -23,8 +23,10 @@ import httpx
 import pykka
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from actorflow.actors import OrchestratorActor, Runtime, StateActor
+from actorflow.actors.health import LogThrottle
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
 from actorflow.core.journal import Journal
@@ -284,6 +286,40 @@ def test_persistence_calls_queued_at_a_worker_never_start_once_their_tasks_are_c
         assert blocker.result(timeout=0).state is S.COMPLETED
     assert {h.task_id for h in warm_up} <= persisted
     assert persisted & {h.task_id for h in behind} == set()  # CANCELLED was committed before any of them ran
+
+
+def test_submissions_refused_by_a_full_disk_log_one_line_per_second_with_the_count_left_out(
+    tmp_path: Path, faults: FailingWrites
+) -> None:
+    config = RuntimeConfig(journal_path=str(tmp_path / "t.db"))
+    with capture_logs() as logs, Runtime(config) as runtime:
+        runtime.submit(payload(0)).result(timeout=10)
+        faults.failing.set()
+        started = time.monotonic()
+        for index in range(300):
+            with pytest.raises(JournalError):
+                runtime.submit(payload(index))
+        with pytest.raises(JournalError):
+            runtime.submit_many([payload(index) for index in range(3)])
+        elapsed = time.monotonic() - started
+        faults.failing.clear()
+    lines = [e for e in logs if e["event"] in ("task.submit_refused", "tasks.submit_refused")]
+    assert 1 <= len(lines) <= 2 + int(elapsed)  # one per second at most (it was one per refusal: 301)
+    assert lines[0]["suppressed"] == 0
+    assert sum(1 + line["suppressed"] for line in lines) <= 301  # each refusal logged or counted once
+
+
+def test_a_log_throttle_lets_one_line_through_per_interval_and_counts_the_others() -> None:
+    now = [100.0]
+    throttle = LogThrottle(1.0, clock=lambda: now[0])
+    assert throttle.allow() == 0
+    assert [throttle.allow() for _ in range(5)] == [None] * 5
+    now[0] += 0.999
+    assert throttle.allow() is None
+    now[0] += 0.001
+    assert throttle.allow() == 6  # the six left out since the last line
+    now[0] += 5
+    assert throttle.allow() == 0
 
 
 # --- finding 5: a dead central actor --------------------------------------------------------------
