@@ -498,7 +498,7 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
             # Faults strike at moments the runtime's own progress picks: after a random number of
             # acknowledged tasks; a full disk stays full for a random number of refused commits.
             while acknowledged_after(rng.randint(20, 120)):
-                fault = rng.choice(["journal", "journal", "orchestrator", "state"])
+                fault = rng.choice(["journal", "journal", "orchestrator", "state", "both"])
                 played[fault] += 1
                 if fault == "journal":
                     steps = milestones.count("journal.retry_scheduled")
@@ -506,13 +506,16 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
                     milestones.wait_for("journal.retry_scheduled", steps + rng.randint(1, 4), timeout=10)
                     faults.failing.clear()
                 else:
-                    refs = pykka.ActorRegistry.get_by_class(
-                        OrchestratorActor if fault == "orchestrator" else StateActor
+                    kinds = {"orchestrator": [OrchestratorActor], "state": [StateActor]}.get(
+                        fault,
+                        rng.sample([OrchestratorActor, StateActor], 2),  # both, in a random order
                     )
+                    refs = [ref for kind in kinds for ref in pykka.ActorRegistry.get_by_class(kind)]
                     for ref in refs:
                         ref.stop(block=False)
                     name = "orchestrator.restarted" if fault == "orchestrator" else "state.restarted"
-                    assert milestones.wait_for(name, played[fault], timeout=30), (seed, name, played)
+                    expected = played["orchestrator"] if fault == "orchestrator" else played["state"] + played["both"]
+                    assert milestones.wait_for(name, expected, timeout=30), (seed, name, played)
 
         threads = [threading.Thread(target=submit, args=(offset,)) for offset in (0, 1)]
         threads.append(threading.Thread(target=play_chaos))
@@ -526,7 +529,7 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
         assert runtime.health() == {"status": "ok"}, seed
     assert set(actor_threads()) - before == set(), seed  # no thread left behind
     assert {record.state for record in records.values()} == {S.COMPLETED}, seed
-    assert min(played["orchestrator"], played["state"], played["journal"]) >= 1, played
+    assert min(played["orchestrator"], played["state"], played["journal"], played["both"]) >= 1, played
     with Journal.open_readonly(str(path)) as reader:
         stored = list(reader.iter_records())
     assert len(acked) == len(set(acked)) == 4000, (seed, len(acked), refused[:3])
