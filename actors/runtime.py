@@ -1371,6 +1371,7 @@ class Runtime:
 
     def handle(self, task_id: str) -> TaskHandle:
         """A handle on any known task (one submitted earlier, or recovered). Raises TaskNotFound."""
+        _check_lookup(task_id)
         waiter = self._tracker.waiter(task_id)
         if waiter is not None:
             return TaskHandle(self, task_id, waiter)
