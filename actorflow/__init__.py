@@ -15,12 +15,13 @@ Your own stages, as data::
 
 The API, drawn::
 
-    Runtime(config, services=..., pipelines=[...], on_milestone=...)
-                                       the facade; a context manager that closes itself
+    Runtime(config, services=..., pipelines=[...], on_milestone=..., name=...)
+                                       the facade; a context manager (also ``async with``) that closes itself
       .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
       .submit_many(payloads, pipeline=) -> [TaskHandle]   a batch in one commit, all or nothing
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
-      .metrics_collector()             Prometheus metrics, for the program's own registry
+      await .aclose(drain=True)        close() for asyncio: the drain waits off the event loop
+      .metrics_collector(*others)      Prometheus metrics (labelled by runtime name), for the program's registry
       .health()                        ok, degraded (journal refuses writes), failed or stopped
     Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
     Milestone                          an internal event (worker restarted, journal degraded...)

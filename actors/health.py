@@ -10,11 +10,14 @@ Three small pieces, each thread-safe and cheap when nobody listens:
   runtime rides out, each with its reason) or ``failed`` (something it cannot
   rebuild). Actors report into it; `Runtime.health()` and `/healthz` read it.
 - `Backoff`: capped exponential delays, for every loop that retries a fault.
+- `LogThrottle`: at most one log line per interval for a fault that repeats per
+  request (a full disk refuses every submission), with the count of those left out.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +25,7 @@ from typing import Any, Literal
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
-__all__ = ["Backoff", "Health", "HealthStatus", "Milestone", "Milestones"]
+__all__ = ["Backoff", "Health", "HealthStatus", "LogThrottle", "Milestone", "Milestones"]
 
 _log = get_event_logger("runtime")
 
@@ -40,7 +43,9 @@ class Milestone:
             failed, or its creation was refused; with its ``task_id``),
             ``"pool.failing"`` (a pool's circuit breaker opened: ``service``, ``reason``),
             ``"pool.recovered"`` (its cool-down passed and its workers restarted),
-            ``"orchestrator.restarted"``, ``"state.restarted"``, ``"runtime.failed"``.
+            ``"orchestrator.died"`` and ``"state.died"`` (a central actor stopped unasked; its
+            replacement starts once the callback returns), ``"orchestrator.restarted"``,
+            ``"state.restarted"``, ``"runtime.failed"``.
         fields: details (task id, service, reason...), never payloads.
     """
 
@@ -171,3 +176,32 @@ class Backoff:
         """A try succeeded: the next failure starts from `initial_s` again."""
         self._next = self._initial
         self.steps = 0
+
+
+class LogThrottle:
+    """At most one line per `interval_s` for an event that can repeat per request. Thread-safe.
+
+    `allow()` says whether to log now and, if so, how many lines were left out since
+    the last one, for the line to carry (``suppressed=N``). As the journal's own
+    lines are, a fault that refuses thousands of requests logs a line per interval.
+    """
+
+    __slots__ = ("_clock", "_interval", "_lock", "_next_at", "_suppressed")
+
+    def __init__(self, interval_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_at = float("-inf")
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        """None: leave this line out (it is counted). Else log it, with the returned count of lines left out."""
+        with self._lock:
+            now = self._clock()
+            if now < self._next_at:
+                self._suppressed += 1
+                return None
+            self._next_at = now + self._interval
+            suppressed, self._suppressed = self._suppressed, 0
+            return suppressed

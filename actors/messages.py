@@ -219,7 +219,7 @@ class CallDeadline(NamedTuple):
 
 
 class CancelTask(NamedTuple):
-    """Cancel a task; `reply` gets True if it was cancelled, False if already terminal."""
+    """Cancel a task; `reply` gets True once it is CANCELLED (by this request or another), else False."""
 
     task_id: str
     reply: pykka.Future[bool]

@@ -41,7 +41,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -134,7 +134,6 @@ class _Flight:
     cancelled: bool = False
     traceback: str | None = None
     """The last failed call's traceback, kept in the record."""
-    cancel_replies: list[pykka.Future[bool]] = field(default_factory=list)
 
 
 class OrchestratorActor(FastActor):
@@ -180,8 +179,8 @@ class OrchestratorActor(FastActor):
         self._outbox: list[TransitionRequest] = []
         self._retrying: dict[int, RunService] = {}
         """Placeholder call id -> the call to re-run when its backoff elapses."""
-        self._orphan_cancels: dict[str, list[pykka.Future[bool]]] = {}
-        """Cancel replies for tasks this actor is not driving (already finished, or unknown)."""
+        self._cancels: dict[str, list[pykka.Future[bool]]] = {}
+        """Task id -> the replies waiting for the outcome of the one CANCELLED request on its way for it."""
         self.counters = {"retries": 0, "timeouts": 0, "restarts": 0, "cancelled": 0, "late_results": 0}
         me, office = self.actor_ref, dead_letters
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -358,9 +357,7 @@ class OrchestratorActor(FastActor):
         if self._outbox:  # an empty batch to a state actor that may be stopping would only be a dead letter
             self._flush()
         stopped = RuntimeStopped("the orchestrator stopped before the cancellation was settled")
-        pending = [reply for flight in self._flights.values() for reply in flight.cancel_replies]
-        pending += [reply for replies in self._orphan_cancels.values() for reply in replies]
-        for reply in pending:
+        for reply in [reply for replies in self._cancels.values() for reply in replies]:
             reply.set_exception(exc_info=(RuntimeStopped, stopped, None))
         for pool in self._pools.values():
             pool.close(timeout=2.0)
@@ -617,11 +614,6 @@ class OrchestratorActor(FastActor):
 
     def _finish(self, flight: _Flight, record: TaskRecord) -> None:
         self._flights.pop(record.task_id, None)
-        if flight.cancel_replies:
-            # A CANCELLED request is still on its way (it will be refused: the task is terminal);
-            # its outcome answers these replies.
-            self._orphan_cancels.setdefault(record.task_id, []).extend(flight.cancel_replies)
-            flight.cancel_replies.clear()
         if flight.call_id is not None:
             self._calls.pop(flight.call_id, None)
             self._retrying.pop(flight.call_id, None)
@@ -645,41 +637,54 @@ class OrchestratorActor(FastActor):
     # --- cancellation ----------------------------------------------------------------------------
 
     def _on_cancel(self, message: CancelTask) -> None:
-        flight = self._flights.get(message.task_id)
-        if flight is not None:
+        """Cancel a task; its reply waits for the committed outcome.
+
+        One CANCELLED request per task is on its way at a time: a cancel that comes
+        while one is pending joins its replies instead of sending a second request.
+        A second request would be refused at once (the first is applied, not yet
+        committed), and answered before the first commits; joined, both are answered
+        from the committed outcome. A request that finds the task already CANCELLED
+        (committed) answers True too: cancelling is idempotent.
+        """
+        task_id = message.task_id
+        flight = self._flights.get(task_id)
+        if flight is not None and not flight.cancelled:
             flight.cancelled = True  # from now on its results are discarded
-            flight.cancel_replies.append(message.reply)
             if flight.call_id is not None:
                 pool = flight.plan.stages[flight.stage].pool
                 if pool.withdraw(flight.call_id):  # no worker started it: it will never run
                     self._calls.pop(flight.call_id, None)
-                    self._milestones.emit("call.withdrawn", task_id=message.task_id, service=pool.service)
+                    self._milestones.emit("call.withdrawn", task_id=task_id, service=pool.service)
                 else:  # running: on an event loop its coroutine is cancelled (a thread cannot be)
                     pool.cancel_running(flight.call_id)
-        else:
-            self._orphan_cancels.setdefault(message.task_id, []).append(message.reply)
-        self._request(message.task_id, _S.CANCELLED, reason="cancelled by request")
+        waiting = self._cancels.get(task_id)
+        if waiting is not None:
+            waiting.append(message.reply)
+            return
+        self._cancels[task_id] = [message.reply]
+        self._request(task_id, _S.CANCELLED, reason="cancelled by request")
 
     def _on_cancel_outcome(self, outcome: TransitionOutcome, flight: _Flight | None) -> None:
         task_id = outcome.request.task_id
-        replies = list(flight.cancel_replies) if flight is not None else []
-        replies += self._orphan_cancels.pop(task_id, [])
-        if flight is not None:
-            flight.cancel_replies.clear()
+        replies = self._cancels.pop(task_id, [])
+        record = outcome.record
         accepted = outcome.outcome == "accepted"
         if accepted:
             self.counters["cancelled"] += 1
             if flight is not None:
-                assert outcome.record is not None
-                self._finish(flight, outcome.record)
+                assert record is not None
+                self._finish(flight, record)
         elif flight is not None:
             flight.cancelled = False  # refused (already terminal, or journal trouble): carry on as before
+        # Refused because the task is terminal: it was committed so (this request waited for the one
+        # before it); True if a cancellation put it there.
+        cancelled = accepted or (record is not None and record.state is _S.CANCELLED)
         for reply in replies:
-            if outcome.record is None and outcome.outcome == "rejected":
+            if record is None and outcome.outcome == "rejected":
                 error = TaskNotFound(f"no task with id {task_id!r}")
                 reply.set_exception(exc_info=(TaskNotFound, error, None))
             else:
-                reply.set(accepted)
+                reply.set(cancelled)
 
     # --- supervision -----------------------------------------------------------------------------
 

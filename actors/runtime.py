@@ -31,19 +31,23 @@ import atexit
 import contextlib
 import contextvars
 import functools
+import itertools
 import os
 import queue
+import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pykka
+from pykka.messages import ProxyCall
 
 from actorflow.actors.backends import BackendRequest, make_backend
 from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.health import Health, Milestone, Milestones
+from actorflow.actors.health import Health, LogThrottle, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, CreateTasks, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor, pool_name
 from actorflow.actors.service import ServiceBackend, ThreadBackend
@@ -58,8 +62,10 @@ from actorflow.core.errors import (
     Overloaded,
     RuntimeFailed,
     RuntimeStopped,
+    TaskNotFound,
     UnknownPipeline,
     WouldDeadlock,
+    quote,
 )
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger, new_task_id, new_trace, parse_traceparent
@@ -76,12 +82,62 @@ __all__ = ["Milestone", "Runtime", "TaskHandle"]
 _ASK_TIMEOUT_S = 30.0
 """Upper bound on any wait for an actor's answer outside the hot path (pykka's stop race)."""
 _RESTART_WAIT_S = 10.0
-"""How long a submit that met a central actor being restarted waits for the replacement."""
+"""How long a call that met a central actor being restarted waits for the replacement."""
+_REFUSAL_LOG_INTERVAL_S = 1.0
+"""At most one ``task.submit_refused`` / ``tasks.submit_refused`` line per this many seconds."""
 
 _open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_hooks_lock = threading.Lock()
+_hooks_installed = False
 
 
-@atexit.register
+def _install_process_hooks() -> None:
+    """Register the exit and fork hooks, once, when the first Runtime is made (never at import:
+    a program that only imports actorflow, or reads a journal, gets nothing added to its exit or its forks)."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        atexit.register(_close_forgotten_runtimes)
+        if hasattr(os, "register_at_fork"):  # POSIX only
+            os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
+        _hooks_installed = True
+
+
+_names_in_use: set[str] = set()
+"""The names of this process's open runtimes (the ``runtime`` label of their metrics)."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _claim_name(name: object) -> str:
+    """Reserve `name` for a new runtime, or pick "default" ("default-2", ... when taken). Raises ConfigError."""
+    with _hooks_lock:
+        if name is None:
+            picked, number = "default", 1
+            while picked in _names_in_use:
+                number += 1
+                picked = f"default-{number}"
+            _names_in_use.add(picked)
+            return picked
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"Runtime name {quote(name)} is not allowed: use 1 to 64 letters, digits, '_', '-' or '.', "
+                "starting with a letter or a digit"
+            )
+        if name in _names_in_use:
+            raise ConfigError(
+                f"Runtime name {name!r} is taken by an open runtime of this process; its metrics could not be "
+                "told apart: give each runtime its own name (or close the other first)"
+            )
+        _names_in_use.add(name)
+        return name
+
+
+def _release_name(name: str) -> None:
+    with _hooks_lock:
+        _names_in_use.discard(name)
+
+
 def _close_forgotten_runtimes() -> None:
     """Actor threads are daemons, so a forgotten runtime cannot hang exit; commit what it has, though."""
     for runtime in list(_open_runtimes):
@@ -95,13 +151,13 @@ def _forget_runtimes_in_forked_child() -> None:
     fork stays held in the child forever, so nothing here (nor in `close()` after
     it) may take one. Exit is then immediate instead of waiting on absent threads.
     """
+    global _hooks_lock
     for runtime in list(_open_runtimes):
         runtime._forked = True
+    _hooks_lock = threading.Lock()  # a parent's thread may have held it at the fork: here it would stay held
     _open_runtimes.clear()
+    _names_in_use.clear()  # the child's own runtimes may take them again
 
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_forget_runtimes_in_forked_child)
 
 _NEVER_WAITS = ("central", "loop")
 """Thread roles where `submit` must not wait (for a commit, or for room): nothing else would run meanwhile."""
@@ -129,6 +185,11 @@ _FORKED = (
     "live in the parent; create a new Runtime in the child, or start children with multiprocessing's "
     "'spawn' or 'forkserver' method"
 )
+
+
+def _bounded_wait(timeout: float | None) -> float | None:
+    """A wait's timeout as threads accept it: one past `threading.TIMEOUT_MAX` would raise OverflowError."""
+    return None if timeout is None else min(timeout, threading.TIMEOUT_MAX)
 
 
 class _Waiter:
@@ -185,7 +246,7 @@ class _Waiter:
             if self._event is None:
                 self._event = threading.Event()
             event = self._event
-        return event.wait(timeout)
+        return event.wait(_bounded_wait(timeout))
 
 
 class _Tracker:
@@ -313,7 +374,7 @@ class _Tracker:
         """Wait until nothing is in flight; raises RuntimeFailed if the runtime fails first."""
         with self._lock:
             idle = self._idle.wait_for(
-                lambda: self.failure is not None or (not self._waiters and not self._reserved), timeout
+                lambda: self.failure is not None or (not self._waiters and not self._reserved), _bounded_wait(timeout)
             )
             if self.failure is not None:
                 raise self.failure
@@ -343,18 +404,61 @@ class _Tracker:
         return len(waiters)
 
 
-def _answer(future: pykka.Future[Any]) -> Any:
+_LIVENESS_CHECK_S = 0.5
+"""While waiting for an actor's answer, how often to look whether the actor is still alive."""
+
+
+def _answer(future: pykka.Future[Any], actor: pykka.ActorRef[Any] | None = None) -> Any:
     """An actor's answer to a read, with pykka's errors mapped to ours.
 
     A stopped actor is a closed runtime (RuntimeStopped); an actor that does
-    not answer in time is a builtin TimeoutError, never a pykka type.
+    not answer in time is a builtin TimeoutError, never a pykka type. Given the
+    `actor` that should answer, a message that reached it as it stopped (pykka
+    then leaves the future unresolved) is noticed within a second, not after
+    the whole timeout.
     """
-    try:
-        return future.get(timeout=_ASK_TIMEOUT_S)
-    except pykka.ActorDeadError:
-        raise RuntimeStopped("the runtime is closed") from None
-    except pykka.Timeout:
-        raise TimeoutError(f"the runtime did not answer within {_ASK_TIMEOUT_S:g}s") from None
+    deadline = time.monotonic() + _ASK_TIMEOUT_S
+    dead_seen = False
+    while True:
+        remaining = deadline - time.monotonic()
+        wait = remaining if actor is None else min(remaining, _LIVENESS_CHECK_S)
+        try:
+            return future.get(timeout=max(0.0, wait))
+        except pykka.ActorDeadError:
+            raise RuntimeStopped("the runtime is closed") from None
+        except pykka.Timeout:
+            if remaining <= wait:
+                raise TimeoutError(f"the runtime did not answer within {_ASK_TIMEOUT_S:g}s") from None
+            if actor is not None and not actor.is_alive():
+                if dead_seen:  # dead for a whole check interval and still no answer: none will come
+                    raise RuntimeStopped("the runtime is closed") from None
+                dead_seen = True
+
+
+_MAX_TASK_ID = 200
+"""The longest task id `submit` accepts."""
+
+
+def _check_lookup(task_id: object) -> None:
+    """Raise TaskNotFound for an id no task can have, quoting it bounded (the actor would quote it whole)."""
+    if not isinstance(task_id, str) or len(task_id) > _MAX_TASK_ID:
+        raise TaskNotFound(f"no task with id {quote(task_id)}; task ids are str of at most {_MAX_TASK_ID} chars")
+
+
+def _ask(actor: pykka.ActorRef[Any], method: str, *args: Any, **kwargs: Any) -> pykka.Future[Any]:
+    """Call `actor.method(*args, **kwargs)` on the actor's thread: pykka's proxy call, without building a proxy.
+
+    A stopped actor answers with ActorDeadError (`_answer` maps it to RuntimeStopped).
+    """
+    return actor.ask(ProxyCall(attr_path=(method,), args=args, kwargs=kwargs), block=False)
+
+
+class _Subscription(NamedTuple):
+    """A `subscribe()` callback and its token at the StateActor it is subscribed on."""
+
+    callback: Callable[[TransitionEvent], None]
+    state: pykka.ActorRef[Any]
+    token: int
 
 
 _ABANDONED = (
@@ -402,7 +506,7 @@ class TaskHandle:
         return self._waiter.record
 
     def cancel(self) -> bool:
-        """Cancel the task at whatever stage it is; False if it was already terminal."""
+        """Cancel the task at whatever stage it is; see `Runtime.cancel` (True once CANCELLED, idempotent)."""
         return self._runtime.cancel(self.task_id)
 
     def __await__(self) -> Generator[Any, None, TaskRecord]:
@@ -460,7 +564,18 @@ class Runtime:
             restarted, a retry scheduled, the journal degraded or recovered, a
             central actor restarted, the runtime failed...; see `Milestone.name`).
             It runs on actor threads: keep it quick and never block in it (set
-            an Event, put on a queue). What it raises is logged and ignored.
+            an Event, put on a queue). What it raises is logged and ignored. It is
+            never called with a lock of the runtime held, so it may call `close()`.
+        name: the runtime's name, the ``runtime`` label of its metrics, so that several runtimes
+            of one process export series that can be told apart. 1 to 64 letters, digits,
+            ``_``, ``-`` or ``.``, unique among the process's open runtimes. None picks
+            ``"default"``, or ``"default-2"``, ``"default-3"``... when that is taken by an open
+            runtime: a program that runs one runtime at a time always exports ``"default"``.
+
+    Raises:
+        ConfigError: an argument is malformed, the name is taken by an open runtime, or a
+            stage's `workers` exceeds `RuntimeConfig.max_workers` (`max_async_workers` for
+            an async stage).
     """
 
     def __init__(
@@ -472,6 +587,7 @@ class Runtime:
         metrics: bool = True,
         tracer_provider: TracerProvider | None = None,
         on_milestone: Callable[[Milestone], None] | None = None,
+        name: str | None = None,
     ) -> None:
         if config is not None and not isinstance(config, RuntimeConfig):
             raise ConfigError(f"config must be a RuntimeConfig, got {type(config).__name__}")
@@ -480,6 +596,9 @@ class Runtime:
         if pipelines is not None:
             _check_pipelines(pipelines, with_services=services is not None)
         self.config = config or RuntimeConfig()
+        _install_process_hooks()
+        self.name = _claim_name(name)
+        """The ``runtime`` label of this runtime's metrics (see the `name` argument)."""
         with_seed = pipelines is None or services is not None
         services = services or ServiceSet()
         self._log = get_event_logger("runtime")
@@ -491,7 +610,7 @@ class Runtime:
         self._dead_letters = DeadLetterOffice()
         self._threads = ThreadBook()
         self._tracker = _Tracker(self.config.max_in_flight)
-        self.telemetry = Telemetry(metrics=metrics, tracer_provider=tracer_provider)
+        self.telemetry = Telemetry(metrics=metrics, tracer_provider=tracer_provider, name=self.name)
         """Counters, histograms and spans (read them through `metrics_collector()`)."""
         self._timer: Timer | None = None
         self._state: pykka.ActorRef[StateActor] | None = None
@@ -507,6 +626,17 @@ class Runtime:
         self.pipelines: tuple[Pipeline, ...] = ()
         """The runtime's pipelines; the first is the one `submit` uses by default."""
         self._pipelines_by_name: dict[str, Pipeline] = {}
+        self._init_supervision()
+        self._init_callers()
+        try:
+            self._start(services if with_seed else None, tuple(pipelines or ()))
+        except BaseException:
+            self._shutdown(drain=False)
+            raise
+        _open_runtimes.add(self)
+
+    def _init_supervision(self) -> None:
+        """What the supervisor keeps: exit reports, the generation of each central actor, its lock."""
         self._exits: queue.SimpleQueue[tuple[str, int, str] | None] = queue.SimpleQueue()
         """(actor kind, its generation, why it stopped): reports for the supervisor thread."""
         self._generation = {"state": 0, "orchestrator": 0}
@@ -515,14 +645,18 @@ class Runtime:
         """Held while central actors are replaced, and while close() stops them."""
         self._replaced = threading.Condition()
         self._supervisor: threading.Thread | None = None
-        self._subscriptions: dict[int, tuple[Callable[[TransitionEvent], None], int]] = {}
-        """Runtime token -> (callback, its token at the current StateActor): re-subscribed on a restart."""
-        try:
-            self._start(services if with_seed else None, tuple(pipelines or ()))
-        except BaseException:
-            self._shutdown(drain=False)
-            raise
-        _open_runtimes.add(self)
+
+    def _init_callers(self) -> None:
+        """What the facade keeps about its callers: their subscriptions, and the refusals it logged."""
+        self._refusals = LogThrottle(_REFUSAL_LOG_INTERVAL_S)
+        """One ``task.submit_refused`` line per interval, with how many were left out (a full disk refuses many)."""
+        self._subscriptions: dict[int, _Subscription] = {}
+        """Runtime key -> the callback and its token at the StateActor it is subscribed on."""
+        self._subscriptions_lock = threading.Lock()
+        """Guards `_subscriptions` (dict operations only: never held while waiting for an actor)."""
+        self._subscribing = threading.Lock()
+        """Serializes `subscribe()` with the re-subscription of a restart, so that none is lost or doubled."""
+        self._subscription_keys = itertools.count(1)
 
     def _start(self, services: ServiceSet | None, extra: tuple[Pipeline, ...]) -> None:
         config = self.config
@@ -540,6 +674,7 @@ class Runtime:
                 )
             self._pipelines_by_name[pipeline.name] = pipeline
         self.pipelines = tuple(pipelines)
+        self._check_workers()
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         self._start_state()
         self._start_orchestrator()
@@ -583,6 +718,7 @@ class Runtime:
         # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
         self._journal = journal
         self._generation["state"] += 1
+        exited = self._state_exited = threading.Event()
         try:
             self._state = StateActor.start(
                 journal=journal,
@@ -594,13 +730,12 @@ class Runtime:
                 pipelines=self.pipelines,
                 health=self._health,
                 milestones=self._milestones,
-                on_exit=functools.partial(self._report_exit, "state", self._generation["state"]),
+                on_exit=functools.partial(self._report_exit, "state", self._generation["state"], exited),
             )
         except BaseException:
             if journal is not None:
                 journal.close()
             raise
-        self._state_proxy = self._state.proxy()
 
     def _start_orchestrator(self) -> None:
         """Start an OrchestratorActor with fresh pools on the current StateActor, and make it current."""
@@ -619,7 +754,9 @@ class Runtime:
                 dead_letters=self._dead_letters,
                 threads=self._threads,
                 milestones=self._milestones,
-                on_exit=functools.partial(self._report_exit, "orchestrator", self._generation["orchestrator"]),
+                on_exit=functools.partial(
+                    self._report_exit, "orchestrator", self._generation["orchestrator"], threading.Event()
+                ),
                 telemetry=self.telemetry,
                 health=self._health,
             )
@@ -632,7 +769,6 @@ class Runtime:
             for backend in old:
                 with contextlib.suppress(Exception):
                     backend.close()
-        self._orchestrator_proxy = self._orchestrator.proxy()
 
     def _close_backends(self) -> None:
         backends, self._backends = self._backends, []
@@ -643,60 +779,121 @@ class Runtime:
     def _resume(self) -> int:
         """Hand the current orchestrator every non-terminal task (one message: no creation falls between)."""
         assert self._orchestrator is not None
-        records = tuple(_answer(self._state_proxy.adopt(self._orchestrator)))
+        assert self._state is not None
+        records = tuple(_answer(_ask(self._state, "adopt", self._orchestrator), self._state))
         for record in records:
             self._tracker.track(record.task_id, reserved=False)
+            self.telemetry.task_resumed(record)
         if records:
             self._orchestrator.tell(ResumeTasks(records))
         return len(records)
 
     # --- supervision -----------------------------------------------------------------------------
 
-    def _report_exit(self, kind: str, generation: int, why: str) -> None:
-        """A central actor stopped (called on its thread): hand over to the supervisor thread."""
+    def _report_exit(self, kind: str, generation: int, exited: threading.Event, why: str) -> None:
+        """A central actor stopped (called on its thread, once its `on_stop` is done): tell the supervisor thread."""
+        exited.set()
         self._exits.put((kind, generation, why))
 
     def _supervise(self) -> None:
-        """The supervisor thread: replace central actors that stopped without being asked."""
+        """The supervisor thread: replace central actors that stopped without being asked.
+
+        Milestones, and the failure of the runtime, are reported with no lock held: a
+        listener may call anything, `close()` included (which takes `_supervise_lock`).
+        """
         while (report := self._exits.get()) is not None:
             kind, generation, why = report
-            with self._supervise_lock:
-                if self._closed.is_set() or self._health.failed or generation != self._generation[kind]:
-                    continue  # closing, failed, or an actor we replaced ourselves
-                try:
-                    if kind == "orchestrator":
-                        self._replace_orchestrator(why)
-                    else:
-                        self._replace_state(why)
-                except Exception as exc:  # noqa: BLE001 - a restart that fails is a failed runtime, loudly
-                    self._health.fail(f"the {kind} actor {why} and could not be restarted: {exc!r}")
+            if self._is_current(kind, generation):
+                self._milestones.emit(f"{kind}.died", why=why)
+                reached, failure = self._restart(kind, generation, why)
+                for name, fields in reached:
+                    self._milestones.emit(name, **fields)
+                if failure is not None:
+                    self._health.fail(failure)
             with self._replaced:
                 self._replaced.notify_all()
 
-    def _replace_orchestrator(self, why: str) -> None:
+    def _is_current(self, kind: str, generation: int) -> bool:
+        """False if the runtime is closing or failed, or the report is of an actor replaced since.
+
+        Read without `_supervise_lock` to decide on the ``died`` milestone; `_restart` reads it again under it.
+        """
+        return not (self._closed.is_set() or self._health.failed or generation != self._generation[kind])
+
+    def _restart(self, kind: str, generation: int, why: str) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """Replace the actor that stopped; returns the milestones reached and the failure, if any, to report.
+
+        An orchestrator is replaced alone while the StateActor lives. A StateActor
+        that stopped (alone, or found stopped when the orchestrator is replaced, as
+        when both are stopped together) is rebuilt from the journal, then a fresh
+        orchestrator on it, in that order; without a journal, the runtime fails.
+        """
+        with self._supervise_lock:
+            if not self._is_current(kind, generation):
+                return [], None  # closed, failed or replaced while the milestone was delivered
+            try:
+                if kind == "orchestrator" and self._state_alive():
+                    try:
+                        resumed = self._replace_orchestrator(why)
+                    except RuntimeStopped:
+                        if self._state_alive():
+                            raise
+                        # The StateActor stopped meanwhile: rebuild it below, with another fresh orchestrator.
+                    else:
+                        return [("orchestrator.restarted", {"why": why, "resumed": resumed})], None
+                    why = f"stopped while the orchestrator was replaced (the orchestrator {why})"
+                elif kind == "orchestrator":
+                    why = f"stopped with the orchestrator (the orchestrator {why})"
+                if self.config.journal_path is None:
+                    return [], f"the StateActor {why}; without a journal its tasks cannot be rebuilt"
+                resumed = self._replace_state(why)
+                return [("state.restarted", {"why": why, "resumed": resumed})], None
+            except Exception as exc:  # noqa: BLE001 - a restart that fails is a failed runtime, loudly
+                return [], f"the {kind} actor {why} and could not be restarted: {exc!r}"
+
+    def _state_alive(self) -> bool:
+        return self._state is not None and self._state.is_alive()
+
+    def _replace_orchestrator(self, why: str) -> int:
+        """Start a fresh orchestrator on the current StateActor and resume every task; returns how many."""
         self._log.error("orchestrator.died", why=why)
         self._start_orchestrator()
-        resumed = self._resume()
-        self._milestones.emit("orchestrator.restarted", why=why, resumed=resumed)
+        return self._resume()
 
-    def _replace_state(self, why: str) -> None:
-        if self.config.journal_path is None:
-            self._health.fail(f"the StateActor {why}; without a journal its tasks cannot be rebuilt")
-            return
+    def _replace_state(self, why: str) -> int:
+        """Rebuild the StateActor from the journal, then a fresh orchestrator on it; returns the tasks resumed."""
         self._log.error("state.died", why=why)
         old = self._orchestrator
         self._generation["orchestrator"] += 1  # its exit, asked for here, is not a death
         if old is not None:
             with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 old.stop(block=True, timeout=_ASK_TIMEOUT_S)
+        # pykka calls an actor dead before its on_stop has run: the old StateActor may still be closing
+        # the journal (and holding its lock), as when it is found dead while the orchestrator is replaced.
+        if not self._state_exited.wait(_ASK_TIMEOUT_S):
+            raise RuntimeError(f"the stopped StateActor did not release the journal within {_ASK_TIMEOUT_S:g}s")
         # A fault the old actor was riding out is forgotten with it; the new one degrades anew on its first refusal.
         self._health.recover()
         self._start_state()
-        for token, (callback, _) in list(self._subscriptions.items()):
-            self._subscriptions[token] = (callback, _answer(self._state_proxy.subscribe(callback)))
+        self._resubscribe()
         self._start_orchestrator()
-        resumed = self._resume()
-        self._milestones.emit("state.restarted", why=why, resumed=resumed)
+        return self._resume()
+
+    def _resubscribe(self) -> None:
+        """Subscribe every callback to the current StateActor (after a restart), each exactly once."""
+        state = self._state
+        assert state is not None
+        with self._subscribing:  # no subscribe() is half-way meanwhile
+            with self._subscriptions_lock:
+                entries = [(key, sub) for key, sub in self._subscriptions.items() if sub.state is not state]
+            for key, sub in entries:
+                token = _answer(_ask(state, "subscribe", sub.callback), state)
+                with self._subscriptions_lock:
+                    kept = key in self._subscriptions
+                    if kept:
+                        self._subscriptions[key] = _Subscription(sub.callback, state, token)
+                if not kept:  # unsubscribed meanwhile
+                    _ask(state, "unsubscribe", token)
 
     def _on_failed(self, reason: str) -> None:
         """The runtime failed for good: release every waiter with RuntimeFailed."""
@@ -704,13 +901,40 @@ class Runtime:
         self._milestones.emit("runtime.failed", reason=reason)
         self._tracker.fail(RuntimeFailed(f"the runtime failed: {reason}"))
 
-    def _await_replacement(self, state: pykka.ActorRef[StateActor] | None) -> bool:
-        """Wait (bounded) until `state` has been replaced; False if the runtime closed or failed instead."""
+    def _central(self, kind: str) -> pykka.ActorRef[Any] | None:
+        return self._state if kind == "state" else self._orchestrator
+
+    def _await_replacement(self, kind: str, ref: pykka.ActorRef[Any] | None) -> bool:
+        """Wait (bounded) until the `kind` actor `ref` was replaced; False if the runtime closed or failed instead."""
         with self._replaced:
             self._replaced.wait_for(
-                lambda: self._state is not state or self._closed.is_set() or self._health.failed, _RESTART_WAIT_S
+                lambda: self._central(kind) is not ref or self._closed.is_set() or self._health.failed,
+                _RESTART_WAIT_S,
             )
-        return self._state is not state and not self._closed.is_set() and not self._health.failed
+        return self._central(kind) is not ref and not self._closed.is_set() and not self._health.failed
+
+    def _ask_central(self, kind: str, send: Callable[[pykka.ActorRef[Any]], pykka.Future[Any]]) -> Any:
+        """`send` a request to the current `kind` actor and return its answer.
+
+        One that is being replaced (it stopped, or stopped before answering) is waited
+        for, bounded, and asked again: a restart is not reported as a closed runtime.
+        """
+        for _ in range(3):  # a replacement that itself stops is rare; a third is not worth waiting for
+            ref = self._central(kind)
+            if ref is None:
+                raise self._unavailable()
+            try:
+                return _answer(send(ref), ref)
+            except RuntimeStopped:
+                if self._closed.is_set() or self._health.failed:
+                    raise self._unavailable() from None
+                if not self._await_replacement(kind, ref):
+                    if self._closed.is_set() or self._health.failed:
+                        raise self._unavailable() from None
+                    raise RuntimeStopped(
+                        f"the runtime's {kind} actor stopped and was not replaced within {_RESTART_WAIT_S:g}s"
+                    ) from None
+        raise RuntimeStopped(f"the runtime's {kind} actor stopped again each time it was replaced")
 
     def _unavailable(self) -> RuntimeFailed | RuntimeStopped:
         failure = self._tracker.failure
@@ -727,8 +951,11 @@ class Runtime:
         is failing (it restarted its workers more than `max_restarts` times
         within `restart_window_s`): its calls wait for the pool's cool-down,
         then run. The reason names each cause. "failed": see
-        `RuntimeFailed`. "stopped": `close()` has begun.
+        `RuntimeFailed`. "stopped": `close()` has begun, or this is a fork() child of the
+        process that made the runtime (whose actors stayed in the parent: nothing works here).
         """
+        if self._forked:
+            return {"status": "stopped", "reason": _FORKED}
         status: str
         status, reason = self._health.snapshot()
         if status != "failed" and self._closed.is_set():
@@ -745,6 +972,24 @@ class Runtime:
                 workers = stage.workers if stage.workers is not None else config.workers_for(stage.name)
                 plan[pool_name(self.pipelines, pipeline, stage)] = (kind, stage.fn, workers)
         return plan
+
+    def _check_workers(self) -> None:
+        """Refuse a stage with more workers than `max_workers` (`max_async_workers` for async) allows."""
+        config = self.config
+        for pipeline in self.pipelines:
+            for stage in pipeline.stages:
+                if stage.workers is None:
+                    continue  # from the config's own fields, which it checked against max_workers
+                if stage.is_async or stage.backend == "async":
+                    limit, field = config.max_async_workers, "max_async_workers"
+                else:
+                    limit, field = config.max_workers, "max_workers"
+                if stage.workers > limit:
+                    raise ConfigError(
+                        f"Stage {stage.name!r} of pipeline {pipeline.name!r}: workers must be from 1 to {limit}, "
+                        f"got {stage.workers}; the bound is RuntimeConfig.{field}, which protects the machine: "
+                        "raise it if it can take more"
+                    )
 
     def _make_backends(self) -> dict[str, ServiceBackend]:
         """One backend of each kind the stages use (from the registry), by pool name."""
@@ -983,13 +1228,16 @@ class Runtime:
             self._deliver_create(CreateTasks(tuple(messages), reply))
         except BaseException as exc:
             self._tracker.forget_many(task_ids)
-            self._log.warning(
-                "tasks.submit_refused",
-                tasks=count,
-                first_task_id=task_ids[0],
-                error_type=type(exc).__name__,
-                error=str(exc),
-            )
+            suppressed = self._refusals.allow()
+            if suppressed is not None:
+                self._log.warning(
+                    "tasks.submit_refused",
+                    tasks=count,
+                    first_task_id=task_ids[0],
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
             raise
         return [TaskHandle(self, task_id, waiter) for task_id, waiter in zip(task_ids, waiters, strict=True)]
 
@@ -1071,8 +1319,10 @@ class Runtime:
         needs_ack = task_id is not None or self.config.journal_path is not None
         if task_id is None:
             task_id = new_task_id()
-        elif not isinstance(task_id, str) or not task_id or len(task_id) > 200:
-            raise InvalidPayload(f"task_id must be a non-empty str of at most 200 chars, got {task_id!r}")
+        elif not isinstance(task_id, str) or not task_id or len(task_id) > _MAX_TASK_ID:
+            raise InvalidPayload(
+                f"task_id must be a non-empty str of at most {_MAX_TASK_ID} chars, got {quote(task_id)}"
+            )
         elif not task_id.isascii():
             try:
                 task_id.encode("utf-8")
@@ -1114,13 +1364,16 @@ class Runtime:
             self._deliver_create(message)
         except BaseException as exc:
             self._tracker.forget(message.task_id)
-            self._log.warning(
-                "task.submit_refused",
-                task_id=message.task_id,
-                trace_id=message.trace.trace_id,
-                error_type=type(exc).__name__,
-                error=str(exc),
-            )
+            suppressed = self._refusals.allow()
+            if suppressed is not None:
+                self._log.warning(
+                    "task.submit_refused",
+                    task_id=message.task_id,
+                    trace_id=message.trace.trace_id,
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    suppressed=suppressed,
+                )
             raise
         return TaskHandle(self, message.task_id, waiter)
 
@@ -1132,11 +1385,11 @@ class Runtime:
             try:
                 state.tell(message)
                 if message.reply is not None:
-                    _answer(message.reply)
+                    _answer(message.reply, state)
                 return
             except (pykka.ActorDeadError, RuntimeStopped):
                 # Never handled (an actor's leftover asks get RuntimeStopped): nothing was created.
-                if attempt == 2 or not self._await_replacement(state):
+                if attempt == 2 or not self._await_replacement("state", state):
                     raise self._unavailable() from None
                 if message.reply is not None:
                     message = message._replace(reply=pykka.ThreadingFuture())
@@ -1146,7 +1399,8 @@ class Runtime:
     def get(self, task_id: str) -> TaskRecord:
         """The task's current record. Raises TaskNotFound."""
         self._refuse_blocking("Runtime.get()")
-        record: TaskRecord = _answer(self._state_proxy.get(task_id))
+        _check_lookup(task_id)
+        record: TaskRecord = self._ask_central("state", lambda state: _ask(state, "get", task_id))
         return record
 
     def tasks(
@@ -1154,11 +1408,14 @@ class Runtime:
     ) -> list[TaskRecord]:
         """Records, oldest first; only those in `state` if given; paged by `limit` and `offset`."""
         self._refuse_blocking("Runtime.tasks()")
-        records: list[TaskRecord] = _answer(self._state_proxy.list(state, limit=limit, offset=offset))
+        records: list[TaskRecord] = self._ask_central(
+            "state", lambda actor: _ask(actor, "list", state, limit=limit, offset=offset)
+        )
         return records
 
     def handle(self, task_id: str) -> TaskHandle:
         """A handle on any known task (one submitted earlier, or recovered). Raises TaskNotFound."""
+        _check_lookup(task_id)
         waiter = self._tracker.waiter(task_id)
         if waiter is not None:
             return TaskHandle(self, task_id, waiter)
@@ -1168,7 +1425,7 @@ class Runtime:
             raise RuntimeStopped(f"task {task_id!r} is not terminal but not in flight either: the runtime is closed")
         return TaskHandle(self, task_id, waiter, record)
 
-    def metrics_collector(self) -> MetricsCollector:
+    def metrics_collector(self, *others: Runtime) -> MetricsCollector:
         """A Prometheus collector of this runtime's metrics, for the program to register in its registry.
 
         Needs `prometheus-client` (the ``metrics`` extra) when scraped. For example::
@@ -1176,19 +1433,32 @@ class Runtime:
             from prometheus_client import REGISTRY
             REGISTRY.register(runtime.metrics_collector())
 
+        Every sample carries a ``runtime`` label, the runtime's `name`. A registry takes one
+        collector per metric name, so several runtimes of one process share one collector:
+        ``REGISTRY.register(first.metrics_collector(second))``.
+
+        Args:
+            others: more runtimes whose metrics the same collector exports.
+
         Raises:
-            ConfigError: the runtime was made with ``metrics=False``.
+            ConfigError: a runtime was made with ``metrics=False``, or one is given twice.
         """
-        if not self.telemetry.metrics:
-            raise ConfigError("this runtime counts no metrics (it was made with metrics=False)")
-        return MetricsCollector(self, self.telemetry)
+        runtimes = (self, *others)
+        for runtime in runtimes:
+            if not isinstance(runtime, Runtime):
+                raise ConfigError(f"metrics_collector() takes Runtime objects, got {type(runtime).__name__}")
+            if not runtime.telemetry.metrics:
+                raise ConfigError(f"runtime {runtime.name!r} counts no metrics (it was made with metrics=False)")
+        if len({id(runtime) for runtime in runtimes}) != len(runtimes):
+            raise ConfigError("metrics_collector() was given the same runtime twice; its series would be doubled")
+        return MetricsCollector(runtimes)
 
     def stats(self) -> dict[str, Any]:
         """Counts per state, submitted, in_flight, and the fault counters (retries, timeouts, ...)."""
         self._refuse_blocking("Runtime.stats()")
-        counts: dict[str, int] = _answer(self._state_proxy.counts())
-        orchestrator: dict[str, Any] = _answer(self._orchestrator_proxy.stats())
-        in_memory: int = _answer(self._state_proxy.memory_size())
+        counts: dict[str, int] = self._ask_central("state", lambda state: _ask(state, "counts"))
+        orchestrator: dict[str, Any] = self._ask_central("orchestrator", lambda actor: _ask(actor, "stats"))
+        in_memory: int = self._ask_central("state", lambda state: _ask(state, "memory_size"))
         return {
             **counts,
             "submitted": self._tracker.submitted,
@@ -1207,31 +1477,64 @@ class Runtime:
         WouldDeadlock inside it; the returned unsubscribe function may be called there.
         """
         self._refuse_blocking("Runtime.subscribe()")
-        key = max(self._subscriptions, default=0) + 1
-        self._subscriptions[key] = (callback, _answer(self._state_proxy.subscribe(callback)))
+        key = next(self._subscription_keys)  # atomic under the GIL: every call gets its own key
+        while True:
+            with self._subscribing:  # a restart's re-subscription waits, so it neither misses nor doubles this one
+                state = self._state
+                if state is None:
+                    raise self._unavailable()
+                try:
+                    token = _answer(_ask(state, "subscribe", callback), state)
+                except RuntimeStopped:
+                    pass  # the StateActor is being replaced: subscribe on its replacement
+                else:
+                    with self._subscriptions_lock:
+                        self._subscriptions[key] = _Subscription(callback, state, token)
+                    break
+            if self._closed.is_set() or self._health.failed:
+                raise self._unavailable()
+            if not self._await_replacement("state", state):
+                raise self._unavailable()
 
         def unsubscribe() -> None:
-            entry = self._subscriptions.pop(key, None)
-            if entry is not None and self._state is not None and self._state.is_alive() and not self._forked:
-                answer = self._state_proxy.unsubscribe(entry[1])
-                if self._threads.role_of_current() == "central":
-                    return  # inside a callback: queued ahead of any later event; waiting would deadlock
-                with contextlib.suppress(RuntimeStopped):
-                    _answer(answer)
+            with self._subscriptions_lock:
+                entry = self._subscriptions.pop(key, None)
+            if entry is None or self._forked or not entry.state.is_alive():
+                return  # already unsubscribed, or its StateActor is gone (a replacement is subscribed anew)
+            answer = _ask(entry.state, "unsubscribe", entry.token)
+            if self._threads.role_of_current() == "central":
+                return  # inside a callback: queued ahead of any later event; waiting would deadlock
+            with contextlib.suppress(RuntimeStopped):
+                _answer(answer, entry.state)
 
         return unsubscribe
 
     def cancel(self, task_id: str) -> bool:
-        """Cancel a task at any stage. False if it was already terminal; raises TaskNotFound."""
+        """Cancel a task at any stage; True once it is CANCELLED, False if it ended otherwise first.
+
+        Cancelling is idempotent: True whenever the task ends CANCELLED, whether this call
+        cancelled it or another one did (concurrent or earlier: the second of two DELETEs,
+        say); the answer comes from the committed outcome, never before the commit. False
+        if the task was COMPLETED or FAILED before the cancellation could be applied.
+
+        Raises:
+            TaskNotFound: no task has that id.
+            RuntimeStopped: the runtime is closed.
+        """
         self._refuse_blocking("Runtime.cancel()")
-        if self._closed.is_set() or self._orchestrator is None:
-            raise RuntimeStopped("the runtime is closed")
-        reply: pykka.Future[bool] = pykka.ThreadingFuture()
-        try:
-            self._orchestrator.tell(CancelTask(task_id, reply))
-        except pykka.ActorDeadError:
-            raise RuntimeStopped("the runtime is closed") from None
-        return bool(_answer(reply))
+        _check_lookup(task_id)
+        if self._closed.is_set():
+            raise self._unavailable()
+
+        def send(orchestrator: pykka.ActorRef[Any]) -> pykka.Future[bool]:
+            reply: pykka.Future[bool] = pykka.ThreadingFuture()
+            try:
+                orchestrator.tell(CancelTask(task_id, reply))
+            except pykka.ActorDeadError as exc:
+                reply.set_exception(exc_info=(type(exc), exc, None))
+            return reply
+
+        return bool(self._ask_central("orchestrator", send))
 
     @property
     def closed(self) -> bool:
@@ -1298,7 +1601,9 @@ class Runtime:
         with self._close_lock:
             first = not self._closed.is_set()
             self._closed.set()
-        on_our_thread = self._threads.role_of_current() is not None
+        # On a thread the close would wait for (an actor's, or the supervisor's, where milestone
+        # callbacks run), the close is handed to a thread of its own.
+        on_our_thread = self._threads.role_of_current() is not None or threading.current_thread() is self._supervisor
         if not first:
             if not on_our_thread:
                 self._close_finished.wait()
@@ -1319,6 +1624,7 @@ class Runtime:
         try:
             self._stop_everything(drain=drain, timeout=timeout)
         finally:
+            _release_name(self.name)
             self._close_finished.set()
 
     def _stop_everything(self, *, drain: bool, timeout: float | None) -> None:
@@ -1363,3 +1669,29 @@ class Runtime:
     ) -> None:
         # After an exception (Ctrl-C included) stop promptly; otherwise finish what is in flight.
         self.close(drain=exc_type is None)
+
+    async def aclose(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """`close()` for asyncio: the drain and the joins run on a worker thread, never on the event loop.
+
+        Same arguments and behaviour as `close()`. Cancelling the awaiting task does not
+        stop the close half-way: it goes on, and a later `close()` or `aclose()` waits for it.
+        """
+        if self._forked:
+            return
+        if self._threads.role_of_current() is not None:
+            # In an async stage, whose loop runs on one of our threads: close() hands the
+            # close to a thread of its own and returns at once; waiting here would deadlock.
+            self.close(drain=drain, timeout=timeout)
+            return
+        loop = asyncio.get_running_loop()
+        closing = loop.run_in_executor(None, functools.partial(self.close, drain=drain, timeout=timeout))
+        await asyncio.shield(closing)
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # As __exit__, off the event loop.
+        await self.aclose(drain=exc_type is None)

@@ -6,6 +6,11 @@ values, each structure written by one thread only, so updates take no lock:
     state actor      `on_transition` (every committed transition), `on_terminal` (latency, task span end)
     orchestrator     `call_done` (run time, queue wait, call span)
     submitters       `task_submitted` (task span start), `submit_refused` (the one locked counter)
+    runtime          `task_resumed` (the span of a task resumed from a journal)
+
+Spans are only handed over on the central actors' threads: the host's span
+processors run on the recorder's own thread (see `core.otel`), so a slow
+exporter never holds up a commit or a read.
 
 `MetricsCollector` turns them, and the runtime's fault counters and pool
 gauges, into Prometheus metric families when scraped. The library never
@@ -15,11 +20,11 @@ registers it anywhere: the embedding program adds it to its own registry.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeStopped
+from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
 from actorflow.core.metrics import Histogram, HistogramSnapshot
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, Transition
@@ -51,10 +56,14 @@ class Telemetry:
     Args:
         metrics: count metrics (a few float and int updates per task).
         tracer_provider: OpenTelemetry provider for spans; None for the host's global one.
+        name: the runtime's name, the ``runtime`` label of every metric.
     """
 
-    def __init__(self, *, metrics: bool = True, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self, *, metrics: bool = True, tracer_provider: TracerProvider | None = None, name: str = "default"
+    ) -> None:
         self.metrics = metrics
+        self.name = name
         self.transitions: dict[_TransitionKey, int] = {}
         """(pipeline, from, to) -> count; written by the state actor only."""
         self.stages: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
@@ -77,6 +86,20 @@ class Telemetry:
         except Exception as exc:  # noqa: BLE001 - tracing trouble must not refuse a task
             _log.error("telemetry.span_failed", task_id=task_id, error=repr(exc))
             return trace
+
+    def task_resumed(self, record: TaskRecord) -> None:
+        """A task was resumed from a journal: open its span (it continues the task's trace)."""
+        if self.spans is None:
+            return
+        try:
+            self.spans.resume_task(record)
+        except Exception as exc:  # noqa: BLE001 - tracing trouble must not stop a task from resuming
+            _log.error("telemetry.span_failed", task_id=record.task_id, error=repr(exc))
+
+    @property
+    def spans_dropped(self) -> int:
+        """Spans dropped because the host's span processors fell behind (see `core.otel`)."""
+        return 0 if self.spans is None else self.spans.dropped
 
     def submit_refused(self, task_id: str | None, error: BaseException) -> None:
         """A submission failed: count it (if the caller's fault or overload) and end its span."""
@@ -163,85 +186,84 @@ def _span_recorder(tracer_provider: TracerProvider | None) -> SpanRecorder | Non
 
 
 class MetricsCollector:
-    """A Prometheus collector of one runtime's metrics (needs `prometheus-client`, the ``metrics`` extra).
+    """A Prometheus collector of the metrics of one runtime, or of several (needs `prometheus-client`).
 
     Register it in a registry of your own, e.g. ``REGISTRY.register(runtime.metrics_collector())``.
-    Each scrape reads the runtime's counters; a closed runtime yields only what it counted itself.
+    Each scrape reads the runtimes' counters; a closed runtime yields only what it counted itself.
+    Every sample has a ``runtime`` label, the runtime's name. A registry takes one collector per
+    metric name (prometheus_client's default registry refuses a second with DuplicatedTimeseries),
+    so several runtimes of one process share one collector: ``first.metrics_collector(second)``.
     """
 
-    def __init__(self, runtime: Runtime, telemetry: Telemetry) -> None:
-        self._runtime = runtime
-        self._telemetry = telemetry
+    def __init__(self, runtimes: Sequence[Runtime]) -> None:
+        self._runtimes = tuple(runtimes)
 
     def collect(self) -> Iterator[Metric]:
-        """The metric families, built from copies of the runtime's counters."""
+        """The metric families, built from copies of each runtime's counters, one sample set per runtime."""
         from prometheus_client.core import (  # noqa: PLC0415 - prometheus-client is optional
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
         )
 
-        telemetry = self._telemetry
-        transitions = CounterMetricFamily(
-            "actorflow_transitions",
-            "Committed task state transitions.",
-            labels=["pipeline", "from_state", "to_state"],
-        )
-        for (pipeline, from_state, to_state), count in list(telemetry.transitions.items()):
-            transitions.add_metric([pipeline, from_state.value if from_state else "", to_state.value], count)
-        yield transitions
+        def counter(name: str, help_text: str, *labels: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"actorflow_{name}", help_text, labels=["runtime", *labels])
 
-        run_time = HistogramMetricFamily(
-            "actorflow_service_run_seconds", "Run time of service calls.", labels=["pipeline", "stage"]
-        )
-        queue_wait = HistogramMetricFamily(
-            "actorflow_queue_wait_seconds",
-            "From a service call's dispatch to its start on a worker.",
-            labels=["pipeline", "stage"],
-        )
-        for (pipeline, stage), (runs, waits) in list(telemetry.stages.items()):
-            run_time.add_metric([pipeline, stage], *_buckets(runs.snapshot()))
-            queue_wait.add_metric([pipeline, stage], *_buckets(waits.snapshot()))
-        yield run_time
-        yield queue_wait
-        latency = HistogramMetricFamily(
-            "actorflow_task_latency_seconds", "From submit to a terminal state.", labels=["pipeline"]
-        )
-        for pipeline, histogram in list(telemetry.latencies.items()):
-            latency.add_metric([pipeline], *_buckets(histogram.snapshot()))
-        yield latency
-        rejected = CounterMetricFamily("actorflow_rejected_submissions", "Submissions refused (bad input, overload).")
-        rejected.add_metric([], telemetry.rejected)
-        yield rejected
+        def gauge(name: str, help_text: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"actorflow_{name}", help_text, labels=["runtime", *labels])
 
-        try:
-            stats: dict[str, Any] = self._runtime.stats()
-        except (RuntimeStopped, TimeoutError):
-            return  # the actors are gone: their counters with them
-        for name, help_text in (
-            ("retries", "Service calls retried after a transient failure."),
-            ("timeouts", "Service calls that exceeded the stage timeout."),
-            ("restarts", "Workers replaced after a crash, a death or a timeout."),
-            ("dead_letters", "Messages to stopped actors, and late results."),
-        ):
-            family = CounterMetricFamily(f"actorflow_{name}", help_text)
-            family.add_metric([], stats.get(name, 0))
-            yield family
-        in_flight = GaugeMetricFamily("actorflow_tasks_in_flight", "Tasks submitted and not yet terminal.")
-        in_flight.add_metric([], stats["in_flight"])
-        yield in_flight
-        busy = GaugeMetricFamily("actorflow_pool_busy_workers", "Workers running a call.", labels=["pool"])
-        idle = GaugeMetricFamily("actorflow_pool_idle_workers", "Workers with nothing to run.", labels=["pool"])
-        queued = GaugeMetricFamily(
-            "actorflow_pool_queued_calls", "Calls waiting for a worker, or behind another call.", labels=["pool"]
+        def histogram(name: str, help_text: str, *labels: str) -> HistogramMetricFamily:
+            return HistogramMetricFamily(f"actorflow_{name}", help_text, labels=["runtime", *labels])
+
+        transitions = counter("transitions", "Committed task state transitions.", "pipeline", "from_state", "to_state")
+        run_time = histogram("service_run_seconds", "Run time of service calls.", "pipeline", "stage")
+        queue_wait = histogram(
+            "queue_wait_seconds", "From a service call's dispatch to its start on a worker.", "pipeline", "stage"
         )
-        for pool, figures in stats.get("pools", {}).items():
-            busy.add_metric([pool], figures["busy"])
-            idle.add_metric([pool], max(0, figures["workers"] - figures["busy"]))
-            queued.add_metric([pool], figures["queued"])
-        yield busy
-        yield idle
-        yield queued
+        latency = histogram("task_latency_seconds", "From submit to a terminal state.", "pipeline")
+        rejected = counter("rejected_submissions", "Submissions refused (bad input, overload).")
+        dropped = counter("spans_dropped", "Spans dropped because the host's span processors fell behind.")
+        faults = {
+            name: counter(name, help_text)
+            for name, help_text in (
+                ("retries", "Service calls retried after a transient failure."),
+                ("timeouts", "Service calls that exceeded the stage timeout."),
+                ("restarts", "Workers replaced after a crash, a death or a timeout."),
+                ("dead_letters", "Messages to stopped actors, and late results."),
+            )
+        }
+        in_flight = gauge("tasks_in_flight", "Tasks submitted and not yet terminal.")
+        busy = gauge("pool_busy_workers", "Workers running a call.", "pool")
+        idle = gauge("pool_idle_workers", "Workers with nothing to run.", "pool")
+        queued = gauge("pool_queued_calls", "Calls waiting for a worker, or behind another call.", "pool")
+
+        for runtime in self._runtimes:
+            telemetry, name = runtime.telemetry, runtime.name
+            for (pipeline, from_state, to_state), count in list(telemetry.transitions.items()):
+                transitions.add_metric([name, pipeline, from_state.value if from_state else "", to_state.value], count)
+            for (pipeline, stage), (runs, waits) in list(telemetry.stages.items()):
+                run_time.add_metric([name, pipeline, stage], *_buckets(runs.snapshot()))
+                queue_wait.add_metric([name, pipeline, stage], *_buckets(waits.snapshot()))
+            for pipeline, latencies in list(telemetry.latencies.items()):
+                latency.add_metric([name, pipeline], *_buckets(latencies.snapshot()))
+            rejected.add_metric([name], telemetry.rejected)
+            dropped.add_metric([name], telemetry.spans_dropped)
+            try:
+                stats: dict[str, Any] = runtime.stats()
+            except (RuntimeStopped, RuntimeFailed, TimeoutError):
+                continue  # the actors are gone: their counters with them
+            for fault, family in faults.items():
+                family.add_metric([name], stats.get(fault, 0))
+            in_flight.add_metric([name], stats["in_flight"])
+            for pool, figures in stats.get("pools", {}).items():
+                busy.add_metric([name, pool], figures["busy"])
+                idle.add_metric([name, pool], max(0, figures["workers"] - figures["busy"]))
+                queued.add_metric([name, pool], figures["queued"])
+
+        yield from (transitions, run_time, queue_wait, latency, rejected, dropped)
+        for read in (*faults.values(), in_flight, busy, idle, queued):
+            if read.samples:  # read from the actors: none when every runtime is closed (absent, not a zero)
+                yield read
 
 
 def _buckets(snapshot: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:

@@ -11,6 +11,7 @@ many calls a long-running runtime makes.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -21,6 +22,8 @@ __all__ = ["Timer", "TimerHandle"]
 
 _PRUNE_AT = 64
 """Cancelled entries the heap may hold before it is worth rebuilding (a rebuild is O(n))."""
+_LONGEST_WAIT_S = 3600.0
+"""The longest single wait of the thread: a due time further away is waited for in steps (no overflow)."""
 
 
 class TimerHandle:
@@ -98,24 +101,47 @@ class Timer:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        failures = 0
         while True:
-            with self._wakeup:
-                while not self._stopped and (not self._heap or self._heap[0][0] > self._clock()):
-                    wait = None if not self._heap else self._heap[0][0] - self._clock()
-                    self._wakeup.wait(wait)
-                if self._stopped:
-                    return
-                _, _, handle, callback = heapq.heappop(self._heap)
-                if handle._timer is None:
-                    self._cancelled -= 1  # it was counted when cancelled
-                handle._timer = None
+            try:
+                due = self._next_due()
+            except Exception as exc:  # noqa: BLE001 - nothing may end the thread: every later deadline depends on it
+                # Never expected (a clock that raises, say): report it, and try again after a pause that grows.
+                failures += 1
+                self._report(exc)
+                with self._wakeup:
+                    self._wakeup.wait(min(1.0, 0.01 * 2**failures))
+                continue
+            failures = 0
+            if due is None:
+                return
+            handle, callback = due
             if handle.cancelled:
                 continue
             try:
                 callback()
             except BaseException as exc:  # noqa: BLE001 - the timer thread must survive any callback
-                if self._on_error is not None:
-                    self._on_error(exc)
+                self._report(exc)
+
+    def _next_due(self) -> tuple[TimerHandle, Callable[[], None]] | None:
+        """Wait for the first entry to fall due and pop it; None once stopped."""
+        with self._wakeup:
+            while not self._stopped and (not self._heap or self._heap[0][0] > self._clock()):
+                wait = None if not self._heap else self._heap[0][0] - self._clock()
+                # A wait past TIMEOUT_MAX raises OverflowError; waking early only means waiting again.
+                self._wakeup.wait(None if wait is None else min(wait, _LONGEST_WAIT_S))
+            if self._stopped:
+                return None
+            _, _, handle, callback = heapq.heappop(self._heap)
+            if handle._timer is None:
+                self._cancelled -= 1  # it was counted when cancelled
+            handle._timer = None
+            return handle, callback
+
+    def _report(self, exc: BaseException) -> None:
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):  # a reporter that fails must not end the thread either
+                self._on_error(exc)
 
     def _forget(self, handle: TimerHandle) -> None:
         """Count a cancelled entry; rebuild the heap without them once they are the majority."""

@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from actorflow.core.errors import ConfigError
-from actorflow.core.pipeline import seed_shape
+from actorflow.core.errors import ConfigError, quote
+from actorflow.core.pipeline import MAX_SECONDS, seed_shape
 from actorflow.core.types import TaskState
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_SECONDS",
     "MAX_VALUE_BYTES",
     "MIN_VALUE_BYTES",
     "NON_TERMINAL_STATES",
@@ -77,13 +78,20 @@ class RuntimeConfig:
     """
 
     stage_workers: int = 4
-    """Workers of a pipeline stage that sets none (at least 1); the seed's stages use the three below."""
+    """Workers of a pipeline stage that sets none (1 to `max_workers`); the seed's stages use the three below."""
     validator_workers: int = 2
-    """Worker actors in the validator pool (at least 1)."""
+    """Worker actors in the validator pool (1 to `max_workers`)."""
     processor_workers: int = 4
-    """Worker actors in the processor pool (at least 1)."""
+    """Worker actors in the processor pool (1 to `max_workers`)."""
     persistence_workers: int = 2
-    """Worker actors in the persistence pool (at least 1)."""
+    """Worker actors in the persistence pool (1 to `max_workers`)."""
+    max_workers: int = 256
+    """The most workers one stage may have on the thread, process and Ray backends (each is a
+    thread, a process or a Ray actor): the pool sizes above and `Stage(workers=)` are checked
+    against it, so that a typo cannot start thousands. Raise it if the machine can take more."""
+    max_async_workers: int = 100_000
+    """The most calls one async stage may have in flight (`Stage(workers=)` of an ``async def``
+    stage): coroutines are cheap, so this is generous (10,000 cost about 50 MB)."""
     result_store: str | None = None
     """SQLite file the default persistence service writes results to; None keeps them in memory."""
     journal_path: str | None = None
@@ -126,8 +134,10 @@ class RuntimeConfig:
     `MAX_VALUE_BYTES`: a journal row holds a payload and a value, and SQLite refuses rows of 1e9 bytes."""
 
     def __post_init__(self) -> None:
-        for name in ("stage_workers", "validator_workers", "processor_workers", "persistence_workers", "max_attempts"):
+        for name in ("max_attempts", "max_workers", "max_async_workers"):
             _check_int(name, getattr(self, name), minimum=1)
+        for name in ("stage_workers", "validator_workers", "processor_workers", "persistence_workers"):
+            _check_int(name, getattr(self, name), minimum=1, maximum=self.max_workers, bound="max_workers")
         _check_int("max_restarts", self.max_restarts, minimum=0)
         value_bytes = self.max_value_bytes
         if (
@@ -143,7 +153,7 @@ class RuntimeConfig:
         for name in ("result_store", "journal_path", "ray_address"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ConfigError(f"RuntimeConfig.{name} must be a non-empty str path or None, got {value!r}")
+                raise ConfigError(f"RuntimeConfig.{name} must be a non-empty str path or None, got {quote(value)}")
         _check_choice("durability", self.durability, ("normal", "full"))
         _check_choice("overload", self.overload, ("wait", "reject"))
         _check_choice("service_backend", self.service_backend, ("thread", "process", "ray"))
@@ -177,19 +187,28 @@ class RuntimeConfig:
         return self.stage_workers
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None, bound: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"RuntimeConfig.{name} must be an int >= {minimum}, got {value!r}")
+        allowed = f">= {minimum}" if maximum is None else f">= {minimum} and <= {maximum} (RuntimeConfig.{bound})"
+        raise ConfigError(f"RuntimeConfig.{name} must be an int {allowed}, got {quote(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(
+            f"RuntimeConfig.{name} must be an int >= {minimum} and <= {maximum}, got {value}; the bound is "
+            f"RuntimeConfig.{bound}, which protects the machine: raise it if the machine can take more"
+        )
 
 
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (value > 0 or (allow_zero and value == 0)):  # type: ignore[operator]
+    if ok and (value > 0 or (allow_zero and value == 0)) and value <= MAX_SECONDS:  # type: ignore[operator]
         return
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ConfigError(f"RuntimeConfig.{name} must be a finite number of seconds {bound}, got {value!r}")
+    low = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(
+        f"RuntimeConfig.{name} must be a finite number of seconds {low} and <= {MAX_SECONDS:.0f} (a year), "
+        f"got {quote(value)}"
+    )
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"RuntimeConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise ConfigError(f"RuntimeConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {quote(value)}")

@@ -24,12 +24,17 @@ The tree::
     │                          cannot encode or store): that task alone fails, or is not created
     └── TransientError         raised by a service to ask for a retry
 
-Every message names what was wrong, with the value, and what is allowed.
+Every message names what was wrong, with the value, and what is allowed. A value
+that came from a user is quoted through `quote()`, which bounds its length: a
+10 MB task id must not make a 10 MB message (nor log line, nor HTTP answer).
 """
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
+    "QUOTE_LIMIT",
     "ActorflowError",
     "ConfigError",
     "InvalidPayload",
@@ -45,7 +50,38 @@ __all__ = [
     "ValidationError",
     "ValueTooLarge",
     "WouldDeadlock",
+    "quote",
 ]
+
+QUOTE_LIMIT = 80
+"""How many characters of a user's value an error message quotes (`quote`)."""
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel = 2
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 4
+_REPR.maxstring = 32  # a str inside a container
+_REPR.maxother = QUOTE_LIMIT
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as ``repr()`` shows it, cut to about `limit` characters, to quote a user's input in a message.
+
+    A longer str or bytes keeps its first `limit` characters, then ``...`` and its length,
+    e.g. ``'xxxx'... (10,000,000 chars)``; a container shows its first few items; a value
+    whose ``repr()`` raises is named by its type. Never costs more than the part it shows.
+    """
+    if isinstance(value, str):
+        return repr(str(value)) if len(value) <= limit else f"{str(value[:limit])!r}... ({len(value):,} chars)"
+    if isinstance(value, (bytes, bytearray)):
+        shown = bytes(value[:limit])
+        return repr(bytes(value)) if len(value) <= limit else f"{shown!r}... ({len(value):,} bytes)"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ (or an int too long for str()) must not break the message
+        if isinstance(value, int):
+            return f"<an int of {value.bit_length():,} bits>"
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit + 3 else f"{text[:limit]}... ({type(value).__name__})"
 
 
 class ActorflowError(Exception):
@@ -77,7 +113,7 @@ class UnknownPipeline(ActorflowError, LookupError):
     """A task was submitted to a pipeline the runtime does not define. The message names the known ones."""
 
     def __init__(self, name: object, known: list[str]) -> None:
-        super().__init__(f"no pipeline {name!r} in this runtime; its pipelines: {', '.join(map(repr, known))}")
+        super().__init__(f"no pipeline {quote(name)} in this runtime; its pipelines: {', '.join(map(repr, known))}")
         self.name = name
         self.known = known
 

@@ -31,15 +31,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from actorflow.core.errors import ConfigError
+from actorflow.core.errors import ConfigError, quote
 from actorflow.core.types import DEFAULT_PIPELINE, TaskState
 
-__all__ = ["BACKENDS", "DEFAULT_PIPELINE", "Pipeline", "Stage", "StageBackend", "seed_shape"]
+__all__ = ["BACKENDS", "DEFAULT_PIPELINE", "MAX_SECONDS", "Pipeline", "Stage", "StageBackend", "seed_shape"]
 
 StageBackend = Literal["thread", "process", "ray", "async"]
 BACKENDS: Final[tuple[str, ...]] = ("thread", "process", "ray", "async")
 """Where a stage's calls may run; "async" is implied by an ``async def`` function."""
 
+MAX_SECONDS: Final = 365 * 24 * 3600.0
+"""The longest duration any setting (of a `Stage` or of `RuntimeConfig`) may have: a year. Far beyond
+any real timeout or backoff, and far below what a thread's wait accepts (`threading.TIMEOUT_MAX`, about
+292 years on Linux), which a larger one would overflow."""
 _NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _TERMINAL: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
 
@@ -57,7 +61,8 @@ class Stage:
     Args:
         name: 1-64 letters, digits, ``_`` or ``-``, unique in its pipeline.
         fn: ``fn(task, value)``; may be ``async def`` (then it runs on an event loop).
-        workers: calls of this stage running at once (for "async", calls in flight).
+        workers: calls of this stage running at once (for "async", calls in flight); at most
+            `RuntimeConfig.max_workers` (`max_async_workers` for "async"), checked by the Runtime.
         backend: "thread", "process", "ray" or "async"; None means "async" for an
             ``async def`` function and `RuntimeConfig.service_backend` otherwise.
         timeout_s: a call running longer is a transient failure (RuntimeConfig.stage_timeout_s).
@@ -85,19 +90,19 @@ class Stage:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ConfigError(
-                f"Stage name {self.name!r} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
+                f"Stage name {quote(self.name)} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
                 "starting with a letter"
             )
         where = f"Stage {self.name!r}"
         if not callable(self.fn):
-            raise ConfigError(f"{where}: fn must be callable, got {self.fn!r}")
+            raise ConfigError(f"{where}: fn must be callable, got {quote(self.fn)}")
         if self.workers is not None:
             _check_int(where, "workers", self.workers, minimum=1)
         if self.max_attempts is not None:
             _check_int(where, "max_attempts", self.max_attempts, minimum=1)
         if self.backend is not None and self.backend not in BACKENDS:
             raise ConfigError(
-                f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {self.backend!r}"
+                f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {quote(self.backend)}"
             )
         is_async = _is_coroutine_function(self.fn)
         if self.backend == "async" and not is_async:
@@ -174,7 +179,7 @@ class Pipeline:
     def __init__(self, name: str, stages: Iterable[Stage]) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(
-                f"Pipeline name {name!r} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
+                f"Pipeline name {quote(name)} is not allowed: use 1 to 64 letters, digits, '_' or '-', "
                 "starting with a letter"
             )
         if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Iterable):
@@ -184,7 +189,7 @@ class Pipeline:
             raise ConfigError(f"Pipeline {name!r}: stages is empty; a pipeline needs at least one Stage")
         for index, stage in enumerate(stages):
             if not isinstance(stage, Stage):
-                raise ConfigError(f"Pipeline {name!r}: stages[{index}] must be a Stage, got {stage!r}")
+                raise ConfigError(f"Pipeline {name!r}: stages[{index}] must be a Stage, got {quote(stage)}")
         seen_names: set[str] = set()
         for stage in stages:
             if stage.name in seen_names:
@@ -243,7 +248,7 @@ class Pipeline:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise KeyError(f"pipeline {self.name!r} has no stage {name!r}; its stages: {self.stage_names()}")
+        raise KeyError(f"pipeline {self.name!r} has no stage {quote(name)}; its stages: {self.stage_names()}")
 
     def stage_names(self) -> list[str]:
         """The stages' names, in order."""
@@ -279,15 +284,18 @@ class Pipeline:
 
 def _check_int(where: str, name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: {name} must be an int >= {minimum} or None, got {value!r}")
+        raise ConfigError(f"{where}: {name} must be an int >= {minimum} or None, got {quote(value)}")
 
 
 def _check_seconds(where: str, name: str, value: object, *, allow_zero: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and (value > 0 or (allow_zero and value == 0)):  # type: ignore[operator]
+    if ok and (value > 0 or (allow_zero and value == 0)) and value <= MAX_SECONDS:  # type: ignore[operator]
         return
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ConfigError(f"{where}: {name} must be a finite number of seconds {bound} or None, got {value!r}")
+    low = ">= 0" if allow_zero else "> 0"
+    raise ConfigError(
+        f"{where}: {name} must be a finite number of seconds {low} and <= {MAX_SECONDS:.0f} (a year) or None, "
+        f"got {quote(value)}"
+    )
 
 
 def seed_shape(

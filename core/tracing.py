@@ -39,6 +39,8 @@ from typing import IO, Any, NamedTuple, TextIO
 import structlog
 from structlog import _config as _structlog_config
 
+from actorflow.core.errors import quote
+
 __all__ = [
     "ConfiguredLogging",
     "EventLogger",
@@ -106,7 +108,7 @@ def parse_traceparent(value: str) -> TraceContext:
     match = _TRACEPARENT.match(value.strip().lower()) if isinstance(value, str) else None
     if match is None or match.group(1) == "ff" or set(match.group(2)) == {"0"} or set(match.group(3)) == {"0"}:
         raise ValueError(
-            f"traceparent {value!r} is not a W3C traceparent; expected "
+            f"traceparent {quote(value)} is not a W3C traceparent; expected "
             "'00-<32 hex trace id>-<16 hex span id>-<2 hex flags>' with non-zero ids"
         )
     return TraceContext(trace_id=match.group(2), span_id=new_span_id(), parent_span_id=match.group(3))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from actorflow.core import TRANSITIONS, ConfigError, RuntimeConfig, TaskState, is_terminal
-from actorflow.core.config import NON_TERMINAL_STATES, TERMINAL_STATES
+from actorflow.core.config import MAX_SECONDS, NON_TERMINAL_STATES, TERMINAL_STATES
+from actorflow.core.pipeline import Stage
 
 S = TaskState
 
@@ -81,3 +82,55 @@ def test_retain_terminal_without_a_journal_is_refused_with_the_reason() -> None:
 def test_backoff_cap_below_the_first_delay_is_refused() -> None:
     with pytest.raises(ConfigError, match="retry_backoff_max_s"):
         RuntimeConfig(retry_backoff_s=2.0, retry_backoff_max_s=1.0)
+
+
+DURATIONS = ["retry_backoff_s", "retry_backoff_max_s", "stage_timeout_s", "restart_window_s", "submit_timeout_s"]
+DURATIONS += ["drain_timeout_s"]
+
+
+@pytest.mark.parametrize("field", DURATIONS)
+@pytest.mark.parametrize("value", [1e10, 1e300])
+def test_a_duration_longer_than_a_year_is_refused_naming_the_field_the_value_and_the_range(
+    field: str, value: float
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RuntimeConfig(**{field: value})  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"RuntimeConfig.{field}" in message
+    assert repr(value) in message
+    assert "<= 31536000 (a year)" in message
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "retry_backoff_s", "retry_backoff_max_s"])
+def test_a_stage_duration_longer_than_a_year_is_refused_naming_the_stage_the_field_and_the_range(field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Stage("work", lambda task, value: value, **{field: 1e10})  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert "Stage 'work'" in message
+    assert field in message
+    assert repr(1e10) in message
+    assert "<= 31536000 (a year)" in message
+
+
+def test_a_year_is_accepted_as_a_duration() -> None:
+    assert RuntimeConfig(stage_timeout_s=MAX_SECONDS, submit_timeout_s=MAX_SECONDS).stage_timeout_s == MAX_SECONDS
+
+
+@pytest.mark.parametrize("field", ["stage_workers", "validator_workers", "processor_workers", "persistence_workers"])
+def test_a_pool_larger_than_max_workers_is_refused_and_max_workers_raises_the_bound(field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RuntimeConfig(**{field: 2000})  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert f"RuntimeConfig.{field}" in message
+    assert "2000" in message
+    assert "<= 256" in message
+    assert "RuntimeConfig.max_workers" in message
+    assert getattr(RuntimeConfig(**{field: 2000, "max_workers": 2000}), field) == 2000  # type: ignore[arg-type]
+
+
+def test_a_huge_value_is_quoted_cut_short_in_the_message() -> None:
+    with pytest.raises(ConfigError) as caught:
+        RuntimeConfig(journal_path=b"x" * 10_000_000)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert len(message) < 300
+    assert "(10,000,000 bytes)" in message

@@ -10,12 +10,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pykka
 import pytest
 from structlog.testing import capture_logs
 
 from actorflow.actors import Runtime
 from actorflow.actors.service import ServiceWorker
+from actorflow.api import create_app, serve_in_background
 from actorflow.core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
 from actorflow.services import ServiceSet
 from tests.conftest import MilestoneLog, payload
@@ -211,6 +213,62 @@ def test_cancelling_a_terminal_task_returns_false_and_an_unknown_one_raises(runt
     assert runtime.get(handle.task_id).state is S.COMPLETED
     with pytest.raises(TaskNotFound):
         runtime.cancel("nope")
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_cancelling_the_same_task_both_get_true_from_the_committed_cancellation() -> None:
+    gate = Gate()
+    with Runtime(services=ServiceSet(process=gate.process)) as runtime:
+        try:
+            handles = [runtime.submit(payload(i)) for i in range(300)]
+            answers: dict[str, list[bool]] = {handle.task_id: [] for handle in handles}
+            barrier = threading.Barrier(2)
+
+            def cancel_each() -> None:
+                for handle in handles:
+                    barrier.wait(10)  # both threads cancel the same task at the same moment
+                    answers[handle.task_id].append(runtime.cancel(handle.task_id))
+
+            threads = [threading.Thread(target=cancel_each) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+        finally:
+            gate.opened.set()
+        assert runtime.join(20)
+        assert {h.result(timeout=0).state for h in handles} == {S.CANCELLED}
+        assert {task_id: pair for task_id, pair in answers.items() if pair != [True, True]} == {}
+        assert runtime.cancel(handles[0].task_id) is True  # idempotent: it is CANCELLED
+        assert runtime.stats()["cancelled"] == 300
+
+
+@pytest.mark.timeout(60)
+def test_two_concurrent_http_deletes_of_the_same_task_both_answer_200_with_the_cancelled_record() -> None:
+    gate = Gate()
+    with (
+        Runtime(services=ServiceSet(process=gate.process)) as runtime,
+        serve_in_background(create_app(runtime)) as server,
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        try:
+            task_ids = [runtime.submit(payload(i)).task_id for i in range(30)]
+            statuses: dict[str, list[int]] = {task_id: [] for task_id in task_ids}
+            barrier = threading.Barrier(2)
+
+            def delete_each() -> None:
+                for task_id in task_ids:
+                    barrier.wait(10)
+                    statuses[task_id].append(client.delete(f"/tasks/{task_id}").status_code)
+
+            threads = [threading.Thread(target=delete_each) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+        finally:
+            gate.opened.set()
+        assert {task_id: pair for task_id, pair in statuses.items() if pair != [200, 200]} == {}
 
 
 def test_a_task_waiting_for_a_retry_can_be_cancelled() -> None:

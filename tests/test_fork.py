@@ -37,6 +37,7 @@ _SCRIPT = textwrap.dedent(
             except RuntimeStopped as exc:
                 report[name] = str(exc)
         report["closed"] = runtime.closed
+        report["health"] = runtime.health()
         runtime.close()
         os.write(write_end, json.dumps(report).encode())
         os.close(write_end)
@@ -75,5 +76,59 @@ def test_a_forked_child_refuses_to_use_the_parents_runtime_and_exits_at_once(tmp
     for call in ("submit", "join", "get"):
         assert "fork() child" in outcome["report"][call], outcome
     assert outcome["report"]["closed"] is True
+    assert outcome["report"]["health"]["status"] == "stopped", outcome  # not "ok": nothing works there
+    assert "fork() child" in outcome["report"]["health"]["reason"]
     assert outcome["parent"] == "COMPLETED"
     assert time.monotonic() - started < 30
+
+
+_HOOKS_SCRIPT = textwrap.dedent(
+    """
+    import atexit, json, os
+
+    registered = []
+    real_atexit, real_at_fork = atexit.register, os.register_at_fork
+
+    def note_atexit(fn, *args, **kwargs):
+        registered.append(("atexit", fn.__module__))
+        return real_atexit(fn, *args, **kwargs)
+
+    def note_at_fork(**kwargs):
+        registered.append(("fork", next(iter(kwargs.values())).__module__))
+        return real_at_fork(**kwargs)
+
+    atexit.register, os.register_at_fork = note_atexit, note_at_fork
+    import actorflow
+    from actorflow import Runtime
+
+    at_import = [entry for entry in registered if entry[1] == "actorflow.actors.runtime"]
+    Runtime().close()
+    Runtime().close()
+    after = [entry for entry in registered if entry[1] == "actorflow.actors.runtime"]
+    print(json.dumps({"at_import": at_import, "after": after}))
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_the_runtime_module_registers_its_exit_and_fork_hooks_with_the_first_runtime_not_at_import(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "hooks.py"
+    script.write_text(_HOOKS_SCRIPT)
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert outcome["at_import"] == []
+    expected = [["atexit", "actorflow.actors.runtime"]]
+    if hasattr(os, "register_at_fork"):
+        expected.append(["fork", "actorflow.actors.runtime"])
+    assert outcome["after"] == expected  # once, however many runtimes are made

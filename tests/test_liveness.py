@@ -23,8 +23,10 @@ import httpx
 import pykka
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from actorflow.actors import OrchestratorActor, Runtime, StateActor
+from actorflow.actors.health import LogThrottle
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
 from actorflow.core import journal as journal_module
@@ -291,6 +293,40 @@ def test_persistence_calls_queued_at_a_worker_never_start_once_their_tasks_are_c
     assert persisted & {h.task_id for h in behind} == set()  # CANCELLED was committed before any of them ran
 
 
+def test_submissions_refused_by_a_full_disk_log_one_line_per_second_with_the_count_left_out(
+    tmp_path: Path, faults: FailingWrites
+) -> None:
+    config = RuntimeConfig(journal_path=str(tmp_path / "t.db"))
+    with capture_logs() as logs, Runtime(config) as runtime:
+        runtime.submit(payload(0)).result(timeout=10)
+        faults.failing.set()
+        started = time.monotonic()
+        for index in range(300):
+            with pytest.raises(JournalError):
+                runtime.submit(payload(index))
+        with pytest.raises(JournalError):
+            runtime.submit_many([payload(index) for index in range(3)])
+        elapsed = time.monotonic() - started
+        faults.failing.clear()
+    lines = [e for e in logs if e["event"] in ("task.submit_refused", "tasks.submit_refused")]
+    assert 1 <= len(lines) <= 2 + int(elapsed)  # one per second at most (it was one per refusal: 301)
+    assert lines[0]["suppressed"] == 0
+    assert sum(1 + line["suppressed"] for line in lines) <= 301  # each refusal logged or counted once
+
+
+def test_a_log_throttle_lets_one_line_through_per_interval_and_counts_the_others() -> None:
+    now = [100.0]
+    throttle = LogThrottle(1.0, clock=lambda: now[0])
+    assert throttle.allow() == 0
+    assert [throttle.allow() for _ in range(5)] == [None] * 5
+    now[0] += 0.999
+    assert throttle.allow() is None
+    now[0] += 0.001
+    assert throttle.allow() == 6  # the six left out since the last line
+    now[0] += 5
+    assert throttle.allow() == 0
+
+
 # --- finding 5: a dead central actor --------------------------------------------------------------
 
 
@@ -467,7 +503,7 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
             # Faults strike at moments the runtime's own progress picks: after a random number of
             # acknowledged tasks; a full disk stays full for a random number of refused commits.
             while acknowledged_after(rng.randint(20, 120)):
-                fault = rng.choice(["journal", "journal", "orchestrator", "state"])
+                fault = rng.choice(["journal", "journal", "orchestrator", "state", "both"])
                 played[fault] += 1
                 if fault == "journal":
                     steps = milestones.count("journal.retry_scheduled")
@@ -475,13 +511,16 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
                     milestones.wait_for("journal.retry_scheduled", steps + rng.randint(1, 4), timeout=10)
                     faults.failing.clear()
                 else:
-                    refs = pykka.ActorRegistry.get_by_class(
-                        OrchestratorActor if fault == "orchestrator" else StateActor
+                    kinds = {"orchestrator": [OrchestratorActor], "state": [StateActor]}.get(
+                        fault,
+                        rng.sample([OrchestratorActor, StateActor], 2),  # both, in a random order
                     )
+                    refs = [ref for kind in kinds for ref in pykka.ActorRegistry.get_by_class(kind)]
                     for ref in refs:
                         ref.stop(block=False)
                     name = "orchestrator.restarted" if fault == "orchestrator" else "state.restarted"
-                    assert milestones.wait_for(name, played[fault], timeout=30), (seed, name, played)
+                    expected = played["orchestrator"] if fault == "orchestrator" else played["state"] + played["both"]
+                    assert milestones.wait_for(name, expected, timeout=30), (seed, name, played)
 
         threads = [threading.Thread(target=submit, args=(offset,)) for offset in (0, 1)]
         threads.append(threading.Thread(target=play_chaos))
@@ -495,7 +534,7 @@ def test_chaos_journal_faults_and_central_actor_kills_at_random_moments_strand_n
         assert runtime.health() == {"status": "ok"}, seed
     assert set(actor_threads()) - before == set(), seed  # no thread left behind
     assert {record.state for record in records.values()} == {S.COMPLETED}, seed
-    assert min(played["orchestrator"], played["state"], played["journal"]) >= 1, played
+    assert min(played["orchestrator"], played["state"], played["journal"], played["both"]) >= 1, played
     with Journal.open_readonly(str(path)) as reader:
         stored = list(reader.iter_records())
     assert len(acked) == len(set(acked)) == 4000, (seed, len(acked), refused[:3])

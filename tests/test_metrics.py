@@ -59,7 +59,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def labels(**pairs: str) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(pairs.items()))
+    """A sample's labels: `pairs` and the runtime's name (the only runtime of these tests is "default")."""
+    return tuple(sorted({"runtime": "default", **pairs}.items()))
 
 
 def test_metrics_over_http_match_a_known_run_exactly(known_run: Runtime) -> None:
@@ -87,12 +88,13 @@ def test_metrics_over_http_match_a_known_run_exactly(known_run: Runtime) -> None
         assert found[("actorflow_queue_wait_seconds_count", key)] == count
         assert found[("actorflow_service_run_seconds_sum", key)] >= 0
     assert found[("actorflow_task_latency_seconds_count", labels(pipeline="default"))] == 6
-    assert found[("actorflow_retries_total", ())] == 1
-    assert found[("actorflow_rejected_submissions_total", ())] == 1
-    assert found[("actorflow_timeouts_total", ())] == 0
-    assert found[("actorflow_restarts_total", ())] == 0
-    assert found[("actorflow_dead_letters_total", ())] == 0
-    assert found[("actorflow_tasks_in_flight", ())] == 0
+    assert found[("actorflow_retries_total", labels())] == 1
+    assert found[("actorflow_rejected_submissions_total", labels())] == 1
+    assert found[("actorflow_timeouts_total", labels())] == 0
+    assert found[("actorflow_restarts_total", labels())] == 0
+    assert found[("actorflow_dead_letters_total", labels())] == 0
+    assert found[("actorflow_tasks_in_flight", labels())] == 0
+    assert found[("actorflow_spans_dropped_total", labels())] == 0
     for pool, size in (("validator", 2), ("processor", 4), ("persistence", 2)):
         assert found[("actorflow_pool_busy_workers", labels(pool=pool))] == 0
         assert found[("actorflow_pool_queued_calls", labels(pool=pool))] == 0
@@ -138,7 +140,7 @@ def test_a_closed_runtimes_collector_still_yields_what_it_counted(known_run: Run
     registry.register(collector)
     found = samples(generate_latest(registry).decode())
     assert found[("actorflow_task_latency_seconds_count", labels(pipeline="default"))] == 6
-    assert ("actorflow_tasks_in_flight", ()) not in found  # the actors' own counters left with them
+    assert ("actorflow_tasks_in_flight", labels()) not in found  # the actors' own counters left with them
 
 
 def test_a_histogram_counts_a_value_on_a_bound_in_that_bound_s_bucket() -> None:
@@ -150,3 +152,37 @@ def test_a_histogram_counts_a_value_on_a_bound_in_that_bound_s_bucket() -> None:
     assert counts == [2, 2, 1]  # le=0.1 holds 0.05 and 0.1; +Inf holds 2.0
     assert total == pytest.approx(3.65)
     assert histogram.count == 5
+
+
+@pytest.mark.parametrize("names", [(None, None), ("orders", "billing")], ids=["default-names", "given-names"])
+def test_two_runtimes_in_one_registry_export_series_told_apart_by_their_runtime_label(
+    names: tuple[str | None, str | None],
+) -> None:
+    with Runtime(name=names[0]) as first, Runtime(name=names[1]) as second:
+        # As prometheus_client.REGISTRY does, this registry refuses a second collector of the same names:
+        # several runtimes share one collector, whose samples their `runtime` label tells apart.
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(first.metrics_collector(second))
+        for index in range(2):
+            first.submit(payload(index)).result(timeout=10)
+        second.submit(payload(9)).result(timeout=10)
+        found = samples(generate_latest(registry).decode())
+    assert (first.name, second.name) == (("default", "default-2") if names[0] is None else names)
+    for runtime, count in ((first.name, 2), (second.name, 1)):
+        key = (
+            "actorflow_transitions_total",
+            tuple(sorted({"runtime": runtime, "pipeline": "default", "from_state": "", "to_state": "CREATED"}.items())),
+        )
+        assert found[key] == count
+        assert found[("actorflow_tasks_in_flight", (("runtime", runtime),))] == 0
+    assert {dict(labels_)["runtime"] for (_, labels_) in found} == {first.name, second.name}
+
+
+def test_a_runtime_name_taken_by_an_open_runtime_is_refused_and_free_again_once_it_closed() -> None:
+    with Runtime(name="orders"):
+        with pytest.raises(ConfigError, match="'orders' is taken by an open runtime"):
+            Runtime(name="orders")
+    with Runtime(name="orders") as again:
+        assert again.name == "orders"
+    with pytest.raises(ConfigError, match="is not allowed"):
+        Runtime(name="no spaces")

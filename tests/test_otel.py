@@ -13,6 +13,7 @@ import http.server
 import queue
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -35,6 +36,7 @@ from actorflow.core import RuntimeConfig, Task, TaskRecord, TaskState
 from actorflow.services import ServiceSet
 from tests import process_services as ps
 from tests.conftest import payload
+from tests.faults import Gate
 
 STAGES = ("validator", "processor", "persistence")
 
@@ -310,3 +312,97 @@ def test_the_span_of_a_task_left_unfinished_at_close_is_ended_as_unfinished(
     assert task.attributes is not None
     assert task.attributes["actorflow.task_id"] == handle.task_id
     assert task.attributes["actorflow.state"] == "unfinished"
+
+
+class HeldProcessor(SpanProcessor):
+    """A span processor whose `on_end` waits for `release`, as a stalled exporter does; it keeps what it got."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.ending = threading.Event()
+        self.ended: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.ending.set()
+        self.release.wait(60)
+        self.ended.append(span)
+
+
+@pytest.mark.timeout(60)
+def test_a_span_processor_that_stalls_holds_up_neither_commits_nor_stats_and_gets_every_span_at_close() -> None:
+    held = HeldProcessor()
+    provider = TracerProvider()
+    provider.add_span_processor(held)
+    try:
+        with Runtime(tracer_provider=provider) as runtime:
+            handles = [runtime.submit(payload(i)) for i in range(50)]
+            assert held.ending.wait(10)  # a span's end is stuck in the host's processor from now on
+            assert runtime.join(10), runtime.stats()  # every task committed meanwhile
+            assert runtime.stats()["COMPLETED"] == 50
+            assert {h.result(timeout=0).state for h in handles} == {TaskState.COMPLETED}
+            held.release.set()
+        names = [span.name for span in held.ended]
+        assert names.count("actorflow.task") == 50
+        assert len(names) == 50 * 4  # each task's span and its three call spans, delivered by close()
+        assert runtime.telemetry.spans_dropped == 0
+    finally:
+        held.release.set()
+        provider.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_spans_a_stalled_processor_cannot_take_are_dropped_and_counted_never_waited_for() -> None:
+    held = HeldProcessor()
+    provider = TracerProvider()
+    provider.add_span_processor(held)
+    count = 3000  # four span endings each: more than the 10,000 the recorder holds while the processor stalls
+    try:
+        with capture_logs() as logs, Runtime(tracer_provider=provider) as runtime:
+            for start in range(0, count, 500):
+                runtime.submit_many([payload(i) for i in range(start, start + 500)])
+            assert runtime.join(30), runtime.stats()
+            dropped = runtime.telemetry.spans_dropped
+            assert dropped > 0
+            held.release.set()
+        assert len(held.ended) + runtime.telemetry.spans_dropped == 4 * count
+        assert runtime.telemetry.spans_dropped == dropped  # nothing was dropped once the processor caught up
+        warnings = [e for e in logs if e["event"] == "telemetry.spans_dropped"]
+        assert warnings
+        assert sum(e["dropped"] for e in warnings) <= dropped
+    finally:
+        held.release.set()
+        provider.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_task_resumed_from_the_journal_gets_a_span_continuing_its_trace(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    journal = str(tmp_path / "t.db")
+    gate = Gate()
+    config = RuntimeConfig(journal_path=journal)
+    first = Runtime(config, tracer_provider=provider, services=ServiceSet(process=gate.process))
+    try:
+        task_id = first.submit(payload()).task_id
+        assert gate.entered.wait(10)
+    finally:
+        first.close(drain=False)  # the task is left in PROCESSING; its first span ends "unfinished"
+        gate.opened.set()
+    with Runtime(config, tracer_provider=provider) as second:
+        record = second.handle(task_id).result(timeout=10)
+    assert record.state is TaskState.COMPLETED
+    tasks = [s for s in exporter.get_finished_spans() if s.name == "actorflow.task"]
+    unfinished, resumed = sorted(tasks, key=lambda s: s.start_time or 0)
+    assert unfinished.attributes is not None
+    assert unfinished.attributes["actorflow.state"] == "unfinished"
+    assert resumed.attributes is not None
+    assert resumed.attributes["actorflow.resumed"] is True
+    assert resumed.attributes["actorflow.task_id"] == task_id
+    assert resumed.attributes["actorflow.state"] == "COMPLETED"
+    assert hex_ids(resumed)[0] == hex_ids(unfinished)[0] == record.trace_id  # the same trace
+    assert resumed.parent is not None
+    assert otel_trace.format_span_id(resumed.parent.span_id) == record.span_id == hex_ids(unfinished)[1]
+    calls = [s for s in exporter.get_finished_spans() if s.name.startswith("actorflow.") and s not in tasks]
+    after = [c for c in calls if c.parent is not None and c.parent.span_id == resumed.get_span_context().span_id]
+    assert [c.name for c in after] == ["actorflow.processor", "actorflow.persistence"]

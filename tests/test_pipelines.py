@@ -609,8 +609,8 @@ def test_metrics_are_labelled_with_each_tasks_pipeline() -> None:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-    shout = (("from_state", "CREATED"), ("pipeline", "shouting"), ("to_state", "SHOUT"))
-    seed = (("from_state", "VALIDATED"), ("pipeline", "default"), ("to_state", "PROCESSING"))
+    shout = (("from_state", "CREATED"), ("pipeline", "shouting"), ("runtime", "default"), ("to_state", "SHOUT"))
+    seed = (("from_state", "VALIDATED"), ("pipeline", "default"), ("runtime", "default"), ("to_state", "PROCESSING"))
     assert found[("actorflow_transitions_total", shout)] == 1
     assert found[("actorflow_transitions_total", seed)] == 1
 
@@ -665,3 +665,31 @@ def test_the_async_backend_takes_a_batch_with_one_wake_up_and_reports_calls_fini
     finally:
         worker.retire()
         backend.close()
+
+
+async def _keep_async(task: Task, value: Any) -> None:
+    return None
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_stage_with_more_workers_than_max_workers_is_refused_before_any_is_started(backend: str) -> None:
+    before = threading.active_count()
+    pipeline = Pipeline("wide", [Stage("work", _keep, workers=2000, backend=backend)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as caught:
+        Runtime(pipelines=[pipeline])
+    message = str(caught.value)
+    assert "Stage 'work' of pipeline 'wide'" in message
+    assert "2000" in message
+    assert "RuntimeConfig.max_workers" in message
+    assert threading.active_count() <= before  # refused before any thread was started
+    with Runtime(RuntimeConfig(max_workers=8), pipelines=[Pipeline("p", [Stage("work", _keep, workers=8)])]) as ok:
+        assert ok.submit({"n": 1}).result(timeout=10).state is TaskState.COMPLETED
+
+
+def test_an_async_stage_may_keep_ten_thousand_calls_in_flight_and_is_bounded_by_max_async_workers() -> None:
+    with Runtime(pipelines=[Pipeline("p", [Stage("wait", _keep_async, workers=10_000)])]) as runtime:
+        assert runtime.submit({"n": 1}).result(timeout=10).state is TaskState.COMPLETED
+    with pytest.raises(ConfigError, match=r"RuntimeConfig\.max_async_workers"):
+        Runtime(
+            RuntimeConfig(max_async_workers=100), pipelines=[Pipeline("p", [Stage("wait", _keep_async, workers=101)])]
+        )

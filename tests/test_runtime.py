@@ -10,15 +10,19 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.core import (
+    ConfigError,
     InvalidPayload,
+    Pipeline,
     RuntimeConfig,
     RuntimeStopped,
     Task,
     TaskNotFound,
     TaskState,
     TransitionEvent,
+    UnknownPipeline,
     ValidationError,
 )
+from actorflow.core.pipeline import Stage
 from actorflow.services import ServiceSet
 from tests.conftest import actor_threads, payload
 
@@ -248,3 +252,31 @@ def test_a_payload_with_a_lone_surrogate_is_refused_as_invalid(runtime: Runtime)
         runtime.submit({"name": "\ud800", "data": 1})
     with pytest.raises(InvalidPayload, match="lone surrogate"):
         runtime.submit({"name": "a", "data": {"\udfff": 1}})
+
+
+HUGE = "x" * 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        pytest.param(lambda rt: rt.submit(payload(), task_id=HUGE), InvalidPayload, id="submit-task_id"),
+        pytest.param(lambda rt: rt.submit_many([payload()], task_ids=[HUGE]), InvalidPayload, id="submit_many"),
+        pytest.param(lambda rt: rt.submit(payload(), traceparent=HUGE), InvalidPayload, id="traceparent"),
+        pytest.param(lambda rt: rt.submit(payload(), pipeline=HUGE), UnknownPipeline, id="pipeline"),
+        pytest.param(lambda rt: rt.get(HUGE), TaskNotFound, id="get"),
+        pytest.param(lambda rt: rt.handle(HUGE), TaskNotFound, id="handle"),
+        pytest.param(lambda rt: rt.cancel(HUGE), TaskNotFound, id="cancel"),
+        pytest.param(lambda rt: Stage(HUGE, print), ConfigError, id="Stage"),
+        pytest.param(lambda rt: Pipeline(HUGE, []), ConfigError, id="Pipeline"),
+    ],
+)
+def test_an_error_quoting_a_huge_user_value_quotes_only_its_start_and_its_length(
+    runtime: Runtime, call: Any, error: type[Exception]
+) -> None:
+    with pytest.raises(error) as caught:
+        call(runtime)
+    message = str(caught.value)
+    assert len(message) < 500, message[:600]
+    assert "xxxxxxxx" in message
+    assert "10,000,000 chars" in message

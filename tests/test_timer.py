@@ -139,3 +139,48 @@ def test_pruning_keeps_every_live_callback_and_its_order(timer: Timer, clock: Ma
     _advance(timer, clock, 5)
     assert done.wait(5)
     assert ran == [str(index) for index in sorted(keep)]
+
+
+@pytest.mark.parametrize("delay", [1e10, float("inf")], ids=["1e10s", "inf"])
+def test_a_delay_longer_than_a_thread_can_wait_neither_ends_the_thread_nor_stops_later_callbacks(
+    timer: Timer, clock: ManualClock, errors: list[BaseException], delay: float
+) -> None:
+    ran: list[str] = []
+    done = threading.Event()
+    timer.call_later(delay, _recorder(ran, "far"))  # threading waits overflow past TIMEOUT_MAX (~9.2e9 s)
+    timer.call_later(1, _recorder(ran, "soon", done))
+    _advance(timer, clock, 1)
+    assert done.wait(5)
+    assert ran == ["soon"]
+    assert errors == []
+
+
+class FlakyClock(ManualClock):
+    """A clock whose next reading on the timer's thread raises, once `fail_next` is set (then it works again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+
+    def __call__(self) -> float:
+        if self.fail_next and threading.current_thread().name == "actorflow-test-timer":
+            self.fail_next = False
+            raise OSError("clock unavailable")
+        return self.now
+
+
+def test_an_exception_outside_any_callback_is_reported_and_the_timer_keeps_running() -> None:
+    clock = FlakyClock()
+    errors: list[BaseException] = []
+    timer = Timer(name="actorflow-test-timer", clock=clock, on_error=errors.append)
+    try:
+        ran: list[str] = []
+        done = threading.Event()
+        clock.fail_next = True
+        timer.wake()  # the thread reads the clock: it raises there, in no callback
+        timer.call_later(0, _recorder(ran, "after", done))
+        assert done.wait(5)
+        assert ran == ["after"]
+        assert [repr(e) for e in errors] == ["OSError('clock unavailable')"]
+    finally:
+        timer.stop()
