@@ -10,7 +10,13 @@ from typing import Any, Literal
 
 from actorflow.core import Task, TransientError
 
-Fault = Literal["ok", "transient", "permanent", "exit", "hang"]
+Fault = Literal["ok", "transient", "permanent", "exit", "hang", "oversized", "broken"]
+
+_PERMANENT: frozenset[Fault] = frozenset({"permanent", "oversized", "broken"})
+"""Faults that fail their task at once: an error, a value over the cap, an exception that cannot be printed."""
+
+CHAOS_MAX_VALUE_BYTES = 4096
+"""The `max_value_bytes` the chaos runs use: an "oversized" result is larger."""
 
 
 def chaos_fault(seed: int, index: int, attempt: int) -> Fault:
@@ -24,7 +30,21 @@ def chaos_fault(seed: int, index: int, attempt: int) -> Fault:
         return "exit"
     if roll < 0.135:
         return "hang"
+    if roll < 0.14:
+        return "oversized"
+    if roll < 0.145:
+        return "broken"
     return "ok"
+
+
+class Unprintable(Exception):
+    """An exception whose ``str()`` and ``repr()`` raise, as user code may make."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of a broken exception")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ of a broken exception")
 
 
 def expected_outcome(seed: int, index: int, max_attempts: int) -> str:
@@ -33,7 +53,7 @@ def expected_outcome(seed: int, index: int, max_attempts: int) -> str:
         fault = chaos_fault(seed, index, attempt)
         if fault == "ok":
             return "COMPLETED"
-        if fault == "permanent":
+        if fault in _PERMANENT:
             return "FAILED"
     return "FAILED"
 
@@ -60,6 +80,10 @@ class ChaosProcessor:
             raise SystemExit(f"service called exit (task {index})")
         if fault == "hang":
             self.release.wait(60)
+        if fault == "oversized":
+            return {"index": index, "blob": "x" * (2 * CHAOS_MAX_VALUE_BYTES)}
+        if fault == "broken":
+            raise Unprintable
         return {"index": index, "attempt": task.attempt}
 
 

@@ -21,7 +21,7 @@ from actorflow.api import create_app, serve_in_background
 from actorflow.core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
 from actorflow.services import ServiceSet
 from tests.conftest import MilestoneLog, payload
-from tests.faults import ChaosProcessor, Gate, expected_outcome
+from tests.faults import CHAOS_MAX_VALUE_BYTES, ChaosProcessor, Gate, chaos_fault, expected_outcome
 
 S = TaskState
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,15 +433,23 @@ def test_a_process_with_a_forever_hung_service_still_exits_promptly() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right() -> None:
+    """Transient and permanent errors, worker crashes, hangs, oversized results and unprintable exceptions.
+
+    Crashes and hangs restart workers more often than `max_restarts` allows within the restart window,
+    so the pool's circuit breaker opens and closes again during the run: no task may fail for it.
+    """
     seed, count = 20261125, 5000
     chaos = ChaosProcessor(seed)
+    milestones = MilestoneLog()
     config = RuntimeConfig(
         processor_workers=4,
         stage_timeout_s=1.5,  # far above a healthy call even on a loaded machine, so no healthy call times out
         max_attempts=3,
         retry_backoff_s=0.001,
         retry_backoff_max_s=0.01,
-        max_restarts=10_000,
+        max_restarts=2,
+        restart_window_s=1.0,
+        max_value_bytes=CHAOS_MAX_VALUE_BYTES,
     )
     finals: dict[str, int] = {}
     lock = threading.Lock()
@@ -451,13 +459,16 @@ def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right
             with lock:
                 finals[event.task_id] = finals.get(event.task_id, 0) + 1
 
-    runtime = Runtime(config, services=ServiceSet(process=chaos))
+    runtime = Runtime(config, services=ServiceSet(process=chaos), on_milestone=milestones)
     try:
         runtime.subscribe(count_terminal)
         handles = [runtime.submit(payload(i)) for i in range(count)]
         assert runtime.join(100), runtime.stats()
         records = [h.result(timeout=0) for h in handles]
+        # The breaker may still be open after the last crash: every opening is followed by a recovery.
+        assert milestones.wait_for("pool.recovered", milestones.count("pool.failing"), timeout=10)
         stats = runtime.stats()
+        health = runtime.health()
     finally:
         chaos.release.set()
         runtime.close()
@@ -467,8 +478,15 @@ def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right
     assert set(finals.values()) == {1}
     for index, record in enumerate(records):
         assert record.state.value == expected_outcome(seed, index, 3), (index, record.error)
+        fault = chaos_fault(seed, index, 1)
+        if fault == "oversized":
+            assert "max_value_bytes" in (record.error or ""), record
+        if fault == "broken":
+            assert "Unprintable" in (record.error or ""), record
+    assert milestones.count("pool.failing") >= 1, "the circuit breaker never opened: the test proved nothing"
     pool = stats["pools"]["processor"]
     assert (pool["workers"], pool["failing"]) == (4, None)  # back at full size
+    assert health == {"status": "ok"}
     assert stats["timeouts"] > 0
     assert stats["restarts"] >= stats["timeouts"]
     assert stats["retries"] > 0

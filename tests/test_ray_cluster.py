@@ -445,7 +445,7 @@ def test_no_ray_call_is_made_on_the_orchestrators_thread_not_even_to_kill_or_rep
     driver: ThreeNodes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = ThreadRecordingRay(ray)
-    monkeypatch.setattr(ray_backend, "import_ray", lambda: spy)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda wanted_by="": spy)
     config = ray_config(stage_timeout_s=2.0)
     with Runtime(config, services=ServiceSet(process=hang_first)) as runtime:
         started = len(spy.calls)  # the warm start is made by the thread that builds the Runtime
