@@ -13,10 +13,13 @@ the number lost, so that it can re-read `/stats`. The same happens, for everyone
 if the loop itself falls behind the runtime by `max_pending` events.
 
 Every frame has an ``id:``, a sequence number. The last `replay_size` frames are
-kept (from the first stream on, whether or not anyone listens), so that a client
-that reconnects with ``Last-Event-ID`` is first sent what it missed; if some of
-that is no longer kept (or the id is not one of this server's), it is sent an
-`event: lagged` first. A client may follow one task only (``?task=ID``).
+kept while a stream is open and for `linger_s` after the last one ends, so that a
+client that reconnects with ``Last-Event-ID`` is first sent what it missed; if some
+of that is no longer kept (or the id is not one of this server's), it is sent an
+`event: lagged` first. Once no stream has been open for `linger_s`, the runtime
+subscription is dropped and the kept frames with it: a server nobody watches does
+no work per transition. A client that reconnects after that is told it lagged
+(``"dropped": null``, unknown). A client may follow one task only (``?task=ID``).
 
 `close()` ends every stream, so that uvicorn's graceful shutdown does not wait on
 clients that would otherwise listen forever.
@@ -84,6 +87,8 @@ class EventBroadcaster:
         queue_size: frames buffered per client before it starts losing events.
         max_pending: events buffered between the runtime's thread and the loop.
         replay_size: frames kept for clients that reconnect with ``Last-Event-ID``.
+        linger_s: how long frames are still taken and kept after the last stream ends, for a
+            client that reconnects; after that the runtime subscription is dropped until a stream opens.
     """
 
     def __init__(
@@ -94,8 +99,16 @@ class EventBroadcaster:
         queue_size: int = 1000,
         max_pending: int = 10_000,
         replay_size: int = 1000,
+        linger_s: float = 60.0,
     ) -> None:
+        if not linger_s >= 0:
+            raise ValueError(f"linger_s must be a number of seconds >= 0, got {linger_s!r}")
         self._runtime = runtime
+        self._linger_s = linger_s
+        self._linger: asyncio.TimerHandle | None = None
+        """Drops the subscription once no stream has been open for `linger_s`."""
+        self._unheard_until = -1
+        """Frames after this id were made while the runtime subscription was dropped: unknown to us."""
         self._max_clients = max_clients
         self._queue_size = queue_size
         self._max_pending = max_pending
@@ -155,6 +168,9 @@ class EventBroadcaster:
             raise TooManyStreamsError(
                 f"{self._max_clients} event streams are open already, the most this server allows"
             )
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self._unsubscribe is None:
             self._loop = asyncio.get_running_loop()
             self._unsubscribe = self._runtime.subscribe(self._on_transition)
@@ -166,8 +182,9 @@ class EventBroadcaster:
 
     def _replay_to(self, client: EventClient, last_event_id: int) -> None:
         oldest = self._replay[0][0] if self._replay else self._seq + 1
-        if last_event_id > self._seq or last_event_id < 0:
-            missed: int | None = None  # not an id of this server's (it restarted?): what was missed is unknown
+        if last_event_id > self._seq or last_event_id < 0 or last_event_id <= self._unheard_until:
+            # Not an id of this server's (it restarted?), or older than a time nobody listened: unknown.
+            missed: int | None = None
         else:
             missed = max(0, oldest - 1 - last_event_id)
         if missed is None or missed:
@@ -177,16 +194,38 @@ class EventBroadcaster:
                 client.offer(frame)
 
     def detach(self, client: EventClient) -> None:
-        """Forget a client whose stream has ended."""
+        """Forget a client whose stream has ended; the last one starts the linger time."""
         self._set_clients(self._clients.discard, client)
+        if self._clients or self._closed or self._unsubscribe is None or self._linger is not None:
+            return
+        if self._linger_s == 0:
+            self._stop_listening()
+        else:
+            self._linger = asyncio.get_running_loop().call_later(self._linger_s, self._stop_listening)
+
+    def _stop_listening(self) -> None:
+        """Drop the runtime subscription and the kept frames: no stream has been open for `linger_s`."""
+        self._linger = None
+        if self._clients or self._unsubscribe is None:
+            return
+        self._flush()  # what was taken before now is numbered and kept no longer, like the rest
+        self._unheard_until = self._seq
+        self._replay.clear()
+        self._unsubscribe_runtime()
 
     def close(self) -> None:
         """End every stream and drop the runtime subscription. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         for client in self._clients:
             client.end()
+        self._unsubscribe_runtime()
+
+    def _unsubscribe_runtime(self) -> None:
         if self._unsubscribe is not None:
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             try:
@@ -196,7 +235,7 @@ class EventBroadcaster:
 
     def _on_transition(self, event: TransitionEvent) -> None:
         # Runs on the state actor's thread: be quick, never block, never raise. Events are kept
-        # even while no client listens, for the replay to a client that reconnects.
+        # while no client listens too (for the linger time), for the replay to a client that reconnects.
         if self._closed:
             return
         if len(self._pending) >= self._max_pending:

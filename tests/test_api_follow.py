@@ -13,7 +13,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
-from actorflow.api._events import EventBroadcaster, _frames
+from actorflow.api._events import EventBroadcaster, EventClient, _frames
 from actorflow.core import RuntimeConfig, Task
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
@@ -174,6 +174,52 @@ def test_a_reconnection_past_the_replay_buffer_or_from_another_server_is_told_it
     assert late[0] == b'event: lagged\ndata: {"dropped":1}\n\n'  # frame 2 is gone; 3 and 4 are replayed
     assert [f.split(b"\n")[0] for f in late[1:]] == [b"id: 3", b"id: 4"]
     assert stranger == [b'event: lagged\ndata: {"dropped":null}\n\n']
+
+
+async def _frames_now(client: EventClient, count: int) -> list[bytes]:
+    """The next `count` frames offered to `client`, each awaited (the flush runs on this loop)."""
+    return [await asyncio.wait_for(client.queue.get(), WAIT_S) for _ in range(count)]
+
+
+def _queued(client: EventClient) -> list[bytes]:
+    return [client.queue.get_nowait() for _ in range(client.queue.qsize())]
+
+
+def test_once_no_stream_has_been_open_for_the_linger_time_frames_are_no_longer_kept(held: Runtime) -> None:
+    async def scenario() -> list[bytes]:
+        broadcaster = EventBroadcaster(held, linger_s=0)
+        listener = broadcaster.attach()
+        held.submit(payload(1)).result(timeout=WAIT_S)
+        assert len(await _frames_now(listener, 4)) == 4
+        broadcaster.detach(listener)  # the last stream ends; with linger_s=0 nothing is kept from now on
+        held.submit(payload(2)).result(timeout=WAIT_S)  # runs while nobody listens
+        await asyncio.sleep(0)  # one turn of the loop: a flush of its events, had any been taken, has run
+        late = broadcaster.attach(last_event_id=4)
+        broadcaster.close()
+        return _queued(late)
+
+    # What ran meanwhile is unknown to the server: the reconnecting client is told so, and nothing is replayed.
+    assert asyncio.run(scenario()) == [b'event: lagged\ndata: {"dropped":null}\n\n', b""]
+
+
+def test_a_client_that_reconnects_within_the_linger_time_gets_what_ran_while_no_stream_was_open(
+    held: Runtime,
+) -> None:
+    async def scenario() -> list[bytes]:
+        broadcaster = EventBroadcaster(held, linger_s=60)
+        listener = broadcaster.attach()
+        held.submit(payload(1)).result(timeout=WAIT_S)
+        assert len(await _frames_now(listener, 4)) == 4
+        broadcaster.detach(listener)
+        held.submit(payload(2)).result(timeout=WAIT_S)
+        await asyncio.sleep(0)  # one turn of the loop: the flush of its four events runs
+        late = broadcaster.attach(last_event_id=4)
+        broadcaster.close()
+        return _queued(late)
+
+    frames = asyncio.run(scenario())
+    assert [f.split(b"\n")[0] for f in frames[:-1]] == [b"id: 5", b"id: 6", b"id: 7", b"id: 8"]
+    assert frames[-1] == b""  # the end of the stream, from close()
 
 
 def test_a_stream_following_one_task_gets_none_of_the_others(held: Runtime) -> None:
