@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -39,7 +40,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from actorflow.api._errors import logger
-from actorflow.core import TransitionEvent
+from actorflow.core import TERMINAL_STATES, TaskRecord, TransitionEvent
 
 __all__ = ["EventBroadcaster", "EventClient", "TooManyStreamsError", "event_stream"]
 
@@ -56,22 +57,52 @@ class TooManyStreamsError(Exception):
 
 
 class EventClient:
-    """One listener: a bounded queue of ready-to-send SSE frames, of one task's events if `task` is set."""
+    """One listener: a bounded queue of ready-to-send SSE frames, of one task's events if `task` is set.
 
-    __slots__ = ("dropped", "queue", "task")
+    A client following one task is ended after that task's terminal frame: nothing can follow it.
+    """
+
+    __slots__ = ("dropped", "ended", "lagged", "queue", "resumed", "task")
 
     def __init__(self, queue_size: int, task: str | None = None) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
         self.task = task
+        self.ended = False
+        """The end of the stream is queued: nothing more is offered."""
+        self.lagged = False
+        """Its reconnection could not be replayed in full (`event: lagged` was its first frame)."""
+        self.resumed = False
+        """It reconnected with a Last-Event-ID."""
 
-    def offer(self, frame: bytes) -> None:
+    def offer(self, frame: bytes, *, terminal: bool = False) -> None:
+        """Queue `frame`, or count it as dropped if the queue is full; `terminal` ends a one-task stream after it."""
+        if self.ended:
+            return
+        if terminal and self.task is not None:
+            # The last frame and the end must both fit: older frames make room (they are counted as dropped).
+            while self._room() < 2 and not self.queue.empty():
+                self.queue.get_nowait()
+                self.dropped += 1
+            if self._room() >= 2:
+                self.queue.put_nowait(frame)
+            else:
+                self.dropped += 1
+            self.end()
+            return
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             self.dropped += 1
 
+    def _room(self) -> float:
+        return math.inf if self.queue.maxsize <= 0 else self.queue.maxsize - self.queue.qsize()
+
     def end(self) -> None:
+        """Queue the end of the stream (once)."""
+        if self.ended:
+            return
+        self.ended = True
         if self.queue.full():  # make room: the end matters more than one more event
             self.queue.get_nowait()
             self.dropped += 1
@@ -123,8 +154,8 @@ class EventBroadcaster:
         self._closed = False
         self._seq = 0
         """The id of the last frame made (events lost to overflow use up ids too, so gaps show)."""
-        self._replay: collections.deque[tuple[int, str, bytes]] = collections.deque(maxlen=replay_size)
-        """(id, task id, frame) of the newest frames."""
+        self._replay: collections.deque[tuple[int, str, bytes, bool]] = collections.deque(maxlen=replay_size)
+        """(id, task id, frame, whether it is the task's terminal transition) of the newest frames."""
 
     @property
     def client_count(self) -> int:
@@ -176,6 +207,7 @@ class EventBroadcaster:
             self._unsubscribe = self._runtime.subscribe(self._on_transition)
         client = EventClient(self._queue_size, task)
         if last_event_id is not None:
+            client.resumed = True
             self._replay_to(client, last_event_id)
         self._set_clients(self._clients.add, client)
         return client
@@ -188,10 +220,38 @@ class EventBroadcaster:
         else:
             missed = max(0, oldest - 1 - last_event_id)
         if missed is None or missed:
+            client.lagged = True
             client.offer(_frame("lagged", {"dropped": missed}))
-        for seq, task_id, frame in self._replay:
+        for seq, task_id, frame, terminal in self._replay:
             if seq > last_event_id and (client.task is None or client.task == task_id):
-                client.offer(frame)
+                client.offer(frame, terminal=terminal)
+
+    def finish_if_terminal(self, client: EventClient, record: TaskRecord) -> bool:
+        """End a one-task stream whose task was already terminal when it opened; False if nothing is left to send.
+
+        `record` must have been read after `client` was attached: then the task's terminal transition
+        was either offered to the client (it has ended), or taken before it attached. In that case
+        the client is sent that transition (with the id it had, or the latest id if it is no longer kept)
+        and ended, unless it reconnected with a Last-Event-ID that already covers it: then there is
+        nothing to send, and the caller answers 204 so that a browser's EventSource stops reconnecting.
+        """
+        if record.state not in TERMINAL_STATES or not record.history:
+            return True
+        self._flush()  # the terminal transition may still be waiting for its frame: it reaches the client then
+        if client.ended:
+            return True
+        if client.resumed and not client.lagged:
+            return False  # its Last-Event-ID is at or past the terminal transition: it has seen the end
+        kept = next(
+            (frame for _, task_id, frame, terminal in reversed(self._replay) if terminal and task_id == record.task_id),
+            None,
+        )
+        if kept is None:
+            last = record.history[-1]
+            event = TransitionEvent(record.task_id, last.from_state, last.to_state, last.at, last.reason, record)
+            kept = _frame("transition", event.to_dict(), event_id=self._seq)
+        client.offer(kept, terminal=True)
+        return True
 
     def detach(self, client: EventClient) -> None:
         """Forget a client whose stream has ended; the last one starts the linger time."""
@@ -262,10 +322,11 @@ class EventBroadcaster:
             event = self._pending.popleft()
             self._seq += 1
             frame = _frame("transition", event.to_dict(), event_id=self._seq)
-            self._replay.append((self._seq, event.task_id, frame))
+            terminal = event.to_state in TERMINAL_STATES
+            self._replay.append((self._seq, event.task_id, frame, terminal))
             for client in clients:
                 if client.task is None or client.task == event.task_id:
-                    client.offer(frame)
+                    client.offer(frame, terminal=terminal)
 
 
 def _frame(event: str, data: dict[str, Any], *, event_id: int | None = None) -> bytes:

@@ -219,7 +219,9 @@ _PATHS: dict[str, Any] = {
             "summary": "Server-Sent Events: one `event: transition` per state change (data: TransitionEvent).",
             "description": (
                 "A comment line (`: heartbeat`) is sent when idle. A client too slow to keep up loses events and "
-                'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down. '
+                'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down, '
+                "and, with `?task=`, after that task's terminal transition (sent alone, at once, if the task is "
+                "already terminal). "
                 "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers. "
                 "Every frame has an `id:`; a client reconnecting with `Last-Event-ID` is first sent the frames "
                 'it missed (the last 1000 are kept), after `event: lagged` (`{"dropped": n}`, null if unknown) '
@@ -243,10 +245,17 @@ _PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": {
-                    "description": "the stream, until the client leaves or the server stops",
+                    "description": "the stream, until the client leaves, the server stops, or the followed task ends",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
+                "204": {
+                    "description": (
+                        "the followed task is terminal and the Last-Event-ID already covers its last transition: "
+                        "nothing more will come (a browser's EventSource stops reconnecting)"
+                    )
+                },
                 "400": _error("a malformed Last-Event-ID, or an empty or repeated task"),
+                "404": _error("no task has the id given as `task`"),
                 "503": _error("too many streams are open, or the server is shutting down"),
             },
         }

@@ -291,6 +291,17 @@ class _Handlers:
             return error_response(503, str(exc), headers={"Retry-After": "5"})
         except RuntimeError as exc:
             return error_response(503, str(exc))
+        if task is not None:
+            # Read after attaching: a transition to a terminal state either reaches the client or is in
+            # the record, so that the stream ends after it, whenever the task got there.
+            try:
+                record = await run_in_threadpool(self.runtime.get, task)
+            except BaseException:
+                self.broadcaster.detach(client)
+                raise
+            if not self.broadcaster.finish_if_terminal(client, record):
+                self.broadcaster.detach(client)
+                return Response(status_code=204, headers={"Cache-Control": "no-store"})
         return event_stream(self.broadcaster, client, heartbeat_s=self.heartbeat_s)
 
     async def tasks(self, request: Request) -> Response:
@@ -433,7 +444,8 @@ def _event_params(request: Request) -> tuple[int | None, str | None]:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error_response(404, f"no task with id {echo(request.path_params.get('task_id', ''))}")
+    task_id = request.path_params.get("task_id") or request.query_params.get("task", "")  # /tasks/{id}, /events?task=
+    return error_response(404, f"no task with id {echo(task_id)}")
 
 
 async def _unprocessable(request: Request, exc: Exception) -> Response:

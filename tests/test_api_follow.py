@@ -50,8 +50,13 @@ def server(held: Runtime) -> Iterator[ApiServer]:
 
 def frames_of(response: httpx.Response) -> Iterator[dict[str, str]]:
     """The SSE frames of a stream, each as its fields (id, event, data); comments are skipped."""
+    return frames_of_lines(response.iter_lines())
+
+
+def frames_of_lines(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """The SSE frames in `lines`, each as its fields (id, event, data); comments are skipped."""
     fields: dict[str, str] = {}
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith((":", "retry:")):
             continue
         if not line:
@@ -148,6 +153,49 @@ def test_a_client_reconnecting_with_last_event_id_gets_what_it_missed_and_can_fo
     assert all(int(f["id"]) > 4 for f in replayed)
     assert [json.loads(f["data"])["task_id"] for f in replayed] == [third] * 4
     assert [json.loads(f["data"])["to_state"] for f in replayed] == ["CREATED", "VALIDATED", "PROCESSING", "COMPLETED"]
+
+
+def test_a_stream_following_one_task_ends_after_that_tasks_terminal_event(
+    held: Runtime, server: ApiServer, gate: threading.Event
+) -> None:
+    task_id = held.submit(payload(hold=True)).task_id
+    with httpx.stream("GET", f"{server.url}/events", params={"task": task_id}, timeout=WAIT_S) as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "retry: 2000"  # the stream is attached: the task's end cannot be missed
+        gate.set()
+        frames = list(frames_of_lines(lines))  # ends when the server ends the stream
+
+    transitions = [json.loads(frame["data"]) for frame in frames]
+    assert transitions[-1]["to_state"] == "COMPLETED"
+    assert {t["task_id"] for t in transitions} == {task_id}
+
+
+def test_a_stream_opened_on_a_task_that_is_already_terminal_sends_its_last_transition_and_ends(
+    held: Runtime, server: ApiServer
+) -> None:
+    task_id = held.submit(payload()).task_id
+    held.handle(task_id).result(timeout=WAIT_S)
+    with httpx.stream("GET", f"{server.url}/events", params={"task": task_id}, timeout=WAIT_S) as stream:
+        assert stream.status_code == 200
+        frames = list(frames_of(stream))
+
+    assert len(frames) == 1
+    assert frames[0]["event"] == "transition"
+    last = json.loads(frames[0]["data"])
+    assert (last["task_id"], last["from_state"], last["to_state"]) == (task_id, "PROCESSING", "COMPLETED")
+    # A browser's EventSource reconnects when a stream ends: with the id it got, it is told there is nothing
+    # more (204), which stops it.
+    again = httpx.get(
+        f"{server.url}/events", params={"task": task_id}, headers={"Last-Event-ID": frames[0]["id"]}, timeout=WAIT_S
+    )
+    assert again.status_code == 204
+    assert again.content == b""
+
+
+def test_a_stream_following_a_task_that_does_not_exist_is_a_404(server: ApiServer) -> None:
+    answer = httpx.get(f"{server.url}/events", params={"task": "nope"}, timeout=WAIT_S)
+    assert answer.status_code == 404
+    assert "nope" in answer.json()["error"]
 
 
 def test_a_malformed_last_event_id_is_a_400(server: ApiServer) -> None:
