@@ -351,9 +351,18 @@ async def _frames(client: EventClient, heartbeat_s: float) -> AsyncIterator[byte
         yield frame
 
 
-def event_stream(broadcaster: EventBroadcaster, client: EventClient, *, heartbeat_s: float) -> _EventStream:
-    """The ASGI response streaming `client`'s frames, with a heartbeat comment when idle."""
-    return _EventStream(broadcaster, client, heartbeat_s)
+def event_stream(
+    broadcaster: EventBroadcaster,
+    client: EventClient,
+    *,
+    heartbeat_s: float,
+    on_end: Callable[[], None] | None = None,
+) -> _EventStream:
+    """The ASGI response streaming `client`'s frames, with a heartbeat comment when idle.
+
+    `on_end` is called once the stream is over, however it ended (to give back a slot, say).
+    """
+    return _EventStream(broadcaster, client, heartbeat_s, on_end)
 
 
 class _EventStream:
@@ -364,10 +373,17 @@ class _EventStream:
     stream ends. Here it is detached as soon as it leaves.
     """
 
-    def __init__(self, broadcaster: EventBroadcaster, client: EventClient, heartbeat_s: float) -> None:
+    def __init__(
+        self,
+        broadcaster: EventBroadcaster,
+        client: EventClient,
+        heartbeat_s: float,
+        on_end: Callable[[], None] | None,
+    ) -> None:
         self._broadcaster = broadcaster
         self._client = client
         self._heartbeat_s = heartbeat_s
+        self._on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -399,3 +415,5 @@ class _EventStream:
             pass
         finally:
             self._broadcaster.detach(self._client)
+            if self._on_end is not None:
+                self._on_end()

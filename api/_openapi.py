@@ -160,7 +160,8 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 _UNAVAILABLE = _error(
-    "The runtime is stopped or overloaded, or the server is at its limit of requests in progress; "
+    "The runtime is stopped or overloaded, or the server is at its limit of requests in progress (or, for "
+    "an event stream or a `?wait=` long poll, of those that wait), or it is shutting down; "
     "`Retry-After` says when to try again."
 )
 
@@ -256,7 +257,10 @@ _PATHS: dict[str, Any] = {
                 },
                 "400": _error("a malformed Last-Event-ID, or an empty or repeated task"),
                 "404": _error("no task has the id given as `task`"),
-                "503": _error("too many streams are open, or the server is shutting down"),
+                "503": _error(
+                    "too many streams are open, or too many requests wait (streams and long polls may hold half "
+                    "of the request slots), or the server is shutting down"
+                ),
             },
         }
     },

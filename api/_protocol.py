@@ -17,12 +17,15 @@ included. This module replaces both mechanisms:
   every other error of the API.
 
 Concurrency of requests in progress is limited by `RequestLimitMiddleware`, which
-answers JSON 503 with ``Retry-After`` and never refuses ``/healthz``.
+answers JSON 503 with ``Retry-After`` and never refuses ``/healthz``. Requests that
+wait on the runtime (event streams, ``?wait=`` long polls) may hold only a share of
+those slots (`WaitingRequests`), so that submissions always find room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from typing import Any
 
@@ -33,7 +36,7 @@ from uvicorn.server import ServerState
 
 from actorflow.api._errors import encode_json, error_response
 
-__all__ = ["ApiConfig", "GuardedH11Protocol", "RequestLimitMiddleware"]
+__all__ = ["ApiConfig", "GuardedH11Protocol", "RequestLimitMiddleware", "WaitingRequests"]
 
 REQUEST_START_TIMEOUT_S = 10.0
 """A waiting connection must send a whole request head within this long."""
@@ -196,3 +199,42 @@ class RequestLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+class WaitingRequests:
+    """Requests that wait on the runtime (event streams, ``?wait=`` long polls): at most `limit` at once.
+
+    They hold a request slot for as long as they wait, up to a minute or for good: capped at a share of
+    `RequestLimitMiddleware`'s slots, they can never take the ones submissions need. Used from the
+    event loop; `wait_for_count` is for another thread (a host, a test).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the limit of waiting requests must be >= 1, got {limit!r}")
+        self.limit = limit
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def try_hold(self) -> bool:
+        """Take a slot for a request about to wait; False if `limit` are already waiting."""
+        with self._changed:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            self._changed.notify_all()
+            return True
+
+    def release(self) -> None:
+        """Give back a slot `try_hold` gave."""
+        with self._changed:
+            self.count -= 1
+            self._changed.notify_all()
+
+    def wait_for_count(self, count: int, timeout: float) -> bool:
+        """Block until exactly `count` requests wait; False if that did not happen within `timeout` s.
+
+        Never call it on the event loop's thread.
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count == count, timeout)

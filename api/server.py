@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import importlib.resources
 import json
@@ -74,6 +75,7 @@ from actorflow.api._protocol import (
     REQUEST_START_TIMEOUT_S,
     ApiConfig,
     RequestLimitMiddleware,
+    WaitingRequests,
 )
 from actorflow.core import (
     ConfigError,
@@ -136,6 +138,7 @@ def create_app(
     max_event_clients: int = 100,
     idempotency_keys: IdempotencyKeys | None = None,
     max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+    max_waiting_requests: int | None = None,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
     metrics_public: bool = False,
@@ -150,6 +153,9 @@ def create_app(
         idempotency_keys: where Idempotency-Keys are remembered (default: 10,000 keys for 24 h).
         max_concurrent_requests: requests in progress at once (event streams included); more answer
             503 with Retry-After, except `/healthz`, which is always answered.
+        max_waiting_requests: how many of those may be requests that wait on the runtime (event
+            streams and `?wait=` long polls); more answer 503 with Retry-After at once, so that
+            submissions always find a slot. Default: half of `max_concurrent_requests`.
         max_payload_bytes: the largest payload stored, in bytes of its canonical JSON; larger ones answer 413.
         max_payload_nodes: the most values (nodes) in a payload; more answer 413.
         metrics_public: serve `GET /metrics` without the token (for a Prometheus that has none).
@@ -159,6 +165,13 @@ def create_app(
     for name, cap in (("max_payload_bytes", max_payload_bytes), ("max_payload_nodes", max_payload_nodes)):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"{name} must be an int >= 1, got {cap!r}")
+    if max_waiting_requests is None:
+        max_waiting_requests = max(1, max_concurrent_requests // 2)
+    if not 1 <= max_waiting_requests <= max_concurrent_requests:
+        raise ValueError(
+            f"max_waiting_requests must be from 1 to max_concurrent_requests ({max_concurrent_requests}), "
+            f"got {max_waiting_requests!r}"
+        )
     broadcaster = EventBroadcaster(runtime, max_clients=max_event_clients)
     handlers = _Handlers(
         runtime,
@@ -167,6 +180,8 @@ def create_app(
         openapi_document(token_required=token is not None, metrics_public=metrics_public, pipelines=runtime.pipelines),
         heartbeat_s,
         _PayloadCaps(max_payload_bytes, max_payload_nodes),
+        WaitingRequests(max_waiting_requests),
+        max_concurrent_requests,
     )
 
     @contextlib.asynccontextmanager
@@ -210,6 +225,7 @@ def create_app(
     app.router.redirect_slashes = False  # /tasks/ is an unknown route (404), not a redirect
     app.state.broadcaster = broadcaster
     app.state.idempotency_keys = handlers.keys
+    app.state.waiting_requests = handlers.waiting
     return app
 
 
@@ -237,9 +253,13 @@ class _Handlers:
         openapi: dict[str, Any],
         heartbeat_s: float,
         caps: _PayloadCaps,
+        waiting: WaitingRequests,
+        max_requests: int,
     ) -> None:
         self.runtime = runtime
         self.caps = caps
+        self.waiting = waiting
+        self.max_requests = max_requests
         self.parsers = asyncio.Semaphore(_PARSERS)
         self.broadcaster = broadcaster
         self.keys = keys
@@ -285,11 +305,15 @@ class _Handlers:
             last_event_id, task = _event_params(request)
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
+        if not self.waiting.try_hold():
+            return self._too_many_waiting()
         try:
             client = self.broadcaster.attach(last_event_id=last_event_id, task=task)
         except TooManyStreamsError as exc:
+            self.waiting.release()
             return error_response(503, str(exc), headers={"Retry-After": "5"})
         except RuntimeError as exc:
+            self.waiting.release()
             return error_response(503, str(exc))
         if task is not None:
             # Read after attaching: a transition to a terminal state either reaches the client or is in
@@ -298,11 +322,21 @@ class _Handlers:
                 record = await run_in_threadpool(self.runtime.get, task)
             except BaseException:
                 self.broadcaster.detach(client)
+                self.waiting.release()
                 raise
             if not self.broadcaster.finish_if_terminal(client, record):
                 self.broadcaster.detach(client)
+                self.waiting.release()
                 return Response(status_code=204, headers={"Cache-Control": "no-store"})
-        return event_stream(self.broadcaster, client, heartbeat_s=self.heartbeat_s)
+        return event_stream(self.broadcaster, client, heartbeat_s=self.heartbeat_s, on_end=self.waiting.release)
+
+    def _too_many_waiting(self) -> Response:
+        return error_response(
+            503,
+            f"event streams and long polls hold {self.waiting.limit} of the {self.max_requests} request slots, "
+            "the most they may (the rest are kept for other requests); try again",
+            headers={"Retry-After": "1"},
+        )
 
     async def tasks(self, request: Request) -> Response:
         if request.method == "POST":
@@ -320,8 +354,14 @@ class _Handlers:
         if wait:
             handle = await run_in_threadpool(self.runtime.handle, task_id)
             if not handle.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_settled(handle), timeout=wait)
+                if not self.waiting.try_hold():
+                    return self._too_many_waiting()
+                try:
+                    if await _wait_unless_gone(handle, request, wait) is _Outcome.GONE:
+                        # Nobody to answer: end now, giving the slot back, rather than in up to a minute.
+                        return Response(status_code=204)
+                finally:
+                    self.waiting.release()
         record = await run_in_threadpool(self.runtime.get, task_id)
         return json_response(record.to_dict())
 
@@ -409,8 +449,37 @@ MAX_WAIT_S = 60.0
 """The longest `GET /tasks/{id}?wait=` may hold a request."""
 
 
-async def _settled(handle: TaskHandle) -> None:
-    await handle
+class _Outcome(enum.Enum):
+    SETTLED = "settled"
+    TIMED_OUT = "timed out"
+    GONE = "the client went away"
+
+
+async def _wait_unless_gone(handle: TaskHandle, request: Request, timeout: float) -> _Outcome:
+    """Wait until the task is terminal, `timeout` passes, or the client disconnects, whichever comes first.
+
+    Raises what waiting on the handle raises (RuntimeStopped: the runtime closed first).
+    """
+
+    async def settled() -> None:
+        await handle
+
+    async def gone() -> None:
+        # The request's body (none, for a GET) comes first; the next message is the disconnection.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    waiters = {asyncio.ensure_future(settled()): _Outcome.SETTLED, asyncio.ensure_future(gone()): _Outcome.GONE}
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        # Let the cancelled waits finish: awaiting the handle removes its callback on the way out.
+        await asyncio.gather(*waiters, return_exceptions=True)
+    for waiter in done:
+        waiter.result()  # the runtime closed: raise it, for the app's handlers to answer
+    return next((waiters[waiter] for waiter in done), _Outcome.TIMED_OUT)
 
 
 def _wait_param(request: Request) -> float:

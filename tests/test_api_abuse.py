@@ -180,6 +180,43 @@ def test_more_requests_in_progress_than_allowed_answer_json_503_while_healthz_st
         assert http.get("/healthz").status_code == 200
 
 
+def test_event_streams_and_long_polls_hold_at_most_half_the_request_slots_so_a_post_still_gets_in(
+    rt: Runtime,
+) -> None:
+    task_id = rt.submit(payload(hold=True)).task_id
+    with (
+        serve_in_background(create_app(rt, max_concurrent_requests=4)) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
+        ExitStack() as streams,
+    ):
+        # Each open stream holds its slot (its head is sent at once); a third finds the waiting share full.
+        opened = [streams.enter_context(http.stream("GET", "/events")) for _ in range(3)]
+        poll = http.get(f"/tasks/{task_id}", params={"wait": 5})
+        created = http.post("/tasks", json=payload(1))
+
+    assert [stream.status_code for stream in opened] == [200, 200, 503]
+    assert poll.status_code == 503  # refused at once, not held: the share is full
+    assert poll.headers["retry-after"] == "1"
+    assert "2 of the 4" in poll.json()["error"]
+    assert created.status_code == 201, created.text
+
+
+@pytest.mark.timeout(60)
+def test_a_long_poll_whose_client_goes_away_frees_its_slot_at_once(rt: Runtime) -> None:
+    task_id = rt.submit(payload(hold=True)).task_id
+    app = create_app(rt, max_concurrent_requests=4)
+    waiting = app.state.waiting_requests
+    with serve_in_background(app) as running:
+        for _ in range(8):  # four times the share: abandoned polls that kept their slot would lock the others out
+            with connect(running) as sock:
+                head = f"GET /tasks/{task_id}?wait=60 HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n\r\n"
+                sock.sendall(head.encode())
+                assert waiting.wait_for_count(1, WAIT_S), "the long poll never started waiting"
+            assert waiting.wait_for_count(0, WAIT_S), "the slot of a client that went away was kept"
+        with httpx.Client(base_url=running.url, timeout=WAIT_S) as http:
+            assert http.get(f"/tasks/{task_id}", params={"wait": 0.01}).status_code == 200
+
+
 # --- big pages -----------------------------------------------------------------------------------
 
 
