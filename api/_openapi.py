@@ -320,6 +320,10 @@ _PATHS: dict[str, Any] = {
                 "413": _error(
                     "the body is over 1 MiB, or the payload over the server's caps (canonical bytes, values)"
                 ),
+                "415": _error(
+                    "the body is not declared `Content-Type: application/json` (what a web page of another "
+                    "site could send unasked is refused)"
+                ),
                 "422": _error(
                     "the body is not a JSON object, nests too deep, the runtime refused it, "
                     "or the Idempotency-Key was used with another payload"
@@ -396,6 +400,13 @@ _PATHS: dict[str, Any] = {
 _MALFORMED_HTTP = "a request that is not valid HTTP (e.g. a header with illegal characters), refused as plain text by the HTTP server before the API sees it"  # noqa: E501
 
 
+_MISDIRECTED = _error(
+    "the `Host` header names another server (a DNS rebinding, say): this one answers to localhost, 127.0.0.1, "
+    "[::1], the address it is reached on and the host it is bound to, each with its port, and to the names "
+    "added with `--allowed-host`"
+)
+
+
 def _document_malformed_http(responses: dict[str, Any]) -> None:
     """Any route can answer 400 in plain text: uvicorn refuses malformed HTTP before the app runs."""
     plain = {"schema": {"type": "string"}}
@@ -442,10 +453,12 @@ def openapi_document(
     }
     if pipelines:
         document["x-pipelines"] = [pipeline.describe() for pipeline in pipelines]
-    for item in paths.values():
+    for path, item in paths.items():
         for method, operation in item.items():
             if method != "parameters":
                 _document_malformed_http(operation["responses"])
+                if path != "/healthz":
+                    operation["responses"]["421"] = copy.deepcopy(_MISDIRECTED)
     if token_required:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]

@@ -59,6 +59,7 @@ from actorflow.api._errors import (
     json_response,
 )
 from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
+from actorflow.api._hosts import AllowedHosts, HostCheckMiddleware
 from actorflow.api._idempotency import (
     KEY_REUSED as _KEY_REUSED,
 )
@@ -142,8 +143,15 @@ def create_app(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
     metrics_public: bool = False,
+    allowed_hosts: Iterable[str] = (),
 ) -> Starlette:
     """The API and dashboard over `runtime`, which the caller keeps owning (and closes).
+
+    Every request but `/healthz` must name this server in its `Host` header (localhost,
+    127.0.0.1, [::1], the address it came in on or the host `make_server` bound, with the
+    port), or it answers 421: a web page that a DNS rebinding points at this server cannot
+    read it. A `POST /tasks` body must be declared `application/json`, or it answers 415: a
+    web page cannot send that across origins without the browser asking this server first.
 
     Args:
         runtime: the runtime to serve.
@@ -159,6 +167,8 @@ def create_app(
         max_payload_bytes: the largest payload stored, in bytes of its canonical JSON; larger ones answer 413.
         max_payload_nodes: the most values (nodes) in a payload; more answer 413.
         metrics_public: serve `GET /metrics` without the token (for a Prometheus that has none).
+        allowed_hosts: more names requests may give as `Host`: ``name`` (any port; behind a
+            reverse proxy, say) or ``name:port``; ``"*"`` answers every name.
     """
     if token is not None and not token:
         raise ValueError("token must be a non-empty string, or None for no authentication")
@@ -189,8 +199,10 @@ def create_app(
         yield
         broadcaster.close()
 
+    hosts = AllowedHosts(allowed_hosts)
     middleware = [
         Middleware(CatchAllMiddleware),
+        Middleware(HostCheckMiddleware, hosts=hosts),  # before the limit: a misdirected request takes no slot
         Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests),
     ]
     if token is not None:
@@ -226,6 +238,7 @@ def create_app(
     app.state.broadcaster = broadcaster
     app.state.idempotency_keys = handlers.keys
     app.state.waiting_requests = handlers.waiting
+    app.state.allowed_hosts = hosts
     return app
 
 
@@ -368,6 +381,8 @@ class _Handlers:
     async def _submit(self, request: Request) -> Response:
         try:
             pipeline = _pipeline_param(request, self.runtime)
+            _check_declared_size(request)
+            _check_json_media_type(request)
             body = await _read_body(request)
             async with self.parsers:  # parsing a 1 MiB body takes tens of ms: off the event loop
                 parsed = await run_in_threadpool(_parse_payload, body, self.caps)
@@ -547,13 +562,33 @@ async def _not_implemented(request: Request, exc: Exception) -> Response:
     return error_response(501, f"not supported by this runtime: {exc}")
 
 
-async def _read_body(request: Request) -> bytes:
+def _check_declared_size(request: Request) -> None:
     declared = request.headers.get("content-length")
     if declared is not None:
         if _COUNT.fullmatch(declared) is None:
             raise _RequestError(400, f"Content-Length must be a byte count, got {echo(declared)}")
         if int(declared) > MAX_BODY_BYTES:
             raise _RequestError(413, f"the body is {declared} bytes; at most {MAX_BODY_BYTES} (1 MiB) are accepted")
+
+
+def _check_json_media_type(request: Request) -> None:
+    """415 unless the body is declared ``application/json`` (parameters such as a charset are fine).
+
+    The types a web page may send to another site without the browser asking that site first
+    (``text/plain``, forms, or none at all) are exactly the ones refused here.
+    """
+    declared = request.headers.get("content-type")
+    media_type = (declared or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        got = "no Content-Type" if declared is None else f"Content-Type {echo(declared)}"
+        raise _RequestError(
+            415,
+            f"the body must be declared as JSON: send Content-Type: application/json (got {got}); "
+            'e.g. curl --json \'{"name": "a", "data": 1}\'',
+        )
+
+
+async def _read_body(request: Request) -> bytes:
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -771,19 +806,29 @@ def make_server(
     configure_logging: bool = True,
     request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
     max_idle_connections: int = MAX_IDLE_CONNECTIONS,
+    allowed_hosts: Iterable[str] = (),
 ) -> ApiServer:
     """A uvicorn server for `app`, with limits so that slow or abandoned clients cannot exhaust it.
 
     Args:
         app: from `create_app`.
-        host: the address to bind; loopback unless told otherwise.
+        host: the address to bind; loopback unless told otherwise. The app answers requests that
+            name it as their `Host` (with the port), as it does the loopback names.
         port: the port to bind; 0 picks a free one (see `ApiServer.port`).
         configure_logging: let uvicorn set up its console logging (off in tests and embedders).
         request_start_timeout_s: a connection waiting for a request (new, or between two requests)
             must send the request's line and headers within this long, or it is closed.
         max_idle_connections: connections waiting for a request at once; past this, the one that
             has waited longest is closed, so that idle sockets never crowd out real requests.
+        allowed_hosts: more names the app answers to (see `create_app`).
     """
+    hosts = getattr(app.state, "allowed_hosts", None)
+    if isinstance(hosts, AllowedHosts):
+        hosts.bind(host)
+        for entry in allowed_hosts:
+            hosts.add(entry)
+    elif allowed_hosts:
+        raise ValueError("allowed_hosts needs an app from create_app, which checks the Host header")
     config = ApiConfig(
         app,
         request_start_timeout_s=request_start_timeout_s,
@@ -871,6 +916,7 @@ def serve(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
     metrics_public: bool = False,
+    allowed_hosts: Iterable[str] = (),
 ) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
@@ -896,6 +942,7 @@ def serve(
         max_payload_bytes: the largest payload accepted, in bytes of its canonical JSON.
         max_payload_nodes: the most values (nodes) in an accepted payload.
         metrics_public: serve `GET /metrics` without the token.
+        allowed_hosts: more names requests may give as `Host` (see `create_app`).
     """
     if runtime is not None and journal is not None:
         raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
@@ -920,6 +967,7 @@ def serve(
                 max_payload_bytes=max_payload_bytes,
                 max_payload_nodes=max_payload_nodes,
                 metrics_public=metrics_public,
+                allowed_hosts=allowed_hosts,
             )
             server = make_server(app, host=host, port=port)
             with _stop_signals_absorbed():

@@ -260,7 +260,7 @@ def test_a_one_mib_body_of_empty_objects_answers_413_naming_the_node_cap(client:
     body = b'{"data":[' + b",".join([b"{}"] * 262_000) + b"]}"
     assert len(body) <= 1024 * 1024
 
-    response = client.post("/tasks", content=body)
+    response = client.post("/tasks", content=body, headers={"Content-Type": "application/json"})
 
     assert response.status_code == 413, response.text
     assert response.headers["content-type"] == "application/json"
@@ -273,7 +273,8 @@ def test_a_payload_over_the_byte_cap_answers_413_with_its_canonical_size(rt: Run
         httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
     ):
         # Spaces do not count: the canonical JSON of this one is 96 bytes.
-        fits = http.post("/tasks", content=b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}')
+        spaced = b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}'
+        fits = http.post("/tasks", content=spaced, headers={"Content-Type": "application/json"})
         too_big = http.post("/tasks", json={"name": "a", "data": "x" * 80})
 
     assert fits.status_code == 201, fits.text

@@ -134,7 +134,9 @@ def test_a_posted_task_completes_and_sigint_stops_the_server_cleanly_with_an_eve
     listener = threading.Thread(target=listen)
     listener.start()
     assert stream_opened.wait(WAIT_S), "the event stream never opened"
-    created = httpx.post(f"{served.url}/tasks", content=b'{"name":"a","data":1}')  # as curl -d sends it
+    created = httpx.post(  # as `curl --json` sends it
+        f"{served.url}/tasks", content=b'{"name":"a","data":1}', headers={"Content-Type": "application/json"}
+    )
     assert created.status_code == 201
     task_id = created.json()["task_id"]
     record = httpx.get(f"{served.url}/tasks/{task_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 5).json()
@@ -162,6 +164,16 @@ def test_sigterm_lets_the_tasks_in_flight_finish_before_the_process_exits(
     record = httpx.get(f"{again.url}/tasks/{task_id}").json()
     assert record["state"] == "COMPLETED"
     assert record["updated_at"] < exited_at  # finished by the first process, not recovered by the second
+
+
+def test_allowed_hosts_are_repeatable_and_a_malformed_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["--allowed-host", "tasks.example.com", "--allowed-host", "[::1]:8443"])
+    assert args.allowed_host == ["tasks.example.com", "[::1]:8443"]
+    assert build_parser().parse_args([]).allowed_host == []
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--allowed-host", "http://tasks.example.com/"])
+    assert "--allowed-host: must be a host name" in capsys.readouterr().err
 
 
 def test_the_token_comes_from_the_flag_first_then_the_environment() -> None:
@@ -242,7 +254,8 @@ def test_thirty_one_mib_posts_of_empty_objects_leave_the_servers_memory_bounded(
         assert http.post("/tasks", json={"name": "warm-up", "data": 1}).status_code == 201
         before = resident_mib(served.process.pid)
 
-        statuses = {http.post("/tasks", content=body).status_code for _ in range(30)}
+        json_body = {"Content-Type": "application/json"}
+        statuses = {http.post("/tasks", content=body, headers=json_body).status_code for _ in range(30)}
 
         after = resident_mib(served.process.pid)
     assert statuses == {413}
