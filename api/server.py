@@ -33,6 +33,7 @@ import re
 import signal
 import tempfile
 import threading
+import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -200,8 +201,9 @@ def create_app(
         broadcaster.close()
 
     hosts = AllowedHosts(allowed_hosts)
+    stopping = handlers.stopping
     middleware = [
-        Middleware(CatchAllMiddleware),
+        Middleware(CatchAllMiddleware, stopping),
         Middleware(HostCheckMiddleware, hosts=hosts),  # before the limit: a misdirected request takes no slot
         Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests),
     ]
@@ -239,6 +241,7 @@ def create_app(
     app.state.idempotency_keys = handlers.keys
     app.state.waiting_requests = handlers.waiting
     app.state.allowed_hosts = hosts
+    app.state.stopping = stopping
     return app
 
 
@@ -273,6 +276,8 @@ class _Handlers:
         self.caps = caps
         self.waiting = waiting
         self.max_requests = max_requests
+        self.stopping = asyncio.Event()
+        """Set when the server begins to shut down: requests that wait answer 503 then (see ApiServer)."""
         self.parsers = asyncio.Semaphore(_PARSERS)
         self.broadcaster = broadcaster
         self.keys = keys
@@ -367,14 +372,18 @@ class _Handlers:
         if wait:
             handle = await run_in_threadpool(self.runtime.handle, task_id)
             if not handle.done():
+                if self.stopping.is_set():
+                    return _shutting_down()
                 if not self.waiting.try_hold():
                     return self._too_many_waiting()
                 try:
-                    if await _wait_unless_gone(handle, request, wait) is _Outcome.GONE:
-                        # Nobody to answer: end now, giving the slot back, rather than in up to a minute.
-                        return Response(status_code=204)
+                    outcome = await _wait_for_task(handle, request, self.stopping, wait)
                 finally:
                     self.waiting.release()
+                if outcome is _Outcome.GONE:
+                    return Response(status_code=204)  # nobody to answer: the slot is free now, not in a minute
+                if outcome is _Outcome.STOPPING:
+                    return _shutting_down()
         record = await run_in_threadpool(self.runtime.get, task_id)
         return json_response(record.to_dict())
 
@@ -468,10 +477,16 @@ class _Outcome(enum.Enum):
     SETTLED = "settled"
     TIMED_OUT = "timed out"
     GONE = "the client went away"
+    STOPPING = "the server is shutting down"
 
 
-async def _wait_unless_gone(handle: TaskHandle, request: Request, timeout: float) -> _Outcome:
-    """Wait until the task is terminal, `timeout` passes, or the client disconnects, whichever comes first.
+def _shutting_down() -> Response:
+    return error_response(503, "the server is shutting down; try again once it is back", headers={"Retry-After": "5"})
+
+
+async def _wait_for_task(handle: TaskHandle, request: Request, stopping: asyncio.Event, timeout: float) -> _Outcome:
+    """Wait until the task is terminal, `timeout` passes, the client disconnects or the server begins to
+    shut down, whichever comes first.
 
     Raises what waiting on the handle raises (RuntimeStopped: the runtime closed first).
     """
@@ -484,7 +499,11 @@ async def _wait_unless_gone(handle: TaskHandle, request: Request, timeout: float
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    waiters = {asyncio.ensure_future(settled()): _Outcome.SETTLED, asyncio.ensure_future(gone()): _Outcome.GONE}
+    waiters = {
+        asyncio.ensure_future(settled()): _Outcome.SETTLED,
+        asyncio.ensure_future(gone()): _Outcome.GONE,
+        asyncio.ensure_future(stopping.wait()): _Outcome.STOPPING,
+    }
     try:
         done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -762,16 +781,26 @@ def _load_dashboard() -> tuple[bytes, dict[str, str]]:
 
 
 class ApiServer(uvicorn.Server):
-    """uvicorn's server, plus a readiness event and event streams that end at shutdown.
+    """uvicorn's server, plus a readiness event, and requests that wait which end at shutdown.
 
     `ready` is set once startup has finished, whether or not it succeeded: check
-    `started`. uvicorn waits at shutdown for open responses to finish, and an
-    event stream never would, so `shutdown` ends them first.
+    `started`. uvicorn waits at shutdown for open responses to finish, for up to
+    `timeout_graceful_shutdown`, then cancels them (a plain-text 500 and a logged
+    traceback). An event stream would never finish, and a long poll only after up
+    to a minute, so `shutdown` first ends the streams and answers the long polls
+    with a JSON 503.
     """
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = threading.Event()
+        self.stop_requested_at: float | None = None
+        """`time.monotonic()` when the first stop signal (or `should_exit`) was seen; None while serving."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        super().handle_exit(sig, frame)
 
     @property
     def port(self) -> int:
@@ -792,7 +821,13 @@ class ApiServer(uvicorn.Server):
             self.ready.set()
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        broadcaster = getattr(getattr(self.config.app, "state", None), "broadcaster", None)
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        state = getattr(self.config.app, "state", None)
+        stopping = getattr(state, "stopping", None)
+        if isinstance(stopping, asyncio.Event):
+            stopping.set()
+        broadcaster = getattr(state, "broadcaster", None)
         if isinstance(broadcaster, EventBroadcaster):
             broadcaster.close()
         await super().shutdown(sockets=sockets)
@@ -946,6 +981,7 @@ def serve(
     """
     if runtime is not None and journal is not None:
         raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
+    temporary_journal = runtime is None and journal is None
     with contextlib.ExitStack() as cleanup:
         if runtime is None:
             if journal is None:
@@ -960,6 +996,8 @@ def serve(
                     overload="reject",  # an HTTP client is told 503 + Retry-After at once, not held
                 )
             )
+        signals = cleanup.enter_context(_StopSignals())
+        server: ApiServer | None = None
         try:
             app = create_app(
                 runtime,
@@ -970,25 +1008,94 @@ def serve(
                 allowed_hosts=allowed_hosts,
             )
             server = make_server(app, host=host, port=port)
-            with _stop_signals_absorbed():
-                server.run()
+            drain_s = runtime.config.drain_timeout_s
+            # The whole stop (requests, then tasks in flight) fits in the drain timeout: a supervisor's
+            # grace period is set from it, and one that runs out kills the process mid-way.
+            server.config.timeout_graceful_shutdown = max(1, min(GRACEFUL_SHUTDOWN_S, round(drain_s / 2)))
+            server.run()
         finally:
-            runtime.close(drain=True)
+            stop_at = server.stop_requested_at if server is not None else None
+            if runtime.config.journal_path is None:
+                fate = " and are lost (the runtime has no journal)"
+            elif temporary_journal:
+                fate = " and are lost (the journal is a temporary one; --journal keeps them)"
+            else:
+                fate = "; they resume when the server starts again on the same journal"
+            _drain_and_close(runtime, signals, stop_at, unfinished=fate)
 
 
-@contextlib.contextmanager
-def _stop_signals_absorbed() -> Iterator[None]:
-    # uvicorn handles SIGINT/SIGTERM itself, then, once shut down, restores the previous
-    # handlers and raises the signal again. With Python's defaults that would be a
-    # KeyboardInterrupt (or, for SIGTERM, death) before the runtime drains; handlers
-    # that ignore the signal for the length of the server's run let serve() finish.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in stop_signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+_log = logging.getLogger("uvicorn.error")
+"""Where serve() says how its stop goes: uvicorn's own log, beside its "Shutting down"."""
+
+
+class _StopNow(BaseException):
+    """A second stop signal while draining: stop at once (a BaseException, like KeyboardInterrupt)."""
+
+
+class _StopSignals(contextlib.AbstractContextManager["_StopSignals"]):
+    """SIGINT and SIGTERM for the length of `serve()`, in the main thread.
+
+    uvicorn handles them itself while it serves, then restores these handlers and
+    raises each signal it caught again: here they are counted, not fatal, so that
+    the runtime still drains. A second one (Ctrl-C pressed again) stops the drain.
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.draining and self.count >= 2:
+            self.draining = False
+            raise _StopNow
+
+
+def _drain_and_close(runtime: Runtime, signals: _StopSignals, stop_at: float | None, *, unfinished: str) -> None:
+    """Let the tasks in flight finish within what is left of the drain timeout since the stop began, then close.
+
+    A second stop signal (now, or while the requests were finishing) skips the rest of the wait;
+    `unfinished` says what becomes of the tasks left then.
+    """
+    drain_s = runtime.config.drain_timeout_s
+    left = drain_s - (time.monotonic() - stop_at) if stop_at is not None else drain_s
+    try:
+        if signals.count >= 2:
+            raise _StopNow
+        if not runtime.join(0) and left > 0:
+            in_flight = runtime.stats()["in_flight"]
+            _log.info(
+                "Waiting up to %d s for %d task%s in flight to finish (press CTRL+C again to stop at once)",
+                math.ceil(left),
+                in_flight,
+                "" if in_flight == 1 else "s",
+            )
+            signals.draining = True
+            try:
+                if not runtime.join(left):
+                    _log.warning(
+                        "Stopping with tasks still in flight, the drain timeout (%g s) being spent: they are left "
+                        "unfinished%s",
+                        drain_s,
+                        unfinished,
+                    )
+            finally:
+                signals.draining = False
+    except _StopNow:
+        _log.warning("Stopping without draining: the tasks in flight are left unfinished%s", unfinished)
+    except (RuntimeFailed, RuntimeStopped) as exc:
+        _log.warning("Stopping without draining: the runtime cannot finish its tasks: %s", exc)
+    finally:
+        runtime.close(drain=False)

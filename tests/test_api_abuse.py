@@ -217,6 +217,31 @@ def test_a_long_poll_whose_client_goes_away_frees_its_slot_at_once(rt: Runtime) 
             assert http.get(f"/tasks/{task_id}", params={"wait": 0.01}).status_code == 200
 
 
+def test_a_request_still_running_when_the_graceful_shutdown_is_over_gets_a_json_503_and_logs_no_traceback(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve_in_background(create_app(rt)) as running:
+        running.config.timeout_graceful_shutdown = 1
+        sock = connect(running)
+        host = f"Host: 127.0.0.1:{running.port}\r\n"
+        # A body that never ends keeps the POST running. Pipelined behind /healthz: once that is answered,
+        # the POST is a request in progress, which the shutdown waits for, then cancels.
+        sock.sendall(
+            f"GET /healthz HTTP/1.1\r\n{host}\r\n"
+            f"POST /tasks HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{".encode()
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # Leaving the block stopped the server: the POST was cancelled after the graceful second.
+    with sock:
+        status, headers, body = parse_response(read_until_closed(sock))
+
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert "shutting down" in json.loads(body)["error"]
+    assert "Exception in ASGI application" not in caplog.text
+    assert "CancelledError" not in caplog.text
+
+
 # --- big pages -----------------------------------------------------------------------------------
 
 
