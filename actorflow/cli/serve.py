@@ -33,7 +33,8 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         "--app",
         metavar="MODULE:ATTR",
         help="serve your own runtime: ATTR is a Runtime, or a function that returns one "
-        "(e.g. myapp.tasks:runtime or myapp.tasks:make_runtime); MODULE must be importable",
+        "(e.g. myapp.tasks:runtime or myapp.tasks:make_runtime); MODULE is imported from the current directory "
+        "or the installed packages",
     )
     parser.add_argument("--journal", metavar="PATH", help="SQLite journal, so that tasks survive a restart")
     parser.add_argument(
