@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -240,6 +242,54 @@ def test_a_request_still_running_when_the_graceful_shutdown_is_over_gets_a_json_
     assert "shutting down" in json.loads(body)["error"]
     assert "Exception in ASGI application" not in caplog.text
     assert "CancelledError" not in caplog.text
+
+
+def urllib_post(url: str, body: bytes, headers: Mapping[str, str]) -> int | str:
+    """POST with the standard library, which sends `Connection: close` and writes the whole body before it
+    reads the answer: the status it read, or the error that kept it from reading one."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as answer:
+        return answer.code
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{type(getattr(exc, 'reason', exc)).__name__}: {getattr(exc, 'reason', exc)}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"Content-Type": "application/json"}, 413), ({}, 413), ({"Host": "elsewhere.example"}, 421)],
+    ids=["too-big", "too-big-not-json", "misdirected"],
+)
+def test_every_client_that_sends_a_body_the_server_refuses_unread_reads_the_refusal(
+    server: ApiServer, headers: Mapping[str, str], status: int
+) -> None:
+    # The server answers before the 2 MiB have arrived; closing at once would reset the connection under a
+    # client still writing (BrokenPipeError, one time in three). It reads the rest first, and throws it away.
+    body = b'{"name": "big", "data": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+
+    outcomes = [urllib_post(f"{server.url}/tasks", body, headers) for _ in range(40)]
+
+    assert outcomes == [status] * 40
+
+
+def test_a_kept_alive_connection_whose_refused_body_was_read_is_closed_quietly_when_idle(rt: Runtime) -> None:
+    body = b"x" * (2 * 1024 * 1024)
+    with serve_in_background(create_app(rt), request_start_timeout_s=0.5) as running, connect(running) as sock:
+        head = (
+            f"POST /tasks HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+
+        raw = read_until_closed(sock)  # the 413, then nothing until the idle connection is closed
+
+    status, _, rest = parse_response(raw)
+    assert status == 413
+    assert b"HTTP/1.1 408" not in rest  # the body's bytes were not a request head that trickled in
 
 
 # --- big pages -----------------------------------------------------------------------------------
