@@ -80,6 +80,7 @@ from actorflow.api._protocol import (
     WaitingRequests,
 )
 from actorflow.core import (
+    ActorflowError,
     ConfigError,
     InvalidPayload,
     JournalError,
@@ -955,9 +956,12 @@ def serve(
 ) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
-    Then, in order: stop accepting connections, end the event streams, finish the
-    requests in progress, let the tasks in flight finish (up to the runtime's
-    `drain_timeout_s`; they were promised with a 201) and close the runtime.
+    Then, in order: stop accepting connections, end the event streams and answer the
+    long polls (JSON 503), finish the requests in progress, let the tasks in flight
+    finish (they were promised with a 201) and close the runtime. The whole stop
+    takes at most the runtime's `drain_timeout_s`, counted from the signal, so that a
+    supervisor's grace period set from it is not overrun; a second signal stops the
+    wait for the tasks at once, saying what becomes of them.
 
     Memory stays bounded: at most `max_in_flight` tasks are in flight (more answer 503
     with Retry-After), at most `retain_terminal` finished ones are kept in memory (the
@@ -1074,7 +1078,9 @@ def _drain_and_close(runtime: Runtime, signals: _StopSignals, stop_at: float | N
     try:
         if signals.count >= 2:
             raise _StopNow
-        if not runtime.join(0) and left > 0:
+        if runtime.join(0):
+            return
+        if left > 0:
             in_flight = runtime.stats()["in_flight"]
             _log.info(
                 "Waiting up to %d s for %d task%s in flight to finish (press CTRL+C again to stop at once)",
@@ -1084,18 +1090,19 @@ def _drain_and_close(runtime: Runtime, signals: _StopSignals, stop_at: float | N
             )
             signals.draining = True
             try:
-                if not runtime.join(left):
-                    _log.warning(
-                        "Stopping with tasks still in flight, the drain timeout (%g s) being spent: they are left "
-                        "unfinished%s",
-                        drain_s,
-                        unfinished,
-                    )
+                drained = runtime.join(left)
             finally:
                 signals.draining = False
+            if drained:
+                return
+        _log.warning(
+            "Stopping with tasks still in flight, the drain timeout (%g s) being spent: they are left unfinished%s",
+            drain_s,
+            unfinished,
+        )
     except _StopNow:
         _log.warning("Stopping without draining: the tasks in flight are left unfinished%s", unfinished)
-    except (RuntimeFailed, RuntimeStopped) as exc:
+    except (ActorflowError, TimeoutError) as exc:  # the runtime failed, or does not answer: nothing to wait for
         _log.warning("Stopping without draining: the runtime cannot finish its tasks: %s", exc)
     finally:
         runtime.close(drain=False)
