@@ -239,6 +239,12 @@ class _Waiter:
             record = self.record
         callback(record)
 
+    def remove_callback(self, callback: Callable[[TaskRecord | None], None]) -> None:
+        """Forget a callback whose waiter gave up (a timed-out `await`); nothing if it already ran."""
+        with _Waiter._lock:
+            if self._callbacks is not None and callback in self._callbacks:
+                self._callbacks.remove(callback)
+
     def wait(self, timeout: float | None) -> bool:
         with _Waiter._lock:
             if self.record is not None or self.abandoned:
@@ -530,7 +536,10 @@ class TaskHandle:
         if self._waiter.record is None:
             self._runtime._refuse_blocking("await TaskHandle", waits_for_tasks=True)  # inside an async stage
         self._waiter.add_callback(on_done)
-        return (yield from future.__await__())
+        try:
+            return (yield from future.__await__())
+        finally:  # cancelled (a timeout): the callback would otherwise stay until the task ends, one per wait
+            self._waiter.remove_callback(on_done)
 
     def __repr__(self) -> str:
         state = self._waiter.record.state.value if self._waiter.record else "in flight"

@@ -10,6 +10,7 @@ Three layers make sure of it:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import traceback
 from collections.abc import Mapping
@@ -87,11 +88,18 @@ class CatchAllMiddleware:
     """The last line: an unexpected exception becomes a logged, generic 500.
 
     A pure ASGI middleware rather than Starlette's `BaseHTTPMiddleware`, which would
-    buffer the event stream.
+    buffer the event stream. A request that the server cancels while it shuts down
+    (one still running when the graceful shutdown's time is up) is answered with a
+    JSON 503 if nothing was sent yet, and ends quietly: no plain-text 500, no traceback.
+
+    Args:
+        app: the app to guard.
+        stopping: set once the server has begun to shut down.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, stopping: asyncio.Event | None = None) -> None:
         self.app = app
+        self.stopping = stopping
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +115,13 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_tracking_start)
+        except asyncio.CancelledError:
+            if self.stopping is None or not self.stopping.is_set():
+                raise
+            # Cancelled by the server's shutdown: answer what can be answered and end this request normally.
+            if not response_started:
+                response = error_response(503, "the server is shutting down; try again once it is back")
+                await response(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - the last line: anything unexpected becomes a logged 500
             logger.error(
                 "http.unhandled_error",

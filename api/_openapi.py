@@ -160,7 +160,8 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 _UNAVAILABLE = _error(
-    "The runtime is stopped or overloaded, or the server is at its limit of requests in progress; "
+    "The runtime is stopped or overloaded, or the server is at its limit of requests in progress (or, for "
+    "an event stream or a `?wait=` long poll, of those that wait), or it is shutting down; "
     "`Retry-After` says when to try again."
 )
 
@@ -219,7 +220,9 @@ _PATHS: dict[str, Any] = {
             "summary": "Server-Sent Events: one `event: transition` per state change (data: TransitionEvent).",
             "description": (
                 "A comment line (`: heartbeat`) is sent when idle. A client too slow to keep up loses events and "
-                'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down. '
+                'is then sent `event: lagged` with `{"dropped": n}`. The stream ends when the server shuts down, '
+                "and, with `?task=`, after that task's terminal transition (sent alone, at once, if the task is "
+                "already terminal). "
                 "With a token, `?token=<token>` is accepted here, since `EventSource` cannot send headers. "
                 "Every frame has an `id:`; a client reconnecting with `Last-Event-ID` is first sent the frames "
                 'it missed (the last 1000 are kept), after `event: lagged` (`{"dropped": n}`, null if unknown) '
@@ -243,11 +246,21 @@ _PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": {
-                    "description": "the stream, until the client leaves or the server stops",
+                    "description": "the stream, until the client leaves, the server stops, or the followed task ends",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
+                "204": {
+                    "description": (
+                        "the followed task is terminal and the Last-Event-ID already covers its last transition: "
+                        "nothing more will come (a browser's EventSource stops reconnecting)"
+                    )
+                },
                 "400": _error("a malformed Last-Event-ID, or an empty or repeated task"),
-                "503": _error("too many streams are open, or the server is shutting down"),
+                "404": _error("no task has the id given as `task`"),
+                "503": _error(
+                    "too many streams are open, or too many requests wait (streams and long polls may hold half "
+                    "of the request slots), or the server is shutting down"
+                ),
             },
         }
     },
@@ -306,6 +319,10 @@ _PATHS: dict[str, Any] = {
                 "408": _error("the body did not arrive in time"),
                 "413": _error(
                     "the body is over 1 MiB, or the payload over the server's caps (canonical bytes, values)"
+                ),
+                "415": _error(
+                    "the body is not declared `Content-Type: application/json` (what a web page of another "
+                    "site could send unasked is refused)"
                 ),
                 "422": _error(
                     "the body is not a JSON object, nests too deep, the runtime refused it, "
@@ -383,6 +400,13 @@ _PATHS: dict[str, Any] = {
 _MALFORMED_HTTP = "a request that is not valid HTTP (e.g. a header with illegal characters), refused as plain text by the HTTP server before the API sees it"  # noqa: E501
 
 
+_MISDIRECTED = _error(
+    "the `Host` header names another server (a DNS rebinding, say): this one answers to localhost, 127.0.0.1, "
+    "[::1], the address it is reached on and the host it is bound to, each with its port, and to the names "
+    "added with `--allowed-host`"
+)
+
+
 def _document_malformed_http(responses: dict[str, Any]) -> None:
     """Any route can answer 400 in plain text: uvicorn refuses malformed HTTP before the app runs."""
     plain = {"schema": {"type": "string"}}
@@ -429,10 +453,12 @@ def openapi_document(
     }
     if pipelines:
         document["x-pipelines"] = [pipeline.describe() for pipeline in pipelines]
-    for item in paths.values():
+    for path, item in paths.items():
         for method, operation in item.items():
             if method != "parameters":
                 _document_malformed_http(operation["responses"])
+                if path != "/healthz":
+                    operation["responses"]["421"] = copy.deepcopy(_MISDIRECTED)
     if token_required:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]

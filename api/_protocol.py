@@ -14,18 +14,29 @@ included. This module replaces both mechanisms:
   that has waited longest is closed, so that idle sockets can never crowd out
   clients with a request to make;
 - uvicorn's own error answers (400 for a request h11 cannot parse) are JSON like
-  every other error of the API.
+  every other error of the API;
+- an answer given before the request's body has all arrived (413 for a body too
+  big, 415, 421, 401...) is followed by a lingering close: the rest of the body is
+  read and thrown away (up to `LINGER_BYTES`, for `LINGER_S` at most) before the
+  connection closes. Closing with unread data makes the kernel reset the
+  connection, and a client still writing its body then gets a broken pipe instead
+  of the answer (``urllib`` did, one time in three). A kept-alive connection is
+  reused once the body has been read, within the same bounds.
 
 Concurrency of requests in progress is limited by `RequestLimitMiddleware`, which
-answers JSON 503 with ``Retry-After`` and never refuses ``/healthz``.
+answers JSON 503 with ``Retry-After`` and never refuses ``/healthz``. Requests that
+wait on the runtime (event streams, ``?wait=`` long polls) may hold only a share of
+those slots (`WaitingRequests`), so that submissions always find room.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from typing import Any
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,7 +44,7 @@ from uvicorn.server import ServerState
 
 from actorflow.api._errors import encode_json, error_response
 
-__all__ = ["ApiConfig", "GuardedH11Protocol", "RequestLimitMiddleware"]
+__all__ = ["ApiConfig", "GuardedH11Protocol", "RequestLimitMiddleware", "WaitingRequests"]
 
 REQUEST_START_TIMEOUT_S = 10.0
 """A waiting connection must send a whole request head within this long."""
@@ -41,6 +52,10 @@ MAX_IDLE_CONNECTIONS = 512
 """Connections waiting for a request at once; past this the longest-waiting one is closed."""
 MAX_CONCURRENT_REQUESTS = 256
 """Requests in progress at once (event streams included, `/healthz` exempt); more answer 503."""
+LINGER_BYTES = 16 * 1024 * 1024
+"""The most of a refused body read and thrown away after the answer, so that the client can read it."""
+LINGER_S = 5.0
+"""How long a connection is kept open after its answer for the rest of a refused body to arrive."""
 
 
 class ApiConfig(uvicorn.Config):
@@ -90,12 +105,38 @@ _INVALID_REQUEST = (
 )
 
 
+class _CloseAfterBody(asyncio.Transport):
+    """What a request's cycle writes to: the connection's transport, whose close lingers (see the module)."""
+
+    def __init__(self, protocol: GuardedH11Protocol) -> None:
+        super().__init__()
+        self._protocol = protocol
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._protocol.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._protocol.transport.is_closing()
+
+    def close(self) -> None:
+        self._protocol.close_after_body()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._protocol.transport.get_extra_info(name, default)
+
+
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head and a cap on waiting connections."""
+    """uvicorn's h11 protocol with a deadline for each request head, a cap on waiting connections,
+    and a lingering close after an answer given before the request's body arrived."""
 
     _waiting: dict[GuardedH11Protocol, None]
     _request_timer: asyncio.TimerHandle | None = None
     _partial = False
+    _lingering = False
+    _server_stopping = False
+    _linger_timer: asyncio.TimerHandle | None = None
+    _discarded = 0
+    """Bytes of a body read after its answer, and thrown away."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,10 +148,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._request_timer is not None and data.strip():
+        if self._lingering:
+            self._discard(data)
+            return
+        if self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE:
+            # Answered already, kept alive: the rest of the body is thrown away (by uvicorn), within bounds.
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self.transport.close()
+                return
+        elif self._request_timer is not None and data.strip():
             self._partial = True
         super().data_received(data)
 
@@ -119,12 +172,56 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_events()
         if self.cycle is not cycle:  # a request head was parsed: its handling has its own limits
             self._stop_waiting()
+            self._discarded = 0
+            if self.cycle is not None:
+                self.cycle.transport = _CloseAfterBody(self)
 
     def on_response_complete(self) -> None:
         # Before super(): with a pipelined request already buffered, super() starts it at once.
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self._lingering:
             self._await_request()
         super().on_response_complete()
+
+    def shutdown(self) -> None:
+        self._server_stopping = True
+        if self._lingering:
+            self.transport.close()  # the server is going away: no more waiting for a body
+            return
+        super().shutdown()
+
+    def close_after_body(self) -> None:
+        """Close the connection, once the rest of the request's body has been read if the client is still
+        sending it after its answer (within `LINGER_BYTES` and `LINGER_S`; not while the server stops)."""
+        transport = self.transport
+        cycle = self.cycle
+        lingering = (
+            cycle is not None
+            and cycle.response_complete
+            and self.conn.their_state is h11.SEND_BODY
+            and not transport.is_closing()
+            and not self._server_stopping
+        )
+        if not lingering:
+            transport.close()
+            return
+        self._lingering = True
+        self._stop_waiting()
+        self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
+        self.flow.resume_reading()  # uvicorn pauses reading while a body is not taken: take it now
+
+    def _discard(self, data: bytes) -> None:
+        self._discarded += len(data)
+        if self._discarded > LINGER_BYTES:
+            self.transport.close()
+            return
+        try:
+            self.conn.receive_data(data)
+            while (event := self.conn.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    self.transport.close()  # all read: the close is a clean one, and the answer is read
+                    return
+        except h11.RemoteProtocolError:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         self._stop_waiting()
@@ -196,3 +293,42 @@ class RequestLimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.in_progress -= 1
+
+
+class WaitingRequests:
+    """Requests that wait on the runtime (event streams, ``?wait=`` long polls): at most `limit` at once.
+
+    They hold a request slot for as long as they wait, up to a minute or for good: capped at a share of
+    `RequestLimitMiddleware`'s slots, they can never take the ones submissions need. Used from the
+    event loop; `wait_for_count` is for another thread (a host, a test).
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the limit of waiting requests must be >= 1, got {limit!r}")
+        self.limit = limit
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def try_hold(self) -> bool:
+        """Take a slot for a request about to wait; False if `limit` are already waiting."""
+        with self._changed:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            self._changed.notify_all()
+            return True
+
+    def release(self) -> None:
+        """Give back a slot `try_hold` gave."""
+        with self._changed:
+            self.count -= 1
+            self._changed.notify_all()
+
+    def wait_for_count(self, count: int, timeout: float) -> bool:
+        """Block until exactly `count` requests wait; False if that did not happen within `timeout` s.
+
+        Never call it on the event loop's thread.
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count == count, timeout)

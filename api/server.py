@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import importlib.resources
 import json
@@ -32,6 +33,7 @@ import re
 import signal
 import tempfile
 import threading
+import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ from actorflow.api._errors import (
     json_response,
 )
 from actorflow.api._events import EventBroadcaster, TooManyStreamsError, event_stream
+from actorflow.api._hosts import AllowedHosts, HostCheckMiddleware
 from actorflow.api._idempotency import (
     KEY_REUSED as _KEY_REUSED,
 )
@@ -74,8 +77,10 @@ from actorflow.api._protocol import (
     REQUEST_START_TIMEOUT_S,
     ApiConfig,
     RequestLimitMiddleware,
+    WaitingRequests,
 )
 from actorflow.core import (
+    ActorflowError,
     ConfigError,
     InvalidPayload,
     JournalError,
@@ -136,11 +141,19 @@ def create_app(
     max_event_clients: int = 100,
     idempotency_keys: IdempotencyKeys | None = None,
     max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+    max_waiting_requests: int | None = None,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
     metrics_public: bool = False,
+    allowed_hosts: Iterable[str] = (),
 ) -> Starlette:
     """The API and dashboard over `runtime`, which the caller keeps owning (and closes).
+
+    Every request but `/healthz` must name this server in its `Host` header (localhost,
+    127.0.0.1, [::1], the address it came in on or the host `make_server` bound, with the
+    port), or it answers 421: a web page that a DNS rebinding points at this server cannot
+    read it. A `POST /tasks` body must be declared `application/json`, or it answers 415: a
+    web page cannot send that across origins without the browser asking this server first.
 
     Args:
         runtime: the runtime to serve.
@@ -150,15 +163,27 @@ def create_app(
         idempotency_keys: where Idempotency-Keys are remembered (default: 10,000 keys for 24 h).
         max_concurrent_requests: requests in progress at once (event streams included); more answer
             503 with Retry-After, except `/healthz`, which is always answered.
+        max_waiting_requests: how many of those may be requests that wait on the runtime (event
+            streams and `?wait=` long polls); more answer 503 with Retry-After at once, so that
+            submissions always find a slot. Default: half of `max_concurrent_requests`.
         max_payload_bytes: the largest payload stored, in bytes of its canonical JSON; larger ones answer 413.
         max_payload_nodes: the most values (nodes) in a payload; more answer 413.
         metrics_public: serve `GET /metrics` without the token (for a Prometheus that has none).
+        allowed_hosts: more names requests may give as `Host`: ``name`` (any port; behind a
+            reverse proxy, say) or ``name:port``; ``"*"`` answers every name.
     """
     if token is not None and not token:
         raise ValueError("token must be a non-empty string, or None for no authentication")
     for name, cap in (("max_payload_bytes", max_payload_bytes), ("max_payload_nodes", max_payload_nodes)):
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"{name} must be an int >= 1, got {cap!r}")
+    if max_waiting_requests is None:
+        max_waiting_requests = max(1, max_concurrent_requests // 2)
+    if not 1 <= max_waiting_requests <= max_concurrent_requests:
+        raise ValueError(
+            f"max_waiting_requests must be from 1 to max_concurrent_requests ({max_concurrent_requests}), "
+            f"got {max_waiting_requests!r}"
+        )
     broadcaster = EventBroadcaster(runtime, max_clients=max_event_clients)
     handlers = _Handlers(
         runtime,
@@ -167,6 +192,8 @@ def create_app(
         openapi_document(token_required=token is not None, metrics_public=metrics_public, pipelines=runtime.pipelines),
         heartbeat_s,
         _PayloadCaps(max_payload_bytes, max_payload_nodes),
+        WaitingRequests(max_waiting_requests),
+        max_concurrent_requests,
     )
 
     @contextlib.asynccontextmanager
@@ -174,8 +201,11 @@ def create_app(
         yield
         broadcaster.close()
 
+    hosts = AllowedHosts(allowed_hosts)
+    stopping = handlers.stopping
     middleware = [
-        Middleware(CatchAllMiddleware),
+        Middleware(CatchAllMiddleware, stopping),
+        Middleware(HostCheckMiddleware, hosts=hosts),  # before the limit: a misdirected request takes no slot
         Middleware(RequestLimitMiddleware, max_requests=max_concurrent_requests),
     ]
     if token is not None:
@@ -210,6 +240,9 @@ def create_app(
     app.router.redirect_slashes = False  # /tasks/ is an unknown route (404), not a redirect
     app.state.broadcaster = broadcaster
     app.state.idempotency_keys = handlers.keys
+    app.state.waiting_requests = handlers.waiting
+    app.state.allowed_hosts = hosts
+    app.state.stopping = stopping
     return app
 
 
@@ -237,9 +270,15 @@ class _Handlers:
         openapi: dict[str, Any],
         heartbeat_s: float,
         caps: _PayloadCaps,
+        waiting: WaitingRequests,
+        max_requests: int,
     ) -> None:
         self.runtime = runtime
         self.caps = caps
+        self.waiting = waiting
+        self.max_requests = max_requests
+        self.stopping = asyncio.Event()
+        """Set when the server begins to shut down: requests that wait answer 503 then (see ApiServer)."""
         self.parsers = asyncio.Semaphore(_PARSERS)
         self.broadcaster = broadcaster
         self.keys = keys
@@ -285,13 +324,38 @@ class _Handlers:
             last_event_id, task = _event_params(request)
         except _RequestError as exc:
             return error_response(exc.status, str(exc))
+        if not self.waiting.try_hold():
+            return self._too_many_waiting()
         try:
             client = self.broadcaster.attach(last_event_id=last_event_id, task=task)
         except TooManyStreamsError as exc:
+            self.waiting.release()
             return error_response(503, str(exc), headers={"Retry-After": "5"})
         except RuntimeError as exc:
+            self.waiting.release()
             return error_response(503, str(exc))
-        return event_stream(self.broadcaster, client, heartbeat_s=self.heartbeat_s)
+        if task is not None:
+            # Read after attaching: a transition to a terminal state either reaches the client or is in
+            # the record, so that the stream ends after it, whenever the task got there.
+            try:
+                record = await run_in_threadpool(self.runtime.get, task)
+            except BaseException:
+                self.broadcaster.detach(client)
+                self.waiting.release()
+                raise
+            if not self.broadcaster.finish_if_terminal(client, record):
+                self.broadcaster.detach(client)
+                self.waiting.release()
+                return Response(status_code=204, headers={"Cache-Control": "no-store"})
+        return event_stream(self.broadcaster, client, heartbeat_s=self.heartbeat_s, on_end=self.waiting.release)
+
+    def _too_many_waiting(self) -> Response:
+        return error_response(
+            503,
+            f"event streams and long polls hold {self.waiting.limit} of the {self.max_requests} request slots, "
+            "the most they may (the rest are kept for other requests); try again",
+            headers={"Retry-After": "1"},
+        )
 
     async def tasks(self, request: Request) -> Response:
         if request.method == "POST":
@@ -309,14 +373,26 @@ class _Handlers:
         if wait:
             handle = await run_in_threadpool(self.runtime.handle, task_id)
             if not handle.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_settled(handle), timeout=wait)
+                if self.stopping.is_set():
+                    return _shutting_down()
+                if not self.waiting.try_hold():
+                    return self._too_many_waiting()
+                try:
+                    outcome = await _wait_for_task(handle, request, self.stopping, wait)
+                finally:
+                    self.waiting.release()
+                if outcome is _Outcome.GONE:
+                    return Response(status_code=204)  # nobody to answer: the slot is free now, not in a minute
+                if outcome is _Outcome.STOPPING:
+                    return _shutting_down()
         record = await run_in_threadpool(self.runtime.get, task_id)
         return json_response(record.to_dict())
 
     async def _submit(self, request: Request) -> Response:
         try:
             pipeline = _pipeline_param(request, self.runtime)
+            _check_declared_size(request)
+            _check_json_media_type(request)
             body = await _read_body(request)
             async with self.parsers:  # parsing a 1 MiB body takes tens of ms: off the event loop
                 parsed = await run_in_threadpool(_parse_payload, body, self.caps)
@@ -398,8 +474,47 @@ MAX_WAIT_S = 60.0
 """The longest `GET /tasks/{id}?wait=` may hold a request."""
 
 
-async def _settled(handle: TaskHandle) -> None:
-    await handle
+class _Outcome(enum.Enum):
+    SETTLED = "settled"
+    TIMED_OUT = "timed out"
+    GONE = "the client went away"
+    STOPPING = "the server is shutting down"
+
+
+def _shutting_down() -> Response:
+    return error_response(503, "the server is shutting down; try again once it is back", headers={"Retry-After": "5"})
+
+
+async def _wait_for_task(handle: TaskHandle, request: Request, stopping: asyncio.Event, timeout: float) -> _Outcome:
+    """Wait until the task is terminal, `timeout` passes, the client disconnects or the server begins to
+    shut down, whichever comes first.
+
+    Raises what waiting on the handle raises (RuntimeStopped: the runtime closed first).
+    """
+
+    async def settled() -> None:
+        await handle
+
+    async def gone() -> None:
+        # The request's body (none, for a GET) comes first; the next message is the disconnection.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    waiters = {
+        asyncio.ensure_future(settled()): _Outcome.SETTLED,
+        asyncio.ensure_future(gone()): _Outcome.GONE,
+        asyncio.ensure_future(stopping.wait()): _Outcome.STOPPING,
+    }
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        # Let the cancelled waits finish: awaiting the handle removes its callback on the way out.
+        await asyncio.gather(*waiters, return_exceptions=True)
+    for waiter in done:
+        waiter.result()  # the runtime closed: raise it, for the app's handlers to answer
+    return next((waiters[waiter] for waiter in done), _Outcome.TIMED_OUT)
 
 
 def _wait_param(request: Request) -> float:
@@ -433,7 +548,8 @@ def _event_params(request: Request) -> tuple[int | None, str | None]:
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return error_response(404, f"no task with id {echo(request.path_params.get('task_id', ''))}")
+    task_id = request.path_params.get("task_id") or request.query_params.get("task", "")  # /tasks/{id}, /events?task=
+    return error_response(404, f"no task with id {echo(task_id)}")
 
 
 async def _unprocessable(request: Request, exc: Exception) -> Response:
@@ -466,13 +582,33 @@ async def _not_implemented(request: Request, exc: Exception) -> Response:
     return error_response(501, f"not supported by this runtime: {exc}")
 
 
-async def _read_body(request: Request) -> bytes:
+def _check_declared_size(request: Request) -> None:
     declared = request.headers.get("content-length")
     if declared is not None:
         if _COUNT.fullmatch(declared) is None:
             raise _RequestError(400, f"Content-Length must be a byte count, got {echo(declared)}")
         if int(declared) > MAX_BODY_BYTES:
             raise _RequestError(413, f"the body is {declared} bytes; at most {MAX_BODY_BYTES} (1 MiB) are accepted")
+
+
+def _check_json_media_type(request: Request) -> None:
+    """415 unless the body is declared ``application/json`` (parameters such as a charset are fine).
+
+    The types a web page may send to another site without the browser asking that site first
+    (``text/plain``, forms, or none at all) are exactly the ones refused here.
+    """
+    declared = request.headers.get("content-type")
+    media_type = (declared or "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        got = "no Content-Type" if declared is None else f"Content-Type {echo(declared)}"
+        raise _RequestError(
+            415,
+            f"the body must be declared as JSON: send Content-Type: application/json (got {got}); "
+            'e.g. curl --json \'{"name": "a", "data": 1}\'',
+        )
+
+
+async def _read_body(request: Request) -> bytes:
     body = bytearray()
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -646,16 +782,26 @@ def _load_dashboard() -> tuple[bytes, dict[str, str]]:
 
 
 class ApiServer(uvicorn.Server):
-    """uvicorn's server, plus a readiness event and event streams that end at shutdown.
+    """uvicorn's server, plus a readiness event, and requests that wait which end at shutdown.
 
     `ready` is set once startup has finished, whether or not it succeeded: check
-    `started`. uvicorn waits at shutdown for open responses to finish, and an
-    event stream never would, so `shutdown` ends them first.
+    `started`. uvicorn waits at shutdown for open responses to finish, for up to
+    `timeout_graceful_shutdown`, then cancels them (a plain-text 500 and a logged
+    traceback). An event stream would never finish, and a long poll only after up
+    to a minute, so `shutdown` first ends the streams and answers the long polls
+    with a JSON 503.
     """
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.ready = threading.Event()
+        self.stop_requested_at: float | None = None
+        """`time.monotonic()` when the first stop signal (or `should_exit`) was seen; None while serving."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        super().handle_exit(sig, frame)
 
     @property
     def port(self) -> int:
@@ -676,7 +822,13 @@ class ApiServer(uvicorn.Server):
             self.ready.set()
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
-        broadcaster = getattr(getattr(self.config.app, "state", None), "broadcaster", None)
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+        state = getattr(self.config.app, "state", None)
+        stopping = getattr(state, "stopping", None)
+        if isinstance(stopping, asyncio.Event):
+            stopping.set()
+        broadcaster = getattr(state, "broadcaster", None)
         if isinstance(broadcaster, EventBroadcaster):
             broadcaster.close()
         await super().shutdown(sockets=sockets)
@@ -690,19 +842,29 @@ def make_server(
     configure_logging: bool = True,
     request_start_timeout_s: float = REQUEST_START_TIMEOUT_S,
     max_idle_connections: int = MAX_IDLE_CONNECTIONS,
+    allowed_hosts: Iterable[str] = (),
 ) -> ApiServer:
     """A uvicorn server for `app`, with limits so that slow or abandoned clients cannot exhaust it.
 
     Args:
         app: from `create_app`.
-        host: the address to bind; loopback unless told otherwise.
+        host: the address to bind; loopback unless told otherwise. The app answers requests that
+            name it as their `Host` (with the port), as it does the loopback names.
         port: the port to bind; 0 picks a free one (see `ApiServer.port`).
         configure_logging: let uvicorn set up its console logging (off in tests and embedders).
         request_start_timeout_s: a connection waiting for a request (new, or between two requests)
             must send the request's line and headers within this long, or it is closed.
         max_idle_connections: connections waiting for a request at once; past this, the one that
             has waited longest is closed, so that idle sockets never crowd out real requests.
+        allowed_hosts: more names the app answers to (see `create_app`).
     """
+    hosts = getattr(app.state, "allowed_hosts", None)
+    if isinstance(hosts, AllowedHosts):
+        hosts.bind(host)
+        for entry in allowed_hosts:
+            hosts.add(entry)
+    elif allowed_hosts:
+        raise ValueError("allowed_hosts needs an app from create_app, which checks the Host header")
     config = ApiConfig(
         app,
         request_start_timeout_s=request_start_timeout_s,
@@ -790,12 +952,16 @@ def serve(
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_payload_nodes: int = MAX_PAYLOAD_NODES,
     metrics_public: bool = False,
+    allowed_hosts: Iterable[str] = (),
 ) -> None:
     """Run a `Runtime` behind the API until SIGINT (Ctrl-C) or SIGTERM.
 
-    Then, in order: stop accepting connections, end the event streams, finish the
-    requests in progress, let the tasks in flight finish (up to the runtime's
-    `drain_timeout_s`; they were promised with a 201) and close the runtime.
+    Then, in order: stop accepting connections, end the event streams and answer the
+    long polls (JSON 503), finish the requests in progress, let the tasks in flight
+    finish (they were promised with a 201) and close the runtime. The whole stop
+    takes at most the runtime's `drain_timeout_s`, counted from the signal, so that a
+    supervisor's grace period set from it is not overrun; a second signal stops the
+    wait for the tasks at once, saying what becomes of them.
 
     Memory stays bounded: at most `max_in_flight` tasks are in flight (more answer 503
     with Retry-After), at most `retain_terminal` finished ones are kept in memory (the
@@ -815,9 +981,11 @@ def serve(
         max_payload_bytes: the largest payload accepted, in bytes of its canonical JSON.
         max_payload_nodes: the most values (nodes) in an accepted payload.
         metrics_public: serve `GET /metrics` without the token.
+        allowed_hosts: more names requests may give as `Host` (see `create_app`).
     """
     if runtime is not None and journal is not None:
         raise ConfigError("serve() takes a runtime or a journal path, not both: the runtime has its own journal")
+    temporary_journal = runtime is None and journal is None
     with contextlib.ExitStack() as cleanup:
         if runtime is None:
             if journal is None:
@@ -832,6 +1000,8 @@ def serve(
                     overload="reject",  # an HTTP client is told 503 + Retry-After at once, not held
                 )
             )
+        signals = cleanup.enter_context(_StopSignals())
+        server: ApiServer | None = None
         try:
             app = create_app(
                 runtime,
@@ -839,27 +1009,100 @@ def serve(
                 max_payload_bytes=max_payload_bytes,
                 max_payload_nodes=max_payload_nodes,
                 metrics_public=metrics_public,
+                allowed_hosts=allowed_hosts,
             )
             server = make_server(app, host=host, port=port)
-            with _stop_signals_absorbed():
-                server.run()
+            drain_s = runtime.config.drain_timeout_s
+            # The whole stop (requests, then tasks in flight) fits in the drain timeout: a supervisor's
+            # grace period is set from it, and one that runs out kills the process mid-way.
+            server.config.timeout_graceful_shutdown = max(1, min(GRACEFUL_SHUTDOWN_S, round(drain_s / 2)))
+            server.run()
         finally:
-            runtime.close(drain=True)
+            stop_at = server.stop_requested_at if server is not None else None
+            if runtime.config.journal_path is None:
+                fate = " and are lost (the runtime has no journal)"
+            elif temporary_journal:
+                fate = " and are lost (the journal is a temporary one; --journal keeps them)"
+            else:
+                fate = "; they resume when the server starts again on the same journal"
+            _drain_and_close(runtime, signals, stop_at, unfinished=fate)
 
 
-@contextlib.contextmanager
-def _stop_signals_absorbed() -> Iterator[None]:
-    # uvicorn handles SIGINT/SIGTERM itself, then, once shut down, restores the previous
-    # handlers and raises the signal again. With Python's defaults that would be a
-    # KeyboardInterrupt (or, for SIGTERM, death) before the runtime drains; handlers
-    # that ignore the signal for the length of the server's run let serve() finish.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in stop_signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+_log = logging.getLogger("uvicorn.error")
+"""Where serve() says how its stop goes: uvicorn's own log, beside its "Shutting down"."""
+
+
+class _StopNow(BaseException):
+    """A second stop signal while draining: stop at once (a BaseException, like KeyboardInterrupt)."""
+
+
+class _StopSignals(contextlib.AbstractContextManager["_StopSignals"]):
+    """SIGINT and SIGTERM for the length of `serve()`, in the main thread.
+
+    uvicorn handles them itself while it serves, then restores these handlers and
+    raises each signal it caught again: here they are counted, not fatal, so that
+    the runtime still drains. A second one (Ctrl-C pressed again) stops the drain.
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.draining and self.count >= 2:
+            self.draining = False
+            raise _StopNow
+
+
+def _drain_and_close(runtime: Runtime, signals: _StopSignals, stop_at: float | None, *, unfinished: str) -> None:
+    """Let the tasks in flight finish within what is left of the drain timeout since the stop began, then close.
+
+    A second stop signal (now, or while the requests were finishing) skips the rest of the wait;
+    `unfinished` says what becomes of the tasks left then.
+    """
+    drain_s = runtime.config.drain_timeout_s
+    left = drain_s - (time.monotonic() - stop_at) if stop_at is not None else drain_s
+    try:
+        if signals.count >= 2:
+            raise _StopNow
+        if runtime.join(0):
+            return
+        if left > 0:
+            in_flight = runtime.stats()["in_flight"]
+            _log.info(
+                "Waiting up to %d s for %d task%s in flight to finish (press CTRL+C again to stop at once)",
+                math.ceil(left),
+                in_flight,
+                "" if in_flight == 1 else "s",
+            )
+            signals.draining = True
+            try:
+                drained = runtime.join(left)
+            finally:
+                signals.draining = False
+            if drained:
+                return
+        _log.warning(
+            "Stopping with tasks still in flight, the drain timeout (%g s) being spent: they are left unfinished%s",
+            drain_s,
+            unfinished,
+        )
+    except _StopNow:
+        _log.warning("Stopping without draining: the tasks in flight are left unfinished%s", unfinished)
+    except (ActorflowError, TimeoutError) as exc:  # the runtime failed, or does not answer: nothing to wait for
+        _log.warning("Stopping without draining: the runtime cannot finish its tasks: %s", exc)
+    finally:
+        runtime.close(drain=False)

@@ -29,6 +29,7 @@ import os
 import queue
 import random
 import re
+import stat
 import sys
 import threading
 import time
@@ -272,6 +273,7 @@ _ITEM_BYTES = 64
 """What one element of a list, tuple or dict field is taken to cost."""
 _BATCH = 1024
 """Events the sink's thread takes, renders and writes at once."""
+_NEWLINE = ord("\n")
 _FLUSH_TIMEOUT_S = 10.0
 """How long `close()` (and exit) wait for the sink's thread to write what is queued."""
 
@@ -338,6 +340,7 @@ class _JsonSink:
         processors: list[Any],
         max_pending: int,
         max_pending_bytes: int = _MAX_PENDING_BYTES,
+        torn: bool = False,
     ) -> None:
         _register_process_hooks()
         self.min_level = min_level
@@ -357,6 +360,8 @@ class _JsonSink:
         self._max_bytes = max_pending_bytes
         self._render = _json_renderer()
         self._closed = False
+        self._torn = torn
+        """The file may end in a line cut short (a failed write, here or before): the next write starts a fresh line."""
         self._reset()
 
     def _reset(self) -> None:
@@ -531,24 +536,53 @@ class _JsonSink:
         return stop
 
     def _write_lines(self, lines: list[bytes]) -> bool:
-        """Write the lines with one write; False if they could not be (a full disk, a closed stream)."""
+        """Write the lines with one write; False if they could not be (a full disk, a closed stream).
+
+        A write that fails part way (the disk filled up mid-line) leaves a torn
+        line at the end of the file: the next write then starts with a newline,
+        so that its first event is not glued onto the torn one.
+        """
         lines.append(b"")
         data = b"\n".join(lines)
+        if self._torn:
+            data = b"\n" + data
+        sent = 0
         try:
             if self._fd is not None:
                 # One write per batch, appended whole (O_APPEND); no buffer a fork child could inherit half-full.
                 view = memoryview(data)
-                while view:
-                    written = os.write(self._fd, view)
+                while sent < len(data):
+                    written = os.write(self._fd, view[sent:])
                     if written <= 0:
-                        raise OSError(f"the log file took none of {len(view)} bytes")
-                    view = view[written:]
+                        raise OSError(f"the log file took none of {len(data) - sent} bytes")
+                    sent += written
             elif self._text is not None:
                 self._text.write(data.decode("utf-8"))
                 self._text.flush()
         except (OSError, ValueError):  # keep the thread: the disk may come back
+            if self._fd is None:
+                self._torn = True  # how much a text stream took is unknown: a blank line costs less than a glued one
+            elif sent:
+                self._torn = data[sent - 1] != _NEWLINE
             return False
+        self._torn = False
         return True
+
+
+def _ends_mid_line(path: object) -> bool:
+    """True if `path` names a regular file whose last byte is not a newline (a line left torn, by a full disk say)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # a pipe or a device: nothing to read back (and opening a FIFO to read would block)
+        with open(path, "rb") as existing:
+            if existing.seek(0, os.SEEK_END) == 0:
+                return False
+            existing.seek(-1, os.SEEK_END)
+            return existing.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def _approx_size(fields: dict[str, Any]) -> int:
@@ -785,6 +819,7 @@ def configure_logging(
             processors=processors,
             max_pending=max_pending,
             max_pending_bytes=max_pending_bytes,
+            torn=fd is not None and _ends_mid_line(file),
         )
     else:
         assert stream is not None  # a path is opened as text when not `json`

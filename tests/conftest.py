@@ -11,6 +11,11 @@ import structlog
 
 from actorflow.actors import Milestone, Runtime
 from actorflow.core import RuntimeConfig
+from tests.ast_parse_lock import serialise_ast_parse
+
+# Before any test parses: on CPython 3.11.0-3.11.7 two threads parsing at once can fail one of them
+# (tests/ast_parse_lock.py says why), and Hypothesis parses while the runtime's workers format tracebacks.
+serialise_ast_parse()
 
 
 @pytest.fixture(autouse=True)

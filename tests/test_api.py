@@ -30,6 +30,7 @@ from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
 
 TOKEN = "s3cret-token"
+JSON = {"Content-Type": "application/json"}
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED"}
 WAIT_S = 10.0
 
@@ -170,11 +171,11 @@ def test_posting_a_payload_answers_201_with_the_task_id_its_state_and_its_locati
 def test_a_task_posted_the_way_the_readme_shows_runs_to_completed_with_its_full_history(
     client: httpx.Client,
 ) -> None:
-    # curl -d sends application/x-www-form-urlencoded; the body is still taken as JSON
+    # curl --json '{"name":"a","data":1}' (or -H 'Content-Type: application/json' -d ...)
     response = client.post(
         "/tasks",
         content=b'{"name":"a","data":1}',
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 201
 
@@ -379,9 +380,73 @@ def test_the_dashboard_is_one_self_contained_html_page_under_a_strict_content_se
 # --- hardening ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data", None],
+)
+def test_a_post_whose_body_is_not_declared_json_answers_415_and_creates_nothing(
+    rt: Runtime, client: httpx.Client, content_type: str | None
+) -> None:
+    # What a web page on any other site can send without asking first (a CORS "simple request"):
+    # were it taken, any page the user visits could submit tasks to a server on their loopback.
+    headers = {} if content_type is None else {"Content-Type": content_type}
+
+    message = assert_json_error(client.post("/tasks", content=b'{"name":"csrf","data":1}', headers=headers), 415)
+
+    assert "application/json" in message
+    assert repr(content_type) in message if content_type is not None else "no Content-Type" in message
+    assert rt.stats()["submitted"] == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_json_with_parameters_or_in_other_case_is_accepted(client: httpx.Client, content_type: str) -> None:
+    response = client.post("/tasks", content=b'{"name":"a","data":1}', headers={"Content-Type": content_type})
+    assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "localhost.evil.example:{port}", "127.0.0.1"])
+def test_a_request_naming_another_host_answers_421_naming_it(
+    server: ApiServer, client: httpx.Client, host: str
+) -> None:
+    # DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 reads this server as its own.
+    named = host.format(port=server.port)
+
+    message = assert_json_error(client.get("/tasks", headers={"Host": named}), 421)
+
+    assert repr(named) in message
+    assert f"127.0.0.1:{server.port}" in message  # and what it would answer to
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}", "[::1]:{port}"])
+def test_a_request_naming_this_server_by_a_loopback_name_and_its_port_is_answered(
+    server: ApiServer, client: httpx.Client, host: str
+) -> None:
+    assert client.get("/tasks", headers={"Host": host.format(port=server.port)}).status_code == 200
+
+
+def test_healthz_answers_whatever_host_it_is_asked_by(client: httpx.Client) -> None:
+    assert client.get("/healthz", headers={"Host": "probe.internal"}).status_code == 200
+
+
+def test_allowed_hosts_add_names_with_or_without_a_port(rt: Runtime) -> None:
+    app = create_app(rt, allowed_hosts=["tasks.example.com", "proxy.local:8443"])
+    with serve_in_background(app) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as http:
+        assert http.get("/stats", headers={"Host": "tasks.example.com"}).status_code == 200
+        assert http.get("/stats", headers={"Host": "Tasks.Example.Com:443"}).status_code == 200
+        assert http.get("/stats", headers={"Host": "proxy.local:8443"}).status_code == 200
+        assert http.get("/stats", headers={"Host": "proxy.local:8444"}).status_code == 421
+
+
+def test_a_server_bound_to_a_name_answers_to_that_name(rt: Runtime) -> None:
+    with serve_in_background(create_app(rt), host="localhost") as running:
+        assert running.url.startswith("http://localhost:")
+        with httpx.Client(base_url=running.url, timeout=WAIT_S) as http:
+            assert http.get("/stats").status_code == 200
+
+
 def test_a_body_declared_over_one_mib_answers_413(client: httpx.Client) -> None:
     body = b'{"name":"big","data":"' + b"x" * (1024 * 1024) + b'"}'
-    assert_json_error(client.post("/tasks", content=body), 413)
+    assert_json_error(client.post("/tasks", content=body, headers=JSON), 413)
 
 
 def test_a_chunked_body_that_grows_over_one_mib_answers_413(client: httpx.Client) -> None:
@@ -391,13 +456,13 @@ def test_a_chunked_body_that_grows_over_one_mib_answers_413(client: httpx.Client
             yield b"x" * 65536
         yield b'"}'
 
-    assert_json_error(client.post("/tasks", content=chunks()), 413)
+    assert_json_error(client.post("/tasks", content=chunks(), headers=JSON), 413)
 
 
 def test_a_body_of_exactly_one_mib_is_accepted(client: httpx.Client) -> None:
     head, tail = b'{"name":"big","data":"', b'"}'
     body = head + b"x" * (1024 * 1024 - len(head) - len(tail)) + tail
-    assert client.post("/tasks", content=body).status_code == 201
+    assert client.post("/tasks", content=body, headers=JSON).status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -415,19 +480,19 @@ def test_a_body_of_exactly_one_mib_is_accepted(client: httpx.Client) -> None:
     ids=["truncated", "trailing-comma", "single-quotes", "nan", "infinity", "not-utf8", "empty", "blank"],
 )
 def test_a_malformed_json_body_answers_400(client: httpx.Client, body: bytes) -> None:
-    assert_json_error(client.post("/tasks", content=body), 400)
+    assert_json_error(client.post("/tasks", content=body, headers=JSON), 400)
 
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b"1", b'"name"', b"null", b"true"])
 def test_a_body_that_is_not_a_json_object_answers_422(client: httpx.Client, body: bytes) -> None:
-    message = assert_json_error(client.post("/tasks", content=body), 422)
+    message = assert_json_error(client.post("/tasks", content=body, headers=JSON), 422)
     assert "JSON object" in message
 
 
 @pytest.mark.parametrize("depth", [65, 5000, 200_000])
 def test_a_payload_nested_too_deep_answers_422_at_any_depth(client: httpx.Client, depth: int) -> None:
     body = b'{"name":"deep","data":' + b"[" * depth + b"]" * depth + b"}"
-    message = assert_json_error(client.post("/tasks", content=body), 422)
+    message = assert_json_error(client.post("/tasks", content=body, headers=JSON), 422)
     assert "deeper than 64" in message
 
 
@@ -437,7 +502,7 @@ def test_a_payload_nested_too_deep_answers_422_at_any_depth(client: httpx.Client
 def test_a_payload_with_a_lone_surrogate_answers_422_instead_of_breaking_later_answers(
     client: httpx.Client, body: bytes
 ) -> None:
-    message = assert_json_error(client.post("/tasks", content=body), 422)
+    message = assert_json_error(client.post("/tasks", content=body, headers=JSON), 422)
     assert "not valid Unicode" in message
 
 
@@ -632,8 +697,8 @@ def test_an_idempotency_key_reused_with_another_payload_answers_422(client: http
 
 def test_the_same_payload_with_other_whitespace_or_key_order_counts_as_the_same(client: httpx.Client) -> None:
     headers = {"Idempotency-Key": "k2"}
-    first = client.post("/tasks", content=b'{"name": "a", "data": 1}', headers=headers)
-    retry = client.post("/tasks", content=b'{"data":1,"name":"a"}', headers=headers)
+    first = client.post("/tasks", content=b'{"name": "a", "data": 1}', headers={**headers, **JSON})
+    retry = client.post("/tasks", content=b'{"data":1,"name":"a"}', headers={**headers, **JSON})
 
     assert retry.json()["task_id"] == first.json()["task_id"]
 
@@ -646,7 +711,7 @@ def test_a_malformed_idempotency_key_answers_400(client: httpx.Client, key: str)
 
 def test_a_post_that_failed_does_not_hold_its_idempotency_key(client: httpx.Client) -> None:
     headers = {"Idempotency-Key": "k3"}
-    assert client.post("/tasks", content=b"[1]", headers=headers).status_code == 422
+    assert client.post("/tasks", content=b"[1]", headers={**headers, **JSON}).status_code == 422
 
     assert client.post("/tasks", json=payload(), headers=headers).status_code == 201
 

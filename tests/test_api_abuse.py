@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -180,6 +182,116 @@ def test_more_requests_in_progress_than_allowed_answer_json_503_while_healthz_st
         assert http.get("/healthz").status_code == 200
 
 
+def test_event_streams_and_long_polls_hold_at_most_half_the_request_slots_so_a_post_still_gets_in(
+    rt: Runtime,
+) -> None:
+    task_id = rt.submit(payload(hold=True)).task_id
+    with (
+        serve_in_background(create_app(rt, max_concurrent_requests=4)) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
+        ExitStack() as streams,
+    ):
+        # Each open stream holds its slot (its head is sent at once); a third finds the waiting share full.
+        opened = [streams.enter_context(http.stream("GET", "/events")) for _ in range(3)]
+        poll = http.get(f"/tasks/{task_id}", params={"wait": 5})
+        created = http.post("/tasks", json=payload(1))
+
+    assert [stream.status_code for stream in opened] == [200, 200, 503]
+    assert poll.status_code == 503  # refused at once, not held: the share is full
+    assert poll.headers["retry-after"] == "1"
+    assert "2 of the 4" in poll.json()["error"]
+    assert created.status_code == 201, created.text
+
+
+@pytest.mark.timeout(60)
+def test_a_long_poll_whose_client_goes_away_frees_its_slot_at_once(rt: Runtime) -> None:
+    task_id = rt.submit(payload(hold=True)).task_id
+    app = create_app(rt, max_concurrent_requests=4)
+    waiting = app.state.waiting_requests
+    with serve_in_background(app) as running:
+        for _ in range(8):  # four times the share: abandoned polls that kept their slot would lock the others out
+            with connect(running) as sock:
+                head = f"GET /tasks/{task_id}?wait=60 HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\n\r\n"
+                sock.sendall(head.encode())
+                assert waiting.wait_for_count(1, WAIT_S), "the long poll never started waiting"
+            assert waiting.wait_for_count(0, WAIT_S), "the slot of a client that went away was kept"
+        with httpx.Client(base_url=running.url, timeout=WAIT_S) as http:
+            assert http.get(f"/tasks/{task_id}", params={"wait": 0.01}).status_code == 200
+
+
+def test_a_request_still_running_when_the_graceful_shutdown_is_over_gets_a_json_503_and_logs_no_traceback(
+    rt: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve_in_background(create_app(rt)) as running:
+        running.config.timeout_graceful_shutdown = 1
+        sock = connect(running)
+        host = f"Host: 127.0.0.1:{running.port}\r\n"
+        # A body that never ends keeps the POST running. Pipelined behind /healthz: once that is answered,
+        # the POST is a request in progress, which the shutdown waits for, then cancels.
+        sock.sendall(
+            f"GET /healthz HTTP/1.1\r\n{host}\r\n"
+            f"POST /tasks HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{".encode()
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    # Leaving the block stopped the server: the POST was cancelled after the graceful second.
+    with sock:
+        status, headers, body = parse_response(read_until_closed(sock))
+
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert "shutting down" in json.loads(body)["error"]
+    assert "Exception in ASGI application" not in caplog.text
+    assert "CancelledError" not in caplog.text
+
+
+def urllib_post(url: str, body: bytes, headers: Mapping[str, str]) -> int | str:
+    """POST with the standard library, which sends `Connection: close` and writes the whole body before it
+    reads the answer: the status it read, or the error that kept it from reading one."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as answer:
+        return answer.code
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{type(getattr(exc, 'reason', exc)).__name__}: {getattr(exc, 'reason', exc)}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"Content-Type": "application/json"}, 413), ({}, 413), ({"Host": "elsewhere.example"}, 421)],
+    ids=["too-big", "too-big-not-json", "misdirected"],
+)
+def test_every_client_that_sends_a_body_the_server_refuses_unread_reads_the_refusal(
+    server: ApiServer, headers: Mapping[str, str], status: int
+) -> None:
+    # The server answers before the 2 MiB have arrived; closing at once would reset the connection under a
+    # client still writing (BrokenPipeError, one time in three). It reads the rest first, and throws it away.
+    body = b'{"name": "big", "data": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+
+    outcomes = [urllib_post(f"{server.url}/tasks", body, headers) for _ in range(40)]
+
+    assert outcomes == [status] * 40
+
+
+def test_a_kept_alive_connection_whose_refused_body_was_read_is_closed_quietly_when_idle(rt: Runtime) -> None:
+    body = b"x" * (2 * 1024 * 1024)
+    with serve_in_background(create_app(rt), request_start_timeout_s=0.5) as running, connect(running) as sock:
+        head = (
+            f"POST /tasks HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+
+        raw = read_until_closed(sock)  # the 413, then nothing until the idle connection is closed
+
+    status, _, rest = parse_response(raw)
+    assert status == 413
+    assert b"HTTP/1.1 408" not in rest  # the body's bytes were not a request head that trickled in
+
+
 # --- big pages -----------------------------------------------------------------------------------
 
 
@@ -223,7 +335,7 @@ def test_a_one_mib_body_of_empty_objects_answers_413_naming_the_node_cap(client:
     body = b'{"data":[' + b",".join([b"{}"] * 262_000) + b"]}"
     assert len(body) <= 1024 * 1024
 
-    response = client.post("/tasks", content=body)
+    response = client.post("/tasks", content=body, headers={"Content-Type": "application/json"})
 
     assert response.status_code == 413, response.text
     assert response.headers["content-type"] == "application/json"
@@ -236,7 +348,8 @@ def test_a_payload_over_the_byte_cap_answers_413_with_its_canonical_size(rt: Run
         httpx.Client(base_url=running.url, timeout=WAIT_S) as http,
     ):
         # Spaces do not count: the canonical JSON of this one is 96 bytes.
-        fits = http.post("/tasks", content=b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}')
+        spaced = b'{"name":  "a",   "data": "' + b"x" * 74 + b'"}'
+        fits = http.post("/tasks", content=spaced, headers={"Content-Type": "application/json"})
         too_big = http.post("/tasks", json={"name": "a", "data": "x" * 80})
 
     assert fits.status_code == 201, fits.text

@@ -41,13 +41,15 @@ class Served:
     listens, so waiting for it is all the start-up synchronisation needed.
     """
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.log = log
         self._listening = threading.Event()
         self._port = 0
+        self._lines: list[bytes] = []
+        self._more = threading.Condition()
         self.process = subprocess.Popen(  # the interpreter running the tests, on the repo's run_demo.py
             [sys.executable, str(ROOT / "run_demo.py"), "serve", "--port", "0", *args],
-            cwd=ROOT,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
@@ -66,10 +68,24 @@ class Served:
             for line in self.process.stdout:
                 sink.write(line)
                 sink.flush()
+                with self._more:
+                    self._lines.append(line)
+                    self._more.notify_all()
                 if not self._listening.is_set() and (found := _LISTENING.search(line)):
                     self._port = int(found.group(1))
                     self._listening.set()
         self._listening.set()  # the output ended (the process exited): stop waiting for the line
+        with self._more:
+            self._lines.append(b"")  # the end of the output
+            self._more.notify_all()
+
+    def wait_for_line(self, pattern: bytes, timeout: float = WAIT_S) -> bool:
+        """Block until the server has printed a line matching `pattern`; False if it did not (or exited)."""
+        found = re.compile(pattern)
+        with self._more:
+            return self._more.wait_for(
+                lambda: any(found.search(line) for line in self._lines) or b"" in self._lines, timeout
+            ) and any(found.search(line) for line in self._lines)
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
         self.process.send_signal(sig)
@@ -134,7 +150,9 @@ def test_a_posted_task_completes_and_sigint_stops_the_server_cleanly_with_an_eve
     listener = threading.Thread(target=listen)
     listener.start()
     assert stream_opened.wait(WAIT_S), "the event stream never opened"
-    created = httpx.post(f"{served.url}/tasks", content=b'{"name":"a","data":1}')  # as curl -d sends it
+    created = httpx.post(  # as `curl --json` sends it
+        f"{served.url}/tasks", content=b'{"name":"a","data":1}', headers={"Content-Type": "application/json"}
+    )
     assert created.status_code == 201
     task_id = created.json()["task_id"]
     record = httpx.get(f"{served.url}/tasks/{task_id}", params={"wait": WAIT_S}, timeout=WAIT_S + 5).json()
@@ -162,6 +180,101 @@ def test_sigterm_lets_the_tasks_in_flight_finish_before_the_process_exits(
     record = httpx.get(f"{again.url}/tasks/{task_id}").json()
     assert record["state"] == "COMPLETED"
     assert record["updated_at"] < exited_at  # finished by the first process, not recovered by the second
+
+
+def test_allowed_hosts_are_repeatable_and_a_malformed_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["--allowed-host", "tasks.example.com", "--allowed-host", "[::1]:8443"])
+    assert args.allowed_host == ["tasks.example.com", "[::1]:8443"]
+    assert build_parser().parse_args([]).allowed_host == []
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--allowed-host", "http://tasks.example.com/"])
+    assert "--allowed-host: must be a host name" in capsys.readouterr().err
+
+
+STOP_APP = """
+from actorflow import Runtime, RuntimeConfig
+
+def make_runtime():
+    return Runtime(RuntimeConfig(drain_timeout_s=%s, journal_path=%r))
+"""
+
+
+def stop_app(tmp_path: Path, drain_timeout_s: float) -> dict[str, str]:
+    """A module `stopapp` whose runtime drains for `drain_timeout_s` at most; the env that imports it."""
+    (tmp_path / "stopapp.py").write_text(STOP_APP % (drain_timeout_s, str(tmp_path / "tasks.db")))
+    return {"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off `sock`."""
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline().strip()) != b"":
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_answers_an_open_long_poll_with_json_503_and_stops_within_the_drain_timeout(tmp_path: Path) -> None:
+    drain_s = 4.0
+    served = Served(["--app", "stopapp:make_runtime"], tmp_path / "serve.log", env=stop_app(tmp_path, drain_s))
+    try:
+        slow = {"name": "slow", "data": {"sleep_ms": 60_000}}  # outlasts the drain: the stop must not wait for it
+        task_id = httpx.post(f"{served.url}/tasks", json=slow, timeout=WAIT_S).json()["task_id"]
+        with socket.create_connection(("127.0.0.1", served.port), timeout=WAIT_S) as sock:
+            # Pipelined behind /healthz: once its answer is read, the long poll is a request in progress.
+            host = f"Host: 127.0.0.1:{served.port}\r\n"
+            sock.sendall(
+                f"GET /healthz HTTP/1.1\r\n{host}\r\nGET /tasks/{task_id}?wait=60 HTTP/1.1\r\n{host}\r\n".encode()
+            )
+            assert read_response(sock)[0] == 200
+            stopped_at = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+
+            status, headers, body = read_response(sock)
+            answered_s = time.monotonic() - stopped_at
+        code = served.process.wait(timeout=WAIT_S + drain_s)
+        exited_s = time.monotonic() - stopped_at
+    finally:
+        served.close()
+
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert headers["retry-after"]
+    assert "shutting down" in json.loads(body)["error"]
+    assert answered_s < 2.0, f"the long poll was answered {answered_s:.1f} s after SIGTERM"
+    assert code == 0
+    assert exited_s < drain_s + 2.0, f"the stop took {exited_s:.1f} s, with a drain timeout of {drain_s} s"
+    log = served.log.read_text()
+    assert "Traceback" not in log
+    assert "CancelledError" not in log
+
+
+@pytest.mark.timeout(60)
+def test_a_second_ctrl_c_stops_without_draining_and_says_so_without_a_traceback(tmp_path: Path) -> None:
+    served = Served(["--app", "stopapp:make_runtime"], tmp_path / "serve.log", env=stop_app(tmp_path, 30.0))
+    try:
+        slow = {"name": "slow", "data": {"sleep_ms": 60_000}}
+        assert httpx.post(f"{served.url}/tasks", json=slow, timeout=WAIT_S).status_code == 201
+        served.process.send_signal(signal.SIGINT)
+        assert served.wait_for_line(rb"Waiting up to \d+ s for 1 task"), served.log.read_text()
+        again_at = time.monotonic()
+        served.process.send_signal(signal.SIGINT)
+        code = served.process.wait(timeout=WAIT_S)
+        exited_s = time.monotonic() - again_at
+    finally:
+        served.close()
+
+    log = served.log.read_text()
+    assert code == 0
+    assert exited_s < 5.0
+    assert "Stopping without draining" in log
+    assert "resume" in log  # with a journal, the unfinished task resumes at the next start
+    assert "Traceback" not in log
+    assert "KeyboardInterrupt" not in log
 
 
 def test_the_token_comes_from_the_flag_first_then_the_environment() -> None:
@@ -242,7 +355,8 @@ def test_thirty_one_mib_posts_of_empty_objects_leave_the_servers_memory_bounded(
         assert http.post("/tasks", json={"name": "warm-up", "data": 1}).status_code == 201
         before = resident_mib(served.process.pid)
 
-        statuses = {http.post("/tasks", content=body).status_code for _ in range(30)}
+        json_body = {"Content-Type": "application/json"}
+        statuses = {http.post("/tasks", content=body, headers=json_body).status_code for _ in range(30)}
 
         after = resident_mib(served.process.pid)
     assert statuses == {413}

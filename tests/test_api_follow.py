@@ -13,7 +13,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.api import ApiServer, create_app, serve_in_background
-from actorflow.api._events import EventBroadcaster, _frames
+from actorflow.api._events import EventBroadcaster, EventClient, _frames
 from actorflow.core import RuntimeConfig, Task
 from actorflow.services import ServiceSet
 from actorflow.services import process as default_process
@@ -50,8 +50,13 @@ def server(held: Runtime) -> Iterator[ApiServer]:
 
 def frames_of(response: httpx.Response) -> Iterator[dict[str, str]]:
     """The SSE frames of a stream, each as its fields (id, event, data); comments are skipped."""
+    return frames_of_lines(response.iter_lines())
+
+
+def frames_of_lines(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """The SSE frames in `lines`, each as its fields (id, event, data); comments are skipped."""
     fields: dict[str, str] = {}
-    for line in response.iter_lines():
+    for line in lines:
         if line.startswith((":", "retry:")):
             continue
         if not line:
@@ -83,6 +88,18 @@ def test_waiting_on_a_task_that_stays_busy_answers_after_the_wait_with_its_state
     answer = httpx.get(f"{server.url}/tasks/{task_id}?wait=0.2", timeout=10)
     assert answer.status_code == 200
     assert answer.json()["state"] == "PROCESSING"
+
+
+def test_long_polls_that_time_out_leave_no_callback_behind_on_the_task(held: Runtime, server: ApiServer) -> None:
+    task_id = held.submit(payload(hold=True)).task_id
+    with httpx.Client(base_url=server.url, timeout=WAIT_S) as client:
+        states = {client.get(f"/tasks/{task_id}", params={"wait": 0.001}).json()["state"] for _ in range(50)}
+
+    assert not states & {"COMPLETED", "FAILED", "CANCELLED"}  # every poll timed out on a task in flight
+    # Each wait registers a completion callback on the task: one left behind per poll is a leak for as
+    # long as the task runs (20,000 polls held 18.5 MB).
+    waiter = held.handle(task_id)._waiter
+    assert not waiter._callbacks
 
 
 @pytest.mark.parametrize("wait", ["61", "-1", "soon", "nan", "inf"])
@@ -138,6 +155,49 @@ def test_a_client_reconnecting_with_last_event_id_gets_what_it_missed_and_can_fo
     assert [json.loads(f["data"])["to_state"] for f in replayed] == ["CREATED", "VALIDATED", "PROCESSING", "COMPLETED"]
 
 
+def test_a_stream_following_one_task_ends_after_that_tasks_terminal_event(
+    held: Runtime, server: ApiServer, gate: threading.Event
+) -> None:
+    task_id = held.submit(payload(hold=True)).task_id
+    with httpx.stream("GET", f"{server.url}/events", params={"task": task_id}, timeout=WAIT_S) as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "retry: 2000"  # the stream is attached: the task's end cannot be missed
+        gate.set()
+        frames = list(frames_of_lines(lines))  # ends when the server ends the stream
+
+    transitions = [json.loads(frame["data"]) for frame in frames]
+    assert transitions[-1]["to_state"] == "COMPLETED"
+    assert {t["task_id"] for t in transitions} == {task_id}
+
+
+def test_a_stream_opened_on_a_task_that_is_already_terminal_sends_its_last_transition_and_ends(
+    held: Runtime, server: ApiServer
+) -> None:
+    task_id = held.submit(payload()).task_id
+    held.handle(task_id).result(timeout=WAIT_S)
+    with httpx.stream("GET", f"{server.url}/events", params={"task": task_id}, timeout=WAIT_S) as stream:
+        assert stream.status_code == 200
+        frames = list(frames_of(stream))
+
+    assert len(frames) == 1
+    assert frames[0]["event"] == "transition"
+    last = json.loads(frames[0]["data"])
+    assert (last["task_id"], last["from_state"], last["to_state"]) == (task_id, "PROCESSING", "COMPLETED")
+    # A browser's EventSource reconnects when a stream ends: with the id it got, it is told there is nothing
+    # more (204), which stops it.
+    again = httpx.get(
+        f"{server.url}/events", params={"task": task_id}, headers={"Last-Event-ID": frames[0]["id"]}, timeout=WAIT_S
+    )
+    assert again.status_code == 204
+    assert again.content == b""
+
+
+def test_a_stream_following_a_task_that_does_not_exist_is_a_404(server: ApiServer) -> None:
+    answer = httpx.get(f"{server.url}/events", params={"task": "nope"}, timeout=WAIT_S)
+    assert answer.status_code == 404
+    assert "nope" in answer.json()["error"]
+
+
 def test_a_malformed_last_event_id_is_a_400(server: ApiServer) -> None:
     answer = httpx.get(f"{server.url}/events", headers={"Last-Event-ID": "yesterday"}, timeout=10)
     assert answer.status_code == 400
@@ -162,6 +222,52 @@ def test_a_reconnection_past_the_replay_buffer_or_from_another_server_is_told_it
     assert late[0] == b'event: lagged\ndata: {"dropped":1}\n\n'  # frame 2 is gone; 3 and 4 are replayed
     assert [f.split(b"\n")[0] for f in late[1:]] == [b"id: 3", b"id: 4"]
     assert stranger == [b'event: lagged\ndata: {"dropped":null}\n\n']
+
+
+async def _frames_now(client: EventClient, count: int) -> list[bytes]:
+    """The next `count` frames offered to `client`, each awaited (the flush runs on this loop)."""
+    return [await asyncio.wait_for(client.queue.get(), WAIT_S) for _ in range(count)]
+
+
+def _queued(client: EventClient) -> list[bytes]:
+    return [client.queue.get_nowait() for _ in range(client.queue.qsize())]
+
+
+def test_once_no_stream_has_been_open_for_the_linger_time_frames_are_no_longer_kept(held: Runtime) -> None:
+    async def scenario() -> list[bytes]:
+        broadcaster = EventBroadcaster(held, linger_s=0)
+        listener = broadcaster.attach()
+        held.submit(payload(1)).result(timeout=WAIT_S)
+        assert len(await _frames_now(listener, 4)) == 4
+        broadcaster.detach(listener)  # the last stream ends; with linger_s=0 nothing is kept from now on
+        held.submit(payload(2)).result(timeout=WAIT_S)  # runs while nobody listens
+        await asyncio.sleep(0)  # one turn of the loop: a flush of its events, had any been taken, has run
+        late = broadcaster.attach(last_event_id=4)
+        broadcaster.close()
+        return _queued(late)
+
+    # What ran meanwhile is unknown to the server: the reconnecting client is told so, and nothing is replayed.
+    assert asyncio.run(scenario()) == [b'event: lagged\ndata: {"dropped":null}\n\n', b""]
+
+
+def test_a_client_that_reconnects_within_the_linger_time_gets_what_ran_while_no_stream_was_open(
+    held: Runtime,
+) -> None:
+    async def scenario() -> list[bytes]:
+        broadcaster = EventBroadcaster(held, linger_s=60)
+        listener = broadcaster.attach()
+        held.submit(payload(1)).result(timeout=WAIT_S)
+        assert len(await _frames_now(listener, 4)) == 4
+        broadcaster.detach(listener)
+        held.submit(payload(2)).result(timeout=WAIT_S)
+        await asyncio.sleep(0)  # one turn of the loop: the flush of its four events runs
+        late = broadcaster.attach(last_event_id=4)
+        broadcaster.close()
+        return _queued(late)
+
+    frames = asyncio.run(scenario())
+    assert [f.split(b"\n")[0] for f in frames[:-1]] == [b"id: 5", b"id: 6", b"id: 7", b"id: 8"]
+    assert frames[-1] == b""  # the end of the stream, from close()
 
 
 def test_a_stream_following_one_task_gets_none_of_the_others(held: Runtime) -> None:

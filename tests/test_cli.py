@@ -218,6 +218,21 @@ def test_serve_app_serves_the_apps_own_runtime_over_http(app_dir: Path, tmp_path
         served.close()
 
 
+def test_serve_app_imports_the_apps_module_from_the_current_directory(app_dir: Path, tmp_path: Path) -> None:
+    # As uvicorn does: `cd myproject && actorflow serve --app myapp.tasks:make_runtime`, nothing on PYTHONPATH.
+    served = Served(
+        ["--app", "myapp.tasks:make_runtime"], tmp_path / "serve.log", env={"PYTHONPATH": str(ROOT)}, cwd=app_dir
+    )
+    try:
+        created = httpx.post(f"{served.url}/tasks", json={"name": "a", "data": "here"}, timeout=30)
+        assert created.status_code == 201, created.text
+        record = httpx.get(f"{served.url}/tasks/{created.json()['task_id']}", params={"wait": 20}, timeout=30).json()
+        assert record["result"] == {"shout": "HERE"}
+        assert served.stop() == 0
+    finally:
+        served.close()
+
+
 def test_serve_refuses_app_and_journal_together(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--app", "x:y", "--journal", "j.db"]) == 2
     assert "--journal and --app exclude each other" in capsys.readouterr().err

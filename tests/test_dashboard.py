@@ -221,7 +221,9 @@ def test_the_dashboard_shows_counts_throughput_latency_pools_and_a_clicked_tasks
         first.locator(".tid").inner_text().rstrip("…")
     )
     assert first.locator(".tname").inner_text() == "resize-image-0"
-    assert page.locator(f"#tasks .row[data-task-id='{failed[0]}'] .tname").inner_text() == "no name"
+    # A payload with no name: the row says which task, of which pipeline, rather than a "no name" like all others.
+    for task_id in failed:
+        assert page.locator(f"#tasks .row[data-task-id='{task_id}'] .tname").inner_text() == f"default · {task_id}"
     assert visible_rows(page)[0] == doomed
 
     # The chart's bars add up, per final state, to the tasks that reached it; "created" is a line over them.
@@ -413,6 +415,74 @@ def test_a_realistic_run_is_photographed_for_the_readme(
     target.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
+
+
+def test_a_page_opened_on_a_server_with_more_tasks_than_it_keeps_in_memory_shows_the_newest_history(
+    page: Page, tmp_path: Path
+) -> None:
+    # Finished tasks past retain_terminal are read back from the journal: the page must still start from the newest.
+    runtime = Runtime(RuntimeConfig(journal_path=str(tmp_path / "tasks.db"), retain_terminal=10))
+    try:
+        ids = [handle.task_id for handle in runtime.submit_many([{"name": f"job-{i}", "data": i} for i in range(250)])]
+        assert runtime.join(30)
+        with serve_in_background(create_app(runtime, token=TOKEN)) as running:
+            open_page(page, running)
+            rows_are(page, 200)  # the list's length
+
+            assert visible_rows(page) == ids[::-1][:200]
+            # The chart and the latencies come from those tasks' histories, before any live event.
+            page.wait_for_function(
+                """() => [...document.querySelectorAll("#throughput rect[data-state='COMPLETED']")]
+                    .reduce((n, r) => n + Number(r.dataset.n), 0) === 200""",
+                timeout=WAIT_MS,
+            )
+            stages = page.locator("#latency .bar-row").evaluate_all("rows => rows.map(r => r.dataset.stage)")
+            assert stages == ["CREATED", "VALIDATED", "PROCESSING", "end to end"]
+    finally:
+        runtime.close(drain=False)
+
+
+def test_the_state_cards_follow_the_pipelines_order_with_terminal_states_last_whatever_arrives_first(
+    page: Page,
+) -> None:
+    held = threading.Event()
+
+    def fetch(task: Task, value: Any) -> None:
+        held.wait(30)
+
+    ingest = Pipeline("ingest", [Stage("check", lambda task, value: None), Stage("fetch", fetch)])
+    other = Pipeline("other", [Stage("zap", lambda task, value: None)])
+    runtime = Runtime(RuntimeConfig(), pipelines=[ingest, other])
+    expected = ["CREATED", "CHECK", "FETCH", "ZAP", "COMPLETED", "FAILED", "CANCELLED"]
+    stats_requests: list[Any] = []
+
+    def hold(route: Any) -> None:  # Playwright wants a function of its own here, not a bound list method
+        stats_requests.append(route)
+
+    try:
+        with serve_in_background(create_app(runtime)) as running:
+            task_id = runtime.submit({"name": "slow"}, pipeline="ingest").task_id
+            # /stats is held until a transition has come in over the stream: the events name states first.
+            page.route("**/stats", hold)
+            open_page(page, running, token=None)
+            held.set()
+            page.wait_for_function(
+                "id => document.querySelector(`#tasks .row[data-task-id='${id}']`)?.dataset.state === 'COMPLETED'",
+                arg=task_id,
+                timeout=WAIT_MS,
+            )
+            for request in stats_requests:  # (grows while this runs, if /stats is asked for again meanwhile)
+                request.continue_()
+            page.unroute("**/stats")
+            count_is(page, "COMPLETED", 1)
+            cards = page.locator(".card").evaluate_all("cards => cards.map(c => c.dataset.state)")
+            options = page.locator("#state-filter option").evaluate_all("options => options.map(o => o.value)")
+    finally:
+        held.set()
+        runtime.close(drain=False)
+
+    assert cards == expected
+    assert options == ["", *expected]
 
 
 def test_a_runtime_with_its_own_pipeline_shows_that_pipelines_states_and_names_it(page: Page) -> None:

@@ -398,6 +398,64 @@ def test_events_lost_to_a_failed_write_are_counted_and_reported_once_a_write_suc
     assert log.dropped == 2
 
 
+_FULL_DISK = r"""
+import os, resource, signal, sys
+from actorflow.core.tracing import configure_logging, get_event_logger
+
+path = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+log = configure_logging(json=True, level="INFO", file=path)
+emitter = get_event_logger("state")
+emitter.info("test.before")
+assert log.flush(10)
+# The disk fills up 40 bytes into the next line: the write stops there, torn, and the next one fails.
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 40, hard))
+emitter.info("test.torn", padding="x" * 200)
+assert log.flush(10)
+assert log.dropped == 1
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # the disk frees
+emitter.info("test.after")
+assert log.close(timeout=10)
+"""
+
+
+def test_after_a_full_disk_tears_a_line_the_next_event_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "full.jsonl"
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+
+    lines = path.read_bytes().split(b"\n")
+    torn = [line for line in lines if line and not line.endswith(b"}")]
+    events = [json.loads(line) for line in lines if line.endswith(b"}")]
+    assert [len(line) for line in torn] == [40]  # the 40 bytes the full disk took, alone on their line
+    assert torn[0].startswith(b"{")
+    assert [e["event"] for e in events] == ["test.before", "test.after", "log.events_dropped"]
+    assert events[-1]["count"] == 1
+
+
+def test_a_log_file_left_with_a_torn_last_line_gets_its_next_event_on_a_line_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "torn.jsonl"
+    path.write_bytes(b'{"event":"earlier"}\n{"event":"cut sh')  # a previous run that died on a full disk
+    log = configure_logging(json=True, level="INFO", file=path)
+    try:
+        get_event_logger("state").info("test.after")
+    finally:
+        assert log.close(timeout=10)
+
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"event":"earlier"}', b'{"event":"cut sh']
+    assert json.loads(lines[2])["event"] == "test.after"
+
+
 def test_a_close_that_times_out_on_a_stuck_disk_leaves_the_file_to_the_sink_which_never_writes_into_another_file(
     tmp_path: Path,
 ) -> None:

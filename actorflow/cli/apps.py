@@ -4,12 +4,17 @@ The convention is uvicorn's (``uvicorn.importer.import_from_string``): the part
 before the colon is a module to import, the part after it a dotted attribute
 path in that module. The attribute is a `Runtime`, or a function (a factory)
 that takes no arguments and returns one. Each way of getting it wrong has its
-own message, naming the module, the attribute and what was found.
+own message, naming the module, the attribute and what was found. As with
+uvicorn's ``--app-dir``, the current directory is put first on ``sys.path``, so
+that ``actorflow serve --app myapp.tasks:runtime`` finds ``./myapp/tasks.py``
+whatever the command's own folder.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 
 from actorflow.actors import Runtime
@@ -22,8 +27,13 @@ class AppSpecError(ActorflowError):
     """An ``--app`` import string that does not lead to a `Runtime`."""
 
 
-def load_runtime(spec: str) -> Runtime:
+def load_runtime(spec: str, *, app_dir: str | os.PathLike[str] | None = ".") -> Runtime:
     """The `Runtime` named by `spec` (``"module:attr"``), calling it first if it is a factory.
+
+    Args:
+        spec: ``"module:attr"``.
+        app_dir: a folder to import the module from, put first on ``sys.path`` (if not on it
+            already); the current directory by default, as uvicorn does. None leaves ``sys.path`` alone.
 
     Raises:
         AppSpecError: `spec` is malformed, its module or attribute is missing, or
@@ -32,6 +42,10 @@ def load_runtime(spec: str) -> Runtime:
     module_name, sep, attr_path = spec.partition(":")
     if not sep or not module_name or not attr_path or ":" in attr_path:
         raise AppSpecError(f"--app must look like 'module:attribute' (e.g. myapp.tasks:runtime), got {spec!r}")
+    if app_dir is not None:
+        folder = os.path.abspath(app_dir)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -32,12 +33,23 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         "--app",
         metavar="MODULE:ATTR",
         help="serve your own runtime: ATTR is a Runtime, or a function that returns one "
-        "(e.g. myapp.tasks:runtime or myapp.tasks:make_runtime); MODULE must be importable",
+        "(e.g. myapp.tasks:runtime or myapp.tasks:make_runtime); MODULE is imported from the current directory "
+        "or the installed packages",
     )
     parser.add_argument("--journal", metavar="PATH", help="SQLite journal, so that tasks survive a restart")
     parser.add_argument(
         "--token",
         help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        type=_host_name,
+        metavar="NAME[:PORT]",
+        help="a name clients may use in the Host header besides localhost, 127.0.0.1, [::1] and --host "
+        "(e.g. behind a reverse proxy); repeat for more, '*' for any. Other names answer 421, so that a web "
+        "page cannot reach the API through DNS rebinding",
     )
     parser.add_argument(
         "--metrics-public",
@@ -79,6 +91,17 @@ def build_parser(prog: str = "actorflow serve") -> argparse.ArgumentParser:
         help="runtime events written to stderr (default: %(default)s)",
     )
     return parser
+
+
+_HOST_NAME = re.compile(r"\*|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
+
+
+def _host_name(text: str) -> str:
+    if not _HOST_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"must be a host name, with or without :PORT (e.g. tasks.example.com), got {text!r}"
+        )
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -163,6 +186,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "actorflow serve") ->
             token=token,
             runtime=runtime,
             metrics_public=args.metrics_public,
+            allowed_hosts=args.allowed_host,
             max_in_flight=SERVE_MAX_IN_FLIGHT if args.max_in_flight is None else args.max_in_flight,
             retain_terminal=SERVE_RETAIN_TERMINAL if args.retain_terminal is None else args.retain_terminal,
             max_payload_bytes=args.max_payload_bytes,
