@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check actorflow/cli actorflow/__init__.py actorflow/__main__.py actors services core api
+	$(BIN)/ruff format --check actorflow tests benchmarks run_demo.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict

@@ -81,7 +81,7 @@ def describe_code() -> dict[str, Any]:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--", "actors", "core", "services")
+    status = git("status", "--porcelain", "--", "actorflow")
     return {
         "commit": git("rev-parse", "HEAD"),
         "branch": git("rev-parse", "--abbrev-ref", "HEAD"),

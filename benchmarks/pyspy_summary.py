@@ -27,7 +27,7 @@ _ROLES = (
     ("Timer._run", "timer"),
     ("_actor_loop", "pykka actor loop (mailbox get, dispatch)"),
 )
-_OURS = ("actors/", "core/", "services/")
+_OURS = ("actorflow/actors/", "actorflow/core/", "actorflow/services/")
 _LINE = re.compile(r":\d+\)$")
 
 

@@ -142,3 +142,32 @@ def test_a_host_app_with_its_own_core_api_services_and_actors_runs_a_task_from_t
     where = run(python, "-c", "import actorflow, sys; print(actorflow.__file__)", cwd=app, env=clean_env)
     assert str(env_dir) in where
     assert str(ROOT) not in where
+
+
+def test_an_editable_install_exposes_actorflow_and_nothing_else_of_the_checkout(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    run(python, "-m", "pip", "install", "--quiet", "-e", ROOT)  # with its dependencies: `editables` among them
+    probe = textwrap.dedent(
+        """
+        import importlib.util
+        print(importlib.util.find_spec("actorflow").origin)
+        for name in ("core", "actors", "services", "api", "tests", "benchmarks"):
+            print(name, importlib.util.find_spec(name))
+        """
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    lines = run(python, "-c", probe, cwd=outside, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}).splitlines()
+    assert lines[0] == str(ROOT / "actorflow" / "__init__.py")
+    assert lines[1:] == [f"{name} None" for name in ("core", "actors", "services", "api", "tests", "benchmarks")]
+
+
+def test_every_module_of_the_package_is_a_regular_file_and_no_folder_inside_it_is_a_link() -> None:
+    package = ROOT / "actorflow"
+    links = [path for path in package.rglob("*") if path.is_symlink()]
+    assert links == []
+    modules = sorted(path.relative_to(package) for path in package.rglob("*.py"))
+    assert len(modules) == len({path.resolve() for path in package.rglob("*.py")})
+    assert Path("core/journal.py") in modules or Path("core/journal/__init__.py") in modules
