@@ -40,7 +40,7 @@ class Transactions:
     """Every transaction the runtime's journal connection runs, as the list of its statements."""
 
     def __init__(self, runtime: Runtime) -> None:
-        journal = runtime._journal
+        journal = runtime._assembly.journal
         assert journal is not None
         self._connection = journal._connection
         assert self._connection is not None

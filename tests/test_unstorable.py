@@ -55,7 +55,7 @@ def _lower_sqlite_limit(journal: Journal, limit: int = SQLITE_LIMIT) -> None:
 
 
 def _runtime_journal(runtime: Runtime) -> Journal:
-    journal = runtime._journal
+    journal = runtime._assembly.journal
     assert journal is not None
     return journal
 

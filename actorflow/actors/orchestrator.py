@@ -430,7 +430,7 @@ class OrchestratorActor(FastActor):
             flight.trace.child(),
             attempt,
             flight.value,
-            flight.route.plan.name,
+            flight.route.plan.pipeline.name,
             dispatched_at=time.time(),
             max_value_bytes=self._max_value_bytes,
         )

@@ -15,6 +15,7 @@ stops every one of them in `close()`. Each concern is a module of its own:
     subscriptions  callbacks on committed transitions, kept across a restart
     callers        which thread calls, whether it may wait, how it waits for an actor
     hooks          the process's exit and fork hooks, and the runtimes' names
+    parts          what they all share: the config, the books, where to report
 
 Milestones (`on_milestone=`) report internal events (see `Milestone.name`).
 """
@@ -54,8 +55,6 @@ from actorflow.services import ResultStore, ServiceSet
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
-
-    from actorflow.core.journal import Journal
 
 __all__ = ["Runtime"]
 
@@ -171,11 +170,6 @@ class Runtime:
             self._shutdown(drain=False)
             raise
         hooks.remember(self, callers)
-
-    @property
-    def _journal(self) -> Journal | None:
-        """The current StateActor's journal (tests reach its connection through it)."""
-        return self._assembly.journal
 
     def health(self) -> dict[str, str]:
         """``{"status": ...}`` with "ok", "degraded", "failed" or "stopped", and a "reason" unless ok.

@@ -70,6 +70,7 @@ class Submitter:
         self._callers = parts.callers
         self._log = parts.log
         self._pipelines = pipelines
+        self._first_pipeline = next(iter(pipelines))
         self._supervisor = supervisor
         self._assembly = assembly
         self._handles = handles
@@ -108,7 +109,7 @@ class Submitter:
         callers.check_not_forked()
         if callers.closed.is_set() or self._admission.failure is not None:
             raise self._admission.unavailable()
-        pipeline_name = find_pipeline(self._pipelines, pipeline).name
+        pipeline_name = self._first_pipeline if pipeline is None else find_pipeline(self._pipelines, pipeline).name
         if not isinstance(payload, Mapping):
             raise InvalidPayload(f"payload must be a mapping (a JSON object), got {type(payload).__name__}")
         try:
@@ -200,9 +201,8 @@ class Submitter:
 
     def _deliver_create(self, message: CreateTask | CreateTasks) -> None:
         """Tell the StateActor a creation or a batch; if it stopped before taking it, wait for its replacement once."""
-        supervisor = self._supervisor
         for attempt in (1, 2):
-            state = supervisor.current("state")
+            state = self._assembly.state
             assert state is not None
             try:
                 state.tell(message)
@@ -211,7 +211,7 @@ class Submitter:
                 return
             except (pykka.ActorDeadError, RuntimeStopped):
                 # Never handled (an actor's leftover asks get RuntimeStopped): nothing was created.
-                if attempt == 2 or not supervisor.await_replacement("state", state):
+                if attempt == 2 or not self._supervisor.await_replacement("state", state):
                     raise self._admission.unavailable() from None
                 if message.reply is not None:
                     message = message._replace(reply=pykka.ThreadingFuture())
