@@ -125,3 +125,21 @@ def test_publish_takes_only_a_complete_full_run(capsys: pytest.CaptureFixture[st
         main(["--publish", "--quick"])
     assert exited.value.code == 2
     assert "--publish takes a complete full run" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_two_versions_run_the_same_loads_in_turns_and_each_gets_its_ratio_to_the_first() -> None:
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout (an sdist): there is no commit to compare with")
+    from benchmarks.versions import compare  # noqa: PLC0415 - only where git is
+
+    report = compare([head.stdout.strip(), "."], rounds=1, divide_by=100)
+    assert set(report) == {"noop", "journal"}
+    for section in report.values():
+        assert set(section) == {head.stdout.strip(), "."}
+        first = section[head.stdout.strip()]
+        assert (first["throughput_ratio"], first["cpu_ratio"]) == (1.0, 1.0)
+        assert all(figures["tasks_per_s"] > 0 and figures["cpu_us_per_task"] > 0 for figures in section.values())
