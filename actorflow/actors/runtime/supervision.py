@@ -59,7 +59,7 @@ class Supervisor:
         """Which start of each central actor is current; an exit of an older one is expected."""
         self._state_exited = threading.Event()
         """Set once the current StateActor's `on_stop` is done (its journal closed)."""
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
         """Held while central actors are replaced, and while close() stops them."""
         self._replaced = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -80,7 +80,7 @@ class Supervisor:
 
     def stop(self) -> None:
         """Stop the central actors (a replacement under way finishes first, none starts after), then the thread."""
-        with self.lock:
+        with self._lock:
             self._assembly.stop_actors()
         self._exits.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -147,7 +147,7 @@ class Supervisor:
         when both are stopped together) is rebuilt from the journal, then a fresh
         orchestrator on it, in that order; without a journal, the runtime fails.
         """
-        with self.lock:
+        with self._lock:
             if not self._is_current(kind, generation):
                 return [], None  # closed, failed or replaced while the milestone was delivered
             try:
