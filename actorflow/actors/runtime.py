@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import pykka
 from pykka.messages import ProxyCall
 
-from actorflow.actors.backends import BackendRequest, make_backend
+from actorflow.actors.backends import BackendRequest, ServiceBackend, make_backend, stage_backend
+from actorflow.actors.backends.thread import ThreadBackend
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.health import Health, LogThrottle, Milestone, Milestones
 from actorflow.actors.messages import CancelTask, CreateTask, CreateTasks, ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor, pool_name
-from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
 from actorflow.actors.telemetry import MetricsCollector, Telemetry
 from actorflow.actors.threads import ThreadBook
@@ -683,6 +683,7 @@ class Runtime:
                 )
             self._pipelines_by_name[pipeline.name] = pipeline
         self.pipelines = tuple(pipelines)
+        self._pool_plan()  # checks each stage's backend against the registry, before anything starts
         self._check_workers()
         self._timer = Timer(on_error=lambda exc: self._log.error("timer.callback_failed", error=repr(exc)))
         self._start_state()
@@ -977,7 +978,7 @@ class Runtime:
         plan: dict[str, tuple[str, Callable[..., Any], int]] = {}
         for pipeline in self.pipelines:
             for stage in pipeline.stages:
-                kind = stage.backend or ("async" if stage.is_async else config.service_backend)
+                kind = stage_backend(stage, pipeline=pipeline.name, default=config.service_backend)
                 workers = stage.workers if stage.workers is not None else config.workers_for(stage.name)
                 plan[pool_name(self.pipelines, pipeline, stage)] = (kind, stage.fn, workers)
         return plan
@@ -1012,10 +1013,8 @@ class Runtime:
 
         made: dict[str, ServiceBackend] = {}
         for kind in dict.fromkeys(kind for kind, _, _ in plan.values()):
-            if kind == "thread":
-                made[kind] = local_backend()
-                continue
             request = BackendRequest(
+                name=kind,
                 functions={name: fn for name, (k, fn, _) in plan.items() if k == kind},
                 sizes={name: size for name, (k, _, size) in plan.items() if k == kind},
                 config=self.config,
