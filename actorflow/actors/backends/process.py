@@ -27,7 +27,7 @@ the next call waits in the child's pipe while the current one runs, so a busy
 child never waits for a round trip through the parent's threads (as a
 `ProcessPoolExecutor` keeps one call more in its queue than it has workers).
 
-Supervision follows the thread workers' rules (issue 5):
+Supervision follows the thread workers' rules:
 
 * a service that raises `SystemExit` (any non-`Exception`) is reported
   ``crashed`` by the child, which then exits; the pool replaces the worker
