@@ -14,7 +14,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.core import JournalError, RuntimeConfig, TaskState
-from actorflow.core import journal as journal_module
+from actorflow.core.journal import sqlite as journal_module
 from actorflow.core.journal import Journal
 
 S = TaskState

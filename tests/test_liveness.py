@@ -29,7 +29,7 @@ from actorflow.actors import OrchestratorActor, Runtime, StateActor
 from actorflow.actors.health import LogThrottle
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
-from actorflow.core import journal as journal_module
+from actorflow.core.journal import sqlite as journal_module
 from actorflow.core.journal import Journal
 from actorflow.services import ServiceSet
 from tests.conftest import MilestoneLog, actor_threads, payload
