@@ -11,6 +11,8 @@ import structlog
 
 from actorflow.actors import Milestone, Runtime
 from actorflow.core import RuntimeConfig
+from actorflow.core import journal as journal_package
+from actorflow.core.journal import Journal, WriterStore
 from tests.ast_parse_lock import serialise_ast_parse
 
 # Before any test parses: on CPython 3.11.0-3.11.7 two threads parsing at once can fail one of them
@@ -39,6 +41,25 @@ def runtime() -> Iterator[Runtime]:
         yield rt
     finally:
         rt.close(drain=False)
+
+
+@pytest.fixture
+def runtime_journals(monkeypatch: pytest.MonkeyPatch) -> list[Journal]:
+    """Every journal a runtime opens for its StateActor during the test, in order (the last is the current one).
+
+    The StateActor owns each: a test may look at its connection, never write through it.
+    """
+    opened: list[Journal] = []
+    open_store = journal_package.open_store
+
+    def recording(*args: object, **kwargs: object) -> WriterStore:
+        store = open_store(*args, **kwargs)  # type: ignore[arg-type]
+        assert isinstance(store, Journal)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(journal_package, "open_store", recording)
+    return opened
 
 
 def payload(index: int = 0, **data: object) -> dict[str, object]:
