@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pykka
 import pytest
@@ -52,8 +53,8 @@ def runtime_journals(monkeypatch: pytest.MonkeyPatch) -> list[Journal]:
     opened: list[Journal] = []
     open_store = journal_package.open_store
 
-    def recording(*args: object, **kwargs: object) -> WriterStore:
-        store = open_store(*args, **kwargs)  # type: ignore[arg-type]
+    def recording(*args: Any, **kwargs: Any) -> WriterStore:
+        store = open_store(*args, **kwargs)
         assert isinstance(store, Journal)
         opened.append(store)
         return store
