@@ -75,7 +75,7 @@ from actorflow.services import ResultStore, ServiceSet
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
-    from actorflow.core.journal import Journal
+    from actorflow.core.journal import ReaderStore
 
 __all__ = ["Milestone", "Runtime", "TaskHandle"]
 
@@ -451,6 +451,20 @@ def _check_lookup(task_id: object) -> None:
         raise TaskNotFound(f"no task with id {quote(task_id)}; task ids are str of at most {_MAX_TASK_ID} chars")
 
 
+def _checked_key(idempotency_key: object) -> tuple[str, str]:
+    """`idempotency_key` if it is a (key, payload fingerprint) pair of str, else InvalidPayload naming it."""
+    if (
+        isinstance(idempotency_key, tuple)
+        and len(idempotency_key) == 2
+        and isinstance(idempotency_key[0], str)
+        and isinstance(idempotency_key[1], str)
+    ):
+        return (idempotency_key[0], idempotency_key[1])
+    raise InvalidPayload(
+        f"idempotency_key must be a (key, payload fingerprint) pair of str, got {quote(idempotency_key)}"
+    )
+
+
 def _ask(actor: pykka.ActorRef[Any], method: str, *args: Any, **kwargs: Any) -> pykka.Future[Any]:
     """Call `actor.method(*args, **kwargs)` on the actor's thread: pykka's proxy call, without building a proxy.
 
@@ -627,8 +641,10 @@ class Runtime:
         self._backends: list[ServiceBackend] = []
         """The current orchestrator's backends: made here, so closed here (off the central threads)."""
         self.results: ResultStore | None = None
-        self._journal: Journal | None = None  # for Idempotency-Keys; the StateActor owns its writes and closing
         """The default persistence's result store (None when a custom `persist` is plugged in)."""
+        self._key_reader: ReaderStore | None = None
+        """The journal's reader side, opened at the first `find_idempotency_key` (the StateActor owns the writer)."""
+        self._key_reader_lock = threading.Lock()
         self._milestones = Milestones(on_milestone)
         self._health = Health()
         self._health.on_fail(self._on_failed)
@@ -718,15 +734,13 @@ class Runtime:
         """Start a StateActor (loading the journal, if any) and make it current."""
         journal = None
         if self.config.journal_path is not None:
-            from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
+            from actorflow.core.journal import open_store  # noqa: PLC0415 - the journal only when asked for
 
-            journal = Journal(
+            journal = open_store(
                 self.config.journal_path,
                 durability=self.config.durability,
                 pipelines={name: [state.value for state in p.states] for name, p in self._pipelines_by_name.items()},
             )
-        # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
-        self._journal = journal
         self._generation["state"] += 1
         exited = self._state_exited = threading.Event()
         try:
@@ -1049,13 +1063,15 @@ class Runtime:
             task_id: the task's id; a new unique one if None.
             traceparent: a W3C trace context to continue.
             pipeline: the name of the pipeline to run; the runtime's first one if None.
-            idempotency_key: (key, payload fingerprint): with a journal, committed in the same
-                transaction as the task, so that `find_idempotency_key` finds it after a crash
-                if and only if the task exists. Ignored without a journal.
+            idempotency_key: (key, payload fingerprint), carried with the task to the StateActor:
+                with a journal, committed in the same transaction as the task, so that
+                `find_idempotency_key` finds it after a crash if and only if the task exists.
+                Ignored without a journal.
 
         Raises:
             UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
-            InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
+            InvalidPayload: the payload is not a JSON-serializable mapping, `task_id` is taken,
+                or `idempotency_key` is not a pair of str.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             JournalError: the journal refuses writes (see `health()`); nothing was created.
             RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
@@ -1066,31 +1082,25 @@ class Runtime:
         message: CreateTask | None = None
         try:
             message = self._prepare(payload, task_id, traceparent, pipeline)
-            return self._reserve_and_send(message, idempotency_key)
+            if idempotency_key is not None:
+                message = message._replace(idempotency_key=_checked_key(idempotency_key))
+            return self._reserve_and_send(message)
         except BaseException as exc:
             self.telemetry.submit_refused(None if message is None else message.task_id, exc)
             raise
 
-    def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
+    def _reserve_and_send(self, message: CreateTask) -> TaskHandle:
         config = self.config
         central = self._threads.role_of_current() in _NEVER_WAITS
         if central and message.reply is not None:
             self._refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
-        journal = self._journal if idempotency_key is not None else None
-        if journal is not None and idempotency_key is not None:
-            journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
         try:
-            try:
-                self._tracker.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
-            except Overloaded as exc:
-                if central and config.overload == "wait":
-                    self._refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
-                raise exc from None
-            return self._send_create(message)
-        except BaseException:
-            if journal is not None:
-                journal.unstage_key(message.task_id)
-            raise
+            self._tracker.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
+        except Overloaded as exc:
+            if central and config.overload == "wait":
+                self._refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
+            raise exc from None
+        return self._send_create(message)
 
     def submit_many(
         self,
@@ -1278,15 +1288,28 @@ class Runtime:
         """(task id, payload fingerprint) of the task submitted with `key`, from the journal.
 
         None without a journal, or if the key is unknown or older than the journal's retention.
+        Read through the journal's reader side (a connection of its own, opened at the first
+        call), never through the StateActor's writer: it sees committed tasks and keys only.
 
         Raises:
             RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
+            JournalError: the journal cannot be read.
         """
         if self._forked:
             raise RuntimeStopped(_FORKED)
         if self._closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
-        return None if self._journal is None else self._journal.find_key(key)
+        if self.config.journal_path is None:
+            return None
+        with self._key_reader_lock:  # opened once, by the first caller; closed by close()
+            if self._closed.is_set():
+                raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+            if self._key_reader is None:
+                from actorflow.core.journal import open_reader  # noqa: PLC0415 - the journal only when asked for
+
+                self._key_reader = open_reader(self.config.journal_path)
+            reader = self._key_reader
+        return reader.find_key(key)
 
     @property
     def states(self) -> tuple[TaskState, ...]:
@@ -1643,6 +1666,10 @@ class Runtime:
                 drained = self._tracker.join(self.config.drain_timeout_s if timeout is None else timeout)
             except RuntimeFailed:
                 drained = False
+        with self._key_reader_lock:  # before the StateActor's journal: the writer, closed last, tidies the files
+            reader, self._key_reader = self._key_reader, None
+        if reader is not None:
+            reader.close()
         with self._supervise_lock:  # a replacement under way finishes first; none starts after this
             for ref in (self._orchestrator, self._state):  # orchestrator first: it sends to the state actor
                 if ref is not None:
