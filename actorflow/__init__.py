@@ -32,6 +32,9 @@ The API, drawn::
                                        fn(task, value) -> next value (None: pass it on);
                                        async def runs on an event loop; unset settings
                                        fall back to RuntimeConfig
+    register_backend(name, factory)    where stages run, by name: "thread", "async", "process"
+                                       and "ray" are built in; add your own, then name it in
+                                       Stage(backend=name) (see actorflow.actors.backends)
     ServiceSet(validate, process, persist)
                                        the seed pipeline's functions (what Runtime() runs);
                                        raise TransientError to be retried
@@ -64,6 +67,7 @@ command line is ``actorflow`` (or ``python -m actorflow``), in `actorflow.cli`.
 """
 
 from actorflow.actors import Milestone, OrchestratorActor, Runtime, StateActor, TaskHandle
+from actorflow.actors.backends import register_backend
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import (
     ActorflowError,
@@ -121,4 +125,5 @@ __all__ = [
     "WouldDeadlock",
     "__version__",
     "configure_logging",
+    "register_backend",
 ]

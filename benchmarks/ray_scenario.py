@@ -49,7 +49,7 @@ from typing import Any
 
 from actorflow import Pipeline, Stage
 from actorflow.actors import Runtime
-from actorflow.actors.ray_backend import RayBackend
+from actorflow.actors.backends.ray import RayBackend
 from actorflow.core import RuntimeConfig, Task, TaskState
 from actorflow.core.types import freeze
 from actorflow.services import ServiceSet, validate

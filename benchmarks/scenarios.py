@@ -147,7 +147,7 @@ def skipped(title: str, why: str) -> dict[str, Any]:
 def journal_available() -> str | None:
     """None if `core.journal` exists, else why the journal scenarios are skipped."""
     if importlib.util.find_spec("actorflow.core.journal") is None:
-        return "core.journal is not in this build yet (issue: durability); journal scenarios skipped"
+        return "core.journal is not in this build; journal scenarios skipped"
     return None
 
 

@@ -35,11 +35,11 @@ __all__ = [
 ]
 
 SLEEP_S = 0.005
-"""The I/O-bound processor's sleep per task (issue 7: 5 ms)."""
+"""The I/O-bound processor's sleep per task (5 ms)."""
 AWAIT_S = 0.020
-"""The I/O stage's wait per task in the async scenario (issue 12: 20 ms)."""
+"""The I/O stage's wait per task in the async scenario (20 ms)."""
 CPU_TARGET_S = 0.005
-"""The CPU-bound processor's pure-Python work per task, when run alone (issue 7: about 5 ms)."""
+"""The CPU-bound processor's pure-Python work per task, when run alone (about 5 ms)."""
 
 _RESULT = {"ok": True}
 

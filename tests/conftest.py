@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pykka
 import pytest
@@ -11,6 +12,8 @@ import structlog
 
 from actorflow.actors import Milestone, Runtime
 from actorflow.core import RuntimeConfig
+from actorflow.core import journal as journal_package
+from actorflow.core.journal import Journal, WriterStore
 from tests.ast_parse_lock import serialise_ast_parse
 
 # Before any test parses: on CPython 3.11.0-3.11.7 two threads parsing at once can fail one of them
@@ -39,6 +42,25 @@ def runtime() -> Iterator[Runtime]:
         yield rt
     finally:
         rt.close(drain=False)
+
+
+@pytest.fixture
+def runtime_journals(monkeypatch: pytest.MonkeyPatch) -> list[Journal]:
+    """Every journal a runtime opens for its StateActor during the test, in order (the last is the current one).
+
+    The StateActor owns each: a test may look at its connection, never write through it.
+    """
+    opened: list[Journal] = []
+    open_store = journal_package.open_store
+
+    def recording(*args: Any, **kwargs: Any) -> WriterStore:
+        store = open_store(*args, **kwargs)
+        assert isinstance(store, Journal)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(journal_package, "open_store", recording)
+    return opened
 
 
 def payload(index: int = 0, **data: object) -> dict[str, object]:

@@ -54,7 +54,7 @@ def test_default_config_is_valid_and_frozen() -> None:
         ("max_attempts", 0, ">= 1"),
         ("durability", "sometimes", "'normal', 'full'"),
         ("overload", "drop", "'wait', 'reject'"),
-        ("service_backend", "gpu", "'thread', 'process', 'ray'"),
+        ("service_backend", "gpu!", "1 to 64 letters, digits, '_' or '-'"),
         ("stage_timeout_s", 0, "> 0"),
         ("stage_timeout_s", float("nan"), "> 0"),
         ("retry_backoff_s", -1, ">= 0"),

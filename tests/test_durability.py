@@ -155,23 +155,23 @@ class _InterruptNthWrite:
         self.original = Journal.write_batch
 
     def as_method(self) -> Any:
-        def write_batch(journal: Journal, created: Any, changed: Any) -> None:
-            self(journal, created, changed)
+        def write_batch(journal: Journal, created: Any, changed: Any, keys: Any = ()) -> None:
+            self(journal, created, changed, keys)
 
         return write_batch
 
-    def __call__(self, journal: Journal, created: Any, changed: Any) -> None:
+    def __call__(self, journal: Journal, created: Any, changed: Any, keys: Any = ()) -> None:
         self.writes += 1
         if self.writes in self.failing:
             connection = journal._connection  # the fault is injected at the SQLite level
             assert connection is not None
             connection.set_progress_handler(lambda: 1, 1)  # "interrupted": sqlite3.OperationalError
             try:
-                self.original(journal, created, changed)
+                self.original(journal, created, changed, keys)
             finally:
                 connection.set_progress_handler(None, 0)
             return
-        self.original(journal, created, changed)
+        self.original(journal, created, changed, keys)
 
 
 def test_an_injected_operational_error_on_one_write_is_reported_and_nothing_is_lost(

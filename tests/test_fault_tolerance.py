@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from actorflow.actors import Runtime
-from actorflow.actors.service import ServiceWorker
+from actorflow.actors.backends.thread import ServiceWorker
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import Overloaded, RuntimeConfig, RuntimeStopped, Task, TaskNotFound, TaskState, TransientError
 from actorflow.services import ServiceSet

@@ -14,8 +14,7 @@ import pytest
 
 from actorflow.actors import Runtime
 from actorflow.core import JournalError, RuntimeConfig, TaskState
-from actorflow.core import journal as journal_module
-from actorflow.core.journal import Journal
+from actorflow.core.journal import Journal, ownership
 
 S = TaskState
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +29,10 @@ def path(tmp_path: Path) -> Path:
 def locking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each ownership test runs with the lock on the database file itself (Linux), and with the fallback
     that systems without open-file-description locks use: a sidecar named after the resolved path."""
-    if request.param == "ofd" and not journal_module._OFD_LOCKS:
+    if request.param == "ofd" and not ownership._OFD_LOCKS:
         pytest.skip("no open-file-description locks here")
     if request.param == "sidecar":
-        monkeypatch.setattr(journal_module, "_OFD_LOCKS", False)
+        monkeypatch.setattr(ownership, "_OFD_LOCKS", False)
     return str(request.param)
 
 
@@ -159,7 +158,7 @@ def test_a_journal_closed_in_this_process_leaves_sqlites_locks_of_a_reader_of_th
 
 
 def test_a_sidecar_lock_that_is_a_symlink_is_never_followed(path: Path, tmp_path: Path, monkeypatch: Any) -> None:
-    monkeypatch.setattr(journal_module, "_OFD_LOCKS", False)
+    monkeypatch.setattr(ownership, "_OFD_LOCKS", False)
     target = tmp_path / "elsewhere"
     (tmp_path / "tasks.db.lock").symlink_to(target)
     with pytest.raises(JournalError, match=r"lock file .*tasks\.db\.lock.* is a symbolic link"):

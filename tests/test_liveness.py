@@ -29,8 +29,7 @@ from actorflow.actors import OrchestratorActor, Runtime, StateActor
 from actorflow.actors.health import LogThrottle
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import JournalError, RuntimeConfig, RuntimeFailed, RuntimeStopped, Task, TaskState
-from actorflow.core import journal as journal_module
-from actorflow.core.journal import Journal
+from actorflow.core.journal import Journal, ownership
 from actorflow.services import ServiceSet
 from tests.conftest import MilestoneLog, actor_threads, payload
 from tests.faults import Gate
@@ -47,11 +46,11 @@ class FailingWrites:
         self.failed = 0
         original = Journal.write_batch
 
-        def write_batch(journal: Journal, created: Any, changed: Any) -> None:
+        def write_batch(journal: Journal, created: Any, changed: Any, keys: Any = ()) -> None:
             if self.failing.is_set():
                 self.failed += 1
                 raise sqlite3.OperationalError("database or disk is full")
-            original(journal, created, changed)
+            original(journal, created, changed, keys)
 
         monkeypatch.setattr(Journal, "write_batch", write_batch)
 
@@ -239,7 +238,7 @@ def test_a_deleted_lock_file_is_detected_before_anything_more_is_acknowledged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The sidecar lock file exists only where the database itself cannot be locked (no OFD locks).
-    monkeypatch.setattr(journal_module, "_OFD_LOCKS", False)
+    monkeypatch.setattr(ownership, "_OFD_LOCKS", False)
     path = tmp_path / "t.db"
     with Runtime(RuntimeConfig(journal_path=str(path))) as runtime:
         runtime.submit(payload(0)).result(timeout=10)

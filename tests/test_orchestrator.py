@@ -15,10 +15,11 @@ import pykka
 import pytest
 
 from actorflow.actors import OrchestratorActor, StateActor
+from actorflow.actors.backends.base import BackendDefaults, Deliver, OnDeath, WorkerDefaults
+from actorflow.actors.backends.toolkit import CallClaims
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import CancelTask, CreateTask, RunService, ServiceDone, ServicesDone
 from actorflow.actors.plan import plan_pipelines
-from actorflow.actors.service import CallClaims, Deliver, OnDeath
 from actorflow.actors.timer import Timer
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent
 from actorflow.core.pipeline import seed_shape
@@ -28,7 +29,7 @@ S = TaskState
 WAIT_S = 10
 
 
-class AnsweredWorker:
+class AnsweredWorker(WorkerDefaults):
     """Puts each call it is sent on the backend's queue; the test answers it through `Sent.answer`."""
 
     def __init__(self, name: str, backend: HandAnsweredBackend, deliver: Deliver) -> None:
@@ -95,7 +96,7 @@ class Sent:
         self._deliver(report)
 
 
-class HandAnsweredBackend:
+class HandAnsweredBackend(BackendDefaults):
     name = "by-hand"
 
     def __init__(self) -> None:

@@ -66,6 +66,11 @@ def test_the_backend_is_the_stages_then_async_for_a_coroutine_then_the_runtimes(
     assert [plan.backend for plan in stage_plans(plans)] == ["process", "async", "thread"]
 
 
+def test_a_stage_on_a_backend_nobody_registered_is_refused_naming_the_stage_and_its_pipeline() -> None:
+    with pytest.raises(ConfigError, match=r"^Stage 'work' of pipeline 'p': its backend 'nowhere' is not a registered"):
+        plan_pipelines([Pipeline("p", [Stage("work", _keep, backend="nowhere")])], RuntimeConfig())
+
+
 def test_the_seed_stages_take_their_own_worker_fields_and_others_stage_workers() -> None:
     config = RuntimeConfig(validator_workers=1, processor_workers=2, persistence_workers=3, stage_workers=4)
     pipeline = Pipeline("p", [Stage(name, _keep) for name in ("validator", "processor", "persistence", "other")])

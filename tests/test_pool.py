@@ -14,17 +14,19 @@ from typing import Any
 
 import pytest
 
+from actorflow.actors.backends.base import BackendDefaults, WorkerDefaults
+from actorflow.actors.backends.thread import ThreadBackend
+from actorflow.actors.backends.toolkit import CallClaims
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.pool import PoolCannotStart, ServicePool
-from actorflow.actors.service import CallClaims, ThreadBackend
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core import Task
 from actorflow.core.tracing import new_trace
 
 
-class RecordingWorker:
+class RecordingWorker(WorkerDefaults):
     """A worker that keeps what it is sent; `start(call_id)` claims a call as a real worker would."""
 
     def __init__(self, name: str) -> None:
@@ -62,7 +64,7 @@ class RecordingWorker:
         return True
 
 
-class RecordingBackend:
+class RecordingBackend(BackendDefaults):
     name = "recording"
 
     def __init__(self, max_queue_depth: int | None = None) -> None:

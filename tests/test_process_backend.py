@@ -27,9 +27,7 @@ import pytest
 import structlog
 
 from actorflow.actors import Runtime
-from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.process_backend import (
+from actorflow.actors.backends.process import (
     _STOP,
     ProcessBackend,
     ProcessWorker,
@@ -38,6 +36,8 @@ from actorflow.actors.process_backend import (
     _decode_call,
     _encode_call,
 )
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.actors.threads import ThreadBook
 from actorflow.cli.demo import _payloads as demo_payloads
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState
@@ -842,7 +842,7 @@ def test_importing_the_process_backend_registers_nothing_at_exit_until_a_backend
         "import multiprocessing.forkserver, multiprocessing.popen_forkserver, multiprocessing.util\n"
         "import actorflow.actors\n"
         "before = atexit._ncallbacks()  # multiprocessing registers its own exit handler when imported\n"
-        "from actorflow.actors import process_backend\n"
+        "from actorflow.actors.backends import process as process_backend\n"
         "from actorflow.actors.deadletters import DeadLetterOffice\n"
         "from actorflow.actors.threads import ThreadBook\n"
         "imported = atexit._ncallbacks() - before\n"

@@ -31,8 +31,8 @@ from structlog.testing import capture_logs
 
 from actorflow import Pipeline, Stage
 from actorflow.actors import Milestone, Runtime
+from actorflow.actors.backends.ray import RayBackend, ServiceActor, _RayWorker, describe_ray_error, node_id_of
 from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.ray_backend import RayBackend, ServiceActor, _RayWorker, describe_ray_error, node_id_of
 from actorflow.cli import demo as run_demo
 from actorflow.core import ConfigError, RuntimeConfig, Task, TaskRecord, TaskState, TransientError
 from actorflow.core.tracing import new_trace
@@ -295,7 +295,7 @@ def test_a_service_function_ray_cannot_pickle_is_a_config_error_naming_the_servi
         with lock:
             return process(task)
 
-    with pytest.raises(ConfigError, match=r"processor function .* cannot be sent to Ray workers"):
+    with pytest.raises(ConfigError, match=r"ServiceSet.process .*locked_process.* cannot be sent to Ray workers"):
         Runtime(ray_config(), services=ServiceSet(process=locked_process))
     assert ray_session.is_initialized()
 
@@ -444,7 +444,7 @@ def test_a_stage_asking_for_ray_without_ray_installed_is_a_config_error_naming_t
 
 
 def test_a_result_that_cannot_be_pickled_fails_its_own_call_in_the_actor_instead_of_its_invocation() -> None:
-    from actorflow.actors.ray_backend import _crossable  # noqa: PLC0415 - the actor's side
+    from actorflow.actors.backends.ray import _crossable  # noqa: PLC0415 - the actor's side
 
     call = RunService(1, "processor", Task("t-1", {}), new_trace(), 1)
     done = ServiceDone(1, "processor", "t-1", "processor-1", "ok", {"v": Unpicklable("stuck")}, None, None, 2.0)  # type: ignore[dict-item]

@@ -36,8 +36,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from actorflow.actors import Runtime, ray_backend
-from actorflow.actors.ray_backend import node_id_of
+from actorflow.actors import Runtime
+from actorflow.actors.backends import ray as ray_backend
+from actorflow.actors.backends.ray import node_id_of
 from actorflow.core import RuntimeConfig, Task, TaskRecord, TaskState
 from actorflow.services import ServiceSet
 

@@ -37,11 +37,9 @@ S = TaskState
 
 
 class Transactions:
-    """Every transaction the runtime's journal connection runs, as the list of its statements."""
+    """Every transaction a journal's connection runs (the runtime's: see `runtime_journals`), as lists of statements."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        journal = runtime._assembly.journal
-        assert journal is not None
+    def __init__(self, journal: Journal) -> None:
         self._connection = journal._connection
         assert self._connection is not None
         self._lock = threading.Lock()
@@ -115,9 +113,9 @@ def test_a_batch_in_memory_completes_and_an_empty_batch_creates_nothing(runtime:
 
 
 @pytest.mark.timeout(30)
-def test_the_whole_batch_is_created_in_one_transaction(tmp_path: Path) -> None:
+def test_the_whole_batch_is_created_in_one_transaction(tmp_path: Path, runtime_journals: list[Journal]) -> None:
     with Runtime(journaled(tmp_path)) as runtime:
-        transactions = Transactions(runtime)
+        transactions = Transactions(runtime_journals[-1])
         handles = runtime.submit_many([payload(i) for i in range(120)])
         assert runtime.join(timeout=20)
         transactions.stop()
@@ -314,10 +312,12 @@ def test_submit_many_on_a_closed_runtime_raises_runtime_stopped() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_many_threads_submitting_one_task_at_a_time_share_commits(tmp_path: Path) -> None:
+def test_many_threads_submitting_one_task_at_a_time_share_commits(
+    tmp_path: Path, runtime_journals: list[Journal]
+) -> None:
     threads, each = 16, 10
     with Runtime(journaled(tmp_path, max_in_flight=1000)) as runtime:
-        transactions = Transactions(runtime)
+        transactions = Transactions(runtime_journals[-1])
         start = threading.Barrier(threads)
         errors: list[BaseException] = []
 

@@ -54,24 +54,18 @@ def _lower_sqlite_limit(journal: Journal, limit: int = SQLITE_LIMIT) -> None:
     connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
 
 
-def _runtime_journal(runtime: Runtime) -> Journal:
-    journal = runtime._assembly.journal
-    assert journal is not None
-    return journal
-
-
 # --- through a runtime ----------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(90)
 def test_a_value_sqlite_refuses_fails_only_its_own_task_and_every_other_task_and_submission_carries_on(
-    tmp_path: Path,
+    tmp_path: Path, runtime_journals: list[Journal]
 ) -> None:
     pipeline = Pipeline("p", [Stage("make", too_big), Stage("keep", _keep, state="KEEPING")])
     config = RuntimeConfig(journal_path=str(tmp_path / "t.db"), max_value_bytes=4 * BIG_CHARS)
     milestones = MilestoneLog()
     with Runtime(config, pipelines=[pipeline], on_milestone=milestones) as runtime:
-        _lower_sqlite_limit(_runtime_journal(runtime))
+        _lower_sqlite_limit(runtime_journals[-1])
         payloads: list[dict[str, Any]] = [{"name": f"small-{n}", "n": n} for n in range(20)]
         payloads[7] = {"name": "big", "n": 7}  # its value alone is over SQLite's limit: the journal names it
         payloads[13] = {"name": "half", "n": 13, "pad": "x" * (BIG_CHARS // 2)}  # payload and value together
@@ -101,12 +95,12 @@ def test_a_value_sqlite_refuses_fails_only_its_own_task_and_every_other_task_and
 
 @pytest.mark.timeout(60)
 def test_a_creation_sqlite_refuses_is_refused_to_its_submitter_naming_it_and_nothing_else_is_held_up(
-    tmp_path: Path,
+    tmp_path: Path, runtime_journals: list[Journal]
 ) -> None:
     pipeline = Pipeline("p", [Stage("keep", _keep)])
     config = RuntimeConfig(journal_path=str(tmp_path / "t.db"), max_value_bytes=4 * BIG_CHARS)
     with Runtime(config, pipelines=[pipeline]) as runtime:
-        _lower_sqlite_limit(_runtime_journal(runtime))
+        _lower_sqlite_limit(runtime_journals[-1])
         big = {"name": "big", "pad": "x" * BIG_CHARS}
         with pytest.raises(JournalError, match=r"cannot store task 'big-1'.*over SQLite's limit.*not created"):
             runtime.submit(big, task_id="big-1")
@@ -263,7 +257,7 @@ def test_a_transient_fault_after_a_culprit_is_set_aside_refuses_the_batch_whole_
     armed = False
     original = Journal.write_batch
 
-    def write_batch(self: Journal, created: Any, changed: Any) -> None:
+    def write_batch(self: Journal, created: Any, changed: Any, keys: Any = ()) -> None:
         nonlocal writes
         writes += armed
         connection = self._connection
@@ -271,7 +265,7 @@ def test_a_transient_fault_after_a_culprit_is_set_aside_refuses_the_batch_whole_
         if writes == 2:  # the commit of the rest, once the culprit is set aside: interrupted (OperationalError)
             connection.set_progress_handler(lambda: 1, 1)
         try:
-            original(self, created, changed)
+            original(self, created, changed, keys)
         finally:
             connection.set_progress_handler(None, 0)
 

@@ -17,9 +17,9 @@ import pytest
 
 from actorflow import Pipeline, Stage
 from actorflow.actors import Milestone, Runtime
+from actorflow.actors.backends.process import ProcessBackend
 from actorflow.actors.health import Health
 from actorflow.actors.messages import ServiceDone
-from actorflow.actors.process_backend import ProcessBackend
 from actorflow.core import RuntimeConfig, Task, TaskState, WouldDeadlock
 from tests import pipeline_stages as stages
 from tests.conftest import MilestoneLog
@@ -155,7 +155,7 @@ def test_a_result_that_cannot_cross_from_a_worker_process_fails_only_its_task_on
 
 
 def test_a_child_reports_a_result_it_cannot_pickle_as_a_permanent_failure_of_that_call() -> None:
-    from actorflow.actors.process_backend import _encode_report  # noqa: PLC0415 - the child's side of the wire
+    from actorflow.actors.backends.process import _encode_report  # noqa: PLC0415 - the child's side of the wire
 
     done = ServiceDone(7, "s", "t-7", "s-1", "ok", {"v": stages.Unpicklable("stuck")}, None, None, 1.5)  # type: ignore[dict-item]
     report = pickle.loads(_encode_report(done))

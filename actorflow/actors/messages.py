@@ -60,6 +60,9 @@ class CreateTask(NamedTuple):
     notify: pykka.ActorRef[Any] | None = None
     pipeline: str = DEFAULT_PIPELINE
     """The name of the pipeline the task runs through (the state actor checks it knows it)."""
+    idempotency_key: tuple[str, str] | None = None
+    """(key, payload fingerprint) of the request that created the task: with a journal, the state actor
+    writes it in the same transaction as the task, so that it exists if and only if the task does."""
 
 
 class CreateTasks(NamedTuple):

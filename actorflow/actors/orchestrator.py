@@ -46,6 +46,7 @@ from typing import Any
 
 import pykka
 
+from actorflow.actors.backends.base import OnDeath, ServiceBackend
 from actorflow.actors.base import FastActor
 from actorflow.actors.deadletters import DeadLetterOffice, tell_or_dead_letter
 from actorflow.actors.health import Backoff, Health, Milestones
@@ -68,7 +69,6 @@ from actorflow.actors.messages import (
 )
 from actorflow.actors.plan import PipelinePlan
 from actorflow.actors.pool import PoolCannotStart, ServicePool
-from actorflow.actors.service import OnDeath, ServiceBackend
 from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer

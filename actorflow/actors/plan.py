@@ -3,7 +3,7 @@
 A `Stage` may leave its settings None, to fall back on the runtime's
 `RuntimeConfig`. `plan_pipelines` resolves each of them, for every stage of
 every pipeline, into frozen `StagePlan`s, and checks what only a runtime can
-check (a stage's workers against `max_workers`). The backends are made for the
+check (a stage's backend against the registry, its workers against `max_workers`). The backends are made for the
 plans' pools, and the orchestrator builds each pool from its plan: nothing is
 resolved a second time, and nothing ties the two but the plan itself.
 
@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from actorflow.actors.backends import stage_backend
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import ConfigError
 from actorflow.core.pipeline import Pipeline, Stage
@@ -33,7 +34,8 @@ class StagePlan:
     pool: str
     """The name of the stage's pool: the stage's name, or ``pipeline.stage`` with several pipelines."""
     backend: str
-    """Where its calls run: the stage's `backend`, "async" for an ``async def`` function, else the runtime's."""
+    """Where its calls run, a registered backend's name: the stage's `backend`, "async" for an ``async def``
+    function, else `RuntimeConfig.service_backend`."""
     workers: int
     max_attempts: int
     retry_backoff_s: float
@@ -68,8 +70,9 @@ def plan_pipelines(pipelines: Sequence[Pipeline], config: RuntimeConfig) -> tupl
     """The plan of each pipeline, in order, with every stage's settings resolved against `config`.
 
     Raises:
-        ConfigError: a stage's `workers` exceeds `RuntimeConfig.max_workers` (`max_async_workers`
-            for an async stage); the message names the stage, its pipeline and the bound.
+        ConfigError: a stage's backend is not registered (`actorflow.register_backend`), or its
+            `workers` exceeds `RuntimeConfig.max_workers` (`max_async_workers` for an async stage);
+            the message names the stage and its pipeline.
     """
     several = len(pipelines) > 1
     return tuple(
@@ -85,7 +88,7 @@ def stage_plans(plans: Sequence[PipelinePlan]) -> Iterator[StagePlan]:
 
 
 def _plan_stage(pipeline: Pipeline, stage: Stage, config: RuntimeConfig, *, several: bool) -> StagePlan:
-    backend = stage.backend or ("async" if stage.is_async else config.service_backend)
+    backend = stage_backend(stage, pipeline=pipeline.name, default=config.service_backend)
     if stage.workers is None:
         workers = config.workers_for(stage.name)  # the config's own fields, which it checked against max_workers
     else:

@@ -41,8 +41,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actorflow.actors.backends.base import (
+    DEPTH_FAST,
+    DEPTH_SLOW,
+    Deliver,
+    OnDeath,
+    ServiceBackend,
+    StageFn,
+    WorkerHandle,
+)
 from actorflow.actors.messages import RunService
-from actorflow.actors.service import Deliver, OnDeath, ServiceBackend, WorkerHandle
 from actorflow.actors.timer import Timer, TimerHandle
 
 __all__ = ["PoolCannotStart", "ServicePool"]
@@ -75,7 +83,7 @@ class ServicePool:
         size: int,
         *,
         backend: ServiceBackend,
-        fn: Callable[..., Any],
+        fn: StageFn,
         deliver: Deliver,
         on_death: OnDeath,
         timer: Timer,
@@ -106,13 +114,13 @@ class ServicePool:
         """The restart window, which is also a failing pool's cool-down."""
         self._on_cool_down = on_cool_down
         self._cool_down: TimerHandle | None = None
-        self._max_depth: int = getattr(backend, "max_queue_depth", _DEPTH_FAST)
+        self._max_depth = backend.max_queue_depth
         """Process and Ray workers cap it: their pipes and object stores should not hold many calls."""
-        self._min_depth: int = getattr(backend, "min_queue_depth", _DEPTH_SLOW)
+        self._min_depth = backend.min_queue_depth
         """Process and Ray workers raise it: a worker whose next call is already on its way never idles for a
         round trip."""
         self._capacity = self._min_depth
-        self._fast_ms: float = getattr(backend, "fast_call_ms", _FAST_MS)
+        self._fast_ms = backend.fast_call_ms
         """Calls shorter than this are fast: Ray's is its round trip's order, far above a thread's wake-up."""
         self._recent: deque[bool] = deque(maxlen=_DEPTH_WINDOW)
         """Whether each of the last calls was slow (took `_fast_ms` or more): they set the depth per worker."""
@@ -191,7 +199,7 @@ class ServicePool:
         recent.append(slow)
         self._slow_recent += slow
         uniform_fast = len(recent) == _DEPTH_WINDOW and not self._slow_recent
-        self._capacity = max(self._min_depth, min(_DEPTH_FAST if uniform_fast else _DEPTH_SLOW, self._max_depth))
+        self._capacity = max(self._min_depth, min(DEPTH_FAST if uniform_fast else DEPTH_SLOW, self._max_depth))
 
     def running(self, call_id: int) -> bool:
         """True if `call_id` is the call its worker is running now."""
@@ -205,8 +213,7 @@ class ServicePool:
         call's deadline is armed when it arrives. Only thread workers hold reports this way.
         """
         slot = self._where.get(call_id)
-        release = getattr(slot.worker, "release_result", None) if slot is not None else None
-        return release is not None and bool(release(call_id))
+        return slot is not None and slot.worker.release_result(call_id)
 
     def surely_running(self, call_id: int) -> bool:
         """True if `call_id` is running and its worker can tell it apart from the calls queued with it.
@@ -214,10 +221,7 @@ class ServicePool:
         A Ray worker running a batch cannot: its calls' reports come back
         together, so a hang in the batch is not known to be the head's.
         """
-        if not self.running(call_id):
-            return False
-        vouch = getattr(self._where[call_id].worker, "vouches_running", None)
-        return vouch is None or bool(vouch(call_id))
+        return self.running(call_id) and self._where[call_id].worker.vouches_running(call_id)
 
     def withdraw(self, call_id: int) -> bool:
         """Take back a call no worker has started. True if it will never run.
@@ -247,11 +251,7 @@ class ServicePool:
         The worker still reports the call, so its slot is freed as for any other call.
         """
         slot = self._where.get(call_id)
-        cancel = getattr(slot.worker, "cancel", None) if slot is not None else None
-        if cancel is None:
-            return False
-        cancel(call_id)
-        return True
+        return slot is not None and slot.worker.cancel(call_id)
 
     def worker_of(self, call_id: int) -> str:
         """The name of the worker holding `call_id` ("" if none)."""
@@ -459,14 +459,8 @@ class ServicePool:
             self._send(slot, self._waiting.popleft())
 
 
-_DEPTH_FAST = 32
-"""Calls queued per worker while calls are uniformly fast: keeps workers awake (1.7x no-op throughput)."""
-_DEPTH_SLOW = 1
-"""Otherwise one call per worker: a call is only ever sent to an idle worker, so no call waits
-behind a slow one while another worker idles (the pool's load figures lag by a message, and with
-even two per worker two calls that must run together could land on the same worker)."""
 _DEPTH_WINDOW = 32
-_FAST_MS = 0.2
+"""How many recent calls decide whether a pool's calls are uniformly fast (`DEPTH_FAST`) or not (`DEPTH_SLOW`)."""
 
 
 def _take_unsent(slot: _Slot, call_id: int) -> bool:

@@ -17,10 +17,10 @@ backoff: until the next try is due, batches are refused at once without
 touching the disk (so `submit()` fails fast and the log gets one line per
 backoff step); the first commit that succeeds clears the fault
 (`Health.degraded` -> ok). A journal whose file or lock file was deleted or
-replaced (`Journal.lost`) is a failure for good: the runtime's `Health` fails.
+replaced (`WriterStore.lost`) is a failure for good: the runtime's `Health` fails.
 
 A refusal that no retry can cure is not a journal fault, and it never stops the
-journal: a value SQLite cannot store (a row over its length limit, a broken
+journal: a value the journal cannot store (a row over its length limit, a broken
 constraint) or the encoder cannot encode (`UnstorableValue`). The task at fault
 is found (the journal names it when it can, else the batch is halved in trial
 transactions that are rolled back), set aside, and the rest of the batch is
@@ -30,6 +30,11 @@ senders of its refused changes get a "rejected" outcome carrying that FAILED
 record, which ends the orchestrator's flight. A creation at fault is refused to
 its submitter (a `submit_many` batch as a whole), naming the task. Errors and
 reasons a record keeps are cut to `core.failures.MAX_MESSAGE_CHARS`.
+
+The journal is a `WriterStore` (`core.journal.store`), this actor's alone: no
+other thread calls it. A creation's Idempotency-Key (`CreateTask.idempotency_key`)
+is committed in the same transaction as the task, so a key exists if and only if
+its task does; a creation refused, or rolled back, leaves no key.
 
 Who drives new tasks: a `CreateTask` without `notify` is announced to the
 current *driver*, set by `adopt()`. Adopting a new orchestrator and reading
@@ -71,6 +76,7 @@ from actorflow.core.errors import (
     UnstorableValue,
 )
 from actorflow.core.failures import MAX_MESSAGE_CHARS, bound_message
+from actorflow.core.journal.store import IdempotencyKey
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import TraceContext, get_event_logger, new_trace
 from actorflow.core.types import (
@@ -86,7 +92,7 @@ from actorflow.core.types import (
 )
 
 if TYPE_CHECKING:
-    from actorflow.core.journal import Journal
+    from actorflow.core.journal.store import Change, WriterStore
 
 __all__ = ["StateActor", "Subscriber"]
 
@@ -130,13 +136,20 @@ class _Change:
     those changes (undone already), whose senders it answers once committed."""
     why: str | None = None
     """The reason of such a FAILED change."""
+    key: tuple[str, str] | None = None
+    """A creation's Idempotency-Key and payload fingerprint, committed with it."""
 
 
-def _rows(changes: _Changes) -> tuple[_Records, list[tuple[TaskRecord, Transition]]]:
-    """The arguments of `Journal.write_batch` for `changes`."""
+def _rows(changes: _Changes) -> tuple[_Records, list[Change], list[IdempotencyKey]]:
+    """The arguments of `WriterStore.write_batch` for `changes`: creations, transitions, the creations' keys."""
     created = [change.record for change in changes if change.before is None]
     changed = [(change.record, change.transition) for change in changes if change.before is not None]
-    return created, changed
+    keys = [
+        IdempotencyKey(change.key[0], change.record.task_id, change.key[1])
+        for change in changes
+        if change.key is not None and change.before is None
+    ]
+    return created, changed, keys
 
 
 def _units(changes: _Changes, groups: _Groups) -> _Units:
@@ -171,7 +184,7 @@ class StateActor(FastActor):
     def __init__(
         self,
         *,
-        journal: Journal | None = None,
+        journal: WriterStore | None = None,
         retain_terminal: int | None = None,
         dead_letters: DeadLetterOffice | None = None,
         threads: ThreadBook | None = None,
@@ -477,7 +490,9 @@ class StateActor(FastActor):
         )
         self._records[record.task_id] = record
         self._counts[TaskState.CREATED] += 1
-        self._pending.append(_Change(record, None, transition, reply=message.reply, notify=message.notify))
+        self._pending.append(
+            _Change(record, None, transition, reply=message.reply, notify=message.notify, key=message.idempotency_key)
+        )
 
     def _apply_transition(
         self,
@@ -625,7 +640,7 @@ class StateActor(FastActor):
     def _refused_units(self, units: _Units, failure: UnstorableValue) -> _Culprits:
         """The units that `failure` refused, found by halving: a half that passes a trial holds none.
 
-        Each trial is a transaction that is rolled back (`Journal.check_batch`), at most about
+        Each trial is a transaction that is rolled back (`WriterStore.check_batch`), at most about
         2·log2(units) of them per culprit; it happens only when a batch is refused for good.
         Raises JournalError if the journal fails otherwise meanwhile.
         """
@@ -887,7 +902,7 @@ class StateActor(FastActor):
         while len(self._terminal_order) > self._retain:
             self._records.pop(self._terminal_order.popleft(), None)
 
-    def _load(self, journal: Journal) -> None:
+    def _load(self, journal: WriterStore) -> None:
         """Rebuild memory from the journal: every non-terminal task, and the newest terminal ones."""
         for state, count in journal.counts().items():
             self._counts[TaskState(state)] = count  # any pipeline's: names, not a fixed set

@@ -11,9 +11,10 @@ forgotten key is a new key, so a retry that comes later than that creates a new
 task: keep the TTL longer than any client's retry window.
 
 This memory is the server's. With a journal the server also keeps each key in
-the journal, written in the transaction that creates its task, and looks a key
-up there before submitting: a retry after a crash and restart gets the first
-task back (see `Journal.stage_key`).
+the journal: the key travels with its task to the StateActor, which writes both
+in one transaction (`Runtime.submit(idempotency_key=...)`), and the server looks
+a key up there before submitting (`Runtime.find_idempotency_key`): a retry after
+a crash and restart gets the first task back.
 
 A key reused with a different payload is refused (`IdempotencyKeyReusedError`), as in
 the IETF draft "The Idempotency-Key HTTP Header Field". A request that failed

@@ -2,9 +2,9 @@
 
 Prints the number of tasks in each state, then the matching tasks, each with
 its path through the states, the time and reason of every transition, and a
-summary of its result or error. It opens the journal with
-`Journal.open_readonly`, so it never writes, leaves no file behind, and may
-run while a runtime is writing the same file. ``--json`` prints the same as
+summary of its result or error. It opens the journal read-only
+(`core.journal.open_reader`), so it never writes, leaves no file behind, and
+may run while a runtime is writing the same file. ``--json`` prints the same as
 one JSON document, for scripts.
 
 Exit codes: 0 done, 1 the ``--task`` is not in the journal, 2 a bad argument or
@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from actorflow.core.errors import JournalError
-from actorflow.core.journal import Journal, JournalReader
+from actorflow.core.errors import ConfigError, JournalError
+from actorflow.core.journal import ReaderStore, open_reader
 from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, thaw
 
 __all__ = ["main"]
@@ -40,7 +40,7 @@ def main(argv: Sequence[str], *, prog: str = "actorflow inspect") -> int:
     except SystemExit as exc:  # argparse has printed its message; hand back its code instead of exiting
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        with Journal.open_readonly(options.path) as journal:
+        with open_reader(options.path) as journal:
             if options.state is not None and options.state.value not in (known := journal.states()):
                 # States are the journal's pipelines' own, so they are checked against what it holds.
                 allowed = ", ".join(known)
@@ -52,7 +52,7 @@ def main(argv: Sequence[str], *, prog: str = "actorflow inspect") -> int:
                 return _show_task(journal, options.task, prog=prog)
             _show_listing(journal, options.state, options.limit)
             sys.stdout.flush()
-    except JournalError as exc:
+    except (JournalError, ConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
@@ -69,7 +69,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Show what a journal holds: tasks per state, then tasks with their transition history. "
         "Read-only; safe while a runtime is writing the journal.",
     )
-    parser.add_argument("path", metavar="PATH", help="the journal's SQLite file")
+    parser.add_argument("path", metavar="PATH", help="the journal's SQLite file (or sqlite:///PATH)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--state",
@@ -112,10 +112,10 @@ def _limit(text: str) -> int:
 # --- output --------------------------------------------------------------------------------------
 
 
-def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -> None:
+def _show_listing(journal: ReaderStore, state: TaskState | None, limit: int) -> None:
     counts = journal.counts()
     total = sum(counts.values())
-    print(f"journal  {journal.path}")
+    print(f"journal  {journal.location}")
     print()
     width = max(len(str(total)), len("COUNT"))
     print(f"{'STATE':<{_STATE_WIDTH}}  {'COUNT':>{width}}")
@@ -146,18 +146,18 @@ def _show_listing(journal: JournalReader, state: TaskState | None, limit: int) -
         print(f"({matching - len(records)} older {what} not shown; use --limit N)")
 
 
-def _print_json(journal: JournalReader, state: TaskState | None, task_id: str | None, limit: int, *, prog: str) -> int:
+def _print_json(journal: ReaderStore, state: TaskState | None, task_id: str | None, limit: int, *, prog: str) -> int:
     """The counts and the matching records (each as `TaskRecord.to_dict`), as one JSON document."""
     if task_id is not None:
         record = journal.get(task_id)
         if record is None:
-            print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
+            print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.location!r}", file=sys.stderr)
             return 1
         records = [record]
     else:
         records = journal.records(state=state, limit=limit, newest_first=True)[::-1] if limit else []
     document = {
-        "journal": journal.path,
+        "journal": journal.location,
         "counts": journal.counts(),
         "pipelines": journal.pipelines(),
         "tasks": [r.to_dict() for r in records],
@@ -167,10 +167,10 @@ def _print_json(journal: JournalReader, state: TaskState | None, task_id: str | 
     return 0
 
 
-def _show_task(journal: JournalReader, task_id: str, *, prog: str) -> int:
+def _show_task(journal: ReaderStore, task_id: str, *, prog: str) -> int:
     record = journal.get(task_id)
     if record is None:
-        print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.path!r}", file=sys.stderr)
+        print(f"{prog}: no task {_clean(task_id)!r} in journal {journal.location!r}", file=sys.stderr)
         return 1
     _print_record(record)
     return 0

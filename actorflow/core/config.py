@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from actorflow.core.errors import ConfigError, quote
-from actorflow.core.pipeline import MAX_SECONDS, seed_shape
+from actorflow.core.pipeline import MAX_SECONDS, check_backend_name, seed_shape
 from actorflow.core.types import TaskState
 
 __all__ = [
@@ -66,7 +66,6 @@ MAX_VALUE_BYTES = 256 * 1024 * 1024
 stays well below SQLite's limit of 1e9 bytes per row."""
 
 Durability = Literal["normal", "full"]
-Backend = Literal["thread", "process", "ray"]
 OverloadPolicy = Literal["wait", "reject"]
 
 
@@ -119,8 +118,10 @@ class RuntimeConfig:
     """How long `submit()` waits for room when `max_in_flight` is reached (overload="wait")."""
     overload: OverloadPolicy = "wait"
     """At `max_in_flight`: "wait" up to `submit_timeout_s`, or "reject" at once."""
-    service_backend: Backend = "thread"
-    """Where service calls run: "thread" (default), "process" or "ray"."""
+    service_backend: str = "thread"
+    """Where the calls of a stage that names no backend run: "thread" (default), "process", "ray", or a backend
+    the host registered (`actorflow.register_backend`); ``async def`` stages run on "async" whatever this says.
+    The Runtime checks that the name is registered."""
     ray_address: str | None = None
     """Ray cluster address with service_backend="ray"; None starts a local Ray."""
     ray_connect_timeout_s: float = 30.0
@@ -156,7 +157,7 @@ class RuntimeConfig:
                 raise ConfigError(f"RuntimeConfig.{name} must be a non-empty str path or None, got {quote(value)}")
         _check_choice("durability", self.durability, ("normal", "full"))
         _check_choice("overload", self.overload, ("wait", "reject"))
-        _check_choice("service_backend", self.service_backend, ("thread", "process", "ray"))
+        check_backend_name("RuntimeConfig.service_backend", self.service_backend)
         if self.retain_terminal is not None:
             _check_int("retain_terminal", self.retain_terminal, minimum=0)
             if self.journal_path is None:

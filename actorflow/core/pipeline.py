@@ -29,16 +29,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from actorflow.core.errors import ConfigError, quote
 from actorflow.core.types import DEFAULT_PIPELINE, TaskState
 
-__all__ = ["BACKENDS", "DEFAULT_PIPELINE", "MAX_SECONDS", "Pipeline", "Stage", "StageBackend", "seed_shape"]
+__all__ = ["BACKEND_NAME", "DEFAULT_PIPELINE", "MAX_SECONDS", "Pipeline", "Stage", "check_backend_name", "seed_shape"]
 
-StageBackend = Literal["thread", "process", "ray", "async"]
-BACKENDS: Final[tuple[str, ...]] = ("thread", "process", "ray", "async")
-"""Where a stage's calls may run; "async" is implied by an ``async def`` function."""
+BACKEND_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a backend's name looks like. Which names exist is the runtime's registry's to say
+(`actorflow.register_backend`): core cannot see it, so it checks only the form."""
 
 MAX_SECONDS: Final = 365 * 24 * 3600.0
 """The longest duration any setting (of a `Stage` or of `RuntimeConfig`) may have: a year. Far beyond
@@ -46,6 +46,15 @@ any real timeout or backoff, and far below what a thread's wait accepts (`thread
 292 years on Linux), which a larger one would overflow."""
 _NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _TERMINAL: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+def check_backend_name(what: str, value: object) -> None:
+    """Raise ConfigError unless `value` has the form of a backend's name (`what` names the setting)."""
+    if not isinstance(value, str) or not BACKEND_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{what} must be a backend's name (1 to 64 letters, digits, '_' or '-'), got {quote(value)}; "
+            "the built-in backends are 'thread', 'process', 'ray' and 'async'"
+        )
 
 
 def _is_coroutine_function(fn: object) -> bool:
@@ -63,8 +72,10 @@ class Stage:
         fn: ``fn(task, value)``; may be ``async def`` (then it runs on an event loop).
         workers: calls of this stage running at once (for "async", calls in flight); at most
             `RuntimeConfig.max_workers` (`max_async_workers` for "async"), checked by the Runtime.
-        backend: "thread", "process", "ray" or "async"; None means "async" for an
-            ``async def`` function and `RuntimeConfig.service_backend` otherwise.
+        backend: the name of a registered backend: "thread", "process", "ray", "async" (for
+            ``async def`` functions only) or one of the host's (`actorflow.register_backend`);
+            None means "async" for an ``async def`` function and `RuntimeConfig.service_backend`
+            otherwise. The Runtime checks that the name is registered.
         timeout_s: a call running longer is a transient failure (RuntimeConfig.stage_timeout_s).
         max_attempts: attempts before a transient failure fails the task (RuntimeConfig.max_attempts).
         retry_backoff_s: first retry delay (RuntimeConfig.retry_backoff_s).
@@ -79,7 +90,7 @@ class Stage:
     name: str
     fn: Callable[..., Any]
     workers: int | None = None
-    backend: StageBackend | None = None
+    backend: str | None = None
     timeout_s: float | None = None
     max_attempts: int | None = None
     retry_backoff_s: float | None = None
@@ -100,10 +111,8 @@ class Stage:
             _check_int(where, "workers", self.workers, minimum=1)
         if self.max_attempts is not None:
             _check_int(where, "max_attempts", self.max_attempts, minimum=1)
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(
-                f"{where}: backend must be one of {', '.join(map(repr, BACKENDS))} or None, got {quote(self.backend)}"
-            )
+        if self.backend is not None:
+            check_backend_name(f"{where}: backend", self.backend)
         is_async = _is_coroutine_function(self.fn)
         if self.backend == "async" and not is_async:
             raise ConfigError(f"{where}: backend 'async' needs an async def function, got {self.fn!r}")

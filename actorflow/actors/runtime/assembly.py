@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import pykka
 
-from actorflow.actors.backends import BackendRequest, make_backend
+from actorflow.actors.backends import BackendRequest, ServiceBackend, make_backend
+from actorflow.actors.backends.thread import ThreadBackend
 from actorflow.actors.messages import ResumeTasks
 from actorflow.actors.orchestrator import OrchestratorActor
 from actorflow.actors.plan import plan_pipelines, stage_plans
 from actorflow.actors.runtime.callers import ASK_TIMEOUT_S, answer, ask
 from actorflow.actors.runtime.parts import RuntimeParts
-from actorflow.actors.service import ServiceBackend, ThreadBackend
 from actorflow.actors.state import StateActor
 from actorflow.actors.timer import Timer
 from actorflow.core.config import RuntimeConfig
@@ -31,9 +30,6 @@ from actorflow.core.errors import ConfigError
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.types import TaskRecord
 from actorflow.services import ResultStore, ServiceSet
-
-if TYPE_CHECKING:
-    from actorflow.core.journal import Journal
 
 __all__ = ["Assembly", "assemble_pipelines", "check_pipelines"]
 
@@ -109,8 +105,6 @@ class Assembly:
         self.timer: Timer | None = None
         self.state: pykka.ActorRef[StateActor] | None = None
         self.orchestrator: pykka.ActorRef[OrchestratorActor] | None = None
-        self.journal: Journal | None = None
-        """The current StateActor's journal (for Idempotency-Keys; the actor owns its writes and closing)."""
         self._backends: list[ServiceBackend] = []
         """The current orchestrator's backends: made here, so closed here (off the central threads)."""
 
@@ -143,15 +137,13 @@ class Assembly:
         config, parts = self.config, self._parts
         journal = None
         if config.journal_path is not None:
-            from actorflow.core.journal import Journal  # noqa: PLC0415 - SQLite journal only when asked for
+            from actorflow.core.journal import open_store  # noqa: PLC0415 - the journal only when asked for
 
-            journal = Journal(
+            journal = open_store(
                 config.journal_path,
                 durability=config.durability,
                 pipelines={p.name: [state.value for state in p.states] for p in self.pipelines},
             )
-        # Idempotency keys are staged on the journal the current StateActor writes: a restart brings a new one.
-        self.journal = journal
         try:
             self.state = StateActor.start(
                 journal=journal,
@@ -247,10 +239,8 @@ class Assembly:
 
         made: dict[str, ServiceBackend] = {}
         for kind in dict.fromkeys(plan.backend for plan in plans):
-            if kind == "thread":
-                made[kind] = local_backend()
-                continue
             request = BackendRequest(
+                name=kind,
                 functions={plan.pool: plan.fn for plan in plans if plan.backend == kind},
                 sizes={plan.pool: plan.workers for plan in plans if plan.backend == kind},
                 config=self.config,

@@ -41,7 +41,7 @@ from actorflow.actors.runtime.assembly import Assembly, check_pipelines
 from actorflow.actors.runtime.callers import FORKED, Callers, ask
 from actorflow.actors.runtime.handles import Handles, TaskHandle
 from actorflow.actors.runtime.parts import RuntimeParts
-from actorflow.actors.runtime.submission import Submitter, check_lookup, find_pipeline
+from actorflow.actors.runtime.submission import IdempotencyKeys, Submitter, check_lookup, find_pipeline
 from actorflow.actors.runtime.subscriptions import Subscriptions
 from actorflow.actors.runtime.supervision import Supervisor
 from actorflow.actors.telemetry import MetricsCollector, MetricsSource, Telemetry
@@ -151,6 +151,7 @@ class Runtime:
         self._submitter = Submitter(
             parts, pipelines=self._pipelines_by_name, supervisor=supervisor, assembly=assembly, handles=self._handles
         )
+        self._keys = IdempotencyKeys(config.journal_path, callers)
         try:
             assembly.start_timer()
             recovered = supervisor.start()
@@ -209,13 +210,15 @@ class Runtime:
             task_id: the task's id; a new unique one if None.
             traceparent: a W3C trace context to continue.
             pipeline: the name of the pipeline to run; the runtime's first one if None.
-            idempotency_key: (key, payload fingerprint): with a journal, committed in the same
-                transaction as the task, so that `find_idempotency_key` finds it after a crash
-                if and only if the task exists. Ignored without a journal.
+            idempotency_key: (key, payload fingerprint), carried with the task to the StateActor:
+                with a journal, committed in the same transaction as the task, so that
+                `find_idempotency_key` finds it after a crash if and only if the task exists.
+                Ignored without a journal.
 
         Raises:
             UnknownPipeline: the runtime has no pipeline of that name (nothing is created).
-            InvalidPayload: the payload is not a JSON-serializable mapping, or `task_id` is taken.
+            InvalidPayload: the payload is not a JSON-serializable mapping, `task_id` is taken,
+                or `idempotency_key` is not a pair of str.
             Overloaded: `max_in_flight` tasks are in flight (after waiting, with overload="wait").
             JournalError: the journal refuses writes (see `health()`); nothing was created.
             RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
@@ -292,15 +295,17 @@ class Runtime:
         """(task id, payload fingerprint) of the task submitted with `key`, from the journal.
 
         None without a journal, or if the key is unknown or older than the journal's retention.
+        Read through the journal's reader side (a connection of its own, opened at the first
+        call), never through the StateActor's writer: it sees committed tasks and keys only.
 
         Raises:
             RuntimeStopped: the runtime is closed (or this is a fork() child of its process).
+            JournalError: the journal cannot be read.
         """
         self._callers.check_not_forked()
         if self._callers.closed.is_set():
             raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
-        journal = self._assembly.journal
-        return None if journal is None else journal.find_key(key)
+        return self._keys.find(key)
 
     @property
     def states(self) -> tuple[TaskState, ...]:
@@ -495,6 +500,7 @@ class Runtime:
                 drained = self._admission.join(self.config.drain_timeout_s if timeout is None else timeout)
             except RuntimeFailed:
                 drained = False
+        self._keys.close()  # before the StateActor's journal: the writer, closed last, tidies the files
         self._supervisor.stop()
         abandoned = self._admission.close()
         self.telemetry.close()

@@ -12,14 +12,16 @@ may be taken.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import pykka
 
 from actorflow.actors.health import LogThrottle
 from actorflow.actors.messages import CreateTask, CreateTasks
 from actorflow.actors.runtime.assembly import Assembly
-from actorflow.actors.runtime.callers import answer
+from actorflow.actors.runtime.callers import Callers, answer
 from actorflow.actors.runtime.handles import Handles, TaskHandle
 from actorflow.actors.runtime.parts import RuntimeParts
 from actorflow.actors.runtime.supervision import Supervisor
@@ -28,7 +30,10 @@ from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import JSONInput, TaskRecord, freeze_payload
 
-__all__ = ["MAX_TASK_ID", "Submitter", "check_lookup", "find_pipeline"]
+if TYPE_CHECKING:
+    from actorflow.core.journal import ReaderStore
+
+__all__ = ["MAX_TASK_ID", "IdempotencyKeys", "Submitter", "check_lookup", "find_pipeline"]
 
 MAX_TASK_ID = 200
 """The longest task id `submit` accepts."""
@@ -40,6 +45,20 @@ def check_lookup(task_id: object) -> None:
     """Raise TaskNotFound for an id no task can have, quoting it bounded (the actor would quote it whole)."""
     if not isinstance(task_id, str) or len(task_id) > MAX_TASK_ID:
         raise TaskNotFound(f"no task with id {quote(task_id)}; task ids are str of at most {MAX_TASK_ID} chars")
+
+
+def _checked_key(idempotency_key: object) -> tuple[str, str]:
+    """`idempotency_key` if it is a (key, payload fingerprint) pair of str, else InvalidPayload naming it."""
+    if (
+        isinstance(idempotency_key, tuple)
+        and len(idempotency_key) == 2
+        and isinstance(idempotency_key[0], str)
+        and isinstance(idempotency_key[1], str)
+    ):
+        return (idempotency_key[0], idempotency_key[1])
+    raise InvalidPayload(
+        f"idempotency_key must be a (key, payload fingerprint) pair of str, got {quote(idempotency_key)}"
+    )
 
 
 def find_pipeline(pipelines: Mapping[str, Pipeline], name: str | None) -> Pipeline:
@@ -91,7 +110,9 @@ class Submitter:
         message: CreateTask | None = None
         try:
             message = self._prepare(payload, task_id, traceparent, pipeline)
-            return self._reserve_and_send(message, idempotency_key)
+            if idempotency_key is not None:
+                message = message._replace(idempotency_key=_checked_key(idempotency_key))
+            return self._reserve_and_send(message)
         except BaseException as exc:
             self._telemetry.submit_refused(None if message is None else message.task_id, exc)
             raise
@@ -146,26 +167,18 @@ class Submitter:
         # No `notify`: the StateActor announces the task to whichever orchestrator it has adopted then.
         return CreateTask(task_id, frozen, trace, reply=reply, pipeline=pipeline_name)
 
-    def _reserve_and_send(self, message: CreateTask, idempotency_key: tuple[str, str] | None) -> TaskHandle:
+    def _reserve_and_send(self, message: CreateTask) -> TaskHandle:
         config = self._config
         central = self._callers.must_not_wait()
         if central and message.reply is not None:
             self._callers.refuse_blocking("Runtime.submit() with a journal or a task_id (it waits for the commit)")
-        journal = self._assembly.journal if idempotency_key is not None else None
-        if journal is not None and idempotency_key is not None:
-            journal.stage_key(idempotency_key[0], message.task_id, idempotency_key[1])
         try:
-            try:
-                self._admission.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
-            except Overloaded as exc:
-                if central and config.overload == "wait":
-                    self._callers.refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
-                raise exc from None
-            return self._send_create(message)
-        except BaseException:
-            if journal is not None:
-                journal.unstage_key(message.task_id)
-            raise
+            self._admission.reserve(wait=config.overload == "wait" and not central, timeout=config.submit_timeout_s)
+        except Overloaded as exc:
+            if central and config.overload == "wait":
+                self._callers.refuse_blocking("Runtime.submit() at max_in_flight (it waits for room)")
+            raise exc from None
+        return self._send_create(message)
 
     def _send_create(self, message: CreateTask) -> TaskHandle:
         waiter = self._admission.track(message.task_id, reserved=True)
@@ -344,3 +357,45 @@ class Submitter:
             raise
         handles = self._handles
         return [TaskHandle(handles, task_id, waiter) for task_id, waiter in zip(task_ids, waiters, strict=True)]
+
+
+class IdempotencyKeys:
+    """Finds the task an Idempotency-Key created, through the journal's reader side.
+
+    The reader is a connection of its own, opened at the first lookup and closed
+    with the runtime, never the StateActor's writer: it sees committed tasks and
+    keys only. A key travels to the StateActor with its task (`Submitter.submit`).
+    """
+
+    def __init__(self, journal_path: str | None, callers: Callers) -> None:
+        self._journal_path = journal_path
+        self._callers = callers
+        self._reader: ReaderStore | None = None
+        self._lock = threading.Lock()
+        """Held while the reader is opened or taken away: it is opened once, and never after `close`."""
+
+    def find(self, key: str) -> tuple[str, str] | None:
+        """(task id, payload fingerprint) of the task submitted with `key`; None without a journal or if unknown.
+
+        Raises:
+            RuntimeStopped: the runtime is closing.
+            JournalError: the journal cannot be read.
+        """
+        if self._journal_path is None:
+            return None
+        with self._lock:
+            if self._callers.closed.is_set():
+                raise RuntimeStopped("the runtime is closed; create a new Runtime to submit more tasks")
+            if self._reader is None:
+                from actorflow.core.journal import open_reader  # noqa: PLC0415 - the journal only when asked for
+
+                self._reader = open_reader(self._journal_path)
+            reader = self._reader
+        return reader.find_key(key)
+
+    def close(self) -> None:
+        """Close the reader, if one was opened; later lookups raise RuntimeStopped."""
+        with self._lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()

@@ -27,7 +27,7 @@ the next call waits in the child's pipe while the current one runs, so a busy
 child never waits for a round trip through the parent's threads (as a
 `ProcessPoolExecutor` keeps one call more in its queue than it has workers).
 
-Supervision follows the thread workers' rules (issue 5):
+Supervision follows the thread workers' rules:
 
 * a service that raises `SystemExit` (any non-`Exception`) is reported
   ``crashed`` by the child, which then exits; the pool replaces the worker
@@ -96,37 +96,34 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing import connection, forkserver, get_context, popen_forkserver, reduction, spawn
 from multiprocessing import util as mp_util
 from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess, set_spawning_popen
 from typing import Any, Final
 
-from actorflow.actors.backends import BackendRequest
-from actorflow.actors.deadletters import DeadLetterOffice
-from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.service import (
+from actorflow.actors.backends.base import BackendDefaults, Deliver, OnDeath, StageFn, WorkerDefaults, WorkerHandle
+from actorflow.actors.backends.thread import ThreadBackend
+from actorflow.actors.backends.toolkit import (
+    AtHome,
     CallsInFlight,
-    Deliver,
-    OnDeath,
     SilentLog,
-    ThreadBackend,
-    WorkerHandle,
-    crashed,
+    deliver_reports,
     execute,
     log_done,
     report_failure,
-    runs_at_home,
+    ship_function,
     unsendable,
 )
+from actorflow.actors.deadletters import DeadLetterOffice
+from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import ConfigError
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
-from actorflow.services.seed import describe_function
 
-__all__ = ["ProcessBackend", "check_picklable", "runs_in_parent"]
+__all__ = ["ProcessBackend", "ProcessWorker", "check_picklable"]
 
 START_METHODS: Final = ("forkserver", "spawn")
 """Start methods the backend accepts; never "fork" (the parent is full of threads)."""
@@ -224,33 +221,29 @@ def _close_forgotten_runtimes_first() -> None:
 # --- set-up checks -------------------------------------------------------------------------------
 
 
-def runs_in_parent(fn: Callable[..., Any]) -> bool:
-    """`runs_at_home` for worker processes on this machine: only an in-memory `ResultStore` stays here."""
-    return runs_at_home(fn, same_machine=True)
-
-
-def check_picklable(service: str, fn: Callable[..., Any]) -> bytes:
-    """Pickle a service function for its worker processes, or raise `ConfigError` naming it.
+def check_picklable(service: str, fn: StageFn) -> bytes:
+    """Pickle the function of pool `service` for its worker processes, or raise `ConfigError` naming it.
 
     Functions cross by reference (module and qualified name), so lambdas,
     closures and functions defined inside other functions cannot be sent.
     A function of an interactive ``__main__`` pickles, but no child could
     import it, so it is refused too.
     """
-    where = describe_function(service.rsplit(".", 1)[-1], fn)
-    try:
-        data = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # pickle raises PicklingError, AttributeError, TypeError...
-        raise ConfigError(
-            f"{where} cannot be sent to worker processes: {type(exc).__name__}: {exc}; define it at module level "
-            "(service_backend='process' pickles each service function by its module and name)"
-        ) from exc
+    return ship_function(
+        service,
+        fn,
+        pack=_pickle_by_reference,
+        to="worker processes",
+        advice="define it at module level, in a module a worker process can import (the process backend pickles "
+        "each stage function by its module and name)",
+    )
+
+
+def _pickle_by_reference(fn: StageFn) -> bytes:
+    data = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     main = sys.modules.get("__main__")
     if getattr(fn, "__module__", None) == "__main__" and getattr(main, "__file__", None) is None:
-        raise ConfigError(
-            f"{where} cannot be sent to worker processes: it is defined in an interactive __main__, which a worker "
-            "process cannot import; define it in a module"
-        )
+        raise pickle.PicklingError("it is defined in an interactive __main__, which a worker process cannot import")
     return data
 
 
@@ -305,7 +298,7 @@ def _main_module() -> tuple[str, str] | None:
 # --- the backend ---------------------------------------------------------------------------------
 
 
-class ProcessBackend:
+class ProcessBackend(BackendDefaults):
     """Workers are child processes; see the module docstring for the design.
 
     Args:
@@ -331,24 +324,24 @@ class ProcessBackend:
 
     def __init__(
         self,
-        functions: Mapping[str, Callable[..., Any]],
+        functions: Mapping[str, StageFn],
         *,
         dead_letters: DeadLetterOffice,
         threads: ThreadBook,
         start_method: str = "forkserver",
     ) -> None:
-        self._pickled: dict[str, tuple[Callable[..., Any], bytes]] = {
-            service: (fn, check_picklable(service, fn)) for service, fn in functions.items() if not runs_in_parent(fn)
+        self._in_parent = AtHome(lambda: ThreadBackend(dead_letters, threads), same_machine=True)
+        self._pickled: dict[str, tuple[StageFn, bytes]] = {
+            service: (fn, check_picklable(service, fn)) for service, fn in self._in_parent.away(functions).items()
         }
         self._context = _context(start_method)
         _register_exit_hook()
         self.start_method = start_method
         self._threads = threads
-        self._in_parent = ThreadBackend(dead_letters, threads)
         self._lock = threading.Lock()
         self._workers: list[ProcessWorker] = []
         self._log = get_event_logger("process-backend")
-        in_parent = sorted(service for service, fn in functions.items() if runs_in_parent(fn))
+        in_parent = sorted(set(functions) - set(self._pickled))
         if in_parent:
             self._log.info(
                 "process_backend.in_parent",
@@ -357,11 +350,9 @@ class ProcessBackend:
                 "to persist from the worker processes",
             )
 
-    def start_worker(
-        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
-    ) -> WorkerHandle:
+    def start_worker(self, name: str, service: str, fn: StageFn, deliver: Deliver, on_death: OnDeath) -> WorkerHandle:
         """Start a worker: its child process boots in the background, so this returns at once."""
-        if runs_in_parent(fn):
+        if self._in_parent.runs_here(fn):
             return self._in_parent.start_worker(name, service, fn, deliver, on_death)
         known = self._pickled.get(service)
         data = known[1] if known is not None and known[0] is fn else check_picklable(service, fn)
@@ -390,11 +381,6 @@ class ProcessBackend:
         return [pid for pid in (w.pid for w in workers if not w.finished()) if pid is not None]
 
 
-def make_backend(request: BackendRequest) -> ProcessBackend:
-    """The process backend, for the registry (`actors.backends`)."""
-    return ProcessBackend(request.functions, dead_letters=request.dead_letters, threads=request.threads)
-
-
 # --- one worker, parent side ---------------------------------------------------------------------
 
 
@@ -410,7 +396,7 @@ _STOP: Final = b"stop"
 """Tells an idle child to exit (a pickle never equals it)."""
 
 
-class ProcessWorker:
+class ProcessWorker(WorkerDefaults):
     """One worker: a child process and the forwarding thread that owns its pipe.
 
     `send`, `send_many`, `withdraw`, `retire` and `join` may be called from any
@@ -660,10 +646,7 @@ class ProcessWorker:
             if self._in_child and not self._crashed:
                 self._crashed = True
                 dones.append(self._death_during_call())
-        if len(dones) == 1:
-            self._deliver(dones[0])
-        elif dones:
-            self._deliver(ServicesDone(tuple(dones)))
+        deliver_reports(self._deliver, dones)
         return alive
 
     def _read_inbox(self, *, until_empty: bool) -> bool:
@@ -779,12 +762,8 @@ class ProcessWorker:
 
     def _death_during_call(self) -> ServiceDone:
         """The child died running the head call: that call crashed. Those behind it never started."""
-        call = self._in_child.head()
-        assert call is not None, "a death during a call with no call in the child"
-        duration_ms = self._in_child.running_ms()
-        self._in_child.settle(call.call_id)
         error = f"worker process {self.node} exited with code {self._exit_code()} during the call"
-        return log_done(self._log, call, crashed(call, self.name, self.node, "WorkerProcessDied", error, duration_ms))
+        return self._in_child.blame_head(self._log, self.name, self.node, "WorkerProcessDied", error)
 
     def _drain_wake(self) -> None:
         # One read nearly always empties the pipe (one byte per send); a short read proves it, saving

@@ -1,4 +1,4 @@
-"""The async backend: ``async def`` stages run as coroutines on one event-loop thread.
+"""The async backend ("async"): ``async def`` stages run as coroutines on one event-loop thread.
 
 A thread per call would cost a stack and a context switch per call in flight;
 an I/O-bound stage that awaits (HTTP, a database, a sleep) instead runs as many
@@ -45,27 +45,31 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import structlog
 
-from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.service import Deliver, OnDeath, WorkerHandle, call_fields, report, report_failure, stage_value
+from actorflow.actors.backends.base import BackendDefaults, Deliver, OnDeath, StageFn, WorkerDefaults, WorkerHandle
+from actorflow.actors.backends.toolkit import call_fields, deliver_reports, report, report_failure, stage_value
+from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
-from actorflow.core.types import JSONValue, freeze
+from actorflow.core.types import JSONValue, Task, freeze
 
-__all__ = ["CANCEL_GRACE_S", "AsyncBackend", "make_backend"]
+__all__ = ["CANCEL_GRACE_S", "AsyncBackend"]
 
 _numbers = itertools.count(1)
 
 CANCEL_GRACE_S = 1.0
 """How long a cancelled coroutine may take to end before it is abandoned (and `close()` stops waiting for it)."""
 
+CoroutineFn = Callable[[Task, JSONValue], Awaitable[object]]
+"""An ``async def`` stage function: the only kind a `Stage` lets reach this backend."""
 
-class AsyncBackend:
+
+class AsyncBackend(BackendDefaults):
     """Workers are slots on one event loop, run by one daemon thread (``actorflow-loop-N``).
 
     Args:
@@ -125,11 +129,10 @@ class AsyncBackend:
             error=describe_error(error) if error is not None else None,
         )
 
-    def start_worker(
-        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
-    ) -> WorkerHandle:
+    def start_worker(self, name: str, service: str, fn: StageFn, deliver: Deliver, on_death: OnDeath) -> WorkerHandle:
         """A slot on the loop: nothing starts until a call is sent."""
-        return _AsyncWorker(name, fn, deliver, self)
+        # A Stage refuses "async" for a function that is not `async def`, so `fn` returns an awaitable.
+        return _AsyncWorker(name, cast(CoroutineFn, fn), deliver, self)
 
     def schedule(self, worker: _AsyncWorker, calls: Sequence[RunService]) -> bool:
         """Hand calls to the loop (from any thread). One self-pipe write per burst, not per call."""
@@ -169,7 +172,7 @@ class AsyncBackend:
     def _deliver_finished(self) -> None:
         finished, self._finished = self._finished, {}
         for deliver, dones in finished.items():
-            deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
+            deliver_reports(deliver, dones)
 
     def close(self) -> None:
         """Cancel what still runs and stop the loop's thread."""
@@ -182,12 +185,15 @@ class AsyncBackend:
         self.thread.join(5.0)
 
 
-class _AsyncWorker:
-    """One slot of a pool on the loop. `send`, `retire` and `cancel` are called from the orchestrator's thread."""
+class _AsyncWorker(WorkerDefaults):
+    """One slot of a pool on the loop. `send`, `retire` and `cancel` are called from the orchestrator's thread.
+
+    It holds no report back (`release_result`) and runs one call at a time (`vouches_running`).
+    """
 
     __slots__ = ("_abandoned", "_backend", "_deliver", "_fn", "_log", "_loop", "_retired", "_running", "name")
 
-    def __init__(self, name: str, fn: Callable[..., Any], deliver: Deliver, backend: AsyncBackend) -> None:
+    def __init__(self, name: str, fn: CoroutineFn, deliver: Deliver, backend: AsyncBackend) -> None:
         self.name = name
         self._fn = fn
         self._deliver = deliver
@@ -222,10 +228,11 @@ class _AsyncWorker:
     def withdraw(self, call_id: int) -> bool:
         return False  # a call sent to a slot starts at once; a running one is cancelled instead (`cancel`)
 
-    def cancel(self, call_id: int) -> None:
-        """Cancel the coroutine of `call_id` if it is running (it still reports, as a CancelledError)."""
+    def cancel(self, call_id: int) -> bool:
+        """Cancel the coroutine of `call_id` if it is running (it still reports, as a CancelledError). True."""
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._cancel, call_id)
+        return True
 
     # --- on the loop's thread --------------------------------------------------------------------
 
@@ -326,8 +333,3 @@ class _AsyncWorker:
         if self._retired and done.status != "crashed":
             return  # retired (timed out, or the runtime is stopping): the pool re-sent or forgot this call
         self._backend.deliver_soon(self._deliver, done)
-
-
-def make_backend(request: Any) -> AsyncBackend:
-    """The async backend, for the registry (`actors.backends`)."""
-    return AsyncBackend(request.threads)

@@ -77,26 +77,32 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from actorflow.actors.backends import BackendRequest
-from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
-from actorflow.actors.service import (
+from actorflow.actors.backends.base import (
+    BackendDefaults,
     Deliver,
     OnDeath,
     ServiceBackend,
-    SilentLog,
+    StageFn,
+    WorkerDefaults,
     WorkerHandle,
+)
+from actorflow.actors.backends.toolkit import (
+    AtHome,
+    SilentLog,
     crashed,
+    deliver_reports,
     execute,
     is_plain,
     log_done,
-    runs_at_home,
+    ship_function,
     unsendable,
 )
+from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.core.errors import ConfigError
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
-__all__ = ["RayBackend", "describe_ray_error", "import_ray", "node_id_of"]
+__all__ = ["RayBackend", "ServiceActor", "describe_ray_error", "import_ray", "node_id_of"]
 
 _INSTALL_HINT = "install the ray extra: pip install '.[ray]' in a clone of actorflow"
 
@@ -136,7 +142,7 @@ class ServiceActor:
     host alone cannot say which raylet, hence which node, ran the call.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: StageFn) -> None:
         self._fn = fn
         node_id = _ray_node_id()
         self._node = f"{socket.gethostname()}/{node_id[:_NODE_ID_CHARS]}:{os.getpid()}"
@@ -249,7 +255,7 @@ def _suspect_key(call: RunService) -> SuspectKey:
     return call.task.task_id, call.service, call.attempt
 
 
-class _RayWorker:
+class _RayWorker(WorkerDefaults):
     """A pool's handle on one Ray actor.
 
     The pool calls `send`, `send_many`, `retire` and `join` from the
@@ -512,7 +518,7 @@ class _RefWaiter:
                 self._log.error("ray.report_failed", error_type=type(exc).__name__, error=str(exc))
 
 
-class RayBackend:
+class RayBackend(BackendDefaults):
     """Starts each pool worker as a Ray actor on the cluster at `address`.
 
     Actors are started warm: the constructor starts every pool's actors, plus
@@ -562,7 +568,7 @@ class RayBackend:
         self,
         address: str | None,
         *,
-        functions: Mapping[str, Callable[..., Any]],
+        functions: Mapping[str, StageFn],
         pool_sizes: Mapping[str, int],
         local: ServiceBackend,
         spares: int = 1,
@@ -573,7 +579,7 @@ class RayBackend:
     ) -> None:
         self.ray: Any = ray_module if ray_module is not None else import_ray(wanted_by)
         self._connect_timeout_s = connect_timeout_s
-        self._local = local
+        self._on_head = AtHome(lambda: local, same_machine=False)
         self._spares = spares
         self._log = get_event_logger("ray")
         self._stock: dict[str, deque[_Spare]] = {}
@@ -642,20 +648,18 @@ class RayBackend:
             if _session_users == 0:
                 self.ray.shutdown()
 
-    def _ship(self, functions: Mapping[str, Callable[..., Any]]) -> dict[str, Any]:
+    def _ship(self, functions: Mapping[str, StageFn]) -> dict[str, Any]:
         """Put every function that can run on Ray into the object store, once; fail early if one cannot."""
-        shipped: dict[str, Any] = {}
-        for service, fn in functions.items():
-            if runs_on_head(fn):
-                continue
-            try:
-                shipped[service] = self.ray.put(fn)
-            except Exception as exc:
-                raise ConfigError(
-                    f"the {service} function {fn!r} cannot be sent to Ray workers ({type(exc).__name__}: {exc}); "
-                    "use a module-level function from a module importable on every node"
-                ) from exc
-        return shipped
+        return {
+            service: ship_function(
+                service,
+                fn,
+                pack=self.ray.put,
+                to="Ray workers",
+                advice="use a module-level function from a module importable on every node",
+            )
+            for service, fn in self._on_head.away(functions).items()
+        }
 
     def _new_spare(self, service: str) -> _Spare:
         """Start an actor for `service`, on the next node in turn (see `_nodes_with_cpus`)."""
@@ -771,12 +775,10 @@ class RayBackend:
 
     # --- ServiceBackend --------------------------------------------------------------------------
 
-    def start_worker(
-        self, name: str, service: str, fn: Callable[..., Any], deliver: Deliver, on_death: OnDeath
-    ) -> WorkerHandle:
+    def start_worker(self, name: str, service: str, fn: StageFn, deliver: Deliver, on_death: OnDeath) -> WorkerHandle:
         """Give the pool a warm Ray actor for `service` (a local thread worker for a head-bound function)."""
         if service not in self._stock or self._closed:
-            return self._local.start_worker(name, service, fn, deliver, on_death)
+            return self._on_head.start_worker(name, service, fn, deliver, on_death)
         worker = _RayWorker(name, self, deliver, on_death)
         self.waiter.run_soon(lambda: self._promote(worker, service))
         return worker
@@ -799,7 +801,7 @@ class RayBackend:
         self.waiter.run_soon(self._kill_stock)
         self.waiter.stop()
         self._kill_stock()  # no-op, unless the waiter did not finish in time
-        self._local.close()
+        self._on_head.close()
         self._leave_session()
         self._log.info(
             "ray.backend_stopped",
@@ -847,9 +849,7 @@ class RayBackend:
             worker.node = self._probed_node(worker.probe)
         if len(held) == 1 or node_id_of(worker.node) in lost:
             call = held[0]  # the oldest call it held: the one it was running, as far as the head can know
-            worker.deliver(
-                log_done(worker.log, call, crashed(call, worker.name, worker.node, type(error).__name__, why, 0.0))
-            )
+            worker.deliver(crashed(worker.log, call, worker.name, worker.node, type(error).__name__, why, 0.0))
         else:
             # Which of its calls killed it is unknown: none is charged, each runs alone next time.
             self.suspect(held)
@@ -895,29 +895,12 @@ class RayBackend:
         worker.node = dones[-1].node or worker.node
         if dones[-1].status == "crashed":
             worker.dead = True
-        worker.deliver(dones[0] if len(dones) == 1 else ServicesDone(tuple(dones)))
+        deliver_reports(worker.deliver, dones)
 
 
 def _with_cpus(nodes: list[dict[str, Any]]) -> list[str]:
     """The ids of the alive nodes in `ray.nodes()` that have CPUs, sorted."""
     return sorted(node["NodeID"] for node in nodes if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) > 0)
-
-
-def make_backend(request: BackendRequest) -> RayBackend:
-    """The Ray backend, for the registry (`actors.backends`)."""
-    config = request.config
-    if config.service_backend == "ray":
-        wanted_by = "RuntimeConfig.service_backend='ray'"
-    else:
-        wanted_by = f"Stage {', '.join(map(repr, request.functions))} (backend='ray')"
-    return RayBackend(
-        config.ray_address,
-        functions=request.functions,
-        pool_sizes=request.sizes,
-        local=request.local(),
-        connect_timeout_s=config.ray_connect_timeout_s,
-        wanted_by=wanted_by,
-    )
 
 
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -955,11 +938,6 @@ def _check_reachable(address: str, timeout: float) -> None:
         raise ConfigError(f"{where}: {describe_error(exc)}; is the cluster up and the address right?") from exc
     if not answer:
         raise ConfigError(f"{where}: it closed the connection without answering; is this a Ray cluster's address?")
-
-
-def runs_on_head(fn: Callable[..., Any]) -> bool:
-    """`runs_at_home` for Ray nodes elsewhere: a `ResultStore` stays on the head, in memory or on disk."""
-    return runs_at_home(fn, same_machine=False)
 
 
 def describe_ray_error(error: BaseException) -> str:
