@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from benchmarks.scenarios import Mode
+    from benchmarks.mode import Mode
 
 __all__ = ["current_rss", "peak_rss", "probe", "run_memory_scenario"]
 

@@ -26,33 +26,11 @@ from actorflow.core.tracing import configure_logging
 from benchmarks import workload
 from benchmarks.baselines import baseline_factory
 from benchmarks.load import Measurement, Sizes, measure
+from benchmarks.mode import Mode
 from benchmarks.pipeline import Pipeline, PipelineFactory, RuntimePipeline, Work, runtime_factory, stage_factory
 from benchmarks.stats import median, percentiles, rounded
 
 __all__ = ["SCENARIOS", "Mode", "Scenario", "journal_available", "process_backend_available"]
-
-
-@dataclass(frozen=True, slots=True)
-class Mode:
-    """Sizes for a whole run: "full", "quick" (CI, well under a minute) or "smoke" (the test suite)."""
-
-    size: str
-    rounds: int
-    workdir: str
-    """Where journals, logs and other files of the run go (a temporary directory)."""
-
-    @property
-    def quick(self) -> bool:
-        """True for the reduced sizes (quick and smoke)."""
-        return self.size != "full"
-
-    def pick(self, full: int, quick: int, smoke: int | None = None) -> int:
-        """The figure for this run's size; smoke defaults to a tenth of quick."""
-        if self.size == "full":
-            return full
-        if self.size == "quick":
-            return quick
-        return smoke if smoke is not None else max(1, quick // 10)
 
 
 @dataclass(slots=True)

@@ -101,10 +101,10 @@ _HOOKS_SCRIPT = textwrap.dedent(
     import actorflow
     from actorflow import Runtime
 
-    at_import = [entry for entry in registered if entry[1] == "actorflow.actors.runtime"]
+    at_import = [entry for entry in registered if entry[1] == "actorflow.actors.runtime.hooks"]
     Runtime().close()
     Runtime().close()
-    after = [entry for entry in registered if entry[1] == "actorflow.actors.runtime"]
+    after = [entry for entry in registered if entry[1] == "actorflow.actors.runtime.hooks"]
     print(json.dumps({"at_import": at_import, "after": after}))
     """
 )
@@ -128,7 +128,7 @@ def test_the_runtime_module_registers_its_exit_and_fork_hooks_with_the_first_run
     assert completed.returncode == 0, completed.stderr
     outcome = json.loads(completed.stdout.strip().splitlines()[-1])
     assert outcome["at_import"] == []
-    expected = [["atexit", "actorflow.actors.runtime"]]
+    expected = [["atexit", "actorflow.actors.runtime.hooks"]]
     if hasattr(os, "register_at_fork"):
-        expected.append(["fork", "actorflow.actors.runtime"])
+        expected.append(["fork", "actorflow.actors.runtime.hooks"])
     assert outcome["after"] == expected  # once, however many runtimes are made

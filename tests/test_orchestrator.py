@@ -19,6 +19,7 @@ from actorflow.actors.backends.base import BackendDefaults, Deliver, OnDeath, Wo
 from actorflow.actors.backends.toolkit import CallClaims
 from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import CancelTask, CreateTask, RunService, ServiceDone, ServicesDone
+from actorflow.actors.plan import plan_pipelines
 from actorflow.actors.timer import Timer
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent
 from actorflow.core.pipeline import seed_shape
@@ -128,11 +129,12 @@ class Rig:
         self.terminal: queue.SimpleQueue[TaskRecord] = queue.SimpleQueue()
         self.state = StateActor.start(on_terminal=self.terminal.put)
         seed = seed_shape(_unused, _unused, _unused)  # the seed's stages; the backend answers their calls
+        config = RuntimeConfig(validator_workers=1, processor_workers=1, persistence_workers=1)
         self.orchestrator = OrchestratorActor.start(
             state=self.state,
-            pipelines=(seed,),
-            config=RuntimeConfig(validator_workers=1, processor_workers=1, persistence_workers=1),
-            backends=dict.fromkeys(seed.stage_names(), self.backend),
+            plans=plan_pipelines([seed], config),
+            backends={"thread": self.backend},
+            max_value_bytes=config.max_value_bytes,
             timer=self.timer,
             dead_letters=DeadLetterOffice(),
         )

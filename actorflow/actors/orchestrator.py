@@ -67,46 +67,28 @@ from actorflow.actors.messages import (
     TransitionsApplied,
     WorkerDied,
 )
+from actorflow.actors.plan import PipelinePlan
 from actorflow.actors.pool import PoolCannotStart, ServicePool
 from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
-from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
+from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import RuntimeStopped, TaskNotFound
-from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.tracing import TraceContext, get_event_logger, new_span_id
 from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
 
-__all__ = ["OrchestratorActor", "pool_name"]
+__all__ = ["OrchestratorActor"]
 
 _S = TaskState
 _MAX_OUTBOX = 256
 
 
-def pool_name(pipelines: tuple[Pipeline, ...], pipeline: Pipeline, stage: Stage) -> str:
-    """The name of a stage's pool (and of its events' ``service``): the stage's name, or
-    ``pipeline.stage`` when the runtime runs several pipelines."""
-    return stage.name if len(pipelines) == 1 else f"{pipeline.name}.{stage.name}"
-
-
 @dataclass(frozen=True, slots=True)
-class _StagePlan:
-    """One stage with every setting resolved (the stage's own, else the runtime's) and its pool."""
+class _Route:
+    """A pipeline as this orchestrator runs it: its plan, and the pool of each stage, in order."""
 
-    stage: Stage
-    pool: ServicePool
-    max_attempts: int
-    retry_backoff_s: float
-    retry_backoff_max_s: float
-    timeout_s: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """A pipeline as the orchestrator runs it."""
-
-    pipeline: Pipeline
-    stages: tuple[_StagePlan, ...]
+    plan: PipelinePlan
+    pools: tuple[ServicePool, ...]
 
 
 @dataclass(slots=True)
@@ -116,7 +98,7 @@ class _Flight:
     task: Task
     trace: TraceContext
     started: float
-    plan: _Plan
+    route: _Route
     state: TaskState
     """The state the task has once the transitions asked for so far are committed."""
     stage: int = 0
@@ -137,15 +119,20 @@ class _Flight:
 
 
 class OrchestratorActor(FastActor):
-    """Drives each task: dispatch a service call, await its ServiceDone, request the transition, repeat."""
+    """Drives each task: dispatch a service call, await its ServiceDone, request the transition, repeat.
+
+    It builds one pool per stage from the `plans` (`actors.plan`), on the backend the stage's plan
+    names (`backends`, by backend name), and sends each call with `max_value_bytes`, the cap on the
+    value a stage may return.
+    """
 
     def __init__(
         self,
         *,
         state: pykka.ActorRef[Any],
-        pipelines: tuple[Pipeline, ...],
-        config: RuntimeConfig,
+        plans: tuple[PipelinePlan, ...],
         backends: Mapping[str, ServiceBackend],
+        max_value_bytes: int,
         timer: Timer,
         dead_letters: DeadLetterOffice,
         threads: ThreadBook | None = None,
@@ -167,7 +154,7 @@ class OrchestratorActor(FastActor):
         self._journal_backoff = Backoff(0.01, 0.5)
         self._journal_retry_pending = False
         self._state = state
-        self._config = config
+        self._max_value_bytes = max_value_bytes
         self._timer = timer
         self._dead_letters = dead_letters
         self._rng = rng or random.Random()
@@ -197,45 +184,30 @@ class OrchestratorActor(FastActor):
             PoolCoolDownOver: self._on_pool_cool_down_over,
         }
         self._pools: dict[str, ServicePool] = {}
-        """Pools by name: the stage's name with one pipeline, ``pipeline.stage`` with several."""
-        self._plans: dict[str, _Plan] = {}
-        for pipeline in pipelines:
-            stages = []
-            for stage in pipeline.stages:
-                name = pool_name(pipelines, pipeline, stage)
-                backend = backends[name]
-                timeout_s = stage.timeout_s if stage.timeout_s is not None else config.stage_timeout_s
+        """Pools by name (`StagePlan.pool`)."""
+        self._routes: dict[str, _Route] = {}
+        for plan in plans:
+            pools = []
+            for stage in plan.stages:
                 pool = ServicePool(
-                    name,
-                    stage.workers if stage.workers is not None else config.workers_for(stage.name),
-                    backend=backend,
+                    stage.pool,
+                    stage.workers,
+                    backend=backends[stage.backend],
                     fn=stage.fn,
                     deliver=lambda done: tell_or_dead_letter(me, done, office),
                     on_death=_report_deaths(me, office),
                     timer=timer,
                     on_deadline=lambda call_id: tell_or_dead_letter(me, CallDeadline(call_id), office),
-                    stage_timeout_s=timeout_s,
-                    max_restarts=config.max_restarts,
-                    restart_window_s=config.restart_window_s,
-                    on_cool_down=functools.partial(tell_or_dead_letter, me, PoolCoolDownOver(name), office),
+                    stage_timeout_s=stage.timeout_s,
+                    max_restarts=stage.max_restarts,
+                    restart_window_s=stage.restart_window_s,
+                    on_cool_down=functools.partial(tell_or_dead_letter, me, PoolCoolDownOver(stage.pool), office),
                 )
-                self._pools[name] = pool
-                self._health.recover(source=_pool_source(name))  # a pool of an orchestrator replaced starts afresh
-                backoff = stage.retry_backoff_s if stage.retry_backoff_s is not None else config.retry_backoff_s
-                backoff_max = (
-                    stage.retry_backoff_max_s if stage.retry_backoff_max_s is not None else config.retry_backoff_max_s
-                )
-                stages.append(
-                    _StagePlan(
-                        stage,
-                        pool,
-                        max_attempts=stage.max_attempts if stage.max_attempts is not None else config.max_attempts,
-                        retry_backoff_s=backoff,
-                        retry_backoff_max_s=max(backoff, backoff_max),
-                        timeout_s=timeout_s,
-                    )
-                )
-            self._plans[pipeline.name] = _Plan(pipeline, tuple(stages))
+                self._pools[stage.pool] = pool
+                # A pool of an orchestrator replaced starts afresh.
+                self._health.recover(source=_pool_source(stage.pool))
+                pools.append(pool)
+            self._routes[plan.name] = _Route(plan, tuple(pools))
         self._pool_list = tuple(self._pools.values())
 
     # --- inspection (asks from the Runtime; off the hot path) ------------------------------------
@@ -388,7 +360,7 @@ class OrchestratorActor(FastActor):
             state=record.state.value,
             pipeline=record.pipeline,
         )
-        pipeline = flight.plan.pipeline
+        pipeline = flight.route.plan.pipeline
         if record.state is _S.CREATED:
             # Committed, and no step of it since: it starts as a new task does (`_begin`). Its first
             # stage may run in a state of its own, which this task has not reached yet.
@@ -407,21 +379,21 @@ class OrchestratorActor(FastActor):
         self._fail(flight, f"state {record.state.value!r} is not a state of pipeline {pipeline.name!r}")
 
     def _flight_for(self, record: TaskRecord) -> _Flight | None:
-        plan = self._plans.get(record.pipeline)
+        route = self._routes.get(record.pipeline)
         trace = TraceContext(record.trace_id, record.span_id or new_span_id(), record.parent_span_id)
-        if plan is None:  # the state actor and the journal refuse these first; never strand one anyway
+        if route is None:  # the state actor and the journal refuse these first; never strand one anyway
             self._log.error("task.unknown_pipeline", task_id=record.task_id, pipeline=record.pipeline)
             why = f"pipeline {record.pipeline!r} is not defined in this runtime"
             self._outbox.append(TransitionRequest(record.task_id, _S.FAILED, why, None, None, why))
             return None
-        flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic(), plan, record.state)
+        flight = _Flight(Task(record.task_id, record.payload), trace, time.monotonic(), route, record.state)
         self._flights[record.task_id] = flight
         return flight
 
     def _enter(self, flight: _Flight, index: int) -> None:
         """Move the task to stage `index`: to its state first if it is not there, then run it."""
         flight.stage = index
-        target = flight.plan.stages[index].stage.run_state
+        target = flight.route.plan.stages[index].stage.run_state
         if flight.state is target:
             self._dispatch(flight)
             return
@@ -432,7 +404,7 @@ class OrchestratorActor(FastActor):
     def _after_stage(self, flight: _Flight) -> None:
         """The current stage succeeded: record its done state, then on to the next stage or COMPLETED."""
         index = flight.stage
-        stages = flight.plan.stages
+        stages = flight.route.plan.stages
         done_state = stages[index].stage.done_state
         task_id = flight.task.task_id
         if done_state is not None:
@@ -449,7 +421,7 @@ class OrchestratorActor(FastActor):
         call_id = next(self._call_ids)
         flight.call_id = call_id
         flight.stage_attempt = attempt
-        pool = flight.plan.stages[flight.stage].pool
+        pool = flight.route.pools[flight.stage]
         task = flight.task if attempt == 1 else Task(flight.task.task_id, flight.task.payload, attempt)
         call = RunService(
             call_id,
@@ -458,9 +430,9 @@ class OrchestratorActor(FastActor):
             flight.trace.child(),
             attempt,
             flight.value,
-            flight.plan.pipeline.name,
+            flight.route.plan.pipeline.name,
             dispatched_at=time.time(),
-            max_value_bytes=self._config.max_value_bytes,
+            max_value_bytes=self._max_value_bytes,
         )
         self._calls[call_id] = task.task_id
         try:
@@ -506,7 +478,7 @@ class OrchestratorActor(FastActor):
             self._guarded(done.task_id, self._on_service_done, done)
 
     def _retry_or_fail(self, flight: _Flight, call: RunService, error: str) -> None:
-        plan = flight.plan.stages[flight.stage]
+        plan = flight.route.plan.stages[flight.stage]
         if flight.stage_attempt >= plan.max_attempts:
             self._fail(flight, f"{call.service}: {error} (gave up after {flight.stage_attempt} attempts)")
             return
@@ -651,7 +623,7 @@ class OrchestratorActor(FastActor):
         if flight is not None and not flight.cancelled:
             flight.cancelled = True  # from now on its results are discarded
             if flight.call_id is not None:
-                pool = flight.plan.stages[flight.stage].pool
+                pool = flight.route.pools[flight.stage]
                 if pool.withdraw(flight.call_id):  # no worker started it: it will never run
                     self._calls.pop(flight.call_id, None)
                     self._milestones.emit("call.withdrawn", task_id=task_id, service=pool.service)

@@ -20,8 +20,8 @@ registers it anywhere: the embedding program adds it to its own registry.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
@@ -33,10 +33,9 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from prometheus_client.metrics_core import Metric
 
-    from actorflow.actors.runtime import Runtime
     from actorflow.core.otel import SpanRecorder
 
-__all__ = ["DEFAULT_PIPELINE", "MetricsCollector", "Telemetry", "pipeline_of"]
+__all__ = ["DEFAULT_PIPELINE", "MetricsCollector", "MetricsSource", "Telemetry", "pipeline_of"]
 
 _log = get_event_logger("runtime")
 
@@ -185,6 +184,14 @@ def _span_recorder(tracer_provider: TracerProvider | None) -> SpanRecorder | Non
     return SpanRecorder(tracer_provider)
 
 
+class MetricsSource(NamedTuple):
+    """What a collector reads of one runtime: its telemetry, and its `stats()` (fault counters, pools)."""
+
+    telemetry: Telemetry
+    stats: Callable[[], Mapping[str, Any]]
+    """Raises RuntimeStopped, RuntimeFailed or TimeoutError once the runtime's actors are gone."""
+
+
 class MetricsCollector:
     """A Prometheus collector of the metrics of one runtime, or of several (needs `prometheus-client`).
 
@@ -195,8 +202,8 @@ class MetricsCollector:
     so several runtimes of one process share one collector: ``first.metrics_collector(second)``.
     """
 
-    def __init__(self, runtimes: Sequence[Runtime]) -> None:
-        self._runtimes = tuple(runtimes)
+    def __init__(self, sources: Sequence[MetricsSource]) -> None:
+        self._sources = tuple(sources)
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, built from copies of each runtime's counters, one sample set per runtime."""
@@ -237,8 +244,8 @@ class MetricsCollector:
         idle = gauge("pool_idle_workers", "Workers with nothing to run.", "pool")
         queued = gauge("pool_queued_calls", "Calls waiting for a worker, or behind another call.", "pool")
 
-        for runtime in self._runtimes:
-            telemetry, name = runtime.telemetry, runtime.name
+        for telemetry, read_stats in self._sources:
+            name = telemetry.name
             for (pipeline, from_state, to_state), count in list(telemetry.transitions.items()):
                 transitions.add_metric([name, pipeline, from_state.value if from_state else "", to_state.value], count)
             for (pipeline, stage), (runs, waits) in list(telemetry.stages.items()):
@@ -249,7 +256,7 @@ class MetricsCollector:
             rejected.add_metric([name], telemetry.rejected)
             dropped.add_metric([name], telemetry.spans_dropped)
             try:
-                stats: dict[str, Any] = runtime.stats()
+                stats = read_stats()
             except (RuntimeStopped, RuntimeFailed, TimeoutError):
                 continue  # the actors are gone: their counters with them
             for fault, family in faults.items():

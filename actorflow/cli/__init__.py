@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
 
 
 def _top_parser(prog: str) -> argparse.ArgumentParser:
-    from actorflow import __version__  # noqa: PLC0415 - the front door, only when help or --version is asked for
+    from actorflow.core.version import __version__  # noqa: PLC0415 - only when help or --version is asked for
 
     listing = "\n".join(f"  {name:<9} {summary}" for name, summary in COMMANDS.items())
     parser = argparse.ArgumentParser(

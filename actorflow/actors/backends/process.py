@@ -210,12 +210,12 @@ def _close_forgotten_runtimes_first() -> None:
     after this one) SIGTERMs every daemonic child, then joins every child with
     no timeout. Left to it, a forgotten runtime would see its workers die, start
     replacements, and the interpreter would hang joining them. Closing the
-    runtimes first (as `actors.runtime` does at exit anyway, only later) stops
+    runtimes first (as `actors.runtime.hooks` does at exit anyway, only later) stops
     every worker in order, and leaves unfinished tasks to a journal, unfailed.
     """
-    from actorflow.actors import runtime  # noqa: PLC0415 - runtime imports this module lazily; at exit it is loaded
+    from actorflow.actors.runtime import hooks  # noqa: PLC0415 - at exit it is loaded (a runtime made this backend)
 
-    runtime._close_forgotten_runtimes()
+    hooks.close_forgotten_runtimes()
 
 
 # --- set-up checks -------------------------------------------------------------------------------
