@@ -129,6 +129,7 @@ def main(argv: list[str]) -> int:
             print(f"acked {task_id}", flush=True)  # returned: the creation is committed
     runtime.join()
     print("done", flush=True)
+    sys.stdin.read()  # wait to be killed: the kill must land whatever the parent's pace
     runtime.close()
     return 0
 

@@ -63,12 +63,14 @@ def run_then_kill(
     root = Path(__file__).resolve().parent.parent
     child = subprocess.Popen(
         [sys.executable, "-m", module, *map(str, args)],
+        stdin=subprocess.PIPE,  # never written: a child that waits on it to be killed waits for good
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(root)},
         cwd=root,
     )
+    assert child.stdin is not None
     assert child.stdout is not None
     assert child.stderr is not None
     acks: list[list[str]] = []
@@ -85,6 +87,7 @@ def run_then_kill(
         if child.poll() is None:
             child.kill()
             child.wait(30)
+        child.stdin.close()
         child.stdout.close()
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
