@@ -15,8 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from actorflow.cli.trace import main
-from actorflow.core.config import TRANSITIONS
-from actorflow.core.traceview import (
+from actorflow.cli.traceview import (
     BrokenLine,
     LogEvent,
     StageRun,
@@ -26,6 +25,7 @@ from actorflow.core.traceview import (
     load_trace,
     parse_lines,
 )
+from actorflow.core.config import TRANSITIONS
 from actorflow.core.types import TaskState
 
 # --------------------------------------------------------------------------- writing logs like the runtime does

@@ -1,6 +1,6 @@
 """``actorflow trace PATH``: read a JSON-lines log back, show each task's timeline and check its transitions.
 
-The reading and the checking are library functions of `actorflow.core.traceview`;
+The reading and the checking are library functions of `actorflow.cli.traceview`;
 this module only parses arguments and renders what they return, as text or as
 JSON (``--json``) for scripts.
 
@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from actorflow.core.config import TERMINAL_STATES
-from actorflow.core.traceview import (
+from actorflow.cli.traceview import (
     RejectedTransition,
     RetryScheduled,
     StageRun,
@@ -35,6 +34,7 @@ from actorflow.core.traceview import (
     latency_summary,
     load_trace,
 )
+from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.types import TaskState
 
 __all__ = ["main"]
