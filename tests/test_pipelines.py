@@ -41,7 +41,8 @@ from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
 from actorflow.cli.trace import main as trace_main
-from actorflow.cli.traceview import check_transitions, load_trace
+from actorflow.cli.tracecheck import check_transitions
+from actorflow.cli.traceview import load_trace
 from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal

@@ -15,13 +15,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from actorflow.cli.trace import main
+from actorflow.cli.tracecheck import check_transitions
 from actorflow.cli.traceview import (
     BrokenLine,
     LogEvent,
     StageRun,
     TaskTimeline,
     build_trace,
-    check_transitions,
     load_trace,
     parse_lines,
 )
