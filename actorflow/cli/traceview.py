@@ -523,33 +523,17 @@ class _TraceBuilder:
         span_id = _opt_str(f, "span_id")
         # span ids pair a start with its end; without them, the service and attempt have to do
         key = span_id or f"{service}#{attempt}"
+        new_run = StageRun(
+            service=service, worker=_opt_str(f, "worker"), attempt=attempt, span_id=span_id, node=_opt_str(f, "node")
+        )
         if event.event == SERVICE_STARTED:
             task.open_stages[key] = len(task.entries)
-            task.entries.append(
-                StageRun(
-                    service=service,
-                    worker=_opt_str(f, "worker"),
-                    attempt=attempt,
-                    span_id=span_id,
-                    node=_opt_str(f, "node"),
-                    started_line=event.lineno,
-                    started_at=event.timestamp,
-                )
-            )
+            task.entries.append(replace(new_run, started_line=event.lineno, started_at=event.timestamp))
             return
         index = task.open_stages.pop(key, None)
         if index is None:  # the call's one event (or an older log that holds only the end of the call)
             index = len(task.entries)
-            task.entries.append(
-                StageRun(
-                    service=service,
-                    worker=_opt_str(f, "worker"),
-                    attempt=attempt,
-                    span_id=span_id,
-                    node=_opt_str(f, "node"),
-                    started_at=_epoch_iso(f.get("started_at")),
-                )
-            )
+            task.entries.append(replace(new_run, started_at=_epoch_iso(f.get("started_at"))))
         run = task.entries[index]
         assert isinstance(run, StageRun)
         failed = event.event == SERVICE_FAILED
