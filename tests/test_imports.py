@@ -175,3 +175,24 @@ def test_every_import_runs_down_the_layers_never_up() -> None:
 def _layer_name(module: str) -> str:
     layer = layer_of(module)
     return "the package's front door" if layer == _FRONT else LAYERS[layer]
+
+
+def test_only_the_command_line_parses_arguments_prints_or_exits_and_the_library_never_imports_it() -> None:
+    importers = sorted(
+        module
+        for module, edges in import_graph().items()
+        if not module.startswith("actorflow.cli") and any(target.startswith("actorflow.cli") for target in edges)
+    )
+    assert importers == ["actorflow.__main__"]
+    found = []
+    for name, path in package_modules().items():
+        if name.startswith("actorflow.cli") or name == "actorflow.__main__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            imported = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""]
+            called = ast.unparse(node.func) if isinstance(node, ast.Call) else ""
+            if "argparse" in imported or called in {"print", "sys.exit", "exit", "quit"}:
+                found.append(f"{name}:{node.lineno}: {called or 'import argparse'}")
+    assert found == [], "command-line work outside actorflow.cli:\n" + "\n".join(found)

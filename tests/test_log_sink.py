@@ -28,8 +28,8 @@ from structlog.testing import capture_logs
 
 from actorflow.actors import Runtime
 from actorflow.cli import trace as trace_cli
+from actorflow.cli.traceview import StageRun, load_trace
 from actorflow.core import RuntimeConfig, Task, TransientError, tracing
-from actorflow.core.traceview import StageRun, load_trace
 from actorflow.core.tracing import configure_logging, get_event_logger
 from actorflow.services import ServiceSet
 from tests.conftest import payload

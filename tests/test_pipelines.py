@@ -41,10 +41,11 @@ from actorflow.actors.messages import RunService, ServiceDone, ServicesDone
 from actorflow.api import create_app, serve_in_background
 from actorflow.cli.inspect import main as inspect_main
 from actorflow.cli.trace import main as trace_main
+from actorflow.cli.tracecheck import check_transitions
+from actorflow.cli.traceview import load_trace
 from actorflow.core import thaw
 from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
-from actorflow.core.traceview import check_transitions, load_trace
 from actorflow.core.tracing import TraceContext, new_trace
 from tests.conftest import payload
 from tests.pipeline_stages import square_in_child

@@ -15,17 +15,17 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from actorflow.cli.trace import main
-from actorflow.core.config import TRANSITIONS
-from actorflow.core.traceview import (
+from actorflow.cli.tracecheck import check_transitions
+from actorflow.cli.traceview import (
     BrokenLine,
     LogEvent,
     StageRun,
     TaskTimeline,
     build_trace,
-    check_transitions,
     load_trace,
     parse_lines,
 )
+from actorflow.core.config import TRANSITIONS
 from actorflow.core.types import TaskState
 
 # --------------------------------------------------------------------------- writing logs like the runtime does

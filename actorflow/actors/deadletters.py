@@ -8,6 +8,7 @@ from typing import Any
 import pykka
 
 from actorflow.core.errors import RuntimeStopped
+from actorflow.core.events import DEAD_LETTER
 from actorflow.core.tracing import get_event_logger
 
 __all__ = ["DeadLetterOffice", "tell_or_dead_letter"]
@@ -32,7 +33,7 @@ class DeadLetterOffice:
         with self._lock:
             self._count += 1
         _log.warning(
-            "dead_letter",
+            DEAD_LETTER,
             to=to,
             why=why,
             message=type(message).__name__,

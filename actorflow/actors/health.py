@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actorflow.core.events import ON_MILESTONE_FAILED
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
@@ -35,17 +36,9 @@ class Milestone:
     """One internal event of a runtime.
 
     Attributes:
-        name: what happened, e.g. ``"worker.restarted"``, ``"service.retry_scheduled"``,
-            ``"service.late_result"``, ``"call.queued"``, ``"call.withdrawn"``,
-            ``"journal.degraded"``, ``"journal.retry_scheduled"`` (one per failed commit, with
-            its backoff ``step`` and ``delay_s``), ``"journal.recovered"``, ``"journal.lost"``,
-            ``"journal.unstorable"`` (the journal refused one task's change for good: the task
-            failed, or its creation was refused; with its ``task_id``),
-            ``"pool.failing"`` (a pool's circuit breaker opened: ``service``, ``reason``),
-            ``"pool.recovered"`` (its cool-down passed and its workers restarted),
-            ``"orchestrator.died"`` and ``"state.died"`` (a central actor stopped unasked; its
-            replacement starts once the callback returns), ``"orchestrator.restarted"``,
-            ``"state.restarted"``, ``"runtime.failed"``.
+        name: what happened, one of `actorflow.core.events.MILESTONES` (e.g. ``"worker.restarted"``,
+            ``"journal.degraded"``, ``"pool.failing"``); the ``MILESTONE_*`` constants there say when
+            each is reached and with which fields.
         fields: details (task id, service, reason...), never payloads.
     """
 
@@ -78,9 +71,7 @@ class Milestones:
         try:
             callback(Milestone(name, fields))
         except Exception as exc:  # noqa: BLE001 - a listener's bug must not break the runtime
-            _log.error(
-                "milestone_hook.failed", milestone=name, error_type=type(exc).__name__, error=describe_error(exc)
-            )
+            _log.error(ON_MILESTONE_FAILED, milestone=name, error_type=type(exc).__name__, error=describe_error(exc))
 
 
 HealthStatus = Literal["ok", "degraded", "failed"]

@@ -74,6 +74,27 @@ from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
 from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import RuntimeStopped, TaskNotFound
+from actorflow.core.events import (
+    MILESTONE_CALL_QUEUED,
+    MILESTONE_CALL_WITHDRAWN,
+    MILESTONE_POOL_FAILING,
+    MILESTONE_POOL_RECOVERED,
+    MILESTONE_SERVICE_LATE_RESULT,
+    MILESTONE_SERVICE_RETRY_SCHEDULED,
+    MILESTONE_WORKER_RESTARTED,
+    ORCHESTRATOR_ERROR,
+    POOL_FAILING,
+    POOL_RECOVERED,
+    SERVICE_RETRY_SCHEDULED,
+    SERVICE_TIMEOUT,
+    TASK_CANCELLED,
+    TASK_COMPLETED,
+    TASK_FAIL_REFUSED,
+    TASK_FAILED,
+    TASK_RECOVERED,
+    TASK_UNKNOWN_PIPELINE,
+    WORKER_RESTARTED,
+)
 from actorflow.core.tracing import TraceContext, get_event_logger, new_span_id
 from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
 
@@ -251,7 +272,7 @@ class OrchestratorActor(FastActor):
         """A handler raised: fail the task the message concerns (if any) with the reason; never go silent."""
         why = f"internal error handling {type(message).__name__}: {type(exc).__name__}: {exc}"
         self._log.error(
-            "orchestrator.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
+            ORCHESTRATOR_ERROR, error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
         )
         reply = getattr(message, "reply", None)
         if isinstance(reply, pykka.Future):
@@ -275,7 +296,7 @@ class OrchestratorActor(FastActor):
             step(item)
         except Exception as exc:  # noqa: BLE001 - one broken item must not cost the batch the rest
             why = f"internal error: {type(exc).__name__}: {exc}"
-            self._log.error("orchestrator.error", task_id=task_id, error_type=type(exc).__name__, error=str(exc))
+            self._log.error(ORCHESTRATOR_ERROR, task_id=task_id, error_type=type(exc).__name__, error=str(exc))
             self._fail_task(task_id, why)
 
     def _on_transitions_applied(self, message: TransitionsApplied) -> None:
@@ -354,7 +375,7 @@ class OrchestratorActor(FastActor):
         flight.retries = record.retries
         flight.value = record.value
         self._log.info(
-            "task.recovered",
+            TASK_RECOVERED,
             task_id=record.task_id,
             trace_id=record.trace_id,
             state=record.state.value,
@@ -382,7 +403,7 @@ class OrchestratorActor(FastActor):
         route = self._routes.get(record.pipeline)
         trace = TraceContext(record.trace_id, record.span_id or new_span_id(), record.parent_span_id)
         if route is None:  # the state actor and the journal refuse these first; never strand one anyway
-            self._log.error("task.unknown_pipeline", task_id=record.task_id, pipeline=record.pipeline)
+            self._log.error(TASK_UNKNOWN_PIPELINE, task_id=record.task_id, pipeline=record.pipeline)
             why = f"pipeline {record.pipeline!r} is not defined in this runtime"
             self._outbox.append(TransitionRequest(record.task_id, _S.FAILED, why, None, None, why))
             return None
@@ -443,7 +464,7 @@ class OrchestratorActor(FastActor):
             return
         flight.calls += 1
         if self._milestones.active and not pool.running(call_id):
-            self._milestones.emit("call.queued", task_id=task.task_id, service=pool.service, call_id=call_id)
+            self._milestones.emit(MILESTONE_CALL_QUEUED, task_id=task.task_id, service=pool.service, call_id=call_id)
 
     def _on_service_done(self, done: ServiceDone) -> None:
         pool = self._pools[done.service]
@@ -451,7 +472,7 @@ class OrchestratorActor(FastActor):
         task_id = self._calls.pop(done.call_id, None)
         if call is None or task_id is None:
             self.counters["late_results"] += 1
-            self._milestones.emit("service.late_result", task_id=done.task_id, service=done.service)
+            self._milestones.emit(MILESTONE_SERVICE_LATE_RESULT, task_id=done.task_id, service=done.service)
             self._dead_letters.post(done, to="orchestrator", why="late result of a call that was timed out or retired")
             return
         if self._telemetry is not None:
@@ -492,9 +513,9 @@ class OrchestratorActor(FastActor):
         self._retrying[call_id] = call
         self.counters["retries"] += 1
         flight.retries += 1
-        self._milestones.emit("service.retry_scheduled", task_id=flight.task.task_id, service=call.service)
+        self._milestones.emit(MILESTONE_SERVICE_RETRY_SCHEDULED, task_id=flight.task.task_id, service=call.service)
         self._log.info(
-            "service.retry_scheduled",
+            SERVICE_RETRY_SCHEDULED,
             task_id=flight.task.task_id,
             trace_id=flight.trace.trace_id,
             service=call.service,
@@ -555,7 +576,7 @@ class OrchestratorActor(FastActor):
             if outcome.record is not None and outcome.record.state in TERMINAL_STATES:
                 self._finish(flight, outcome.record)  # e.g. cancelled meanwhile
             elif request.to_state is _S.FAILED:  # cannot happen by the table; never loop on it
-                self._log.error("task.fail_refused", task_id=request.task_id, why=outcome.why)
+                self._log.error(TASK_FAIL_REFUSED, task_id=request.task_id, why=outcome.why)
             else:  # refused while still in flight: nothing would ever move it on, so it fails
                 self._fail(flight, f"transition to {request.to_state.value} was refused: {outcome.why}")
             return
@@ -600,11 +621,11 @@ class OrchestratorActor(FastActor):
             "pipeline": record.pipeline,
         }
         if record.state is _S.COMPLETED:
-            self._log.info("task.completed", **fields)
+            self._log.info(TASK_COMPLETED, **fields)
         elif record.state is _S.FAILED:
-            self._log.info("task.failed", error=record.error, **fields)
+            self._log.info(TASK_FAILED, error=record.error, **fields)
         else:
-            self._log.info("task.cancelled", **fields)
+            self._log.info(TASK_CANCELLED, **fields)
 
     # --- cancellation ----------------------------------------------------------------------------
 
@@ -626,7 +647,7 @@ class OrchestratorActor(FastActor):
                 pool = flight.route.pools[flight.stage]
                 if pool.withdraw(flight.call_id):  # no worker started it: it will never run
                     self._calls.pop(flight.call_id, None)
-                    self._milestones.emit("call.withdrawn", task_id=task_id, service=pool.service)
+                    self._milestones.emit(MILESTONE_CALL_WITHDRAWN, task_id=task_id, service=pool.service)
                 else:  # running: on an event loop its coroutine is cancelled (a thread cannot be)
                     pool.cancel_running(flight.call_id)
         waiting = self._cancels.get(task_id)
@@ -672,7 +693,7 @@ class OrchestratorActor(FastActor):
         # A call in a batch that hung may not be the one at fault: then none is charged, and all run again.
         charged = pool.surely_running(call_id)
         self._log.warning(
-            "service.timeout",
+            SERVICE_TIMEOUT,
             task_id=task_id,
             call_id=call_id,
             service=pool.service,
@@ -705,14 +726,14 @@ class OrchestratorActor(FastActor):
         if stranded is None:
             return
         self.counters["restarts"] += 1
-        self._milestones.emit("worker.restarted", worker=worker, service=pool.service, why=why)
+        self._milestones.emit(MILESTONE_WORKER_RESTARTED, worker=worker, service=pool.service, why=why)
         self._log.warning(
-            "worker.restarted", worker=worker, service=pool.service, why=why, failing=pool.failing is not None
+            WORKER_RESTARTED, worker=worker, service=pool.service, why=why, failing=pool.failing is not None
         )
         if pool.failing is not None and not was_failing:
             self._health.degrade(pool.failing, source=_pool_source(pool.service))
-            self._milestones.emit("pool.failing", service=pool.service, reason=pool.failing)
-            self._log.error("pool.failing", service=pool.service, reason=pool.failing, cool_down_s=pool.window_s)
+            self._milestones.emit(MILESTONE_POOL_FAILING, service=pool.service, reason=pool.failing)
+            self._log.error(POOL_FAILING, service=pool.service, reason=pool.failing, cool_down_s=pool.window_s)
         for call in stranded:
             task_id = self._calls.pop(call.call_id, None)
             flight = self._flights.get(task_id) if task_id is not None else None
@@ -733,8 +754,8 @@ class OrchestratorActor(FastActor):
         if pool is None or not pool.reopen():
             return
         self._health.recover(source=_pool_source(pool.service))
-        self._milestones.emit("pool.recovered", service=pool.service)
-        self._log.info("pool.recovered", service=pool.service, workers=pool.stats()["workers"])
+        self._milestones.emit(MILESTONE_POOL_RECOVERED, service=pool.service)
+        self._log.info(POOL_RECOVERED, service=pool.service, workers=pool.stats()["workers"])
 
 
 def _pool_source(service: str) -> str:

@@ -75,6 +75,25 @@ from actorflow.core.errors import (
     UnknownPipeline,
     UnstorableValue,
 )
+from actorflow.core.events import (
+    JOURNAL_FAILED_IN_MEMORY_ONLY,
+    JOURNAL_LOST,
+    JOURNAL_RECOVERED,
+    JOURNAL_UNSTORABLE,
+    JOURNAL_WRITE_FAILED,
+    MILESTONE_JOURNAL_DEGRADED,
+    MILESTONE_JOURNAL_LOST,
+    MILESTONE_JOURNAL_RECOVERED,
+    MILESTONE_JOURNAL_RETRY_SCHEDULED,
+    MILESTONE_JOURNAL_UNSTORABLE,
+    STATE_CREATE_FAILED,
+    STATE_ERROR,
+    STATE_TRANSITION_FAILED,
+    SUBSCRIBER_FAILED,
+    TASK_TRANSITION,
+    TASK_TRANSITION_REJECTED,
+    TERMINAL_HOOK_FAILED,
+)
 from actorflow.core.failures import MAX_MESSAGE_CHARS, bound_message
 from actorflow.core.journal.store import IdempotencyKey
 from actorflow.core.pipeline import Pipeline
@@ -344,9 +363,7 @@ class StateActor(FastActor):
         try:
             self._receive(message)
         except Exception as exc:  # noqa: BLE001 - the one owner of state must outlive any bug in a message
-            self._log.error(
-                "state.error", error_type=type(exc).__name__, error=str(exc), message=type(message).__name__
-            )
+            self._log.error(STATE_ERROR, error_type=type(exc).__name__, error=str(exc), message=type(message).__name__)
 
     def on_mailbox_idle(self) -> None:
         """Commit changes held back for group commit once nothing else is waiting."""
@@ -364,14 +381,14 @@ class StateActor(FastActor):
             try:
                 self._apply_creates(message)
             except Exception as exc:  # noqa: BLE001 - the submitter gets the error; nothing was created
-                self._log.error("state.create_failed", tasks=len(message.tasks), error=repr(exc))
+                self._log.error(STATE_CREATE_FAILED, tasks=len(message.tasks), error=repr(exc))
                 if message.reply is not None:
                     message.reply.set_exception(exc_info=(type(exc), exc, None))
         elif isinstance(message, CreateTask):
             try:
                 self._apply_create(message)
             except Exception as exc:  # noqa: BLE001 - the submitter gets the error; nothing was created
-                self._log.error("state.create_failed", task_id=message.task_id, error=repr(exc))
+                self._log.error(STATE_CREATE_FAILED, task_id=message.task_id, error=repr(exc))
                 if message.reply is not None:
                     message.reply.set_exception(exc_info=(type(exc), exc, None))
         else:
@@ -404,7 +421,7 @@ class StateActor(FastActor):
     def _refuse_broken(self, request: TransitionRequest, notify: pykka.ActorRef[Any] | None, exc: Exception) -> None:
         """A request whose handling raised: refuse it with the reason (its sender then fails the task)."""
         why = bound_message(f"internal error applying {request.to_state.value}: {type(exc).__name__}: {exc}")
-        self._log.error("state.transition_failed", task_id=request.task_id, error=why)
+        self._log.error(STATE_TRANSITION_FAILED, task_id=request.task_id, error=why)
         if notify is not None:
             self._reply_outcome(notify, TransitionOutcome(request, "rejected", self._records.get(request.task_id), why))
 
@@ -523,7 +540,7 @@ class StateActor(FastActor):
                 )
         if refusal is not None:
             self._log.warning(
-                "task.transition_rejected",
+                TASK_TRANSITION_REJECTED,
                 task_id=request.task_id,
                 trace_id=before.trace_id if before else None,
                 from_state=before.state.value if before else None,
@@ -675,7 +692,7 @@ class StateActor(FastActor):
             if first.stands_for is not None:
                 # Even the FAILED change made for it is refused (its row is gone, say): the task stays FAILED
                 # here, and a restart resumes it from the journal. Every sender still gets its answer.
-                self._log.error("journal.failed_in_memory_only", task_id=task_id, fault=bound_message(failure.fault))
+                self._log.error(JOURNAL_FAILED_IN_MEMORY_ONLY, task_id=task_id, fault=bound_message(failure.fault))
                 self._answer_stood_for(first, None)
                 continue
             self._undo(unit)
@@ -683,8 +700,8 @@ class StateActor(FastActor):
                 task_id = self._refuse_creation(unit, groups, failure)
             else:
                 kept.append(self._stand_in(unit, failure))
-            self._log.error("journal.unstorable", task_id=task_id, fault=bound_message(failure.fault))
-            self._milestones.emit("journal.unstorable", task_id=task_id)
+            self._log.error(JOURNAL_UNSTORABLE, task_id=task_id, fault=bound_message(failure.fault))
+            self._milestones.emit(MILESTONE_JOURNAL_UNSTORABLE, task_id=task_id)
         return kept
 
     def _undo(self, changes: _Changes) -> None:
@@ -790,10 +807,10 @@ class StateActor(FastActor):
             return self._fault(exc if isinstance(exc, JournalError) else JournalError(f"journal write failed: {exc!r}"))
         if fault is not None:
             self._journal_fault = None
-            self._log.info("journal.recovered", failed_steps=self._journal_backoff.steps)
+            self._log.info(JOURNAL_RECOVERED, failed_steps=self._journal_backoff.steps)
             self._journal_backoff.reset()
             self._health.recover()
-            self._milestones.emit("journal.recovered")
+            self._milestones.emit(MILESTONE_JOURNAL_RECOVERED)
         return None
 
     def _fault(self, failure: JournalError) -> JournalError:
@@ -802,19 +819,19 @@ class StateActor(FastActor):
         assert journal is not None
         self._journal_fault = failure
         if journal.lost is not None:
-            self._log.error("journal.lost", error=str(failure))
-            self._milestones.emit("journal.lost", reason=journal.lost)
+            self._log.error(JOURNAL_LOST, error=str(failure))
+            self._milestones.emit(MILESTONE_JOURNAL_LOST, reason=journal.lost)
             self._health.fail(str(failure))
             return failure
         delay = self._journal_backoff.failed()
         self._retry_at = time.monotonic() + delay
         if self._journal_backoff.steps == 1:
             self._health.degrade(f"the journal refuses writes: {failure}")
-            self._milestones.emit("journal.degraded", reason=str(failure))
+            self._milestones.emit(MILESTONE_JOURNAL_DEGRADED, reason=str(failure))
         self._log.error(
-            "journal.write_failed", step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(failure)
+            JOURNAL_WRITE_FAILED, step=self._journal_backoff.steps, retry_in_s=round(delay, 3), error=str(failure)
         )
-        self._milestones.emit("journal.retry_scheduled", step=self._journal_backoff.steps, delay_s=delay)
+        self._milestones.emit(MILESTONE_JOURNAL_RETRY_SCHEDULED, step=self._journal_backoff.steps, delay_s=delay)
         return failure
 
     def _roll_back(self, changes: _Changes, failure: JournalError) -> None:
@@ -841,7 +858,7 @@ class StateActor(FastActor):
             self._on_transition(record, transition)
         if verbose:
             self._log.debug(
-                "task.transition",
+                TASK_TRANSITION,
                 task_id=record.task_id,
                 trace_id=record.trace_id,
                 from_state=transition.from_state.value if transition.from_state else None,
@@ -854,7 +871,7 @@ class StateActor(FastActor):
             try:
                 self._on_terminal(record)
             except Exception as exc:  # noqa: BLE001 - one bad waiter callback must not cost the batch its acks
-                self._log.error("terminal_hook.failed", task_id=record.task_id, error=repr(exc))
+                self._log.error(TERMINAL_HOOK_FAILED, task_id=record.task_id, error=repr(exc))
         if not self._subscribers:
             return
         event = TransitionEvent(
@@ -864,7 +881,7 @@ class StateActor(FastActor):
             try:
                 callback(event)
             except BaseException as exc:  # noqa: BLE001 - a subscriber must never take the state actor down
-                self._log.error("subscriber.failed", token=token, error_type=type(exc).__name__, error=str(exc))
+                self._log.error(SUBSCRIBER_FAILED, token=token, error_type=type(exc).__name__, error=str(exc))
 
     def _reply_outcome(self, ref: pykka.ActorRef[Any], outcome: TransitionOutcome) -> None:
         self._tell(ref, TransitionsApplied((outcome,)))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
+from actorflow.core.events import TELEMETRY_SPAN_FAILED
 from actorflow.core.metrics import Histogram, HistogramSnapshot
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import DEFAULT_PIPELINE, TaskRecord, TaskState, Transition
@@ -83,7 +84,7 @@ class Telemetry:
         try:
             return self.spans.start_task(task_id, DEFAULT_PIPELINE, trace, traceparent)
         except Exception as exc:  # noqa: BLE001 - tracing trouble must not refuse a task
-            _log.error("telemetry.span_failed", task_id=task_id, error=repr(exc))
+            _log.error(TELEMETRY_SPAN_FAILED, task_id=task_id, error=repr(exc))
             return trace
 
     def task_resumed(self, record: TaskRecord) -> None:
@@ -93,7 +94,7 @@ class Telemetry:
         try:
             self.spans.resume_task(record)
         except Exception as exc:  # noqa: BLE001 - tracing trouble must not stop a task from resuming
-            _log.error("telemetry.span_failed", task_id=record.task_id, error=repr(exc))
+            _log.error(TELEMETRY_SPAN_FAILED, task_id=record.task_id, error=repr(exc))
 
     @property
     def spans_dropped(self) -> int:
@@ -128,7 +129,7 @@ class Telemetry:
             try:
                 self.spans.end_task(record)
             except Exception as exc:  # noqa: BLE001 - the host's exporter must never cost a task its outcome
-                _log.error("telemetry.span_failed", task_id=record.task_id, error=repr(exc))
+                _log.error(TELEMETRY_SPAN_FAILED, task_id=record.task_id, error=repr(exc))
 
     def close(self) -> None:
         """The runtime stopped: end the spans of unfinished tasks, so that the host's exporter gets them."""
@@ -136,7 +137,7 @@ class Telemetry:
             try:
                 self.spans.abandon_all()
             except Exception as exc:  # noqa: BLE001 - closing must finish whatever the SDK does
-                _log.error("telemetry.span_failed", error=repr(exc))
+                _log.error(TELEMETRY_SPAN_FAILED, error=repr(exc))
 
     # --- the orchestrator's thread ---------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class Telemetry:
             try:
                 self._record_call_span(call, done, pipeline)
             except Exception as exc:  # noqa: BLE001 - the orchestrator's handler must go on whatever the SDK does
-                _log.error("telemetry.span_failed", task_id=done.task_id, error=repr(exc))
+                _log.error(TELEMETRY_SPAN_FAILED, task_id=done.task_id, error=repr(exc))
 
     def _record_call_span(self, call: RunService, done: ServiceDone, pipeline: str) -> None:
         assert self.spans is not None

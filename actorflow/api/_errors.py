@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actorflow.core.events import HTTP_UNHANDLED_ERROR
 from actorflow.core.tracing import get_event_logger
 
 __all__ = [
@@ -124,7 +125,7 @@ class CatchAllMiddleware:
                 await response(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - the last line: anything unexpected becomes a logged 500
             logger.error(
-                "http.unhandled_error",
+                HTTP_UNHANDLED_ERROR,
                 method=scope.get("method"),
                 path=scope.get("path"),
                 error_type=type(exc).__name__,

@@ -41,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 
 from actorflow.api._errors import logger
 from actorflow.core import TERMINAL_STATES, TaskRecord, TransitionEvent
+from actorflow.core.events import EVENTS_UNSUBSCRIBE_FAILED
 
 __all__ = ["EventBroadcaster", "EventClient", "TooManyStreamsError", "event_stream"]
 
@@ -291,7 +292,7 @@ class EventBroadcaster:
             try:
                 unsubscribe()
             except Exception as exc:  # noqa: BLE001 - the runtime may be closed already; nothing is left to undo then
-                logger.debug("events.unsubscribe_failed", error_type=type(exc).__name__, error=str(exc))
+                logger.debug(EVENTS_UNSUBSCRIBE_FAILED, error_type=type(exc).__name__, error=str(exc))
 
     def _on_transition(self, event: TransitionEvent) -> None:
         # Runs on the state actor's thread: be quick, never block, never raise. Events are kept

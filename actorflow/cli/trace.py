@@ -1,8 +1,8 @@
 """``actorflow trace PATH``: read a JSON-lines log back, show each task's timeline and check its transitions.
 
-The reading and the checking are library functions of `actorflow.core.traceview`;
-this module only parses arguments and renders what they return, as text or as
-JSON (``--json``) for scripts.
+The reading is `actorflow.cli.traceview`'s, the checking and the summaries
+`actorflow.cli.tracecheck`'s; this module only parses arguments and renders what
+they return, as text or as JSON (``--json``) for scripts.
 
 Exit status: 0 every checked transition is allowed, 1 a transition breaks the
 lifecycle, 2 a usage error (bad arguments, unreadable file, unknown task).
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from actorflow.core.config import TERMINAL_STATES
-from actorflow.core.traceview import (
+from actorflow.cli.tracecheck import Violation, check_timeline, group_failures, latency_summary
+from actorflow.cli.traceview import (
     RejectedTransition,
     RetryScheduled,
     StageRun,
@@ -29,12 +29,9 @@ from actorflow.core.traceview import (
     TimelineEntry,
     Trace,
     TransitionEntry,
-    Violation,
-    check_timeline,
-    group_failures,
-    latency_summary,
     load_trace,
 )
+from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.types import TaskState
 
 __all__ = ["main"]

@@ -52,6 +52,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from actorflow.core.events import TELEMETRY_SPAN_FAILED, TELEMETRY_SPANS_DROPPED
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import TaskRecord, TaskState
 from actorflow.core.version import __version__
@@ -128,7 +129,7 @@ class SpanRecorder:
             try:
                 work()
             except Exception as exc:  # noqa: BLE001 - a processor's fault must not end the thread
-                _log.error("telemetry.span_failed", error=repr(exc))
+                _log.error(TELEMETRY_SPAN_FAILED, error=repr(exc))
             if self.dropped != self._dropped_logged:
                 self._log_dropped()
 
@@ -138,7 +139,7 @@ class SpanRecorder:
             return
         dropped = self.dropped
         _log.warning(
-            "telemetry.spans_dropped",
+            TELEMETRY_SPANS_DROPPED,
             dropped=dropped - self._dropped_logged,
             total=dropped,
             why=f"the host's span processors are slower than the runtime; {self._work.maxsize} span endings waited",

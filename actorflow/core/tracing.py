@@ -41,6 +41,7 @@ import structlog
 from structlog import _config as _structlog_config
 
 from actorflow.core.errors import quote
+from actorflow.core.events import LOG_EVENTS_DROPPED, LOG_RENDER_FAILED
 
 __all__ = [
     "ConfiguredLogging",
@@ -609,7 +610,7 @@ def _dropped_event(count: int) -> dict[str, Any]:
     return {
         "count": count,
         "actor": "log-sink",
-        "event": "log.events_dropped",
+        "event": LOG_EVENTS_DROPPED,
         "level": "error",
         "timestamp": _iso_utc(time.time()),
     }
@@ -669,7 +670,7 @@ def _render_failure(fields: dict[str, Any], exc: Exception) -> dict[str, Any]:
     """The line written instead of an event that could not be rendered."""
     return {
         "actor": "log-sink",
-        "event": "log.render_failed",
+        "event": LOG_RENDER_FAILED,
         "original_event": str(fields.get("event")),
         "error": f"{type(exc).__name__}: {exc}"[:500],
         "level": "error",

@@ -54,6 +54,7 @@ from actorflow.actors.backends.base import BackendDefaults, Deliver, OnDeath, St
 from actorflow.actors.backends.toolkit import call_fields, deliver_reports, report, report_failure, stage_value
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.threads import ThreadBook
+from actorflow.core.events import ASYNC_CALL_ABANDONED, ASYNC_CALLS_ABANDONED, ASYNC_LOOP_ERROR
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 from actorflow.core.types import JSONValue, Task, freeze
@@ -116,14 +117,14 @@ class AsyncBackend(BackendDefaults):
                 # Bounded: a coroutine that ignores its cancellation must not hold the runtime's close forever.
                 _, stuck = self.loop.run_until_complete(asyncio.wait(pending, timeout=self.cancel_grace_s))
                 if stuck:
-                    self._log.warning("async.calls_abandoned", calls=len(stuck), grace_s=self.cancel_grace_s)
+                    self._log.warning(ASYNC_CALLS_ABANDONED, calls=len(stuck), grace_s=self.cancel_grace_s)
             self.loop.close()
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Our loop's errors go to our log, not to the host's ``asyncio`` logger (e.g. an abandoned task destroyed)."""
         error = context.get("exception")
         self._log.warning(
-            "async.loop_error",
+            ASYNC_LOOP_ERROR,
             message=context.get("message", ""),
             error_type=type(error).__name__ if error is not None else None,
             error=describe_error(error) if error is not None else None,
@@ -274,7 +275,7 @@ class _AsyncWorker(WorkerDefaults):
         self._abandoned.add(call_id)
         grace = self._backend.cancel_grace_s
         call = running[1]
-        self._log.warning("async.call_abandoned", **call_fields(call, self.name), grace_s=grace, retired=self._retired)
+        self._log.warning(ASYNC_CALL_ABANDONED, **call_fields(call, self.name), grace_s=grace, retired=self._retired)
         if self._retired:
             return
         why = f"the call was cancelled, and its coroutine ignored the cancellation for {grace:g}s: abandoned"

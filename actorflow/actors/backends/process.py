@@ -119,6 +119,14 @@ from actorflow.actors.deadletters import DeadLetterOffice
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.errors import ConfigError
+from actorflow.core.events import (
+    PROCESS_BACKEND_CLOSE_SLOW,
+    PROCESS_BACKEND_IN_PARENT,
+    WORKER_FORWARDING_FAILED,
+    WORKER_KILLED,
+    WORKER_LOAD_FAILED,
+    WORKER_UNKILLABLE,
+)
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import TraceContext, get_event_logger
 from actorflow.core.types import Task
@@ -344,7 +352,7 @@ class ProcessBackend(BackendDefaults):
         in_parent = sorted(set(functions) - set(self._pickled))
         if in_parent:
             self._log.info(
-                "process_backend.in_parent",
+                PROCESS_BACKEND_IN_PARENT,
                 services=in_parent,
                 why="the default in-memory result store lives in this process; set result_store to a file "
                 "to persist from the worker processes",
@@ -371,7 +379,7 @@ class ProcessBackend(BackendDefaults):
         deadline = time.monotonic() + timeout
         busy = [w.name for w in workers if not w.join(max(0.0, deadline - time.monotonic()))]
         if busy:
-            self._log.warning("process_backend.close_slow", workers=busy, timeout_s=timeout)
+            self._log.warning(PROCESS_BACKEND_CLOSE_SLOW, workers=busy, timeout_s=timeout)
         self._in_parent.close()
 
     def pids(self) -> list[int]:
@@ -539,7 +547,7 @@ class ProcessWorker(WorkerDefaults):
             why = self._serve()
         except Exception as exc:  # noqa: BLE001 - our own bug: report it, the pool replaces the worker
             why = f"forwarding thread failed with {type(exc).__name__}: {exc}"
-            self._log.error("worker.forwarding_failed", worker=self.name, error_type=type(exc).__name__, error=str(exc))
+            self._log.error(WORKER_FORWARDING_FAILED, worker=self.name, error_type=type(exc).__name__, error=str(exc))
         finally:
             with self._lock:
                 self._closed = True
@@ -600,7 +608,7 @@ class ProcessWorker(WorkerDefaults):
             if isinstance(hello, tuple) and hello[:1] == ("ready",):
                 return None
             if isinstance(hello, tuple) and hello[:1] == ("load_failed",):
-                self._log.error("worker.load_failed", worker=self.name, node=self.node, error=hello[1])
+                self._log.error(WORKER_LOAD_FAILED, worker=self.name, node=self.node, error=hello[1])
                 self._cannot_load = True
                 return f"worker process {self.node} cannot load its service function: {hello[1]}"
             return (
@@ -804,10 +812,10 @@ class ProcessWorker(WorkerDefaults):
         self._conn.close()
         self._sock.close()
         if process.exitcode is None:
-            self._log.error("worker.unkillable", worker=self.name, node=self.node)
+            self._log.error(WORKER_UNKILLABLE, worker=self.name, node=self.node)
             return
         if process.exitcode != 0 and self._retired:
-            self._log.info("worker.killed", worker=self.name, node=self.node, exit_code=self._exit_code())
+            self._log.info(WORKER_KILLED, worker=self.name, node=self.node, exit_code=self._exit_code())
         process.close()
 
 

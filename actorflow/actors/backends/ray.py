@@ -99,6 +99,16 @@ from actorflow.actors.backends.toolkit import (
 )
 from actorflow.actors.messages import RunService, ServiceDone
 from actorflow.core.errors import ConfigError
+from actorflow.core.events import (
+    RAY_BACKEND_STARTED,
+    RAY_BACKEND_STOPPED,
+    RAY_BATCH_LOST,
+    RAY_INVOCATION_DONE,
+    RAY_REPORT_FAILED,
+    RAY_SPARES_REPLACED,
+    RAY_WORK_FAILED,
+    RAY_WORKERS_NOT_READY,
+)
 from actorflow.core.failures import describe_error
 from actorflow.core.tracing import get_event_logger
 
@@ -496,7 +506,7 @@ class _RefWaiter:
                 try:
                     item()
                 except Exception as exc:  # noqa: BLE001 - a dead waiter would strand every call: log, go on
-                    self._log.error("ray.work_failed", error_type=type(exc).__name__, error=str(exc))
+                    self._log.error(RAY_WORK_FAILED, error_type=type(exc).__name__, error=str(exc))
                 continue
             ref, future = item
             with self._lock:
@@ -515,7 +525,7 @@ class _RefWaiter:
             try:
                 self._report(pending, outcome, error)
             except Exception as exc:  # noqa: BLE001 - a dead waiter would strand every call: log, go on
-                self._log.error("ray.report_failed", error_type=type(exc).__name__, error=str(exc))
+                self._log.error(RAY_REPORT_FAILED, error_type=type(exc).__name__, error=str(exc))
 
 
 class RayBackend(BackendDefaults):
@@ -609,7 +619,7 @@ class RayBackend(BackendDefaults):
             raise
         self.waiter = _RefWaiter(report=self._report)
         self._log.info(
-            "ray.backend_started",
+            RAY_BACKEND_STARTED,
             address=address,
             started_ray=self._owns_session,
             on_ray=sorted(self._shipped),
@@ -704,7 +714,7 @@ class RayBackend(BackendDefaults):
                     "it must come from a module importable on every node, with actorflow installed there"
                 ) from exc
         if not_ready:
-            self._log.warning("ray.workers_not_ready", waiting=len(not_ready), timeout_s=timeout)
+            self._log.warning(RAY_WORKERS_NOT_READY, waiting=len(not_ready), timeout_s=timeout)
         return nodes
 
     def _kill_stock(self) -> None:
@@ -750,7 +760,7 @@ class RayBackend(BackendDefaults):
                     alive.append(self._new_spare(service))
                 self._stock[service] = alive
         if dropped:
-            self._log.warning("ray.spares_replaced", spares=dropped, lost_nodes=sorted(lost))
+            self._log.warning(RAY_SPARES_REPLACED, spares=dropped, lost_nodes=sorted(lost))
         return lost
 
     def _probed_node(self, probe: Any) -> str:
@@ -804,7 +814,7 @@ class RayBackend(BackendDefaults):
         self._on_head.close()
         self._leave_session()
         self._log.info(
-            "ray.backend_stopped",
+            RAY_BACKEND_STOPPED,
             stopped_ray=self._owns_session,
             calls=self.calls_done,
             invocations=self.invocations_done,
@@ -854,7 +864,7 @@ class RayBackend(BackendDefaults):
             # Which of its calls killed it is unknown: none is charged, each runs alone next time.
             self.suspect(held)
             self._log.warning(
-                "ray.batch_lost",
+                RAY_BATCH_LOST,
                 worker=worker.name,
                 calls=len(held),
                 task_ids=[call.task.task_id for call in held],
@@ -889,7 +899,7 @@ class RayBackend(BackendDefaults):
         if log.enabled("debug"):
             task_ids = [call.task.task_id for call in calls]
             not_run = {"not_run": task_ids[len(dones) :]} if len(dones) < len(calls) else {}
-            log.debug("ray.invocation_done", invocation=invocations, task_ids=task_ids, **not_run)
+            log.debug(RAY_INVOCATION_DONE, invocation=invocations, task_ids=task_ids, **not_run)
         if not dones:
             return
         worker.node = dones[-1].node or worker.node

@@ -30,6 +30,7 @@ import structlog
 from actorflow.actors.backends.base import Deliver, OnDeath, ServiceBackend, StageFn, WorkerHandle
 from actorflow.actors.messages import RunService, ServiceDone, ServicesDone, ServiceStatus
 from actorflow.core.errors import ConfigError, TransientError
+from actorflow.core.events import SERVICE_CALL, SERVICE_FAILED
 from actorflow.core.failures import bound_message, describe_error, format_traceback
 from actorflow.core.tracing import EventLogger
 from actorflow.core.types import DEFAULT_PIPELINE, FrozenDict, JSONValue, freeze
@@ -246,7 +247,7 @@ def log_done(
     if done.status == "ok":
         if fields is not None or log.enabled("debug"):
             log.debug(
-                "service.call",
+                SERVICE_CALL,
                 **(fields or call_fields(call, done.worker, done.node)),
                 status="ok",
                 started_at=done.started_at or _started_at(done),
@@ -255,7 +256,7 @@ def log_done(
         return done
     emit = log.info if done.error_type == "ValidationError" else log.warning
     emit(
-        "service.failed",
+        SERVICE_FAILED,
         **(fields or call_fields(call, done.worker, done.node)),
         status=done.status,
         started_at=done.started_at or _started_at(done),

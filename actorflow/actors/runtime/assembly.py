@@ -27,6 +27,7 @@ from actorflow.actors.state import StateActor
 from actorflow.actors.timer import Timer
 from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import ConfigError
+from actorflow.core.events import TIMER_CALLBACK_FAILED
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.types import TaskRecord
 from actorflow.services import ResultStore, ServiceSet
@@ -115,7 +116,7 @@ class Assembly:
     def start_timer(self) -> None:
         """Start the timer that retries, deadlines and cool-downs run on."""
         log = self._parts.log
-        self.timer = Timer(on_error=lambda exc: log.error("timer.callback_failed", error=repr(exc)))
+        self.timer = Timer(on_error=lambda exc: log.error(TIMER_CALLBACK_FAILED, error=repr(exc)))
 
     def stop_timer(self) -> None:
         """Stop the timer: what is not due yet never runs."""

@@ -48,6 +48,7 @@ from actorflow.actors.telemetry import MetricsCollector, MetricsSource, Telemetr
 from actorflow.actors.threads import ThreadBook
 from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
 from actorflow.core.errors import ConfigError, RuntimeFailed, RuntimeStopped
+from actorflow.core.events import RUNTIME_STARTED, RUNTIME_STOPPED
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger
 from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEvent
@@ -156,7 +157,7 @@ class Runtime:
             assembly.start_timer()
             recovered = supervisor.start()
             self._log.info(
-                "runtime.started",
+                RUNTIME_STARTED,
                 pools=assembly.pool_sizes(),
                 backend=config.service_backend,
                 journal=config.journal_path,
@@ -510,7 +511,7 @@ class Runtime:
         if self.results is not None:
             self.results.close()
         self._log.info(
-            "runtime.stopped",
+            RUNTIME_STOPPED,
             drained=drained,
             unfinished=abandoned,
             dead_letters=self._dead_letters.count,

@@ -26,6 +26,7 @@ from actorflow.actors.runtime.handles import Handles, TaskHandle
 from actorflow.actors.runtime.parts import RuntimeParts
 from actorflow.actors.runtime.supervision import Supervisor
 from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeStopped, TaskNotFound, UnknownPipeline, quote
+from actorflow.core.events import TASK_SUBMIT_REFUSED, TASK_SUBMITTED, TASKS_SUBMIT_REFUSED
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import new_task_id, new_trace, parse_traceparent
 from actorflow.core.types import JSONInput, TaskRecord, freeze_payload
@@ -190,7 +191,7 @@ class Submitter:
             suppressed = self._refusals.allow()
             if suppressed is not None:
                 self._log.warning(
-                    "task.submit_refused",
+                    TASK_SUBMIT_REFUSED,
                     task_id=message.task_id,
                     trace_id=message.trace.trace_id,
                     error_type=type(exc).__name__,
@@ -204,7 +205,7 @@ class Submitter:
         """The task's ``task.submitted`` event (debug): when `submit()` was called, before the commit."""
         trace = message.trace
         self._log.debug(
-            "task.submitted",
+            TASK_SUBMITTED,
             task_id=message.task_id,
             trace_id=trace.trace_id,
             span_id=trace.span_id,
@@ -347,7 +348,7 @@ class Submitter:
             suppressed = self._refusals.allow()
             if suppressed is not None:
                 self._log.warning(
-                    "tasks.submit_refused",
+                    TASKS_SUBMIT_REFUSED,
                     tasks=count,
                     first_task_id=task_ids[0],
                     error_type=type(exc).__name__,

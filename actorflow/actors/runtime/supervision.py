@@ -30,10 +30,21 @@ from typing import Any, Literal
 
 import pykka
 
+from actorflow.actors.health import Milestone
 from actorflow.actors.runtime.assembly import Assembly, OnExit
 from actorflow.actors.runtime.callers import ASK_TIMEOUT_S, answer
 from actorflow.actors.runtime.parts import RuntimeParts
 from actorflow.core.errors import RuntimeFailed, RuntimeStopped
+from actorflow.core.events import (
+    MILESTONE_ORCHESTRATOR_DIED,
+    MILESTONE_ORCHESTRATOR_RESTARTED,
+    MILESTONE_RUNTIME_FAILED,
+    MILESTONE_STATE_DIED,
+    MILESTONE_STATE_RESTARTED,
+    ORCHESTRATOR_DIED,
+    RUNTIME_FAILED,
+    STATE_DIED,
+)
 
 __all__ = ["Central", "Supervisor"]
 
@@ -42,7 +53,7 @@ Central = Literal["state", "orchestrator"]
 _RESTART_WAIT_S = 10.0
 """How long a call that met a central actor being restarted waits for the replacement."""
 
-_Reached = list[tuple[str, dict[str, Any]]]
+_Reached = list[Milestone]
 """Milestones reached while the lock was held, to emit once it is released."""
 
 
@@ -118,10 +129,12 @@ class Supervisor:
         while (report := self._exits.get()) is not None:
             kind, generation, why = report
             if self._is_current(kind, generation):
-                self._parts.milestones.emit(f"{kind}.died", why=why)
+                self._parts.milestones.emit(
+                    MILESTONE_STATE_DIED if kind == "state" else MILESTONE_ORCHESTRATOR_DIED, why=why
+                )
                 reached, failure = self._restart(kind, generation, why)
-                for name, fields in reached:
-                    self._parts.milestones.emit(name, **fields)
+                for milestone in reached:
+                    self._parts.milestones.emit(milestone.name, **milestone.fields)
                 if failure is not None:
                     self._parts.health.fail(failure)
             with self._replaced:
@@ -159,14 +172,14 @@ class Supervisor:
                             raise
                         # The StateActor stopped meanwhile: rebuild it below, with another fresh orchestrator.
                     else:
-                        return [("orchestrator.restarted", {"why": why, "resumed": resumed})], None
+                        return [Milestone(MILESTONE_ORCHESTRATOR_RESTARTED, {"why": why, "resumed": resumed})], None
                     why = f"stopped while the orchestrator was replaced (the orchestrator {why})"
                 elif kind == "orchestrator":
                     why = f"stopped with the orchestrator (the orchestrator {why})"
                 if self._parts.config.journal_path is None:
                     return [], f"the StateActor {why}; without a journal its tasks cannot be rebuilt"
                 resumed = self._replace_state(why)
-                return [("state.restarted", {"why": why, "resumed": resumed})], None
+                return [Milestone(MILESTONE_STATE_RESTARTED, {"why": why, "resumed": resumed})], None
             except Exception as exc:  # noqa: BLE001 - a restart that fails is a failed runtime, loudly
                 return [], f"the {kind} actor {why} and could not be restarted: {exc!r}"
 
@@ -176,13 +189,13 @@ class Supervisor:
 
     def _replace_orchestrator(self, why: str) -> int:
         """Start a fresh orchestrator on the current StateActor and resume every task; returns how many."""
-        self._log.error("orchestrator.died", why=why)
+        self._log.error(ORCHESTRATOR_DIED, why=why)
         self._assembly.start_orchestrator(self._watch("orchestrator"))
         return self._assembly.resume()
 
     def _replace_state(self, why: str) -> int:
         """Rebuild the StateActor from the journal, then a fresh orchestrator on it; returns the tasks resumed."""
-        self._log.error("state.died", why=why)
+        self._log.error(STATE_DIED, why=why)
         self._generation["orchestrator"] += 1  # the old one's exit, asked for here, is not a death
         self._assembly.stop_orchestrator()
         # pykka calls an actor dead before its on_stop has run: the old StateActor may still be closing
@@ -199,8 +212,8 @@ class Supervisor:
 
     def _on_failed(self, reason: str) -> None:
         """The runtime failed for good: release every waiter with RuntimeFailed."""
-        self._log.error("runtime.failed", reason=reason)
-        self._parts.milestones.emit("runtime.failed", reason=reason)
+        self._log.error(RUNTIME_FAILED, reason=reason)
+        self._parts.milestones.emit(MILESTONE_RUNTIME_FAILED, reason=reason)
         self._parts.admission.fail(RuntimeFailed(f"the runtime failed: {reason}"))
 
     # --- requests to the central actors ----------------------------------------------------------

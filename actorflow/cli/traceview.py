@@ -1,28 +1,21 @@
-"""Read an actorflow JSON-lines log back and rebuild every task's path.
+"""Read an actorflow JSON-lines log back into one timeline per task.
 
 The runtime logs one JSON object per line (structlog's ``JSONRenderer``). This
-module turns such a file back into one timeline per task and checks every
-logged state change against the transition table of the task's pipeline: each
-``runtime.started`` line carries the tables of the runtime's pipelines, and
-each ``task.transition`` line its task's pipeline (the seed's table,
-`actorflow.core.config.TRANSITIONS`, serves logs that carry neither)::
+module turns such a file back into one timeline per task, which
+`actorflow.cli.tracecheck` checks and summarises and ``actorflow trace`` shows::
 
     parse_lines / read_log        one LogEvent or BrokenLine per line, with its number
     build_trace / load_trace      a Trace: one TaskTimeline per task, in order of appearance
-    check_transitions             every Violation: not in the table, not continuing from the
-                                  previous state, or after a terminal state
-    group_failures                FAILED tasks grouped by the stage and error type that failed them
-    latency_summary               end-to-end latency percentiles, split into service and waiting time
 
 A task is identified by ``(task_id, trace_id)``: a log that several runs appended
 to may reuse a task id, and every submission gets a fresh trace id. An event
-that carries no trace id goes to the most recent timeline of its task id.
+that carries no trace id goes to the most recent timeline of its task id. Each
+``runtime.started`` line carries the transition tables of the runtime's
+pipelines, and each ``task.transition`` line its task's pipeline: a timeline
+keeps the table its task is to be checked against.
 
-The checks trust file order only for ``task.transition`` lines. That holds
-because the single state actor logs every transition, one after another. Stage
-events come from worker threads and may race the state actor's lines (a stage
-can finish after the task was cancelled), so they are shown but not checked.
-
+The events read are those of `KNOWN_EVENTS`, named by the constants of
+`actorflow.core.events`; any other is counted by name in `Trace.unknown_events`.
 Broken lines (not JSON, not an object, no ``event``, or a task event missing
 the fields the viewer needs) never stop the reading: they are collected with
 their line number and reason.
@@ -37,15 +30,27 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
-from actorflow.core.types import TaskState
+from actorflow.core.events import (
+    EARLIER_EVENTS,
+    RUNTIME_STARTED,
+    RUNTIME_STOPPED,
+    SERVICE_CALL,
+    SERVICE_FAILED,
+    SERVICE_RETRY_SCHEDULED,
+    SERVICE_STARTED,
+    TASK_CANCELLED,
+    TASK_COMPLETED,
+    TASK_FAILED,
+    TASK_SUBMITTED,
+    TASK_TRANSITION,
+    TASK_TRANSITION_REJECTED,
+)
 
 __all__ = [
+    "KNOWN_EVENTS",
     "BrokenLine",
-    "FailureGroup",
-    "LatencySummary",
     "LogEvent",
     "ParsedLine",
     "RejectedTransition",
@@ -58,13 +63,7 @@ __all__ = [
     "TimelineEntry",
     "Trace",
     "TransitionEntry",
-    "Violation",
-    "ViolationKind",
     "build_trace",
-    "check_timeline",
-    "check_transitions",
-    "group_failures",
-    "latency_summary",
     "load_trace",
     "parse_lines",
     "read_log",
@@ -73,22 +72,20 @@ __all__ = [
 Table = Mapping[str, frozenset[str]]
 """A transition table by state names: each state -> the states it may move to."""
 
-_SEED_TABLE: Table = MappingProxyType(
-    {state.value: frozenset(target.value for target in targets) for state, targets in TRANSITIONS.items()}
-)
-_TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
-_CREATED = TaskState.CREATED.value
-
-_SERVICE_EVENTS = frozenset({"service.call", "service.failed", "service.started", "service.finished"})
+_SERVICE_EVENTS = frozenset({SERVICE_CALL, SERVICE_FAILED} | EARLIER_EVENTS)
 """A call is one event (``service.call`` or ``service.failed``, carrying its ``started_at``); logs of
 versions before it have a ``service.started`` line and a ``service.finished`` line per successful call."""
-_OUTCOME_EVENTS = frozenset({"task.completed", "task.failed", "task.cancelled"})
+_OUTCOME_EVENTS = frozenset({TASK_COMPLETED, TASK_FAILED, TASK_CANCELLED})
 _TASK_EVENTS = frozenset(
-    {"task.submitted", "task.transition", "task.transition_rejected", "service.retry_scheduled"}
+    {TASK_SUBMITTED, TASK_TRANSITION, TASK_TRANSITION_REJECTED, SERVICE_RETRY_SCHEDULED}
     | _SERVICE_EVENTS
     | _OUTCOME_EVENTS
 )
-_RUN_EVENTS = frozenset({"runtime.started", "runtime.stopped"})
+"""Events that belong to a task's timeline."""
+_RUN_EVENTS = frozenset({RUNTIME_STARTED, RUNTIME_STOPPED})
+"""Events about a run: counted (and the tables of ``runtime.started`` kept), not put in a timeline."""
+KNOWN_EVENTS: Final[frozenset[str]] = _TASK_EVENTS | _RUN_EVENTS
+"""Every event the viewer reads; any other is counted in `Trace.unknown_events`."""
 
 
 # --------------------------------------------------------------------------- parsing
@@ -453,7 +450,7 @@ class _TraceBuilder:
         event = parsed
         if event.event not in _TASK_EVENTS:
             self.events_read += 1
-            if event.event == "runtime.started":
+            if event.event == RUNTIME_STARTED:
                 self.runs += 1
                 self.tables.update(_tables(event.fields.get("transitions")))
             elif event.event not in _RUN_EVENTS:
@@ -471,9 +468,9 @@ class _TraceBuilder:
     def record(self, task: _TaskBuilder, event: LogEvent) -> None:
         f = event.fields
         name = event.event
-        if name == "task.submitted":
+        if name == TASK_SUBMITTED:
             task.entries.append(Submitted(event.lineno, event.timestamp))
-        elif name == "task.transition":
+        elif name == TASK_TRANSITION:
             to_state = _opt_str(f, "to_state")
             assert to_state is not None  # checked by _missing_fields
             pipeline = _opt_str(f, "pipeline")
@@ -491,7 +488,7 @@ class _TraceBuilder:
                     raw=event.raw,
                 )
             )
-        elif name == "task.transition_rejected":
+        elif name == TASK_TRANSITION_REJECTED:
             task.entries.append(
                 RejectedTransition(
                     lineno=event.lineno,
@@ -501,7 +498,7 @@ class _TraceBuilder:
                     why=_opt_str(f, "why"),
                 )
             )
-        elif name == "service.retry_scheduled":
+        elif name == SERVICE_RETRY_SCHEDULED:
             task.entries.append(
                 RetryScheduled(event.lineno, _opt_str(f, "service"), _opt_int(f, "attempt"), _opt_float(f, "delay_ms"))
             )
@@ -526,36 +523,20 @@ class _TraceBuilder:
         span_id = _opt_str(f, "span_id")
         # span ids pair a start with its end; without them, the service and attempt have to do
         key = span_id or f"{service}#{attempt}"
-        if event.event == "service.started":
+        new_run = StageRun(
+            service=service, worker=_opt_str(f, "worker"), attempt=attempt, span_id=span_id, node=_opt_str(f, "node")
+        )
+        if event.event == SERVICE_STARTED:
             task.open_stages[key] = len(task.entries)
-            task.entries.append(
-                StageRun(
-                    service=service,
-                    worker=_opt_str(f, "worker"),
-                    attempt=attempt,
-                    span_id=span_id,
-                    node=_opt_str(f, "node"),
-                    started_line=event.lineno,
-                    started_at=event.timestamp,
-                )
-            )
+            task.entries.append(replace(new_run, started_line=event.lineno, started_at=event.timestamp))
             return
         index = task.open_stages.pop(key, None)
         if index is None:  # the call's one event (or an older log that holds only the end of the call)
             index = len(task.entries)
-            task.entries.append(
-                StageRun(
-                    service=service,
-                    worker=_opt_str(f, "worker"),
-                    attempt=attempt,
-                    span_id=span_id,
-                    node=_opt_str(f, "node"),
-                    started_at=_epoch_iso(f.get("started_at")),
-                )
-            )
+            task.entries.append(replace(new_run, started_at=_epoch_iso(f.get("started_at"))))
         run = task.entries[index]
         assert isinstance(run, StageRun)
-        failed = event.event == "service.failed"
+        failed = event.event == SERVICE_FAILED
         duration = _opt_float(f, "duration_ms")
         if duration is None:
             duration = _ms_between(run.started_at, event.timestamp)
@@ -600,7 +581,7 @@ def _missing_fields(event: LogEvent) -> str | None:
     f = event.fields
     if not event.task_id:
         return f"{event.event} without a task_id string"
-    if event.event == "task.transition":
+    if event.event == TASK_TRANSITION:
         if _opt_str(f, "to_state") is None:
             return "task.transition without a to_state string"
         if f.get("from_state") is not None and _opt_str(f, "from_state") is None:
@@ -608,109 +589,6 @@ def _missing_fields(event: LogEvent) -> str | None:
     if event.event in _SERVICE_EVENTS and not _opt_str(f, "service"):
         return f"{event.event} without a service name"
     return None
-
-
-# --------------------------------------------------------------------------- checks
-
-ViolationKind = Literal["not_allowed", "discontinuous", "after_terminal", "unknown_state"]
-"""Why a transition line is wrong:
-
-- ``not_allowed``: the table has no such move (creation must be None -> CREATED).
-- ``discontinuous``: its from_state is not the task's previous to_state.
-- ``after_terminal``: the task had already reached COMPLETED, FAILED or CANCELLED.
-- ``unknown_state``: a state name that is not a `TaskState`.
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    """A ``task.transition`` line that breaks the lifecycle."""
-
-    lineno: int
-    task_id: str
-    trace_id: str | None
-    from_state: str | None
-    to_state: str
-    kind: ViolationKind
-    """The first problem found; `why` lists them all."""
-    why: str
-    raw: str = field(repr=False)
-    """The offending line, as written."""
-
-    def describe(self) -> str:
-        """One line for an operator: where, which task, which move, and why it is wrong."""
-        return f"line {self.lineno}: task {self.task_id}: {self.from_state} -> {self.to_state}: {self.why}"
-
-
-def check_timeline(timeline: TaskTimeline, *, table: Table | None = None) -> list[Violation]:
-    """Check one task's transitions in file order; see `check_transitions`.
-
-    `table` overrides the timeline's own (its pipeline's, else the seed's).
-    """
-    violations: list[Violation] = []
-    previous: TransitionEntry | None = None
-    chosen = table or timeline.table or _SEED_TABLE
-    for entry in timeline.transitions:
-        problems = _judge(previous, entry, chosen)
-        if problems:
-            violations.append(
-                Violation(
-                    lineno=entry.lineno,
-                    task_id=timeline.task_id,
-                    trace_id=timeline.trace_id,
-                    from_state=entry.from_state,
-                    to_state=entry.to_state,
-                    kind=problems[0][0],
-                    why="; ".join(why for _, why in problems),
-                    raw=entry.raw,
-                )
-            )
-        # carry on from what the log says happened, so one bad line yields one violation
-        previous = entry
-    return violations
-
-
-def check_transitions(trace: Trace) -> list[Violation]:
-    """Every ``task.transition`` that breaks the lifecycle, in file order.
-
-    A transition must be in its task's pipeline's table (`core.config.TRANSITIONS`
-    for the seed, or when the log does not say; creation is None -> CREATED),
-    must start from the state the task's previous transition reached (None
-    before the first), and must not follow a terminal state.
-    """
-    violations = [violation for task in trace.tasks for violation in check_timeline(task)]
-    violations.sort(key=lambda violation: violation.lineno)
-    return violations
-
-
-def _judge(previous: TransitionEntry | None, entry: TransitionEntry, table: Table) -> list[tuple[ViolationKind, str]]:
-    unknown = [state for state in (entry.from_state, entry.to_state) if state is not None and state not in table]
-    if unknown:
-        known = ", ".join(table)
-        return [("unknown_state", f"{' and '.join(unknown)} is not a task state (known: {known})")]
-    prev_state = previous.to_state if previous else None
-    if previous is not None and prev_state in _TERMINAL_NAMES:
-        return [
-            (
-                "after_terminal",
-                f"the task was already {prev_state} at line {previous.lineno}; nothing may follow a terminal state",
-            )
-        ]
-    problems: list[tuple[ViolationKind, str]] = []
-    if entry.from_state != prev_state:
-        if previous is None:
-            why = "it is the task's first transition in the log, so it must be the creation None -> CREATED"
-        else:
-            why = f"the task was in {prev_state} (line {previous.lineno}), not {entry.from_state}"
-        problems.append(("discontinuous", f"does not continue from the previous state: {why}"))
-    if entry.from_state is None:
-        if entry.to_state != _CREATED:
-            problems.append(("not_allowed", f"a task is created in {_CREATED}, not {entry.to_state}"))
-    elif entry.to_state not in table[entry.from_state]:
-        targets = sorted(table[entry.from_state])
-        allowed = f"only to {', '.join(targets)}" if targets else f"nowhere ({entry.from_state} is terminal)"
-        problems.append(("not_allowed", f"not in the transition table: {entry.from_state} may move {allowed}"))
-    return problems
 
 
 def _tables(value: object) -> dict[str, Table]:
@@ -780,99 +658,3 @@ def _opt_float(fields: Mapping[str, Any], key: str) -> float | None:
 def _opt_bool(fields: Mapping[str, Any], key: str) -> bool | None:
     value = fields.get(key)
     return value if isinstance(value, bool) else None
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-@dataclass(frozen=True, slots=True)
-class FailureGroup:
-    """FAILED tasks that failed in the same stage with the same error type."""
-
-    stage: str
-    """The service whose call failed the task ("?" when the log does not say)."""
-    error_type: str
-    count: int
-    task_ids: tuple[str, ...]
-    """The first few tasks of the group, as examples."""
-    example_error: str | None
-    example_traceback: str | None
-
-
-def group_failures(timelines: Iterable[TaskTimeline], *, examples: int = 3) -> list[FailureGroup]:
-    """Every FAILED task, grouped by (stage, error type), the largest group first."""
-    groups: dict[tuple[str, str], list[tuple[str, str | None, str | None]]] = {}
-    for timeline in timelines:
-        if timeline.final_state != TaskState.FAILED.value:
-            continue
-        failed = [run for run in timeline.stages if run.status == "failed"]
-        outcome = timeline.outcome
-        if failed:
-            run = failed[-1]
-            key = (run.service, run.error_type or "?")
-            error, traceback = run.error, run.traceback
-        else:  # no service.failed line (a failing pool, or an INFO log without it): read the outcome's error
-            error = outcome.error if outcome is not None else None
-            stage, _, rest = (error or "").partition(": ")
-            error_type = rest.partition(": ")[0] if rest else ""
-            key = (stage or "?", error_type if error_type.isidentifier() else "?")
-            traceback = None
-        groups.setdefault(key, []).append((timeline.task_id, error, traceback))
-    result = [
-        FailureGroup(
-            stage=stage,
-            error_type=error_type,
-            count=len(members),
-            task_ids=tuple(task_id for task_id, _, _ in members[:examples]),
-            example_error=members[0][1],
-            example_traceback=members[0][2],
-        )
-        for (stage, error_type), members in groups.items()
-    ]
-    return sorted(result, key=lambda group: (-group.count, group.stage, group.error_type))
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """Percentiles (ms) of finished tasks' end-to-end latency, and of its two parts.
-
-    ``service`` is the time inside service calls; ``waiting`` is the rest: queues
-    in front of workers, retry backoff, and the hand-offs between actors.
-    """
-
-    tasks: int
-    end_to_end: dict[str, float]
-    service: dict[str, float]
-    waiting: dict[str, float]
-
-
-_PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
-
-
-def latency_summary(timelines: Iterable[TaskTimeline]) -> LatencySummary | None:
-    """Latency percentiles over the terminal tasks whose duration the log gives; None if there are none."""
-    totals: list[float] = []
-    in_service: list[float] = []
-    waiting: list[float] = []
-    for timeline in timelines:
-        if timeline.final_state not in _TERMINAL_NAMES or timeline.duration_ms is None:
-            continue
-        service = sum(run.duration_ms or 0.0 for run in timeline.stages)
-        totals.append(timeline.duration_ms)
-        in_service.append(service)
-        waiting.append(max(0.0, timeline.duration_ms - service))
-    if not totals:
-        return None
-    return LatencySummary(
-        tasks=len(totals),
-        end_to_end=_percentiles(totals),
-        service=_percentiles(in_service),
-        waiting=_percentiles(waiting),
-    )
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    last = len(ordered) - 1
-    # Nearest rank: exact for small counts, and enough for an operator's summary.
-    return {name: ordered[min(last, max(0, round(q * last)))] for name, q in _PERCENTILES}
