@@ -17,7 +17,7 @@ The API, drawn::
 
     Runtime(config, services=..., pipelines=[...], on_milestone=..., name=...)
                                        the facade; a context manager (also ``async with``) that closes itself
-      .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord, .cancel()
+      .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord (TaskTimeout), .cancel()
       .submit_many(payloads, pipeline=) -> [TaskHandle]   a batch in one commit, all or nothing
       .get(id) / .tasks() / .stats() / .subscribe(fn) / .join() / .close(drain=True)
       await .aclose(drain=True)        close() for asyncio: the drain waits off the event loop
@@ -48,18 +48,22 @@ The API, drawn::
     ├── ConfigError                    a RuntimeConfig field, a Stage, a Pipeline or a ServiceSet entry is wrong
     ├── InvalidTransition              the transition table forbids the change
     ├── TaskNotFound                   no task has that id
-    ├── UnknownPipeline                no pipeline of the runtime has that name
-    ├── InvalidPayload                 a payload is not a JSON mapping, or its id is taken
-    │   ├── ValidationError            the validator service rejected the payload
-    │   └── ValueTooLarge              a payload or a stage's value is over max_value_bytes
-    ├── RuntimeStopped                 the runtime was closed
-    ├── RuntimeFailed                  the runtime lost what it cannot rebuild; it takes no more work
+    ├── SubmissionRefused              submit created nothing, because of the submission or the load
+    │   ├── InvalidPayload             a payload is not a JSON mapping, or its id is taken
+    │   │   ├── ValidationError        the seed's validator rejected the payload
+    │   │   └── ValueTooLarge          a payload or a stage's value is over max_value_bytes
+    │   ├── UnknownPipeline            no pipeline of the runtime has that name
+    │   └── Overloaded                 backpressure: too many tasks in flight
+    ├── RuntimeUnavailable             the runtime cannot serve the call
+    │   ├── RuntimeStopped             the runtime was closed
+    │   ├── RuntimeFailed              the runtime lost what it cannot rebuild; it takes no more work
+    │   └── RuntimeNotAnswering        its actors did not answer in time (also a TimeoutError)
+    ├── TaskTimeout                    result(timeout=) ran out first (also a TimeoutError)
     ├── WouldDeadlock                  a blocking call from a subscriber or a service, where
     │                                  it would hang: raised at once
-    ├── Overloaded                     backpressure: too many tasks in flight
     ├── JournalError                   the SQLite journal is unusable
     │   └── UnstorableValue            it refuses one task's change for good: that task alone fails
-    └── TransientError                 raised by a service to ask for a retry
+    └── TransientError                 raise it in a stage function to be retried (with backoff)
 
 Internals (messages, pools, backends) stay importable from their modules
 (``actorflow.actors.pool``...), but are not part of this front door. The
@@ -77,8 +81,12 @@ from actorflow.core.errors import (
     JournalError,
     Overloaded,
     RuntimeFailed,
+    RuntimeNotAnswering,
     RuntimeStopped,
+    RuntimeUnavailable,
+    SubmissionRefused,
     TaskNotFound,
+    TaskTimeout,
     TransientError,
     UnknownPipeline,
     UnstorableValue,
@@ -107,15 +115,19 @@ __all__ = [
     "Runtime",
     "RuntimeConfig",
     "RuntimeFailed",
+    "RuntimeNotAnswering",
     "RuntimeStopped",
+    "RuntimeUnavailable",
     "ServiceSet",
     "Stage",
     "StateActor",
+    "SubmissionRefused",
     "Task",
     "TaskHandle",
     "TaskNotFound",
     "TaskRecord",
     "TaskState",
+    "TaskTimeout",
     "TransientError",
     "TransitionEvent",
     "UnknownPipeline",
