@@ -15,7 +15,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from actorflow.cli.trace import main
-from actorflow.core.config import TRANSITIONS
 from actorflow.core.traceview import (
     BrokenLine,
     LogEvent,
@@ -27,6 +26,10 @@ from actorflow.core.traceview import (
     parse_lines,
 )
 from actorflow.core.types import TaskState
+from actorflow.services import seed_pipeline
+
+TRANSITIONS = seed_pipeline(persist=lambda task, result: None).transitions
+"""The seed pipeline's table: what a log that names no table is checked against."""
 
 # --------------------------------------------------------------------------- writing logs like the runtime does
 
@@ -389,6 +392,15 @@ def test_a_log_without_transition_events_says_nothing_was_checked(
     assert main([str(path)]) == 0
 
     assert "note: no task.transition events, so nothing was checked" in capsys.readouterr().out
+
+
+def test_a_log_that_names_no_table_is_checked_against_exactly_the_seed_pipelines_table() -> None:
+    # written out in the viewer (core cannot import services): it must stay the seed pipeline's
+    from actorflow.core.traceview import _SEED_TABLE  # noqa: PLC0415 - the one private name this test is about
+
+    assert dict(_SEED_TABLE) == {
+        state.value: frozenset(target.value for target in targets) for state, targets in TRANSITIONS.items()
+    }
 
 
 # --------------------------------------------------------------------------- broken lines

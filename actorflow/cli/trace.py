@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.traceview import (
     RejectedTransition,
     RetryScheduled,
@@ -35,7 +34,7 @@ from actorflow.core.traceview import (
     latency_summary,
     load_trace,
 )
-from actorflow.core.types import TaskState
+from actorflow.core.types import TERMINAL_STATES, TaskState
 
 __all__ = ["main"]
 

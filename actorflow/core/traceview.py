@@ -4,8 +4,8 @@ The runtime logs one JSON object per line (structlog's ``JSONRenderer``). This
 module turns such a file back into one timeline per task and checks every
 logged state change against the transition table of the task's pipeline: each
 ``runtime.started`` line carries the tables of the runtime's pipelines, and
-each ``task.transition`` line its task's pipeline (the seed's table,
-`actorflow.core.config.TRANSITIONS`, serves logs that carry neither)::
+each ``task.transition`` line its task's pipeline (the seed pipeline's table
+serves logs that carry neither)::
 
     parse_lines / read_log        one LogEvent or BrokenLine per line, with its number
     build_trace / load_trace      a Trace: one TaskTimeline per task, in order of appearance
@@ -39,8 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
-from actorflow.core.types import TaskState
+from actorflow.core.types import TERMINAL_STATES, TaskState
 
 __all__ = [
     "BrokenLine",
@@ -74,8 +73,18 @@ Table = Mapping[str, frozenset[str]]
 """A transition table by state names: each state -> the states it may move to."""
 
 _SEED_TABLE: Table = MappingProxyType(
-    {state.value: frozenset(target.value for target in targets) for state, targets in TRANSITIONS.items()}
+    {
+        "CREATED": frozenset({"VALIDATED", "FAILED", "CANCELLED"}),
+        "VALIDATED": frozenset({"PROCESSING", "FAILED", "CANCELLED"}),
+        "PROCESSING": frozenset({"COMPLETED", "FAILED", "CANCELLED"}),
+        "COMPLETED": frozenset(),
+        "FAILED": frozenset(),
+        "CANCELLED": frozenset(),
+    }
 )
+"""The seed pipeline's table (`actorflow.services.seed_pipeline`), for a log that names no table: logs
+written before pipelines were logged with their tables ran the seed. Written out, because `core` cannot
+import `services`; tests/test_traceview.py checks that it is the seed pipeline's."""
 _TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
 _CREATED = TaskState.CREATED.value
 
@@ -673,8 +682,8 @@ def check_timeline(timeline: TaskTimeline, *, table: Table | None = None) -> lis
 def check_transitions(trace: Trace) -> list[Violation]:
     """Every ``task.transition`` that breaks the lifecycle, in file order.
 
-    A transition must be in its task's pipeline's table (`core.config.TRANSITIONS`
-    for the seed, or when the log does not say; creation is None -> CREATED),
+    A transition must be in its task's pipeline's table (the seed pipeline's when
+    the log does not say; creation is None -> CREATED),
     must start from the state the task's previous transition reached (None
     before the first), and must not follow a terminal state.
     """
