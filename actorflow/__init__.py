@@ -1,21 +1,29 @@
-"""actorflow: run tasks through pipelines of stateless services, with state owned in one place.
+"""actorflow: run tasks through pipelines of stateless functions, with state owned in one place.
 
-Everything an embedding program needs is here::
+Everything an embedding program needs is here. A pipeline of your own::
 
-    from actorflow import Runtime, RuntimeConfig, ServiceSet
+    from actorflow import Pipeline, Runtime, Stage
 
-    with Runtime(RuntimeConfig(journal_path="tasks.db"), services=ServiceSet(process=my_process)) as runtime:
-        record = runtime.submit({"name": "a", "data": 1}).result(timeout=10)   # a TaskRecord
+    def double(task, value):                  # every stage is fn(task, value) -> the next value
+        return {"y": value["x"] * 2}
 
-Your own stages, as data::
+    with Runtime(pipelines=[Pipeline("double", [Stage("double", double)])]) as runtime:
+        record = runtime.submit({"x": 21}).result(timeout=10)   # a TaskRecord
+        assert record.result == {"y": 42}
+
+Several stages, each with its settings, as data::
 
     ingest = Pipeline("ingest", [Stage("check", check), Stage("fetch", fetch, workers=200)])
-    with Runtime(RuntimeConfig(), pipelines=[ingest]) as runtime:
-        record = runtime.submit({"url": "..."}, pipeline="ingest").result(timeout=10)
+    with Runtime(RuntimeConfig(journal_path="tasks.db"), pipelines=[ingest]) as runtime:
+        record = runtime.submit({"url": "..."}).result(timeout=10)
+
+`Runtime()` with no pipelines runs the seed pipeline (validate → process →
+persist, whose default validator accepts ``{"name": str, "data": any}`` only):
+the demo's. `ServiceSet` plugs functions of the seed's shapes into it.
 
 The API, drawn::
 
-    Runtime(config, services=..., pipelines=[...], on_milestone=..., name=...)
+    Runtime(config, pipelines=[...], services=..., on_milestone=..., name=...)
                                        the facade; a context manager (also ``async with``) that closes itself
       .submit(payload, pipeline=) -> TaskHandle   .result(timeout) -> TaskRecord (TaskTimeout), .cancel()
       .submit_many(payloads, pipeline=) -> [TaskHandle]   a batch in one commit, all or nothing
@@ -25,20 +33,23 @@ The API, drawn::
       .health()                        ok, degraded (journal refuses writes), failed or stopped
     Runtime(tracer_provider=...)       OpenTelemetry spans of tasks and calls (default: the host's provider)
     Milestone                          an internal event (worker restarted, journal degraded...)
-    RuntimeConfig                      pool sizes, retries, timeouts, journal, backpressure
+    RuntimeConfig                      default workers, retries, timeouts, journal, backpressure
     Pipeline(name, [Stage, ...])       your stages, in order; checked when built; derives the
                                        transition table the state actor enforces
     Stage(name, fn, workers=, backend=, timeout_s=, max_attempts=, retry_backoff_s=, ...)
-                                       fn(task, value) -> next value (None: pass it on);
+                                       fn(task, value) -> next value (None: pass it on),
+                                       a StageFunction, its arity checked when built;
                                        async def runs on an event loop; unset settings
                                        fall back to RuntimeConfig
     register_backend(name, factory)    where stages run, by name: "thread", "async", "process"
                                        and "ray" are built in; add your own, then name it in
                                        Stage(backend=name) (see actorflow.actors.backends)
-    ServiceSet(validate, process, persist)
-                                       the seed pipeline's functions (what Runtime() runs);
-                                       raise TransientError to be retried
-    TaskRecord, TaskState, Task        what a task is and where it stands
+    ServiceSet(validate, process, persist, workers=)
+                                       the seed pipeline's functions and sizes (what Runtime()
+                                       runs; actorflow.services.seed_pipeline builds it)
+    TaskRecord, TaskState, Task        what a task is and where it stands: record.calls (stage
+                                       calls made), record.retries (how many were retries),
+                                       task.attempt (the attempt within the current stage)
     JSONValue, JSONInput               the JSON a task holds (frozen) and what a program hands in
     TransitionEvent                    what subscribers receive on every state change
     configure_logging(...)             opt in to actorflow's own log output (never done for you)
@@ -94,7 +105,7 @@ from actorflow.core.errors import (
     ValueTooLarge,
     WouldDeadlock,
 )
-from actorflow.core.pipeline import Pipeline, Stage
+from actorflow.core.pipeline import Pipeline, Stage, StageFunction
 from actorflow.core.tracing import configure_logging
 from actorflow.core.types import JSONInput, JSONValue, Task, TaskRecord, TaskState, TransitionEvent
 from actorflow.core.version import __version__
@@ -120,6 +131,7 @@ __all__ = [
     "RuntimeUnavailable",
     "ServiceSet",
     "Stage",
+    "StageFunction",
     "StateActor",
     "SubmissionRefused",
     "Task",
