@@ -3,8 +3,8 @@
 Every baseline makes the same three calls (`validate(payload)`,
 `process(Task)`, `persist(Task, result)`) with the same functions, and keeps
 the same state book-keeping: one state per task, moved CREATED → VALIDATED →
-PROCESSING → COMPLETED (or FAILED), each move checked against
-`core.config.is_allowed`. None of them has a feature beyond that: no records,
+PROCESSING → COMPLETED (or FAILED), each move checked against the seed
+pipeline's table. None of them has a feature beyond that: no records,
 history, tracing, retries, timeouts, supervision, backpressure or journal.
 
 * `ThreadPoolPipeline` - a `concurrent.futures.ThreadPoolExecutor` running each
@@ -39,8 +39,8 @@ from typing import Any, NamedTuple
 
 import pykka
 
-from actorflow.core.config import TERMINAL_STATES, is_allowed
-from actorflow.core.types import Task, TaskState
+from actorflow.core.types import TERMINAL_STATES, Task, TaskState
+from actorflow.services import seed_pipeline
 from benchmarks.pipeline import Completion, Handle, Pipeline, PipelineFactory, Work
 
 __all__ = [
@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 _S = TaskState
+_SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline, for its table: the moves every baseline checks, as the runtime's state actor does."""
 _STOP_TIMEOUT_S = 30.0
 
 
@@ -70,7 +72,7 @@ class _StateTable:
 
     def move(self, task_id: str, to_state: TaskState) -> None:
         current = self.states[task_id]
-        if not is_allowed(current, to_state):
+        if not _SEED.is_allowed(current, to_state):
             raise ValueError(f"task {task_id!r} cannot go from {current} to {to_state}")
         self.states[task_id] = to_state
 

@@ -129,13 +129,17 @@ class RuntimePipeline:
         config.setdefault("max_in_flight", concurrency)
         config.setdefault("submit_timeout_s", 600.0)
         self.runtime = Runtime(
-            RuntimeConfig(
-                validator_workers=work.validator_workers,
-                processor_workers=work.processor_workers,
-                persistence_workers=work.persistence_workers,
-                **config,
+            RuntimeConfig(**config),
+            services=ServiceSet(
+                validate=work.validate,
+                process=work.process,
+                persist=work.persist,
+                workers={
+                    "validator": work.validator_workers,
+                    "processor": work.processor_workers,
+                    "persistence": work.persistence_workers,
+                },
             ),
-            services=ServiceSet(validate=work.validate, process=work.process, persist=work.persist),
             metrics=metrics,
         )
 

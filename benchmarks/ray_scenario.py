@@ -223,9 +223,6 @@ def _ray_tasks_runner(ray: Any, cpus: float) -> Runner:
 def _config(backend: str) -> RuntimeConfig:
     return RuntimeConfig(
         service_backend=backend,  # type: ignore[arg-type]
-        validator_workers=VALIDATORS,
-        processor_workers=PROCESSORS,
-        persistence_workers=PERSISTERS,
     )
 
 
@@ -271,7 +268,11 @@ def _measure_here(ray: Any, quick: bool, cpus: float) -> dict[str, Any]:
     startup: dict[str, float] = {}
     driver: dict[str, float] = {}
     rounds = 1 if quick else 3
-    services = ServiceSet(process=mixed_process, persist=discard)
+    services = ServiceSet(
+        process=mixed_process,
+        persist=discard,
+        workers={"validator": VALIDATORS, "processor": PROCESSORS, "persistence": PERSISTERS},
+    )
     with contextlib.ExitStack() as stack:
         runners: dict[str, Runner] = {}
         meter: _DriverMeter | None = None

@@ -31,8 +31,8 @@ def process(task: Task) -> Mapping[str, Any]:
 def main(argv: list[str]) -> int:
     journal, results, start, count = argv[0], argv[1], int(argv[2]), int(argv[3])
     batch = int(argv[4]) if len(argv) > 4 else 0
-    config = RuntimeConfig(journal_path=journal, result_store=results, processor_workers=4)
-    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+    config = RuntimeConfig(journal_path=journal, result_store=results)
+    with Runtime(config, services=ServiceSet(process=process, workers={"processor": 4})) as runtime:
         print("ready", flush=True)
         if batch:
             for first in range(start, start + count, batch):

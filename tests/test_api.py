@@ -187,6 +187,19 @@ def test_a_task_posted_the_way_the_readme_shows_runs_to_completed_with_its_full_
     assert record["result"]["name"] == "a"
 
 
+def test_a_record_on_the_wire_counts_calls_and_retries_and_has_no_attempts_field(client: httpx.Client) -> None:
+    task_id = client.post("/tasks", json=payload()).json()["task_id"]
+    record = wait_for_terminal(client, task_id)
+    assert (record["calls"], record["retries"]) == (3, 0)
+    assert "attempts" not in record
+    listed = client.get("/tasks").json()["tasks"]
+    assert all("attempts" not in entry and "calls" in entry for entry in listed)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TaskRecord"]
+    assert "attempts" not in schema["properties"]
+    assert "attempts" not in schema["required"]
+    assert {"calls", "retries"} <= set(schema["required"])
+
+
 def test_a_payload_the_validator_rejects_is_accepted_and_its_task_fails_with_the_reason(
     client: httpx.Client,
 ) -> None:

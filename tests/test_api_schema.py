@@ -26,10 +26,10 @@ from actorflow.api import ApiServer, create_app, serve_in_background
 from actorflow.api._idempotency import check_key
 from actorflow.api._openapi import openapi_document
 from actorflow.core import RuntimeConfig
-from actorflow.core.pipeline import seed_shape
+from actorflow.services import seed_pipeline
 
 TOKEN = "schema-token"
-SEED = (seed_shape(print, print, print),)
+SEED = (seed_pipeline(print, print, print),)
 """The shape of the pipeline the servers below run: the document lists its name and states."""
 
 

@@ -35,7 +35,7 @@ def test_the_loop_keeps_ticking_while_a_hundred_slow_tasks_are_awaited() -> None
                 await asyncio.sleep(0)
             release.set()
 
-        with Runtime(RuntimeConfig(processor_workers=16), services=ServiceSet(process=held)) as runtime:
+        with Runtime(services=ServiceSet(process=held, workers={"processor": 16})) as runtime:
             handles = [await runtime.submit_async(payload(i)) for i in range(100)]
             ticking = asyncio.create_task(ticker())
             awaiting.set()  # the ticker first runs when `main` yields: inside the gather below

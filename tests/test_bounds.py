@@ -76,11 +76,11 @@ def test_replacing_workers_many_times_leaves_threads_and_connections_bounded() -
             for _ in range(60):
                 assert runtime.submit({"name": "crash", "data": {}}).result(timeout=10).state is S.FAILED
             assert runtime.submit(payload(0)).result(timeout=10).state is S.COMPLETED
-            actors = 2 + sum(config.workers_for(name) for name in ("validator", "processor", "persistence"))
+            actors = 2 + sum(pool["size"] for pool in runtime.stats()["pools"].values())
             assert crashes == 60
             # Without the bound both would have grown by 60. A retired worker's thread takes a moment
             # to end; the slack of 10 covers those still ending when the next worker is recorded.
             assert len(runtime._threads) <= actors + 10
-            assert store.open_connections <= 1 + config.workers_for("persistence") + 10
+            assert store.open_connections <= 1 + runtime.stats()["pools"]["persistence"]["size"] + 10
     finally:
         store.close()

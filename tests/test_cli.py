@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import actorflow
-from actorflow import Runtime, RuntimeConfig
+from actorflow import Runtime, RuntimeConfig, ServiceSet
 from actorflow.cli import main
 from actorflow.cli.apps import AppSpecError, load_runtime
 from tests.test_api_cli import Served
@@ -250,7 +250,8 @@ def test_the_process_backend_leaves_multiprocessings_own_fork_server_and_preload
     server = multiprocessing.forkserver._forkserver
     preload_before = list(server._preload_modules)
     pid_before = server._forkserver_pid
-    with Runtime(RuntimeConfig(service_backend="process", processor_workers=1)) as runtime:
+    config = RuntimeConfig(service_backend="process")
+    with Runtime(config, services=ServiceSet(workers={"processor": 1})) as runtime:
         assert runtime.submit({"name": "a", "data": 1}).result(timeout=60).state.value == "COMPLETED"
     assert server._preload_modules == preload_before == ["__main__"]
     assert server._forkserver_pid == pid_before

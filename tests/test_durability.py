@@ -17,15 +17,16 @@ import structlog
 
 from actorflow.actors import Runtime
 from actorflow.actors import state as state_module
-from actorflow.core import JournalError, RuntimeConfig, Task, TaskState, is_allowed
-from actorflow.core.config import TERMINAL_STATES
+from actorflow.core import TERMINAL_STATES, JournalError, RuntimeConfig, Task, TaskState
 from actorflow.core.journal import Journal
-from actorflow.services import ResultStore, ServiceSet
+from actorflow.services import ResultStore, ServiceSet, seed_pipeline
 from tests.conftest import payload
 from tests.faults import Gate
 from tests.journal_child import run_then_kill
 
 S = TaskState
+SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline, whose table every history here must follow."""
 
 
 def _assert_histories_are_legal(records: list[Any]) -> None:
@@ -35,7 +36,7 @@ def _assert_histories_are_legal(records: list[Any]) -> None:
         assert history[0].to_state is S.CREATED
         for previous, entry in itertools.pairwise(history):
             assert entry.from_state is previous.to_state, record
-            assert is_allowed(previous.to_state, entry.to_state), record
+            assert SEED.is_allowed(previous.to_state, entry.to_state), record
         assert record.state is history[-1].to_state
 
 
@@ -66,7 +67,8 @@ def test_state_survives_a_restart_and_get_and_tasks_see_every_earlier_task(tmp_p
 def test_recovery_round_trip_resumes_every_unfinished_task_from_its_last_committed_state(tmp_path: Path) -> None:
     journal = str(tmp_path / "tasks.db")
     gate = Gate()
-    first = Runtime(RuntimeConfig(journal_path=journal, processor_workers=2), services=ServiceSet(process=gate.process))
+    services = ServiceSet(process=gate.process, workers={"processor": 2})
+    first = Runtime(RuntimeConfig(journal_path=journal), services=services)
     ids = [first.submit(payload(i)).task_id for i in range(10)]
     assert gate.entered.wait(10)
     first.close(drain=False)  # mid-flight: tasks left CREATED, VALIDATED or PROCESSING

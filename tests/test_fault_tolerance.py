@@ -56,7 +56,7 @@ def test_a_transient_error_is_retried_with_the_attempt_recorded_until_it_succeed
     assert record.state is S.COMPLETED
     assert flaky.attempts[record.task_id] == [1, 2, 3]
     assert record.result == {"attempt": 3}
-    assert record.attempts == 5  # validate + 3 processor attempts + persist
+    assert (record.calls, record.retries) == (5, 2)  # validate + 3 processor attempts + persist; 2 were retries
     assert stats["retries"] == 2
     scheduled = [e for e in logs if e["event"] == "service.retry_scheduled"]
     assert [e["attempt"] for e in scheduled] == [2, 3]
@@ -100,8 +100,7 @@ def test_backoff_grows_exponentially_with_full_jitter_and_is_capped() -> None:
 
 def test_a_service_raising_system_exit_is_contained_its_worker_replaced_and_the_task_retried() -> None:
     flaky = FlakyThenFine(1, SystemExit("bye"))
-    config = RuntimeConfig(processor_workers=2)
-    with Runtime(config, services=ServiceSet(process=flaky)) as runtime:
+    with Runtime(services=ServiceSet(process=flaky, workers={"processor": 2})) as runtime:
         record = runtime.submit(payload()).result(timeout=10)
         others = [runtime.submit(payload(i)).result(timeout=10) for i in range(1, 4)]
         pool = runtime.stats()["pools"]["processor"]
@@ -131,15 +130,14 @@ def test_a_task_that_crashes_every_worker_it_touches_fails_after_its_own_attempt
         raise SystemExit("crash loop")
 
     milestones = MilestoneLog()
-    config = RuntimeConfig(
-        processor_workers=1, max_restarts=2, restart_window_s=0.2, max_attempts=5, retry_backoff_s=0.0
-    )
-    with Runtime(config, services=ServiceSet(process=always_exits), on_milestone=milestones) as runtime:
+    config = RuntimeConfig(max_restarts=2, restart_window_s=0.2, max_attempts=5, retry_backoff_s=0.0)
+    services = ServiceSet(process=always_exits, workers={"processor": 1})
+    with Runtime(config, services=services, on_milestone=milestones) as runtime:
         record = runtime.submit(payload()).result(timeout=30)
         stats = runtime.stats()
     assert record.state is S.FAILED
     assert record.error == "processor: SystemExit: crash loop (gave up after 5 attempts)"
-    assert record.attempts == 6  # validate, then five processor calls: each crash was charged, none was free
+    assert (record.calls, record.retries) == (6, 4)  # validate, then five processor calls: each crash charged
     assert milestones.count("pool.failing") >= 1  # past max_restarts, its retries waited for a cool-down
     assert stats["restarts"] == 5
 
@@ -165,9 +163,10 @@ def test_a_call_overrunning_the_stage_timeout_is_retried_on_a_fresh_worker_and_i
             return {"late": True}
         return {"attempt": task.attempt}
 
-    config = RuntimeConfig(processor_workers=1, stage_timeout_s=0.2)
+    config = RuntimeConfig(stage_timeout_s=0.2)
     milestones = MilestoneLog()
-    with Runtime(config, services=ServiceSet(process=process), on_milestone=milestones) as runtime:
+    services = ServiceSet(process=process, workers={"processor": 1})
+    with Runtime(config, services=services, on_milestone=milestones) as runtime:
         record = runtime.submit(payload()).result(timeout=10)
         assert record.state is S.COMPLETED
         assert record.result == {"attempt": 2}
@@ -391,8 +390,7 @@ def test_close_without_drain_stops_at_once_leaving_tasks_unfinished() -> None:
 
 def test_messages_left_in_a_stopping_workers_mailbox_become_counted_dead_letters() -> None:
     gate = Gate()
-    config = RuntimeConfig(processor_workers=1)
-    runtime = Runtime(config, services=ServiceSet(process=gate.process))
+    runtime = Runtime(services=ServiceSet(process=gate.process, workers={"processor": 1}))
     for index in range(3):
         runtime.submit(payload(index))
     assert gate.entered.wait(10)
@@ -442,7 +440,6 @@ def test_chaos_five_thousand_tasks_through_a_misbehaving_processor_all_end_right
     chaos = ChaosProcessor(seed)
     milestones = MilestoneLog()
     config = RuntimeConfig(
-        processor_workers=4,
         stage_timeout_s=1.5,  # far above a healthy call even on a loaded machine, so no healthy call times out
         max_attempts=3,
         retry_backoff_s=0.001,
@@ -511,8 +508,8 @@ def test_a_call_queued_behind_one_that_crashes_its_worker_runs_exactly_once() ->
         return {}
 
     milestones = MilestoneLog()
-    config = RuntimeConfig(processor_workers=1)
-    with Runtime(config, services=ServiceSet(process=process), on_milestone=milestones) as runtime:
+    services = ServiceSet(process=process, workers={"processor": 1})
+    with Runtime(services=services, on_milestone=milestones) as runtime:
         handles = [runtime.submit(payload(0)), runtime.submit(payload(1))]
         assert milestones.wait_for("call.queued")  # the second call waits behind the first
         release.set()

@@ -15,7 +15,6 @@ from actorflow.actors import Runtime, StateActor
 from actorflow.actors.messages import CreateTask, CreateTasks
 from actorflow.cli.inspect import main as inspect
 from actorflow.core import ConfigError, RuntimeConfig, TaskState, UnstorableValue
-from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.journal import (
     Change,
     IdempotencyKey,
@@ -26,10 +25,13 @@ from actorflow.core.journal import (
     open_store,
 )
 from actorflow.core.tracing import new_trace
-from actorflow.core.types import TaskRecord
+from actorflow.core.types import TERMINAL_STATES, TaskRecord
+from actorflow.services import seed_pipeline
 from tests.conftest import payload
 
 S = TaskState
+SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline, for a StateActor started by hand: its table is what these tests use."""
 
 
 # --- opening by URL ---------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def test_the_state_actor_writes_and_recovers_through_any_writer_store_keys_inclu
     store = MemoryStore()
     store.refuse = "refused"
     writer: WriterStore = store  # what the StateActor is given: the Protocol, not a class
-    first = StateActor.start(journal=writer)
+    first = StateActor.start(pipelines=[SEED], journal=writer)
     try:
         proxy: Any = first.proxy()
         proxy.create("t-1", {"name": "a"}).get(timeout=10)
@@ -205,7 +207,7 @@ def test_the_state_actor_writes_and_recovers_through_any_writer_store_keys_inclu
     assert "refused" not in store.rows
 
     store.closed = False
-    second = StateActor.start(journal=writer)
+    second = StateActor.start(pipelines=[SEED], journal=writer)
     try:
         proxy = second.proxy()
         assert [record.task_id for record in proxy.non_terminal().get(timeout=10)] == ["t-1"]
@@ -216,7 +218,7 @@ def test_the_state_actor_writes_and_recovers_through_any_writer_store_keys_inclu
 
 def test_a_creation_with_a_key_hands_the_key_to_the_store_in_the_batch_that_creates_the_task() -> None:
     store = MemoryStore()
-    ref = StateActor.start(journal=store)
+    ref = StateActor.start(pipelines=[SEED], journal=store)
     try:
         one = pykka.ThreadingFuture[TaskRecord]()
         ref.tell(CreateTask("t-1", {"name": "a"}, new_trace(), reply=one, idempotency_key=("k-1", "fp-1")))

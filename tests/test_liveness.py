@@ -263,8 +263,8 @@ def test_persistence_calls_queued_at_a_worker_never_start_once_their_tasks_are_c
             gate.wait_here()
         persisted.add(task.task_id)
 
-    config = RuntimeConfig(persistence_workers=1)
-    with Runtime(config, services=ServiceSet(persist=persist), on_milestone=milestones) as runtime:
+    services = ServiceSet(persist=persist, workers={"persistence": 1})
+    with Runtime(services=services, on_milestone=milestones) as runtime:
         warm_up = [runtime.submit(payload(i)) for i in range(64)]  # uniformly fast calls: a deep worker queue
         assert runtime.join(10)
         blocker = runtime.submit({"name": "blocker", "data": {}})

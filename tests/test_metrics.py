@@ -15,7 +15,7 @@ from actorflow.actors import Runtime
 from actorflow.api import create_app, serve_in_background
 from actorflow.core import ConfigError, InvalidPayload, RuntimeConfig, Task, TransientError
 from actorflow.core.metrics import Histogram
-from actorflow.services import ServiceSet
+from actorflow.services import SEED_WORKERS, ServiceSet
 from tests.conftest import payload
 
 TOKEN = "metrics-token"
@@ -98,7 +98,7 @@ def test_metrics_over_http_match_a_known_run_exactly(known_run: Runtime) -> None
     for pool, size in (("validator", 2), ("processor", 4), ("persistence", 2)):
         assert found[("actorflow_pool_busy_workers", labels(pool=pool))] == 0
         assert found[("actorflow_pool_queued_calls", labels(pool=pool))] == 0
-        assert found[("actorflow_pool_idle_workers", labels(pool=pool))] == RuntimeConfig().workers_for(pool) == size
+        assert found[("actorflow_pool_idle_workers", labels(pool=pool))] == SEED_WORKERS[pool] == size
 
 
 def test_metrics_need_the_token_unless_they_are_made_public(known_run: Runtime) -> None:

@@ -22,8 +22,8 @@ from actorflow.actors.messages import CancelTask, CreateTask, RunService, Servic
 from actorflow.actors.plan import plan_pipelines
 from actorflow.actors.timer import Timer
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent
-from actorflow.core.pipeline import seed_shape
 from actorflow.core.tracing import new_trace
+from actorflow.services import seed_pipeline
 
 S = TaskState
 WAIT_S = 10
@@ -127,9 +127,10 @@ class Rig:
         self.backend = HandAnsweredBackend()
         self.timer = Timer()
         self.terminal: queue.SimpleQueue[TaskRecord] = queue.SimpleQueue()
-        self.state = StateActor.start(on_terminal=self.terminal.put)
-        seed = seed_shape(_unused, _unused, _unused)  # the seed's stages; the backend answers their calls
-        config = RuntimeConfig(validator_workers=1, processor_workers=1, persistence_workers=1)
+        # the seed's stages, one worker each; the backend answers their calls
+        seed = seed_pipeline(_unused, _unused, _unused, workers={"validator": 1, "processor": 1, "persistence": 1})
+        self.state = StateActor.start(pipelines=[seed], on_terminal=self.terminal.put)
+        config = RuntimeConfig()
         self.orchestrator = OrchestratorActor.start(
             state=self.state,
             plans=plan_pipelines([seed], config),

@@ -221,8 +221,8 @@ def test_calls_run_in_worker_processes_get_their_spans_with_the_childs_traceback
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = spans
-    config = RuntimeConfig(service_backend="process", validator_workers=1, processor_workers=1, persistence_workers=1)
-    services = ServiceSet(process=ps.fail_permanently)
+    config = RuntimeConfig(service_backend="process")
+    services = ServiceSet(process=ps.fail_permanently, workers={"validator": 1, "processor": 1, "persistence": 1})
     with Runtime(config, services=services, tracer_provider=provider) as runtime:
         record = runtime.submit(payload()).result(timeout=60)
     task, calls = spans_of(exporter, record)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import itertools
 import json
 import os
 import queue
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,14 +48,23 @@ from actorflow.cli.trace import main as trace_main
 from actorflow.cli.tracecheck import check_transitions
 from actorflow.cli.traceview import load_trace
 from actorflow.core import thaw
-from actorflow.core.config import TRANSITIONS
 from actorflow.core.journal import SCHEMA_VERSION, Journal
 from actorflow.core.tracing import TraceContext, new_trace
+from actorflow.services import ResultStore, seed_pipeline
 from tests.conftest import payload
 from tests.pipeline_stages import square_in_child
 
 S = TaskState
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "schema1_journal.db"
+SEED_TABLE = {
+    S.CREATED: {S.VALIDATED, S.FAILED, S.CANCELLED},
+    S.VALIDATED: {S.PROCESSING, S.FAILED, S.CANCELLED},
+    S.PROCESSING: {S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+"""The seed's lifecycle diagram, plus cancellation from every live state."""
 
 
 def _keep(task: Task, value: Any) -> None:
@@ -72,9 +85,180 @@ def _assert_history_follows(pipeline: Pipeline, record: Any) -> None:
 
 def test_the_seed_pipeline_derives_exactly_the_seed_transition_table() -> None:
     seed = ServiceSet(persist=lambda task, result: None).pipeline(result_store=None)
-    assert dict(seed.transitions) == dict(TRANSITIONS)
+    assert dict(seed.transitions) == SEED_TABLE
     assert [s.name for s in seed.stages] == ["validator", "processor", "persistence"]
     assert seed.states == (S.CREATED, S.VALIDATED, S.PROCESSING, S.COMPLETED, S.FAILED, S.CANCELLED)
+
+
+def test_the_seed_pipeline_sizes_its_stages_2_4_2_unless_told_otherwise() -> None:
+    store = ResultStore()
+    try:
+        assert [stage.workers for stage in seed_pipeline(result_store=store).stages] == [2, 4, 2]
+        sized = seed_pipeline(result_store=store, workers={"processor": 8})
+        assert [stage.workers for stage in sized.stages] == [2, 8, 2]
+        with pytest.raises(
+            ConfigError, match="the seed pipeline has no stage 'fetch' to size; its stages: 'validator'"
+        ):
+            seed_pipeline(result_store=store, workers={"fetch": 1})
+        with pytest.raises(ConfigError, match="Stage 'processor': workers must be an int >= 1"):
+            seed_pipeline(result_store=store, workers={"processor": 0})
+    finally:
+        store.close()
+    with pytest.raises(ConfigError, match="needs persist= or a result_store="):
+        seed_pipeline()
+
+
+def _one_argument(task: Task) -> None:
+    return None
+
+
+def _three_arguments(task: Task, value: Any, extra: Any) -> None:
+    return None
+
+
+async def _async_one_argument(task: Task) -> None:
+    return None
+
+
+class _CallableWithoutValue:
+    def __call__(self, task: Task) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("fn", "shown"),
+    [
+        (_one_argument, "_one_argument(task: 'Task') -> 'None'"),
+        (_three_arguments, "_three_arguments(task: 'Task', value: 'Any', extra: 'Any') -> 'None'"),
+        (_async_one_argument, "_async_one_argument(task: 'Task') -> 'None'"),
+        (lambda task, value, *, key: None, "<lambda>(task, value, *, key)"),
+        (_CallableWithoutValue(), "_CallableWithoutValue(task: 'Task') -> 'None'"),
+        (len, "len(obj, /)"),
+    ],
+)
+def test_a_stage_whose_function_cannot_take_task_and_value_is_refused_naming_the_stage_and_the_signature(
+    fn: Any, shown: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Stage("enrich", fn)
+    message = str(caught.value)
+    assert message.startswith(f"Stage 'enrich': fn {shown} cannot be called as fn(task, value)"), message
+    assert "takes two positional arguments: the Task and the value" in message
+
+
+async def _async_stage(task: Task, value: Any) -> None:
+    return None
+
+
+class _CallableStage:
+    def __call__(self, task: Task, value: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _keep,
+        _async_stage,
+        _CallableStage(),
+        lambda *args: None,
+        lambda task, value=None, extra=None: None,
+        functools.partial(_three_arguments, extra=1),
+        print,  # a builtin with a readable signature that takes two positional arguments
+        dict.fromkeys,  # a builtin method
+    ],
+)
+def test_a_stage_function_that_can_take_task_and_value_is_accepted(fn: Any) -> None:
+    assert Stage("ok", fn).fn is fn
+
+
+def test_a_callable_whose_signature_cannot_be_read_is_taken_on_trust() -> None:
+    unreadable = getattr  # its signature cannot be read
+    with pytest.raises(ValueError, match="no signature found"):
+        inspect.signature(unreadable)
+    assert Stage("trusted", unreadable).fn is unreadable  # type: ignore[arg-type]
+
+
+_TYPED_STAGES = """
+from typing import Any
+
+from actorflow import JSONValue, Stage, Task
+
+
+def right(task: Task, value: JSONValue) -> dict[str, int]:
+    return {"y": 1}
+
+
+async def right_async(task: Task, value: Any) -> None:
+    return None
+
+
+def without_value(task: Task) -> None:
+    return None
+
+
+async def without_value_async(task: Task) -> None:
+    return None
+
+
+Stage("right", right)
+Stage("right_async", right_async)
+Stage("lambda", lambda task, value: value)
+Stage("without_value", without_value)
+Stage("without_value_async", without_value_async)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_type_checker_refuses_a_stage_function_that_does_not_take_task_and_value(tmp_path: Path) -> None:
+    program = tmp_path / "stages.py"
+    program.write_text(_TYPED_STAGES)
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(program),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "MYPYPATH": str(Path(__file__).resolve().parent.parent)},
+        check=False,
+    )
+    flagged = sorted(int(line.split(":")[1]) for line in checked.stdout.splitlines() if ": error:" in line)
+    lines = _TYPED_STAGES.splitlines()
+    assert [lines[number - 1] for number in flagged] == [
+        'Stage("without_value", without_value)',
+        'Stage("without_value_async", without_value_async)',
+    ], checked.stdout + checked.stderr
+    assert all("SyncStageFunction | AsyncStageFunction" in line for line in checked.stdout.splitlines()), checked.stdout
+
+
+def test_a_pipeline_of_ones_own_takes_any_payload_the_first_example_shows() -> None:
+    def double(task: Task, value: Any) -> dict[str, int]:
+        return {"y": value["x"] * 2}
+
+    with Runtime(pipelines=[Pipeline("double", [Stage("double", double)])]) as runtime:
+        record = runtime.submit({"x": 21}).result(timeout=10)
+    assert record.state is S.COMPLETED, record.error
+    assert record.result == {"y": 42}
+    assert record.path() == ["CREATED", "DOUBLE", "COMPLETED"]
+
+
+def test_a_stage_may_return_any_json_value_and_the_record_keeps_it_as_its_result() -> None:
+    def answer(task: Task, value: Any) -> int:
+        return 42
+
+    with Runtime(pipelines=[Pipeline("answer", [Stage("answer", answer)])]) as runtime:
+        record = runtime.submit({"question": "?"}).result(timeout=10)
+    assert record.result == 42
+    assert record.to_dict()["result"] == 42
 
 
 def test_a_pipeline_derives_a_state_per_stage_and_lets_every_live_state_fail_or_be_cancelled() -> None:
@@ -253,9 +437,11 @@ def test_max_attempts_is_per_stage_and_each_record_counts_its_retries() -> None:
 def test_a_clean_three_stage_run_makes_three_calls_and_no_retries() -> None:
     with Runtime(RuntimeConfig()) as runtime:
         record = runtime.submit(payload(1)).result(timeout=10)
-    assert (record.calls, record.retries, record.attempts) == (3, 0, 3)
+    assert (record.calls, record.retries) == (3, 0)
     assert record.to_dict()["calls"] == 3
     assert record.to_dict()["retries"] == 0
+    assert not hasattr(record, "attempts")
+    assert "attempts" not in record.to_dict()
 
 
 def test_a_stage_on_processes_runs_next_to_stages_on_threads() -> None:

@@ -13,6 +13,7 @@ from actorflow.core import RuntimeConfig
 from actorflow.core.errors import ConfigError
 from actorflow.core.pipeline import Pipeline, Stage
 from actorflow.core.types import Task
+from actorflow.services import seed_pipeline
 
 
 def _keep(task: Task, value: Any) -> None:
@@ -71,10 +72,15 @@ def test_a_stage_on_a_backend_nobody_registered_is_refused_naming_the_stage_and_
         plan_pipelines([Pipeline("p", [Stage("work", _keep, backend="nowhere")])], RuntimeConfig())
 
 
-def test_the_seed_stages_take_their_own_worker_fields_and_others_stage_workers() -> None:
-    config = RuntimeConfig(validator_workers=1, processor_workers=2, persistence_workers=3, stage_workers=4)
+def test_a_stage_without_workers_takes_stage_workers_whatever_its_name() -> None:
+    config = RuntimeConfig(stage_workers=4)
     pipeline = Pipeline("p", [Stage(name, _keep) for name in ("validator", "processor", "persistence", "other")])
-    assert [plan.workers for plan in stage_plans(plan_pipelines([pipeline], config))] == [1, 2, 3, 4]
+    assert [plan.workers for plan in stage_plans(plan_pipelines([pipeline], config))] == [4, 4, 4, 4]
+
+
+def test_the_seed_pipelines_stages_carry_their_own_workers_into_the_plan() -> None:
+    seed = seed_pipeline(persist=_keep, workers={"persistence": 3})
+    assert [plan.workers for plan in stage_plans(plan_pipelines([seed], RuntimeConfig(stage_workers=7)))] == [2, 4, 3]
 
 
 def test_a_pool_is_named_after_its_stage_alone_and_after_its_pipeline_too_when_there_are_several() -> None:

@@ -53,14 +53,14 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def process_config(**overrides: Any) -> RuntimeConfig:
-    fields: dict[str, Any] = {
-        "service_backend": "process",
-        "validator_workers": 1,
-        "processor_workers": 2,
-        "persistence_workers": 1,
-    }
+    fields: dict[str, Any] = {"service_backend": "process"}
     fields.update(overrides)
     return RuntimeConfig(**fields)
+
+
+def on_processes(processors: int = 2, **functions: Any) -> ServiceSet:
+    """The seed pipeline with `functions`, on few processes: one validator, `processors` processors, one persistence."""
+    return ServiceSet(**functions, workers={"validator": 1, "processor": processors, "persistence": 1})
 
 
 def run_all(runtime: Runtime, payloads: list[dict[str, Any]], timeout: float = 60) -> list[TaskRecord]:
@@ -135,14 +135,14 @@ def test_the_demo_pipeline_on_processes_ends_in_the_same_states_and_results_as_o
             assert runtime.results is not None
             stored = {r.task_id: runtime.results.get(r.task_id) for r in records}
         outcomes[backend] = [
-            (r.state, r.path(), r.result, r.error, stored[r.task_id], r.attempts, r.payload) for r in records
+            (r.state, r.path(), r.result, r.error, stored[r.task_id], r.calls, r.payload) for r in records
         ]
     assert outcomes["process"] == outcomes["thread"]
     assert {o[0] for o in outcomes["process"]} == {S.COMPLETED, S.FAILED}
 
 
 def test_a_frozen_payload_crosses_to_the_child_and_its_result_comes_back() -> None:
-    with Runtime(process_config(), services=ServiceSet(process=ps.describe)) as runtime:
+    with Runtime(process_config(), services=on_processes(process=ps.describe)) as runtime:
         record = runtime.submit({"name": "x", "data": {"items": [1, [2, 3], {"k": "v"}]}}).result(timeout=30)
     assert record.state is S.COMPLETED, record.error
     result = record.result
@@ -156,7 +156,7 @@ def test_a_frozen_payload_crosses_to_the_child_and_its_result_comes_back() -> No
 
 
 def test_service_events_carry_the_thread_backends_fields_plus_the_node_that_ran_the_call() -> None:
-    services = ServiceSet(process=ps.describe)
+    services = on_processes(process=ps.describe)
     logs = {}
     results = {}
     for backend in ("thread", "process"):
@@ -171,7 +171,7 @@ def test_service_events_carry_the_thread_backends_fields_plus_the_node_that_ran_
         results[backend] = ok.result
     with (
         structlog.testing.capture_logs() as failing_logs,
-        Runtime(process_config(), services=ServiceSet(process=ps.fail_permanently)) as runtime,
+        Runtime(process_config(), services=on_processes(process=ps.fail_permanently)) as runtime,
     ):
         failed = runtime.submit(payload()).result(timeout=30)
     assert failed.state is S.FAILED
@@ -212,7 +212,7 @@ def test_a_lambda_a_closure_or_a_local_function_gets_a_config_error_naming_it(fi
     fn: Any = {"lambda": lambda *args: {}, "closure": make_closure(), "local function": local}[kind]
     before = set(actor_threads())
     with pytest.raises(ConfigError) as caught:
-        Runtime(process_config(), services=ServiceSet(**{field: fn}))
+        Runtime(process_config(), services=on_processes(**{field: fn}))
     message = str(caught.value)
     assert message.startswith(f"ServiceSet.{field} {fn!r} cannot be sent to worker processes")
     assert "define it at module level" in message
@@ -242,9 +242,7 @@ def test_a_child_that_crashes_during_a_call_is_replaced_and_the_task_retried(
 ) -> None:
     with (
         structlog.testing.capture_logs() as logs,
-        Runtime(
-            process_config(processor_workers=2, retry_backoff_s=0.0), services=ServiceSet(process=service)
-        ) as runtime,
+        Runtime(process_config(retry_backoff_s=0.0), services=on_processes(process=service)) as runtime,
     ):
         record = runtime.submit(payload()).result(timeout=30)
         stats = runtime.stats()
@@ -266,7 +264,7 @@ def test_a_child_that_crashes_during_a_call_is_replaced_and_the_task_retried(
 
 
 def test_a_child_killed_while_idle_is_replaced_without_charging_the_next_task() -> None:
-    with Runtime(process_config(processor_workers=1), services=ServiceSet(process=ps.describe)) as runtime:
+    with Runtime(process_config(), services=on_processes(1, process=ps.describe)) as runtime:
         first = runtime.submit({"name": "a", "data": {"items": []}}).result(timeout=30)
         assert first.result is not None
         victim = first.result["pid"]
@@ -278,7 +276,7 @@ def test_a_child_killed_while_idle_is_replaced_without_charging_the_next_task() 
     assert second.state is S.COMPLETED, second.error
     assert second.result is not None
     assert second.result["pid"] != victim
-    assert second.attempts == first.attempts  # the call was re-sent, not retried
+    assert (second.calls, second.retries) == (first.calls, 0)  # the call was re-sent, not retried
     assert stats["retries"] == 0
     processor = stats["pools"]["processor"]
     assert (processor["workers"], processor["restarts"], processor["failing"]) == (1, 1, None)
@@ -288,8 +286,8 @@ def test_a_hung_call_is_killed_at_the_stage_timeout_and_retried_on_a_fresh_child
     with (
         ps.rendezvous() as point,
         Runtime(
-            process_config(processor_workers=1, stage_timeout_s=1.0, retry_backoff_s=0.0),
-            services=ServiceSet(process=ps.hang_on_first_attempt),
+            process_config(stage_timeout_s=1.0, retry_backoff_s=0.0),
+            services=on_processes(1, process=ps.hang_on_first_attempt),
         ) as runtime,
     ):
         handle = runtime.submit({"name": "hang", "data": {"rendezvous": point.path}})
@@ -312,8 +310,8 @@ def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_at_once_w
     with (
         structlog.testing.capture_logs() as logs,
         Runtime(
-            process_config(processor_workers=1, max_restarts=1),
-            services=ServiceSet(process=ps.LoadsOnlyInTheParent()),
+            process_config(max_restarts=1),
+            services=on_processes(1, process=ps.LoadsOnlyInTheParent()),
         ) as runtime,
     ):
         records = run_all(runtime, [{"name": f"x{i}", "data": {"items": []}} for i in range(3)], timeout=30)
@@ -322,7 +320,7 @@ def test_a_function_that_cannot_be_loaded_in_the_child_fails_its_tasks_at_once_w
         assert record.error is not None
         assert record.error.startswith("processor: worker process pid:")
         assert "cannot load its service function: ImportError: this function cannot be loaded" in record.error
-        assert record.attempts == 1  # the validator's call; the processor's never ran, so it is not counted
+        assert record.calls == 1  # the validator's call; the processor's never ran, so it is not counted
     load_failures = [e for e in logs if e["event"] == "worker.load_failed"]
     assert load_failures
     assert "ImportError: this function cannot be loaded in a worker process" in load_failures[0]["error"]
@@ -362,11 +360,9 @@ def test_a_script_that_starts_its_runtime_outside_the_main_guard_fails_its_tasks
 @pytest.mark.slow
 def test_chaos_on_processes_leaves_every_task_in_its_expected_state_and_the_pool_whole() -> None:
     # Per attempt: 10% TransientError, 2% ValueError, 1% SystemExit, 1% os._exit, 0.5% kill -9, 0.5% hang.
-    config = process_config(
-        processor_workers=4, stage_timeout_s=1.0, max_restarts=10_000, retry_backoff_s=0.001, retry_backoff_max_s=0.01
-    )
+    config = process_config(stage_timeout_s=1.0, max_restarts=10_000, retry_backoff_s=0.001, retry_backoff_max_s=0.01)
     ids = [f"chaos-{i}" for i in range(1000)]
-    with Runtime(config, services=ServiceSet(process=ps.chaos)) as runtime:
+    with Runtime(config, services=on_processes(4, process=ps.chaos)) as runtime:
         handles = [runtime.submit(payload(i), task_id=task_id) for i, task_id in enumerate(ids)]
         records = [h.result(timeout=120) for h in handles]
         stats = runtime.stats()
@@ -387,7 +383,7 @@ def test_chaos_on_processes_leaves_every_task_in_its_expected_state_and_the_pool
 def test_two_process_workers_run_two_calls_at_the_same_time_in_two_processes() -> None:
     with (
         ps.rendezvous() as point,
-        Runtime(process_config(processor_workers=2), services=ServiceSet(process=ps.meet)) as runtime,
+        Runtime(process_config(), services=on_processes(process=ps.meet)) as runtime,
     ):
         handles = [runtime.submit({"name": f"meet-{i}", "data": {"rendezvous": point.path}}) for i in range(2)]
         # Each call waits for "go" after arriving: the second can arrive only while the first is still running.
@@ -401,7 +397,7 @@ def test_two_process_workers_run_two_calls_at_the_same_time_in_two_processes() -
 
 def test_close_leaves_no_worker_process_no_zombie_and_no_forwarding_thread() -> None:
     before = set(actor_threads())
-    runtime = Runtime(RuntimeConfig(service_backend="process", processor_workers=3))
+    runtime = Runtime(RuntimeConfig(service_backend="process"), services=ServiceSet(workers={"processor": 3}))
     run_all(runtime, [payload(i) for i in range(20)])
     pids = worker_pids()
     # At least the validator and the processor that served calls; at most every validator and processor
@@ -417,7 +413,7 @@ def test_close_leaves_no_worker_process_no_zombie_and_no_forwarding_thread() -> 
 
 def test_close_without_draining_kills_calls_still_running() -> None:
     with ps.rendezvous() as point:
-        runtime = Runtime(process_config(processor_workers=1), services=ServiceSet(process=ps.hang_on_first_attempt))
+        runtime = Runtime(process_config(), services=on_processes(1, process=ps.hang_on_first_attempt))
         runtime.submit({"name": "hang", "data": {"rendezvous": point.path}})
         (hung_pid,) = point.arrivals(1)
         runtime.close(drain=False)
@@ -501,7 +497,10 @@ def test_a_runtime_left_open_at_exit_stops_its_workers_and_the_interpreter_exits
 
 def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path) -> None:
     store = str(tmp_path / "results.db")
-    with structlog.testing.capture_logs() as logs, Runtime(process_config(result_store=store)) as runtime:
+    with (
+        structlog.testing.capture_logs() as logs,
+        Runtime(process_config(result_store=store), services=on_processes()) as runtime,
+    ):
         records = run_all(runtime, [payload(i) for i in range(6)])
         assert runtime.results is not None
         assert all(runtime.results.get(r.task_id) == r.result for r in records)
@@ -511,7 +510,7 @@ def test_a_file_result_store_is_written_from_the_worker_processes(tmp_path: Path
 
 
 def test_the_default_in_memory_result_store_is_written_from_the_parent() -> None:
-    with structlog.testing.capture_logs() as logs, Runtime(process_config()) as runtime:
+    with structlog.testing.capture_logs() as logs, Runtime(process_config(), services=on_processes()) as runtime:
         records = run_all(runtime, [payload(i) for i in range(6)])
         assert runtime.results is not None
         assert runtime.results.count() == 6
@@ -720,10 +719,10 @@ def test_a_child_killed_mid_batch_in_a_runtime_has_its_running_task_retried_and_
     tmp_path: Path,
 ) -> None:
     runs = str(tmp_path / "runs.txt")
-    config = process_config(processor_workers=1, retry_backoff_s=0.0)
+    config = process_config(retry_backoff_s=0.0)
     with (
         ps.rendezvous() as point,
-        Runtime(config, services=ServiceSet(process=ps.record_and_hold)) as runtime,
+        Runtime(config, services=on_processes(1, process=ps.record_and_hold)) as runtime,
     ):
         held = runtime.submit({"name": "held", "data": {"hold": True, "rendezvous": point.path, "runs": runs}})
         others = [runtime.submit({"name": f"other-{i}", "data": {"runs": runs}}) for i in range(6)]
@@ -777,7 +776,7 @@ def test_a_process_pool_keeps_the_next_call_waiting_at_its_worker_and_a_thread_p
     # Depth 2 for slow calls on processes: the child never idles for a round trip through the parent.
     depths = {}
     for backend in ("process", "thread"):
-        with Runtime(process_config(service_backend=backend), services=ServiceSet(process=ps.describe)) as runtime:
+        with Runtime(process_config(service_backend=backend), services=on_processes(process=ps.describe)) as runtime:
             assert runtime.submit({"name": "x", "data": {"items": []}}).result(timeout=30).state is S.COMPLETED
             depths[backend] = runtime.stats()["pools"]["processor"]["depth"]
     assert depths == {"process": 2, "thread": 1}
@@ -786,10 +785,10 @@ def test_a_process_pool_keeps_the_next_call_waiting_at_its_worker_and_a_thread_p
 def test_a_hung_child_with_a_large_call_queued_behind_it_is_still_killed_at_the_stage_timeout() -> None:
     # The queued call (8 MB) cannot fit in the child's pipe while the child hangs: writing it must not hold the
     # forwarding thread, which has to kill the child at the stage timeout.
-    config = process_config(processor_workers=1, stage_timeout_s=1.0, retry_backoff_s=0.0)
+    config = process_config(stage_timeout_s=1.0, retry_backoff_s=0.0)
     with (
         ps.rendezvous() as point,
-        Runtime(config, services=ServiceSet(process=ps.record_and_hold)) as runtime,
+        Runtime(config, services=on_processes(1, process=ps.record_and_hold)) as runtime,
     ):
         held = runtime.submit({"name": "held", "data": {"hold": True, "rendezvous": point.path}})
         (hung_pid,) = point.arrivals(1)

@@ -65,9 +65,13 @@ def ray_session() -> Iterator[Any]:
 
 
 def ray_config(**fields: Any) -> RuntimeConfig:
-    """Small pools: each Ray actor is a worker process, and booting one takes about a second here."""
-    fields = {"validator_workers": 1, "processor_workers": 1, "persistence_workers": 1, **fields}
+    """A runtime on Ray, retrying at once."""
     return RuntimeConfig(service_backend="ray", retry_backoff_s=0.0, retry_backoff_max_s=0.0, **fields)
+
+
+def ray_services(processors: int = 1, **functions: Any) -> ServiceSet:
+    """Small pools: each Ray actor is a worker process, and booting one takes about a second here."""
+    return ServiceSet(**functions, workers={"validator": 1, "processor": processors, "persistence": 1})
 
 
 # --- service functions that run in Ray workers -----------------------------------------------------
@@ -99,8 +103,10 @@ def _outcome(record: TaskRecord) -> tuple[Any, ...]:
     return record.state, record.result, record.error
 
 
-def _run_payloads(config: RuntimeConfig, payloads: list[dict[str, object]]) -> list[TaskRecord]:
-    with Runtime(config) as runtime:
+def _run_payloads(
+    config: RuntimeConfig, payloads: list[dict[str, object]], services: ServiceSet | None = None
+) -> list[TaskRecord]:
+    with Runtime(config, services=services) as runtime:
         handles = [runtime.submit(p) for p in payloads]
         records = [handle.result(timeout=TIMEOUT_S) for handle in handles]
         assert runtime.results is not None
@@ -129,9 +135,10 @@ _OWN_SESSION = """
 import ray
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig
+from actorflow.services import ServiceSet
 
-config = RuntimeConfig(service_backend="ray", validator_workers=1, processor_workers=1)
-with Runtime(config) as runtime:
+config = RuntimeConfig(service_backend="ray")
+with Runtime(config, services=ServiceSet(workers={"validator": 1, "processor": 1})) as runtime:
     started = ray.is_initialized()
     record = runtime.submit({"name": "one", "data": 1}).result(timeout=60)
 print(started, record.state.value, ray.is_initialized())
@@ -162,7 +169,7 @@ def test_the_demo_pipeline_on_ray_ends_in_the_same_states_results_and_trace_as_o
     with capture_logs() as thread_logs:
         on_threads = _run_payloads(RuntimeConfig(), payloads)
     with capture_logs() as ray_logs:
-        on_ray = _run_payloads(ray_config(processor_workers=2), payloads)
+        on_ray = _run_payloads(ray_config(), payloads, ray_services(2))
 
     assert [_outcome(r) for r in on_ray] == [_outcome(r) for r in on_threads]
     assert {r.state for r in on_ray} == {TaskState.COMPLETED, TaskState.FAILED}
@@ -173,7 +180,7 @@ def test_the_demo_pipeline_on_ray_ends_in_the_same_states_results_and_trace_as_o
 
 @pytest.mark.timeout(120)
 def test_a_transient_error_on_attempt_one_is_retried_in_another_call_and_succeeds(ray_session: Any) -> None:
-    with capture_logs() as logs, Runtime(ray_config(), services=ServiceSet(process=flaky_process)) as runtime:
+    with capture_logs() as logs, Runtime(ray_config(), services=ray_services(process=flaky_process)) as runtime:
         record = runtime.submit({"name": "flaky", "data": 1}).result(timeout=TIMEOUT_S)
         stats = runtime.stats()
     assert record.state is TaskState.COMPLETED
@@ -199,7 +206,7 @@ def test_a_result_over_max_value_bytes_fails_its_task_once_in_the_ray_worker_and
     ray_session: Any,
 ) -> None:
     config = ray_config(max_value_bytes=100_000)
-    services = ServiceSet(process=too_big_process, persist=discard)
+    services = ray_services(process=too_big_process, persist=discard)
     with Runtime(config, services=services) as runtime:
         big = runtime.submit({"name": "big", "data": 1})
         small = runtime.submit({"name": "small", "data": 2})
@@ -217,7 +224,7 @@ def test_a_result_over_max_value_bytes_fails_its_task_once_in_the_ray_worker_and
 @pytest.mark.timeout(120)
 def test_a_hung_call_is_killed_at_the_stage_timeout_and_the_retry_completes_the_task(ray_session: Any) -> None:
     config = ray_config(stage_timeout_s=3.0)
-    with capture_logs() as logs, Runtime(config, services=ServiceSet(process=hanging_process)) as runtime:
+    with capture_logs() as logs, Runtime(config, services=ray_services(process=hanging_process)) as runtime:
         record = runtime.submit({"name": "hangs", "data": 1}).result(timeout=TIMEOUT_S)
         stats = runtime.stats()
     assert record.state is TaskState.COMPLETED
@@ -234,7 +241,7 @@ def test_a_hung_call_is_killed_at_the_stage_timeout_and_the_retry_completes_the_
 def test_a_service_that_kills_its_worker_process_gets_the_actor_replaced_and_the_task_retried(
     ray_session: Any,
 ) -> None:
-    with capture_logs() as logs, Runtime(ray_config(), services=ServiceSet(process=dying_process)) as runtime:
+    with capture_logs() as logs, Runtime(ray_config(), services=ray_services(process=dying_process)) as runtime:
         record = runtime.submit({"name": "dies", "data": 1}).result(timeout=TIMEOUT_S)
         second = runtime.submit({"name": "after", "data": 2}).result(timeout=TIMEOUT_S)
         stats = runtime.stats()
@@ -253,7 +260,7 @@ def test_a_service_that_kills_its_worker_process_gets_the_actor_replaced_and_the
 
 @pytest.mark.timeout(120)
 def test_service_events_carry_the_tasks_trace_and_the_node_the_call_ran_on(ray_session: Any) -> None:
-    services = ServiceSet(persist=discard)
+    services = ray_services(persist=discard)
     with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
         records = [runtime.submit({"name": f"t{i}", "data": i}).result(timeout=TIMEOUT_S) for i in range(4)]
     for record in records:
@@ -274,7 +281,7 @@ def test_service_events_carry_the_tasks_trace_and_the_node_the_call_ran_on(ray_s
 @pytest.mark.timeout(120)
 def test_a_cancelled_task_stays_cancelled_and_its_late_result_is_never_persisted(ray_session: Any) -> None:
     processing = threading.Event()
-    with Runtime(ray_config()) as runtime:
+    with Runtime(ray_config(), services=ray_services()) as runtime:
         runtime.subscribe(lambda event: processing.set() if event.to_state is TaskState.PROCESSING else None)
         handle = runtime.submit({"name": "slow", "data": {"sleep_ms": 1500}})
         assert processing.wait(TIMEOUT_S)
@@ -296,7 +303,7 @@ def test_a_service_function_ray_cannot_pickle_is_a_config_error_naming_the_servi
             return process(task)
 
     with pytest.raises(ConfigError, match=r"ServiceSet.process .*locked_process.* cannot be sent to Ray workers"):
-        Runtime(ray_config(), services=ServiceSet(process=locked_process))
+        Runtime(ray_config(), services=ray_services(process=locked_process))
     assert ray_session.is_initialized()
 
 
@@ -318,7 +325,7 @@ def test_a_service_function_workers_cannot_import_is_a_config_error_at_start(
 
     cause = r"processor function cannot be loaded on a Ray worker \(ModuleNotFoundError: No module named"
     with pytest.raises(ConfigError, match=cause):
-        Runtime(ray_config(), services=ServiceSet(process=head_only))
+        Runtime(ray_config(), services=ray_services(process=head_only))
     assert ray_session.is_initialized()
 
 
@@ -438,7 +445,8 @@ def test_a_stage_asking_for_ray_without_ray_installed_is_a_config_error_naming_t
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    pipeline = Pipeline("p", [Stage("prepare", process), Stage("square", square_in_child, backend="ray")])
+    prepare = Stage("prepare", lambda task, value: value)
+    pipeline = Pipeline("p", [prepare, Stage("square", square_in_child, backend="ray")])
     with pytest.raises(ConfigError, match=r"^Stage 'square' \(backend='ray'\) needs Ray, which is not installed"):
         Runtime(pipelines=[pipeline])
 
@@ -506,7 +514,7 @@ def test_calls_run_on_ray_get_otel_spans_under_their_tasks_span_with_the_retried
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    services = ServiceSet(process=flaky_process, persist=discard)
+    services = ray_services(process=flaky_process, persist=discard)
     with Runtime(ray_config(), services=services, tracer_provider=provider) as runtime:
         record = runtime.submit({"name": "t", "data": 1}).result(timeout=TIMEOUT_S)
     provider.shutdown()
@@ -652,7 +660,7 @@ def run_burst(
         return {"name": f"t{i}", "data": {"i": i, "kind": kind, "runs": str(runs_file), "gate": gate_name}}
 
     queued = QueuedCalls()
-    services = ServiceSet(process=batch_process, persist=discard)
+    services = ray_services(process=batch_process, persist=discard)
     try:
         with (
             capture_logs() as logs,
@@ -824,7 +832,7 @@ def test_under_load_calls_share_invocations_by_the_actors_own_count(
     ray_session: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(RayBackend, "fast_call_ms", 1e6)
-    services = ServiceSet(persist=discard)
+    services = ray_services(persist=discard)
     with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
         handles = [runtime.submit({"name": f"t{i}", "data": i}) for i in range(300)]
         assert {h.result(timeout=TIMEOUT_S).state for h in handles} == {TaskState.COMPLETED}

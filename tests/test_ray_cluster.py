@@ -145,9 +145,13 @@ def driver(three_nodes: ThreeNodes) -> Iterator[ThreeNodes]:
 
 
 def ray_config(**fields: Any) -> RuntimeConfig:
-    """Small pools; two processors, which the backend deals one to each worker node."""
-    fields = {"validator_workers": 1, "processor_workers": 2, "persistence_workers": 1, **fields}
+    """A runtime on Ray, retrying at once."""
     return RuntimeConfig(service_backend="ray", retry_backoff_s=0.0, retry_backoff_max_s=0.0, **fields)
+
+
+def ray_services(processors: int = 2, **functions: Any) -> ServiceSet:
+    """Small pools; two processors, which the backend deals one to each worker node."""
+    return ServiceSet(**functions, workers={"validator": 1, "processor": processors, "persistence": 1})
 
 
 # --- what runs in Ray workers ----------------------------------------------------------------------
@@ -233,7 +237,7 @@ def _alive_node_ids() -> set[str]:
 @pytest.mark.timeout(240)
 def test_pool_actors_spread_over_the_worker_nodes_and_every_call_names_the_node_it_ran_on(driver: ThreeNodes) -> None:
     # Calls in pairs: each pair holds both processor actors at once, so both actors (and nodes) run calls.
-    services = ServiceSet(process=in_pairs(Gate.remote()))
+    services = ray_services(process=in_pairs(Gate.remote()))
     with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
         records = _run(runtime, 8)
     assert {r.state for r in records} == {TaskState.COMPLETED}
@@ -257,9 +261,10 @@ _CLIENT = """
 import sys, ray
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig
+from actorflow.services import ServiceSet
 
-config = RuntimeConfig(service_backend="ray", ray_address=sys.argv[1], validator_workers=1, processor_workers=1)
-with Runtime(config) as runtime:
+config = RuntimeConfig(service_backend="ray", ray_address=sys.argv[1])
+with Runtime(config, services=ServiceSet(workers={"validator": 1, "processor": 1})) as runtime:
     connected = ray.is_initialized()
     record = runtime.submit({"name": "far", "data": 1}).result(timeout=120)
 print(connected, record.state.value, ray.is_initialized())
@@ -272,7 +277,7 @@ def test_ray_address_connects_a_runtime_to_a_running_cluster_and_leaves_the_clus
 ) -> None:
     assert not ray.is_initialized()
     config = ray_config(ray_address=three_nodes.address)
-    with capture_logs() as logs, Runtime(config, services=ServiceSet(process=report_where)) as runtime:
+    with capture_logs() as logs, Runtime(config, services=ray_services(process=report_where)) as runtime:
         assert ray.get_runtime_context().gcs_address == three_nodes.address
         records = _run(runtime, 4)
     assert {r.state for r in records} == {TaskState.COMPLETED}
@@ -303,7 +308,7 @@ def test_calls_running_on_a_node_that_is_lost_are_retried_on_the_surviving_node_
     lost = driver.node_ids["node_a"]
     survivor = driver.node_ids["node_b"]
     gate = Gate.remote()
-    services = ServiceSet(process=stuck_on(lost, gate))
+    services = ray_services(process=stuck_on(lost, gate))
     with capture_logs() as logs, Runtime(ray_config(), services=services) as runtime:
         handles = [runtime.submit({"name": f"t{i}", "data": i}) for i in range(6)]
         stuck = ray.get(gate.wait_for.remote(1), timeout=TIMEOUT_S)  # a processor call is running on node_a
@@ -335,7 +340,7 @@ def test_calls_running_on_a_node_that_is_lost_are_retried_on_the_surviving_node_
 def test_a_call_stuck_on_a_hung_node_times_out_and_is_retried_and_the_pool_keeps_its_size(driver: ThreeNodes) -> None:
     hung = driver.node_ids["node_b"]
     gate = Gate.remote()
-    services = ServiceSet(process=stuck_on(hung, gate))
+    services = ray_services(process=stuck_on(hung, gate))
     with capture_logs() as logs, Runtime(ray_config(stage_timeout_s=3.0), services=services) as runtime:
         records = _run(runtime, 6)
         stuck = ray.get(gate.wait_for.remote(1), timeout=TIMEOUT_S)
@@ -448,7 +453,7 @@ def test_no_ray_call_is_made_on_the_orchestrators_thread_not_even_to_kill_or_rep
     spy = ThreadRecordingRay(ray)
     monkeypatch.setattr(ray_backend, "import_ray", lambda wanted_by="": spy)
     config = ray_config(stage_timeout_s=2.0)
-    with Runtime(config, services=ServiceSet(process=hang_first)) as runtime:
+    with Runtime(config, services=ray_services(process=hang_first)) as runtime:
         started = len(spy.calls)  # the warm start is made by the thread that builds the Runtime
         records = _run(runtime, 4)
         stats = runtime.stats()
@@ -468,7 +473,7 @@ def run_through_ray_client(port: int, count: int) -> None:
     """In a process of its own: `count` tasks through Ray Client; prints each result's node id."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = ray_config(ray_address=f"ray://127.0.0.1:{port}")
-    with Runtime(config, services=ServiceSet(process=report_where)) as runtime:
+    with Runtime(config, services=ray_services(process=report_where)) as runtime:
         records = _run(runtime, count)
     assert not ray.is_initialized()
     for record in records:

@@ -38,15 +38,41 @@ def test_a_readme_block_runs_as_written(code: str, tmp_path: Path) -> None:
         if os.environ.get("ACTORFLOW_REQUIRE_RAY"):
             pytest.fail("Ray is required here (ACTORFLOW_REQUIRE_RAY) but not installed")
         pytest.skip("Ray is not installed: pip install '.[ray]'")
-    script = tmp_path / "snippet.py"
+    run_as_a_program(code, tmp_path, timeout=220)
+
+
+def run_as_a_program(code: str, folder: Path, *, timeout: float, flags: tuple[str, ...] = ()) -> None:
+    """Run `code` as a script of its own in `folder`, importing this checkout's actorflow; fail with its output."""
+    script = folder / "snippet.py"
     script.write_text(code)
     result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
+        [sys.executable, *flags, str(script)],
+        cwd=folder,
         capture_output=True,
         text=True,
-        timeout=220,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=False,
     )
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def front_door_example() -> str:
+    """The first example of `actorflow`'s docstring: the indented block after its first ``::``."""
+    import actorflow  # noqa: PLC0415 - the package under test, imported where it is read
+
+    doc = actorflow.__doc__ or ""
+    block = doc.split("::\n\n", 1)[1].split("\n\n\n", 1)[0]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line.removeprefix("    "))
+    return "\n".join(lines).strip() + "\n"
+
+
+def test_the_front_doors_first_example_runs_a_pipeline_of_ones_own_on_a_payload_of_ones_own(tmp_path: Path) -> None:
+    code = front_door_example()
+    assert "Pipeline(" in code
+    assert 'submit({"x": 21})' in code
+    run_as_a_program(code, tmp_path, timeout=60, flags=("-W", "error"))  # not even a warning

@@ -81,8 +81,8 @@ def test_the_processor_pool_really_runs_its_workers_in_parallel(workers: int) ->
         barrier.wait()
         return {"ok": True}
 
-    config = RuntimeConfig(processor_workers=workers, max_attempts=1)
-    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+    config = RuntimeConfig(max_attempts=1)
+    with Runtime(config, services=ServiceSet(process=process, workers={"processor": workers})) as runtime:
         handles = [runtime.submit(payload(i)) for i in range(workers * 3)]
         records = [h.result(timeout=30) for h in handles]
     assert all(r.state is S.COMPLETED for r in records), [r.error for r in records]

@@ -15,23 +15,27 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from actorflow.actors import StateActor
 from actorflow.actors.messages import CreateTask
 from actorflow.core import (
-    TRANSITIONS,
+    ConfigError,
     InvalidPayload,
     InvalidTransition,
+    Pipeline,
+    Stage,
     TaskNotFound,
     TaskState,
     TransitionEvent,
-    is_allowed,
 )
 from actorflow.core.journal import Journal
 from actorflow.core.tracing import new_trace
+from actorflow.services import seed_pipeline
 
 S = TaskState
+SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline: its table is the one these tests check the StateActor against."""
 
 
 @pytest.fixture
 def state() -> Iterator[Any]:
-    ref = StateActor.start()
+    ref = StateActor.start(pipelines=[SEED])
     yield ref.proxy()
     ref.stop()
 
@@ -131,7 +135,7 @@ def test_subscribers_get_every_accepted_transition_and_a_failing_one_harms_nobod
 
 @pytest.mark.timeout(60)
 def test_under_contention_exactly_one_of_eight_racing_threads_wins_each_transition() -> None:
-    ref = StateActor.start()
+    ref = StateActor.start(pipelines=[SEED])
     proxy = ref.proxy()
     tasks = [f"t{i}" for i in range(200)]
     for task_id in tasks:
@@ -166,7 +170,7 @@ def test_under_contention_exactly_one_of_eight_racing_threads_wins_each_transiti
         assert len(record.history) == 2
         for entry in record.history[1:]:
             assert entry.from_state is not None
-            assert is_allowed(entry.from_state, entry.to_state)
+            assert SEED.is_allowed(entry.from_state, entry.to_state)
     ref.stop()
 
 
@@ -175,7 +179,7 @@ class StateActorMachine(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
-        self.ref = StateActor.start()
+        self.ref = StateActor.start(pipelines=[SEED])
         self.proxy = self.ref.proxy()
         self.model: dict[str, TaskState] = {}
 
@@ -201,7 +205,7 @@ class StateActorMachine(RuleBasedStateMachine):
         if current is None:
             with pytest.raises(TaskNotFound):
                 future.get(timeout=5)
-        elif (use_expected and expected is not current) or to_state not in TRANSITIONS[current]:
+        elif (use_expected and expected is not current) or to_state not in SEED.transitions[current]:
             with pytest.raises(InvalidTransition):
                 future.get(timeout=5)
         else:
@@ -217,7 +221,7 @@ class StateActorMachine(RuleBasedStateMachine):
         for record in records.values():
             for entry in record.history[1:]:
                 assert entry.from_state is not None
-                assert is_allowed(entry.from_state, entry.to_state)
+                assert SEED.is_allowed(entry.from_state, entry.to_state)
 
     def teardown(self) -> None:
         if hasattr(self, "ref"):
@@ -229,7 +233,7 @@ test_the_state_actor_agrees_with_a_model_of_the_table = StateActorMachine.TestCa
 
 
 def test_a_stopped_state_actor_refuses_further_requests(state: Any) -> None:
-    ref = StateActor.start()
+    ref = StateActor.start(pipelines=[SEED])
     ref.stop()
     with pytest.raises(pykka.ActorDeadError):
         ref.proxy()
@@ -243,7 +247,7 @@ def test_a_proxy_call_that_empties_the_mailbox_commits_what_was_held_for_group_c
             blocked.set()
             release.wait(10)
 
-    ref = StateActor.start(journal=Journal(str(tmp_path / "t.db")))
+    ref = StateActor.start(pipelines=[SEED], journal=Journal(str(tmp_path / "t.db")))
     state = ref.proxy()
     state.subscribe(slow_subscriber).get(timeout=5)
     first = pykka.ThreadingFuture()
@@ -256,3 +260,22 @@ def test_a_proxy_call_that_empties_the_mailbox_commits_what_was_held_for_group_c
     assert size.get(timeout=5) == 2
     assert second.get(timeout=5).task_id == "second"  # committed by the proxy call's idle flush
     ref.stop()
+
+
+def test_a_state_actor_is_given_its_pipelines_and_knows_no_table_of_its_own() -> None:
+    with pytest.raises(TypeError, match="pipelines"):
+        StateActor.start()  # type: ignore[call-arg]
+    with pytest.raises(ConfigError, match="StateActor needs pipelines"):
+        StateActor.start(pipelines=[])
+    own = Pipeline("own", [Stage("check", lambda task, value: None)])
+    ref = StateActor.start(pipelines=[own])
+    try:
+        state = ref.proxy()
+        state.create("t1", {"x": 1}).get(timeout=5)
+        with pytest.raises(
+            InvalidTransition, match="VALIDATED is not a task state; allowed: CREATED, CHECK, COMPLETED"
+        ):
+            state.transition("t1", S.VALIDATED).get(timeout=5)  # the seed's state: not in this pipeline's table
+        assert state.transition("t1", S("CHECK")).get(timeout=5).state is S("CHECK")
+    finally:
+        ref.stop()

@@ -25,8 +25,11 @@ from actorflow.cli.traceview import (
     load_trace,
     parse_lines,
 )
-from actorflow.core.config import TRANSITIONS
 from actorflow.core.types import TaskState
+from actorflow.services import seed_pipeline
+
+TRANSITIONS = seed_pipeline(persist=lambda task, result: None).transitions
+"""The seed pipeline's table: what a log that names no table is checked against."""
 
 # --------------------------------------------------------------------------- writing logs like the runtime does
 

@@ -18,10 +18,13 @@ from structlog.testing import capture_logs
 from actorflow.actors import Runtime, StateActor
 from actorflow.cli import demo as run_demo
 from actorflow.cli import trace as trace_cli
-from actorflow.core import InvalidPayload, InvalidTransition, RuntimeConfig, Task, TaskState
+from actorflow.core import InvalidPayload, InvalidTransition, Task, TaskState
 from actorflow.core.tracing import configure_logging, parse_traceparent
-from actorflow.services import ServiceSet
+from actorflow.services import ServiceSet, seed_pipeline
 from tests.conftest import payload
+
+SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline, for a StateActor started by hand."""
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +108,7 @@ def test_context_bound_inside_one_service_call_does_not_leak_into_the_next_on_th
         seen.append(structlog.contextvars.get_contextvars())
         return {}
 
-    config = RuntimeConfig(processor_workers=1)
-    with Runtime(config, services=ServiceSet(process=process)) as runtime:
+    with Runtime(services=ServiceSet(process=process, workers={"processor": 1})) as runtime:
         first = runtime.submit(payload(0)).result(timeout=10)
         second = runtime.submit(payload(1)).result(timeout=10)
     assert seen[0]["secret"] == "only-for-task-0"
@@ -129,7 +131,7 @@ def test_service_code_logging_with_merge_contextvars_gets_the_tasks_trace() -> N
 
 
 def test_an_invalid_transition_request_is_logged_as_rejected_with_what_was_asked_and_why() -> None:
-    ref = StateActor.start()
+    ref = StateActor.start(pipelines=[SEED])
     state = ref.proxy()
     with capture_logs() as logs:
         state.create("t1", {"name": "a", "data": 1}).get(timeout=5)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from actorflow.core import FrozenDict, freeze, thaw
+from actorflow.core import TERMINAL_STATES, FrozenDict, TaskRecord, TaskState, freeze, is_terminal, thaw
 
 
 def test_freeze_turns_dicts_read_only_and_lists_into_tuples() -> None:
@@ -49,3 +49,18 @@ def test_frozen_values_serialize_to_json_and_pickle_and_thaw_back() -> None:
     assert pickle.loads(pickle.dumps(frozen)) == frozen
     assert thaw(frozen) == source
     assert copy.deepcopy(frozen) is frozen
+
+
+def test_a_record_counts_calls_and_retries_and_has_no_attempts_alias() -> None:
+    record = TaskRecord("t", TaskState.COMPLETED, freeze({"x": 21}), result=42, calls=4, retries=1)
+    assert not hasattr(record, "attempts")
+    wire = record.to_dict()
+    assert (wire["calls"], wire["retries"]) == (4, 1)
+    assert "attempts" not in wire
+    assert wire["result"] == 42  # the last stage's value, whatever JSON it is
+    assert json.loads(json.dumps(wire)) == wire
+
+
+def test_terminal_states_are_the_same_three_in_every_pipeline() -> None:
+    assert frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED}) == TERMINAL_STATES
+    assert [is_terminal(state) for state in TaskState] == [False, False, False, True, True, True]

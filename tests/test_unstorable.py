@@ -35,10 +35,13 @@ from actorflow.core import (
     UnstorableValue,
 )
 from actorflow.core.journal import Journal
+from actorflow.services import seed_pipeline
 from tests.conftest import MilestoneLog
 from tests.value_stages import BIG_CHARS, too_big
 
 S = TaskState
+SEED = seed_pipeline(persist=lambda task, result: None)
+"""The seed pipeline, for a StateActor started by hand: its table is what these tests use."""
 SQLITE_LIMIT = BIG_CHARS * 3 // 4
 """The lowered SQLite length limit: under what `too_big` returns, far over any other row."""
 
@@ -156,7 +159,7 @@ def test_two_culprits_in_one_batch_fail_alone_and_every_request_of_the_batch_get
     path = tmp_path / "t.db"
     journal = Journal(path)
     _lower_sqlite_limit(journal)
-    state_ref = StateActor.start(journal=journal)
+    state_ref = StateActor.start(pipelines=[SEED], journal=journal)
     collected = _Collected()
     receiver = _Outcomes.start(collected)
     try:
@@ -199,7 +202,7 @@ def test_two_culprits_in_one_batch_fail_alone_and_every_request_of_the_batch_get
 def test_a_culprit_asked_for_through_the_proxy_raises_journal_error_and_its_task_is_failed(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "t.db")
     _lower_sqlite_limit(journal)
-    state_ref = StateActor.start(journal=journal)
+    state_ref = StateActor.start(pipelines=[SEED], journal=journal)
     try:
         state = state_ref.proxy()
         state.create("t", {"name": "t"}).get(timeout=5)
@@ -215,7 +218,7 @@ def test_a_culprit_asked_for_through_the_proxy_raises_journal_error_and_its_task
 @pytest.mark.timeout(60)
 def test_a_value_poisoned_behind_freezes_back_is_named_by_the_journal_and_fails_only_its_task(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "t.db")
-    state_ref = StateActor.start(journal=journal)
+    state_ref = StateActor.start(pipelines=[SEED], journal=journal)
     collected = _Collected()
     receiver = _Outcomes.start(collected)
     try:
@@ -270,7 +273,7 @@ def test_a_transient_fault_after_a_culprit_is_set_aside_refuses_the_batch_whole_
             connection.set_progress_handler(None, 0)
 
     monkeypatch.setattr(Journal, "write_batch", write_batch)
-    state_ref = StateActor.start(journal=journal)
+    state_ref = StateActor.start(pipelines=[SEED], journal=journal)
     collected = _Collected()
     receiver = _Outcomes.start(collected)
     try:

@@ -72,7 +72,6 @@ from actorflow.actors.pool import PoolCannotStart, ServicePool
 from actorflow.actors.telemetry import Telemetry
 from actorflow.actors.threads import ThreadBook
 from actorflow.actors.timer import Timer
-from actorflow.core.config import TERMINAL_STATES
 from actorflow.core.errors import RuntimeStopped, TaskNotFound
 from actorflow.core.events import (
     MILESTONE_CALL_QUEUED,
@@ -96,7 +95,7 @@ from actorflow.core.events import (
     WORKER_RESTARTED,
 )
 from actorflow.core.tracing import TraceContext, get_event_logger, new_span_id
-from actorflow.core.types import JSONValue, Task, TaskRecord, TaskState
+from actorflow.core.types import TERMINAL_STATES, JSONValue, Task, TaskRecord, TaskState
 
 __all__ = ["OrchestratorActor"]
 

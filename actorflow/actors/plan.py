@@ -90,7 +90,7 @@ def stage_plans(plans: Sequence[PipelinePlan]) -> Iterator[StagePlan]:
 def _plan_stage(pipeline: Pipeline, stage: Stage, config: RuntimeConfig, *, several: bool) -> StagePlan:
     backend = stage_backend(stage, pipeline=pipeline.name, default=config.service_backend)
     if stage.workers is None:
-        workers = config.workers_for(stage.name)  # the config's own fields, which it checked against max_workers
+        workers = config.stage_workers  # checked against max_workers by the config itself
     else:
         workers = stage.workers
         if stage.is_async or backend == "async":

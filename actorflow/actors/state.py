@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +66,8 @@ from actorflow.actors.messages import (
     TransitionsApplied,
 )
 from actorflow.actors.threads import ThreadBook
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
 from actorflow.core.errors import (
+    ConfigError,
     InvalidPayload,
     InvalidTransition,
     JournalError,
@@ -99,8 +99,7 @@ from actorflow.core.journal.store import IdempotencyKey
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import TraceContext, get_event_logger, new_trace
 from actorflow.core.types import (
-    DEFAULT_PIPELINE,
-    SEED_STATES,
+    TERMINAL_STATES,
     TaskRecord,
     TaskState,
     Transition,
@@ -203,6 +202,7 @@ class StateActor(FastActor):
     def __init__(
         self,
         *,
+        pipelines: Sequence[Pipeline],
         journal: WriterStore | None = None,
         retain_terminal: int | None = None,
         dead_letters: DeadLetterOffice | None = None,
@@ -210,23 +210,20 @@ class StateActor(FastActor):
         on_terminal: Callable[[TaskRecord], None] | None = None,
         on_transition: Callable[[TaskRecord, Transition], None] | None = None,
         clock: Callable[[], float] = time.time,
-        pipelines: tuple[Pipeline, ...] | None = None,
         health: Health | None = None,
         milestones: Milestones | None = None,
         on_exit: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(threads=threads)
-        self._tables: dict[str, _Table] = (
-            {DEFAULT_PIPELINE: TRANSITIONS}
-            if pipelines is None
-            else {pipeline.name: pipeline.transitions for pipeline in pipelines}
-        )
+        if not pipelines:
+            raise ConfigError("StateActor needs pipelines: the transition table of each task is its pipeline's")
+        self._tables: dict[str, _Table] = {pipeline.name: pipeline.transitions for pipeline in pipelines}
         """The transition table of each pipeline, by name; every request is checked against its task's."""
-        known = dict.fromkeys(SEED_STATES if pipelines is None else ())
+        known: dict[TaskState, None] = {}
         for table in self._tables.values():
             known.update(dict.fromkeys(table))
         self._states: tuple[TaskState, ...] = tuple(known)
-        """Every state of every pipeline, in lifecycle order (the seed's first, if it runs)."""
+        """Every state of every pipeline, in lifecycle order (pipeline after pipeline)."""
         self._health = health or Health()
         self._milestones = milestones or Milestones()
         self._on_exit = on_exit

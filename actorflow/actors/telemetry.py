@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from actorflow.actors.messages import RunService, ServiceDone
-from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeFailed, RuntimeStopped
+from actorflow.core.errors import InvalidPayload, Overloaded, RuntimeUnavailable
 from actorflow.core.events import TELEMETRY_SPAN_FAILED
 from actorflow.core.metrics import Histogram, HistogramSnapshot
 from actorflow.core.tracing import TraceContext, get_event_logger
@@ -190,7 +190,8 @@ class MetricsSource(NamedTuple):
 
     telemetry: Telemetry
     stats: Callable[[], Mapping[str, Any]]
-    """Raises RuntimeStopped, RuntimeFailed or TimeoutError once the runtime's actors are gone."""
+    """Raises RuntimeUnavailable (RuntimeStopped, RuntimeFailed, RuntimeNotAnswering) once the runtime's
+    actors are gone or do not answer."""
 
 
 class MetricsCollector:
@@ -258,7 +259,7 @@ class MetricsCollector:
             dropped.add_metric([name], telemetry.spans_dropped)
             try:
                 stats = read_stats()
-            except (RuntimeStopped, RuntimeFailed, TimeoutError):
+            except RuntimeUnavailable:
                 continue  # the actors are gone: their counters with them
             for fault, family in faults.items():
                 family.add_metric([name], stats.get(fault, 0))

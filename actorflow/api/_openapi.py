@@ -90,7 +90,6 @@ _SCHEMAS: dict[str, Any] = {
             "pipeline",
             "calls",
             "retries",
-            "attempts",
         ],
         "properties": {
             "task_id": {"type": "string"},
@@ -103,9 +102,16 @@ _SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "number"},
             "trace_id": {"type": "string"},
             "pipeline": {"type": "string", "description": "the pipeline the task runs through"},
-            "calls": {"type": "integer", "minimum": 0, "description": "stage calls made, retries included"},
-            "retries": {"type": "integer", "minimum": 0, "description": "calls that retried a stage"},
-            "attempts": {"type": "integer", "minimum": 0, "description": "the former name of `calls`"},
+            "calls": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "stage function calls made for the task, retries included",
+            },
+            "retries": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "how many of those calls retried a stage (after a transient failure or a timeout)",
+            },
             "traceback": {
                 "type": ["string", "null"],
                 "description": "the last failed service call's traceback (innermost frames, at most 8 KiB)",

@@ -87,6 +87,7 @@ from actorflow.core import (
     Overloaded,
     RuntimeConfig,
     RuntimeFailed,
+    RuntimeNotAnswering,
     RuntimeStopped,
     TaskNotFound,
     TaskRecord,
@@ -232,7 +233,7 @@ def create_app(
             RuntimeStopped: _stopped,
             RuntimeFailed: _failed,
             JournalError: _journal_refuses,
-            TimeoutError: _not_answering,  # the runtime did not answer a read in time
+            RuntimeNotAnswering: _not_answering,  # the runtime did not answer a read in time
             NotImplementedError: _not_implemented,
         },
         lifespan=lifespan,
@@ -1102,7 +1103,7 @@ def _drain_and_close(runtime: Runtime, signals: _StopSignals, stop_at: float | N
         )
     except _StopNow:
         _log.warning("Stopping without draining: the tasks in flight are left unfinished%s", unfinished)
-    except (ActorflowError, TimeoutError) as exc:  # the runtime failed, or does not answer: nothing to wait for
+    except ActorflowError as exc:  # the runtime failed, or does not answer: nothing to wait for
         _log.warning("Stopping without draining: the runtime cannot finish its tasks: %s", exc)
     finally:
         runtime.close(drain=False)

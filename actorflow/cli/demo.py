@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from actorflow.actors import Runtime
 from actorflow.core import RuntimeConfig, TaskRecord, TaskState, TransitionEvent, is_terminal
 from actorflow.core.tracing import configure_logging
 from actorflow.core.types import JSONInput
+from actorflow.services import ServiceSet
 
 __all__ = ["build_parser", "clip", "main"]
 
@@ -57,8 +58,9 @@ def clip(text: str, width: int) -> str:
 
 
 def _describe(record: TaskRecord) -> str:
-    if record.result is not None:
-        return f"sha256 {str(record.result.get('sha256', ''))[:12]}  {record.result.get('bytes')} bytes"
+    result = record.result
+    if isinstance(result, Mapping):  # the seed's processor returns a mapping
+        return f"sha256 {str(result.get('sha256', ''))[:12]}  {result.get('bytes')} bytes"
     return record.error or ""
 
 
@@ -96,8 +98,8 @@ def main(argv: Sequence[str], *, prog: str = "actorflow demo") -> int:
     else:
         close_log = configure_logging(json=False, level="INFO" if args.verbose else "WARNING")
     try:
-        config = RuntimeConfig(processor_workers=args.workers, journal_path=args.journal)
-        with Runtime(config) as runtime:
+        config = RuntimeConfig(journal_path=args.journal)
+        with Runtime(config, services=ServiceSet(workers={"processor": args.workers})) as runtime:
             before = runtime.stats()
             earlier = sum(before[state.value] for state in TaskState)
             print(f"\n== 1. Task creation: {args.tasks} tasks ==")

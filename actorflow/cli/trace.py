@@ -31,8 +31,7 @@ from actorflow.cli.traceview import (
     TransitionEntry,
     load_trace,
 )
-from actorflow.core.config import TERMINAL_STATES
-from actorflow.core.types import TaskState
+from actorflow.core.types import TERMINAL_STATES, TaskState
 
 __all__ = ["main"]
 

@@ -9,7 +9,7 @@ Works on what `actorflow.cli.traceview` reads back from a log::
 
 Every logged state change is checked against the transition table of its
 task's pipeline, as the log's ``runtime.started`` line gave it (the seed's
-table, `actorflow.core.config.TRANSITIONS`, serves logs that carry none).
+table, built by `actorflow.services.seed_pipeline`, serves logs that carry none).
 
 The checks trust file order only for ``task.transition`` lines. That holds
 because the single state actor logs every transition, one after another. Stage
@@ -19,14 +19,14 @@ can finish after the task was cancelled), so they are shown but not checked.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from actorflow.cli.traceview import Table, TaskTimeline, Trace, TransitionEntry
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS
-from actorflow.core.types import TaskState
+from actorflow.core.types import TERMINAL_STATES, Task, TaskState
+from actorflow.services import seed_pipeline
 
 __all__ = [
     "FailureGroup",
@@ -39,8 +39,16 @@ __all__ = [
     "latency_summary",
 ]
 
+
+def _never_persist(task: Task, result: Mapping[str, Any]) -> None:
+    """Only the seed pipeline's shape is read here, never run."""
+
+
 _SEED_TABLE: Table = MappingProxyType(
-    {state.value: frozenset(target.value for target in targets) for state, targets in TRANSITIONS.items()}
+    {
+        state.value: frozenset(target.value for target in targets)
+        for state, targets in seed_pipeline(persist=_never_persist).transitions.items()
+    }
 )
 _TERMINAL_NAMES: frozenset[str] = frozenset(state.value for state in TERMINAL_STATES)
 _CREATED = TaskState.CREATED.value
@@ -109,7 +117,7 @@ def check_timeline(timeline: TaskTimeline, *, table: Table | None = None) -> lis
 def check_transitions(trace: Trace) -> list[Violation]:
     """Every ``task.transition`` that breaks the lifecycle, in file order.
 
-    A transition must be in its task's pipeline's table (`core.config.TRANSITIONS`
+    A transition must be in its task's pipeline's table (the seed pipeline's
     for the seed, or when the log does not say; creation is None -> CREATED),
     must start from the state the task's previous transition reached (None
     before the first), and must not follow a terminal state.

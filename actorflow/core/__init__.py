@@ -1,9 +1,10 @@
-"""actorflow's foundation: types, the transition table, config, errors, tracing and storage.
+"""actorflow's foundation: types, pipelines (and the transition tables they derive), config, errors,
+tracing and storage.
 
 This package imports nothing else of actorflow's.
 """
 
-from actorflow.core.config import TERMINAL_STATES, TRANSITIONS, RuntimeConfig, is_allowed, is_terminal
+from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import (
     ActorflowError,
     ConfigError,
@@ -12,8 +13,12 @@ from actorflow.core.errors import (
     JournalError,
     Overloaded,
     RuntimeFailed,
+    RuntimeNotAnswering,
     RuntimeStopped,
+    RuntimeUnavailable,
+    SubmissionRefused,
     TaskNotFound,
+    TaskTimeout,
     TransientError,
     UnknownPipeline,
     UnstorableValue,
@@ -21,12 +26,22 @@ from actorflow.core.errors import (
     ValueTooLarge,
     WouldDeadlock,
 )
-from actorflow.core.pipeline import Pipeline, Stage
-from actorflow.core.types import FrozenDict, Task, TaskRecord, TaskState, Transition, TransitionEvent, freeze, thaw
+from actorflow.core.pipeline import Pipeline, Stage, StageFunction
+from actorflow.core.types import (
+    TERMINAL_STATES,
+    FrozenDict,
+    Task,
+    TaskRecord,
+    TaskState,
+    Transition,
+    TransitionEvent,
+    freeze,
+    is_terminal,
+    thaw,
+)
 
 __all__ = [
     "TERMINAL_STATES",
-    "TRANSITIONS",
     "ActorflowError",
     "ConfigError",
     "FrozenDict",
@@ -37,12 +52,17 @@ __all__ = [
     "Pipeline",
     "RuntimeConfig",
     "RuntimeFailed",
+    "RuntimeNotAnswering",
     "RuntimeStopped",
+    "RuntimeUnavailable",
     "Stage",
+    "StageFunction",
+    "SubmissionRefused",
     "Task",
     "TaskNotFound",
     "TaskRecord",
     "TaskState",
+    "TaskTimeout",
     "TransientError",
     "Transition",
     "TransitionEvent",
@@ -52,7 +72,6 @@ __all__ = [
     "ValueTooLarge",
     "WouldDeadlock",
     "freeze",
-    "is_allowed",
     "is_terminal",
     "thaw",
 ]

@@ -1,60 +1,29 @@
-"""Configuration as data: the seed's transition table and the validated `RuntimeConfig`.
+"""Configuration as data: `RuntimeConfig`, every knob of a runtime, checked when it is built.
 
-Transition tables are derived from pipelines (`core.pipeline`); `TRANSITIONS` is
-the seed pipeline's, its lifecycle diagram plus cancellation::
-
-    CREATED ──► VALIDATED ──► PROCESSING ──► COMPLETED
-       │            │              │
-       ├────────────┴──────────────┴──────► FAILED
-       └────────────┴──────────────┴──────► CANCELLED
-
-COMPLETED, FAILED and CANCELLED are terminal: nothing leaves them.
+The transition tables are not here: each pipeline derives its own (`core.pipeline`),
+and the states terminal in every pipeline are `core.types.TERMINAL_STATES`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from actorflow.core.errors import ConfigError, quote
-from actorflow.core.pipeline import MAX_SECONDS, check_backend_name, seed_shape
-from actorflow.core.types import TaskState
+from actorflow.core.pipeline import MAX_SECONDS, check_backend_name
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_SECONDS",
     "MAX_VALUE_BYTES",
     "MIN_VALUE_BYTES",
-    "NON_TERMINAL_STATES",
-    "TERMINAL_STATES",
-    "TRANSITIONS",
     "RuntimeConfig",
-    "is_allowed",
-    "is_terminal",
 ]
 
-
-def _no_stage(*args: object) -> None:
-    """A placeholder: only the seed pipeline's shape is needed here, not its functions."""
-
-
-TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = seed_shape(_no_stage, _no_stage, _no_stage).transitions
-"""For each state, the states it may move to. A state with no way out is terminal."""
-
-TERMINAL_STATES: frozenset[TaskState] = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
-NON_TERMINAL_STATES: frozenset[TaskState] = frozenset(TRANSITIONS) - TERMINAL_STATES
-
-
-def is_allowed(from_state: TaskState, to_state: TaskState) -> bool:
-    """True if the seed's table allows moving from `from_state` to `to_state` (see `Pipeline.is_allowed`)."""
-    return to_state in TRANSITIONS.get(from_state, frozenset())
-
-
-def is_terminal(state: TaskState) -> bool:
-    """True for COMPLETED, FAILED and CANCELLED (terminal in every pipeline)."""
-    return state in TERMINAL_STATES
+_SEED_WORKER_FIELDS = ("validator_workers", "processor_workers", "persistence_workers")
+"""The deprecated fields that size the seed pipeline's stages, named ``<stage>_workers``."""
 
 
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024 * 1024
@@ -77,13 +46,17 @@ class RuntimeConfig:
     """
 
     stage_workers: int = 4
-    """Workers of a pipeline stage that sets none (1 to `max_workers`); the seed's stages use the three below."""
-    validator_workers: int = 2
-    """Worker actors in the validator pool (1 to `max_workers`)."""
-    processor_workers: int = 4
-    """Worker actors in the processor pool (1 to `max_workers`)."""
-    persistence_workers: int = 2
-    """Worker actors in the persistence pool (1 to `max_workers`)."""
+    """Workers of a pipeline stage that sets none (1 to `max_workers`). The seed pipeline's stages set
+    their own (2, 4 and 2: see `actorflow.services.seed_pipeline`)."""
+    validator_workers: int | None = None
+    """Deprecated: the seed pipeline's validator stage's workers; use ``ServiceSet(workers={"validator": N})``
+    (the seed pipeline's `workers=`), or `Stage(workers=)` in a pipeline of your own. None: the seed's 2."""
+    processor_workers: int | None = None
+    """Deprecated: the seed pipeline's processor stage's workers; use ``ServiceSet(workers={"processor": N})``.
+    None: the seed's 4."""
+    persistence_workers: int | None = None
+    """Deprecated: the seed pipeline's persistence stage's workers; use
+    ``ServiceSet(workers={"persistence": N})``. None: the seed's 2."""
     max_workers: int = 256
     """The most workers one stage may have on the thread, process and Ray backends (each is a
     thread, a process or a Ray actor): the pool sizes above and `Stage(workers=)` are checked
@@ -137,8 +110,21 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         for name in ("max_attempts", "max_workers", "max_async_workers"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("stage_workers", "validator_workers", "processor_workers", "persistence_workers"):
+        _check_int("stage_workers", self.stage_workers, minimum=1, maximum=self.max_workers, bound="max_workers")
+        deprecated = [name for name in _SEED_WORKER_FIELDS if getattr(self, name) is not None]
+        for name in deprecated:
             _check_int(name, getattr(self, name), minimum=1, maximum=self.max_workers, bound="max_workers")
+        if deprecated:
+            sizes = ", ".join(f"{name.removesuffix('_workers')!r}: {getattr(self, name)}" for name in deprecated)
+            warnings.warn(
+                f"RuntimeConfig.{', RuntimeConfig.'.join(deprecated)} "
+                f"{'is deprecated: it sizes' if len(deprecated) == 1 else 'are deprecated: they size'} the seed "
+                f"pipeline's stages only; use ServiceSet(workers={{{sizes}}}) "
+                "(the seed pipeline's workers=, see actorflow.services.seed_pipeline), or Stage(workers=N) "
+                "in a pipeline of your own",
+                DeprecationWarning,
+                stacklevel=3,  # __post_init__, the dataclass's __init__, then the caller
+            )
         _check_int("max_restarts", self.max_restarts, minimum=0)
         value_bytes = self.max_value_bytes
         if (
@@ -178,14 +164,11 @@ class RuntimeConfig:
                 f"retry_backoff_s ({self.retry_backoff_s})"
             )
 
-    def workers_for(self, service: str) -> int:
-        """Pool size of a stage that sets no `workers`: "validator", "processor" and "persistence"
-        have their own fields, any other stage gets `stage_workers`."""
-        if service in ("validator", "processor", "persistence"):
-            value = getattr(self, f"{service}_workers")
-            assert isinstance(value, int)
-            return value
-        return self.stage_workers
+    def seed_workers(self) -> dict[str, int]:
+        """The seed stages' workers set through the deprecated ``<stage>_workers`` fields, by stage name
+        (only the fields set: ``{"processor": 8}``). The runtime applies them to the seed pipeline."""
+        sizes = {name.removesuffix("_workers"): getattr(self, name) for name in _SEED_WORKER_FIELDS}
+        return {stage: size for stage, size in sizes.items() if size is not None}
 
 
 def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None, bound: str = "") -> None:

@@ -5,24 +5,39 @@ The tree::
     ActorflowError
     ├── ConfigError            a RuntimeConfig field, a Stage, a Pipeline or a ServiceSet entry is wrong
     ├── InvalidTransition      the transition table or `expected` forbids the change
-    ├── TaskNotFound           no task has that id
-    ├── UnknownPipeline        no pipeline of the runtime has that name
-    ├── InvalidPayload         a submitted payload is not a JSON mapping, or its id is taken
-    │   ├── ValidationError    the validator service rejected the payload
-    │   └── ValueTooLarge      a payload, or a value a stage returned, is over
-    │                          `RuntimeConfig.max_value_bytes`
-    ├── RuntimeStopped         the runtime was closed (or this process is a fork() child of its own)
-    ├── RuntimeFailed          the runtime lost what it cannot rebuild (its state
-    │                          actor without a journal, or its journal file); it
-    │                          accepts no more work and releases every waiter
+    ├── TaskNotFound           no task has that id (also a KeyError)
+    ├── SubmissionRefused      `submit` created nothing, because of the submission or the load:
+    │   │                      the same runtime takes other work
+    │   ├── InvalidPayload     a submitted payload is not a JSON mapping, or its id is taken
+    │   │   │                  (also a ValueError)
+    │   │   ├── ValidationError  the seed's validator rejected the payload (it fails its task)
+    │   │   └── ValueTooLarge  a payload, or a value a stage returned, is over
+    │   │                      `RuntimeConfig.max_value_bytes`
+    │   ├── UnknownPipeline    no pipeline of the runtime has that name (also a LookupError)
+    │   └── Overloaded         backpressure: too many tasks in flight
+    ├── RuntimeUnavailable     the runtime cannot serve the call at all
+    │   ├── RuntimeStopped     it was closed (or this process is a fork() child of its own)
+    │   ├── RuntimeFailed      it lost what it cannot rebuild (its state actor without a
+    │   │                      journal, or its journal file); it accepts no more work and
+    │   │                      releases every waiter
+    │   └── RuntimeNotAnswering  its actors did not answer a request in time (also a TimeoutError)
+    ├── TaskTimeout            `handle.result(timeout=)` ran out before the task was terminal
+    │                          (also a TimeoutError); the task goes on
     ├── WouldDeadlock          a blocking call on a thread it would wait for (a subscriber
     │                          callback, a service): raised at once instead of hanging
-    ├── Overloaded             backpressure: too many tasks in flight
-    ├── JournalError           the SQLite journal is unusable (not a database, newer
-    │   │                      schema, locked, I/O failure)
+    ├── JournalError           the journal is unusable (not a database, newer schema,
+    │   │                      locked, I/O failure); from `submit`, nothing was created
     │   └── UnstorableValue    the journal refuses one task's change for good (a value it
     │                          cannot encode or store): that task alone fails, or is not created
-    └── TransientError         raised by a service to ask for a retry
+    └── TransientError         raised by a stage function: "retry me" (with backoff, up to
+                               max_attempts); any other exception fails the task at once
+
+The parents are additional base classes: ``except InvalidPayload`` and the
+builtin ones (``except TimeoutError``, ``except KeyError``) catch what they
+always caught. `JournalError` and `UnstorableValue` are not `SubmissionRefused`,
+though `submit` may raise them: they are the store's verdict (a full disk, a
+row it cannot hold), raised by reads and at start-up too, not a check of the
+submission; catch them beside `SubmissionRefused` to handle every refusal.
 
 Every message names what was wrong, with the value, and what is allowed. A value
 that came from a user is quoted through `quote()`, which bounds its length: a
@@ -42,8 +57,12 @@ __all__ = [
     "JournalError",
     "Overloaded",
     "RuntimeFailed",
+    "RuntimeNotAnswering",
     "RuntimeStopped",
+    "RuntimeUnavailable",
+    "SubmissionRefused",
     "TaskNotFound",
+    "TaskTimeout",
     "TransientError",
     "UnknownPipeline",
     "UnstorableValue",
@@ -109,7 +128,16 @@ class TaskNotFound(ActorflowError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnknownPipeline(ActorflowError, LookupError):
+class SubmissionRefused(ActorflowError):
+    """`submit` (or `submit_many`) created nothing, because of what was submitted or of the load.
+
+    The parent of `InvalidPayload`, `UnknownPipeline` and `Overloaded`: the runtime is
+    well and takes other work; this submission, as it is, was refused (an `Overloaded`
+    one may be accepted later). The message says why.
+    """
+
+
+class UnknownPipeline(SubmissionRefused, LookupError):
     """A task was submitted to a pipeline the runtime does not define. The message names the known ones."""
 
     def __init__(self, name: object, known: list[str]) -> None:
@@ -118,12 +146,12 @@ class UnknownPipeline(ActorflowError, LookupError):
         self.known = known
 
 
-class InvalidPayload(ActorflowError, ValueError):
+class InvalidPayload(SubmissionRefused, ValueError):
     """A submitted payload (or task id) cannot be accepted."""
 
 
 class ValidationError(InvalidPayload):
-    """The validator service rejected a payload. The message names the field."""
+    """The seed pipeline's validator rejected a payload (its task fails). The message names the field."""
 
 
 class ValueTooLarge(InvalidPayload):
@@ -134,17 +162,50 @@ class ValueTooLarge(InvalidPayload):
     """
 
 
-class RuntimeStopped(ActorflowError):
+class Overloaded(SubmissionRefused):
+    """Backpressure: the runtime is at `max_in_flight` and could not accept the task."""
+
+
+class RuntimeUnavailable(ActorflowError):
+    """The runtime cannot serve the call: it is closed, it failed, or its actors do not answer.
+
+    The parent of `RuntimeStopped`, `RuntimeFailed` and `RuntimeNotAnswering`: whatever the
+    call was, nothing of it happened (a submission created nothing).
+    """
+
+
+class RuntimeStopped(RuntimeUnavailable):
     """The runtime was closed; it accepts no more work."""
 
 
-class RuntimeFailed(ActorflowError):
+class RuntimeFailed(RuntimeUnavailable):
     """The runtime failed for good: pending `result()`/`join()` raise it, and so does `submit()`.
 
     Raised when a central actor dies and cannot be rebuilt (the StateActor of a
     runtime without a journal), or when the journal file is deleted or replaced
     while the runtime runs. The message names what was lost.
     """
+
+
+class RuntimeNotAnswering(RuntimeUnavailable, TimeoutError):
+    """The runtime's actors did not answer a request (a read, a cancel) in time.
+
+    Also a `TimeoutError`. The runtime may be overwhelmed rather than gone: the call
+    may be made again.
+    """
+
+
+class TaskTimeout(ActorflowError, TimeoutError):
+    """`TaskHandle.result(timeout=)` ran out of time before the task was terminal.
+
+    Also a `TimeoutError`. Only the wait ended: the task runs on, and `result()`
+    may be called again. `task_id` and `timeout` say which wait it was.
+    """
+
+    def __init__(self, message: str, *, task_id: str = "", timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.timeout = timeout
 
 
 class WouldDeadlock(ActorflowError):
@@ -154,10 +215,6 @@ class WouldDeadlock(ActorflowError):
     threads: a call that waits for an answer only that thread can give, or for
     tasks that need it, would hang there. The message says what to do instead.
     """
-
-
-class Overloaded(ActorflowError):
-    """Backpressure: the runtime is at `max_in_flight` and could not accept the task."""
 
 
 class JournalError(ActorflowError):
@@ -183,4 +240,11 @@ class UnstorableValue(JournalError):
 
 
 class TransientError(ActorflowError):
-    """Raised by a service to ask for the stage to be retried (with backoff)."""
+    """Raise it from a stage function to say "retry me": the failure may pass (a busy upstream, a timeout).
+
+    The stage is called again, with `Task.attempt` one higher, after a backoff
+    (`retry_backoff_s`, doubled per attempt with full jitter, capped at
+    `retry_backoff_max_s`), up to `max_attempts` calls; then the task fails with
+    this error. Any other exception fails the task at once. A call that runs past
+    its stage's `timeout_s` is retried the same way.
+    """

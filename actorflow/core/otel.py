@@ -216,12 +216,13 @@ class SpanRecorder:
         span = self._spans.pop(record.task_id, None)
         if span is None:
             return
-        state, attempts, error = record.state, record.attempts, record.error
+        state, calls, retries, error = record.state, record.calls, record.retries, record.error
         end_ns = int(record.updated_at * 1e9)
 
         def end() -> None:
             span.set_attribute("actorflow.state", state.value)
-            span.set_attribute("actorflow.attempts", attempts)
+            span.set_attribute("actorflow.calls", calls)
+            span.set_attribute("actorflow.retries", retries)
             if state is TaskState.FAILED:
                 span.set_status(Status(StatusCode.ERROR, error or "failed"))
             span.end(end_time=end_ns)

@@ -16,9 +16,11 @@ enforces. For stages ``check, fetch, store``::
 
 A stage whose state is the previous one's (or ``CREATED`` for the first stage)
 runs without a transition; a stage's ``done_state`` is recorded when it succeeds.
-The seed pipeline (`services.ServiceSet`) uses both, which gives its lifecycle
+The seed pipeline (`actorflow.services.seed_pipeline`) is a pipeline like any
+other, built from both: its lifecycle is
 ``CREATED ─validator─► VALIDATED ──► PROCESSING ─processor, persistence─► COMPLETED``.
-COMPLETED, FAILED and CANCELLED are terminal: nothing leaves them.
+COMPLETED, FAILED and CANCELLED (`core.types.TERMINAL_STATES`) are terminal in
+every pipeline: nothing leaves them.
 """
 
 from __future__ import annotations
@@ -26,15 +28,46 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeAlias
 
 from actorflow.core.errors import ConfigError, quote
-from actorflow.core.types import DEFAULT_PIPELINE, TaskState
+from actorflow.core.types import DEFAULT_PIPELINE, TERMINAL_STATES, JSONInput, JSONValue, Task, TaskState
 
-__all__ = ["BACKEND_NAME", "DEFAULT_PIPELINE", "MAX_SECONDS", "Pipeline", "Stage", "check_backend_name", "seed_shape"]
+__all__ = [
+    "BACKEND_NAME",
+    "DEFAULT_PIPELINE",
+    "MAX_SECONDS",
+    "AsyncStageFunction",
+    "Pipeline",
+    "Stage",
+    "StageFunction",
+    "SyncStageFunction",
+    "check_backend_name",
+]
+
+
+class SyncStageFunction(Protocol):
+    """A stage function: ``fn(task, value) -> next value`` (None hands `value` on).
+
+    `task` is the `Task` (its id, its payload, `Task.attempt`); `value` is the payload for the
+    first stage, then what the stage before returned. Raise `TransientError` to be retried.
+    """
+
+    def __call__(self, task: Task, value: JSONValue, /) -> JSONInput: ...
+
+
+class AsyncStageFunction(Protocol):
+    """An ``async def`` stage function: ``await fn(task, value) -> next value``; it runs on an event loop."""
+
+    def __call__(self, task: Task, value: JSONValue, /) -> Awaitable[JSONInput]: ...
+
+
+StageFunction: TypeAlias = SyncStageFunction | AsyncStageFunction
+"""What `Stage.fn` takes: a function called as ``fn(task, value)``, plain or ``async def``. Type
+checkers use it to catch a function of another shape; `Stage` checks the arity when it is built."""
 
 BACKEND_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a backend's name looks like. Which names exist is the runtime's registry's to say
@@ -45,7 +78,6 @@ MAX_SECONDS: Final = 365 * 24 * 3600.0
 any real timeout or backoff, and far below what a thread's wait accepts (`threading.TIMEOUT_MAX`, about
 292 years on Linux), which a larger one would overflow."""
 _NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
-_TERMINAL: Final = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
 
 
 def check_backend_name(what: str, value: object) -> None:
@@ -61,6 +93,27 @@ def _is_coroutine_function(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
+def _check_signature(where: str, fn: Callable[..., object]) -> None:
+    """Raise ConfigError unless `fn` can be called as ``fn(task, value)``.
+
+    A callable whose signature cannot be read (some builtins and extension types) is
+    taken on trust: the check is there to catch the common mistake early, not to refuse
+    what works.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        raise ConfigError(
+            f"{where}: fn {name}{signature} cannot be called as fn(task, value) ({exc}); "
+            "a stage function takes two positional arguments: the Task and the value"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """One step of a pipeline: a function and where and how it runs.
@@ -69,7 +122,9 @@ class Stage:
 
     Args:
         name: 1-64 letters, digits, ``_`` or ``-``, unique in its pipeline.
-        fn: ``fn(task, value)``; may be ``async def`` (then it runs on an event loop).
+        fn: ``fn(task, value)`` (a `StageFunction`); may be ``async def`` (then it runs on an event
+            loop). Checked when the stage is built: one that cannot take two positional arguments
+            raises ConfigError.
         workers: calls of this stage running at once (for "async", calls in flight); at most
             `RuntimeConfig.max_workers` (`max_async_workers` for "async"), checked by the Runtime.
         backend: the name of a registered backend: "thread", "process", "ray", "async" (for
@@ -88,7 +143,7 @@ class Stage:
     """
 
     name: str
-    fn: Callable[..., Any]
+    fn: StageFunction
     workers: int | None = None
     backend: str | None = None
     timeout_s: float | None = None
@@ -107,6 +162,7 @@ class Stage:
         where = f"Stage {self.name!r}"
         if not callable(self.fn):
             raise ConfigError(f"{where}: fn must be callable, got {quote(self.fn)}")
+        _check_signature(where, self.fn)
         if self.workers is not None:
             _check_int(where, "workers", self.workers, minimum=1)
         if self.max_attempts is not None:
@@ -144,7 +200,7 @@ class Stage:
                 state = TaskState(value)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {name} {exc}") from None
-            if state in _TERMINAL:
+            if state in TERMINAL_STATES:
                 raise ConfigError(f"{where}: {name} {value!r} is terminal; a stage's states must not be")
         if self.done_state == TaskState.CREATED:
             raise ConfigError(f"{where}: done_state must not be CREATED, the state every task starts in")
@@ -213,7 +269,7 @@ class Pipeline:
                 if name_or_none is None:
                     continue
                 state = TaskState(name_or_none)
-                if state in _TERMINAL:
+                if state in TERMINAL_STATES:
                     raise ConfigError(
                         f"Pipeline {name!r}: stage {stage.name!r} has the terminal state {state.value!r} "
                         f"(derived from its name); give the stage another state= name"
@@ -304,27 +360,4 @@ def _check_seconds(where: str, name: str, value: object, *, allow_zero: bool) ->
     raise ConfigError(
         f"{where}: {name} must be a finite number of seconds {low} and <= {MAX_SECONDS:.0f} (a year) or None, "
         f"got {quote(value)}"
-    )
-
-
-def seed_shape(
-    validate: Callable[..., Any],
-    process: Callable[..., Any],
-    persist: Callable[..., Any],
-    *,
-    name: str = DEFAULT_PIPELINE,
-) -> Pipeline:
-    """The seed's lifecycle, CREATED → VALIDATED → PROCESSING → COMPLETED, around three stage functions.
-
-    The validator runs in CREATED and records VALIDATED when it succeeds; the
-    processor and the persistence both run in PROCESSING. (`services.ServiceSet`
-    builds it with the seed's functions adapted to ``fn(task, value)``.)
-    """
-    return Pipeline(
-        name,
-        [
-            Stage("validator", validate, state=TaskState.CREATED, done_state=TaskState.VALIDATED),
-            Stage("processor", process, state=TaskState.PROCESSING),
-            Stage("persistence", persist, state=TaskState.PROCESSING),
-        ],
     )

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PIPELINE",
     "MAX_DEPTH",
     "SEED_STATES",
+    "TERMINAL_STATES",
     "FrozenDict",
     "JSONInput",
     "JSONValue",
@@ -35,6 +36,7 @@ __all__ = [
     "evolve",
     "freeze",
     "freeze_payload",
+    "is_terminal",
     "thaw",
 ]
 
@@ -143,6 +145,14 @@ SEED_STATES: tuple[TaskState, ...] = (
     TaskState.CANCELLED,
 )
 """The seed pipeline's states, in lifecycle order; what iterating `TaskState` gives."""
+
+TERMINAL_STATES: frozenset[TaskState] = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+"""The states nothing leaves, the same in every pipeline: every pipeline's table ends in them."""
+
+
+def is_terminal(state: TaskState) -> bool:
+    """True for COMPLETED, FAILED and CANCELLED (terminal in every pipeline)."""
+    return state in TERMINAL_STATES
 
 
 class FrozenDict(dict[str, "JSONValue"]):
@@ -474,12 +484,13 @@ def thaw(value: object) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """What a service sees: the task's id and its frozen payload."""
+    """What a stage function sees: the task's id, its frozen payload, and which attempt this call is."""
 
     task_id: str
     payload: Mapping[str, JSONValue]
     attempt: int = 1
-    """Which attempt of the current stage this call is (1 for the first)."""
+    """Which attempt of the current stage this call is: 1 for the first, 2 for its first retry...
+    (counted per stage: the next stage starts at 1 again; see `TaskRecord` for the task's totals)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,6 +509,13 @@ class Transition:
 class TaskRecord:
     """The state actor's view of one task. A new record is made for every change (see `evolve`).
 
+    Counting, in one vocabulary: `calls` is how many stage function calls were
+    made for the task, retries included; `retries` is how many of those calls
+    were retries (of a stage, after a transient failure or a timeout); a stage
+    function sees `Task.attempt`, which attempt of its current stage the call is
+    (1, then 2 for the first retry, and 1 again at the next stage). A clean run
+    of three stages has ``calls == 3`` and ``retries == 0``.
+
     Not slotted, on purpose: with a __dict__, `evolve` can copy a record in two C-level dict
     updates instead of twelve object.__setattr__ calls, which is most of what a transition costs.
     """
@@ -505,7 +523,8 @@ class TaskRecord:
     task_id: str
     state: TaskState
     payload: Mapping[str, JSONValue]
-    result: Mapping[str, JSONValue] | None = None
+    result: JSONValue = None
+    """The last stage's value once COMPLETED (any JSON value: a mapping, a list, 42...); None until then."""
     error: str | None = None
     history: tuple[Transition, ...] = ()
     created_at: float = 0.0
@@ -526,11 +545,6 @@ class TaskRecord:
     """While the task runs: the value handed to its current stage, if that is not the payload (None)."""
     traceback: str | None = None
     """The formatted traceback of the task's last failed service call (bounded in size), if any."""
-
-    @property
-    def attempts(self) -> int:
-        """The former name of `calls` (a clean run of three stages shows 3: not two retries; see `retries`)."""
-        return self.calls
 
     def path(self) -> list[str]:
         """The states the task went through, in order (``["CREATED", "VALIDATED", ...]``)."""
@@ -561,7 +575,6 @@ class TaskRecord:
             "pipeline": self.pipeline,
             "calls": self.calls,
             "retries": self.retries,
-            "attempts": self.calls,
             "traceback": self.traceback,
         }
 

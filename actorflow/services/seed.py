@@ -1,4 +1,10 @@
-"""The seed pipeline, validate → process → persist, as one `Pipeline` value.
+"""The seed pipeline, validate → process → persist: a `Pipeline` like any other, built by `seed_pipeline`.
+
+Its lifecycle::
+
+    CREATED ─validator─► VALIDATED ──► PROCESSING ─processor, persistence─► COMPLETED
+       │                    │              │
+       └────────────────────┴──────────────┴──────► FAILED, CANCELLED
 
 The seed's three functions keep their own signatures (``validate(payload)``,
 ``process(task) -> Mapping``, ``persist(task, result)``); the adapters here give
@@ -10,13 +16,19 @@ Ray backends.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
-from actorflow.core.pipeline import DEFAULT_PIPELINE, Pipeline, seed_shape
-from actorflow.core.types import JSONValue, Task
+from actorflow.core.errors import ConfigError, quote
+from actorflow.core.pipeline import DEFAULT_PIPELINE, Pipeline, Stage
+from actorflow.core.types import JSONValue, Task, TaskState
+from actorflow.services.persistence import ResultStore
+from actorflow.services.processor import process as default_process
+from actorflow.services.validator import validate as default_validate
 
 __all__ = [
     "SEED_STAGES",
+    "SEED_WORKERS",
     "PersistStage",
     "ProcessStage",
     "ValidateStage",
@@ -25,8 +37,11 @@ __all__ = [
     "unwrap",
 ]
 
-SEED_STAGES = ("validator", "processor", "persistence")
-"""The seed's stage names, in order. Its pools and config fields are named after them."""
+SEED_STAGES: Final = ("validator", "processor", "persistence")
+"""The seed's stage names, in order; its pools are named after them."""
+
+SEED_WORKERS: Final[Mapping[str, int]] = MappingProxyType({"validator": 2, "processor": 4, "persistence": 2})
+"""The seed stages' workers when `seed_pipeline` is given none."""
 
 
 class _Adapter:
@@ -97,11 +112,68 @@ def unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def seed_pipeline(
-    validate: Callable[..., Any],
-    process: Callable[..., Any],
-    persist: Callable[..., Any],
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+    process: Callable[[Task], Mapping[str, Any]] | None = None,
+    persist: Callable[[Task, Mapping[str, Any]], None] | None = None,
     *,
+    workers: Mapping[str, int] | None = None,
+    result_store: ResultStore | None = None,
     name: str = DEFAULT_PIPELINE,
 ) -> Pipeline:
-    """The seed's lifecycle, CREATED → VALIDATED → PROCESSING → COMPLETED, around the seed's three functions."""
-    return seed_shape(ValidateStage(validate), ProcessStage(process), PersistStage(persist), name=name)
+    """The seed pipeline, CREATED → VALIDATED → PROCESSING → COMPLETED, around the seed's three functions.
+
+    The validator runs in CREATED and records VALIDATED when it succeeds; the
+    processor and the persistence both run in PROCESSING. The processor's
+    mapping is the task's result.
+
+    Args:
+        validate: ``validate(payload) -> None``, raising to reject; None for the default
+            (`services.validator.validate`: ``{"name": str, "data": any}`` only).
+        process: ``process(task) -> Mapping``, the result; None for the default (a sha256 digest).
+        persist: ``persist(task, result) -> None``; None to upsert results into `result_store`.
+        workers: workers per stage, by stage name (``{"processor": 8}``); a stage left out
+            keeps its size in `SEED_WORKERS` (2, 4, 2).
+        result_store: where the default persistence writes; needed only when `persist` is None.
+        name: the pipeline's name.
+
+    Raises:
+        ConfigError: a function is not callable, `workers` names a stage the seed has not or
+            a size that is not an int >= 1, or `persist` and `result_store` are both None.
+    """
+    functions = {"validate": validate, "process": process, "persist": persist}
+    for field, fn in functions.items():
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"the seed pipeline's {field} must be callable or None, got {quote(fn)}")
+    sizes = dict(SEED_WORKERS)
+    if workers is not None:
+        if not isinstance(workers, Mapping):
+            raise ConfigError(
+                f"the seed pipeline's workers must be a mapping of stage name to int, got {quote(workers)}"
+            )
+        for stage, size in workers.items():
+            if stage not in SEED_WORKERS:
+                known = ", ".join(map(repr, SEED_STAGES))
+                raise ConfigError(f"the seed pipeline has no stage {quote(stage)} to size; its stages: {known}")
+            sizes[stage] = size  # checked by the Stage, which names it
+    store: Callable[..., Any] | None = persist or result_store
+    if store is None:
+        raise ConfigError("the seed pipeline needs persist= or a result_store= for the default persistence")
+    return Pipeline(
+        name,
+        [
+            Stage(
+                "validator",
+                ValidateStage(validate or default_validate),
+                workers=sizes["validator"],
+                state=TaskState.CREATED,
+                done_state=TaskState.VALIDATED,
+            ),
+            Stage(
+                "processor",
+                ProcessStage(process or default_process),
+                workers=sizes["processor"],
+                state=TaskState.PROCESSING,
+            ),
+            Stage("persistence", PersistStage(store), workers=sizes["persistence"], state=TaskState.PROCESSING),
+        ],
+    )

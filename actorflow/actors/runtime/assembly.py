@@ -54,18 +54,25 @@ def assemble_pipelines(
 ) -> tuple[tuple[Pipeline, ...], ResultStore | None]:
     """The runtime's pipelines: the seed pipeline built from `services` (if given) first, then `extra`.
 
-    Returns them with the result store of the seed's default persistence (None when
-    `services` is None or plugs in its own `persist`).
+    The seed's stages are sized by `services.workers`, else by the config's deprecated
+    ``<stage>_workers`` fields, else by the seed's defaults. Returns the pipelines with the
+    result store of the seed's default persistence (None when `services` is None or plugs
+    in its own `persist`).
 
     Raises:
-        ConfigError: two pipelines have the same name.
+        ConfigError: two pipelines have the same name, or a seed stage's size is not an int >= 1.
     """
     results: ResultStore | None = None
     pipelines: list[Pipeline] = []
     if services is not None:
         if services.persist is None:
             results = ResultStore(config.result_store)
-        pipelines.append(services.pipeline(result_store=results))
+        try:
+            pipelines.append(services.pipeline(result_store=results, workers=config.seed_workers()))
+        except BaseException:
+            if results is not None:
+                results.close()
+            raise
     pipelines.extend(extra)
     names: set[str] = set()
     for pipeline in pipelines:

@@ -21,7 +21,7 @@ import pykka
 from pykka.messages import ProxyCall
 
 from actorflow.actors.threads import ThreadBook
-from actorflow.core.errors import RuntimeStopped, WouldDeadlock
+from actorflow.core.errors import RuntimeNotAnswering, RuntimeStopped, WouldDeadlock
 
 __all__ = ["ASK_TIMEOUT_S", "FORKED", "Callers", "answer", "ask", "bounded_wait"]
 
@@ -135,7 +135,7 @@ def answer(future: pykka.Future[Any], actor: pykka.ActorRef[Any] | None = None) 
     """An actor's answer to a request, with pykka's errors mapped to ours.
 
     A stopped actor is a closed runtime (RuntimeStopped); an actor that does
-    not answer in time is a builtin TimeoutError, never a pykka type. Given the
+    not answer in time raises RuntimeNotAnswering (a TimeoutError), never a pykka type. Given the
     `actor` that should answer, a message that reached it as it stopped (pykka
     then leaves the future unresolved) is noticed within a second, not after
     the whole timeout.
@@ -151,7 +151,7 @@ def answer(future: pykka.Future[Any], actor: pykka.ActorRef[Any] | None = None) 
             raise RuntimeStopped("the runtime is closed") from None
         except pykka.Timeout:
             if remaining <= wait:
-                raise TimeoutError(f"the runtime did not answer within {ASK_TIMEOUT_S:g}s") from None
+                raise RuntimeNotAnswering(f"the runtime did not answer within {ASK_TIMEOUT_S:g}s") from None
             if actor is not None and not actor.is_alive():
                 if dead_seen:  # dead for a whole check interval and still no answer: none will come
                     raise RuntimeStopped("the runtime is closed") from None

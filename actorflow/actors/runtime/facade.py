@@ -46,12 +46,12 @@ from actorflow.actors.runtime.subscriptions import Subscriptions
 from actorflow.actors.runtime.supervision import Supervisor
 from actorflow.actors.telemetry import MetricsCollector, MetricsSource, Telemetry
 from actorflow.actors.threads import ThreadBook
-from actorflow.core.config import TERMINAL_STATES, RuntimeConfig
+from actorflow.core.config import RuntimeConfig
 from actorflow.core.errors import ConfigError, RuntimeFailed, RuntimeStopped
 from actorflow.core.events import RUNTIME_STARTED, RUNTIME_STOPPED
 from actorflow.core.pipeline import Pipeline
 from actorflow.core.tracing import get_event_logger
-from actorflow.core.types import JSONInput, TaskRecord, TaskState, TransitionEvent
+from actorflow.core.types import TERMINAL_STATES, JSONInput, TaskRecord, TaskState, TransitionEvent
 from actorflow.services import ResultStore, ServiceSet
 
 if TYPE_CHECKING:
@@ -65,9 +65,10 @@ class Runtime:
 
     Args:
         config: every knob; defaults to `RuntimeConfig()`.
-        services: the seed pipeline's functions; missing ones use the defaults.
-        pipelines: the pipelines to run. None runs the seed pipeline (built by
-            `services`); given, only these run, plus the seed's first if
+        services: a convenience: adds the seed pipeline built from this `ServiceSet`
+            (`actorflow.services.seed_pipeline`; missing functions use the defaults), first.
+        pipelines: the pipelines to run. None runs the seed pipeline alone (built by
+            `services`, or by the defaults); given, only these run, plus the seed's first if
             `services` is given too. `submit` (one task) and `submit_many` (a batch, in one
             commit, all or nothing) without ``pipeline=`` use the first.
         metrics: count the metrics that `metrics_collector()` exports (a few cheap updates per task).

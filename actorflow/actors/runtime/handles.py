@@ -8,7 +8,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from actorflow.actors.runtime.callers import Callers, bounded_wait
-from actorflow.core.errors import RuntimeFailed, RuntimeStopped
+from actorflow.core.errors import RuntimeFailed, RuntimeStopped, TaskTimeout
 from actorflow.core.types import TaskRecord
 
 __all__ = ["Handles", "TaskHandle", "Waiter"]
@@ -114,17 +114,23 @@ class TaskHandle:
         return self._waiter.record is not None
 
     def result(self, timeout: float | None = None) -> TaskRecord:
-        """Block until the task is terminal and return its record; raise TimeoutError after `timeout` s.
+        """Block until the task is terminal and return its record.
 
         Raises:
+            TaskTimeout: `timeout` seconds passed first (also a `TimeoutError`); the task runs on.
             WouldDeadlock: called inside a subscriber or a service before the task is terminal;
                 wait on another thread instead (or `await handle` in asyncio).
             RuntimeStopped: the runtime closed before the task finished.
+            RuntimeFailed: the runtime failed before the task finished.
         """
         if self._waiter.record is None:
             self._handles.callers.refuse_blocking("TaskHandle.result()", waits_for_tasks=True)
         if not self._waiter.wait(timeout):
-            raise TimeoutError(f"task {self.task_id!r} is not terminal after {timeout}s")
+            raise TaskTimeout(
+                f"task {self.task_id!r} is not terminal after {timeout}s; it runs on: call result() again to wait more",
+                task_id=self.task_id,
+                timeout=timeout,
+            )
         if self._waiter.record is None:
             if self._waiter.failure is not None:
                 raise self._waiter.failure

@@ -28,8 +28,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
-from actorflow.core.config import TERMINAL_STATES
-from actorflow.core.types import DEFAULT_PIPELINE
+from actorflow.core.types import DEFAULT_PIPELINE, TERMINAL_STATES
 
 __all__ = [
     "APPLICATION_ID",
